@@ -1,0 +1,3 @@
+from diffdissect.cli import main
+
+raise SystemExit(main())

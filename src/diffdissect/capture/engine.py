@@ -1,0 +1,158 @@
+"""Capture from images: encode, noise at each t and seed, one forward per batch with early exit."""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from diffdissect.capture.hooks import LayerRecorder
+from diffdissect.capture.noising import add_noise, dry_inputs, noise_for, timestep_table
+from diffdissect.capture.rows import cast_checked, to_rows
+from diffdissect.capture.spec import CaptureSpec
+from diffdissect.data.sources import ImageRecord, ImageSource, UnreadableInput
+from diffdissect.data.transforms import to_model_pixels
+from diffdissect.errors import DataError, SpecError
+from diffdissect.models.layers import resolve_layers
+from diffdissect.models.target import Target
+from diffdissect.store.manifest import Manifest, slice_key, spec_digest
+from diffdissect.store.writer import StoreWriter
+
+
+def capture(target: Target, source: ImageSource, spec: CaptureSpec, out: str | Path, *,
+            progress: bool = True) -> Manifest:
+    """Capture `spec.layers` x `spec.timesteps` x `spec.seeds` for every input into the store `out`.
+
+    Running the same call again on an interrupted store resumes it; a store made with another spec
+    is refused. Returns the completed manifest.
+    """
+    spec.validate()
+    layers = resolve_layers(target, spec.layers)
+    table = timestep_table(target.scheduler, spec.timesteps)
+    _check_conditioning(target, spec)
+    if not target.is_latent and target.pixel_channels != 3:
+        raise SpecError(f"{target.source} takes {target.pixel_channels}-channel inputs and has no VAE, so it "
+                        "cannot be fed RGB images; load the full pipeline directory instead.")
+    count = len(source) if spec.limit is None else min(len(source), spec.limit)
+    shapes = probe_row_shapes(target, layers, spec)
+    shard_size = spec.shard_size or auto_shard_size(shapes, spec)
+    identity = target.identity()
+    spec_json = {"capture": spec.data_fields(), "source": source.identity(), "shard_size": shard_size,
+                 "model": identity}
+    manifest = Manifest(mode="images", spec=spec_json, spec_hash=spec_digest(spec_json), model=identity,
+                        timesteps=table, layers={l: {"shape": list(shapes[l]), "dtype": spec.dtype} for l in layers},
+                        dtype=spec.dtype)
+    writer = StoreWriter.open(out, manifest)
+    recorder = LayerRecorder(target.denoiser, layers, early_exit=spec.early_exit)
+    with recorder, tqdm(total=count, unit="img", desc="capture", disable=not progress) as bar:
+        for chunk, start in enumerate(range(0, count, shard_size)):
+            stop = min(start + shard_size, count)
+            if not writer.is_committed(chunk):
+                tensors, rows, skipped = capture_chunk(target, source, range(start, stop), spec, layers,
+                                                       shapes, recorder)
+                writer.write_shard(chunk, tensors, rows, (start, stop), skipped)
+            bar.update(stop - start)
+    if writer.manifest.rows == 0:
+        raise DataError(f"none of the {count} inputs could be read ({len(writer.manifest.skipped)} skipped); "
+                        f"see {Path(out) / 'manifest.json'} for the reasons.")
+    return writer.finalize(count)
+
+
+def capture_chunk(target: Target, source: ImageSource, indices: range, spec: CaptureSpec, layers: list[str],
+                  shapes: dict[str, tuple[int, ...]], recorder: LayerRecorder):
+    """Capture one shard's worth of inputs. Returns (tensors by slice key, rows, skipped inputs)."""
+    records, skipped = load_records(source, indices)
+    n, n_seeds = len(records), len(spec.seeds)
+    tensors = {slice_key(layer, t): torch.empty((n, n_seeds, *shapes[layer]), dtype=spec.torch_dtype)
+               for layer in layers for t in spec.timesteps}
+    if records:
+        ids = [r.input_id for r in records]
+        pixels = torch.stack([to_model_pixels(r.image, target.resolution) for r in records])
+        x0 = torch.cat([target.encode_images(pixels[b:b + spec.batch_size]) for b in range(0, n, spec.batch_size)])
+        prompts, classes = _conditioning_inputs(target, records, spec)
+        for s, seed in enumerate(spec.seeds):
+            noise = noise_for(ids, seed, tuple(x0.shape[1:]))
+            for t in spec.timesteps:
+                x_t = add_noise(target.scheduler, x0, noise, t)
+                for b in range(0, n, spec.batch_size):
+                    sl = slice(b, b + spec.batch_size)
+                    batch = x_t[sl]
+                    cond = target.conditioning(prompts[sl] if prompts else None,
+                                               classes[sl] if classes else None, len(batch))
+                    steps = torch.full((len(batch),), t, dtype=torch.long, device=target.device)
+                    with torch.no_grad():
+                        outputs = recorder.run(target.forward, batch, steps, cond)
+                    for layer in layers:
+                        rows = cast_checked(to_rows(outputs[layer], spec), spec.torch_dtype, layer, t, ids[sl])
+                        tensors[slice_key(layer, t)][sl, s] = rows.cpu()
+    tensors = {k: v.reshape(n * n_seeds, *v.shape[2:]) for k, v in tensors.items()}
+    rows = [{"input_id": r.input_id, "source_index": r.source_index, "seed": seed,
+             "label": _plain(r.label), "caption": r.caption} for r in records for seed in spec.seeds]
+    return tensors, rows, skipped
+
+
+def load_records(source: ImageSource, indices: range) -> tuple[list[ImageRecord], list[dict[str, Any]]]:
+    """Load inputs; unreadable ones are skipped with a warning and returned as `skipped`."""
+    records, skipped = [], []
+    for i in indices:
+        try:
+            records.append(source.load(i))
+        except UnreadableInput as exc:
+            warnings.warn(f"skipping unreadable input {exc}", stacklevel=2)
+            skipped.append({"source_index": i, "reason": str(exc)})
+    return records, skipped
+
+
+@torch.no_grad()
+def probe_row_shapes(target: Target, layers: list[str], spec: CaptureSpec) -> dict[str, tuple[int, ...]]:
+    """Per-row stored shape of each layer, from one dry forward of a single sample."""
+    sample, timestep, cond = dry_inputs(target, spec.timesteps[0])
+    with LayerRecorder(target.denoiser, layers, early_exit=True) as recorder:
+        outputs = recorder.run(target.forward, sample, timestep, cond)
+    return {layer: tuple(to_rows(outputs[layer], spec).shape[1:]) for layer in layers}
+
+
+def auto_shard_size(shapes: dict[str, tuple[int, ...]], spec: CaptureSpec) -> int:
+    """Inputs per shard so that one shard holds about `spec.shard_mb` megabytes."""
+    per_input = sum(math.prod(s) for s in shapes.values()) * len(spec.timesteps) * len(spec.seeds)
+    per_input *= spec.torch_dtype.itemsize
+    return max(1, int(spec.shard_mb * 2**20 // max(per_input, 1)))
+
+
+def _check_conditioning(target: Target, spec: CaptureSpec) -> None:
+    if (spec.prompt is not None or spec.use_captions) and not target.takes_text:
+        raise SpecError(f"{target.source} is not text-conditioned; drop --prompt/--use-captions.")
+    if (spec.class_label is not None or spec.labels_as_classes) and not target.takes_class:
+        raise SpecError(f"{target.source} is not class-conditional; drop --class-label/--labels-as-classes.")
+
+
+def _conditioning_inputs(target: Target, records: list[ImageRecord], spec: CaptureSpec):
+    prompts = classes = None
+    if spec.prompt is not None:
+        prompts = [spec.prompt] * len(records)
+    elif spec.use_captions:
+        prompts = [r.caption or "" for r in records]
+    if spec.class_label is not None:
+        classes = [spec.class_label] * len(records)
+    elif spec.labels_as_classes:
+        classes = [class_id(target, r.label) for r in records]
+    return prompts, classes
+
+
+def class_id(target: Target, label: Any) -> int:
+    """A class id from an int-like label or a class name in the model's id2label."""
+    if label is None or label == "":
+        raise DataError("an input has no label, but --labels-as-classes needs one for every input.")
+    if isinstance(label, int) or (isinstance(label, str) and label.isdigit()):
+        return int(label)
+    names = {v: k for k, v in target.id2label.items()}
+    if label in names:
+        return names[label]
+    raise DataError(f"label {label!r} is neither a class id nor a class name of this model.")
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value

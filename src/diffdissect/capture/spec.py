@@ -1,0 +1,109 @@
+"""What to capture: plain dataclasses, validated against a target, recorded in the manifest."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from diffdissect.errors import SpecError
+
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+Pooling = Literal["mean", "none"]
+
+
+@dataclass
+class OutputOptions:
+    """How a captured tensor is turned into a stored row."""
+
+    pooling: Pooling = "mean"            # mean: one vector per input; none: full maps / tokens
+    dtype: str = "float16"               # stored dtype
+    tokens_to_grid: bool = False         # (B, N, D) token outputs -> (B, D, h, w)
+
+    def validate(self) -> None:
+        if self.pooling not in ("mean", "none"):
+            raise SpecError(f"pooling must be 'mean' or 'none', not {self.pooling!r}.")
+        if self.dtype not in STORE_DTYPES:
+            raise SpecError(f"dtype must be one of {STORE_DTYPES}, not {self.dtype!r}.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class CaptureSpec(OutputOptions):
+    """Capture from images noised at training timesteps t (larger = noisier), one or more noise seeds.
+
+    Conditioning: the empty prompt (default); a fixed `prompt`; each input's caption
+    (`use_captions`); for class-conditional models a fixed `class_label`, each input's label
+    (`labels_as_classes`), or else the model's null class.
+    """
+
+    layers: list[str] = field(default_factory=list)
+    timesteps: list[int] = field(default_factory=lambda: [100])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    prompt: str | None = None
+    use_captions: bool = False
+    class_label: int | None = None
+    labels_as_classes: bool = False
+    batch_size: int = 8
+    shard_size: int | None = None        # inputs per shard; None: from shard_mb
+    shard_mb: float = 256.0
+    limit: int | None = None
+    early_exit: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.layers:
+            raise SpecError("no layers given; list them with `diffdissect layers MODEL`.")
+        if not self.timesteps:
+            raise SpecError("no timesteps given (training indices, e.g. --timesteps 25 200).")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise SpecError(f"seeds must be a non-empty list of distinct integers, not {self.seeds}.")
+        if self.batch_size < 1 or (self.shard_size is not None and self.shard_size < 1):
+            raise SpecError("batch_size and shard_size must be positive.")
+        if self.limit is not None and self.limit < 1:
+            raise SpecError("limit must be positive.")
+        if self.prompt is not None and self.use_captions:
+            raise SpecError("choose one of a fixed prompt and per-image captions, not both.")
+
+    def data_fields(self) -> dict[str, Any]:
+        """The fields that change the stored bytes (everything but early_exit, which changes nothing)."""
+        out = asdict(self)
+        out.pop("early_exit")
+        return out
+
+
+@dataclass
+class TrajectorySpec(OutputOptions):
+    """Sample prompts with the pipeline's own sampler and capture layers at every denoising step.
+
+    For DiT-like pipelines the prompts are class ids or class names.
+    """
+
+    prompts: list[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=lambda: ["mid_block"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 10
+    guidance_scale: float = 7.5
+    branch: Literal["cond", "uncond"] = "cond"   # which half of a guided batch to keep
+    batch_size: int = 8
+    shard_size: int = 64                 # (prompt, seed) pairs per shard
+    save_images: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.prompts:
+            raise SpecError("no prompts given.")
+        if not self.layers:
+            raise SpecError("no layers given.")
+        if self.steps < 1:
+            raise SpecError("steps must be at least 1.")
+        if self.branch not in ("cond", "uncond"):
+            raise SpecError(f"branch must be cond or uncond, not {self.branch!r}.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise SpecError(f"seeds must be a non-empty list of distinct integers, not {self.seeds}.")
+
+    def data_fields(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,145 @@
+"""Trajectory mode: run the pipeline's own sampler on prompts and capture layers at every step.
+
+Rows are (prompt, seed) pairs; slices are keyed by the training timestep t of each denoiser call.
+Under classifier-free guidance the denoiser sees a doubled batch; `spec.branch` picks the
+conditional (default) or unconditional half. A sampler that calls the denoiser twice at the same t
+(PNDM's warm-up) keeps the first call; the manifest records how many calls were dropped.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffdissect.capture.hooks import LayerRecorder
+from diffdissect.capture.noising import timestep_table
+from diffdissect.capture.rows import cast_checked, to_rows
+from diffdissect.capture.spec import TrajectorySpec
+from diffdissect.errors import SpecError
+from diffdissect.models.layers import resolve_layers
+from diffdissect.models.target import Target
+from diffdissect.store.atomic import atomic_write_bytes
+from diffdissect.store.manifest import IMAGES_DIR, Manifest, slice_key, spec_digest
+from diffdissect.store.writer import StoreWriter
+
+
+def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, *, progress: bool = True) -> Manifest:
+    """Sample every prompt x seed and store the chosen layers at every denoising step (resumable)."""
+    spec.validate()
+    if target.pipeline is None:
+        raise SpecError("trajectory mode needs a full pipeline (model_index.json), not a bare denoiser.")
+    layers = resolve_layers(target, spec.layers)
+    conditions = [_condition(target, p) for p in spec.prompts]
+    pairs = [(i, seed) for i in range(len(spec.prompts)) for seed in spec.seeds]
+    probe = _sample(target, spec, layers, [conditions[0]], [spec.seeds[0]], steps_only=True)
+    schedule = probe["timesteps"]
+    identity = target.identity()
+    spec_json = {"trajectory": spec.data_fields(), "model": identity}
+    manifest = Manifest(mode="trajectory", spec=spec_json, spec_hash=spec_digest(spec_json), model=identity,
+                        timesteps=timestep_table(target.scheduler, schedule),
+                        layers={l: {"shape": list(probe["shapes"][l]), "dtype": spec.dtype} for l in layers},
+                        dtype=spec.dtype)
+    writer = StoreWriter.open(out, manifest)
+    images_dir = Path(out) / IMAGES_DIR
+    images_dir.mkdir(exist_ok=True)
+    with tqdm(total=len(pairs), unit="sample", desc="trajectories", disable=not progress) as bar:
+        for chunk, start in enumerate(range(0, len(pairs), spec.shard_size)):
+            part = pairs[start:start + spec.shard_size]
+            if not writer.is_committed(chunk):
+                tensors: dict[str, list[torch.Tensor]] = {}
+                rows: list[dict[str, Any]] = []
+                for b in range(0, len(part), spec.batch_size):
+                    batch = part[b:b + spec.batch_size]
+                    result = _sample(target, spec, layers, [conditions[i] for i, _ in batch], [s for _, s in batch])
+                    for key, value in result["tensors"].items():
+                        tensors.setdefault(key, []).append(value)
+                    for (i, seed), image in zip(batch, result["images"]):
+                        name = f"p{i:06d}-s{seed}.png"
+                        if spec.save_images:
+                            atomic_write_bytes(images_dir / name, _png(image))
+                        rows.append({"input_id": f"p{i:06d}", "source_index": i, "seed": seed, "label": None,
+                                     "caption": spec.prompts[i], "image": f"{IMAGES_DIR}/{name}" if spec.save_images else None})
+                writer.write_shard(chunk, {k: torch.cat(v) for k, v in tensors.items()}, rows,
+                                   (start, start + len(part)), [])
+            bar.update(len(part))
+    writer.manifest.spec["dropped_duplicate_calls"] = probe["dropped"]
+    return writer.finalize(len(pairs))
+
+
+def _condition(target: Target, prompt: str) -> Any:
+    if target.kind == "dit":
+        if prompt.strip().isdigit():
+            return int(prompt)
+        names = {v: k for k, v in target.id2label.items()}
+        if prompt not in names:
+            raise SpecError(f"{prompt!r} is not a class of this DiT pipeline; use class ids or names "
+                            f"such as {list(names)[:5]}.")
+        return names[prompt]
+    if not target.takes_text:
+        raise SpecError("trajectory mode supports text-to-image (SD-like) and DiT-like pipelines.")
+    return prompt
+
+
+@torch.no_grad()
+def _sample(target: Target, spec: TrajectorySpec, layers: list[str], conditions: list[Any], seeds: list[int],
+            steps_only: bool = False) -> dict[str, Any]:
+    """One pipeline call for a batch; returns per-(layer, t) tensors, images, the schedule and shapes."""
+    pipe = target.pipeline
+    seen_t: list[int] = []
+    pre = target.denoiser.register_forward_pre_hook(
+        lambda m, args, kwargs: seen_t.append(_timestep_value(args, kwargs)), with_kwargs=True)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    kwargs: dict[str, Any] = {"num_inference_steps": spec.steps, "guidance_scale": spec.guidance_scale,
+                              "generator": generators, "output_type": "np"}
+    if target.kind == "dit":
+        kwargs["class_labels"] = conditions
+    else:
+        kwargs["prompt"] = conditions
+    try:
+        with LayerRecorder(target.denoiser, layers, early_exit=False, keep_all_calls=True) as recorder:
+            images = pipe(**kwargs).images
+    finally:
+        pre.remove()
+    n = len(conditions)
+    keep = [i for i, t in enumerate(seen_t) if t not in seen_t[:i]]
+    out: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in layers:
+        for call in keep:
+            rows = to_rows(_branch(target, recorder.calls[layer][call], n, spec.branch), spec)
+            shapes[layer] = tuple(rows.shape[1:])
+            if not steps_only:
+                t = seen_t[call]
+                out[slice_key(layer, t)] = cast_checked(rows, spec.torch_dtype, layer, t,
+                                                        [str(c) for c in conditions]).cpu()
+    return {"tensors": out, "images": np.asarray(images), "timesteps": [seen_t[i] for i in keep],
+            "shapes": shapes, "dropped": len(seen_t) - len(keep)}
+
+
+def _branch(target: Target, output: torch.Tensor, n: int, branch: str) -> torch.Tensor:
+    if output.shape[0] == n:
+        return output
+    if output.shape[0] != 2 * n:
+        raise RuntimeError(f"unexpected denoiser batch {output.shape[0]} for {n} samples.")
+    cond_first = target.cfg_cond_first
+    first = (branch == "cond") == cond_first
+    return output[:n] if first else output[n:]
+
+
+def _timestep_value(args: tuple, kwargs: dict) -> int:
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if isinstance(t, torch.Tensor):
+        t = t.flatten()[0].item()
+    return int(round(float(t)))
+
+
+def _png(image: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,254 @@
+"""The `diffdissect` command: a thin layer over the library API (argparse; lists are space-separated)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from diffdissect.errors import DiffdissectError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffdissect", description=__doc__)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("layers", help="list hookable module paths with their output shapes")
+    _model_args(p)
+    p.add_argument("--depth", type=int, default=2, help="max dotted parts of a path (0: all) [2]")
+    p.add_argument("--filter", default=None, help="only paths containing this text")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("capture", help="capture activations into a store (images, or prompts: trajectories)")
+    _model_args(p)
+    src = p.add_argument_group("inputs (one of --images, --dataset, --prompts/--prompt-file)")
+    src.add_argument("--images", help="folder of images (recursive)")
+    src.add_argument("--labels", help="CSV beside --images with file/label/caption columns")
+    src.add_argument("--id-column", default="file", help="CSV column naming the image file [file]")
+    src.add_argument("--dataset", help="Hugging Face dataset: a save_to_disk folder or a cached name")
+    src.add_argument("--split", default=None)
+    src.add_argument("--image-column", default="image")
+    src.add_argument("--label-column", default=None, help="label column (CSV: [label])")
+    src.add_argument("--caption-column", default=None, help="caption column (CSV: [caption])")
+    src.add_argument("--prompts", nargs="+", help="trajectory mode: sample these prompts (DiT: class ids/names)")
+    src.add_argument("--prompt-file", help="trajectory mode: one prompt per line")
+    p.add_argument("--layers", nargs="+", required=True, help="module paths, e.g. mid_block up_blocks.1")
+    p.add_argument("--timesteps", nargs="+", type=int, default=[100],
+                   help="training-schedule indices in [0, T), larger = noisier [100]")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="noise seeds per input [0]")
+    p.add_argument("--prompt", default=None, help="fixed prompt for every image (default: empty prompt)")
+    p.add_argument("--use-captions", action="store_true", help="condition each image on its caption")
+    p.add_argument("--class-label", type=int, default=None, help="class-conditional: fixed class id")
+    p.add_argument("--labels-as-classes", action="store_true", help="class-conditional: each image's label")
+    p.add_argument("--pooling", choices=["mean", "none"], default="mean")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="stored dtype")
+    p.add_argument("--tokens-to-grid", action="store_true", help="reshape (B, N, D) tokens to (B, D, h, w)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard-size", type=int, default=None, help="inputs per shard [auto from --shard-mb]")
+    p.add_argument("--shard-mb", type=float, default=256.0)
+    p.add_argument("--limit", type=int, default=None, help="capture only the first N inputs")
+    p.add_argument("--no-early-exit", action="store_true", help="run the full forward even when not needed")
+    p.add_argument("--steps", type=int, default=10, help="trajectory mode: sampler steps [10]")
+    p.add_argument("--guidance", type=float, default=7.5, help="trajectory mode: guidance scale [7.5]")
+    p.add_argument("--branch", choices=["cond", "uncond"], default="cond", help="trajectory mode: CFG half")
+    p.add_argument("--out", required=True, help="store directory (resumed if it holds the same capture)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_capture)
+
+    store = sub.add_parser("store", help="inspect an activation store").add_subparsers(dest="store_command")
+    p = store.add_parser("info", help="summarise a store")
+    p.add_argument("directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_store_info)
+    p = store.add_parser("verify", help="check every shard's size, checksum and contents")
+    p.add_argument("directory")
+    p.set_defaults(func=cmd_store_verify)
+
+    p = sub.add_parser("demo", help="run the main job on the embedded default")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks (ratios against a baseline run side by side)")
+    p = bench.add_subparsers(dest="bench_command").add_parser("capture", help="capture overhead and memory")
+    p.add_argument("--sd15", action="store_true", help="also run the full-size SD-1.5 UNet (slow on CPU)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, help="write results to this JSON file")
+    p.set_defaults(func=cmd_bench_capture)
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True,
+                   help="pipeline/model directory, hub id (org/name) or package.module:factory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--resolution", type=int, default=None, help="override the input resolution (pixels)")
+    p.add_argument("--random-init", action="store_true", help="control: same architecture, random weights")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of --random-init weights")
+
+
+def _target(args: argparse.Namespace):
+    import torch
+
+    from diffdissect.models import load_target
+
+    return load_target(args.model, device=args.device, dtype=getattr(torch, args.model_dtype),
+                       random_init=args.random_init, seed=args.init_seed, resolution=args.resolution)
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from diffdissect.models import list_layers
+
+    target = _target(args)
+    infos = list_layers(target, max_depth=args.depth or None, contains=args.filter)
+    if args.json:
+        print(json.dumps([i.to_json() for i in infos], indent=2))
+        return 0
+    print(f"# {target.source} ({type(target.denoiser).__name__}, {target.kind}); input "
+          f"{target.resolution}px -> sample {target.sample_shape()}; shapes per sample")
+    width = max(len(i.path) for i in infos)
+    for info in infos:
+        shape = "x".join(map(str, info.shape)) if info.shape else "(no tensor output)"
+        print(f"{info.path:<{width}}  {info.module_class:<28} {shape}")
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from diffdissect.capture import CaptureSpec, TrajectorySpec, capture, capture_trajectories
+
+    target = _target(args)
+    common = {"layers": args.layers, "seeds": args.seeds, "pooling": args.pooling, "dtype": args.dtype,
+              "tokens_to_grid": args.tokens_to_grid, "batch_size": args.batch_size}
+    prompts = _prompts(args)
+    if prompts is not None:
+        spec = TrajectorySpec(prompts=prompts, steps=args.steps, guidance_scale=args.guidance,
+                              branch=args.branch, shard_size=args.shard_size or 64, **common)
+        manifest = capture_trajectories(target, spec, args.out, progress=not args.quiet)
+    else:
+        spec = CaptureSpec(timesteps=args.timesteps, prompt=args.prompt, use_captions=args.use_captions,
+                           class_label=args.class_label, labels_as_classes=args.labels_as_classes,
+                           shard_size=args.shard_size, shard_mb=args.shard_mb, limit=args.limit,
+                           early_exit=not args.no_early_exit, **common)
+        manifest = capture(target, _source(args), spec, args.out, progress=not args.quiet)
+    skipped = len(manifest.skipped)
+    print(f"wrote {manifest.rows} rows x {len(manifest.layers)} layers x {len(manifest.timesteps)} timesteps "
+          f"to {args.out}" + (f" ({skipped} unreadable inputs skipped; see `diffdissect store info`)" if skipped else ""))
+    return 0
+
+
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    if args.prompt_file:
+        lines = Path(args.prompt_file).read_text().splitlines()
+        return [line.strip() for line in lines if line.strip()]
+    return args.prompts
+
+
+def _source(args: argparse.Namespace):
+    from diffdissect.data import FolderSource, HFDatasetSource
+
+    if bool(args.images) == bool(args.dataset):
+        raise DiffdissectError("give exactly one input: --images DIR, --dataset PATH_OR_NAME, or --prompts.")
+    if args.images:
+        return FolderSource(args.images, args.labels, id_column=args.id_column,
+                            label_column=args.label_column or "label", caption_column=args.caption_column or "caption")
+    return HFDatasetSource(args.dataset, split=args.split, image_column=args.image_column,
+                           label_column=args.label_column, caption_column=args.caption_column)
+
+
+def cmd_store_info(args: argparse.Namespace) -> int:
+    from diffdissect.store import open_store
+
+    info = store_summary(open_store(args.directory))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"store       {args.directory}  ({'complete' if info['complete'] else 'INCOMPLETE: rerun the capture to resume'})")
+    print(f"mode        {info['mode']}")
+    print(f"model       {info['model']['source']} ({info['model']['class']}, fingerprint {info['model']['weights_fingerprint']})")
+    print(f"rows        {info['rows']} in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB, dtype {info['dtype']}")
+    print(f"skipped     {info['skipped']} unreadable inputs")
+    print("timesteps   t (larger = noisier) | alpha_bar | noise std")
+    for e in info["timesteps"]:
+        print(f"            {e['t']:>5} | {e['alpha_bar']:.4f} | {e['noise_std']:.4f}")
+    print("layers")
+    for layer, meta in info["layers"].items():
+        print(f"            {layer}: {'x'.join(map(str, meta['shape']))}")
+    return 0
+
+
+def store_summary(reader) -> dict[str, Any]:
+    m = reader.manifest
+    return {"mode": m.mode, "complete": m.complete, "rows": m.rows, "shards": len(m.shards),
+            "bytes": sum(s.bytes for s in m.shards), "dtype": m.dtype, "skipped": len(m.skipped),
+            "model": m.model, "timesteps": m.timesteps, "layers": m.layers}
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    from diffdissect.store import verify_store
+
+    report = verify_store(args.directory)
+    for line in report.warnings:
+        print(f"warning: {line}")
+    for line in report.problems:
+        print(f"BAD {line}")
+    print(f"{report.shards_checked} shards checked: " + ("OK" if report.ok else f"{len(report.bad_shards)} bad"))
+    return 0 if report.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from diffdissect.demo import run_demo
+
+    run_demo(Path(args.out))
+    return 0
+
+
+def cmd_bench_capture(args: argparse.Namespace) -> int:
+    from diffdissect.bench.capture import run_capture_benchmark
+
+    results = run_capture_benchmark(sd15=args.sd15, repeats=args.repeats)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers progress bars and advisory warnings drown our own output."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from diffdissect import __version__
+
+        print(__version__)
+        return 0
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except DiffdissectError as exc:
+        print(f"diffdissect: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffdissect: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""Load a target through diffusers' own `from_pretrained`: a local directory, a hub id, or a module.
+
+Accepted sources:
+  * a pipeline directory (model_index.json): Stable-Diffusion-like or DiT-like pipelines;
+  * a model directory (config.json with `_class_name`): UNet2DModel, UNet2DConditionModel,
+    DiTTransformer2DModel, ... ; a scheduler_config.json beside it or in ../scheduler is used;
+  * a hub id ("org/name"), resolved offline from the local cache when HF_HUB_OFFLINE=1;
+  * "package.module:factory": an importable callable returning an nn.Module with a
+    `forward(sample, timestep, ...)` contract (or a diffusers pipeline);
+  * in Python, an nn.Module or a DiffusionPipeline object.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffdissect.errors import ModelLoadError
+from diffdissect.models.target import Target
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def load_target(source: Any, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                random_init: bool = False, seed: int = 0, resolution: int | None = None,
+                cache_dir: str | None = None, local_files_only: bool | None = None) -> Target:
+    """Load what `source` names and return a :class:`Target` on `device`.
+
+    `random_init=True` re-initialises the denoiser's weights (seeded) with the same architecture:
+    the control that shows what training added. The VAE and text encoder stay as loaded.
+    """
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    target = _load(source, dtype=dtype, cache_dir=cache_dir, local_files_only=local_files_only)
+    if resolution is not None:
+        target.resolution = int(resolution)
+    if random_init:
+        target.denoiser = reinitialise(target.denoiser, seed)
+        target.random_init_seed = seed
+        if target.pipeline is not None:
+            setattr(target.pipeline, "transformer" if target.kind == "dit" else "unet", target.denoiser)
+    for module in (target.denoiser, target.vae, target.text_encoder):
+        if module is not None:
+            module.eval().requires_grad_(False)
+    return target.to(device)
+
+
+def _load(source: Any, *, dtype, cache_dir, local_files_only) -> Target:
+    from diffusers import DiffusionPipeline
+
+    if isinstance(source, DiffusionPipeline):
+        return from_pipeline(source, getattr(source, "name_or_path", None) or type(source).__name__)
+    if isinstance(source, nn.Module):
+        return from_module(source, type(source).__name__)
+    if isinstance(source, Path):
+        source = str(source)
+    if not isinstance(source, str):
+        raise ModelLoadError(f"cannot load a model from a {type(source).__name__}; pass a directory, "
+                             "a hub id, 'package.module:factory', an nn.Module or a DiffusionPipeline.")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_dir(path, dtype=dtype)
+    if path.exists():
+        raise ModelLoadError(f"{source} is a file; pass the directory that holds model_index.json "
+                             "(a pipeline) or config.json (a single model).")
+    if _FACTORY.match(source):
+        return _load_factory(source)
+    if _HUB_ID.match(source):
+        return _load_hub(source, dtype=dtype, cache_dir=cache_dir, local_files_only=local_files_only)
+    raise ModelLoadError(f"unknown model {source!r}: no such directory, and it is neither a hub id "
+                         "('org/name') nor 'package.module:factory'.")
+
+
+def _load_dir(path: Path, *, dtype) -> Target:
+    from diffusers import DiffusionPipeline
+
+    if (path / "model_index.json").is_file():
+        try:
+            pipe = DiffusionPipeline.from_pretrained(path).to(dtype=dtype)
+        except Exception as exc:
+            raise ModelLoadError(f"diffusers could not load the pipeline in {path}: {exc}") from exc
+        return from_pipeline(pipe, str(path))
+    config = path / "config.json"
+    if config.is_file():
+        class_name = json.loads(config.read_text()).get("_class_name")
+        if not class_name:
+            raise ModelLoadError(f"{config} has no '_class_name'; it is not a diffusers model directory "
+                                 "(transformers models such as classifiers are not diffusion targets).")
+        model = _model_class(class_name, path).from_pretrained(path).to(dtype=dtype)
+        return from_module(model, str(path), scheduler=_scheduler_beside(path))
+    raise ModelLoadError(f"{path} holds neither model_index.json (a diffusers pipeline) nor config.json "
+                         "(a diffusers model); save models with `save_pretrained`.")
+
+
+def _load_hub(repo_id: str, *, dtype, cache_dir, local_files_only) -> Target:
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import hf_hub_download
+
+    kwargs = {"cache_dir": cache_dir, "local_files_only": local_files_only}
+    hint = (" Offline: put the model in the Hugging Face cache first (or pass a local directory); "
+            "HF_HUB_OFFLINE=1 makes diffdissect read the cache only.")
+    try:
+        hf_hub_download(repo_id, "model_index.json", **kwargs)
+        is_pipeline = True
+    except Exception:
+        is_pipeline = False
+    try:
+        if is_pipeline:
+            return from_pipeline(DiffusionPipeline.from_pretrained(repo_id, **kwargs).to(dtype=dtype), repo_id)
+        config_path = hf_hub_download(repo_id, "config.json", **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {repo_id!r} from the hub or its cache: {exc}.{hint}") from exc
+    class_name = json.loads(Path(config_path).read_text()).get("_class_name", "")
+    model = _model_class(class_name, repo_id).from_pretrained(repo_id, **kwargs).to(dtype=dtype)
+    return from_module(model, repo_id, scheduler=_scheduler_beside(Path(config_path).parent))
+
+
+def _load_factory(spec: str) -> Target:
+    from diffusers import DiffusionPipeline
+
+    module_name, attr = spec.split(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot import {spec!r}: {exc}") from exc
+    made = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+    if isinstance(made, DiffusionPipeline):
+        return from_pipeline(made, spec)
+    if not isinstance(made, nn.Module):
+        raise ModelLoadError(f"{spec} returned a {type(made).__name__}, not an nn.Module or pipeline.")
+    return from_module(made, spec)
+
+
+def _model_class(class_name: str, where: Any) -> type:
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelLoadError(f"{where}: model class {class_name!r} is not a diffusers model class.")
+    return cls
+
+
+def _scheduler_beside(path: Path):
+    """The scheduler saved beside a model directory, if any (else the caller's default)."""
+    from diffusers import SchedulerMixin
+
+    for candidate in (path / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            cls = getattr(__import__("diffusers"), json.loads(candidate.read_text())["_class_name"])
+            if issubclass(cls, SchedulerMixin):
+                return cls.from_pretrained(candidate.parent)
+    return None
+
+
+def from_pipeline(pipe: Any, source: str) -> Target:
+    """A target from an already-built diffusers pipeline (SD-like or DiT-like)."""
+    components = pipe.components
+    vae = components.get("vae")
+    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    if components.get("unet") is not None:
+        unet = components["unet"]
+        kind = "sd" if components.get("text_encoder") is not None else "unet2d_condition"
+        if type(unet).__name__ == "UNet2DModel":
+            kind = "unet2d"
+        return Target(denoiser=unet, scheduler=pipe.scheduler, kind=kind, source=source,
+                      resolution=_size(unet) * scale, vae=vae, text_encoder=components.get("text_encoder"),
+                      tokenizer=components.get("tokenizer"), pipeline=pipe)
+    if components.get("transformer") is not None:
+        transformer = components["transformer"]
+        if components.get("text_encoder") is not None:
+            raise ModelLoadError(f"{source}: text-conditioned transformer pipelines (SD3, FLUX, PixArt) are "
+                                 "not supported yet; DiT-like class-conditional pipelines are.")
+        labels = getattr(pipe, "labels", None) or {}   # DiTPipeline keeps name -> id (names may be "a, b")
+        id2label = {int(i): name for name, i in labels.items()}
+        return Target(denoiser=transformer, scheduler=pipe.scheduler, kind="dit", source=source,
+                      resolution=_size(transformer) * scale, vae=vae, pipeline=pipe,
+                      null_class=_null_class(transformer), id2label=id2label)
+    raise ModelLoadError(f"{source}: the pipeline has neither a 'unet' nor a 'transformer' component.")
+
+
+def from_module(model: nn.Module, source: str, scheduler: Any = None) -> Target:
+    """A target from a bare denoiser: a diffusers UNet/transformer or any nn.Module(sample, timestep)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = scheduler or DDPMScheduler(num_train_timesteps=1000)
+    name = type(model).__name__
+    kinds = {"UNet2DConditionModel": "unet2d_condition", "UNet2DModel": "unet2d",
+             "DiTTransformer2DModel": "transformer2d", "Transformer2DModel": "transformer2d"}
+    kind = kinds.get(name, "module")
+    try:
+        size = _size(model)
+        channels = int(getattr(getattr(model, "config", None), "in_channels", None) or model.in_channels)
+    except (AttributeError, TypeError) as exc:
+        raise ModelLoadError(f"{source}: cannot tell the input size of {name}; give the module "
+                             "attributes `in_channels` and `sample_size` (or a diffusers config).") from exc
+    return Target(denoiser=model, scheduler=scheduler, kind=kind, source=source, resolution=size,
+                  pixel_channels=channels, null_class=_null_class(model) if kind == "transformer2d" else None)
+
+
+def _size(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "sample_size", None) if cfg is not None else None
+    size = size if size is not None else getattr(model, "sample_size")
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _null_class(transformer: nn.Module) -> int | None:
+    """DiT's unconditional class id: the extra embedding row after the real classes."""
+    n = getattr(transformer.config, "num_embeds_ada_norm", None)
+    return int(n) if n is not None else None
+
+
+def reinitialise(model: nn.Module, seed: int) -> nn.Module:
+    """The same architecture with fresh random weights (seeded): the random-init control."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if hasattr(model, "from_config") and hasattr(model, "config"):
+            fresh = type(model).from_config(model.config)
+            return fresh.to(dtype=next(model.parameters()).dtype)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return model

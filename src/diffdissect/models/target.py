@@ -1,0 +1,173 @@
+"""A loaded diffusion target: the denoiser to dissect plus what it needs to be run on images."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from diffdissect.errors import SpecError
+
+TargetKind = Literal["sd", "dit", "unet2d", "unet2d_condition", "transformer2d", "module"]
+
+
+@dataclass
+class Target:
+    """The denoiser (UNet / DiT transformer / any module) and its companions.
+
+    `kind` decides how the denoiser is called:
+      sd, unet2d_condition: denoiser(sample, t, encoder_hidden_states=...)
+      dit, transformer2d:   denoiser(sample, timestep=t, class_labels=...)
+      unet2d:               denoiser(sample, t[, class_labels=...])
+      module:               denoiser(sample, t)
+    """
+
+    denoiser: nn.Module
+    scheduler: Any
+    kind: TargetKind
+    source: str
+    resolution: int                          # pixel resolution of image inputs
+    pixel_channels: int = 3
+    vae: nn.Module | None = None
+    text_encoder: nn.Module | None = None
+    tokenizer: Any = None
+    pipeline: Any = None
+    null_class: int | None = None            # class id meaning "unconditional" (DiT), if any
+    id2label: dict[int, str] = field(default_factory=dict)
+    random_init_seed: int | None = None      # set when the denoiser was re-initialised (control)
+    _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    # ---- properties --------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def is_latent(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def takes_text(self) -> bool:
+        return self.kind in ("sd", "unet2d_condition")
+
+    @property
+    def takes_class(self) -> bool:
+        if self.kind in ("dit", "transformer2d"):
+            return True
+        return self.kind == "unet2d" and getattr(self.denoiser.config, "num_class_embeds", None) is not None
+
+    @property
+    def cfg_cond_first(self) -> bool:
+        """Under classifier-free guidance, is the conditional half first in the batch? (DiT: yes, SD: no)."""
+        return self.kind == "dit"
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the denoiser's input."""
+        cfg = getattr(self.denoiser, "config", None)
+        channels = int(getattr(cfg, "in_channels", None) or getattr(self.denoiser, "in_channels"))
+        size = self.resolution // self.vae_scale_factor
+        return channels, size, size
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Target":
+        for module in (self.denoiser, self.vae, self.text_encoder):
+            if module is not None:
+                module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
+        self._prompt_cache.clear()
+        return self
+
+    # ---- running -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], (B, 3, H, W) -> the denoiser's clean input x0 (VAE latent mean, scaled)."""
+        pixels = pixels.to(self.device, self.dtype)
+        if self.vae is None:
+            return pixels
+        latents = self.vae.encode(pixels).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """Encoder hidden states for prompts (cached per prompt). The empty prompt is SD's unconditional."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            if self.text_encoder is None or self.tokenizer is None:
+                dim = int(self.denoiser.config.cross_attention_dim)
+                for p in missing:
+                    if p:
+                        raise SpecError("this model has no text encoder, so prompts cannot be encoded; "
+                                        "load a full pipeline directory, or capture without prompts.")
+                    # bare conditional UNet: the 'empty' context is a single zero token
+                    self._prompt_cache[p] = torch.zeros(1, dim, device=self.device, dtype=self.dtype)
+            else:
+                ids = self.tokenizer(missing, padding="max_length", truncation=True,
+                                     max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+                hidden = self.text_encoder(ids.to(self.device))[0].to(self.dtype)
+                for p, h in zip(missing, hidden):
+                    self._prompt_cache[p] = h
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def conditioning(self, prompts: list[str] | None, class_labels: list[int] | None, batch: int) -> dict[str, Any]:
+        """Keyword arguments for the denoiser for one batch."""
+        if self.takes_text:
+            return {"encoder_hidden_states": self.text_embeddings(prompts or [""] * batch)}
+        if self.takes_class:
+            if class_labels is None:
+                if self.null_class is None:
+                    raise SpecError("this class-conditional model has no null (unconditional) class; "
+                                    "pass --class-label N or --labels-as-classes.")
+                class_labels = [self.null_class] * batch
+            return {"class_labels": torch.tensor(class_labels, device=self.device, dtype=torch.long)}
+        return {}
+
+    def forward(self, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> Any:
+        if self.kind in ("dit", "transformer2d"):
+            return self.denoiser(sample, timestep=t, **cond)
+        return self.denoiser(sample, t, **cond)
+
+    # ---- identity ----------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What the manifest records about the model: enough to refuse mixing two models' data."""
+        cfg = getattr(self.denoiser, "config", None)
+        config = dict(cfg) if cfg is not None else {"repr": repr(self.denoiser)[:2000]}
+        config_json = json.dumps(config, sort_keys=True, default=str)
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "class": type(self.denoiser).__name__,
+            "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],
+            "weights_fingerprint": weights_fingerprint(self.denoiser),
+            "num_parameters": sum(p.numel() for p in self.denoiser.parameters()),
+            "scheduler": type(self.scheduler).__name__,
+            "num_train_timesteps": self.num_train_timesteps,
+            "resolution": self.resolution,
+            "latent": self.is_latent,
+            "random_init_seed": self.random_init_seed,
+        }
+
+
+def weights_fingerprint(module: nn.Module, per_tensor: int = 64) -> str:
+    """A cheap digest of the weights: names, shapes and the first values of every tensor."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().flatten()[:per_tensor].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,8 @@
+"""The on-disk activation store: manifest, safetensors shards, row index, atomic writes, resume, verify."""
+from diffdissect.store.manifest import Manifest, slice_key, parse_slice_key
+from diffdissect.store.writer import StoreWriter
+from diffdissect.store.reader import StoreReader, open_store
+from diffdissect.store.verify import VerifyReport, verify_store
+
+__all__ = ["Manifest", "slice_key", "parse_slice_key", "StoreWriter", "StoreReader", "open_store",
+           "VerifyReport", "verify_store"]

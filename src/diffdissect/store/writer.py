@@ -1,0 +1,112 @@
+"""Writing a store: shards are committed atomically, then recorded in the manifest.
+
+Crash safety: a shard is written to a temporary file and renamed into place; only then is the
+manifest (also written atomically) updated to list it. A shard file that the manifest does not list
+was never committed and is rewritten on resume. Because capture is deterministic, a resumed store
+holds exactly the bytes an uninterrupted run writes.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import errno
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from diffdissect import __version__
+from diffdissect.errors import StoreError
+from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+from diffdissect.store.manifest import INDEX, MANIFEST, SHARDS_DIR, Manifest, ShardRecord
+
+INDEX_COLUMNS = ("row", "input_id", "source_index", "seed", "label", "caption", "shard")
+
+
+def shard_name(chunk: int) -> str:
+    return f"shard-{chunk:06d}.safetensors"
+
+
+class StoreWriter:
+    """Owns one store directory while a capture runs. Create it with :meth:`open`."""
+
+    def __init__(self, directory: Path, manifest: Manifest):
+        self.directory = Path(directory)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, directory: Path | str, manifest: Manifest) -> "StoreWriter":
+        """Start a new store, or resume one written with the same spec. Refuses to mix specs."""
+        directory = Path(directory)
+        manifest.diffdissect_version = __version__
+        if (directory / MANIFEST).exists():
+            existing = Manifest.load(directory)
+            if existing.spec_hash != manifest.spec_hash or existing.mode != manifest.mode:
+                diff = sorted(k for k in set(existing.spec) | set(manifest.spec)
+                              if existing.spec.get(k) != manifest.spec.get(k))
+                raise StoreError(
+                    f"{directory} holds a capture made with a different spec (differs in: "
+                    f"{', '.join(diff) or 'mode'}). Refusing to mix data: choose a new --out "
+                    "directory, or delete this one to start over.")
+            remove_stale_temporaries(directory)
+            return cls(directory, existing)
+        if directory.exists() and any(directory.iterdir()):
+            raise StoreError(
+                f"{directory} exists, is not empty and is not an activation store; refusing to write "
+                "into it. Choose a new --out directory.")
+        (directory / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        writer = cls(directory, manifest)
+        writer._write_manifest()
+        return writer
+
+    @property
+    def committed(self) -> set[str]:
+        return {s.name for s in self.manifest.shards}
+
+    def is_committed(self, chunk: int) -> bool:
+        return shard_name(chunk) in self.committed
+
+    def write_shard(self, chunk: int, tensors: Mapping[str, torch.Tensor], rows: list[dict[str, Any]],
+                    inputs: tuple[int, int], skipped: list[dict[str, Any]]) -> ShardRecord:
+        """Commit one shard: all (layer, t) tensors for the rows of input chunk `chunk`."""
+        name = shard_name(chunk)
+        metadata = {"rows": json.dumps(rows), "inputs": json.dumps(list(inputs)),
+                    "skipped": json.dumps(skipped), "format": "diffdissect-shard"}
+        data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+        path = self.directory / SHARDS_DIR / name
+        try:
+            digest = atomic_write_bytes(path, data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(
+                    f"ran out of disk space while writing {name} ({len(data)} bytes). The partial shard "
+                    f"was removed and the {len(self.manifest.shards)} committed shards are intact; "
+                    "free space and run the same command again to resume.") from exc
+            raise
+        record = ShardRecord(name=name, rows=len(rows), bytes=len(data), sha256=digest,
+                             inputs=list(inputs), skipped=skipped)
+        self.manifest.shards = [s for s in self.manifest.shards if s.name != name] + [record]
+        self.manifest.shards.sort(key=lambda s: s.name)
+        self._write_manifest()
+        return record
+
+    def finalize(self, input_count: int) -> Manifest:
+        """Write the row index and mark the store complete."""
+        from diffdissect.store.reader import StoreReader  # reader parses shard metadata
+
+        self.manifest.input_count = input_count
+        rows = StoreReader(self.directory, self.manifest).rows()
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=INDEX_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in INDEX_COLUMNS})
+        atomic_write_bytes(self.directory / INDEX, buffer.getvalue().encode())
+        self.manifest.complete = True
+        self._write_manifest()
+        return self.manifest
+
+    def _write_manifest(self) -> None:
+        atomic_write_json(self.directory / MANIFEST, self.manifest.to_json())
