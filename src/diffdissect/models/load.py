@@ -11,6 +11,8 @@ Accepted sources:
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib
 import json
 import os
@@ -24,7 +26,7 @@ from torch import nn
 from diffdissect.errors import ModelLoadError
 from diffdissect.models.target import Target
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")   # "./x" or "../x" is a path, never a hub id
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -44,8 +46,9 @@ def load_target(source: Any, *, device: str | torch.device = "cpu", dtype: torch
     if random_init:
         target.denoiser = reinitialise(target.denoiser, seed)
         target.random_init_seed = seed
-        if target.pipeline is not None:
-            setattr(target.pipeline, "transformer" if target.kind == "dit" else "unet", target.denoiser)
+        if target.pipeline is not None:  # a new pipeline object: the caller's keeps its trained denoiser
+            slot = "transformer" if target.kind == "dit" else "unet"
+            target.pipeline = type(target.pipeline)(**{**target.pipeline.components, slot: target.denoiser})
     for module in (target.denoiser, target.vae, target.text_encoder):
         if module is not None:
             module.eval().requires_grad_(False)
@@ -93,7 +96,11 @@ def _load_dir(path: Path, *, dtype) -> Target:
         if not class_name:
             raise ModelLoadError(f"{config} has no '_class_name'; it is not a diffusers model directory "
                                  "(transformers models such as classifiers are not diffusion targets).")
-        model = _model_class(class_name, path).from_pretrained(path).to(dtype=dtype)
+        cls = _model_class(class_name, path)
+        try:
+            model = cls.from_pretrained(path).to(dtype=dtype)
+        except Exception as exc:
+            raise ModelLoadError(f"diffusers could not load the {class_name} in {path}: {exc}") from exc
         return from_module(model, str(path), scheduler=_scheduler_beside(path))
     raise ModelLoadError(f"{path} holds neither model_index.json (a diffusers pipeline) nor config.json "
                          "(a diffusers model); save models with `save_pretrained`.")
@@ -116,9 +123,15 @@ def _load_hub(repo_id: str, *, dtype, cache_dir, local_files_only) -> Target:
             return from_pipeline(DiffusionPipeline.from_pretrained(repo_id, **kwargs).to(dtype=dtype), repo_id)
         config_path = hf_hub_download(repo_id, "config.json", **kwargs)
     except Exception as exc:
-        raise ModelLoadError(f"could not load {repo_id!r} from the hub or its cache: {exc}.{hint}") from exc
+        raise ModelLoadError(f"could not load {repo_id!r}: there is no such local directory, and it could not be "
+                             f"loaded from the hub or its cache: {exc}{hint}") from exc
     class_name = json.loads(Path(config_path).read_text()).get("_class_name", "")
-    model = _model_class(class_name, repo_id).from_pretrained(repo_id, **kwargs).to(dtype=dtype)
+    cls = _model_class(class_name, repo_id)
+    try:
+        model = cls.from_pretrained(repo_id, **kwargs).to(dtype=dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the {class_name} {repo_id!r} from the hub or its cache: {exc}"
+                             f"{hint}") from exc
     return from_module(model, repo_id, scheduler=_scheduler_beside(Path(config_path).parent))
 
 
@@ -130,7 +143,11 @@ def _load_factory(spec: str) -> Target:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ModelLoadError(f"cannot import {spec!r}: {exc}") from exc
-    made = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+    try:
+        made = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+    except Exception as exc:
+        raise ModelLoadError(f"{spec} failed when called with no arguments: {exc!r}; the factory must "
+                             "build the model without arguments.") from exc
     if isinstance(made, DiffusionPipeline):
         return from_pipeline(made, spec)
     if not isinstance(made, nn.Module):
@@ -219,12 +236,21 @@ def _null_class(transformer: nn.Module) -> int | None:
 
 def reinitialise(model: nn.Module, seed: int) -> nn.Module:
     """The same architecture with fresh random weights (seeded): the random-init control."""
+    # derive the init seed so that seed 0 never reproduces weights a builder made with manual_seed(0)
+    init_seed = int.from_bytes(hashlib.sha256(f"diffdissect-random-init:{seed}".encode()).digest()[:8], "little") >> 1
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(init_seed)
         if hasattr(model, "from_config") and hasattr(model, "config"):
             fresh = type(model).from_config(model.config)
             return fresh.to(dtype=next(model.parameters()).dtype)
+        model = copy.deepcopy(model)  # never overwrite the caller's (trained) module in place
+        covered: set[int] = set()
         for module in model.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+                covered.update(id(p) for p in module.parameters(recurse=False))
+        with torch.no_grad():  # parameters no reset_parameters() owns: a small normal init, as in ViTs
+            for param in model.parameters():
+                if id(param) not in covered:
+                    param.normal_(0.0, 0.02)
     return model

@@ -44,7 +44,9 @@ def verify_store(directory: Path | str) -> VerifyReport:
         if path.name.endswith(TMP_SUFFIX):
             report.warnings.append(f"{path.name}: leftover of an interrupted write (removed on resume)")
         elif path.name not in listed:
-            report.warnings.append(f"{path.name}: not listed in the manifest (uncommitted; rewritten on resume)")
+            report.warnings.append(f"{path.name}: not listed in the manifest (uncommitted: readers ignore it; a resume rewrites it if its chunk is still missing)")
+    for path in sorted(directory.glob(f".*{TMP_SUFFIX}")):   # manifest.json / index.csv temporaries
+        report.warnings.append(f"{path.name}: leftover of an interrupted write (removed on resume)")
     if not manifest.complete:
         report.warnings.append("capture is not complete: run the same capture command again to resume")
     return report

@@ -19,10 +19,31 @@ from safetensors.torch import save as safetensors_bytes
 
 from diffdissect import __version__
 from diffdissect.errors import StoreError
-from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+from diffdissect.store.atomic import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from diffdissect.store.manifest import INDEX, MANIFEST, SHARDS_DIR, Manifest, ShardRecord
 
 INDEX_COLUMNS = ("row", "input_id", "source_index", "seed", "label", "caption", "shard")
+
+
+def _spec_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the spec fields that differ, e.g. ``capture.timesteps``, ``model.weights_fingerprint``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [name for key in sorted(set(old) | set(new), key=str)
+                for name in _spec_diff(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted.
+
+    safetensors serialises `__metadata__` from a Rust HashMap, whose order changes from call to call; without
+    this, two identical captures write different bytes (and sha256s). Data offsets are relative to the end
+    of the header, so only the header changes; it stays padded with spaces to 8-byte alignment.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 def shard_name(chunk: int) -> str:
@@ -43,15 +64,25 @@ class StoreWriter:
         manifest.diffdissect_version = __version__
         if (directory / MANIFEST).exists():
             existing = Manifest.load(directory)
+            holds_data = existing.shards or existing.complete or any(
+                not p.name.endswith(TMP_SUFFIX) for p in (directory / SHARDS_DIR).glob("*"))
+            if not holds_data:
+                # a capture that failed before its first shard (e.g. float16 overflow): nothing to lose,
+                # so the corrected command may start over here
+                remove_stale_temporaries(directory)
+                writer = cls(directory, manifest)
+                writer._write_manifest()
+                return writer
             if existing.spec_hash != manifest.spec_hash or existing.mode != manifest.mode:
-                diff = sorted(k for k in set(existing.spec) | set(manifest.spec)
-                              if existing.spec.get(k) != manifest.spec.get(k))
+                diff = _spec_diff(existing.spec, manifest.spec)
                 raise StoreError(
                     f"{directory} holds a capture made with a different spec (differs in: "
                     f"{', '.join(diff) or 'mode'}). Refusing to mix data: choose a new --out "
                     "directory, or delete this one to start over.")
             remove_stale_temporaries(directory)
             return cls(directory, existing)
+        if directory.exists() and not directory.is_dir():
+            raise StoreError(f"{directory} is a file, not a directory; choose a new --out directory.")
         if directory.exists() and any(directory.iterdir()):
             raise StoreError(
                 f"{directory} exists, is not empty and is not an activation store; refusing to write "
@@ -74,7 +105,8 @@ class StoreWriter:
         name = shard_name(chunk)
         metadata = {"rows": json.dumps(rows), "inputs": json.dumps(list(inputs)),
                     "skipped": json.dumps(skipped), "format": "diffdissect-shard"}
-        data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+        data = canonical_safetensors(safetensors_bytes({k: v.contiguous() for k, v in tensors.items()},
+                                                       metadata=metadata))
         path = self.directory / SHARDS_DIR / name
         try:
             digest = atomic_write_bytes(path, data)
