@@ -132,7 +132,7 @@ def test_unknown_layer_lists_the_closest_valid_names(images, tmp_path, capsys):
     assert "Closest valid names:" in err and "blocks.0" in err and "blocks.1" in err
     assert not out.exists()
     with pytest.raises(LayerNotFoundError, match="'midd'.*Closest valid names: mid"):
-        from diffdissect import CaptureSpec, FolderSource, capture, load_target
+        from diffdissect import CaptureSpec, FolderSource, load_target; from diffdissect.capture import capture
         capture(load_target(TINY_FACTORY), FolderSource(images), CaptureSpec(layers=["midd"]), out, progress=False)
 
 
@@ -146,7 +146,7 @@ def test_timestep_out_of_range(images, tmp_path, capsys, timesteps):
 
 
 def test_timestep_out_of_range_api(images, tmp_path):
-    from diffdissect import CaptureSpec, FolderSource, capture, load_target
+    from diffdissect import CaptureSpec, FolderSource, load_target; from diffdissect.capture import capture
 
     for t in (-1, 1000):
         with pytest.raises(SpecError, match=rf"t={t} is out of range"):

@@ -594,3 +594,47 @@ def test_trajectories_dit(tmp_path, dit_dir):
     tokens = raw["transformer_blocks.1"].float()
     grid = tokens.transpose(1, 2).reshape(1, 16, 4, 4)
     assert torch.allclose(c[0], grid[0].half().float(), atol=2e-3)
+
+
+# ---- the shape probe runs on the meta device, with a real-forward fallback ------------------------------
+class _DataDependent(torch.nn.Module):
+    """Branches on a tensor's value (.item()): impossible on the meta device."""
+
+    in_channels, sample_size = 3, 8
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 1)
+
+    def forward(self, sample, timestep):
+        h = self.conv(sample)
+        return h * 2 if float(h.abs().sum().item()) >= 0 else h
+
+
+@pytest.mark.parametrize("pooling", ["mean", "none"])
+def test_shape_probe_matches_a_real_forward_without_running_one(sd_dir, pooling, monkeypatch):
+    from diffdissect.capture import CaptureSpec
+    from diffdissect.capture.engine import probe_row_shapes
+    from diffdissect.capture.noising import dry_inputs
+    from diffdissect.capture.rows import to_rows
+
+    target = load_target(sd_dir)
+    layers = ["down_blocks.0", "mid_block", "up_blocks.1"]
+    spec = CaptureSpec(layers=layers, pooling=pooling)
+    sample, t, cond = dry_inputs(target, 100)
+    raw = hook_outputs(target.denoiser, layers, lambda: target.forward(sample, t, cond))
+    real = {l: out[0] if isinstance(out, tuple) else out for l, out in raw.items()}   # down blocks: (h, skips)
+    real_calls = []
+    monkeypatch.setattr(target, "forward", lambda *a: real_calls.append(a))
+    assert probe_row_shapes(target, layers, spec) == {l: tuple(to_rows(real[l], spec).shape[1:]) for l in layers}
+    assert real_calls == []                                  # shapes came from the meta device
+
+
+@pytest.mark.parametrize("pooling", ["mean", "none"])
+def test_shape_probe_falls_back_to_a_real_forward_off_meta(pooling):
+    from diffdissect.capture import CaptureSpec
+    from diffdissect.capture.engine import probe_row_shapes
+
+    target = load_target(_DataDependent())
+    want = {"conv": (5,)} if pooling == "mean" else {"conv": (5, 8, 8)}
+    assert probe_row_shapes(target, ["conv"], CaptureSpec(layers=["conv"], pooling=pooling)) == want

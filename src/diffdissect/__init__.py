@@ -5,13 +5,15 @@ __version__ = "0.1.0"
 
 from diffdissect.errors import DiffdissectError
 from diffdissect.models import Target, load_target, list_layers
-from diffdissect.capture import CaptureSpec, TrajectorySpec, capture, capture_trajectories
+# `capture` (the function) is not re-exported here: it would hide the `diffdissect.capture` subpackage.
+# Use `from diffdissect.capture import capture`.
+from diffdissect.capture import CaptureSpec, TrajectorySpec, capture_trajectories
 from diffdissect.store import StoreReader, open_store, verify_store
 from diffdissect.data import ArraySource, FolderSource, HFDatasetSource
 
 __all__ = [
     "__version__", "DiffdissectError", "Target", "load_target", "list_layers",
-    "CaptureSpec", "TrajectorySpec", "capture", "capture_trajectories",
+    "CaptureSpec", "TrajectorySpec", "capture_trajectories",
     "StoreReader", "open_store", "verify_store",
     "ArraySource", "FolderSource", "HFDatasetSource",
 ]

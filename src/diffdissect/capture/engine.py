@@ -108,11 +108,28 @@ def load_records(source: ImageSource, indices: range) -> tuple[list[ImageRecord]
 
 @torch.no_grad()
 def probe_row_shapes(target: Target, layers: list[str], spec: CaptureSpec) -> dict[str, tuple[int, ...]]:
-    """Per-row stored shape of each layer, from one dry forward of a single sample."""
+    """Per-row stored shape of each layer, from one dry forward of a single sample.
+
+    The forward runs on the meta device (shapes only, no arithmetic: free even for SD-XL); a model
+    that cannot run on meta falls back to a real single-sample forward.
+    """
     sample, timestep, cond = dry_inputs(target, spec.timesteps[0])
     with LayerRecorder(target.denoiser, layers, early_exit=True) as recorder:
-        outputs = recorder.run(target.forward, sample, timestep, cond)
+        try:
+            outputs = recorder.run(_meta_forward, target, sample, timestep, cond)
+        except Exception:  # an op without a meta kernel, a data-dependent branch, ...
+            outputs = recorder.run(target.forward, sample, timestep, cond)
     return {layer: tuple(to_rows(outputs[layer], spec).shape[1:]) for layer in layers}
+
+
+def _meta_forward(target: Target, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> Any:
+    def meta(x: Any) -> Any:
+        return x.to("meta") if isinstance(x, torch.Tensor) else x
+
+    state = {name: torch.empty_like(v, device="meta")
+             for name, v in [*target.denoiser.named_parameters(), *target.denoiser.named_buffers()]}
+    args, kwargs = target.call_arguments(meta(sample), meta(t), {k: meta(v) for k, v in cond.items()})
+    return torch.func.functional_call(target.denoiser, state, args, kwargs)
 
 
 def auto_shard_size(shapes: dict[str, tuple[int, ...]], spec: CaptureSpec) -> int:

@@ -137,10 +137,15 @@ class Target:
             return {"class_labels": torch.tensor(class_labels, device=self.device, dtype=torch.long)}
         return {}
 
-    def forward(self, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> Any:
+    def call_arguments(self, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> tuple[tuple, dict]:
+        """(args, kwargs) of one denoiser call, in the calling convention of this kind."""
         if self.kind in ("dit", "transformer2d"):
-            return self.denoiser(sample, timestep=t, **cond)
-        return self.denoiser(sample, t, **cond)
+            return (sample,), {"timestep": t, **cond}
+        return (sample, t), dict(cond)
+
+    def forward(self, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> Any:
+        args, kwargs = self.call_arguments(sample, t, cond)
+        return self.denoiser(*args, **kwargs)
 
     # ---- identity ----------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
