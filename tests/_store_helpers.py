@@ -140,11 +140,16 @@ def write_images(folder: Path, n: int, *, size: int = 12, corrupt: tuple[int, ..
             Image.new("RGB", (size, size), colour).save(folder / name)
         rows.append({"file": name, "label": f"class{i % 3}", "caption": f"caption {i}"})
     if csv_name:
-        with open(folder / csv_name, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["file", "label", "caption"])
-            writer.writeheader()
-            writer.writerows(rows)
+        write_labels_csv(folder / csv_name, rows)
     return folder
+
+
+def write_labels_csv(path: Path, rows: list[dict]) -> None:
+    """A labels CSV (file, label, caption) as FolderSource reads it."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["file", "label", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 # ---- stores -------------------------------------------------------------------------------------------

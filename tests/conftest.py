@@ -14,7 +14,6 @@ Models (see `diffdissect.toy.tiny`):
 """
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 from pathlib import Path
@@ -31,6 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 import pytest
 import torch
+from _store_helpers import write_labels_csv
 from PIL import Image
 
 torch.set_num_threads(1)
@@ -71,44 +71,37 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
+def _saved(models_root: Path, name: str, builder: str) -> Path:
+    """Build `diffdissect.toy.tiny.<builder>(0)` and `save_pretrained` it under `models_root/name`."""
+    from diffdissect.toy import tiny
+
+    path = models_root / name
+    getattr(tiny, builder)(0).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def sd_dir(models_root: Path) -> Path:
     """A tiny Stable-Diffusion pipeline directory (model_index.json, unet/, vae/, text_encoder/, ...)."""
-    from diffdissect.toy.tiny import tiny_sd_pipeline
-
-    path = models_root / "tiny-sd"
-    tiny_sd_pipeline(0).save_pretrained(path)
-    return path
+    return _saved(models_root, "tiny-sd", "tiny_sd_pipeline")
 
 
 @pytest.fixture(scope="session")
 def dit_dir(models_root: Path) -> Path:
     """A tiny class-conditional DiT pipeline directory (model_index.json, transformer/, vae/, scheduler/)."""
-    from diffdissect.toy.tiny import tiny_dit_pipeline
-
-    path = models_root / "tiny-dit"
-    tiny_dit_pipeline(0).save_pretrained(path)
-    return path
+    return _saved(models_root, "tiny-dit", "tiny_dit_pipeline")
 
 
 @pytest.fixture(scope="session")
 def unet2d_dir(models_root: Path) -> Path:
     """A bare UNet2DModel directory (config.json + diffusion_pytorch_model.safetensors)."""
-    from diffdissect.toy.tiny import tiny_unet2d
-
-    path = models_root / "tiny-unet2d"
-    tiny_unet2d(0).save_pretrained(path)
-    return path
+    return _saved(models_root, "tiny-unet2d", "tiny_unet2d")
 
 
 @pytest.fixture(scope="session")
 def unet2d_cond_dir(models_root: Path) -> Path:
     """A bare UNet2DConditionModel directory (config.json + weights), no text encoder."""
-    from diffdissect.toy.tiny import tiny_unet2d_condition
-
-    path = models_root / "tiny-unet2d-cond"
-    tiny_unet2d_condition(0).save_pretrained(path)
-    return path
+    return _saved(models_root, "tiny-unet2d-cond", "tiny_unet2d_condition")
 
 
 # ---- images ------------------------------------------------------------------------------------------
@@ -133,10 +126,7 @@ def make_image_folder(folder: Path, sizes=IMAGE_SIZES, labels=IMAGE_LABELS, capt
         random_image(w, h, rng).save(folder / name)
         rows.append({"file": name, "label": labels[i % len(labels)], "caption": captions[i % len(captions)]})
     if csv_name:
-        with open(folder / csv_name, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["file", "label", "caption"])
-            writer.writeheader()
-            writer.writerows(rows)
+        write_labels_csv(folder / csv_name, rows)
     return folder
 
 

@@ -517,7 +517,7 @@ def _check_trajectory_store(out, target, spec, prompts, seeds):
     assert all(0 <= t < target.num_train_timesteps for t in reader.timesteps)
     for entry in m.timesteps:
         assert entry["alpha_bar"] == pytest.approx(float(target.scheduler.alphas_cumprod[entry["t"]]), rel=1e-6)
-    assert m.spec["dropped_duplicate_calls"] == dropped
+    assert m.notes["dropped_duplicate_calls"] == dropped
     for row in reader.rows():
         path = out / row["image"]
         with Image.open(path) as img:
@@ -535,7 +535,7 @@ def test_trajectories_sd(tmp_path, sd_dir):
     cond = tmp_path / "cond"
     capture_trajectories(target, spec, cond, progress=False)
     reader = _check_trajectory_store(cond, target, spec, prompts, seeds)
-    assert reader.timesteps == [667, 334, 1] and reader.manifest.spec["dropped_duplicate_calls"] == 1  # PNDM
+    assert reader.timesteps == [667, 334, 1] and reader.manifest.notes["dropped_duplicate_calls"] == 1  # PNDM
     assert reader.shape("mid_block") == (32,) and reader.shape("up_blocks.1") == (16,)
 
     uncond = tmp_path / "uncond"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,12 +68,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.set_defaults(func=cmd_store_verify)
 
-    p = sub.add_parser("demo", help="run the main job on the embedded default")
+    p = sub.add_parser("demo", help="run the main job on the embedded default (the shapes world)")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
     p.set_defaults(func=cmd_demo)
 
+    toy = sub.add_parser("toy", help="the shapes world: build and evaluate its models").add_subparsers(dest="toy_command")
+    p = toy.add_parser("build", help="train the toy pipeline and classifiers from scratch (reproducible)")
+    p.add_argument("--out", default=None, help="weights directory [the package's committed weights]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.001: a smoke build)")
+    p.add_argument("--world", default=None, help="world config JSON [the default shapes world]")
+    p.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_toy_build)
+    p = toy.add_parser("eval", help="measure the toy pipeline, judged by the attribute captioner")
+    p.add_argument("--weights", default=None, help="weights directory [the committed ones]")
+    p.add_argument("--samples", type=int, default=256, help="samples per check (>= 200 for the targets) [256]")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.0, help="guidance for prompts naming every factor [4]")
+    p.add_argument("--save", action="store_true", help="write eval.json beside the weights (the demo shows it)")
+    p.add_argument("--doc", default=None, help="write the figures as markdown here (e.g. docs/toy-world.md)")
+    p.add_argument("--json", default=None, help="write the full results as JSON here")
+    p.set_defaults(func=cmd_toy_eval)
+
     bench = sub.add_parser("bench", help="benchmarks (ratios against a baseline run side by side)")
-    p = bench.add_subparsers(dest="bench_command").add_parser("capture", help="capture overhead and memory")
+    bench_commands = bench.add_subparsers(dest="bench_command")
+    p = bench_commands.add_parser("world", help="shapes-world generation throughput")
+    p.add_argument("--images", type=int, default=50_000)
+    p.set_defaults(func=cmd_bench_world)
+    p = bench_commands.add_parser("capture", help="capture overhead and memory")
     p.add_argument("--sd15", action="store_true", help="also run the full-size SD-1.5 UNet (slow on CPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="write results to this JSON file")
@@ -201,8 +226,57 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from diffdissect.demo import run_demo
 
-    run_demo(Path(args.out))
+    run_demo(Path(args.out), weights=Path(args.weights) if args.weights else None)
     return 0
+
+
+def cmd_toy_build(args: argparse.Namespace) -> int:
+    from diffdissect.toy.build import DEFAULT_WEIGHTS, BuildRecipe, build_toy
+
+    recipe = BuildRecipe(seed=args.seed, threads=args.threads)
+    if args.scale != 1.0:
+        recipe = recipe.scaled(args.scale)
+    from diffdissect.toy.world import WorldConfig
+
+    world = WorldConfig.load(args.world) if args.world else None
+    out = Path(args.out) if args.out else DEFAULT_WEIGHTS
+    info = build_toy(out, recipe, world, progress=not args.quiet)
+    print(json.dumps({"out": str(out), "timings_s": info["timings_s"], "metrics": info["metrics"]}, indent=2))
+    return 0
+
+
+def cmd_toy_eval(args: argparse.Namespace) -> int:
+    import datetime
+    import platform
+
+    from diffdissect.toy.build import DEFAULT_WEIGHTS
+    from diffdissect.toy.evaluate import EvalConfig, evaluate_toy, summary, write_toy_world_doc
+
+    config = EvalConfig(samples=args.samples, steps=args.steps, guidance_full=args.guidance)
+    results = evaluate_toy(args.weights, config)
+    plain = summary(results)
+    if args.save:
+        (Path(args.weights) if args.weights else DEFAULT_WEIGHTS).joinpath("eval.json").write_text(json.dumps(plain, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plain, indent=2))
+    if args.doc:
+        command = "diffdissect toy eval " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "diffdissect toy eval"
+        machine = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {__import__('torch').__version__}"
+        write_toy_world_doc(results, args.doc, command, machine, datetime.date.today().isoformat())
+    for f, v in plain["full_prompts"]["per_factor"].items():
+        print(f"full prompts   {f:<7} match {v['rate']:.3f}  {'ok' if v['pass'] else 'BELOW TARGET'}")
+    for shape, v in plain["colour_defaults"]["per_shape"].items():
+        print(f"colour default {shape:<9} ({v['bias']:<8}) max error {v['max_abs_error']:.3f}  {'ok' if v['pass'] else 'ABOVE TARGET'}")
+    for f, v in plain["captioner_accuracy"].items():
+        print(f"captioner      {f:<7} accuracy {v['rate']:.3f}  {'ok' if v['pass'] else 'BELOW TARGET'}")
+    print("all targets met" if plain["pass"] else "NOT all targets met")
+    return 0
+
+
+def cmd_bench_world(args: argparse.Namespace) -> int:
+    from diffdissect.bench.world import run_world_benchmark
+
+    return 0 if run_world_benchmark(images=args.images) else 1
 
 
 def cmd_bench_capture(args: argparse.Namespace) -> int:

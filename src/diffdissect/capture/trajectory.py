@@ -66,7 +66,7 @@ def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, 
                 writer.write_shard(chunk, {k: torch.cat(v) for k, v in tensors.items()}, rows,
                                    (start, start + len(part)), [])
             bar.update(len(part))
-    writer.manifest.spec["dropped_duplicate_calls"] = probe["dropped"]
+    writer.manifest.notes["dropped_duplicate_calls"] = probe["dropped"]
     return writer.finalize(len(pairs))
 
 

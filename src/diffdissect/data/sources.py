@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -17,6 +17,10 @@ from PIL import Image
 from diffdissect.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+# row-index columns that an input's own attributes may not overwrite
+RESERVED_COLUMNS = frozenset({"row", "input_id", "source_index", "seed", "label", "caption", "shard", "image"})
 
 
 class UnreadableInput(Exception):
@@ -30,6 +34,7 @@ class ImageRecord:
     image: Any                         # PIL image or HxWx3 array
     label: Any = None
     caption: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)   # more columns for the row index (factors, ...)
 
 
 class ImageSource(Protocol):
@@ -69,6 +74,7 @@ class FolderSource:
             raise DataError(f"no images found in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
                             "recursively).")
         self.csv_path, self.label_column, self.caption_column = csv_path, label_column, caption_column
+        self.id_column = id_column
 
     @staticmethod
     def _read_csv(path: Path, id_column: str) -> list[dict[str, str]]:
@@ -94,8 +100,9 @@ class FolderSource:
         except Exception as exc:  # PIL raises many types for truncated/corrupt files
             raise UnreadableInput(f"{name}: {exc}") from exc
         row = self.meta[index] if self.meta else {}
-        return ImageRecord(name, index, image, row.get(self.label_column or ""),
-                           row.get(self.caption_column or ""))
+        named = {self.id_column, self.label_column, self.caption_column}
+        return ImageRecord(name, index, image, row.get(self.label_column or ""), row.get(self.caption_column or ""),
+                           {k: v for k, v in row.items() if k not in named and k not in RESERVED_COLUMNS})
 
     def identity(self) -> dict[str, Any]:
         return {"type": "folder", "path": str(self.root.resolve()), "count": len(self),
@@ -157,14 +164,19 @@ class ArraySource:
     """In-memory images: an (N, H, W, 3) uint8 array (or floats in [0, 1]) or a list of PIL images."""
 
     def __init__(self, images: Any, labels: Sequence[Any] | None = None, captions: Sequence[str] | None = None,
-                 ids: Sequence[str] | None = None):
+                 ids: Sequence[str] | None = None, attributes: dict[str, Sequence[Any]] | None = None):
         self.images = images
         n = len(images)
         if n == 0:
             raise DataError("ArraySource got no images.")
-        for name, seq in (("labels", labels), ("captions", captions), ("ids", ids)):
+        self.attributes = dict(attributes or {})
+        for name, seq in (("labels", labels), ("captions", captions), ("ids", ids),
+                          *((f"attributes[{k!r}]", v) for k, v in self.attributes.items())):
             if seq is not None and len(seq) != n:
                 raise DataError(f"ArraySource: {len(seq)} {name} for {n} images.")
+        clash = RESERVED_COLUMNS & set(self.attributes)
+        if clash:
+            raise DataError(f"ArraySource: attribute names {sorted(clash)} are reserved row-index columns; rename them.")
         self.labels, self.captions = labels, captions
         self.ids = [str(i) for i in ids] if ids is not None else [f"img{i:08d}" for i in range(n)]
         if len(set(self.ids)) != n:
@@ -178,7 +190,8 @@ class ArraySource:
         if isinstance(label, np.generic):
             label = label.item()
         caption = self.captions[index] if self.captions is not None else None
-        return ImageRecord(self.ids[index], index, self.images[index], label, caption)
+        attributes = {k: v[index] for k, v in self.attributes.items()}
+        return ImageRecord(self.ids[index], index, self.images[index], label, caption, attributes)
 
     def identity(self) -> dict[str, Any]:
         h = hashlib.sha256()
@@ -186,4 +199,5 @@ class ArraySource:
             img = self.images[i]
             h.update(np.asarray(img).tobytes())
         return {"type": "arrays", "count": len(self), "content": h.hexdigest()[:16],
-                "meta": _digest([self.ids, self.labels, self.captions])}
+                "meta": _digest([self.ids, self.labels, self.captions,
+                                 sorted((k, list(map(str, v))) for k, v in self.attributes.items())])}

@@ -69,6 +69,7 @@ class Manifest:
     shards: list[ShardRecord] = field(default_factory=list)
     complete: bool = False
     input_count: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)   # facts learnt while capturing (not part of the spec)
     diffdissect_version: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION

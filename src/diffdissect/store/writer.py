@@ -131,10 +131,12 @@ class StoreWriter:
         self.manifest.input_count = input_count
         rows = StoreReader(self.directory, self.manifest).rows()
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=INDEX_COLUMNS, lineterminator="\n")
+        extra = sorted({k for row in rows for k in row} - set(INDEX_COLUMNS))   # per-input attributes
+        columns = [*INDEX_COLUMNS, *extra]
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in INDEX_COLUMNS})
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
         atomic_write_bytes(self.directory / INDEX, buffer.getvalue().encode())
         self.manifest.complete = True
         self._write_manifest()

@@ -13,17 +13,16 @@ Resolutions: the tiny VAE has three resolution levels, so ``vae_scale_factor == 
 from __future__ import annotations
 
 import contextlib
-import json
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
+
+from diffdissect.toy.text import build_clip_text_encoder, build_clip_tokenizer
 
 __all__ = [
     "TinyDenoiser",
@@ -88,33 +87,14 @@ def _tiny_unet_condition_config(sample_size: int) -> dict:
 
 def _tiny_tokenizer() -> CLIPTokenizer:
     """Offline CLIP BPE tokenizer over letters, digits, a few words; anything else maps to <|endoftext|> (unk)."""
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
-    merges = [(w[:i], w[i] + ("</w>" if i == len(w) - 1 else "")) for w in _WORDS for i in range(1, len(w))]
-    tokens = [*chars, *(c + "</w>" for c in chars), *dict.fromkeys(a + b for a, b in merges)]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys([*tokens, "<|startoftext|>", "<|endoftext|>"]))}
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "vocab.json").write_text(json.dumps(vocab))
-        Path(d, "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in dict.fromkeys(merges)))
-        return CLIPTokenizer.from_pretrained(d, model_max_length=_MAX_TOKENS)
+    return build_clip_tokenizer(_WORDS, _MAX_TOKENS)
 
 
 def tiny_sd_pipeline(seed: int = 0, sample_size: int = 8) -> diffusers.StableDiffusionPipeline:
     """Tiny random Stable Diffusion pipeline: ``sample_size``^2 latents, (4 * sample_size)^2 px images."""
     tokenizer = _tiny_tokenizer()
     with _seeded(seed):
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=_TEXT_DIM,
-                intermediate_size=2 * _TEXT_DIM,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=_MAX_TOKENS,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        ).eval()
+        text_encoder = build_clip_text_encoder(tokenizer, _TEXT_DIM, layers=2, heads=2).eval()
     scheduler = diffusers.PNDMScheduler(  # SD-1.5's scheduler config
         num_train_timesteps=1000,
         beta_start=0.00085,

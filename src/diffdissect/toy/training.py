@@ -1,0 +1,59 @@
+"""Small shared training utilities: seeded RNG scope, an EMA of parameters, a progress-bar step loop."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run under a forked CPU RNG seeded with `seed` (the caller's RNG state is untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (sampling uses the average)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))      # warm-up: follow closely at first
+        for avg, p in zip(self.shadow.parameters(), module.parameters()):
+            avg.lerp_(p.detach(), 1 - decay)
+        for avg, b in zip(self.shadow.buffers(), module.buffers()):
+            avg.copy_(b)
+
+
+def run_steps(steps: int, step_fn: Callable[[int], dict[str, float]], *, desc: str, progress: bool = True,
+              log_every: int = 25) -> list[dict[str, float]]:
+    """Call `step_fn(step)` `steps` times with a progress bar showing its latest metrics."""
+    history: list[dict[str, float]] = []
+    with tqdm(total=steps, desc=desc, disable=not progress, unit="step") as bar:
+        for step in range(steps):
+            metrics = step_fn(step)
+            history.append(metrics)
+            if step % log_every == 0 or step == steps - 1:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
+            bar.update(1)
+    return history
+
+
+def cosine_lr(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup)))) * 0.95 + 0.05
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

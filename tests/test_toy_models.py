@@ -1,0 +1,122 @@
+"""The committed shapes-world weights: stock diffusers loading, classifiers, errors, and a smoke build."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffdissect.errors import DiffdissectError
+from diffdissect.toy.build import (DEFAULT_WEIGHTS, BuildRecipe, build_toy, check_weights, load_toy_classifier,
+                                   load_world, pipeline_dir)
+from diffdissect.toy.classifiers import class_accuracy, factor_accuracy
+from diffdissect.toy.world import FACTORS, WorldConfig
+
+
+def test_committed_pipeline_loads_with_stock_diffusers():
+    import diffusers
+    from transformers import CLIPTextModel
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(pipeline_dir())        # no custom code involved
+    assert type(pipe) is diffusers.StableDiffusionPipeline
+    assert isinstance(pipe.vae, diffusers.AutoencoderKL) and isinstance(pipe.unet, diffusers.UNet2DConditionModel)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and pipe.unet.config.cross_attention_dim > 0
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
+def test_committed_weights_are_small_safetensors_and_json():
+    files = [p for p in DEFAULT_WEIGHTS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    assert any(p.suffix == ".safetensors" for p in files)
+
+
+def test_committed_classifiers_are_accurate_on_held_out_world_images():
+    world = load_world()
+    captioner = load_toy_classifier("captioner")
+    accuracy = factor_accuracy(captioner, world, n=1000, seed=7)
+    assert set(accuracy) == set(FACTORS) and min(accuracy.values()) >= 0.98, accuracy
+    for name in ("cnn", "vit"):
+        assert class_accuracy(load_toy_classifier(name), world, n=1000, seed=8) >= 0.9, name
+
+
+def test_classifier_feature_maps_have_the_documented_shapes():
+    x = torch.zeros(2, 3, 32, 32)
+    cnn, vit = load_toy_classifier("cnn"), load_toy_classifier("vit")
+    assert cnn.features(x).shape[2:] == (8, 8) and cnn(x).shape == (2, 16)
+    assert vit.tokens(x).shape[1] == 65 and vit(x).shape == (2, 16)
+
+
+def test_missing_weights_say_how_to_rebuild(tmp_path):
+    with pytest.raises(DiffdissectError, match="diffdissect toy build"):
+        check_weights(tmp_path / "nowhere")
+
+
+def test_incompatible_or_incomplete_weights_say_how_to_rebuild(tmp_path):
+    copy = tmp_path / "weights"
+    shutil.copytree(DEFAULT_WEIGHTS, copy)
+    info = json.loads((copy / "build.json").read_text())
+    (copy / "build.json").write_text(json.dumps({**info, "weights_format": 99}))
+    with pytest.raises(DiffdissectError, match=r"format 99.*Rebuild with `diffdissect toy build --out"):
+        check_weights(copy)
+    (copy / "build.json").write_text(json.dumps(info))
+    (copy / "vit" / "config.json").unlink()
+    with pytest.raises(DiffdissectError, match=r"incomplete \(vit/config.json missing\)"):
+        check_weights(copy)
+
+
+def test_demo_cli_with_missing_weights_is_a_clear_error(tmp_path, capsys):
+    from diffdissect.cli import main
+
+    assert main(["demo", "--weights", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 2
+    assert "diffdissect toy build" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def smoke_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "weights"
+    info = build_toy(out, BuildRecipe().scaled(0.0005), progress=False)
+    return out, info
+
+
+def test_smoke_build_writes_loadable_weights(smoke_build):
+    import diffusers
+
+    out, info = smoke_build
+    assert check_weights(out) == out and info["weights_format"] == 1
+    assert set(info["timings_s"]) == {"pipeline", "cnn", "vit", "captioner"}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out / "pipeline")
+    assert pipe.vae.config.scaling_factor > 0 and WorldConfig.load(out / "world.json") == WorldConfig()
+    for name in ("cnn", "vit", "captioner"):
+        load_toy_classifier(name, out)
+
+
+def test_smoke_build_is_reproducible_from_its_seed(smoke_build, tmp_path):
+    out, _ = smoke_build
+    again = tmp_path / "again"
+    build_toy(again, BuildRecipe().scaled(0.0005), progress=False)
+    for path in sorted(out.rglob("*.safetensors")):
+        twin = again / path.relative_to(out)
+        assert path.read_bytes() == twin.read_bytes(), path.relative_to(out)
+
+
+def test_a_failing_build_leaves_existing_weights_untouched(smoke_build, monkeypatch, tmp_path):
+    from diffdissect.toy import build as build_module
+
+    out = tmp_path / "weights"
+    shutil.copytree(smoke_build[0], out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("training diverged")
+
+    monkeypatch.setattr(build_module, "train_classifier", broken)
+    with pytest.raises(RuntimeError, match="diverged"):
+        build_toy(out, BuildRecipe().scaled(0.0005), progress=False)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
