@@ -30,3 +30,27 @@ def test_demo_writes_report_results_and_a_verified_store(tmp_path, capsys):
     # somewhere in layers x timesteps (measured: shape 0.52, colour 0.88 at up_blocks.0, t=400)
     assert max(s["shape_centroid_accuracy"] for s in slices) > 0.4, slices
     assert max(s["colour_centroid_accuracy"] for s in slices) > 0.6, slices
+
+
+def test_demo_reruns_into_its_own_output_after_the_weights_changed(tmp_path, capsys):
+    from diffdissect.store.manifest import Manifest
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    manifest = Manifest.load(out / "store")
+    manifest.spec["model"]["weights_fingerprint"] = "an-older-build"       # as if made by other weights
+    manifest.spec_hash = "0" * 16
+    (out / "store" / "manifest.json").write_text(json.dumps(manifest.to_json()))
+    assert main(["demo", "--out", str(out)]) == 0
+    assert Manifest.load(out / "store").spec_hash != "0" * 16 and verify_store(out / "store").ok
+
+
+def test_toy_eval_doc_keeps_what_follows_the_generated_figures(tmp_path):
+    from diffdissect.toy.evaluate import GENERATED_END, write_toy_world_doc
+
+    results = json.loads((__import__("diffdissect.toy.build", fromlist=["x"]).DEFAULT_WEIGHTS / "eval.json").read_text())
+    doc = tmp_path / "toy-world.md"
+    doc.write_text("old figures\n" + GENERATED_END + "\n## Hand-written notes\nkeep me\n")
+    write_toy_world_doc(results, doc, "diffdissect toy eval", "a machine", "2026-11-22")
+    text = doc.read_text()
+    assert "old figures" not in text and "| shape |" in text and text.endswith("## Hand-written notes\nkeep me\n")

@@ -276,7 +276,8 @@ def cmd_toy_eval(args: argparse.Namespace) -> int:
 def cmd_bench_world(args: argparse.Namespace) -> int:
     from diffdissect.bench.world import run_world_benchmark
 
-    return 0 if run_world_benchmark(images=args.images) else 1
+    run_world_benchmark(images=args.images)
+    return 0
 
 
 def cmd_bench_capture(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ with a section for each analysis that exists.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ def run_demo(out: Path, *, weights: Path | None = None, progress: bool = True) -
     attributes = {f: batch.labels(f) for f in FACTORS}
     source = ArraySource(batch.images, labels=attributes["shape"], captions=batch.captions, attributes=attributes)
     spec = CaptureSpec(layers=DEMO_LAYERS, timesteps=DEMO_TIMESTEPS, seeds=[0], batch_size=64)
+    if (out / "store" / "manifest.json").is_file():
+        shutil.rmtree(out / "store")        # the demo's own store from an earlier run (maybe other weights)
     capture(target, source, spec, out / "store", progress=progress)
     verified = verify_store(out / "store").ok
     reader = open_store(out / "store")

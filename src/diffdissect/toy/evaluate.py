@@ -21,6 +21,7 @@ from diffdissect.toy.build import load_toy_classifier, load_toy_pipeline, load_w
 from diffdissect.toy.classifiers import factor_accuracy, images_to_tensor
 from diffdissect.toy.world import FACTORS, WorldConfig, captions_for, sample_factors
 
+GENERATED_END = "<!-- end of the figures written by `diffdissect toy eval --doc`; what follows is kept -->"
 TARGETS = {"full_prompt_match": 0.90, "colour_rate_max_error": 0.10, "captioner_accuracy": 0.98}
 
 
@@ -158,5 +159,8 @@ def write_toy_world_doc(results: dict[str, Any], path: str | Path, command: str,
             lines.append(f"| {shape} | {v['bias']} | {c} | {r['planted']:.2f} | {r['generated']:.3f} | "
                          f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] |")
         lines.append(f"| {shape} | | **max error** | | **{v['max_abs_error']:.3f}** ({'pass' if v['pass'] else 'FAIL'}) | |")
-    lines += ["", f"Overall: {'all targets met' if results['pass'] else 'NOT all targets met (see the rows marked NO/FAIL)'}.", ""]
-    Path(path).write_text("\n".join(lines))
+    lines += ["", f"Overall: {'all targets met' if results['pass'] else 'NOT all targets met (see the rows marked NO/FAIL)'}.", "",
+              GENERATED_END]
+    path = Path(path)
+    kept = path.read_text().split(GENERATED_END, 1)[1] if path.is_file() and GENERATED_END in path.read_text() else "\n"
+    path.write_text("\n".join(lines) + kept)
