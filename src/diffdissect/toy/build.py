@@ -16,7 +16,7 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ def build_toy(out: str | Path = DEFAULT_WEIGHTS, recipe: BuildRecipe | None = No
               *, progress: bool = True) -> dict[str, Any]:
     """Train everything and write the weights directory `out` (atomically replaced). Returns build.json."""
     recipe, world = recipe or BuildRecipe(), world or WorldConfig()
-    recipe.pipeline.seed = recipe.seed
+    recipe = replace(recipe, pipeline=replace(recipe.pipeline, seed=recipe.seed))   # never mutate the caller's
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     out = Path(out)

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import CLIPTokenizer
 
 from diffdissect.toy.text import build_clip_text_encoder, build_clip_tokenizer
+from diffdissect.toy.training import seeded
 
 __all__ = [
     "TinyDenoiser",
@@ -48,8 +49,7 @@ _DIT_NULL_CLASS = 1000
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Build on CPU under ``seed`` inside a forked RNG, leaving the caller's CPU/CUDA RNG state untouched."""
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        torch.default_generator.manual_seed(seed)
+    with seeded(seed), torch.device("cpu"):
         yield
 
 

@@ -12,9 +12,10 @@ from tqdm.auto import tqdm
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run under a forked CPU RNG seeded with `seed` (the caller's RNG state is untouched)."""
+    """Run under a forked CPU RNG seeded with `seed`: the caller's CPU and CUDA RNG states are untouched
+    (only the CPU generator is seeded, so CUDA is never initialised)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         yield
 
 
