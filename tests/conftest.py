@@ -191,7 +191,8 @@ def noised_inputs(target, images, ids: list[str], seed: int, t: int,
     x0 = torch.cat([encode_pixels(target, pixels[b:b + step]) for b in range(0, len(images), step)])
     noise = noise_for(ids, seed, tuple(x0.shape[1:]))
     steps = torch.full((len(ids),), t, dtype=torch.long)
-    return target.scheduler.add_noise(x0, noise, steps), steps
+    alpha_bar = float(target.scheduler.alphas_cumprod[t])
+    return alpha_bar ** 0.5 * x0 + (1.0 - alpha_bar) ** 0.5 * noise, steps
 
 
 def hook_outputs(model: torch.nn.Module, paths: list[str], call) -> dict[str, object]:

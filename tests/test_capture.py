@@ -331,6 +331,24 @@ def test_seeds_differ_and_reproduce(tmp_path, image_folder):
     assert torch.equal(x, stored(again, "blocks.0", 500, 2))
 
 
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "PNDMScheduler"])
+def test_noise_follows_the_training_schedule_whatever_the_sampler(scheduler, tmp_path, sd_dir, image_folder, image_csv):
+    """Sampling schedulers' add_noise index sigmas by inference step (DPMSolver at t=1 gives almost pure
+    noise; Euler returns x0 + sigma * noise): capture must feed sqrt(ab_t) x0 + sqrt(1 - ab_t) noise."""
+    import diffusers
+
+    target = load_target(sd_dir)
+    target.scheduler = getattr(diffusers, scheduler).from_config(target.scheduler.config)
+    out = run(target, FolderSource(image_folder, image_csv), tmp_path / "s", layers=["conv_in"], timesteps=[1, 900], limit=2,
+              pooling="none", dtype="float32")
+    ids, images = folder_images(image_folder, 2)
+    for t in (1, 900):
+        expected = reference(target, images, ids, ["conv_in"], t, 0)["conv_in"]
+        torch.testing.assert_close(stored(out, "conv_in", t)[:, 0], expected, atol=1e-5, rtol=1e-5)
+    clean = reference(target, images, ids, ["conv_in"], 0, 0)["conv_in"]
+    assert float((stored(out, "conv_in", 1)[:, 0] - clean).norm()) < 0.1 * float(clean.norm())
+
+
 def test_timestep_table_and_noise_level(tmp_path, unet2d_dir, image_folder):
     target = load_target(unet2d_dir)
     out = run(target, FolderSource(image_folder), tmp_path / "s", layers=["conv_in"], timesteps=[0, 25, 999, 200],

@@ -68,6 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.set_defaults(func=cmd_store_verify)
 
+    p = sub.add_parser("probe", help="a probe per (layer, t) cell of a store, with splits, controls and CIs")
+    p.add_argument("store", help="activation store directory")
+    p.add_argument("--labels", nargs="+", required=True, help="label columns to probe, e.g. label shape colour")
+    p.add_argument("--layers", nargs="+", default=None, help="layers to probe [every stored layer]")
+    p.add_argument("--timesteps", nargs="+", type=int, default=None, help="timesteps to probe [every stored t]")
+    p.add_argument("--head", choices=["linear", "attentive"], default="linear",
+                   help="linear: logistic regression on pooled features; attentive: a small head on spatial maps")
+    p.add_argument("--split", nargs=3, type=float, default=[0.6, 0.2, 0.2], metavar=("TRAIN", "VAL", "TEST"),
+                   help="image fractions per split [0.6 0.2 0.2]")
+    p.add_argument("--split-column", default=None, help="use this column's train/val/test values as the split")
+    p.add_argument("--l2", nargs="+", type=float, default=None, help="L2 strengths to choose from on validation")
+    p.add_argument("--shuffled-control", action="store_true", help="control: labels shuffled across images")
+    p.add_argument("--random-init-store", default=None,
+                   help="control: the same capture from `diffdissect capture --random-init`")
+    p.add_argument("--drop-missing", action="store_true", help="probe without rows whose label is missing")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs [2000]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (probes.json/.csv, splits.csv, heatmaps, report)")
+    p.set_defaults(func=cmd_probe)
+
     p = sub.add_parser("demo", help="run the main job on the embedded default (the shapes world)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
@@ -97,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_commands.add_parser("world", help="shapes-world generation throughput")
     p.add_argument("--images", type=int, default=50_000)
     p.set_defaults(func=cmd_bench_world)
+    p = bench_commands.add_parser("probe", help="the probe sweep: batched fit vs scikit-learn, passes per (image, t)")
+    p.add_argument("--images", type=int, default=1024, help="shapes-world images to capture [1024]")
+    p.add_argument("--store", default=None, help="use this store instead of capturing the shapes world")
+    p.add_argument("--json", default=None, help="write results to this JSON file")
+    p.set_defaults(func=cmd_bench_probe)
     p = bench_commands.add_parser("capture", help="capture overhead and memory")
     p.add_argument("--sd15", action="store_true", help="also run the full-size SD-1.5 UNet (slow on CPU)")
     p.add_argument("--repeats", type=int, default=3)
@@ -192,16 +217,21 @@ def cmd_store_info(args: argparse.Namespace) -> int:
         return 0
     print(f"store       {args.directory}  ({'complete' if info['complete'] else 'INCOMPLETE: rerun the capture to resume'})")
     print(f"mode        {info['mode']}")
-    print(f"model       {info['model']['source']} ({info['model']['class']}, fingerprint {info['model']['weights_fingerprint']})")
+    model = info["model"]
+    print(f"model       {model.get('source')} ({model.get('class', '-')}, fingerprint {model.get('weights_fingerprint', '-')})")
     print(f"rows        {info['rows']} in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB, dtype {info['dtype']}")
     print(f"skipped     {info['skipped']} unreadable inputs")
     print("timesteps   t (larger = noisier) | alpha_bar | noise std")
     for e in info["timesteps"]:
-        print(f"            {e['t']:>5} | {e['alpha_bar']:.4f} | {e['noise_std']:.4f}")
+        print(f"            {e['t']:>5} | {_maybe(e.get('alpha_bar'))} | {_maybe(e.get('noise_std'))}")
     print("layers")
     for layer, meta in info["layers"].items():
         print(f"            {layer}: {'x'.join(map(str, meta['shape']))}")
     return 0
+
+
+def _maybe(value: float | None) -> str:
+    return "     -" if value is None else f"{value:.4f}"
 
 
 def store_summary(reader) -> dict[str, Any]:
@@ -221,6 +251,28 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
         print(f"BAD {line}")
     print(f"{report.shards_checked} shards checked: " + ("OK" if report.ok else f"{len(report.bad_shards)} bad"))
     return 0 if report.ok else 1
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from diffdissect.probe import ProbeConfig, SplitSpec, probe_section, run_probes, summary_rows, write_probe_outputs
+    from diffdissect.probe.linear import DEFAULT_L2_GRID
+    from diffdissect.report import Report
+
+    config = ProbeConfig(labels=args.labels, layers=args.layers, timesteps=args.timesteps, head=args.head,
+                         split=SplitSpec(*args.split), split_column=args.split_column,
+                         l2_grid=tuple(args.l2 or DEFAULT_L2_GRID), shuffled_control=args.shuffled_control,
+                         random_init_store=args.random_init_store, drop_missing=args.drop_missing,
+                         bootstrap=args.bootstrap, seed=args.seed)
+    results = run_probes(args.store, config)
+    paths = write_probe_outputs(results, args.out)
+    report = Report(f"diffdissect probe: {args.store}")
+    probe_section(report, results)
+    report.write(Path(args.out) / "report.html")
+    for row in summary_rows(results):
+        print(f"{row['label']}: best {row['best_layer']} @ t={row['best_t']}: {row['best_accuracy']:.3f} "
+              f"[{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] (majority class {row['chance_majority']:.3f})")
+    print(f"results: {paths['csv']}, {paths['json']}; report: {Path(args.out) / 'report.html'}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -278,6 +330,15 @@ def cmd_bench_world(args: argparse.Namespace) -> int:
 
     run_world_benchmark(images=args.images)
     return 0
+
+
+def cmd_bench_probe(args: argparse.Namespace) -> int:
+    from diffdissect.bench.probe import run_probe_benchmark
+
+    result = run_probe_benchmark(images=args.images, store=args.store)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0 if all(result["pass"].values()) else 1
 
 
 def cmd_bench_capture(args: argparse.Namespace) -> int:

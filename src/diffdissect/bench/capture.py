@@ -233,7 +233,7 @@ def plain_pass(case: Case) -> float:
     for seed in case.seeds:
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
         for t in case.timesteps:
-            x_t = scheduler.add_noise(latents, noise, torch.full((n,), t, dtype=torch.long))
+            x_t = add_noise(scheduler, latents, noise, t)
             for b in range(0, n, bs):
                 batch = x_t[b:b + bs]
                 unet(batch, torch.full((len(batch),), t, dtype=torch.long),

@@ -55,9 +55,20 @@ def noise_for(input_ids: list[str], seed: int, shape: tuple[int, ...]) -> torch.
 
 
 def add_noise(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise, via the scheduler's own add_noise."""
-    steps = torch.full((x0.shape[0],), t, dtype=torch.long)
-    return scheduler.add_noise(x0, noise.to(x0.device, x0.dtype), steps.to(x0.device))
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise: the forward process the denoiser was trained on.
+
+    Computed from the training schedule's alphas_cumprod, never through `scheduler.add_noise`: sampling
+    schedulers (DPMSolver, Euler, UniPC, ...) index their sigmas by position in the *inference* schedule,
+    which runs from noisy to clean, so their add_noise at a training index t noises at the wrong level
+    (t=1 comes out almost pure noise), and Euler-style ones return the unscaled x0 + sigma * noise.
+    """
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        raise SpecError(f"{type(scheduler).__name__} has no alphas_cumprod (e.g. a flow-matching scheduler); "
+                        "diffdissect needs a DDPM-family scheduler to noise images at a training timestep.")
+    alpha_bar = float(alphas[int(t)])
+    noise = noise.to(x0.device, x0.dtype)
+    return alpha_bar ** 0.5 * x0 + (1.0 - alpha_bar) ** 0.5 * noise
 
 
 def dry_inputs(target: Target, t: int | None = None, batch: int = 1):

@@ -3,6 +3,7 @@ from diffdissect.store.manifest import Manifest, slice_key, parse_slice_key
 from diffdissect.store.writer import StoreWriter
 from diffdissect.store.reader import StoreReader, open_store
 from diffdissect.store.verify import VerifyReport, verify_store
+from diffdissect.store.from_arrays import write_array_store
 
 __all__ = ["Manifest", "slice_key", "parse_slice_key", "StoreWriter", "StoreReader", "open_store",
-           "VerifyReport", "verify_store"]
+           "VerifyReport", "verify_store", "write_array_store"]

@@ -9,7 +9,6 @@ Every rate carries a 95% Wilson interval.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffdissect.stats import wilson
 from diffdissect.toy.build import load_toy_classifier, load_toy_pipeline, load_world
 from diffdissect.toy.classifiers import factor_accuracy, images_to_tensor
 from diffdissect.toy.world import FACTORS, WorldConfig, captions_for, sample_factors
@@ -33,16 +33,6 @@ class EvalConfig:
     guidance_rates: float = 1.0     # no guidance for default rates: guidance sharpens towards the mode
     batch: int = 128
     seed: int = 0
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @torch.no_grad()

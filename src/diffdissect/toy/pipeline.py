@@ -11,6 +11,7 @@ from typing import Any
 
 import diffusers
 import numpy as np
+from diffusers.models.attention_processor import AttnProcessor
 import torch
 import torch.nn.functional as F
 
@@ -56,8 +57,20 @@ def sd_scheduler_config() -> dict[str, Any]:
                 steps_offset=1, prediction_type="epsilon")
 
 
+def check_caption_length(tokenizer, world: WorldConfig, max_tokens: int) -> None:
+    """Refuse a token budget that would truncate the world's longest caption (every factor named)."""
+    longest = {f: np.array([max(range(len(world.values(f))), key=lambda i: len(world.values(f)[i]))])
+               for f in ("shape", "colour", "size", "xpos", "ypos")}
+    caption = captions_for(world, longest, {k: np.ones(1, bool) for k in world.keep})[0]
+    needed = len(tokenizer(caption).input_ids)
+    if needed > max_tokens:
+        raise ValueError(f"max_tokens={max_tokens} truncates the caption {caption!r} ({needed} tokens with "
+                         f"start and end); set the recipe's max_tokens to at least {needed}")
+
+
 def build_untrained(recipe: PipelineRecipe, world: WorldConfig) -> diffusers.StableDiffusionPipeline:
     tokenizer = build_clip_tokenizer(world.vocabulary(), recipe.max_tokens)
+    check_caption_length(tokenizer, world, recipe.max_tokens)
     with seeded(recipe.seed):
         vae = diffusers.AutoencoderKL(
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(recipe.vae_channels),
@@ -127,6 +140,7 @@ def train_unet(pipe: diffusers.StableDiffusionPipeline, latents: torch.Tensor, f
     noise_schedule = diffusers.DDPMScheduler(**sd_scheduler_config())
     params = list(unet.parameters()) + list(text_encoder.parameters())
     unet.train(), text_encoder.train()
+    unet.set_attn_processor(AttnProcessor())  # at head dims of 8-16 on CPU, ~15% faster than SDPA's kernel
     opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=0.01)
     sched = cosine_lr(opt, recipe.unet_steps, warmup=200)
     ema_unet, ema_text = EMA(unet, recipe.ema_decay), EMA(text_encoder, recipe.ema_decay)
@@ -158,6 +172,7 @@ def train_unet(pipe: diffusers.StableDiffusionPipeline, latents: torch.Tensor, f
 
     with seeded(recipe.seed + 2):
         history = run_steps(recipe.unet_steps, step, desc="unet", progress=progress)
+    ema_unet.shadow.set_default_attn_processor()
     pipe.unet, pipe.text_encoder = ema_unet.shadow, ema_text.shadow
     pipe.register_modules(unet=ema_unet.shadow, text_encoder=ema_text.shadow)
     return history

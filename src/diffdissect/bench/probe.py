@@ -1,0 +1,121 @@
+"""`diffdissect bench probe`: the whole layer x timestep probe sweep, batched vs scikit-learn, side by side.
+
+One capture of held-out shapes-world images feeds both. The figures: denoiser rows per (image, t)
+during the capture (target exactly 1: every layer in the same pass), wall time of fitting every
+cell x label with the batched L-BFGS and with a loop of scikit-learn LogisticRegression fits under
+the same protocol (standardise on train, choose L2 on validation cross-entropy, score on test), and
+their per-cell accuracy difference (target within 1 point).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_linear_probes, fit_sklearn_probe
+from diffdissect.probe.labels import encode_labels
+from diffdissect.probe.splits import split_images
+from diffdissect.store import open_store
+from diffdissect.toy.stores import capture_world, world_target
+from diffdissect.toy.world import FACTORS
+
+BENCH_LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+BENCH_TIMESTEPS = [25, 200, 500, 800]
+
+
+def count_denoiser_rows(target_module: torch.nn.Module) -> tuple[list[int], Any]:
+    """A forward pre-hook that records the batch size of every denoiser call."""
+    rows: list[int] = []
+    handle = target_module.register_forward_pre_hook(lambda m, args, kwargs: rows.append(int(
+        (args[0] if args else kwargs["sample"]).shape[0])), with_kwargs=True)
+    return rows, handle
+
+
+def run_probe_benchmark(images: int = 1024, store: str | None = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        forwards = None
+        if store is None:
+            store = str(Path(tmp) / "store")
+            forwards = _capture_counting(store, images)
+        reader = open_store(store)
+        rows = reader.rows()
+        split = split_images(reader.column("input_id"))
+        parts = {name: np.nonzero(split.mask(name))[0] for name in ("train", "val", "test")}
+        labels = [f for f in FACTORS if f in rows[0]] or ["label"]
+        encoded = {name: encode_labels(rows, name) for name in labels}
+        cells = [(l, t) for l in reader.layers for t in reader.timesteps]
+        features = {c: reader.load(*c, format="torch", dtype="float32") for c in cells}
+        features = {c: (x.flatten(2).mean(-1) if x.dim() > 2 else x) for c, x in features.items()}
+
+        start = time.perf_counter()
+        ours = _batched(features, encoded, parts)
+        batched_s = time.perf_counter() - start
+        start = time.perf_counter()
+        theirs = {(c, name): fit_sklearn_probe(*(features[c][parts[p]].numpy() for p in ("train",)),
+                                               enc.y[parts["train"]], features[c][parts["val"]].numpy(),
+                                               enc.y[parts["val"]], features[c][parts["test"]].numpy())
+                  for c in cells for name, enc in encoded.items()}
+        sklearn_s = time.perf_counter() - start
+
+    diffs, same_l2 = [], 0
+    for (cell, name), ref in theirs.items():
+        y_test = encoded[name].y[parts["test"]]
+        ours_acc = float((ours[(cell, name)]["pred"] == y_test).mean())
+        ref_acc = float((ref["test_pred"] == y_test).mean())
+        diffs.append(abs(ours_acc - ref_acc))
+        same_l2 += int(ours[(cell, name)]["chosen"] == ref["chosen"])
+    fits = len(theirs)
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "images": reader.num_rows,
+        "cells": len(cells), "labels": labels, "probes": fits, "l2_grid": list(DEFAULT_L2_GRID),
+        "denoiser_rows_per_image_timestep": forwards,
+        "batched_s": round(batched_s, 2), "sklearn_s": round(sklearn_s, 2), "speedup": round(sklearn_s / batched_s, 2),
+        "max_accuracy_diff": round(max(diffs), 4), "mean_accuracy_diff": round(float(np.mean(diffs)), 4),
+        "same_l2_fraction": round(same_l2 / fits, 3),
+    }
+    result["pass"] = {"one_pass": forwards is None or forwards == 1.0, "faster": result["speedup"] > 1.0,
+                      "within_1_point": result["max_accuracy_diff"] <= 0.01}
+    print(f"probe sweep: {len(cells)} cells x {len(labels)} labels = {fits} probes on {reader.num_rows} images")
+    if forwards is not None:
+        print(f"  capture: {forwards:.3f} denoiser rows per (image, t) for all {len(reader.layers)} layers (target 1)")
+    print(f"  batched {batched_s:.1f} s vs scikit-learn {sklearn_s:.1f} s -> {result['speedup']:.2f}x; per-cell accuracy "
+          f"difference max {result['max_accuracy_diff']:.4f}, mean {result['mean_accuracy_diff']:.4f}; "
+          f"same L2 chosen in {result['same_l2_fraction']:.0%}")
+    return result
+
+
+def _capture_counting(store: str, images: int) -> float:
+    target = world_target()
+    rows, handle = count_denoiser_rows(target.denoiser)
+    try:
+        capture_world(store, images, BENCH_LAYERS, BENCH_TIMESTEPS, pooling="mean", target=target)
+    finally:
+        handle.remove()
+    # the capture's single-sample shape probe runs on the meta device, or else as one extra 1-row call
+    real = sum(rows) - (1 if rows and rows[0] == 1 else 0)
+    return real / (images * len(BENCH_TIMESTEPS))
+
+
+def _batched(features, encoded, parts) -> dict:
+    out = {}
+    by_width: dict[int, list] = {}
+    for cell, x in features.items():
+        by_width.setdefault(x.shape[1], []).append(cell)
+    for cells in by_width.values():
+        x = torch.stack([features[c] for c in cells])
+        for name, enc in encoded.items():
+            y = torch.from_numpy(enc.y)
+            fit = fit_linear_probes(x[:, parts["train"]], y[parts["train"]], x[:, parts["val"]], y[parts["val"]],
+                                    x[:, parts["test"]], len(enc.classes))
+            for k, cell in enumerate(cells):
+                out[(cell, name)] = {"pred": fit.test_pred[k], "chosen": int(fit.chosen[k])}
+    return out

@@ -1,0 +1,124 @@
+"""Probe results as files (JSON, CSV, heatmap PNGs) and as a report section. Nothing here fits anything."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffdissect.report import Report, Section, heatmap
+from diffdissect.store.atomic import atomic_write_bytes
+
+CSV_COLUMNS = ("label", "condition", "head", "layer", "t", "accuracy", "ci_low", "ci_high", "seed_std",
+               "chance_uniform", "chance_majority", "l2", "val_accuracy", "train_accuracy",
+               "n_train_images", "n_val_images", "n_test_images")
+
+
+def grid(results: dict[str, Any], label: str, condition: str = "trained") -> tuple[np.ndarray, list[str], list[int]]:
+    """Accuracy as a (layers x timesteps) array; NaN where a cell was skipped."""
+    layers = list(dict.fromkeys(c[0] for c in results["cells"]))
+    timesteps = list(dict.fromkeys(c[1] for c in results["cells"]))
+    values = np.full((len(layers), len(timesteps)), np.nan)
+    for r in results["results"]:
+        if r["label"] == label and r["condition"] == condition:
+            values[layers.index(r["layer"]), timesteps.index(r["t"])] = r["accuracy"]
+    return values, layers, timesteps
+
+
+def best_cell(results: dict[str, Any], label: str, condition: str = "trained") -> dict[str, Any] | None:
+    rows = [r for r in results["results"] if r["label"] == label and r["condition"] == condition]
+    return max(rows, key=lambda r: r["accuracy"]) if rows else None
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per label: the best trained cell, and the controls at their own best cells."""
+    out = []
+    for label, info in results["labels"].items():
+        best = best_cell(results, label)
+        row = {"label": label, "classes": len(info["classes"]), "best_layer": best["layer"], "best_t": best["t"],
+               "best_accuracy": best["accuracy"], "ci": [best["ci_low"], best["ci_high"]],
+               "chance_majority": best["chance_majority"]}
+        for control in ("shuffled", "random_init"):
+            rows = [r for r in results["results"] if r["label"] == label and r["condition"] == control]
+            if not rows:
+                continue
+            other = max(rows, key=lambda r: r["accuracy"])
+            same = next((r for r in rows if (r["layer"], r["t"]) == (best["layer"], best["t"])), None)
+            row[f"{control}_best_accuracy"] = other["accuracy"]       # max over cells: biased upwards
+            row[f"{control}_best_cell"] = f"{other['layer']} @ t={other['t']}"
+            row[f"{control}_ci"] = [other["ci_low"], other["ci_high"]]
+            row[f"{control}_mean_accuracy"] = float(np.mean([r["accuracy"] for r in rows]))
+            if same:
+                row[f"{control}_at_best_cell"] = same["accuracy"]
+        out.append(row)
+    return out
+
+
+def write_probe_outputs(results: dict[str, Any], out: str | Path) -> dict[str, Path]:
+    """probes.json (everything), probes.csv (one row per label x condition x cell), splits.csv, heatmaps."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "probes.json", "csv": out / "probes.csv", "splits": out / "splits.csv"}
+    atomic_write_bytes(paths["json"], json.dumps({**results, "summary": summary_rows(results)}, indent=1).encode())
+    atomic_write_bytes(paths["csv"], _csv(CSV_COLUMNS, results["results"]))
+    atomic_write_bytes(paths["splits"], _csv(("input_id", "split"), [
+        {"input_id": i, "split": s} for i, s in results["split_by_image"].items()]))
+    for label in results["labels"]:
+        for condition in _conditions(results):
+            paths[f"heatmap_{label}_{condition}"] = out / f"heatmap_{label}_{condition}.png"
+            atomic_write_bytes(paths[f"heatmap_{label}_{condition}"], _heatmap_png(results, label, condition))
+    return paths
+
+
+def probe_section(report: Report, results: dict[str, Any], title: str = "Probes: layers x timesteps") -> Section:
+    s = report.section(title)
+    split = results["split"]
+    s.paragraph(f"A {results['config']['head']} probe per (layer, t) cell, on standardised features; the L2 strength "
+                f"is chosen on the validation split, accuracy is measured once on the test split. Images per split: "
+                f"{split['images']} (split by {split['by']}, every noise seed of an image together). Intervals: 95% "
+                f"bootstrap over test images ({results['config']['bootstrap']} resamples).")
+    rows = []
+    for r in summary_rows(results):
+        rows.append([r["label"], r["classes"], f"{r['best_layer']} @ t={r['best_t']}", _pct(r["best_accuracy"], r["ci"]),
+                     _num(r.get("shuffled_mean_accuracy")), _num(r.get("shuffled_at_best_cell")),
+                     _pct(r.get("random_init_best_accuracy"), r.get("random_init_ci")),
+                     _num(r.get("random_init_at_best_cell")), f"{r['chance_majority']:.3f}"])
+    s.table(["label", "classes", "best cell", "trained [95% CI]", "shuffled: mean over cells", "shuffled: same cell",
+             "random-init: its best cell [95% CI]", "random-init: same cell", "majority class"], rows,
+            "best cell per label, with its controls (a control's best cell is a max over cells, biased upwards)")
+    for label in results["labels"]:
+        for condition in _conditions(results):
+            s.image(_heatmap_png(results, label, condition), f"{label}: test accuracy per cell ({condition})")
+    for item in results.get("skipped", []):
+        s.note(f"skipped {item['condition']} {item['layer']} @ t={item['t']}: {item['reason']}")
+    return s
+
+
+def _heatmap_png(results: dict[str, Any], label: str, condition: str) -> bytes:
+    values, layers, timesteps = grid(results, label, condition)
+    return heatmap(values, layers, [f"t={t}" for t in timesteps], f"{label} ({condition})", vmin=0, vmax=1)
+
+
+def _conditions(results: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(r["condition"] for r in results["results"]))
+
+
+def _pct(value: float | None, ci: list[float] | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _csv(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()

@@ -1,0 +1,234 @@
+"""`diffdissect probe`: a probe for every (layer, timestep) cell of a store, with splits, controls and CIs.
+
+Features are read once from the store (one capture: one denoiser pass per image, seed and t covers
+every layer). Cells with the same feature width are fitted together in one batched run.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from diffdissect.errors import DataError
+from diffdissect.probe.head import fit_attentive_head
+from diffdissect.probe.labels import EncodedLabels, encode_labels
+from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_linear_probes
+from diffdissect.probe.splits import SPLITS, Split, SplitSpec, split_from_column, split_images
+from diffdissect.stats import bootstrap_mean_ci
+from diffdissect.store import StoreReader, open_store
+
+CONDITIONS = ("trained", "shuffled", "random_init")
+
+
+@dataclass
+class ProbeConfig:
+    labels: list[str]
+    layers: list[str] | None = None          # [every stored layer]
+    timesteps: list[int] | None = None       # [every stored t]
+    head: str = "linear"                     # or "attentive" (spatial stores)
+    split: SplitSpec = field(default_factory=SplitSpec)
+    split_column: str | None = None          # a store column with train / val / test instead
+    l2_grid: tuple[float, ...] = DEFAULT_L2_GRID
+    shuffled_control: bool = False
+    random_init_store: str | None = None     # the same capture from a randomly initialised model
+    drop_missing: bool = False
+    bootstrap: int = 2000
+    seed: int = 0
+    max_iter: int = 500
+    batch_mb: float = 1024.0                 # feature memory per batched fit
+
+    def validate(self) -> None:
+        if not self.labels:
+            raise DataError("name at least one label column to probe (--labels shape colour ...)")
+        if self.head not in ("linear", "attentive"):
+            raise DataError(f"head must be 'linear' or 'attentive', not {self.head!r}")
+        if not self.l2_grid or min(self.l2_grid) <= 0:
+            raise DataError(f"the L2 grid must hold positive strengths; got {list(self.l2_grid)}")
+
+
+@dataclass
+class ProbeTask:
+    """One label on one store: its rows, classes and split, ready to fit."""
+
+    labels: EncodedLabels
+    y: np.ndarray                   # (rows,) class per row (shuffled for the shuffled control)
+    split: Split
+    rows: np.ndarray                # indices of rows with a label
+    image_of_row: np.ndarray        # (rows,) image index, for the bootstrap over images
+    seed_of_row: np.ndarray
+
+    def part(self, name: str) -> np.ndarray:
+        return self.rows[self.split.mask(name)[self.rows]]
+
+
+def run_probes(store: str, config: ProbeConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Probe every requested cell for every label (plus the requested controls). Returns plain data."""
+    config.validate()
+    start = time.perf_counter()
+    reader = open_store(store)
+    cells = _cells(reader, config)
+    rows = reader.rows()
+    split = (split_from_column(reader.column("input_id"), reader.column(config.split_column), config.split_column)
+             if config.split_column else split_images(reader.column("input_id"), config.split))
+    tasks = {name: _task(rows, name, split, config) for name in config.labels}
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    conditions: list[tuple[str, StoreReader, dict[str, ProbeTask]]] = [("trained", reader, tasks)]
+    if config.shuffled_control:
+        conditions.append(("shuffled", reader, {n: _shuffled(t, config.seed) for n, t in tasks.items()}))
+    if config.random_init_store:
+        control = open_store(config.random_init_store)
+        conditions.append(("random_init", control, {n: _aligned(t, reader, control) for n, t in tasks.items()}))
+    for condition, source, condition_tasks in conditions:
+        available = [c for c in cells if _has_cell(source, *c)]
+        skipped += [{"condition": condition, "layer": l, "t": t, "reason": "cell not in the control store"}
+                    for l, t in cells if (l, t) not in available]
+        for group, features in _feature_groups(source, available, config):
+            for name, task in condition_tasks.items():
+                for cell, scores in zip(group, _fit(features, task, config)):
+                    results.append({"label": name, "layer": cell[0], "t": cell[1], "condition": condition,
+                                    "head": config.head, **scores})
+            if progress:
+                print(f"  {condition}: fitted {len(group)} cells x {len(condition_tasks)} labels")
+    return {"store": str(store), "config": _config_json(config), "cells": [list(c) for c in cells],
+            "labels": {n: {"classes": t.labels.classes, "missing_rows": t.labels.missing} for n, t in tasks.items()},
+            "split": {"by": config.split_column or "hash", "salt": split.spec.salt, "images": split.counts()},
+            "split_by_image": split.by_image, "results": results, "skipped": skipped,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+def _cells(reader: StoreReader, config: ProbeConfig) -> list[tuple[str, int]]:
+    layers = config.layers or reader.layers
+    timesteps = config.timesteps or reader.timesteps
+    for layer in layers:
+        for t in timesteps:
+            reader.manifest.check_slice(layer, t)      # a missing cell is an error naming what is stored
+    return [(layer, int(t)) for layer in layers for t in timesteps]
+
+
+def _has_cell(reader: StoreReader, layer: str, t: int) -> bool:
+    return layer in reader.layers and t in reader.timesteps
+
+
+def _task(rows: list[dict[str, Any]], name: str, split: Split, config: ProbeConfig) -> ProbeTask:
+    labels = encode_labels(rows, name, drop_missing=config.drop_missing)
+    present = np.nonzero(labels.present)[0]
+    images = {image: k for k, image in enumerate(dict.fromkeys(str(r["input_id"]) for r in rows))}
+    task = ProbeTask(labels, labels.y.copy(), split, present,
+                     np.array([images[str(r["input_id"])] for r in rows]), np.array([r.get("seed", 0) for r in rows]))
+    classes = len(labels.classes)
+    for part in SPLITS:
+        n_images = len(np.unique(task.image_of_row[task.part(part)]))
+        if n_images < classes:
+            raise DataError(f"the {part} split has {n_images} images with a {name!r} label but {name!r} has "
+                            f"{classes} classes; a probe split needs at least one image per class. Capture more "
+                            "images or change the split fractions (--split)")
+    return task
+
+
+def _shuffled(task: ProbeTask, seed: int) -> ProbeTask:
+    """Labels permuted across images (all rows of an image keep one label): the chance control."""
+    n_images = task.image_of_row.max() + 1
+    label_of_image = np.full(n_images, -1)
+    label_of_image[task.image_of_row[task.rows]] = task.y[task.rows]
+    labelled = np.nonzero(label_of_image >= 0)[0]
+    permuted = label_of_image.copy()
+    permuted[labelled] = label_of_image[np.random.default_rng(seed + 7).permutation(labelled)]
+    y = task.y.copy()
+    y[task.rows] = permuted[task.image_of_row[task.rows]]
+    return ProbeTask(task.labels, y, task.split, task.rows, task.image_of_row, task.seed_of_row)
+
+
+def _aligned(task: ProbeTask, reader: StoreReader, control: StoreReader) -> ProbeTask:
+    """The task re-indexed onto a control store's rows, matched by (input id, seed)."""
+    key = lambda r: (str(r["input_id"]), int(r.get("seed", 0)))  # noqa: E731
+    position = {key(r): i for i, r in enumerate(control.rows())}
+    ours = reader.rows()
+    missing = [key(ours[i]) for i in task.rows if key(ours[i]) not in position]
+    if missing:
+        raise DataError(f"the random-init store {control.directory} lacks {len(missing)} of the probed (input, seed) "
+                        f"rows (e.g. {missing[:3]}); capture the same inputs, seeds and --limit with --random-init")
+    n = control.num_rows
+    order = np.array([position[key(ours[i])] for i in task.rows])
+
+    def moved(values: np.ndarray, fill: Any) -> np.ndarray:
+        out = np.full(n, fill, dtype=values.dtype)
+        out[order] = values[task.rows]
+        return out
+
+    split = Split(task.split.spec, task.split.by_image, moved(task.split.row_split, "none"))
+    return ProbeTask(task.labels, moved(task.y, -1), split, np.sort(order), moved(task.image_of_row, -1),
+                     moved(task.seed_of_row, -1))
+
+
+def _feature_groups(reader: StoreReader, cells: list[tuple[str, int]], config: ProbeConfig
+                    ) -> Iterator[tuple[list[tuple[str, int]], torch.Tensor]]:
+    """Yield (cells, features) with features (C, rows, d) pooled, or (C, rows, ch, h, w) for the head."""
+    by_width: dict[tuple[int, ...], list[tuple[str, int]]] = {}
+    for layer, t in cells:
+        shape = reader.shape(layer)
+        width = shape if config.head == "attentive" else shape[:1]
+        by_width.setdefault(tuple(width), []).append((layer, t))
+    for width, group in by_width.items():
+        per_cell_mb = reader.num_rows * int(np.prod(width)) * 4 / 2 ** 20
+        step = max(1, int(config.batch_mb // max(per_cell_mb, 1e-9)))
+        for i in range(0, len(group), step):
+            part = group[i:i + step]
+            blocks = []
+            for layer, t in part:
+                x = reader.load(layer, t, format="torch", dtype="float32")
+                if config.head == "linear" and x.dim() > 2:
+                    x = x.flatten(2).mean(-1)           # spatial maps are mean-pooled for the linear probe
+                blocks.append(x)
+            yield part, torch.stack(blocks)
+
+
+# ---- fitting and scoring -------------------------------------------------------------------------
+def _fit(features: torch.Tensor, task: ProbeTask, config: ProbeConfig) -> list[dict[str, Any]]:
+    train, val, test = (task.part(p) for p in SPLITS)
+    y = torch.from_numpy(task.y)
+    n_classes = len(task.labels.classes)
+    out = []
+    if config.head == "linear":
+        fit = fit_linear_probes(features[:, train], y[train], features[:, val], y[val], features[:, test], n_classes,
+                                l2_grid=config.l2_grid, max_iter=config.max_iter)
+        for c in range(len(features)):
+            out.append({**_score(fit.test_pred[c], task, test, n_classes, config),
+                        "l2": float(fit.chosen_l2[c]), "val_accuracy": float(fit.val_accuracy[c, fit.chosen[c]]),
+                        "train_accuracy": float(fit.train_accuracy[c]), "converged": fit.converged})
+        return out
+    for c in range(len(features)):
+        fit = fit_attentive_head(features[c, train], y[train], features[c, val], y[val], features[c, test], n_classes,
+                                 seed=config.seed)
+        out.append({**_score(fit.test_pred, task, test, n_classes, config), "l2": None,
+                    "val_accuracy": fit.val_accuracy, "train_accuracy": fit.train_accuracy, "best_epoch": fit.best_epoch})
+    return out
+
+
+def _score(pred: np.ndarray, task: ProbeTask, test: np.ndarray, n_classes: int, config: ProbeConfig) -> dict[str, Any]:
+    correct = (np.asarray(pred) == task.y[test]).astype(np.float64)
+    images, inverse = np.unique(task.image_of_row[test], return_inverse=True)
+    per_image = np.bincount(inverse, weights=correct) / np.bincount(inverse)
+    low, high = bootstrap_mean_ci(per_image, resamples=config.bootstrap, seed=config.seed)
+    seeds = task.seed_of_row[test]
+    per_seed = {int(s): float(correct[seeds == s].mean()) for s in np.unique(seeds)}
+    counts = np.bincount(task.y[test], minlength=n_classes)
+    return {"accuracy": float(per_image.mean()), "ci_low": low, "ci_high": high,
+            "seed_accuracy": per_seed, "seed_std": float(np.std(list(per_seed.values()))) if len(per_seed) > 1 else None,
+            "chance_uniform": 1.0 / n_classes, "chance_majority": float(counts.max() / counts.sum()),
+            "n_train_images": _images(task, "train"), "n_val_images": _images(task, "val"),
+            "n_test_images": int(len(images))}
+
+
+def _images(task: ProbeTask, part: str) -> int:
+    return int(len(np.unique(task.image_of_row[task.part(part)])))
+
+
+def _config_json(config: ProbeConfig) -> dict[str, Any]:
+    data = asdict(config)
+    data["l2_grid"] = list(config.l2_grid)
+    return data

@@ -1,0 +1,51 @@
+"""SAE checkpoints: safetensors for tensors, JSON for everything else; written atomically, never pickled."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from diffdissect.errors import StoreError
+from diffdissect.sae.model import SAEConfig, TopKSAE
+from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json
+
+WEIGHTS, STATE, CONFIG = "sae.safetensors", "training_state.safetensors", "config.json"
+
+
+def save_checkpoint(directory: Path, sae: TopKSAE, info: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> None:
+    """Weights (+ training state) first, then config.json: a directory whose config names step s holds step s."""
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(directory / WEIGHTS, save({k: v.detach().contiguous() for k, v in sae.state_dict().items()}))
+    if state is not None:
+        atomic_write_bytes(directory / STATE, save({k: v.contiguous() for k, v in state.items()}))
+    atomic_write_json(directory / CONFIG, {"format": "diffdissect-sae", "format_version": 1,
+                                           "sae": sae.config.to_json(), **info})
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise StoreError(f"{directory} holds no SAE checkpoint ({CONFIG} missing); train one with `diffdissect sae train`")
+    return json.loads(path.read_text())
+
+
+def load_sae(directory: str | Path, *, d_in: int | None = None) -> tuple[TopKSAE, dict[str, Any]]:
+    """The SAE saved in `directory` and its config. `d_in` checks the inputs it will be given."""
+    directory = Path(directory)
+    info = read_config(directory)
+    config = SAEConfig(**info["sae"])
+    if d_in is not None and d_in != config.d_in:
+        raise StoreError(f"the SAE in {directory} takes d_in={config.d_in} inputs but these features have "
+                         f"d_in={d_in}; use the SAE trained on this layer (see its config.json: "
+                         f"{info.get('slice', {})})")
+    sae = TopKSAE(config)
+    sae.load_state_dict(load_file(directory / WEIGHTS))
+    return sae.eval(), info
+
+
+def load_state(directory: Path) -> dict[str, torch.Tensor]:
+    path = Path(directory) / STATE
+    return load_file(path) if path.is_file() else {}

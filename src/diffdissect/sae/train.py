@@ -1,0 +1,232 @@
+"""Training TopK SAEs on store slices: AuxK for dead latents, unit-norm decoder, resumable, NaN-safe.
+
+Loss = FVU + aux_alpha * AuxK, both normalised by the batch's centred variance. AuxK (Gao et al.)
+reconstructs the main reconstruction's residual from the top `k_aux` pre-activations of dead
+latents (no firing for `dead_window` tokens), scaled by min(1, dead / k_aux). The learning rate
+defaults to 2e-4 / sqrt(n_latents / 2^14), the scaling fitted in Gao et al.; Adam with warm-up and a
+linear decay over the last fifth of training.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from diffdissect.errors import DiffdissectError, SpecError, StoreError
+from diffdissect.sae.checkpoint import load_sae, load_state, read_config, save_checkpoint
+from diffdissect.sae.data import SliceData
+from diffdissect.sae.metrics import evaluate
+from diffdissect.sae.model import SAEConfig, TopKSAE
+from diffdissect.store import open_store
+
+
+class NonFiniteTrainingError(DiffdissectError):
+    """NaN or inf in the inputs or the loss; training stopped with the last good checkpoint kept."""
+
+
+@dataclass
+class TrainConfig:
+    layer: str
+    t: int
+    tokens: bool = False                 # every spatial location is a token (else pooled rows)
+    expansion: int | None = 8            # n_latents = expansion * d_in, unless n_latents is given
+    n_latents: int | None = None
+    k: int = 32
+    variant: str = "topk"
+    lr: float | None = None
+    batch_size: int = 4096
+    steps: int | None = None             # or epochs
+    epochs: float | None = None
+    aux_alpha: float = 1 / 32
+    dead_window: int | None = None       # tokens without firing that make a latent dead [min(10M, 1 epoch)]
+    heldout_fraction: float = 0.1
+    normalise: str = "scale"
+    seed: int = 0
+    checkpoint_every: int = 250
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"unknown SAE training options {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def run_name(self) -> str:
+        size = f"n{self.n_latents}" if self.n_latents else f"x{self.expansion}"
+        return f"{self.layer}@t={self.t}-{'tok' if self.tokens else 'pool'}-{self.variant}-k{self.k}-{size}"
+
+
+def sae_config(config: TrainConfig, d_in: int) -> SAEConfig:
+    if config.n_latents is None and not config.expansion:
+        raise SpecError("give n_latents or expansion")
+    n_latents = config.n_latents or config.expansion * d_in
+    return SAEConfig(d_in=d_in, n_latents=n_latents, k=config.k, variant=config.variant, normalise=config.normalise)
+
+
+def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume, or return the finished) SAE for one slice into `out`. Returns its summary."""
+    out = Path(out)
+    reader = open_store(store)
+    if config.layer not in reader.layers or config.t not in reader.timesteps:
+        raise StoreError(f"the store has no slice {config.layer} @ t={config.t}; stored layers: {reader.layers}, "
+                         f"timesteps: {reader.timesteps}")
+    data = SliceData(reader, config.layer, config.t, config.tokens, config.heldout_fraction)
+    sae_cfg = sae_config(config, data.d_in)
+    sae_cfg.validate()
+    batch_size = min(config.batch_size, data.train_tokens)
+    steps = config.steps or max(1, math.ceil((config.epochs or 10) * data.train_tokens / batch_size))
+    dead_window = config.dead_window or min(10_000_000, data.train_tokens)
+    lr = config.lr or 2e-4 / math.sqrt(sae_cfg.n_latents / 2 ** 14)
+    info = {"train": asdict(config), "slice": {"store": str(store), "layer": config.layer, "t": config.t,
+                                                "d_in": data.d_in, "train_tokens": data.train_tokens},
+            "resolved": {"steps": steps, "batch_size": batch_size, "lr": lr, "dead_window": dead_window}}
+
+    sae, state, start = _start_or_resume(out, config, sae_cfg, info, data)
+    if start >= steps and "metrics" in state.get("_info", {}):
+        return state["_info"]
+    optimiser = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+    if start:
+        _restore_optimiser(optimiser, sae, state)
+    since_fired = state.get("since_fired", torch.zeros(sae_cfg.n_latents, dtype=torch.float64))
+    stream = data.batches(batch_size, seed=config.seed)
+    for _ in range(start):
+        next(stream)
+    sae.train()
+    last = {}
+    began = time.perf_counter()
+    with tqdm(total=steps, initial=start, desc=config.run_name(), disable=not progress, unit="step") as bar:
+        for step in range(start, steps):
+            x = next(stream)
+            if not torch.isfinite(x).all():
+                _stop(out, step, "the input batch holds NaN or inf values (check the capture: `diffdissect store verify`)")
+            dead = since_fired >= dead_window
+            loss, fvu, auxk, codes = _loss(sae, x, dead if dead.any() else None, config.aux_alpha)
+            if not torch.isfinite(loss):
+                _stop(out, step, f"the loss became {float(loss.detach())} (lower the learning rate, now {lr:.2e})")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.remove_parallel_gradient()
+            for group in optimiser.param_groups:
+                group["lr"] = lr * _lr_factor(step, steps)
+            optimiser.step()
+            sae.normalise_decoder()
+            active = codes.indices[codes.values > 0]
+            since_fired += len(x)
+            since_fired[active] = 0
+            if sae_cfg.variant == "batchtopk":
+                _update_threshold(sae, codes)
+            last = {"fvu": float(fvu), "l0": float((codes.values > 0).sum(1).float().mean()),
+                    "dead": float(dead.double().mean()), "auxk": float(auxk)}
+            bar.set_postfix(fvu=f"{last['fvu']:.3f}", l0=f"{last['l0']:.1f}", dead=f"{100 * last['dead']:.1f}%")
+            bar.update(1)
+            done = step + 1
+            if done % config.checkpoint_every == 0 or done == steps:
+                _checkpoint(out, sae, optimiser, since_fired, {**info, "step": done, "last_batch": last})
+    seconds = time.perf_counter() - began
+    heldout = data.heldout()
+    metrics = evaluate(sae, heldout)
+    metrics["heldout_unfired_fraction"] = metrics.pop("dead_fraction")
+    metrics["dead_fraction"] = float((since_fired >= dead_window).double().mean())   # the training window's view
+    summary = {**info, "step": steps, "last_batch": last,
+               "metrics": {k: v for k, v in metrics.items() if k != "frequency"},
+               "train_seconds": round(seconds, 2), "tokens_per_s": round((steps - start) * batch_size / max(seconds, 1e-9))}
+    _checkpoint(out, sae, optimiser, since_fired, summary, frequency=torch.tensor(metrics["frequency"]))
+    return summary
+
+
+def train_saes(store: str | Path, configs: list[TrainConfig], out: str | Path, *, progress: bool = True) -> list[dict]:
+    """A sweep: each config trains into out/<run name>."""
+    names = [c.run_name() for c in configs]
+    if len(set(names)) != len(names):
+        raise SpecError(f"two runs of the sweep share a name: {names}")
+    return [train_sae(store, c, Path(out) / c.run_name(), progress=progress) for c in configs]
+
+
+# ---- internals --------------------------------------------------------------------------------------
+def _loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, aux_alpha: float):
+    codes, aux = sae.encode(x, aux_mask=dead)
+    x_hat = sae.decode(codes)
+    scale = sae.input_scale
+    total = ((x - x.mean(0)) * scale).pow(2).sum().clamp_min(1e-12)
+    error = (x_hat - x) * scale
+    fvu = error.pow(2).sum() / total
+    auxk = torch.zeros(())
+    if aux is not None:
+        e_hat = sae.decode(aux, bias=False) * scale
+        weight = min(1.0, float(dead.sum()) / sae.config.aux_k)
+        auxk = weight * (e_hat + error.detach()).pow(2).sum() / total      # e_hat should predict -error = x - x_hat
+    return fvu + aux_alpha * auxk, fvu.detach(), auxk.detach(), codes
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    warmup = max(1, min(1000, steps // 20))
+    decay_from = int(steps * 0.8)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= decay_from:
+        return max(0.0, (steps - step) / max(1, steps - decay_from))
+    return 1.0
+
+
+@torch.no_grad()
+def _update_threshold(sae: TopKSAE, codes) -> None:
+    kept = codes.values[codes.values > 0]
+    if kept.numel():
+        sae.threshold.mul_(0.99).add_(0.01 * kept.min())
+
+
+def _start_or_resume(out: Path, config: TrainConfig, sae_cfg: SAEConfig, info: dict, data: SliceData):
+    if (out / "config.json").is_file():
+        saved = read_config(out)
+        differ = [k for k in asdict(config) if saved.get("train", {}).get(k) != asdict(config)[k]]
+        if differ or saved.get("sae") != sae_cfg.to_json():
+            raise SpecError(f"{out} holds an SAE trained with other settings ({', '.join(differ) or 'sae'} differ); "
+                            "use another --out or delete it to start over")
+        sae, _ = load_sae(out, d_in=data.d_in)
+        state = dict(load_state(out))
+        state["_info"] = saved
+        return sae, state, int(saved.get("step", 0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        sae = TopKSAE(sae_cfg)
+    sample = data.sample(min(data.train_tokens, 16384))
+    bad = int((~torch.isfinite(sample).all(1)).sum())
+    if bad:
+        raise NonFiniteTrainingError(f"training stopped at step 0 (initialisation): {bad} of {len(sample)} sampled "
+                                     f"{config.layer} @ t={config.t} inputs hold NaN or inf; check the capture with "
+                                     "`diffdissect store verify`; no checkpoint was written yet")
+    sae.initialise_from(sample)
+    return sae, {}, 0
+
+
+def _checkpoint(out: Path, sae: TopKSAE, optimiser: torch.optim.Optimizer, since_fired: torch.Tensor,
+                info: dict, frequency: torch.Tensor | None = None) -> None:
+    if not all(torch.isfinite(p).all() for p in sae.parameters()):
+        _stop(out, info.get("step", 0), "the weights became NaN or inf after an update")
+    state = {"since_fired": since_fired.clone()}
+    names = {id(p): n for n, p in sae.named_parameters()}
+    for p, values in optimiser.state.items():
+        for key, value in values.items():
+            state[f"adam.{names[id(p)]}.{key}"] = torch.as_tensor(value).clone()
+    if frequency is not None:
+        state["heldout_frequency"] = frequency
+    save_checkpoint(out, sae, info, state)
+
+
+def _restore_optimiser(optimiser: torch.optim.Optimizer, sae: TopKSAE, state: dict[str, torch.Tensor]) -> None:
+    for name, p in sae.named_parameters():
+        entries = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.startswith(f"adam.{name}.")}
+        if entries:
+            optimiser.state[p] = entries
+
+
+def _stop(out: Path, step: int, why: str) -> None:
+    kept = read_config(out).get("step") if (out / "config.json").is_file() else None
+    where = f"the last good checkpoint (step {kept}) is kept in {out}" if kept is not None else "no checkpoint was written yet"
+    raise NonFiniteTrainingError(f"training stopped at step {step}: {why}; {where}")

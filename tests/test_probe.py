@@ -1,0 +1,212 @@
+"""Probes: the batched fit against scikit-learn, splits, statistics, controls and every bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffdissect.cli import main
+from diffdissect.errors import DataError, StoreError
+from diffdissect.probe import ProbeConfig, SplitSpec, fit_linear_probes, fit_sklearn_probe, run_probes, split_images
+from diffdissect.probe.head import fit_attentive_head
+from diffdissect.stats import bootstrap_mean_ci
+from diffdissect.store import write_array_store
+
+CLASSES = 4
+
+
+def synthetic(n_images: int = 240, d: int = 12, seeds: int = 1, signal: float = 3.0, rng_seed: int = 0,
+              informative: bool = True):
+    """A store-shaped dataset: cell ("enc", 10) encodes the label linearly, ("enc", 90) is pure noise."""
+    rng = np.random.default_rng(rng_seed)
+    labels = rng.integers(0, CLASSES, n_images)
+    rows, good, noise = [], [], []
+    directions = rng.normal(size=(CLASSES, d))
+    for i in range(n_images):
+        for s in range(seeds):
+            rows.append({"input_id": f"img{i:04d}", "seed": s, "label": f"class{labels[i]}",
+                         "colour": ["red", "blue"][i % 2], "constant": "same"})
+            good.append(directions[labels[i]] * (signal if informative else 0) + rng.normal(size=d))
+            noise.append(rng.normal(size=d))
+    features = {("enc", 10): np.array(good, np.float32), ("enc", 90): np.array(noise, np.float32)}
+    return features, rows
+
+
+@pytest.fixture
+def store(tmp_path):
+    features, rows = synthetic(seeds=2)
+    write_array_store(tmp_path / "store", features, rows, shard_rows=100)
+    return tmp_path / "store"
+
+
+# ---- the maths ------------------------------------------------------------------------------------
+def test_batched_fit_matches_sklearn_per_cell():
+    rng = np.random.default_rng(1)
+    cells, n, d = 4, 300, 10
+    y = rng.integers(0, 3, n)
+    x = rng.normal(size=(cells, n, d)).astype(np.float32)
+    for c in range(cells):                        # cells from hopeless to easy
+        x[c, :, :3] += c * 0.8 * np.eye(3)[y]
+    tr, va, te = slice(0, 180), slice(180, 240), slice(240, 300)
+    grid = (1e-3, 1e-2, 1e-1, 1.0)
+    fit = fit_linear_probes(torch.from_numpy(x[:, tr]), torch.from_numpy(y[tr]), torch.from_numpy(x[:, va]),
+                            torch.from_numpy(y[va]), torch.from_numpy(x[:, te]), 3, l2_grid=grid)
+    assert fit.converged
+    for c in range(cells):
+        ref = fit_sklearn_probe(x[c, tr], y[tr], x[c, va], y[va], x[c, te], l2_grid=grid)
+        assert fit.chosen[c] == ref["chosen"]
+        ours, theirs = (fit.test_pred[c] == y[te]).mean(), (ref["test_pred"] == y[te]).mean()
+        assert abs(ours - theirs) <= 0.01, (c, ours, theirs)
+    accuracy = (fit.test_pred == y[te]).mean(1)
+    assert accuracy[0] < 0.5 < 0.9 < accuracy[-1]           # the planted signal is what is found
+
+
+def test_l2_selection_prefers_strong_penalty_on_noise():
+    rng = np.random.default_rng(2)
+    x, y = torch.from_numpy(rng.normal(size=(1, 200, 40)).astype(np.float32)), torch.from_numpy(rng.integers(0, 2, 200))
+    fit = fit_linear_probes(x[:, :120], y[:120], x[:, 120:160], y[120:160], x[:, 160:], 2, l2_grid=(1e-4, 1e-2, 10.0))
+    assert fit.chosen_l2[0] == 10.0            # fitting noise only raises validation loss
+
+
+def test_bootstrap_ci_known_answers():
+    assert bootstrap_mean_ci(np.ones(50)) == (1.0, 1.0)
+    values = np.random.default_rng(0).random(2000) < 0.3
+    low, high = bootstrap_mean_ci(values)
+    assert low < 0.3 < high and high - low < 0.05
+    small_low, small_high = bootstrap_mean_ci(values[:100])
+    assert small_high - small_low > high - low            # fewer images, wider interval
+
+
+def test_split_is_by_image_deterministic_and_order_free():
+    ids = [f"im{i}" for i in range(100) for _ in range(3)]          # 3 seeds per image
+    split = split_images(ids, SplitSpec(0.6, 0.2, 0.2))
+    assert split.counts() == {"train": 60, "val": 20, "test": 20}
+    for i in range(100):
+        assert len(set(split.row_split[3 * i:3 * i + 3])) == 1      # seeds of an image stay together
+    reordered = split_images(list(reversed(ids)))
+    assert reordered.by_image == split.by_image
+    other_salt = split_images(ids, SplitSpec(salt="other"))
+    assert other_salt.by_image != split.by_image
+
+
+def test_attentive_head_reads_where_pooling_cannot():
+    """The label is where a blob sits: mean pooling erases it, the attentive head finds it."""
+    rng = np.random.default_rng(3)
+    n = 360
+    y = rng.integers(0, 2, n)
+    maps = rng.normal(size=(n, 4, 6, 6)).astype(np.float32) * 0.3
+    maps[y == 0, :, 1, 1] += 3.0
+    maps[y == 1, :, 4, 4] += 3.0
+    x, yt = torch.from_numpy(maps), torch.from_numpy(y)
+    fit = fit_attentive_head(x[:240], yt[:240], x[240:300], yt[240:300], x[300:], 2, width=16)
+    assert (fit.test_pred == y[300:]).mean() >= 0.95
+    pooled = x.flatten(2).mean(-1)[None]
+    linear = fit_linear_probes(pooled[:, :240], yt[:240], pooled[:, 240:300], yt[240:300], pooled[:, 300:], 2)
+    assert (linear.test_pred[0] == y[300:]).mean() < 0.75
+
+
+# ---- the whole run, with controls ------------------------------------------------------------------
+def test_run_finds_the_planted_cell_and_controls_fall_to_chance(store, tmp_path):
+    features, rows = synthetic(seeds=2, informative=False)      # same images, a model that learnt nothing
+    write_array_store(tmp_path / "random", features, rows, shard_rows=100)
+    config = ProbeConfig(labels=["label"], shuffled_control=True, random_init_store=str(tmp_path / "random"),
+                         bootstrap=500)
+    results = run_probes(str(store), config, progress=False)
+    by = {(r["condition"], r["t"]): r for r in results["results"]}
+    trained, noise = by[("trained", 10)], by[("trained", 90)]
+    assert trained["accuracy"] > 0.9 and trained["ci_low"] <= trained["accuracy"] <= trained["ci_high"]
+    assert noise["accuracy"] < 0.45                           # chance is 0.25
+    assert by[("shuffled", 10)]["accuracy"] < 0.45
+    assert by[("random_init", 10)]["accuracy"] < 0.45
+    assert set(trained["seed_accuracy"]) == {0, 1} and trained["seed_std"] is not None
+    assert results["split"]["images"] == {"train": 144, "val": 48, "test": 48}
+    assert trained["n_test_images"] == 48
+
+
+def test_probe_cli_writes_tables_heatmaps_and_report(store, tmp_path, capsys):
+    out = tmp_path / "probe"
+    assert main(["probe", str(store), "--labels", "label", "colour", "--timesteps", "10", "--bootstrap", "200",
+                 "--shuffled-control", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "label: best enc @ t=10" in printed
+    data = json.loads((out / "probes.json").read_text())
+    assert {r["condition"] for r in data["results"]} == {"trained", "shuffled"}
+    assert (out / "probes.csv").read_text().count("\n") == 1 + 2 * 2      # header + labels x conditions x 1 cell
+    assert (out / "heatmap_label_trained.png").read_bytes()[:4] == b"\x89PNG"
+    assert "shuffled" in (out / "report.html").read_text()
+    assert len((out / "splits.csv").read_text().splitlines()) == 1 + 240
+
+
+def test_split_column_is_used_when_given(tmp_path):
+    features, rows = synthetic(n_images=80)
+    for k, r in enumerate(rows):
+        r["fold"] = ["train", "train", "validation", "test"][k % 4]
+    write_array_store(tmp_path / "s", features, rows)
+    results = run_probes(str(tmp_path / "s"), ProbeConfig(labels=["label"], split_column="fold", bootstrap=100),
+                         progress=False)
+    assert results["split"]["images"] == {"train": 40, "val": 20, "test": 20}
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+def test_label_column_with_one_class_is_refused(store):
+    with pytest.raises(DataError, match="'constant' has 1 class"):
+        run_probes(str(store), ProbeConfig(labels=["constant"]), progress=False)
+
+
+def test_unknown_label_column_names_the_columns(store):
+    with pytest.raises(DataError, match="no label column 'shape'.*'label'"):
+        run_probes(str(store), ProbeConfig(labels=["shape"]), progress=False)
+
+
+def test_missing_label_values_are_refused_or_dropped(tmp_path):
+    features, rows = synthetic()
+    for r in rows[:7]:
+        r["label"] = None
+    rows[7]["label"] = ""
+    write_array_store(tmp_path / "s", features, rows)
+    with pytest.raises(DataError, match="missing a value in 8 of 240 rows.*--drop-missing"):
+        run_probes(str(tmp_path / "s"), ProbeConfig(labels=["label"]), progress=False)
+    results = run_probes(str(tmp_path / "s"), ProbeConfig(labels=["label"], drop_missing=True, bootstrap=100),
+                         progress=False)
+    assert results["labels"]["label"]["missing_rows"] == 8
+    r = results["results"][0]
+    assert r["n_train_images"] + r["n_val_images"] + r["n_test_images"] == 232
+
+
+def test_split_smaller_than_the_class_count_is_refused(tmp_path):
+    features, rows = synthetic(n_images=12)
+    write_array_store(tmp_path / "s", features, rows)
+    with pytest.raises(DataError, match=r"the val split has \d images .* 4 classes"):
+        run_probes(str(tmp_path / "s"), ProbeConfig(labels=["label"], split=SplitSpec(0.8, 0.1, 0.1)), progress=False)
+
+
+def test_missing_cell_is_an_error_naming_what_is_stored(store):
+    with pytest.raises(StoreError, match="timestep t=50 is not in this store; stored timesteps: \\[10, 90\\]"):
+        run_probes(str(store), ProbeConfig(labels=["label"], timesteps=[50]), progress=False)
+    with pytest.raises(StoreError, match="layer 'dec' is not in this store"):
+        run_probes(str(store), ProbeConfig(labels=["label"], layers=["dec"]), progress=False)
+
+
+def test_control_store_missing_a_cell_is_a_recorded_skip(store, tmp_path):
+    features, rows = synthetic(seeds=2, informative=False)
+    del features[("enc", 90)]
+    write_array_store(tmp_path / "random", features, rows)
+    results = run_probes(str(store), ProbeConfig(labels=["label"], random_init_store=str(tmp_path / "random"),
+                                                 bootstrap=100), progress=False)
+    assert results["skipped"] == [{"condition": "random_init", "layer": "enc", "t": 90,
+                                   "reason": "cell not in the control store"}]
+    assert {(r["condition"], r["t"]) for r in results["results"]} == {("trained", 10), ("trained", 90), ("random_init", 10)}
+
+
+def test_control_store_of_other_inputs_is_refused(store, tmp_path):
+    features, rows = synthetic(n_images=100, seeds=2)
+    write_array_store(tmp_path / "other", features, rows)
+    with pytest.raises(DataError, match="lacks .* rows .*capture the same inputs"):
+        run_probes(str(store), ProbeConfig(labels=["label"], random_init_store=str(tmp_path / "other")), progress=False)
+
+
+def test_bad_split_fractions_are_refused(store):
+    with pytest.raises(DataError, match="sum to 1"):
+        run_probes(str(store), ProbeConfig(labels=["label"], split=SplitSpec(0.5, 0.2, 0.2)), progress=False)
