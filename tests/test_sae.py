@@ -7,7 +7,7 @@ import torch
 
 from diffdissect.errors import SpecError, StoreError
 from diffdissect.sae import NonFiniteTrainingError, SAEConfig, TopKSAE, TrainConfig, evaluate, load_sae, train_sae
-from diffdissect.sae.train import _loss
+from diffdissect.sae.train import sae_loss
 from diffdissect.store import write_array_store
 
 
@@ -65,7 +65,7 @@ def test_sparse_encoder_gradients_equal_dense_autograd():
 def test_decoder_rows_stay_unit_norm_and_lose_parallel_gradient(sae_store):
     sae = small_sae()
     x = torch.from_numpy(planted_features())
-    loss, *_ = _loss(sae, x, None, 0.0)
+    loss, *_ = sae_loss(sae, x, None, 0.0)
     loss.backward()
     sae.remove_parallel_gradient()
     assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-6
@@ -89,7 +89,7 @@ def test_auxk_revives_planted_dead_latents():
         dead = torch.zeros(64, dtype=torch.bool)
         dead[:16] = True
         for _ in range(150):
-            loss, *_ = _loss(sae, x, dead, alpha)
+            loss, *_ = sae_loss(sae, x, dead, alpha)
             optimiser.zero_grad()
             loss.backward()
             sae.remove_parallel_gradient()
@@ -196,7 +196,7 @@ def test_nan_in_the_store_is_refused_before_training(tmp_path):
 def test_nan_mid_training_stops_and_keeps_the_last_good_checkpoint(sae_store, monkeypatch, poison):
     from diffdissect.sae import data as sae_data
     from diffdissect.sae import train as sae_train
-    original_batches, original_loss = sae_data.SliceData.batches, sae_train._loss
+    original_batches, original_loss = sae_data.SliceData.batches, sae_train.sae_loss
 
     def batches(self, *args, **kwargs):
         for i, batch in enumerate(original_batches(self, *args, **kwargs)):
@@ -212,7 +212,7 @@ def test_nan_mid_training_stops_and_keeps_the_last_good_checkpoint(sae_store, mo
     if poison == "input":
         monkeypatch.setattr(sae_data.SliceData, "batches", batches)
     else:
-        monkeypatch.setattr(sae_train, "_loss", loss)
+        monkeypatch.setattr(sae_train, "sae_loss", loss)
     config = TrainConfig(layer="pooled", t=10, k=4, n_latents=64, batch_size=50, steps=30, checkpoint_every=5)
     why = "input batch holds NaN" if poison == "input" else "loss became nan"
     with pytest.raises(NonFiniteTrainingError, match=rf"stopped at step 7: the {why}.*checkpoint \(step 5\) is kept"):
@@ -234,3 +234,45 @@ def test_resuming_with_other_settings_is_refused(sae_store):
     with pytest.raises(SpecError, match="other settings \\(k differ"):
         train_sae(sae_store / "store", TrainConfig(layer="pooled", t=10, k=8, n_latents=64, batch_size=100, steps=5),
                   sae_store / "run", progress=False)
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+def test_cli_sweep_trains_every_combination_and_writes_features(sae_store, tmp_path, capsys):
+    import json
+
+    from diffdissect.cli import main
+
+    config = tmp_path / "sweep.json"
+    config.write_text(json.dumps({"layers": ["pooled"], "timesteps": [10, 90], "n_latents": 32, "batch_size": 100}))
+    assert main(["sae", "train", str(sae_store / "store"), "--config", str(config), "--k", "2", "4", "--steps", "20",
+                 "--out", str(tmp_path / "runs"), "--quiet"]) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["pooled@t=10-pool-topk-k2-n32", "pooled@t=10-pool-topk-k4-n32",
+                    "pooled@t=90-pool-topk-k2-n32", "pooled@t=90-pool-topk-k4-n32"]
+    assert "held-out FVU" in capsys.readouterr().out
+    assert main(["sae", "features", str(tmp_path / "runs" / runs[0]), "--top", "5"]) == 0
+    features = json.loads((tmp_path / "runs" / runs[0] / "features.json").read_text())
+    assert len(features["latents"]) == 32 and features["top_n"] == 5
+    assert (tmp_path / "runs" / runs[0] / "browser.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_cli_sweep_without_layers_is_refused(sae_store, tmp_path, capsys):
+    from diffdissect.cli import main
+
+    assert main(["sae", "train", str(sae_store / "store"), "--timesteps", "10", "--out", str(tmp_path / "r")]) == 2
+    assert "no layers given" in capsys.readouterr().err
+
+
+def test_purity_and_auroc_known_answers():
+    from diffdissect.sae.features import auroc_table, purity, random_purity, revelio_sigma
+
+    assert purity(["a", "a", "a", "a"]) == {"entropy": 0.0, "majority": 1.0, "majority_label": "a"}
+    mixed = purity(["a", "b", "c", "d"])
+    assert mixed["entropy"] == pytest.approx(2.0) and mixed["majority"] == 0.25
+    assert revelio_sigma(np.array([0, 0, 2, 2])) == pytest.approx(1.0)
+    labels = np.array(["x"] * 50 + ["y"] * 50)
+    baseline = random_purity(labels, 10, draws=300)
+    assert 0.5 <= baseline["majority_mean"] < 0.8 and baseline["entropy_mean"] > 0.7
+    scores = np.stack([np.r_[np.ones(50), np.zeros(50)], np.r_[np.zeros(50), np.ones(50)], np.zeros(100)], 1)
+    table = auroc_table(scores, labels)
+    assert table["x"].tolist() == [1.0, 0.0, 0.5] and table["y"].tolist() == [0.0, 1.0, 0.5]

@@ -88,9 +88,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (probes.json/.csv, splits.csv, heatmaps, report)")
     p.set_defaults(func=cmd_probe)
 
+    sae = sub.add_parser("sae", help="k-sparse autoencoders on store slices").add_subparsers(dest="sae_command")
+    p = sae.add_parser("train", help="train TopK SAEs: every combination of --layers x --timesteps x --k x --expansion")
+    p.add_argument("store", help="activation store directory")
+    p.add_argument("--config", default=None, help="JSON file of training options (flags given here override it)")
+    p.add_argument("--layers", nargs="+", default=None, help="layers [from --config]")
+    p.add_argument("--timesteps", nargs="+", type=int, default=None, help="timesteps [from --config]")
+    p.add_argument("--k", nargs="+", type=int, default=None, help="active latents per token [32]")
+    p.add_argument("--expansion", nargs="+", type=int, default=None, help="n_latents = expansion x d_in [8]")
+    p.add_argument("--n-latents", type=int, default=None, help="dictionary size (instead of --expansion)")
+    p.add_argument("--variant", choices=["topk", "batchtopk"], default=None)
+    p.add_argument("--tokens", action="store_true", default=None,
+                   help="every spatial location is a token (needs a --pooling none capture)")
+    p.add_argument("--lr", type=float, default=None, help="[2e-4 / sqrt(n_latents / 2^14)]")
+    p.add_argument("--batch-size", type=int, default=None, help="tokens per step [4096]")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--epochs", type=float, default=None, help="passes over the training tokens [10]")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", required=True, help="runs directory: one sub-directory per SAE (resumed if present)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sae_train)
+    p = sae.add_parser("features", help="what each latent responds to; writes features.json and a browser page")
+    p.add_argument("sae", help="an SAE directory written by `sae train`")
+    p.add_argument("--store", default=None, help="the store it was trained on [the one in its config]")
+    p.add_argument("--labels", nargs="*", default=None, help="label columns for purity and AUROC [all]")
+    p.add_argument("--top", type=int, default=16, help="top images per latent [16]")
+    p.add_argument("--images", default=None, help="image folder of the capture (for thumbnails) [from the manifest]")
+    p.add_argument("--out", default=None, help="output directory [the SAE directory]")
+    p.set_defaults(func=cmd_sae_features)
+
     p = sub.add_parser("demo", help="run the main job on the embedded default (the shapes world)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
+    p.add_argument("--images", type=int, default=1024, help="held-out world images to capture [1024]")
+    p.add_argument("--sae-epochs", type=float, default=30.0, help="SAE training epochs [30]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     toy = sub.add_parser("toy", help="the shapes world: build and evaluate its models").add_subparsers(dest="toy_command")
@@ -122,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="use this store instead of capturing the shapes world")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_probe)
+    p = bench_commands.add_parser("sae", help="SAE training throughput vs EleutherAI sparsify, side by side")
+    p.add_argument("--d-in", type=int, default=512)
+    p.add_argument("--expansion", type=int, default=16)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=8, help="steps per timed round [8]")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-install", action="store_true", help="do not pip-install the peer if it is missing")
+    p.add_argument("--json", default=None, help="write results to this JSON file")
+    p.set_defaults(func=cmd_bench_sae)
     p = bench_commands.add_parser("capture", help="capture overhead and memory")
     p.add_argument("--sd15", action="store_true", help="also run the full-size SD-1.5 UNet (slow on CPU)")
     p.add_argument("--repeats", type=int, default=3)
@@ -275,10 +317,37 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from diffdissect.demo import run_demo
+def cmd_sae_train(args: argparse.Namespace) -> int:
+    from diffdissect.sae.sweep import sweep_configs
+    from diffdissect.sae import train_saes
 
-    run_demo(Path(args.out), weights=Path(args.weights) if args.weights else None)
+    flags = {"layer": args.layers, "t": args.timesteps, "k": args.k, "expansion": args.expansion,
+             "n_latents": args.n_latents, "variant": args.variant, "tokens": args.tokens, "lr": args.lr,
+             "batch_size": args.batch_size, "steps": args.steps, "epochs": args.epochs, "seed": args.seed}
+    file_options = json.loads(Path(args.config).read_text()) if args.config else {}
+    summaries = train_saes(args.store, sweep_configs(file_options, flags), args.out, progress=not args.quiet)
+    for s in summaries:
+        m = s["metrics"]
+        print(f"{Path(args.out) / s['name']}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {100 * m['dead_fraction']:.1f}% "
+              f"({s['tokens_per_s']:,} tokens/s)")
+    return 0
+
+
+def cmd_sae_features(args: argparse.Namespace) -> int:
+    from diffdissect.sae.report import write_feature_outputs
+
+    paths = write_feature_outputs(args.sae, store=args.store, labels=args.labels, top_n=args.top,
+                                  images=args.images, out=args.out)
+    print(f"features: {paths['json']}\nbrowser: {paths['browser']} (open it in a web browser; no server needed)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from diffdissect.demo import DemoConfig, run_demo
+
+    config = DemoConfig(images=args.images, sae_epochs=args.sae_epochs)
+    run_demo(Path(args.out), weights=Path(args.weights) if args.weights else None, config=config,
+             progress=not args.quiet)
     return 0
 
 
@@ -336,6 +405,16 @@ def cmd_bench_probe(args: argparse.Namespace) -> int:
     from diffdissect.bench.probe import run_probe_benchmark
 
     result = run_probe_benchmark(images=args.images, store=args.store)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0 if all(result["pass"].values()) else 1
+
+
+def cmd_bench_sae(args: argparse.Namespace) -> int:
+    from diffdissect.bench.sae import run_sae_benchmark
+
+    result = run_sae_benchmark(d_in=args.d_in, expansion=args.expansion, k=args.k, batch=args.batch, steps=args.steps,
+                               rounds=args.rounds, install=not args.no_install)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0 if all(result["pass"].values()) else 1

@@ -1,73 +1,135 @@
 """`diffdissect demo`: the main job on the embedded default (the shapes world), no arguments, no network.
 
-It loads the committed toy pipeline, captures a few layers x timesteps over held-out world images
-through the same path `diffdissect capture` takes, and writes `report.html` and `results.json`
-with a section for each analysis that exists.
+It loads the committed toy pipeline and captures held-out world images (every layer and timestep in
+one pass per image and t), then runs every analysis on that one capture, each checked against the
+world's planted truth: probes per (layer, t) with shuffled-label and random-init controls, and TopK
+SAEs with their feature browsers. It writes `report.html` and `results.json`.
 """
 from __future__ import annotations
 
 import json
-import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffdissect.capture import CaptureSpec, capture
-from diffdissect.data import ArraySource
 from diffdissect.models import load_target
-from diffdissect.report import Report, heatmap, image_grid
+from diffdissect.probe import ProbeConfig, probe_section, run_probes, summary_rows, write_probe_outputs
+from diffdissect.report import Report, image_grid
+from diffdissect.sae import TrainConfig, train_sae
+from diffdissect.sae.report import sae_section, write_feature_outputs
 from diffdissect.store import open_store, verify_store
 from diffdissect.toy.build import check_weights, load_world, pipeline_dir
-from diffdissect.toy.world import FACTORS, WorldConfig, full_caption, sample_world
+from diffdissect.toy.stores import HELD_OUT_SEED, capture_world, world_source
+from diffdissect.toy.world import FACTORS, WorldConfig
 
 DEMO_LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
-DEMO_TIMESTEPS = [100, 400, 700]
-DEMO_IMAGES = 256
-HELD_OUT_SEED = 123_456_789          # no build step draws from this seed
+DEMO_TIMESTEPS = [25, 200, 500, 800]
 DEMO_PROMPTS = ["a red circle", "a large blue square at the top left", "a small yellow triangle at the bottom right",
                 "a green cross", "a square", "a triangle", "a circle", "a cross"]
+__all__ = ["DemoConfig", "HELD_OUT_SEED", "run_demo"]
 
 
-def run_demo(out: Path, *, weights: Path | None = None, progress: bool = True) -> dict[str, Any]:
+@dataclass
+class DemoConfig:
+    images: int = 1024
+    sae_layers: list[str] = field(default_factory=lambda: ["mid_block", "up_blocks.0"])
+    sae_timesteps: list[int] = field(default_factory=lambda: [25, 200])
+    sae_k: int = 16
+    sae_expansion: int = 8
+    sae_epochs: float = 30.0
+    sae_batch: int = 1024
+
+
+def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    config = config or DemoConfig()
     start = time.perf_counter()
     weights = check_weights(weights)
     world = load_world(weights)
     out.mkdir(parents=True, exist_ok=True)
     target = load_target(str(pipeline_dir(weights)))
     print(f"shapes world: pipeline {pipeline_dir(weights)} ({sum(p.numel() for p in target.denoiser.parameters()):,} UNet parameters)")
+    source, batch = world_source(config.images, weights=weights)
 
-    batch = sample_world(DEMO_IMAGES, seed=HELD_OUT_SEED, config=world)
-    attributes = {f: batch.labels(f) for f in FACTORS}
-    source = ArraySource(batch.images, labels=attributes["shape"], captions=batch.captions, attributes=attributes)
-    spec = CaptureSpec(layers=DEMO_LAYERS, timesteps=DEMO_TIMESTEPS, seeds=[0], batch_size=64)
-    if (out / "store" / "manifest.json").is_file():
-        shutil.rmtree(out / "store")        # the demo's own store from an earlier run (maybe other weights)
-    capture(target, source, spec, out / "store", progress=progress)
+    capture_world(out / "store", config.images, DEMO_LAYERS, DEMO_TIMESTEPS, pooling="none", weights=weights,
+                  target=target, progress=progress)
+    capture_world(out / "store_random_init", config.images, DEMO_LAYERS, DEMO_TIMESTEPS, pooling="mean",
+                  weights=weights, random_init=True, progress=progress)
     verified = verify_store(out / "store").ok
     reader = open_store(out / "store")
+    print(f"captured {reader.num_rows} held-out images x {len(DEMO_LAYERS)} layers x {len(DEMO_TIMESTEPS)} timesteps "
+          f"(and a random-init control); store verified: {'OK' if verified else 'FAILED'}")
+
+    probes = run_probes(str(out / "store"), ProbeConfig(labels=list(FACTORS), shuffled_control=True,
+                                                        random_init_store=str(out / "store_random_init")),
+                        progress=False)
+    write_probe_outputs(probes, out / "probes")
+    for row in summary_rows(probes):
+        print(f"probe {row['label']}: best {row['best_layer']} @ t={row['best_t']} {row['best_accuracy']:.3f} "
+              f"(random-init {row.get('random_init_best_accuracy', float('nan')):.3f}, "
+              f"shuffled mean {row.get('shuffled_mean_accuracy', float('nan')):.3f})")
+
+    summaries, features, links, examples = [], [], [], []
+    for layer in config.sae_layers:
+        for t in config.sae_timesteps:
+            train = TrainConfig(layer=layer, t=t, tokens=True, k=config.sae_k, expansion=config.sae_expansion,
+                                epochs=config.sae_epochs, batch_size=config.sae_batch)
+            run_dir = out / "sae" / train.run_name()
+            if (run_dir / "config.json").is_file():
+                import shutil
+                shutil.rmtree(run_dir)                  # the demo's own earlier run (maybe other weights)
+            summary = train_sae(out / "store", train, run_dir, progress=progress)
+            paths = write_feature_outputs(run_dir, image_source=source, labels=list(FACTORS))
+            feats = json.loads(paths["json"].read_text())
+            summaries.append(summary)
+            features.append(feats)
+            links.append(str(paths["browser"].relative_to(out)))
+            m = summary["metrics"]
+            print(f"SAE {layer} @ t={t}: held-out FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, dead {100 * m['dead_fraction']:.1f}%, "
+                  f"factor values with AUROC >= 0.95: {feats['values_with_auroc_ge_0.95']}/{feats['values_total']}")
+    examples = _best_feature_examples(features[0], source) if features else []
 
     samples = _generate(target.pipeline, DEMO_PROMPTS, per_prompt=8)
     results: dict[str, Any] = {
+        "config": asdict(config),
         "world": {"config": world.to_json(), "planted_colour_given_shape": world.planted_rates()},
         "pipeline": {"path": str(pipeline_dir(weights)), "build": json.loads((weights / "build.json").read_text()),
                      "eval": _load_json(weights / "eval.json")},
         "capture": {"store": str(out / "store"), "rows": reader.num_rows, "verified": verified,
-                    "layers": reader.manifest.layers, "timesteps": reader.manifest.timesteps,
-                    "slices": _slice_statistics(reader)},
+                    "layers": reader.manifest.layers, "timesteps": reader.manifest.timesteps},
+        "probes": {k: v for k, v in probes.items() if k != "split_by_image"} | {"summary": summary_rows(probes)},
+        "sae": [{"summary": s, "features": {k: f[k] for k in ("best_latent_per_value", "values_with_auroc_ge_0.95",
+                                                               "values_total", "baselines")}}
+                for s, f in zip(summaries, features)],
         "samples": {"prompts": DEMO_PROMPTS, "per_prompt": 8},
     }
     report = Report("diffdissect demo: the shapes world")
     _world_section(report, world, batch)
     _pipeline_section(report, results["pipeline"], samples)
     _capture_section(report, results["capture"])
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable))
+    probe_section(report, probes)
+    if summaries:
+        sae_section(report, summaries, features, links, examples)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
     path = report.write(out / "report.html")
-    print(f"captured {reader.num_rows} held-out images x {len(DEMO_LAYERS)} layers x {len(DEMO_TIMESTEPS)} timesteps; "
-          f"store verified: {'OK' if verified else 'FAILED'}")
     print(f"report: {path}\nresults: {out / 'results.json'}\n({time.perf_counter() - start:.0f} s)")
     return results
+
+
+def _best_feature_examples(features: dict[str, Any], source) -> list[tuple[str, np.ndarray]]:
+    """Top images of the best latent for a few factor values (shape and colour)."""
+    out = []
+    for factor in ("shape", "colour"):
+        for value, best in list(features["best_latent_per_value"].get(factor, {}).items())[:2]:
+            latent = features["latents"][best["latent"]]
+            images = [np.asarray(source.load(features["heldout_source_index"][p]).image) for p in latent["top"][:8]]
+            if images:
+                out.append((f"latent {best['latent']}: best for {factor}={value} (AUROC {best['auroc']:.3f}); "
+                            f"its top held-out images", np.stack(images)))
+    return out
 
 
 def _generate(pipe: Any, prompts: list[str], per_prompt: int) -> np.ndarray:
@@ -78,28 +140,6 @@ def _generate(pipe: Any, prompts: list[str], per_prompt: int) -> np.ndarray:
     gens = [torch.Generator().manual_seed(i) for i in range(len(every))]
     images = pipe(prompt=every, num_inference_steps=20, guidance_scale=4.0, generator=gens, output_type="np").images
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-
-
-def _slice_statistics(reader) -> list[dict[str, Any]]:
-    """Per (layer, t): mean activation norm, and for shape and colour the held-out accuracy of a
-    nearest-centroid read-out on standardised features (fit on even rows, scored on odd; chance 1/4).
-    A first look only: probes with controls and confidence intervals are their own analysis."""
-    out = []
-    factors = {f: np.array(reader.column(f)) for f in ("shape", "colour")}
-    train = np.arange(reader.num_rows) % 2 == 0
-    for layer in reader.layers:
-        for entry in reader.manifest.timesteps:
-            x = reader.load(layer, entry["t"], dtype="float32")
-            z = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
-            row = {"layer": layer, "t": entry["t"], "alpha_bar": entry["alpha_bar"],
-                   "mean_norm": float(np.linalg.norm(x, axis=1).mean())}
-            for name, labels in factors.items():
-                classes = np.unique(labels)
-                centroids = np.stack([z[train & (labels == c)].mean(0) for c in classes])
-                guess = classes[((z[~train, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)]
-                row[f"{name}_centroid_accuracy"] = float((guess == labels[~train]).mean())
-            out.append(row)
-    return out
 
 
 def _world_section(report: Report, world: WorldConfig, batch) -> None:
@@ -138,17 +178,11 @@ def _pipeline_section(report: Report, info: dict[str, Any], samples: np.ndarray)
 
 def _capture_section(report: Report, info: dict[str, Any]) -> None:
     s = report.section("Capture: layers x timesteps")
-    s.paragraph(f"{info['rows']} held-out images captured in one forward pass per (image, t), mean-pooled, into "
-                f"{info['store']} (verified: {info['verified']}). t is the training-schedule index (larger = noisier).")
+    s.paragraph(f"{info['rows']} held-out images captured in one forward pass per (image, t) for all layers, spatial "
+                f"maps kept, into {info['store']} (verified: {info['verified']}); a second capture of the same images "
+                "from a randomly initialised UNet is the control. t is the training-schedule index (larger = noisier).")
     s.table(["t", "alpha_bar", "noise std"], [[e["t"], e["alpha_bar"], e["noise_std"]] for e in info["timesteps"]])
-    layers = list(info["layers"])
-    ts = [e["t"] for e in info["timesteps"]]
-    for factor in ("shape", "colour"):
-        grid = np.array([[next(x[f"{factor}_centroid_accuracy"] for x in info["slices"] if x["layer"] == l and x["t"] == t)
-                          for t in ts] for l in layers])
-        s.image(heatmap(grid, layers, [f"t={t}" for t in ts], f"{factor}: held-out nearest-centroid accuracy",
-                        vmin=0, vmax=1), f"How well a nearest-centroid read-out of the pooled features recovers {factor} "
-                f"(4 classes, chance 0.25). A first look: the probe analysis adds controls and confidence intervals.")
+    s.table(["layer", "stored shape per image"], [[l, "x".join(map(str, m["shape"]))] for l, m in info["layers"].items()])
 
 
 def _load_json(path: Path) -> Any:

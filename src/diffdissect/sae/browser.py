@@ -119,6 +119,7 @@ tr.latent-row{cursor:pointer}tr.latent-row:hover{background:#eef5ff}tr.selected{
 <div id="controls">
   <label>filter <input id="filter" type="search" placeholder="label, value or latent id"></label>
   <label>min frequency <input id="minfreq" type="number" step="0.01" min="0" max="1" value="0"></label>
+  <label>purity of <select id="label"></select></label>
   <span id="count"></span>
 </div>
 <div id="layout">
@@ -128,33 +129,39 @@ tr.latent-row{cursor:pointer}tr.latent-row:hover{background:#eef5ff}tr.selected{
 <script id="data" type="application/json">__DATA__</script>
 <script>
 const DATA = JSON.parse(document.getElementById("data").textContent);
-const LABEL = DATA.labels[0];
+let LABEL = DATA.labels[0];
+const labelSelect = document.getElementById("label");
+for (const name of DATA.labels) { const o = document.createElement("option"); o.value = o.textContent = name; labelSelect.appendChild(o); }
+labelSelect.addEventListener("change", () => { LABEL = labelSelect.value; header.replaceChildren(); buildHeader(); summary(); render(); });
 const columns = [
   ["latent", "latent", l => l.latent],
   ["frequency", "image frequency", l => l.frequency],
   ["max", "max activation", l => l.max_activation],
-  ["purity", LABEL ? "purity (" + LABEL + ")" : "purity", l => l.purity[LABEL] ? l.purity[LABEL].majority : null],
-  ["entropy", LABEL ? "entropy (" + LABEL + ")" : "entropy", l => l.purity[LABEL] ? l.purity[LABEL].entropy : null],
+  ["purity", () => LABEL ? "purity (" + LABEL + ")" : "purity", l => l.purity[LABEL] ? l.purity[LABEL].majority : null],
+  ["entropy", () => LABEL ? "entropy (" + LABEL + ")" : "entropy", l => l.purity[LABEL] ? l.purity[LABEL].entropy : null],
   ["majority", "majority value", l => l.purity[LABEL] ? l.purity[LABEL].majority_label : ""],
   ["auroc", "best AUROC", l => l.best_auroc ? l.best_auroc.auroc : null],
   ["auroc_of", "AUROC of", l => l.best_auroc ? l.best_auroc.label + "=" + l.best_auroc.value : ""],
 ];
 let sortKey = "frequency", sortDir = -1, selected = null;
 const s = DATA.summary, m = s.metrics || {};
-document.getElementById("summary").textContent =
+function summary() { document.getElementById("summary").textContent =
   `${s.n_latents} latents, k=${s.k}; held-out FVU ${m.fvu !== undefined ? m.fvu.toFixed(3) : "?"}, ` +
   `L0 ${m.l0 !== undefined ? m.l0.toFixed(1) : "?"}, dead ${m.dead_fraction !== undefined ? (100*m.dead_fraction).toFixed(1) : "?"}%; ` +
   `${s.heldout_images} held-out images, top ${s.top_n} per latent; factor values with a latent of AUROC >= 0.95: ` +
   `${s.values_with_auroc_ge_0_95 ?? s["values_with_auroc_ge_0.95"]} of ${s.values_total}.` +
   (LABEL && s.baselines[LABEL] ? ` Random ${s.top_n} images: purity ${s.baselines[LABEL].majority_mean.toFixed(3)} ` +
-   `(sd ${s.baselines[LABEL].majority_std.toFixed(3)}), entropy ${s.baselines[LABEL].entropy_mean.toFixed(3)} bits.` : "");
+   `(sd ${s.baselines[LABEL].majority_std.toFixed(3)}), entropy ${s.baselines[LABEL].entropy_mean.toFixed(3)} bits.` : ""); }
 const header = document.getElementById("header");
-for (const [key, title] of columns) {
-  const th = document.createElement("th");
-  th.textContent = title; th.dataset.key = key;
-  th.addEventListener("click", () => { sortDir = (sortKey === key) ? -sortDir : -1; sortKey = key; render(); });
-  header.appendChild(th);
+function buildHeader() {
+  for (const [key, title] of columns) {
+    const th = document.createElement("th");
+    th.textContent = typeof title === "function" ? title() : title; th.dataset.key = key;
+    th.addEventListener("click", () => { sortDir = (sortKey === key) ? -sortDir : -1; sortKey = key; render(); });
+    header.appendChild(th);
+  }
 }
+buildHeader(); summary();
 document.getElementById("filter").addEventListener("input", render);
 document.getElementById("minfreq").addEventListener("input", render);
 function value(l, key) { return columns.find(c => c[0] === key)[2](l); }

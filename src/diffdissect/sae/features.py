@@ -132,7 +132,8 @@ def analyse_features(sae_dir: str | Path, *, store: str | Path | None = None, la
     values_total = sum(len(v) for v in best.values())
     covered = sum(1 for v in best.values() for x in v.values() if x["auroc"] >= 0.95)
     return {"sae": str(sae_dir), "slice": info["slice"], "config": info["sae"], "metrics": info.get("metrics"),
-            "heldout_images": len(held), "top_n": n, "labels": list(labels), "baselines": baselines,
+            "heldout_images": len(held), "heldout_source_index": [int(r.get("source_index", i)) for i, r in enumerate(held)],
+            "top_n": n, "labels": list(labels), "baselines": baselines,
             "best_latent_per_value": best, "values_with_auroc_ge_0.95": covered, "values_total": values_total,
             "latents": latents}, acts, held
 

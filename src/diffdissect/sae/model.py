@@ -60,7 +60,9 @@ class _SparseEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, k: int, aux_mask, aux_k: int):
-        pre = torch.addmm(bias, x, weight.t())
+        # the bias rides in the matmul as an extra input column: addmm would first copy it into all n x n_latents
+        ones = torch.ones(len(x), 1, dtype=x.dtype, device=x.device)
+        pre = torch.mm(torch.cat([x, ones], 1), torch.cat([weight, bias[:, None]], 1).t())
         values, indices = pre.topk(k, dim=-1, sorted=False)
         aux = None
         if aux_mask is not None:

@@ -83,7 +83,7 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
     steps = config.steps or max(1, math.ceil((config.epochs or 10) * data.train_tokens / batch_size))
     dead_window = config.dead_window or min(10_000_000, data.train_tokens)
     lr = config.lr or 2e-4 / math.sqrt(sae_cfg.n_latents / 2 ** 14)
-    info = {"train": asdict(config), "slice": {"store": str(store), "layer": config.layer, "t": config.t,
+    info = {"name": config.run_name(), "sae": sae_cfg.to_json(), "train": asdict(config), "slice": {"store": str(store), "layer": config.layer, "t": config.t,
                                                 "d_in": data.d_in, "train_tokens": data.train_tokens},
             "resolved": {"steps": steps, "batch_size": batch_size, "lr": lr, "dead_window": dead_window}}
 
@@ -106,16 +106,12 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
             if not torch.isfinite(x).all():
                 _stop(out, step, "the input batch holds NaN or inf values (check the capture: `diffdissect store verify`)")
             dead = since_fired >= dead_window
-            loss, fvu, auxk, codes = _loss(sae, x, dead if dead.any() else None, config.aux_alpha)
+            loss, fvu, auxk, codes = sae_loss(sae, x, dead if dead.any() else None, config.aux_alpha)
             if not torch.isfinite(loss):
                 _stop(out, step, f"the loss became {float(loss.detach())} (lower the learning rate, now {lr:.2e})")
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.remove_parallel_gradient()
             for group in optimiser.param_groups:
                 group["lr"] = lr * _lr_factor(step, steps)
-            optimiser.step()
-            sae.normalise_decoder()
+            apply_update(sae, optimiser, loss)
             active = codes.indices[codes.values > 0]
             since_fired += len(x)
             since_fired[active] = 0
@@ -149,7 +145,16 @@ def train_saes(store: str | Path, configs: list[TrainConfig], out: str | Path, *
 
 
 # ---- internals --------------------------------------------------------------------------------------
-def _loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, aux_alpha: float):
+def apply_update(sae: TopKSAE, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimiser step that keeps decoder rows on the unit sphere."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_parallel_gradient()
+    optimiser.step()
+    sae.normalise_decoder()
+
+
+def sae_loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, aux_alpha: float):
     codes, aux = sae.encode(x, aux_mask=dead)
     x_hat = sae.decode(codes)
     scale = sae.input_scale
