@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8, help="steps per timed round [8]")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quality-steps", type=int, default=100, help="untimed steps before comparing FVU [100]")
     p.add_argument("--no-install", action="store_true", help="do not pip-install the peer if it is missing")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_sae)
@@ -414,7 +415,7 @@ def cmd_bench_sae(args: argparse.Namespace) -> int:
     from diffdissect.bench.sae import run_sae_benchmark
 
     result = run_sae_benchmark(d_in=args.d_in, expansion=args.expansion, k=args.k, batch=args.batch, steps=args.steps,
-                               rounds=args.rounds, install=not args.no_install)
+                               rounds=args.rounds, quality_steps=args.quality_steps, install=not args.no_install)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0 if all(result["pass"].values()) else 1

@@ -1,9 +1,9 @@
 """`diffdissect bench sae`: TopK SAE training throughput against EleutherAI sparsify, side by side.
 
-Same data, same config (d_in, expansion, k, batch), same optimiser (Adam, same lr), same b_dec
-initialisation and the same batches in the same order. Each timed round trains ours and the peer
+Same data, same config (d_in, expansion, k, batch), same optimiser (Adam, same lr), the same
+initial weights (ours, copied into the peer) and the same batches in the same order. Each timed round trains ours and the peer
 for `steps` steps, alternating which goes first; tokens/s is the median over rounds. FVU is the
-held-out FVU after the same number of steps. The bound is the time of the three dense encoder-shaped
+held-out FVU after the same number of steps (the timed ones and `quality_steps` more on fresh batches). The bound is the time of the three dense encoder-shaped
 matmuls per batch (forward x @ W_enc^T, and the two backward products a dense TopK SAE would run).
 
 The data are synthetic activations with known sparse structure (sparse non-negative combinations of
@@ -31,9 +31,12 @@ from diffdissect.sae.train import apply_update, sae_loss
 PEER_PACKAGE = "eai-sparsify"
 
 
-def synthetic_activations(tokens: int, d_in: int, *, atoms: int = 4096, active: int = 24, seed: int = 0) -> torch.Tensor:
+def synthetic_activations(tokens: int, d_in: int, *, atoms: int = 4096, active: int = 24, seed: int = 0,
+                          dictionary_seed: int = 12345) -> torch.Tensor:
+    """Sparse non-negative combinations of one fixed dictionary (`dictionary_seed`), drawn with `seed`."""
+    dictionary = torch.nn.functional.normalize(
+        torch.randn(atoms, d_in, generator=torch.Generator().manual_seed(dictionary_seed)), dim=-1)
     gen = torch.Generator().manual_seed(seed)
-    dictionary = torch.nn.functional.normalize(torch.randn(atoms, d_in, generator=gen), dim=-1)
     out = torch.empty(tokens, d_in)
     for start in range(0, tokens, 8192):
         n = min(8192, tokens - start)
@@ -70,7 +73,7 @@ def dense_bound_seconds(batch: int, d_in: int, n_latents: int, repeats: int = 3)
 
 
 def run_sae_benchmark(*, d_in: int = 512, expansion: int = 16, k: int = 32, batch: int = 4096, steps: int = 8,
-                      rounds: int = 3, install: bool = True, seed: int = 0) -> dict[str, Any]:
+                      rounds: int = 3, quality_steps: int = 100, install: bool = True, seed: int = 0) -> dict[str, Any]:
     n_latents = d_in * expansion
     lr = 2e-4 / (n_latents / 2 ** 14) ** 0.5
     train = synthetic_activations(batch * steps, d_in, seed=seed)
@@ -93,7 +96,10 @@ def run_sae_benchmark(*, d_in: int = 512, expansion: int = 16, k: int = 32, batc
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             peer = sparsify.SparseCoder(d_in, sparsify.SparseCoderConfig(expansion_factor=expansion, k=k), device="cpu")
-        with torch.no_grad():
+        with torch.no_grad():                   # the same starting point: our data-driven initialisation
+            peer.encoder.weight.copy_(ours.W_enc)
+            peer.encoder.bias.copy_(ours.b_enc)
+            peer.W_dec.copy_(ours.W_dec)
             peer.b_dec.copy_(ours.b_dec)
         peer_opt = torch.optim.Adam(peer.parameters(), lr=lr, eps=6.25e-10)
 
@@ -117,6 +123,11 @@ def run_sae_benchmark(*, d_in: int = 512, expansion: int = 16, k: int = 32, batc
                 runners[name](x)
             rates[name].append(len(batches) * batch / (time.perf_counter() - start))
     bound = batch / dense_bound_seconds(batch, d_in, n_latents)
+    for i in range(quality_steps):          # untimed: more training on fresh batches before comparing FVU
+        x = synthetic_activations(batch, d_in, seed=seed + 100 + i)
+        for step in runners.values():
+            step(x)
+    trained_steps = 1 + rounds * steps + quality_steps
     fvu = {"diffdissect": evaluate(ours, heldout)["fvu"]}
     if peer is not None:
         with torch.no_grad():
@@ -127,7 +138,7 @@ def run_sae_benchmark(*, d_in: int = 512, expansion: int = 16, k: int = 32, batc
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "config": {"d_in": d_in, "expansion": expansion, "n_latents": n_latents, "k": k, "batch": batch,
-                   "steps_per_round": steps, "rounds": rounds, "lr": lr},
+                   "steps_per_round": steps, "rounds": rounds, "lr": lr, "steps_before_fvu": trained_steps},
         "tokens_per_s": {name: round(statistics.median(v)) for name, v in rates.items()},
         "tokens_per_s_all": {name: [round(x) for x in v] for name, v in rates.items()},
         "dense_three_matmul_bound_tokens_per_s": round(bound),
@@ -147,5 +158,5 @@ def run_sae_benchmark(*, d_in: int = 512, expansion: int = 16, k: int = 32, batc
         line += f", sparsify {result['tokens_per_s']['sparsify']:,} tokens/s -> {result['speedup_vs_peer']:.2f}x"
     print(line)
     print(f"  dense 3-matmul bound {round(bound):,} tokens/s -> {100 * result['fraction_of_bound']:.0f}% of it; "
-          f"held-out FVU after {steps * (rounds + 1) + 1} equal steps: {result['heldout_fvu_after_equal_steps']}")
+          f"held-out FVU after {trained_steps} equal steps: {result['heldout_fvu_after_equal_steps']}")
     return result

@@ -112,7 +112,9 @@ class TopKSAE(nn.Module):
     # ---- set-up from data ------------------------------------------------------------------------
     @torch.no_grad()
     def initialise_from(self, sample: torch.Tensor, *, median_iters: int = 30) -> None:
-        """Input scale (if normalising) and b_dec = the sample's geometric median (Weiszfeld)."""
+        """From data: the input scale (if normalising), b_dec = the geometric median (Weiszfeld), and the
+        encoder's scale, so that initial reconstructions have the centred inputs' mean norm (W_enc stays
+        parallel to W_dec^T; codes are linear in that scale because b_enc = 0 and ReLU is homogeneous)."""
         sample = sample.float()
         if self.config.normalise == "scale":
             self.input_scale.fill_(float((self.config.d_in / sample.pow(2).sum(-1).mean().clamp_min(1e-12)).sqrt()))
@@ -122,6 +124,13 @@ class TopKSAE(nn.Module):
             weights = 1.0 / (x - median).norm(dim=-1).clamp_min(1e-8)
             median = (weights[:, None] * x).sum(0) / weights.sum()
         self.b_dec.copy_(median)
+        was_training, self.training = self.training, False
+        codes, _ = self.encode(sample)
+        self.training = was_training
+        reconstruction = (self.decode(codes, bias=False) * self.input_scale).norm(dim=-1).mean()
+        target = (x - median).norm(dim=-1).mean()
+        if reconstruction > 0:
+            self.W_enc.mul_(target / reconstruction)
 
     # ---- the maps ------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, *, aux_mask: torch.Tensor | None = None):
