@@ -1,4 +1,4 @@
-"""Multinomial logistic-regression probes for many cells at once (one batched L-BFGS run).
+"""Multinomial logistic-regression probes for many cells and labels at once (one batched L-BFGS run).
 
 Every (cell, L2 strength) pair is an independent, strongly convex problem; their sum is minimised
 jointly, so the optimum of each is the optimum of the sum. Features are standardised with the
@@ -14,19 +14,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 @dataclass
 class LinearProbeFit:
-    """Per cell: chosen L2 and the chosen model's predictions; per (cell, l2): validation scores."""
+    """Per (cell, task): chosen L2 and the chosen model's predictions; per (cell, l2, task): validation scores."""
 
     l2_grid: np.ndarray          # (R,)
-    val_accuracy: np.ndarray     # (C, R)
-    val_loss: np.ndarray         # (C, R)
-    chosen: np.ndarray           # (C,) index into l2_grid
-    train_accuracy: np.ndarray   # (C,) of the chosen model
-    test_pred: np.ndarray        # (C, n_test) class indices from the chosen model
+    val_accuracy: np.ndarray     # (C, R, T)
+    val_loss: np.ndarray         # (C, R, T)
+    chosen: np.ndarray           # (C, T) index into l2_grid
+    train_accuracy: np.ndarray   # (C, T) of the chosen model
+    test_pred: np.ndarray        # (C, T, n_test) class indices from the chosen model
     iterations: int
     converged: bool
     max_grad: float
@@ -43,60 +43,149 @@ def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor
     return [(x - mean) / std for x in (train, *others)]
 
 
-def fit_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-                      x_test: torch.Tensor, n_classes: int, *, l2_grid=DEFAULT_L2_GRID, max_iter: int = 500,
-                      tol: float = 1e-5) -> LinearProbeFit:
-    """Fit C cells x R L2 strengths in one batched run.
+def fit_probe_tasks(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+                    x_test: torch.Tensor, n_classes: list[int], *, train_mask: torch.Tensor | None = None,
+                    val_mask: torch.Tensor | None = None, l2_grid=DEFAULT_L2_GRID, max_iter: int = 500,
+                    tol: float = 1e-4) -> LinearProbeFit:
+    """Fit C cells x T label tasks x R L2 strengths in one batched run.
 
-    x_*: (C, n_split, d) float features (standardised here); y_*: (n_split,) or (C, n_split) int64.
+    x_*: (C, n_split, d) features (standardised here); y_*: (T, n_split) int64 class indices; task t has
+    `n_classes[t]` classes (logits of the others are masked out). Rows whose mask is 0 (a missing
+    label) do not count for that task. One matmul per evaluation covers every problem.
     """
     x_train, x_val, x_test = standardise(x_train.float(), x_val.float(), x_test.float())
     cells, _, d = x_train.shape
+    tasks, k = len(n_classes), max(n_classes)
     grid = torch.tensor(list(l2_grid), dtype=torch.float32)
-    r, k = len(grid), n_classes
-    y_train, y_val = (y.expand(cells, -1) if y.dim() == 1 else y for y in (y_train, y_val))
-    weight = torch.zeros(cells, d, r * k, requires_grad=True)
-    bias = torch.zeros(cells, 1, r * k, requires_grad=True)
+    r = len(grid)
+    y_train, y_val = y_train.clamp_min(0), y_val.clamp_min(0)
+    m_train = (train_mask if train_mask is not None else torch.ones_like(y_train, dtype=torch.bool)).float()
+    m_val = (val_mask if val_mask is not None else torch.ones_like(y_val, dtype=torch.bool)).float()
+    absent = torch.full((tasks, k), float("-inf"))
+    for t, n in enumerate(n_classes):
+        absent[t, :n] = 0.0
+    n_w = d * k
 
-    def logits(x: torch.Tensor) -> torch.Tensor:               # (C, n, R, K)
-        return (torch.bmm(x, weight) + bias).view(cells, x.shape[1], r, k)
+    def unpack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:      # x: (C, R, T, (d + 1) K)
+        weight = x[..., :n_w].reshape(cells, r, tasks, d, k).permute(0, 3, 1, 2, 4).reshape(cells, d, r * tasks * k)
+        bias = x[..., n_w:].reshape(cells, 1, r * tasks * k)
+        return weight, bias
 
-    def losses(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:   # (C, R) mean cross-entropy
-        logp = F.log_softmax(logits(x), dim=-1)
-        target = y[:, :, None, None].expand(-1, -1, r, 1)
-        return -logp.gather(-1, target).squeeze(-1).mean(1)
+    def logits_of(x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:   # (C, n, R, T, K)
+        weight, bias = unpack(x)
+        return (torch.bmm(features, weight) + bias).view(cells, features.shape[1], r, tasks, k) + absent
 
-    def objective() -> torch.Tensor:
-        penalty = 0.5 * (grid * weight.view(cells, d, r, k).pow(2).sum((1, 3))).sum()
-        return losses(x_train, y_train).sum() + penalty
+    def losses(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:   # (C, R, T)
+        logp = torch.log_softmax(logits, dim=-1)
+        target = y.t()[None, :, None, :, None].expand(cells, -1, r, -1, 1)
+        nll = -logp.gather(-1, target).squeeze(-1)                  # (C, n, R, T)
+        weights = mask.t()[None, :, None, :]
+        return (nll * weights).sum(1) / weights.sum(1).clamp_min(1)
 
-    optimiser = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=tol,
-                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+    def value_and_grad(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            x = flat.detach().view(cells, r, tasks, -1).requires_grad_(True)
+            squares = x[..., :n_w].pow(2).sum(-1)                      # (C, R, T), intercepts unpenalised
+            values = losses(logits_of(x, x_train), y_train, m_train) + 0.5 * grid[None, :, None] * squares
+            (grad,) = torch.autograd.grad(values.sum(), x)             # independent problems: one backward
+        return values.detach().reshape(-1), grad.reshape(len(flat), -1)
 
-    def closure() -> torch.Tensor:
-        optimiser.zero_grad()
-        value = objective()
-        value.backward()
-        return value
+    start = torch.zeros(cells * r * tasks, (d + 1) * k)
+    solution, iterations, converged, max_grad = batched_lbfgs(value_and_grad, start, max_iter=max_iter, tol=tol)
+    solution = solution.view(cells, r, tasks, -1)
 
-    optimiser.step(closure)
-    state = optimiser.state[optimiser._params[0]]
-    iterations = int(state.get("n_iter", 0))
-    with torch.enable_grad():
-        closure()
-    max_grad = float(max(weight.grad.abs().max(), bias.grad.abs().max()))
+    def logits(features: torch.Tensor) -> torch.Tensor:
+        return logits_of(solution, features)
+
     with torch.no_grad():
-        val_logits = logits(x_val)
-        val_acc = (val_logits.argmax(-1) == y_val[:, :, None]).float().mean(1)
-        val_loss = losses(x_val, y_val)
-        chosen = val_loss.argmin(1)      # validation cross-entropy: a proper score, rarely tied
-        pick = chosen[:, None, None].expand(-1, -1, 1)
-        train_pred = logits(x_train).argmax(-1).gather(2, pick.expand(-1, x_train.shape[1], 1)).squeeze(-1)
-        test_pred = logits(x_test).argmax(-1).gather(2, pick.expand(-1, x_test.shape[1], 1)).squeeze(-1)
+        val_acc = ((logits(x_val).argmax(-1) == y_val.t()[None, :, None, :]).float()
+                   * m_val.t()[None, :, None, :]).sum(1) / m_val.t()[None, :, None, :].sum(1).clamp_min(1)
+        val_loss = losses(logits(x_val), y_val, m_val)
+        chosen = val_loss.argmin(1)                                  # (C, T): validation cross-entropy
+
+        def predict(x: torch.Tensor) -> torch.Tensor:               # (C, T, n) at the chosen strength
+            pred = logits(x).argmax(-1)                              # (C, n, R, T)
+            pick = chosen[:, None, None, :].expand(-1, x.shape[1], 1, -1)
+            return pred.gather(2, pick).squeeze(2).transpose(1, 2)
+
+        train_pred = predict(x_train)
+        train_acc = ((train_pred == y_train[None]).float() * m_train[None]).sum(-1) / m_train.sum(-1).clamp_min(1)
+        test_pred = predict(x_test)
     return LinearProbeFit(
         l2_grid=grid.numpy().astype(np.float64), val_accuracy=val_acc.numpy(), val_loss=val_loss.numpy(),
-        chosen=chosen.numpy(), train_accuracy=(train_pred == y_train).float().mean(1).numpy(),
-        test_pred=test_pred.numpy(), iterations=iterations, converged=iterations < max_iter, max_grad=max_grad)
+        chosen=chosen.numpy(), train_accuracy=train_acc.numpy(), test_pred=test_pred.numpy(),
+        iterations=iterations, converged=converged, max_grad=max_grad)
+
+
+@torch.no_grad()
+def batched_lbfgs(value_and_grad, x0: torch.Tensor, *, max_iter: int = 500, tol: float = 1e-5, history: int = 10,
+                  max_backtracks: int = 20):
+    """Minimise P independent smooth functions at once. value_and_grad(x (P, D)) -> (f (P,), g (P, D)).
+
+    Every problem keeps its own curvature pairs, search direction (two-loop recursion) and Armijo
+    step, so each converges at its own rate; a problem whose max |gradient| <= tol stops moving, as does
+    one whose line search finds no decrease (float precision reached). Returns (x, iterations, all
+    converged to tol, max |gradient|).
+    """
+    x = x0.clone()
+    f, g = value_and_grad(x)
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    stalled = torch.zeros(len(x), dtype=torch.bool)         # line search found no decrease (float precision)
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        active = (g.abs().amax(1) > tol) & ~stalled
+        if not active.any():
+            iterations -= 1
+            break
+        q = g.clone()
+        alphas = []
+        for s, y, rho in reversed(pairs):
+            a = rho * (s * q).sum(1)
+            q -= a[:, None] * y
+            alphas.append(a)
+        if pairs:
+            s, y, rho = pairs[-1]
+            yy = (y * y).sum(1)
+            gamma = torch.where((rho > 0) & (yy > 0), (s * y).sum(1) / yy.clamp_min(1e-30), torch.ones_like(yy))
+            q *= gamma[:, None]
+        else:
+            q *= (1.0 / g.abs().sum(1).clamp_min(1e-12)).clamp(max=1.0)[:, None]
+        for (s, y, rho), a in zip(pairs, reversed(alphas)):
+            q += (a - rho * (y * q).sum(1))[:, None] * s
+        direction = -q
+        slope = (g * direction).sum(1)
+        uphill = slope >= 0                                  # a bad curvature estimate: fall back to -g
+        direction[uphill] = -g[uphill]
+        slope = torch.where(uphill, -(g * g).sum(1), slope)
+        direction[~active] = 0
+        step = torch.ones(len(x))
+        for _ in range(max_backtracks):
+            candidate = x + step[:, None] * direction
+            f_new, g_new = value_and_grad(candidate)
+            accepted = (f_new <= f + 1e-4 * step * slope) | ~active
+            if accepted.all():
+                break
+            step = torch.where(accepted, step, step * 0.5)
+        stalled |= ~accepted
+        keep = accepted[:, None]
+        candidate = torch.where(keep, candidate, x)
+        f_new, g_new = torch.where(accepted, f_new, f), torch.where(keep, g_new, g)
+        s, y = candidate - x, g_new - g
+        sy = (s * y).sum(1)
+        pairs.append((s, y, torch.where(sy > 1e-10, 1.0 / sy.clamp_min(1e-10), torch.zeros_like(sy))))
+        pairs = pairs[-history:]
+        x, f, g = candidate, f_new, g_new
+    max_grad = float(g.abs().max())
+    return x, iterations, bool(max_grad <= tol), max_grad
+
+
+def fit_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+                      x_test: torch.Tensor, n_classes: int, **kwargs) -> LinearProbeFit:
+    """One label: y_* (n_split,). Returns arrays without the task axis: chosen (C,), test_pred (C, n_test)."""
+    fit = fit_probe_tasks(x_train, y_train[None], x_val, y_val[None], x_test, [n_classes], **kwargs)
+    fit.val_accuracy, fit.val_loss = fit.val_accuracy[..., 0], fit.val_loss[..., 0]
+    fit.chosen, fit.train_accuracy, fit.test_pred = fit.chosen[:, 0], fit.train_accuracy[:, 0], fit.test_pred[:, 0]
+    return fit
 
 
 def fit_sklearn_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,

@@ -13,7 +13,7 @@ from diffdissect.report import Report, Section, heatmap
 from diffdissect.store.atomic import atomic_write_bytes
 
 CSV_COLUMNS = ("label", "condition", "head", "layer", "t", "accuracy", "ci_low", "ci_high", "seed_std",
-               "chance_uniform", "chance_majority", "l2", "val_accuracy", "train_accuracy",
+               "chance_uniform", "chance_majority", "chance_constant", "l2", "val_accuracy", "train_accuracy",
                "n_train_images", "n_val_images", "n_test_images")
 
 
@@ -51,6 +51,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             row[f"{control}_best_cell"] = f"{other['layer']} @ t={other['t']}"
             row[f"{control}_ci"] = [other["ci_low"], other["ci_high"]]
             row[f"{control}_mean_accuracy"] = float(np.mean([r["accuracy"] for r in rows]))
+            row[f"{control}_chance_constant"] = float(np.mean([r["chance_constant"] for r in rows]))
             if same:
                 row[f"{control}_at_best_cell"] = same["accuracy"]
         out.append(row)
@@ -83,10 +84,12 @@ def probe_section(report: Report, results: dict[str, Any], title: str = "Probes:
     rows = []
     for r in summary_rows(results):
         rows.append([r["label"], r["classes"], f"{r['best_layer']} @ t={r['best_t']}", _pct(r["best_accuracy"], r["ci"]),
-                     _num(r.get("shuffled_mean_accuracy")), _num(r.get("shuffled_at_best_cell")),
+                     _num(r.get("shuffled_mean_accuracy")), _num(r.get("shuffled_chance_constant")),
+                     _num(r.get("shuffled_at_best_cell")),
                      _pct(r.get("random_init_best_accuracy"), r.get("random_init_ci")),
                      _num(r.get("random_init_at_best_cell")), f"{r['chance_majority']:.3f}"])
-    s.table(["label", "classes", "best cell", "trained [95% CI]", "shuffled: mean over cells", "shuffled: same cell",
+    s.table(["label", "classes", "best cell", "trained [95% CI]", "shuffled: mean over cells",
+             "shuffled: its chance (constant predictor)", "shuffled: same cell",
              "random-init: its best cell [95% CI]", "random-init: same cell", "majority class"], rows,
             "best cell per label, with its controls (a control's best cell is a max over cells, biased upwards)")
     for label in results["labels"]:

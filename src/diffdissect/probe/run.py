@@ -15,7 +15,7 @@ import torch
 from diffdissect.errors import DataError
 from diffdissect.probe.head import fit_attentive_head
 from diffdissect.probe.labels import EncodedLabels, encode_labels
-from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_linear_probes
+from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_probe_tasks
 from diffdissect.probe.splits import SPLITS, Split, SplitSpec, split_from_column, split_images
 from diffdissect.stats import bootstrap_mean_ci
 from diffdissect.store import StoreReader, open_store
@@ -76,23 +76,25 @@ def run_probes(store: str, config: ProbeConfig, *, progress: bool = True) -> dic
     tasks = {name: _task(rows, name, split, config) for name in config.labels}
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    conditions: list[tuple[str, StoreReader, dict[str, ProbeTask]]] = [("trained", reader, tasks)]
+    # tasks fitted together share features: the trained labels and their shuffled copies in one batched run
+    batches: list[tuple[StoreReader, dict[tuple[str, str], ProbeTask]]] = [(reader, {("trained", n): t for n, t in tasks.items()})]
     if config.shuffled_control:
-        conditions.append(("shuffled", reader, {n: _shuffled(t, config.seed) for n, t in tasks.items()}))
+        batches[0][1].update({("shuffled", n): _shuffled(t, config.seed) for n, t in tasks.items()})
     if config.random_init_store:
         control = open_store(config.random_init_store)
-        conditions.append(("random_init", control, {n: _aligned(t, reader, control) for n, t in tasks.items()}))
-    for condition, source, condition_tasks in conditions:
+        batches.append((control, {("random_init", n): _aligned(t, reader, control) for n, t in tasks.items()}))
+    for source, batch_tasks in batches:
         available = [c for c in cells if _has_cell(source, *c)]
-        skipped += [{"condition": condition, "layer": l, "t": t, "reason": "cell not in the control store"}
-                    for l, t in cells if (l, t) not in available]
+        for condition in dict.fromkeys(c for c, _ in batch_tasks):
+            skipped += [{"condition": condition, "layer": l, "t": t, "reason": "cell not in the control store"}
+                        for l, t in cells if (l, t) not in available]
         for group, features in _feature_groups(source, available, config):
-            for name, task in condition_tasks.items():
-                for cell, scores in zip(group, _fit(features, task, config)):
+            for (condition, name), per_cell in _fit(features, batch_tasks, config).items():
+                for cell, scores in zip(group, per_cell):
                     results.append({"label": name, "layer": cell[0], "t": cell[1], "condition": condition,
                                     "head": config.head, **scores})
             if progress:
-                print(f"  {condition}: fitted {len(group)} cells x {len(condition_tasks)} labels")
+                print(f"  fitted {len(group)} cells x {len(batch_tasks)} label tasks")
     return {"store": str(store), "config": _config_json(config), "cells": [list(c) for c in cells],
             "labels": {n: {"classes": t.labels.classes, "missing_rows": t.labels.missing} for n, t in tasks.items()},
             "split": {"by": config.split_column or "hash", "salt": split.spec.salt, "images": split.counts()},
@@ -188,19 +190,41 @@ def _feature_groups(reader: StoreReader, cells: list[tuple[str, int]], config: P
 
 
 # ---- fitting and scoring -------------------------------------------------------------------------
-def _fit(features: torch.Tensor, task: ProbeTask, config: ProbeConfig) -> list[dict[str, Any]]:
+def _fit(features: torch.Tensor, tasks: dict[Any, ProbeTask], config: ProbeConfig) -> dict[Any, list[dict[str, Any]]]:
+    """Scores per task, one per cell. Linear probes: every cell x task x L2 strength in one batched fit."""
+    if config.head == "attentive":
+        return {name: _fit_heads(features, task, config) for name, task in tasks.items()}
+    split = next(iter(tasks.values())).split                 # tasks fitted together share one split
+    parts = {p: np.nonzero(split.mask(p))[0] for p in SPLITS}
+    present = {name: {p: np.isin(rows, task.rows) for p, rows in parts.items()} for name, task in tasks.items()}
+    names = list(tasks)
+
+    def labels(part: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack([tasks[n].y[parts[part]] for n in names]))
+
+    def masks(part: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack([present[n][part] for n in names]))
+
+    fit = fit_probe_tasks(features[:, parts["train"]], labels("train"), features[:, parts["val"]], labels("val"),
+                          features[:, parts["test"]], [len(tasks[n].labels.classes) for n in names],
+                          train_mask=masks("train"), val_mask=masks("val"), l2_grid=config.l2_grid,
+                          max_iter=config.max_iter)
+    out: dict[Any, list[dict[str, Any]]] = {}
+    for t, name in enumerate(names):
+        task, keep = tasks[name], present[name]["test"]
+        n_classes = len(task.labels.classes)
+        out[name] = [{**_score(fit.test_pred[c, t][keep], task, task.part("test"), n_classes, config),
+                      "l2": float(fit.chosen_l2[c, t]), "val_accuracy": float(fit.val_accuracy[c, fit.chosen[c, t], t]),
+                      "train_accuracy": float(fit.train_accuracy[c, t]), "converged": fit.converged}
+                     for c in range(len(features))]
+    return out
+
+
+def _fit_heads(features: torch.Tensor, task: ProbeTask, config: ProbeConfig) -> list[dict[str, Any]]:
     train, val, test = (task.part(p) for p in SPLITS)
     y = torch.from_numpy(task.y)
     n_classes = len(task.labels.classes)
     out = []
-    if config.head == "linear":
-        fit = fit_linear_probes(features[:, train], y[train], features[:, val], y[val], features[:, test], n_classes,
-                                l2_grid=config.l2_grid, max_iter=config.max_iter)
-        for c in range(len(features)):
-            out.append({**_score(fit.test_pred[c], task, test, n_classes, config),
-                        "l2": float(fit.chosen_l2[c]), "val_accuracy": float(fit.val_accuracy[c, fit.chosen[c]]),
-                        "train_accuracy": float(fit.train_accuracy[c]), "converged": fit.converged})
-        return out
     for c in range(len(features)):
         fit = fit_attentive_head(features[c, train], y[train], features[c, val], y[val], features[c, test], n_classes,
                                  seed=config.seed)
@@ -217,9 +241,12 @@ def _score(pred: np.ndarray, task: ProbeTask, test: np.ndarray, n_classes: int, 
     seeds = task.seed_of_row[test]
     per_seed = {int(s): float(correct[seeds == s].mean()) for s in np.unique(seeds)}
     counts = np.bincount(task.y[test], minlength=n_classes)
+    train_majority = np.bincount(task.y[task.part("train")], minlength=n_classes).argmax()
     return {"accuracy": float(per_image.mean()), "ci_low": low, "ci_high": high,
             "seed_accuracy": per_seed, "seed_std": float(np.std(list(per_seed.values()))) if len(per_seed) > 1 else None,
             "chance_uniform": 1.0 / n_classes, "chance_majority": float(counts.max() / counts.sum()),
+            # a constant predictor of the training split's majority class, scored on this test split
+            "chance_constant": float(counts[train_majority] / counts.sum()),
             "n_train_images": _images(task, "train"), "n_val_images": _images(task, "val"),
             "n_test_images": int(len(images))}
 
