@@ -4,6 +4,7 @@ The set-up installs Chromium with apt-get when it is missing (root, as on CI mac
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -24,10 +25,11 @@ def _install_chromium() -> None:
         return
     if not shutil.which("apt-get"):
         pytest.fail("Chromium is missing and apt-get is not available: install chromium and chromium-driver")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     command = ["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"]
-    if subprocess.run(command, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True)
-        subprocess.run(command, check=True, capture_output=True)
+    if subprocess.run(command, capture_output=True, env=env).returncode != 0:
+        subprocess.run(["apt-get", "update"], check=True, capture_output=True, env=env)
+        subprocess.run(command, check=True, capture_output=True, env=env)
 
 
 @pytest.fixture(scope="module")
