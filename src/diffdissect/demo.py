@@ -8,6 +8,7 @@ SAEs with their feature browsers. It writes `report.html` and `results.json`.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,9 +56,9 @@ def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | Non
     source, batch = world_source(config.images, weights=weights)
 
     capture_world(out / "store", config.images, DEMO_LAYERS, DEMO_TIMESTEPS, pooling="none", weights=weights,
-                  target=target, progress=progress)
+                  target=target, source=source, progress=progress)
     capture_world(out / "store_random_init", config.images, DEMO_LAYERS, DEMO_TIMESTEPS, pooling="mean",
-                  weights=weights, random_init=True, progress=progress)
+                  weights=weights, random_init=True, source=source, progress=progress)
     verified = verify_store(out / "store").ok
     reader = open_store(out / "store")
     print(f"captured {reader.num_rows} held-out images x {len(DEMO_LAYERS)} layers x {len(DEMO_TIMESTEPS)} timesteps "
@@ -79,7 +80,6 @@ def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | Non
                                 epochs=config.sae_epochs, batch_size=config.sae_batch)
             run_dir = out / "sae" / train.run_name()
             if (run_dir / "config.json").is_file():
-                import shutil
                 shutil.rmtree(run_dir)                  # the demo's own earlier run (maybe other weights)
             summary = train_sae(out / "store", train, run_dir, progress=progress)
             paths = write_feature_outputs(run_dir, image_source=source, labels=list(FACTORS))

@@ -8,7 +8,7 @@ Three figures, each a ratio from one run (never an absolute time compared across
 
 The baseline is the per-input work a user does without diffdissect, written against the diffusers
 components directly: resize the images, VAE-encode them, encode the empty prompt once, and for every
-seed x timestep ``scheduler.add_noise`` then a plain denoiser forward, in the same batches. The
+seed x timestep ``add_noise`` then a plain denoiser forward, in the same batches. The
 candidate is the real :func:`diffdissect.capture.capture` end to end: set-up (shape probe, model and
 source identity), early exit, pooling/casting/finiteness checks, safetensors shards written atomically
 with fsync, the manifest and the row index. Alongside, the pure-forward ratios (the denoiser with a
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from diffdissect.capture.engine import capture, probe_row_shapes
+from diffdissect.capture.noising import add_noise
 from diffdissect.capture.hooks import LayerRecorder
 from diffdissect.capture.spec import CaptureSpec
 from diffdissect.data.sources import ArraySource, ImageRecord

@@ -21,7 +21,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from diffdissect.sae.metrics import evaluate

@@ -14,12 +14,18 @@ from diffdissect.errors import SpecError
 from diffdissect.models.target import Target
 
 
-def timestep_table(scheduler: Any, timesteps: list[int]) -> list[dict[str, float]]:
-    """For each t: alpha_bar_t, signal scale sqrt(alpha_bar_t), noise std sqrt(1 - alpha_bar_t)."""
+def alphas_cumprod(scheduler: Any) -> Any:
+    """The training schedule's alpha_bar_t table (DDPM-family schedulers only)."""
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if alphas is None:
         raise SpecError(f"{type(scheduler).__name__} has no alphas_cumprod (e.g. a flow-matching scheduler); "
                         "diffdissect needs a DDPM-family scheduler to noise images at a training timestep.")
+    return alphas
+
+
+def timestep_table(scheduler: Any, timesteps: list[int]) -> list[dict[str, float]]:
+    """For each t: alpha_bar_t, signal scale sqrt(alpha_bar_t), noise std sqrt(1 - alpha_bar_t)."""
+    alphas = alphas_cumprod(scheduler)
     n = len(alphas)
     table = []
     for t in timesteps:
@@ -62,11 +68,7 @@ def add_noise(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: int) -> 
     which runs from noisy to clean, so their add_noise at a training index t noises at the wrong level
     (t=1 comes out almost pure noise), and Euler-style ones return the unscaled x0 + sigma * noise.
     """
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if alphas is None:
-        raise SpecError(f"{type(scheduler).__name__} has no alphas_cumprod (e.g. a flow-matching scheduler); "
-                        "diffdissect needs a DDPM-family scheduler to noise images at a training timestep.")
-    alpha_bar = float(alphas[int(t)])
+    alpha_bar = float(alphas_cumprod(scheduler)[int(t)])
     noise = noise.to(x0.device, x0.dtype)
     return alpha_bar ** 0.5 * x0 + (1.0 - alpha_bar) ** 0.5 * noise
 

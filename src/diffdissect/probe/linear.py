@@ -1,8 +1,9 @@
 """Multinomial logistic-regression probes for many cells and labels at once (one batched L-BFGS run).
 
-Every (cell, L2 strength) pair is an independent, strongly convex problem; their sum is minimised
-jointly, so the optimum of each is the optimum of the sum. Features are standardised with the
-training rows' mean and std. The L2 strength is chosen per cell by validation cross-entropy.
+Every (cell, label, L2 strength) triple is an independent, strongly convex problem. `batched_lbfgs`
+solves them together (one `bmm` per evaluation) with a curvature history and a line search per
+problem, so each converges at its own rate. Features are standardised with the training rows' mean
+and std. The L2 strength is chosen per (cell, label) by validation cross-entropy.
 Objective per problem: mean cross-entropy + l2/2 * ||W||^2 (intercept unpenalised), which is
 scikit-learn's LogisticRegression with C = 1 / (l2 * n_train).
 """
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 

@@ -45,7 +45,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             rows = [r for r in results["results"] if r["label"] == label and r["condition"] == control]
             if not rows:
                 continue
-            other = max(rows, key=lambda r: r["accuracy"])
+            other = best_cell(results, label, control)
             same = next((r for r in rows if (r["layer"], r["t"]) == (best["layer"], best["t"])), None)
             row[f"{control}_best_accuracy"] = other["accuracy"]       # max over cells: biased upwards
             row[f"{control}_best_cell"] = f"{other['layer']} @ t={other['t']}"

@@ -20,9 +20,6 @@ from diffdissect.probe.splits import SPLITS, Split, SplitSpec, split_from_column
 from diffdissect.stats import bootstrap_mean_ci
 from diffdissect.store import StoreReader, open_store
 
-CONDITIONS = ("trained", "shuffled", "random_init")
-
-
 @dataclass
 class ProbeConfig:
     labels: list[str]
@@ -73,7 +70,10 @@ def run_probes(store: str, config: ProbeConfig, *, progress: bool = True) -> dic
     rows = reader.rows()
     split = (split_from_column(reader.column("input_id"), reader.column(config.split_column), config.split_column)
              if config.split_column else split_images(reader.column("input_id"), config.split))
-    tasks = {name: _task(rows, name, split, config) for name in config.labels}
+    images = {image: k for k, image in enumerate(dict.fromkeys(str(r["input_id"]) for r in rows))}
+    image_of_row = np.array([images[str(r["input_id"])] for r in rows])
+    seed_of_row = np.array([r.get("seed", 0) for r in rows])
+    tasks = {name: _task(rows, name, split, image_of_row, seed_of_row, config) for name in config.labels}
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     # tasks fitted together share features: the trained labels and their shuffled copies in one batched run
@@ -116,12 +116,10 @@ def _has_cell(reader: StoreReader, layer: str, t: int) -> bool:
     return layer in reader.layers and t in reader.timesteps
 
 
-def _task(rows: list[dict[str, Any]], name: str, split: Split, config: ProbeConfig) -> ProbeTask:
+def _task(rows: list[dict[str, Any]], name: str, split: Split, image_of_row: np.ndarray, seed_of_row: np.ndarray,
+          config: ProbeConfig) -> ProbeTask:
     labels = encode_labels(rows, name, drop_missing=config.drop_missing)
-    present = np.nonzero(labels.present)[0]
-    images = {image: k for k, image in enumerate(dict.fromkeys(str(r["input_id"]) for r in rows))}
-    task = ProbeTask(labels, labels.y.copy(), split, present,
-                     np.array([images[str(r["input_id"])] for r in rows]), np.array([r.get("seed", 0) for r in rows]))
+    task = ProbeTask(labels, labels.y.copy(), split, np.nonzero(labels.present)[0], image_of_row, seed_of_row)
     classes = len(labels.classes)
     for part in SPLITS:
         n_images = len(np.unique(task.image_of_row[task.part(part)]))

@@ -37,13 +37,20 @@ def load_sae(directory: str | Path, *, d_in: int | None = None) -> tuple[TopKSAE
     directory = Path(directory)
     info = read_config(directory)
     config = SAEConfig(**info["sae"])
-    if d_in is not None and d_in != config.d_in:
-        raise StoreError(f"the SAE in {directory} takes d_in={config.d_in} inputs but these features have "
-                         f"d_in={d_in}; use the SAE trained on this layer (see its config.json: "
-                         f"{info.get('slice', {})})")
+    if d_in is not None:
+        check_d_in(directory, info, d_in)
     sae = TopKSAE(config)
     sae.load_state_dict(load_file(directory / WEIGHTS))
     return sae.eval(), info
+
+
+def check_d_in(directory: Path, info: dict[str, Any], d_in: int) -> None:
+    """Refuse features of another width than the SAE in `directory` (described by its config `info`) takes."""
+    expected = info["sae"]["d_in"]
+    if d_in != expected:
+        raise StoreError(f"the SAE in {directory} takes d_in={expected} inputs but these features have "
+                         f"d_in={d_in}; use the SAE trained on this layer (see its config.json: "
+                         f"{info.get('slice', {})})")
 
 
 def load_state(directory: Path) -> dict[str, torch.Tensor]:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from diffdissect.probe.labels import is_missing
-from diffdissect.sae.checkpoint import load_sae
+from diffdissect.probe.labels import is_missing, label_columns as store_label_columns
+from diffdissect.sae.checkpoint import check_d_in, load_sae
 from diffdissect.sae.data import SliceData
 from diffdissect.store import open_store
 
@@ -102,11 +102,11 @@ def analyse_features(sae_dir: str | Path, *, store: str | Path | None = None, la
     reader = open_store(store or info["slice"]["store"])
     train = info["train"]
     data = SliceData(reader, train["layer"], train["t"], train["tokens"], train["heldout_fraction"])
-    load_sae(sae_dir, d_in=data.d_in)                      # a clear error if the slice changed under it
+    check_d_in(Path(sae_dir), info, data.d_in)            # a clear error if the slice changed under it
     acts = image_activations(sae, data)
     row_index = reader.rows()
     held = [row_index[r] for r in acts.rows]
-    columns = list(label_columns) if label_columns is not None else _label_columns(held)
+    columns = list(label_columns) if label_columns is not None else store_label_columns(held)
     labels = {c: np.array([str(r.get(c)) for r in held], dtype=object) for c in columns
               if not any(is_missing(r.get(c)) for r in held)}
     n = min(top_n, len(held))
@@ -136,9 +136,3 @@ def analyse_features(sae_dir: str | Path, *, store: str | Path | None = None, la
             "top_n": n, "labels": list(labels), "baselines": baselines,
             "best_latent_per_value": best, "values_with_auroc_ge_0.95": covered, "values_total": values_total,
             "latents": latents}, acts, held
-
-
-def _label_columns(rows: list[dict[str, Any]]) -> list[str]:
-    from diffdissect.probe.labels import label_columns
-
-    return label_columns(rows)

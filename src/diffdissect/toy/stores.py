@@ -31,14 +31,16 @@ def world_target(*, random_init: bool = False, weights: Path | None = None) -> T
 def capture_world(out: str | Path, images: int, layers: Sequence[str], timesteps: Sequence[int], *,
                   pooling: str = "mean", random_init: bool = False, weights: Path | None = None,
                   batch_size: int = 128, replace: bool = True, progress: bool = False,
-                  target: Target | None = None) -> Manifest:
+                  target: Target | None = None, source: ArraySource | None = None) -> Manifest:
     """Capture `images` held-out world images (empty prompt, noise seed 0) from the toy pipeline.
 
     `replace=True` removes an earlier store at `out` first (it may come from other weights). Pass
-    `target` to capture through an already loaded (e.g. instrumented) toy pipeline.
+    `target` to capture through an already loaded (e.g. instrumented) toy pipeline, and `source` (from
+    `world_source(images)`) to reuse images already rendered.
     """
     weights = check_weights(weights)
-    source, _ = world_source(images, weights=weights)
+    if source is None:
+        source, _ = world_source(images, weights=weights)
     out = Path(out)
     if replace and (out / "manifest.json").is_file():
         shutil.rmtree(out)
