@@ -13,14 +13,16 @@ from diffdissect.store import open_store, verify_store
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    assert main(["demo", "--out", str(out), "--images", "256", "--sae-epochs", "3", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--images", "256", "--sae-epochs", "3", "--direction-seeds", "16",
+                 "--quiet"]) == 0
     return out
 
 
 def test_demo_writes_report_results_and_a_verified_store(demo, capsys):
     html = (demo / "report.html").read_text()
     for title in ("The shapes world", "The toy text-to-image pipeline", "Capture: layers x timesteps",
-                  "Probes: layers x timesteps", "Sparse autoencoders (TopK)"):
+                  "Probes: layers x timesteps", "Sparse autoencoders (TopK)",
+                  "Prompt-driven directions and defaults (Decoding Diffusion)"):
         assert title in html
     assert html.count("data:image/png;base64,") >= 8
     results = json.loads((demo / "results.json").read_text())
@@ -54,11 +56,21 @@ def test_demo_trains_saes_and_writes_their_browsers(demo):
         assert browser.is_file() and "latent" in browser.read_text()[:20000]
 
 
+def test_demo_measures_prompt_defaults(demo):
+    results = json.loads((demo / "results.json").read_text())
+    directions = results["directions"]
+    rows = {r["subject"]: r for r in directions["summary"]["families"]["colour"]["subjects"]}
+    assert set(rows) == {"a circle", "a square", "a triangle", "a cross"}
+    assert rows["a square"]["top"] == "red"                 # the strong planted default (85% red)
+    assert directions["cost"]["denoiser_rows_per_trajectory_step"] == pytest.approx(1.0)
+    assert (demo / "directions" / "trajectories" / "manifest.json").is_file()
+
+
 def test_demo_reruns_into_its_own_output_after_the_weights_changed(tmp_path):
     from diffdissect.store.manifest import Manifest
 
     out = tmp_path / "demo"
-    small = DemoConfig(images=64, sae_layers=[], sae_timesteps=[])
+    small = DemoConfig(images=64, sae_layers=[], sae_timesteps=[], direction_seeds=0)
     run_demo(out, config=small, progress=False)
     manifest = Manifest.load(out / "store")
     manifest.spec["model"]["weights_fingerprint"] = "an-older-build"       # as if made by other weights

@@ -117,11 +117,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory [the SAE directory]")
     p.set_defaults(func=cmd_sae_features)
 
+    directions = sub.add_parser("directions", help="prompt-driven h-space directions and what prompts default to "
+                                "(Decoding Diffusion)").add_subparsers(dest="directions_command")
+    p = directions.add_parser("run", help="sample prompts x seeds, caption, directions per word, bias and clusters")
+    _model_args(p)
+    src = p.add_argument_group("prompts (one or more of --prompts, --prompt-file, --template)")
+    src.add_argument("--prompts", nargs="+", default=None, help="prompts")
+    src.add_argument("--prompt-file", default=None, help="one prompt per line")
+    src.add_argument("--template", nargs="+", default=None, help='templates with slots, e.g. "a {colour} {shape}"')
+    src.add_argument("--slot", nargs="+", default=None, help="slot values: NAME=value1,value2 ...")
+    _directions_args(p)
+    p.add_argument("--captioner", default="none", help="none, world (shapes-world captioner) or a local "
+                   "transformers image-to-text directory [none]")
+    p.add_argument("--family", nargs="+", default=None, help="descriptor families: NAME=word1,word2 ...")
+    p.add_argument("--subjects", nargs="+", default=None, help="subject prompts whose defaults to measure")
+    p.add_argument("--cluster-by", default=None, help="a template slot whose grouping the clustering is scored on")
+    p.add_argument("--cluster-remove", default=None, help="a --family whose directions are projected out first")
+    p.set_defaults(func=cmd_directions_run)
+    p = directions.add_parser("world", help="the analysis on the shapes world, checked against the planted defaults")
+    p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
+    _directions_args(p, world=True)
+    p.set_defaults(func=cmd_directions_world)
+
     p = sub.add_parser("demo", help="run the main job on the embedded default (the shapes world)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
     p.add_argument("--images", type=int, default=1024, help="held-out world images to capture [1024]")
     p.add_argument("--sae-epochs", type=float, default=30.0, help="SAE training epochs [30]")
+    p.add_argument("--direction-seeds", type=int, default=128,
+                   help="seeds per prompt for the Decoding-Diffusion section (0: skip it) [128]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -181,6 +205,29 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=None, help="override the input resolution (pixels)")
     p.add_argument("--random-init", action="store_true", help="control: same architecture, random weights")
     p.add_argument("--init-seed", type=int, default=0, help="seed of --random-init weights")
+
+
+def _directions_args(p: argparse.ArgumentParser, world: bool = False) -> None:
+    p.add_argument("--seeds", type=int, default=256 if world else 32, help="seeds per prompt (0..N-1)")
+    p.add_argument("--layers", nargs="+", default=["mid_block"], help="layers to record [mid_block: h-space]")
+    p.add_argument("--steps", type=int, default=10, help="sampler steps [10]")
+    if not world:
+        p.add_argument("--guidance", type=float, default=7.5, help="guidance scale [7.5]")
+    p.add_argument("--batch-size", type=int, default=64 if not world else 256)
+    p.add_argument("--method", choices=["mean_difference", "ridge"], default="mean_difference")
+    p.add_argument("--source", choices=["captions", "prompts"], default=None,
+                   help="texts the directions come from [captions with a captioner, else prompts]")
+    p.add_argument("--headline-step", default="last", help="timestep of the headline figures [last]")
+    p.add_argument("--permutations", type=int, default=2000)
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--out", required=True, help="run directory (resumed if interrupted)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _directions_options(args: argparse.Namespace) -> dict[str, Any]:
+    headline = args.headline_step if args.headline_step == "last" else int(args.headline_step)
+    return dict(seeds=list(range(args.seeds)), layers=args.layers, steps=args.steps, batch_size=args.batch_size,
+                method=args.method, headline_step=headline, permutations=args.permutations, resamples=args.resamples)
 
 
 def _target(args: argparse.Namespace):
@@ -343,10 +390,64 @@ def cmd_sae_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_directions_run(args: argparse.Namespace) -> int:
+    from diffdissect.directions import BiasSpec, DirectionsConfig, load_captioner, run_directions, write_directions_report
+    from diffdissect.directions.prompts import build_prompt_set, parse_slot_args, read_prompt_file
+
+    plain = list(args.prompts or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    prompts = build_prompt_set(plain, args.template, parse_slot_args(args.slot))
+    families = parse_slot_args(args.family)
+    if families and not args.subjects:
+        raise DiffdissectError("--family needs --subjects: the prompts whose defaults to measure.")
+    captioner = None if args.captioner == "none" else load_captioner(args.captioner)
+    source = args.source or ("captions" if captioner else "prompts")
+    config = DirectionsConfig(prompts=prompts, guidance_scale=args.guidance, text_source=source,
+                              bias=[BiasSpec(name, words, list(args.subjects)) for name, words in families.items()],
+                              cluster_by=args.cluster_by, cluster_remove=args.cluster_remove, **_directions_options(args))
+    results = run_directions(_target(args), config, args.out, captioner, progress=not args.quiet)
+    _print_directions(results, write_directions_report(results, args.out))
+    return 0
+
+
+def cmd_directions_world(args: argparse.Namespace) -> int:
+    from diffdissect.directions import run_directions, write_directions_report
+    from diffdissect.directions.captioners import WorldCaptioner
+    from diffdissect.directions.world import check_against_world, world_directions_config
+    from diffdissect.toy.build import load_world
+    from diffdissect.toy.stores import world_target
+
+    weights = Path(args.weights) if args.weights else None
+    world = load_world(weights)
+    options = _directions_options(args)
+    options.pop("seeds")
+    config = world_directions_config(world, seeds=args.seeds, text_source=args.source or "captions", **options)
+    results = run_directions(world_target(weights=weights), config, args.out, WorldCaptioner(weights),
+                             progress=not args.quiet)
+    check = check_against_world(results, world)
+    from diffdissect.store.atomic import atomic_write_json
+
+    atomic_write_json(Path(args.out) / "world_check.json", check)
+    _print_directions(results, write_directions_report(results, args.out, check))
+    print(f"planted order {' > '.join(check['order'])}: {'recovered' if check['latent_order_correct'] else 'NOT recovered'}; "
+          f"image rates max error {max(check['image_rate_max_error'].values()):.3f}; "
+          f"cluster ARI {check['cluster_ari']}")
+    return 0
+
+
+def _print_directions(results: dict[str, Any], report: Path) -> None:
+    summary = results["summary"]
+    for family, entry in summary["families"].items():
+        for r in entry["subjects"]:
+            print(f"{family}: {r['subject']!r} -> {r['top']} score {r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] "
+                  f"p(Holm) {r['p_holm']:.4f}{' *' if r['significant'] else ''}"
+                  + (f"; images: {r['image_top']} excess {r['image_score']:.3f}" if "image_top" in r else ""))
+    print(f"results: {Path(report).parent / 'results.json'}; report: {report}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from diffdissect.demo import DemoConfig, run_demo
 
-    config = DemoConfig(images=args.images, sae_epochs=args.sae_epochs)
+    config = DemoConfig(images=args.images, sae_epochs=args.sae_epochs, direction_seeds=args.direction_seeds)
     run_demo(Path(args.out), weights=Path(args.weights) if args.weights else None, config=config,
              progress=not args.quiet)
     return 0

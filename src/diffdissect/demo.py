@@ -2,8 +2,9 @@
 
 It loads the committed toy pipeline and captures held-out world images (every layer and timestep in
 one pass per image and t), then runs every analysis on that one capture, each checked against the
-world's planted truth: probes per (layer, t) with shuffled-label and random-init controls, and TopK
-SAEs with their feature browsers. It writes `report.html` and `results.json`.
+world's planted truth: probes per (layer, t) with shuffled-label and random-init controls, TopK
+SAEs with their feature browsers, and prompt-driven h-space directions (Decoding Diffusion) that
+measure what each shape's prompt defaults to. It writes `report.html` and `results.json`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from diffdissect.directions import directions_section, run_directions
+from diffdissect.directions.captioners import WorldCaptioner
+from diffdissect.directions.world import check_against_world, world_directions_config
 from diffdissect.models import load_target
 from diffdissect.probe import ProbeConfig, probe_section, run_probes, summary_rows, write_probe_outputs
 from diffdissect.report import Report, image_grid
@@ -42,6 +46,7 @@ class DemoConfig:
     sae_expansion: int = 8
     sae_epochs: float = 30.0
     sae_batch: int = 1024
+    direction_seeds: int = 128           # seeds per prompt of the Decoding-Diffusion run (0: skip it)
 
 
 def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | None = None,
@@ -92,6 +97,8 @@ def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | Non
                   f"factor values with AUROC >= 0.95: {feats['values_with_auroc_ge_0.95']}/{feats['values_total']}")
     examples = _best_feature_examples(features[0], source) if features else []
 
+    directions = _directions(out, target, world, weights, config, progress) if config.direction_seeds else None
+
     samples = _generate(target.pipeline, DEMO_PROMPTS, per_prompt=8)
     results: dict[str, Any] = {
         "config": asdict(config),
@@ -105,6 +112,8 @@ def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | Non
                                                                "values_total", "baselines")}}
                 for s, f in zip(summaries, features)],
         "samples": {"prompts": DEMO_PROMPTS, "per_prompt": 8},
+        "directions": {"summary": directions[0]["summary"], "cost": directions[0]["cost"],
+                       "world_check": directions[1]} if directions else None,
     }
     report = Report("diffdissect demo: the shapes world")
     _world_section(report, world, batch)
@@ -113,10 +122,28 @@ def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | Non
     probe_section(report, probes)
     if summaries:
         sae_section(report, summaries, features, links, examples)
+    if directions:
+        directions_section(report, directions[0], out / "directions", directions[1])
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
     path = report.write(out / "report.html")
     print(f"report: {path}\nresults: {out / 'results.json'}\n({time.perf_counter() - start:.0f} s)")
     return results
+
+
+def _directions(out: Path, target, world: WorldConfig, weights: Path, config: DemoConfig, progress: bool):
+    """Decoding Diffusion on the world: what 'a {shape}' defaults to, checked against the planted rates."""
+    run_dir = out / "directions"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)                          # the demo's own earlier run (maybe other weights)
+    results = run_directions(target, world_directions_config(world, seeds=config.direction_seeds), run_dir,
+                             WorldCaptioner(weights), progress=progress)
+    check = check_against_world(results, world)
+    for r in results["summary"]["families"]["colour"]["subjects"]:
+        print(f"default of {r['subject']!r}: latent {r['top']} {r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] "
+              f"p(Holm) {r['p_holm']:.4f}; images {r['image_top']} {r['image_rates'][r['image_top']]:.2f}")
+    print(f"planted order {' > '.join(check['order'])}: {'recovered' if check['latent_order_correct'] else 'NOT recovered'}"
+          f"; prompt clusters by shape (colour held out): ARI {check['cluster_ari'].get('removed', {}).get('at_headline', float('nan')):.2f}")
+    return results, check
 
 
 def _best_feature_examples(features: dict[str, Any], source) -> list[tuple[str, np.ndarray]]:

@@ -33,6 +33,8 @@ def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, 
     if target.pipeline is None:
         raise SpecError("trajectory mode needs a full pipeline (model_index.json), not a bare denoiser.")
     layers = resolve_layers(target, spec.layers)
+    if hasattr(target.pipeline, "set_progress_bar_config"):
+        target.pipeline.set_progress_bar_config(disable=True)      # one bar for the whole capture
     conditions = [_condition(target, p) for p in spec.prompts]
     pairs = [(i, seed) for i in range(len(spec.prompts)) for seed in spec.seeds]
     probe = _sample(target, spec, layers, [conditions[0]], [spec.seeds[0]], steps_only=True)

@@ -54,8 +54,9 @@ def heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
     ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
     for (i, j), v in np.ndenumerate(values):
         if np.isfinite(v):
+            r, g, b, _ = im.cmap(im.norm(v))                      # dark cell -> white text, light -> black
             ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
-                    color="white" if im.norm(v) < 0.5 else "black")
+                    color="white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.04)
     ax.set_title(title)
     return png_bytes(fig)

@@ -1,0 +1,42 @@
+"""Cluster prompt latents (each prompt's mean latent over its seeds) and score against a known grouping.
+
+Optionally a nuisance family's directions are projected out first ("cluster by shape with colour held
+out"): when the prompts also name colours, colour dominates h-space and clusters follow it instead.
+The adjusted Rand index gets a permutation null (grouping labels shuffled across prompts).
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+from sklearn.preprocessing import StandardScaler
+
+
+def prompt_means(latents: np.ndarray, prompt_index: np.ndarray, n_prompts: int) -> np.ndarray:
+    """(P, D) mean latent per prompt."""
+    h = np.asarray(latents, np.float64).reshape(len(latents), -1)
+    sums = np.zeros((n_prompts, h.shape[1]))
+    np.add.at(sums, prompt_index, h)
+    counts = np.bincount(prompt_index, minlength=n_prompts)
+    return sums / np.maximum(counts, 1)[:, None]
+
+
+def project_out(latents: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+    """Remove the span of `dirs` (K, D) from every row."""
+    basis, _ = np.linalg.qr(np.asarray(dirs, np.float64).T)
+    return latents - (latents @ basis) @ basis.T
+
+
+def cluster_prompts(means: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """k-means (10 restarts) on per-dimension standardised prompt latents."""
+    z = StandardScaler().fit_transform(means)
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(z)
+
+
+def ari_with_null(groups: list[str], clusters: np.ndarray, permutations: int = 1000, seed: int = 0) -> dict:
+    ari = adjusted_rand_score(groups, clusters)
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(groups)
+    null = np.array([adjusted_rand_score(rng.permutation(labels), clusters) for _ in range(permutations)])
+    return {"ari": float(ari), "p_value": float((1 + np.sum(null >= ari - 1e-12)) / (1 + permutations)),
+            "null_q95": float(np.quantile(null, 0.95))}

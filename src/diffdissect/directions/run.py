@@ -1,0 +1,312 @@
+"""Decoding-Diffusion analysis end to end: sample trajectories, caption, directions, bias, clusters.
+
+Layout of a run directory:
+  trajectories/     the trajectory store (resumable: an interrupted run continues where it stopped)
+  captions.json     one caption (or the captioner's error) per sample, saved batch by batch
+  prompts.json      the prompt set with slot values
+  directions/       every term's direction per layer and step (safetensors) + terms.json
+  results.json      all figures (plain data); the report section is built from it
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save as safetensors_bytes
+from tqdm.auto import tqdm
+
+from diffdissect.capture.spec import TrajectorySpec
+from diffdissect.capture.trajectory import capture_trajectories
+from diffdissect.directions.bias import (family_profile, holm, image_rates, latent_bias, make_questions,
+                                         rank_agreement)
+from diffdissect.directions.captioners import Captioner, caption_images
+from diffdissect.directions.cluster import ari_with_null, cluster_prompts, project_out, prompt_means
+from diffdissect.directions.compute import METHODS, cosine_to_directions, directions
+from diffdissect.directions.prompts import Prompt
+from diffdissect.directions.text import term_indicators
+from diffdissect.errors import DataError, SpecError
+from diffdissect.models.target import Target
+from diffdissect.store import open_store
+from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json
+
+SOURCES = ("captions", "prompts")
+
+
+@dataclass
+class BiasSpec:
+    family_name: str                  # e.g. "colour"
+    family: list[str]                 # e.g. ["red", "green", "blue", "yellow"]
+    subjects: list[str]               # prompts of the set, e.g. ["a square", "a circle"]
+
+
+@dataclass
+class DirectionsConfig:
+    prompts: list[Prompt]
+    seeds: list[int] = field(default_factory=lambda: list(range(32)))
+    layers: list[str] = field(default_factory=lambda: ["mid_block"])
+    steps: int = 10
+    guidance_scale: float = 7.5
+    batch_size: int = 64
+    shard_size: int = 256                     # trajectories per committed shard (the unit of resume)
+    dtype: str = "float16"
+    method: str = "mean_difference"          # or "ridge"
+    text_source: str = "captions"             # the texts directions come from: captions or prompts
+    ridge_alpha: float = 1.0
+    max_words: int = 2                        # words and two-word phrases
+    min_count: int = 2
+    bias: list[BiasSpec] = field(default_factory=list)
+    cluster_by: str | None = None             # a slot of the templates, e.g. "shape"
+    cluster_remove: str | None = None         # a bias family whose directions are projected out first
+    headline_step: str | int = "last"         # "last" (the cleanest latent) or a timestep t
+    resamples: int = 2000
+    permutations: int = 2000
+    save_directions: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise SpecError(f"method must be one of {METHODS}, not {self.method!r}.")
+        if self.text_source not in SOURCES:
+            raise SpecError(f"text_source must be one of {SOURCES}, not {self.text_source!r}.")
+        if self.cluster_remove and self.cluster_remove not in [b.family_name for b in self.bias]:
+            raise SpecError(f"cluster_remove={self.cluster_remove!r} names no bias family; families: "
+                            f"{[b.family_name for b in self.bias]}.")
+        if self.cluster_by:
+            slotted = [p for p in self.prompts if self.cluster_by in p.slots]
+            if len({p.slots[self.cluster_by] for p in slotted}) < 2:
+                known = sorted({s for p in self.prompts for s in p.slots})
+                raise SpecError(f"cluster_by={self.cluster_by!r}: fewer than two groups among the prompts' slots "
+                                f"(slots: {known or 'none; use templates'}).")
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["prompts"] = [p.to_json() for p in self.prompts]
+        return out
+
+
+def run_directions(target: Target, config: DirectionsConfig, out: str | Path, captioner: Captioner | None, *,
+                   progress: bool = True) -> dict[str, Any]:
+    config.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = [p.text for p in config.prompts]
+    questions = {b.family_name: make_questions(b.subjects, b.family, b.family_name, texts) for b in config.bias}
+    if config.text_source == "captions" and captioner is None:
+        raise SpecError("directions from captions need a captioner; pass one or use text_source='prompts'.")
+
+    cost = _sample(target, config, out / "trajectories", progress)
+    atomic_write_json(out / "prompts.json", [p.to_json() for p in config.prompts])
+    store = open_store(out / "trajectories")
+    rows = store.rows()
+    prompt_index = np.array([r["source_index"] for r in rows])
+    prompt_texts = [texts[i] for i in prompt_index]
+    captions = _captions(store, rows, captioner, out / "captions.json", progress) if captioner else None
+
+    keep = [w for b in config.bias for w in b.family]
+    indicators = {"prompts": term_indicators(prompt_texts, max_words=config.max_words, min_count=config.min_count,
+                                             keep=keep)}
+    if captions is not None:
+        indicators["captions"] = term_indicators(captions["captions"], max_words=config.max_words,
+                                                 min_count=config.min_count, keep=keep)
+    source = indicators[config.text_source]
+    for b in config.bias:
+        source.require(b.family, config.text_source)
+
+    timesteps = store.timesteps
+    headline_t = _headline(timesteps, config.headline_step)
+    results: dict[str, Any] = {
+        "config": config.to_json(), "captioner": getattr(captioner, "name", None), "timesteps": timesteps,
+        "headline": {"layer": config.layers[0], "t": headline_t}, "samples": len(rows), "cost": cost,
+        "terms": {k: {"terms": v.terms, "skipped": v.skipped} for k, v in indicators.items()},
+        "caption_failures": captions["failures"] if captions else None,
+        "bias": {}, "clusters": {}, "prompt_profiles": {}}
+    for layer in config.layers:
+        saved: dict[str, torch.Tensor] = {}
+        for t in tqdm(timesteps, desc=f"directions {layer}", disable=not progress):
+            latents = store.load(layer, t, dtype="float32").reshape(len(rows), -1)
+            dirs = directions(latents, source.matrix, config.method, source.valid, config.ridge_alpha)
+            if config.save_directions:
+                saved[f"t={t}"] = torch.from_numpy(np.ascontiguousarray(dirs)).to(torch.float16 if config.dtype == "float16" else torch.float32)
+            centre = latents[source.valid].mean(0)
+            family_dirs = {}
+            for b in config.bias:
+                family_dirs[b.family_name] = dirs[[source.terms.index(w) for w in b.family]]
+                profile = family_profile(cosine_to_directions(latents, family_dirs[b.family_name], centre))
+                for q_result in _bias_step(questions[b.family_name], profile, prompt_texts, captions, config):
+                    results["bias"].setdefault(layer, {}).setdefault(b.family_name, {}).setdefault(
+                        q_result["subject"], {})[str(t)] = q_result
+                if layer == config.layers[0] and t == headline_t:
+                    results["prompt_profiles"][b.family_name] = {
+                        "prompts": texts, "descriptors": b.family,
+                        "values": prompt_means(profile, prompt_index, len(texts)).tolist()}
+            if config.cluster_by:
+                results["clusters"].setdefault(layer, {})[str(t)] = _cluster_step(
+                    latents, prompt_index, config, family_dirs.get(config.cluster_remove))
+        if config.save_directions:
+            (out / "directions").mkdir(exist_ok=True)
+            atomic_write_bytes(out / "directions" / f"{layer}.safetensors", safetensors_bytes(
+                saved, metadata={"method": config.method, "source": config.text_source, "layer": layer}))
+            atomic_write_json(out / "directions" / "terms.json", {"terms": source.terms, "source": config.text_source,
+                                                                   "method": config.method})
+    results["summary"] = summarise(results, config)
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def _headline(timesteps: list[int], headline: str | int) -> int:
+    if headline == "last":
+        return timesteps[-1]
+    if int(headline) not in timesteps:
+        raise SpecError(f"headline step t={headline} was not sampled; sampled steps: {timesteps}.")
+    return int(headline)
+
+
+def _sample(target: Target, config: DirectionsConfig, out: Path, progress: bool) -> dict[str, Any]:
+    """One trajectory per prompt x seed, every layer and step in that pass; counts the denoiser calls."""
+    spec = TrajectorySpec(prompts=[p.text for p in config.prompts], layers=list(config.layers),
+                          seeds=list(config.seeds), steps=config.steps, guidance_scale=config.guidance_scale,
+                          batch_size=config.batch_size, pooling="none", dtype=config.dtype, shard_size=config.shard_size)
+    rows_seen = [0]
+
+    def count(module, args, kwargs):
+        sample = args[0] if args else next(iter(kwargs.values()))
+        rows_seen[0] += int(sample.shape[0])
+
+    handle = target.denoiser.register_forward_pre_hook(count, with_kwargs=True)
+    committed_before = _committed_rows(out)
+    try:
+        manifest = capture_trajectories(target, spec, out, progress=progress)
+    finally:
+        handle.remove()
+    sampled = manifest.rows - committed_before
+    steps = len(manifest.timesteps)
+    # the first pipeline call samples one prompt to learn the schedule and shapes (stored nowhere)
+    guided = 2 if config.guidance_scale > 1 and target.kind == "sd" else 1
+    probe = (steps + manifest.notes.get("dropped_duplicate_calls", 0)) * guided
+    # accumulated over resumed runs, so the figure covers every trajectory in the store
+    ledger_path = out.parent / "cost.json"
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {"sampled": 0, "denoiser_rows": 0}
+    if sampled:
+        ledger = {"sampled": ledger["sampled"] + sampled, "denoiser_rows": ledger["denoiser_rows"] + rows_seen[0] - probe}
+        atomic_write_json(ledger_path, ledger)
+    per_step = ledger["denoiser_rows"] / (ledger["sampled"] * steps) if ledger["sampled"] else None
+    return {"trajectories": len(spec.prompts) * len(spec.seeds), "sampled_this_run": sampled, "steps": steps,
+            "layers": len(config.layers), "denoiser_rows": ledger["denoiser_rows"],
+            "denoiser_rows_per_trajectory_step": per_step, "guided_pair": guided == 2}
+
+
+def _committed_rows(store_dir: Path) -> int:
+    """Rows already sampled in an earlier (possibly interrupted) run."""
+    from diffdissect.store.manifest import Manifest
+
+    return Manifest.load(store_dir).rows if (store_dir / "manifest.json").is_file() else 0
+
+
+def _captions(store, rows: list[dict], captioner: Captioner, path: Path, progress: bool, batch: int = 256) -> dict:
+    """Caption every sample once; saved after each batch, so an interrupted run keeps what it captioned."""
+    saved = json.loads(path.read_text()) if path.is_file() else {"captioner": captioner.name, "items": {}}
+    if saved.get("captioner") != captioner.name:
+        raise DataError(f"{path} holds captions by {saved.get('captioner')!r}, not {captioner.name!r}; use the same "
+                        "captioner to resume, or a new output directory.")
+    items: dict[str, dict] = saved["items"]
+    keys = [f"{r['input_id']}/s{r['seed']}" for r in rows]
+    todo = [i for i, k in enumerate(keys) if k not in items]
+    with tqdm(total=len(todo), desc="captions", unit="image", disable=not progress or not todo) as bar:
+        for start in range(0, len(todo), batch):
+            part = todo[start:start + batch]
+            images = np.stack([np.asarray(Image.open(store.directory / rows[i]["image"]).convert("RGB")) for i in part])
+            result = caption_images(captioner, images)
+            for i, text, err in zip(part, result.captions, result.errors):
+                items[keys[i]] = {"caption": text, "error": err}
+            atomic_write_json(path, saved)
+            bar.update(len(part))
+    captions = [items[k]["caption"] for k in keys]
+    failures = [{"sample": k, "error": items[k]["error"]} for k in keys if items[k]["error"]]
+    if all(c is None for c in captions):
+        raise DataError(f"the captioner failed on every image (first error: {failures[0]['error']}); "
+                        "check it on one image, or use text_source='prompts'.")
+    return {"captions": captions, "failures": {"count": len(failures), "examples": failures[:10]}}
+
+
+def _bias_step(questions, profile: np.ndarray, prompt_texts: list[str], captions: dict | None,
+               config: DirectionsConfig) -> list[dict[str, Any]]:
+    rows_of = {}
+    for i, p in enumerate(prompt_texts):
+        rows_of.setdefault(p, []).append(i)
+    out = []
+    for q in questions:
+        subject = np.array(rows_of[q.subject])
+        refs = [np.array(rows_of[q.references[d]]) for d in q.family] if q.references else None
+        latent = latent_bias(profile, subject, refs, resamples=config.resamples, permutations=config.permutations,
+                             seed=config.seed)
+        entry = {"subject": q.subject, "family": q.family, "references": q.references, "latent": latent}
+        if captions is not None:
+            image = image_rates(captions["captions"], subject, q.family)
+            if refs:
+                ref_rates = image_rates(captions["captions"], np.concatenate(refs), q.family)
+                image["reference_rates"] = ref_rates["rates"]
+                image["excess"] = [a - b for a, b in zip(image["rates"], ref_rates["rates"])]
+            else:
+                image["excess"] = [r - 1.0 / len(q.family) for r in image["rates"]]
+            image["score"] = max(image["excess"])
+            image["top"] = int(np.argmax(image["excess"]))
+            entry["image"] = image
+            entry["agreement"] = rank_agreement(latent["excess"], image["excess"])
+        out.append(entry)
+    adjusted = holm([e["latent"]["p_value"] for e in out])
+    for e, p in zip(out, adjusted):
+        e["latent"]["p_holm"] = p
+        e["latent"]["significant"] = p < 0.05
+    return out
+
+
+def _cluster_step(latents: np.ndarray, prompt_index: np.ndarray, config: DirectionsConfig,
+                  nuisance: np.ndarray | None) -> dict[str, Any]:
+    prompts = config.prompts
+    chosen = [i for i, p in enumerate(prompts) if config.cluster_by in p.slots]
+    groups = [prompts[i].slots[config.cluster_by] for i in chosen]
+    k = len(set(groups))
+    means = prompt_means(latents, prompt_index, len(prompts))[chosen]
+    out = {"k": k, "prompts": [prompts[i].text for i in chosen], "groups": groups}
+    clusters = cluster_prompts(means, k, config.seed)
+    out["raw"] = {**ari_with_null(groups, clusters, seed=config.seed), "clusters": clusters.tolist()}
+    if nuisance is not None:
+        clusters = cluster_prompts(project_out(means - means.mean(0), nuisance), k, config.seed)
+        out["removed"] = {**ari_with_null(groups, clusters, seed=config.seed), "clusters": clusters.tolist(),
+                          "family": config.cluster_remove}
+    return out
+
+
+def summarise(results: dict[str, Any], config: DirectionsConfig) -> dict[str, Any]:
+    """The headline figures: per family, subjects ranked by latent bias score at the headline cell."""
+    layer, t = results["headline"]["layer"], str(results["headline"]["t"])
+    out: dict[str, Any] = {"layer": layer, "t": int(t), "families": {}}
+    for family, subjects in results["bias"].get(layer, {}).items():
+        table = []
+        for subject, per_t in subjects.items():
+            e = per_t[t]
+            lat = e["latent"]
+            row = {"subject": subject, "top": e["family"][lat["top"]], "score": lat["score"], "ci": lat["score_ci"],
+                   "p_value": lat["p_value"], "p_holm": lat["p_holm"], "significant": lat["significant"]}
+            if "image" in e:
+                row.update(image_top=e["family"][e["image"]["top"]], image_score=e["image"]["score"],
+                           image_rates=dict(zip(e["family"], e["image"]["rates"])),
+                           descriptor_spearman=e["agreement"]["spearman"])
+            row["scores_by_t"] = {tt: v["latent"]["score"] for tt, v in per_t.items()}
+            table.append(row)
+        table.sort(key=lambda r: -r["score"])
+        entry = {"subjects": table}
+        if all("image_score" in r for r in table) and len(table) > 1:
+            entry["subject_agreement"] = rank_agreement([r["score"] for r in table], [r["image_score"] for r in table])
+        out["families"][family] = entry
+    if results["clusters"]:
+        per_t = results["clusters"][layer]
+        out["clusters"] = {kind: {"at_headline": per_t[t][kind]["ari"],
+                                  "mean_over_steps": float(np.mean([v[kind]["ari"] for v in per_t.values()]))}
+                           for kind in ("raw", "removed") if kind in per_t[t]}
+    return out
