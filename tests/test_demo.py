@@ -14,7 +14,7 @@ from diffdissect.store import open_store, verify_store
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
     assert main(["demo", "--out", str(out), "--images", "256", "--sae-epochs", "3", "--direction-seeds", "16",
-                 "--quiet"]) == 0
+                 "--inversion-images", "16", "--quiet"]) == 0
     return out
 
 
@@ -22,7 +22,7 @@ def test_demo_writes_report_results_and_a_verified_store(demo, capsys):
     html = (demo / "report.html").read_text()
     for title in ("The shapes world", "The toy text-to-image pipeline", "Capture: layers x timesteps",
                   "Probes: layers x timesteps", "Sparse autoencoders (TopK)",
-                  "Prompt-driven directions and defaults (Decoding Diffusion)"):
+                  "Prompt-driven directions and defaults (Decoding Diffusion)", "Feature inversion (FeatInv)"):
         assert title in html
     assert html.count("data:image/png;base64,") >= 8
     results = json.loads((demo / "results.json").read_text())
@@ -66,11 +66,22 @@ def test_demo_measures_prompt_defaults(demo):
     assert (demo / "directions" / "trajectories" / "manifest.json").is_file()
 
 
+def test_demo_inverts_features_with_the_committed_inverters(demo):
+    results = json.loads((demo / "results.json").read_text())
+    inversion = results["inversion"]
+    assert set(inversion["reconstruction"]) == {"cnn-spatial", "cnn-pooled", "vit-spatial"} and not inversion["missing"]
+    spatial, pooled = inversion["reconstruction"]["cnn-spatial"], inversion["reconstruction"]["cnn-pooled"]
+    # the planted truth: where the shape is lives in the spatial map, not in the pooled vector
+    position = lambda m: min(m["factors"]["xpos"]["rate"], m["factors"]["ypos"]["rate"])      # noqa: E731
+    assert position(spatial) > position(pooled) + 0.2
+    assert {"steering", "composites", "robustness"} <= set(inversion)
+
+
 def test_demo_reruns_into_its_own_output_after_the_weights_changed(tmp_path):
     from diffdissect.store.manifest import Manifest
 
     out = tmp_path / "demo"
-    small = DemoConfig(images=64, sae_layers=[], sae_timesteps=[], direction_seeds=0)
+    small = DemoConfig(images=64, sae_layers=[], sae_timesteps=[], direction_seeds=0, inversion_images=0)
     run_demo(out, config=small, progress=False)
     manifest = Manifest.load(out / "store")
     manifest.spec["model"]["weights_fingerprint"] = "an-older-build"       # as if made by other weights

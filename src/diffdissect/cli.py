@@ -139,6 +139,58 @@ def build_parser() -> argparse.ArgumentParser:
     _directions_args(p, world=True)
     p.set_defaults(func=cmd_directions_world)
 
+    invert = sub.add_parser("invert", help="feature inversion with a conditional diffusion model (FeatInv)"
+                            ).add_subparsers(dest="invert_command")
+    p = invert.add_parser("train", help="train an inverter: classifier features at a layer -> images")
+    _model_args(p)
+    p.add_argument("--classifier", required=True, help="world:cnn, world:vit or package.module:factory")
+    p.add_argument("--layer", required=True, help="module path of the classifier whose output is inverted")
+    p.add_argument("--mode", choices=["spatial", "pooled"], default="spatial",
+                   help="spatial map, or the pooled vector broadcast over the grid (the baseline) [spatial]")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of training images")
+    src.add_argument("--world-images", type=int, help="this many balanced shapes-world images")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--cond-dropout", type=float, default=0.15)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="inverter directory (resumed if it holds this run)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_invert_train)
+    p = invert.add_parser("sample", help="reconstruct images from their classifier features")
+    _model_args(p)
+    p.add_argument("--inverter", required=True, help="a directory written by `invert train`")
+    p.add_argument("--classifier", required=True, help="the classifier the inverter was trained on")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of images whose features to invert")
+    src.add_argument("--world-images", type=int, help="this many held-out shapes-world images")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance on the features [3]")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", required=True, help="output folder: PNGs and grid.png")
+    p.set_defaults(func=cmd_invert_sample)
+    p = invert.add_parser("eval", help="the shapes world's inverters: spatial vs pooled, CNN and ViT, steering, "
+                          "composites, robustness")
+    p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
+    p.add_argument("--images", type=int, default=256, help="held-out images [256]")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", required=True, help="folder for results.json and report.html")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_invert_eval)
+    p = invert.add_parser("build-world", help="train the shapes world's inverters (CNN spatial and pooled, ViT) "
+                          "into the weights directory")
+    p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
+    p.add_argument("--images", type=int, default=16384, help="training images [16384]")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every inverter's training steps")
+    p.add_argument("--only", nargs="+", default=None, help="e.g. cnn-spatial vit-spatial")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_invert_build_world)
+
     p = sub.add_parser("demo", help="run the main job on the embedded default (the shapes world)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
@@ -146,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sae-epochs", type=float, default=30.0, help="SAE training epochs [30]")
     p.add_argument("--direction-seeds", type=int, default=128,
                    help="seeds per prompt for the Decoding-Diffusion section (0: skip it) [128]")
+    p.add_argument("--inversion-images", type=int, default=64,
+                   help="held-out images for the feature-inversion section (0: skip it) [64]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -189,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-install", action="store_true", help="do not pip-install the peer if it is missing")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_sae)
+    p = bench_commands.add_parser("invert", help="inverter training: precomputed features vs per sample (FeatInv)")
+    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=40, help="steps per variant per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.set_defaults(func=cmd_bench_invert)
+    p = bench_commands.add_parser("distributed", help="capture throughput and memory: 2 ranks vs 1 (torchrun, gloo)")
+    p.add_argument("--small", type=int, default=512, help="images of the short run [512]")
+    p.add_argument("--large", type=int, default=3072, help="images of the long run [3072]")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_bench_distributed)
     p = bench_commands.add_parser("capture", help="capture overhead and memory")
     p.add_argument("--sd15", action="store_true", help="also run the full-size SD-1.5 UNet (slow on CPU)")
     p.add_argument("--repeats", type=int, default=3)
@@ -259,11 +324,19 @@ def cmd_layers(args: argparse.Namespace) -> int:
 def cmd_capture(args: argparse.Namespace) -> int:
     from diffdissect.capture import CaptureSpec, TrajectorySpec, capture, capture_trajectories
 
+    from diffdissect.distributed import from_env
+
+    dist = from_env()                       # torchrun / accelerate launch: this rank's share; else one process
+    if dist.enabled and args.device == "cuda":
+        args.device = f"cuda:{dist.local_rank}"
     target = _target(args)
     common = {"layers": args.layers, "seeds": args.seeds, "pooling": args.pooling, "dtype": args.dtype,
               "tokens_to_grid": args.tokens_to_grid, "batch_size": args.batch_size}
     prompts = _prompts(args)
     if prompts is not None:
+        if dist.enabled:
+            raise DiffdissectError("trajectory capture (--prompts) runs in one process; launch it without "
+                                   "torchrun/accelerate, or capture images.")
         spec = TrajectorySpec(prompts=prompts, steps=args.steps, guidance_scale=args.guidance,
                               branch=args.branch, shard_size=args.shard_size or 64, **common)
         manifest = capture_trajectories(target, spec, args.out, progress=not args.quiet)
@@ -272,10 +345,12 @@ def cmd_capture(args: argparse.Namespace) -> int:
                            class_label=args.class_label, labels_as_classes=args.labels_as_classes,
                            shard_size=args.shard_size, shard_mb=args.shard_mb, limit=args.limit,
                            early_exit=not args.no_early_exit, **common)
-        manifest = capture(target, _source(args), spec, args.out, progress=not args.quiet)
-    skipped = len(manifest.skipped)
-    print(f"wrote {manifest.rows} rows x {len(manifest.layers)} layers x {len(manifest.timesteps)} timesteps "
-          f"to {args.out}" + (f" ({skipped} unreadable inputs skipped; see `diffdissect store info`)" if skipped else ""))
+        manifest = capture(target, _source(args), spec, args.out, progress=not args.quiet, dist=dist)
+    if dist.is_main:
+        skipped = len(manifest.skipped)
+        print(f"wrote {manifest.rows} rows x {len(manifest.layers)} layers x {len(manifest.timesteps)} timesteps "
+              f"to {args.out}" + (f" ({skipped} unreadable inputs skipped; see `diffdissect store info`)" if skipped else "")
+              + (f" with {dist.world} ranks" if dist.enabled else ""))
     return 0
 
 
@@ -373,8 +448,12 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
              "n_latents": args.n_latents, "variant": args.variant, "tokens": args.tokens, "lr": args.lr,
              "batch_size": args.batch_size, "steps": args.steps, "epochs": args.epochs, "seed": args.seed}
     file_options = json.loads(Path(args.config).read_text()) if args.config else {}
-    summaries = train_saes(args.store, sweep_configs(file_options, flags), args.out, progress=not args.quiet)
-    for s in summaries:
+    from diffdissect.distributed import from_env
+
+    dist = from_env()                        # torchrun / accelerate launch: data-parallel training
+    summaries = train_saes(args.store, sweep_configs(file_options, flags), args.out, progress=not args.quiet,
+                           dist=dist)
+    for s in summaries if dist.is_main else []:
         m = s["metrics"]
         print(f"{Path(args.out) / s['name']}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {100 * m['dead_fraction']:.1f}% "
               f"({s['tokens_per_s']:,} tokens/s)")
@@ -444,10 +523,139 @@ def _print_directions(results: dict[str, Any], report: Path) -> None:
     print(f"results: {Path(report).parent / 'results.json'}; report: {report}")
 
 
+def _invert_images(args: argparse.Namespace, target, seed: int):
+    from diffdissect.invert.run import folder_images
+    from diffdissect.invert.world import world_attributes, world_images
+
+    if args.images:
+        return folder_images(args.images, target.resolution), None
+    batch = world_images(args.world_images, seed)
+    return batch.images, world_attributes(batch)
+
+
+def cmd_invert_train(args: argparse.Namespace) -> int:
+    from diffdissect.invert.data import images_to_pixels
+    from diffdissect.invert.features import FeatureExtractor
+    from diffdissect.invert.run import load_classifier_spec, train_from_images
+    from diffdissect.invert.train import InvertTrainConfig
+    from diffdissect.invert.world import TRAIN_SEED
+
+    target = _target(args)
+    classifier, name = load_classifier_spec(args.classifier)
+    extractor = FeatureExtractor(classifier, args.layer, mode=args.mode)
+    images, attributes = _invert_images(args, target, TRAIN_SEED)
+    extractor(images_to_pixels(images[:1]))           # a non-spatial layer fails here, before any data is written
+    config = InvertTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, cond_dropout=args.cond_dropout,
+                               checkpoint_every=args.checkpoint_every, seed=args.seed)
+    summary = train_from_images(target, extractor, name, images, args.out, config, attributes=attributes,
+                                progress=not args.quiet)
+    print(f"{args.out}: {summary['steps']} steps on {summary['examples']} images, feature map "
+          f"{'x'.join(map(str, summary['feature_shape']))}, final loss {summary['final_loss']}")
+    return 0
+
+
+def cmd_invert_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from diffdissect.invert.data import images_to_pixels
+    from diffdissect.invert.features import FeatureExtractor
+    from diffdissect.invert.model import load_inverter
+    from diffdissect.invert.run import load_classifier_spec
+    from diffdissect.invert.sample import invert
+    from diffdissect.invert.world import EVAL_SEED
+    from diffdissect.report.figures import image_grid
+    from PIL import Image
+
+    target = _target(args)
+    inverter = load_inverter(args.inverter, pipeline_identity=target.identity())
+    classifier, _ = load_classifier_spec(args.classifier)
+    extractor = FeatureExtractor(classifier, inverter.info["layer"], mode=inverter.info["mode"])
+    images, _ = _invert_images(args, target, EVAL_SEED)
+    with torch.no_grad():
+        features = extractor(images_to_pixels(images))
+    recs = invert(target, inverter, features, seeds=tuple(args.seeds), guidance=args.guidance, steps=args.steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, per_seed in enumerate(recs):
+        for s, image in zip(args.seeds, per_seed):
+            Image.fromarray(image).save(out / f"input{i:05d}-seed{s}.png")
+    rows = [images[:8]] + [recs[:8, k] for k in range(len(args.seeds))]
+    (out / "grid.png").write_bytes(image_grid(np.concatenate(rows), columns=min(8, len(images)), scale=3))
+    print(f"{len(images)} inputs x {len(args.seeds)} seeds -> {out} (grid.png: originals, then one row per seed)")
+    return 0
+
+
+def cmd_invert_eval(args: argparse.Namespace) -> int:
+    from diffdissect.invert.report import invert_section
+    from diffdissect.invert.world import evaluate_world, strip_images
+    from diffdissect.report import Report
+    from diffdissect.store.atomic import atomic_write_json
+    from diffdissect.toy.stores import world_target
+
+    weights = Path(args.weights) if args.weights else None
+    results = evaluate_world(world_target(weights=weights), weights=weights, n=args.images, seeds=tuple(args.seeds),
+                             guidance=args.guidance, steps=args.steps, progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", strip_images(results))
+    report = Report("diffdissect invert: the shapes world")
+    invert_section(report, results)
+    report.write(out / "report.html")
+    for name, m in results["reconstruction"].items():
+        f = m["factors"]
+        print(f"{name}: feature cos {m['feature_cosine_pooled']:.3f}; judge agreement shape {f['shape']['rate']:.3f} "
+              f"colour {f['colour']['rate']:.3f} xpos {f['xpos']['rate']:.3f} ypos {f['ypos']['rate']:.3f}")
+    print(f"results: {out / 'results.json'}; report: {out / 'report.html'}")
+    return 0
+
+
+def cmd_invert_build_world(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffdissect.invert.world import build_world_inverters
+    from diffdissect.toy.stores import world_target
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weights = Path(args.weights) if args.weights else None
+    summaries = build_world_inverters(world_target(weights=weights), weights=weights, images=args.images,
+                                      scale=args.scale, only=args.only, progress=not args.quiet)
+    for name, s in summaries.items():
+        print(f"{name}: {s['steps']} steps, {s['steps_per_s']:.2f} steps/s, {s['wall_seconds']:.0f} s, "
+              f"final loss {s['final_loss']:.4f}")
+    return 0
+
+
+def cmd_bench_invert(args: argparse.Namespace) -> int:
+    from diffdissect.bench.invert import bench_invert
+
+    r = bench_invert(images=args.images, steps=args.steps, rounds=args.rounds)
+    print(f"inverter training, {r['batch_size']} per batch: precomputed {r['steps_per_s']['precomputed']:.2f} steps/s, "
+          f"per sample (FeatInv) {r['steps_per_s']['per_sample']:.2f} steps/s: {r['speedup']:.2f}x; precomputing "
+          f"{r['images']} images took {r['precompute_seconds']:.1f} s (break-even after {r['break_even_steps'] or float('nan'):.0f} steps)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1))
+    return 0
+
+
+def cmd_bench_distributed(args: argparse.Namespace) -> int:
+    from diffdissect.bench.distributed import bench_distributed
+
+    r = bench_distributed(args.small, args.large)
+    print(f"capture, 1 thread per rank: 1 rank {r['images_per_s'][1]:.1f} images/s, 2 ranks {r['images_per_s'][2]:.1f} "
+          f"images/s: {r['scaling_2_vs_1']:.2f}x (marginal {r['marginal_scaling_2_vs_1']:.2f}x); peak RSS per rank vs one process: "
+          + ", ".join(f"{x:.2f}" for x in r["peak_rss_ratio_per_rank"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from diffdissect.demo import DemoConfig, run_demo
 
-    config = DemoConfig(images=args.images, sae_epochs=args.sae_epochs, direction_seeds=args.direction_seeds)
+    config = DemoConfig(images=args.images, sae_epochs=args.sae_epochs, direction_seeds=args.direction_seeds,
+                        inversion_images=args.inversion_images)
     run_demo(Path(args.out), weights=Path(args.weights) if args.weights else None, config=config,
              progress=not args.quiet)
     return 0

@@ -4,7 +4,8 @@ It loads the committed toy pipeline and captures held-out world images (every la
 one pass per image and t), then runs every analysis on that one capture, each checked against the
 world's planted truth: probes per (layer, t) with shuffled-label and random-init controls, TopK
 SAEs with their feature browsers, and prompt-driven h-space directions (Decoding Diffusion) that
-measure what each shape's prompt defaults to. It writes `report.html` and `results.json`.
+measure what each shape's prompt defaults to, and feature inversion (FeatInv) of the CNN's and the
+ViT's feature maps with the committed inverters. It writes `report.html` and `results.json`.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import numpy as np
 from diffdissect.directions import directions_section, run_directions
 from diffdissect.directions.captioners import WorldCaptioner
 from diffdissect.directions.world import check_against_world, world_directions_config
+from diffdissect.invert.report import invert_section
+from diffdissect.invert.world import evaluate_world, strip_images
 from diffdissect.models import load_target
 from diffdissect.probe import ProbeConfig, probe_section, run_probes, summary_rows, write_probe_outputs
 from diffdissect.report import Report, image_grid
@@ -47,6 +50,7 @@ class DemoConfig:
     sae_epochs: float = 30.0
     sae_batch: int = 1024
     direction_seeds: int = 128           # seeds per prompt of the Decoding-Diffusion run (0: skip it)
+    inversion_images: int = 64           # held-out images inverted by the committed inverters (0: skip)
 
 
 def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | None = None,
@@ -99,6 +103,15 @@ def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | Non
 
     directions = _directions(out, target, world, weights, config, progress) if config.direction_seeds else None
 
+    inversion = None
+    if config.inversion_images:
+        inversion = evaluate_world(target, weights=weights, n=config.inversion_images, seeds=(0, 1))
+        for name, m in inversion["reconstruction"].items():
+            f = m["factors"]
+            print(f"inversion {name}: feature cos {m['feature_cosine_pooled']:.3f}; judge agreement shape "
+                  f"{f['shape']['rate']:.2f} colour {f['colour']['rate']:.2f} position "
+                  f"{min(f['xpos']['rate'], f['ypos']['rate']):.2f}")
+
     samples = _generate(target.pipeline, DEMO_PROMPTS, per_prompt=8)
     results: dict[str, Any] = {
         "config": asdict(config),
@@ -114,6 +127,7 @@ def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | Non
         "samples": {"prompts": DEMO_PROMPTS, "per_prompt": 8},
         "directions": {"summary": directions[0]["summary"], "cost": directions[0]["cost"],
                        "world_check": directions[1]} if directions else None,
+        "inversion": strip_images(inversion) if inversion else None,
     }
     report = Report("diffdissect demo: the shapes world")
     _world_section(report, world, batch)
@@ -124,6 +138,8 @@ def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | Non
         sae_section(report, summaries, features, links, examples)
     if directions:
         directions_section(report, directions[0], out / "directions", directions[1])
+    if inversion:
+        invert_section(report, inversion)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
     path = report.write(out / "report.html")
     print(f"report: {path}\nresults: {out / 'results.json'}\n({time.perf_counter() - start:.0f} s)")

@@ -15,6 +15,7 @@ from diffdissect.capture.rows import cast_checked, to_rows
 from diffdissect.capture.spec import CaptureSpec
 from diffdissect.data.sources import ImageRecord, ImageSource, UnreadableInput
 from diffdissect.data.transforms import to_model_pixels
+from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import DataError, SpecError
 from diffdissect.models.layers import resolve_layers
 from diffdissect.models.target import Target
@@ -23,11 +24,13 @@ from diffdissect.store.writer import StoreWriter
 
 
 def capture(target: Target, source: ImageSource, spec: CaptureSpec, out: str | Path, *,
-            progress: bool = True) -> Manifest:
+            progress: bool = True, dist: Dist = SINGLE) -> Manifest:
     """Capture `spec.layers` x `spec.timesteps` x `spec.seeds` for every input into the store `out`.
 
     Running the same call again on an interrupted store resumes it; a store made with another spec
-    is refused. Returns the completed manifest.
+    is refused. Returns the completed manifest. Distributed (`dist` from torchrun/accelerate), rank r
+    captures the input chunks k with k mod world = r into the same store; the manifest is merged when
+    every rank has finished, and the store holds the same shards a single process writes.
     """
     spec.validate()
     layers = resolve_layers(target, spec.layers)
@@ -45,20 +48,28 @@ def capture(target: Target, source: ImageSource, spec: CaptureSpec, out: str | P
     manifest = Manifest(mode="images", spec=spec_json, spec_hash=spec_digest(spec_json), model=identity,
                         timesteps=table, layers={l: {"shape": list(shapes[l]), "dtype": spec.dtype} for l in layers},
                         dtype=spec.dtype)
-    writer = StoreWriter.open(out, manifest)
+    writer = StoreWriter.open(out, manifest, dist)
     recorder = LayerRecorder(target.denoiser, layers, early_exit=spec.early_exit)
-    with recorder, tqdm(total=count, unit="img", desc="capture", disable=not progress) as bar:
+    desc = f"capture (rank {dist.rank}/{dist.world})" if dist.enabled else "capture"
+    with recorder, tqdm(total=count, unit="img", desc=desc, disable=not progress or not dist.is_main) as bar:
         for chunk, start in enumerate(range(0, count, shard_size)):
             stop = min(start + shard_size, count)
-            if not writer.is_committed(chunk):
+            if dist.owns(chunk) and not writer.is_committed(chunk):
                 tensors, rows, skipped = capture_chunk(target, source, range(start, stop), spec, layers,
                                                        shapes, recorder)
                 writer.write_shard(chunk, tensors, rows, (start, stop), skipped)
             bar.update(stop - start)
-    if writer.manifest.rows == 0:
-        raise DataError(f"none of the {count} inputs could be read ({len(writer.manifest.skipped)} skipped); "
+    if not dist.enabled:
+        _check_any_rows(writer.manifest, count, out)          # before the store is marked complete
+    manifest = writer.finalize(count)
+    _check_any_rows(manifest, count, out)                     # distributed: once the ranks' lists are merged
+    return manifest
+
+
+def _check_any_rows(manifest: Manifest, count: int, out: str | Path) -> None:
+    if manifest.rows == 0:
+        raise DataError(f"none of the {count} inputs could be read ({len(manifest.skipped)} skipped); "
                         f"see {Path(out) / 'manifest.json'} for the reasons.")
-    return writer.finalize(count)
 
 
 def capture_chunk(target: Target, source: ImageSource, indices: range, spec: CaptureSpec, layers: list[str],

@@ -30,13 +30,19 @@ class SliceData:
     tokens: bool
     heldout_fraction: float = 0.1
     salt: str = "diffdissect-sae-v1"
+    part: tuple[int, int] = (0, 1)          # (rank, world): this rank trains on its own images only
 
     def __post_init__(self) -> None:
         self.reader.manifest.check_slice(self.layer, self.t)
         fraction = self.heldout_fraction
-        split = split_images(self.reader.column("input_id"),
-                             SplitSpec(train=1 - fraction, val=fraction / 2, test=fraction / 2, salt=self.salt))
+        ids = self.reader.column("input_id")
+        split = split_images(ids, SplitSpec(train=1 - fraction, val=fraction / 2, test=fraction / 2, salt=self.salt))
         self.train_rows = split.mask("train")
+        self.heldout_rows = ~self.train_rows
+        rank, world = self.part
+        if world > 1:                           # disjoint shares by image: image j (in id order) -> rank j mod world
+            _, image = np.unique(np.asarray(ids), return_inverse=True)
+            self.train_rows = self.train_rows & (image % world == rank)
         self.by_image = split.by_image
         shape = self.reader.shape(self.layer)
         self.d_in = int(shape[0])
@@ -54,7 +60,7 @@ class SliceData:
         parts = []
         for block, ids in self.reader.iter_batches(self.layer, self.t, 1024, format="torch", with_rows=True,
                                                     dtype="float32"):
-            keep = torch.from_numpy(~self.train_rows[ids])
+            keep = torch.from_numpy(self.heldout_rows[ids])
             if keep.any():
                 parts.append(to_tokens(block[keep], self.tokens))
         x = torch.cat(parts) if parts else torch.empty(0, self.d_in)

@@ -18,6 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diffdissect.errors import DiffdissectError, SpecError, StoreError
+from diffdissect.distributed import SINGLE, Dist
+from diffdissect.optim_state import optimizer_tensors, restore_optimizer
 from diffdissect.sae.checkpoint import load_sae, load_state, read_config, save_checkpoint
 from diffdissect.sae.data import SliceData
 from diffdissect.sae.metrics import evaluate
@@ -69,38 +71,56 @@ def sae_config(config: TrainConfig, d_in: int) -> SAEConfig:
     return SAEConfig(d_in=d_in, n_latents=n_latents, k=config.k, variant=config.variant, normalise=config.normalise)
 
 
-def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume, or return the finished) SAE for one slice into `out`. Returns its summary."""
+def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progress: bool = True,
+              dist: Dist = SINGLE) -> dict[str, Any]:
+    """Train (or resume, or return the finished) SAE for one slice into `out`. Returns its summary.
+
+    Distributed (`dist` from torchrun/accelerate): data parallel. Each rank trains on its own images
+    (a disjoint share of the store) with batch_size / world tokens per step; gradients are averaged
+    across ranks (all-reduce), dead-latent counters and the BatchTopK threshold are combined, so all
+    ranks hold the same weights. Rank 0 writes the checkpoints."""
     out = Path(out)
     reader = open_store(store)
     if config.layer not in reader.layers or config.t not in reader.timesteps:
         raise StoreError(f"the store has no slice {config.layer} @ t={config.t}; stored layers: {reader.layers}, "
                          f"timesteps: {reader.timesteps}")
-    data = SliceData(reader, config.layer, config.t, config.tokens, config.heldout_fraction)
+    data = SliceData(reader, config.layer, config.t, config.tokens, config.heldout_fraction,
+                     part=(dist.rank, dist.world))
     sae_cfg = sae_config(config, data.d_in)
     sae_cfg.validate()
-    batch_size = min(config.batch_size, data.train_tokens)
-    steps = config.steps or max(1, math.ceil((config.epochs or 10) * data.train_tokens / batch_size))
-    dead_window = config.dead_window or min(10_000_000, data.train_tokens)
+    train_tokens = int(dist.all_reduce_(torch.tensor([data.train_tokens], dtype=torch.float64)).item())
+    batch_size = min(config.batch_size, train_tokens)
+    if batch_size % dist.world:
+        raise SpecError(f"batch_size {batch_size} does not split evenly over {dist.world} ranks; use a multiple "
+                        f"of {dist.world}.")
+    rank_batch = batch_size // dist.world
+    steps = config.steps or max(1, math.ceil((config.epochs or 10) * train_tokens / batch_size))
+    dead_window = config.dead_window or min(10_000_000, train_tokens)
     lr = config.lr or 2e-4 / math.sqrt(sae_cfg.n_latents / 2 ** 14)
     info = {"name": config.run_name(), "sae": sae_cfg.to_json(), "train": asdict(config), "slice": {"store": str(store), "layer": config.layer, "t": config.t,
-                                                "d_in": data.d_in, "train_tokens": data.train_tokens},
+                                                "d_in": data.d_in, "train_tokens": train_tokens},
             "resolved": {"steps": steps, "batch_size": batch_size, "lr": lr, "dead_window": dead_window}}
 
+    if dist.enabled:
+        info["ranks"] = dist.world
     sae, state, start = _start_or_resume(out, config, sae_cfg, info, data)
     if start >= steps and "metrics" in state.get("_info", {}):
         return state["_info"]
+    if dist.enabled and not start:                      # one initialisation for all ranks: rank 0's
+        for tensor in [*sae.parameters(), *sae.buffers()]:
+            dist.broadcast_(tensor.data)
     optimiser = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
     if start:
-        _restore_optimiser(optimiser, sae, state)
+        restore_optimizer(optimiser, sae, state)
     since_fired = state.get("since_fired", torch.zeros(sae_cfg.n_latents, dtype=torch.float64))
-    stream = data.batches(batch_size, seed=config.seed)
+    stream = data.batches(rank_batch, seed=config.seed)
     for _ in range(start):
         next(stream)
     sae.train()
     last = {}
     began = time.perf_counter()
-    with tqdm(total=steps, initial=start, desc=config.run_name(), disable=not progress, unit="step") as bar:
+    with tqdm(total=steps, initial=start, desc=config.run_name(), disable=not progress or not dist.is_main,
+              unit="step") as bar:
         for step in range(start, steps):
             x = next(stream)
             if not torch.isfinite(x).all():
@@ -111,18 +131,22 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
                 _stop(out, step, f"the loss became {float(loss.detach())} (lower the learning rate, now {lr:.2e})")
             for group in optimiser.param_groups:
                 group["lr"] = lr * _lr_factor(step, steps)
-            apply_update(sae, optimiser, loss)
-            active = codes.indices[codes.values > 0]
-            since_fired += len(x)
-            since_fired[active] = 0
+            apply_update(sae, optimiser, loss, dist)
+            fired = torch.zeros(sae_cfg.n_latents)
+            fired[codes.indices[codes.values > 0]] = 1.0
+            dist.all_reduce_(fired, "max")
+            since_fired += batch_size
+            since_fired[fired > 0] = 0
             if sae_cfg.variant == "batchtopk":
                 _update_threshold(sae, codes)
+                if dist.enabled:
+                    sae.threshold.copy_(dist.all_reduce_(sae.threshold.detach().clone()) / dist.world)
             last = {"fvu": float(fvu), "l0": float((codes.values > 0).sum(1).float().mean()),
                     "dead": float(dead.double().mean()), "auxk": float(auxk)}
             bar.set_postfix(fvu=f"{last['fvu']:.3f}", l0=f"{last['l0']:.1f}", dead=f"{100 * last['dead']:.1f}%")
             bar.update(1)
             done = step + 1
-            if done % config.checkpoint_every == 0 or done == steps:
+            if (done % config.checkpoint_every == 0 or done == steps) and dist.is_main:
                 _checkpoint(out, sae, optimiser, since_fired, {**info, "step": done, "last_batch": last})
     seconds = time.perf_counter() - began
     heldout = data.heldout()
@@ -132,23 +156,30 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
     summary = {**info, "step": steps, "last_batch": last,
                "metrics": {k: v for k, v in metrics.items() if k != "frequency"},
                "train_seconds": round(seconds, 2), "tokens_per_s": round((steps - start) * batch_size / max(seconds, 1e-9))}
-    _checkpoint(out, sae, optimiser, since_fired, summary, frequency=torch.tensor(metrics["frequency"]))
+    if dist.is_main:
+        _checkpoint(out, sae, optimiser, since_fired, summary, frequency=torch.tensor(metrics["frequency"]))
+    dist.barrier()
     return summary
 
 
-def train_saes(store: str | Path, configs: list[TrainConfig], out: str | Path, *, progress: bool = True) -> list[dict]:
+def train_saes(store: str | Path, configs: list[TrainConfig], out: str | Path, *, progress: bool = True,
+               dist: Dist = SINGLE) -> list[dict]:
     """A sweep: each config trains into out/<run name>."""
     names = [c.run_name() for c in configs]
     if len(set(names)) != len(names):
         raise SpecError(f"two runs of the sweep share a name: {names}")
-    return [train_sae(store, c, Path(out) / c.run_name(), progress=progress) for c in configs]
+    return [train_sae(store, c, Path(out) / c.run_name(), progress=progress, dist=dist) for c in configs]
 
 
 # ---- internals --------------------------------------------------------------------------------------
-def apply_update(sae: TopKSAE, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    """One optimiser step that keeps decoder rows on the unit sphere."""
+def apply_update(sae: TopKSAE, optimiser: torch.optim.Optimizer, loss: torch.Tensor, dist: Dist = SINGLE) -> None:
+    """One optimiser step that keeps decoder rows on the unit sphere (gradients averaged over ranks)."""
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
+    if dist.enabled:
+        for p in sae.parameters():
+            if p.grad is not None:
+                dist.all_reduce_(p.grad).div_(dist.world)
     sae.remove_parallel_gradient()
     optimiser.step()
     sae.normalise_decoder()
@@ -214,21 +245,10 @@ def _checkpoint(out: Path, sae: TopKSAE, optimiser: torch.optim.Optimizer, since
                 info: dict, frequency: torch.Tensor | None = None) -> None:
     if not all(torch.isfinite(p).all() for p in sae.parameters()):
         _stop(out, info.get("step", 0), "the weights became NaN or inf after an update")
-    state = {"since_fired": since_fired.clone()}
-    names = {id(p): n for n, p in sae.named_parameters()}
-    for p, values in optimiser.state.items():
-        for key, value in values.items():
-            state[f"adam.{names[id(p)]}.{key}"] = torch.as_tensor(value).clone()
+    state = {"since_fired": since_fired.clone(), **optimizer_tensors(optimiser, sae)}
     if frequency is not None:
         state["heldout_frequency"] = frequency
     save_checkpoint(out, sae, info, state)
-
-
-def _restore_optimiser(optimiser: torch.optim.Optimizer, sae: TopKSAE, state: dict[str, torch.Tensor]) -> None:
-    for name, p in sae.named_parameters():
-        entries = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.startswith(f"adam.{name}.")}
-        if entries:
-            optimiser.state[p] = entries
 
 
 def _stop(out: Path, step: int, why: str) -> None:

@@ -8,9 +8,10 @@ holds exactly the bytes an uninterrupted run writes.
 from __future__ import annotations
 
 import csv
-import io
 import errno
+import io
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,11 +19,13 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from diffdissect import __version__
+from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import StoreError
 from diffdissect.store.atomic import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from diffdissect.store.manifest import INDEX, MANIFEST, SHARDS_DIR, Manifest, ShardRecord
 
 INDEX_COLUMNS = ("row", "input_id", "source_index", "seed", "label", "caption", "shard")
+RANKS_DIR = "ranks"          # distributed runs: each rank lists the shards it committed in its own file
 
 
 def _spec_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -53,15 +56,46 @@ def shard_name(chunk: int) -> str:
 class StoreWriter:
     """Owns one store directory while a capture runs. Create it with :meth:`open`."""
 
-    def __init__(self, directory: Path, manifest: Manifest):
+    def __init__(self, directory: Path, manifest: Manifest, dist: Dist = SINGLE):
         self.directory = Path(directory)
         self.manifest = manifest
+        self.dist = dist
+        self._rank_records: list[ShardRecord] = []
 
     @classmethod
-    def open(cls, directory: Path | str, manifest: Manifest) -> "StoreWriter":
-        """Start a new store, or resume one written with the same spec. Refuses to mix specs."""
+    def open(cls, directory: Path | str, manifest: Manifest, dist: Dist = SINGLE) -> "StoreWriter":
+        """Start a new store, or resume one written with the same spec. Refuses to mix specs.
+
+        Distributed: rank 0 creates or resumes the store (merging the shard lists that ranks of an
+        interrupted run left behind); the other ranks wait for it, then open the same store."""
         directory = Path(directory)
         manifest.diffdissect_version = __version__
+        if not dist.enabled:
+            return cls._open_main(directory, manifest, dist)
+        status = torch.zeros(1)
+        writer, error = None, None
+        if dist.is_main:
+            try:
+                writer = cls._open_main(directory, manifest, dist)
+                status += 1
+            except Exception as exc:          # noqa: BLE001 - tell the other ranks, then raise here
+                error = exc
+        dist.broadcast_(status)
+        if error is not None:
+            raise error
+        if not status.item():
+            raise StoreError(f"rank 0 could not open the store {directory}; its error says why.")
+        return writer if writer is not None else cls(directory, Manifest.load(directory), dist)
+
+    @classmethod
+    def _open_main(cls, directory: Path, manifest: Manifest, dist: Dist) -> "StoreWriter":
+        writer = cls._open_store(directory, manifest)
+        writer.dist = dist
+        writer._merge_rank_records()
+        return writer
+
+    @classmethod
+    def _open_store(cls, directory: Path, manifest: Manifest) -> "StoreWriter":
         if (directory / MANIFEST).exists():
             existing = Manifest.load(directory)
             holds_data = existing.shards or existing.complete or any(
@@ -121,11 +155,47 @@ class StoreWriter:
                              inputs=list(inputs), skipped=skipped)
         self.manifest.shards = [s for s in self.manifest.shards if s.name != name] + [record]
         self.manifest.shards.sort(key=lambda s: s.name)
-        self._write_manifest()
+        if self.dist.enabled:           # only rank 0 writes the manifest, when every rank has finished
+            self._rank_records = [s for s in self._rank_records if s.name != name] + [record]
+            (self.directory / RANKS_DIR).mkdir(exist_ok=True)
+            atomic_write_json(self._rank_file(self.dist.rank), [asdict(r) for r in self._rank_records])
+        else:
+            self._write_manifest()
         return record
 
+    def _rank_file(self, rank: int) -> Path:
+        return self.directory / RANKS_DIR / f"rank-{rank:05d}.json"
+
+    def _merge_rank_records(self) -> None:
+        """Fold the shard lists written by ranks into the manifest (committed shards only), then drop them."""
+        files = sorted((self.directory / RANKS_DIR).glob("rank-*.json")) if (self.directory / RANKS_DIR).is_dir() else []
+        if not files:
+            return
+        records = {s.name: s for s in self.manifest.shards}
+        for path in files:
+            for entry in json.loads(path.read_text()):
+                record = ShardRecord(**entry)
+                shard = self.directory / SHARDS_DIR / record.name
+                if shard.is_file() and shard.stat().st_size == record.bytes:
+                    records[record.name] = record
+        self.manifest.shards = sorted(records.values(), key=lambda s: s.name)
+        self._write_manifest()                  # first the manifest, then the lists it now contains
+        for path in files:
+            path.unlink()
+
     def finalize(self, input_count: int) -> Manifest:
-        """Write the row index and mark the store complete."""
+        """Write the row index and mark the store complete (distributed: rank 0, once every rank is done)."""
+        if self.dist.enabled:
+            self.dist.barrier()
+            if self.dist.is_main:
+                self._merge_rank_records()
+                self._finalize(input_count)
+            self.dist.barrier()
+            self.manifest = Manifest.load(self.directory)
+            return self.manifest
+        return self._finalize(input_count)
+
+    def _finalize(self, input_count: int) -> Manifest:
         from diffdissect.store.reader import StoreReader  # reader parses shard metadata
 
         self.manifest.input_count = input_count

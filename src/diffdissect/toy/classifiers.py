@@ -117,7 +117,7 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 def train_classifier(model: nn.Module, world: WorldConfig, *, steps: int, batch: int = 128, lr: float = 2e-3,
                      seed: int = 0, progress: bool = True, desc: str = "classifier") -> list[dict[str, float]]:
     """Train on fresh world images every step (uniform shape/colour so every class is seen)."""
-    balanced = _balanced(world)
+    balanced = balanced_world(world)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
@@ -142,7 +142,7 @@ def train_classifier(model: nn.Module, world: WorldConfig, *, steps: int, batch:
     return history
 
 
-def _balanced(world: WorldConfig) -> WorldConfig:
+def balanced_world(world: WorldConfig) -> WorldConfig:
     """The same world with colour independent of shape (classifiers must not learn the planted bias)."""
     uniform = {s: {c: 1.0 / len(world.colours) for c in world.colours} for s in world.shapes}
     return WorldConfig.from_json({**world.to_json(), "colour_given_shape": uniform})
@@ -151,14 +151,14 @@ def _balanced(world: WorldConfig) -> WorldConfig:
 @torch.no_grad()
 def factor_accuracy(captioner: AttributeCaptioner, world: WorldConfig, n: int = 2000, seed: int = 99) -> dict[str, float]:
     """Held-out accuracy of the captioner per factor (balanced world, unseen seed)."""
-    b = sample_world(n, seed=50_000_000 + seed, config=_balanced(world))
+    b = sample_world(n, seed=50_000_000 + seed, config=balanced_world(world))
     pred = captioner.predict(images_to_tensor(b.images))
     return {f: float((pred[f] == b.factors[f]).mean()) for f in FACTORS}
 
 
 @torch.no_grad()
 def class_accuracy(model: nn.Module, world: WorldConfig, n: int = 2000, seed: int = 98) -> float:
-    b = sample_world(n, seed=50_000_000 + seed, config=_balanced(world))
+    b = sample_world(n, seed=50_000_000 + seed, config=balanced_world(world))
     pred = model(images_to_tensor(b.images)).argmax(1).numpy()
     return float((pred == class_labels(world, b.factors)).mean())
 

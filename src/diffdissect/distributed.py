@@ -1,0 +1,64 @@
+"""torch.distributed, as launched by torchrun or `accelerate launch`: who am I, and the few collectives used.
+
+Both launchers set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `from_env` joins the
+process group they describe (gloo on CPU, nccl when the rank has a GPU). Without those variables
+everything runs as a single process and every collective is a no-op.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, chunk: int) -> bool:
+        """Chunk k of the inputs belongs to rank k mod world: disjoint, deterministic, balanced."""
+        return chunk % self.world == self.rank
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.enabled:
+            dist.broadcast(tensor, src)
+        return tensor
+
+
+SINGLE = Dist()
+
+
+def from_env(backend: str | None = None) -> Dist:
+    """The process group torchrun / accelerate describe in the environment (joined once), or SINGLE."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return Dist(rank=rank, world=world, local_rank=local_rank)

@@ -1,0 +1,135 @@
+"""Train an inverter: epsilon loss of the frozen UNet plus the ControlNet's residuals, features as condition.
+
+Condition dropout (15% by default) replaces a sample's feature map with zeros, the "no features"
+condition that classifier-free guidance contrasts against. Each step's batch, timesteps, noise and
+dropout come from a generator seeded by (seed, step), so a resumed run continues with the same draws;
+checkpoints hold the weights and Adam's state (safetensors) and the step (JSON).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from diffdissect.capture.noising import alphas_cumprod
+from diffdissect.errors import DiffdissectError
+from diffdissect.invert.model import Inverter, build_controlnet, load_inverter, predict_noise, save_inverter
+from diffdissect.models.target import Target
+from diffdissect.optim_state import optimizer_tensors, restore_optimizer
+
+
+@dataclass
+class InvertTrainConfig:
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 3e-4
+    warmup: int = 100
+    cond_dropout: float = 0.15
+    hint_hidden: int = 64
+    checkpoint_every: int = 500
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise DiffdissectError("steps and batch_size must be positive.")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise DiffdissectError(f"cond_dropout must lie in [0, 1), not {self.cond_dropout}.")
+
+
+Batch = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]     # indices -> (latents x0, features)
+
+
+def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_shape: tuple[int, int, int],
+                   config: InvertTrainConfig, out: str | Path, info: dict[str, Any], *,
+                   progress: bool = True) -> dict[str, Any]:
+    """`batch_of(indices)` gives clean latents and feature maps (precomputed, or computed on the fly for the
+    FeatInv-style baseline). Resumes from `out` when it holds a checkpoint of the same run."""
+    config.validate()
+    out = Path(out)
+    unet = target.denoiser.eval().requires_grad_(False)
+    latent_grid = tuple(unet.config.sample_size if isinstance(unet.config.sample_size, (list, tuple))
+                        else (unet.config.sample_size,) * 2)
+    info = {**info, "feature_shape": list(feature_shape), "latent_grid": list(latent_grid),
+            "hint_hidden": config.hint_hidden, "train": asdict(config), "pipeline": target.identity()}
+    inverter, optimiser, step = _start_or_resume(out, unet, target, feature_shape, latent_grid, config, info)
+    text_states = target.text_embeddings([""])           # the empty prompt: features are the only condition
+    ab = alphas_cumprod(target.scheduler).float()
+    losses: list[float] = []
+    started = time.perf_counter()
+    first = step
+    inverter.train()
+    with tqdm(total=config.steps, initial=step, desc="inverter", unit="step", disable=not progress) as bar:
+        while step < config.steps:
+            g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            idx = torch.randint(0, n_examples, (config.batch_size,), generator=g)
+            x0, feats = batch_of(idx)
+            keep = (torch.rand(config.batch_size, generator=g) >= config.cond_dropout).float()[:, None, None, None]
+            t = torch.randint(0, len(ab), (config.batch_size,), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            a = ab[t][:, None, None, None]
+            noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            eps = predict_noise(unet, inverter, noisy, t, text_states.expand(config.batch_size, -1, -1), feats * keep)
+            loss = F.mse_loss(eps, noise)
+            for group in optimiser.param_groups:
+                group["lr"] = config.lr * _lr_factor(step, config)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(inverter.parameters(), 1.0)
+            optimiser.step()
+            step += 1
+            if not math.isfinite(loss.item()):
+                raise DiffdissectError(f"the inverter's loss became {loss.item()} at step {step}; the last checkpoint "
+                                       f"in {out} is kept. Lower --lr.")
+            losses.append(loss.item())
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                _checkpoint(out, inverter, optimiser, step)
+    elapsed = time.perf_counter() - started
+    summary = {"steps": step, "trained_now": step - first, "seconds": elapsed,
+               "steps_per_s": (step - first) / elapsed if elapsed > 0 and step > first else None,
+               "final_loss": sum(losses[-100:]) / len(losses[-100:]) if losses else None}
+    (out / "training.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _lr_factor(step: int, config: InvertTrainConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - config.warmup) / max(1, config.steps - config.warmup)))
+
+
+def _start_or_resume(out: Path, unet, target: Target, feature_shape, latent_grid, config: InvertTrainConfig,
+                     info: dict[str, Any]) -> tuple[Inverter, torch.optim.Optimizer, int]:
+    if (out / "config.json").is_file():
+        saved = json.loads((out / "config.json").read_text())
+        def settings(d: dict[str, Any]) -> dict[str, Any]:
+            train = {k: v for k, v in (d.get("train") or {}).items() if k not in ("steps", "checkpoint_every")}
+            return {**{k: d.get(k) for k in ("feature_shape", "classifier", "layer", "mode")}, "train": train}
+
+        same, want = settings(saved), settings(info)
+        if same != want:
+            raise DiffdissectError(f"{out} holds an inverter trained with other settings ({same}); use a new --out to "
+                                   "train this one, or the same settings to resume.")
+        inverter = load_inverter(out, pipeline_identity=target.identity())
+        inverter.info = info
+        optimiser = torch.optim.AdamW(inverter.parameters(), lr=config.lr, weight_decay=0.0)
+        if (out / "optimizer.safetensors").is_file():
+            restore_optimizer(optimiser, inverter, load_file(out / "optimizer.safetensors"))
+        return inverter, optimiser, int(saved["state"].get("step", 0))
+    torch.manual_seed(config.seed)
+    inverter = Inverter(build_controlnet(unet, feature_shape[0], latent_grid, config.hint_hidden), info)
+    return inverter, torch.optim.AdamW(inverter.parameters(), lr=config.lr, weight_decay=0.0), 0
+
+
+def _checkpoint(out: Path, inverter: Inverter, optimiser: torch.optim.Optimizer, step: int) -> None:
+    save_inverter(inverter, out, optimizer_tensors(optimiser, inverter), state={"step": step})
