@@ -257,6 +257,15 @@ def test_short_training_run_resumes_to_the_same_weights(tmp_path, sd_target):
                           tmp_path / "straight", config, data_dir=tmp_path / "other-data", progress=False)
     with pytest.raises(DiffdissectError, match="other images, another pipeline or another classifier layer"):
         train_from_images(sd_target, extractor, "tiny", _images(n=8), tmp_path / "straight", config, progress=False)
+    with pytest.raises(DiffdissectError, match="other images"):        # same count, other pixels
+        train_from_images(sd_target, extractor, "tiny", _images(seed=1), tmp_path / "straight", config, progress=False)
+    # a checkpoint whose files disagree (an interrupted write) is refused, not silently replayed
+    saved = json.loads((tmp_path / "straight" / "config.json").read_text())
+    saved["state"]["step"] = 2
+    (tmp_path / "straight" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(DiffdissectError, match="inconsistent"):
+        train_from_images(sd_target, extractor, "tiny", _images(), tmp_path / "straight",
+                          InvertTrainConfig(steps=6, batch_size=4, checkpoint_every=2, warmup=1), progress=False)
 
 
 def test_bad_features_and_checkpoints_from_another_pipeline_are_refused(tmp_path, sd_target):

@@ -290,6 +290,8 @@ def _directions_args(p: argparse.ArgumentParser, world: bool = False) -> None:
 
 
 def _directions_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.headline_step != "last" and not args.headline_step.isdigit():
+        raise DiffdissectError(f"--headline-step must be 'last' or a timestep t, not {args.headline_step!r}.")
     headline = args.headline_step if args.headline_step == "last" else int(args.headline_step)
     return dict(seeds=list(range(args.seeds)), layers=args.layers, steps=args.steps, batch_size=args.batch_size,
                 method=args.method, headline_step=headline, permutations=args.permutations, resamples=args.resamples)
@@ -327,8 +329,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from diffdissect.distributed import from_env
 
     dist = from_env()                       # torchrun / accelerate launch: this rank's share; else one process
-    if dist.enabled and args.device == "cuda":
-        args.device = f"cuda:{dist.local_rank}"
+    if dist.enabled and args.device.startswith("cuda"):
+        args.device = f"cuda:{dist.local_rank}"          # one GPU per rank
     target = _target(args)
     common = {"layers": args.layers, "seeds": args.seeds, "pooling": args.pooling, "dtype": args.dtype,
               "tokens_to_grid": args.tokens_to_grid, "batch_size": args.batch_size}

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from diffdissect.errors import DiffdissectError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -54,11 +56,19 @@ def from_env(backend: str | None = None) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE
+    if "RANK" not in os.environ:
+        raise DiffdissectError(f"WORLD_SIZE={world} but RANK is not set; launch with torchrun or `accelerate launch`, "
+                               "which set both (or unset WORLD_SIZE for one process).")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+            # CPU tensors (store bookkeeping, SAE statistics) always go through gloo; CUDA tensors through nccl
+            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if "nccl" in backend:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        try:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        except (RuntimeError, ValueError) as err:
+            raise DiffdissectError(f"rank {rank} could not join the process group ({backend}, MASTER_ADDR="
+                                   f"{os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): {err}") from None
     return Dist(rank=rank, world=world, local_rank=local_rank)

@@ -55,9 +55,12 @@ def _run(ranks: int, images: int, tmp: Path) -> dict[str, Any]:
     report.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-                    str(_free_port()), "-m", "diffdissect.bench.distributed", "--worker", "--images", str(images),
-                    "--out", str(out), "--report", str(report)], check=True, env=env, capture_output=True)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                             "--master_port", str(_free_port()), "-m", "diffdissect.bench.distributed", "--worker",
+                             "--images", str(images), "--out", str(out), "--report", str(report)],
+                            env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"the {ranks}-rank capture failed:\n{result.stderr[-3000:]}")
     wall = time.perf_counter() - started
     per_rank = [json.loads(p.read_text()) for p in sorted(report.glob("rank*.json"))]
     return {"wall_s": wall, "capture_s": max(r["seconds"] for r in per_rank),

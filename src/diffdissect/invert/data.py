@@ -39,11 +39,11 @@ def encode_batchwise(target: Target, extractor: FeatureExtractor, images: np.nda
 
 def prepare_inversion_data(out: str | Path, target: Target, extractor: FeatureExtractor, images: np.ndarray,
                            attributes: dict[str, Sequence[Any]] | None = None, *, batch: int = 256,
-                           progress: bool = False):
+                           progress: bool = False, extra: dict[str, Any] | None = None):
     """Write the store an inverter trains from; returns its reader."""
     latents, features = encode_batchwise(target, extractor, images, batch, progress)
     rows = [{"input_id": f"img{i:07d}", **{k: v[i] for k, v in (attributes or {}).items()}} for i in range(len(images))]
-    model = {**target.identity(), "classifier_layer": extractor.layer, "feature_mode": extractor.mode}
+    model = {**target.identity(), "classifier_layer": extractor.layer, "feature_mode": extractor.mode, **(extra or {})}
     write_array_store(out, {(LATENT, 0): latents, (FEATURES, 0): features}, rows, model=model)
     return open_store(out)
 

@@ -87,11 +87,12 @@ def save_inverter(inverter: Inverter, directory: str | Path, extra_tensors: dict
                   state: dict[str, Any] | None = None) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in inverter.controlnet.state_dict().items()}
-    atomic_write_bytes(directory / "inverter.safetensors", safetensors_bytes(tensors))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in inverter.controlnet.state_dict().items()}
+    metadata = {"step": str((state or {}).get("step", 0))}        # checked against config.json on resume
+    atomic_write_bytes(directory / "inverter.safetensors", safetensors_bytes(tensors, metadata=metadata))
     if extra_tensors is not None:
-        atomic_write_bytes(directory / "optimizer.safetensors",
-                           safetensors_bytes({k: v.contiguous() for k, v in extra_tensors.items()}))
+        atomic_write_bytes(directory / "optimizer.safetensors", safetensors_bytes(
+            {k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, metadata=metadata))
     atomic_write_json(directory / "config.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
                                                   "controlnet_config": dict(inverter.controlnet.config),
                                                   **inverter.info, "state": state or {}})

@@ -55,8 +55,11 @@ def invert_section(report: Report, results: dict[str, Any]) -> Section:
         s.image(image_grid(grids[first][:, :].transpose(1, 0, 2, 3, 4).reshape(-1, *grids[first].shape[2:]),
                            columns=len(grids[first]), scale=3),
                 f"{first}: one row per seed: what the features leave open varies across seeds ({seeds} seeds)")
+    for name in ("steering", "composites"):
+        if (results.get(name) or {}).get("skipped"):
+            s.note(f"{name}: {results[name]['skipped']}")
     steering = results.get("steering")
-    if steering:
+    if steering and not steering.get("skipped"):
         rows = [[a, _pct(v["flipped"]), _pct(v["others_kept"]), _pct(v["flipped_and_kept"])]
                 for a, v in steering["alphas"].items()]
         s.table(["alpha", f"{steering['factor']} flipped to {steering['to']}", "other factors kept", "both"], rows,
@@ -66,7 +69,7 @@ def invert_section(report: Report, results: dict[str, Any]) -> Section:
         s.image(image_grid(grid, columns=len(steering["originals"]), scale=3),
                 "rows: original, then alpha = " + ", ".join(steering["grids"]))
     composites = results.get("composites")
-    if composites:
+    if composites and not composites.get("skipped"):
         s.table(["check", "rate"], [["left half shows the left source's colour", _pct(composites["left_region_matches_left_source"])],
                                     ["right half shows the right source's colour", _pct(composites["right_region_matches_right_source"])],
                                     ["both", _pct(composites["both_regions"])]],

@@ -6,6 +6,7 @@ run on every batch), kept for the side-by-side cost benchmark.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,15 +31,18 @@ def train_from_images(target: Target, extractor: FeatureExtractor, classifier_na
                       progress: bool = True) -> dict[str, Any]:
     out = Path(out)
     data_dir = Path(data_dir) if data_dir is not None else out / "data"
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
     if (data_dir / "manifest.json").is_file():
         store = open_store(data_dir)
         model = store.manifest.model
-        if (store.num_rows != len(images) or model.get("weights_fingerprint") != target.identity()["weights_fingerprint"]
+        if (model.get("images_sha256") != digest or model.get("classifier") != classifier_name
+                or model.get("weights_fingerprint") != target.identity()["weights_fingerprint"]
                 or model.get("classifier_layer") != extractor.layer or model.get("feature_mode") != extractor.mode):
             raise DiffdissectError(f"{data_dir} holds training data for other images, another pipeline or another "
                                    "classifier layer; use a new --out.")
     else:
-        store = prepare_inversion_data(data_dir, target, extractor, images, attributes, progress=progress)
+        store = prepare_inversion_data(data_dir, target, extractor, images, attributes, progress=progress,
+                                       extra={"images_sha256": digest, "classifier": classifier_name})
     latents = store.load(LATENT, 0, format="torch", dtype="float32")
     features = store.load(FEATURES, 0, format="torch", dtype="float32")
     summary = train_inverter(target, lambda idx: (latents[idx], features[idx]), len(latents),

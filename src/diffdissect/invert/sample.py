@@ -12,6 +12,7 @@ import copy
 import numpy as np
 import torch
 
+from diffdissect.errors import DiffdissectError
 from diffdissect.invert.model import Inverter, predict_noise
 from diffdissect.models.target import Target
 
@@ -21,7 +22,11 @@ def invert(target: Target, inverter: Inverter, features: torch.Tensor, *, seeds:
            guidance: float = 3.0, steps: int = 20, batch: int = 128, ids: list[int] | None = None) -> np.ndarray:
     """(N, S, H, W, 3) uint8: S = len(seeds) reconstructions of each of the N feature maps."""
     inverter.check_features(features)
-    inverter.eval()
+    if target.vae is None:
+        raise DiffdissectError(f"{target.source} has no VAE; inversion needs the latent pipeline it was trained on.")
+    if len(features) == 0:
+        return np.zeros((0, len(seeds), target.resolution, target.resolution, 3), np.uint8)
+    inverter.eval().to(target.device)
     ids = list(range(len(features))) if ids is None else ids
     jobs = [(i, s) for i in range(len(features)) for s in seeds]
     out = []
@@ -30,7 +35,7 @@ def invert(target: Target, inverter: Inverter, features: torch.Tensor, *, seeds:
         feats = features[[i for i, _ in part]].float()
         noise = torch.stack([torch.randn(target_latent_shape(target), generator=torch.Generator().manual_seed(
             int(s) * 1_000_003 + int(ids[i]))) for i, s in part])
-        out.append(_sample_batch(target, inverter, feats, noise, guidance, steps))
+        out.append(_sample_batch(target, inverter, feats.to(target.device), noise.to(target.device), guidance, steps))
     images = np.concatenate(out)
     return images.reshape(len(features), len(seeds), *images.shape[1:])
 
@@ -51,7 +56,7 @@ def _sample_batch(target: Target, inverter: Inverter, feats: torch.Tensor, noise
     latents = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
-        tt = torch.full((len(text),), int(t))
+        tt = torch.full((len(text),), int(t), device=latents.device)
         if guidance == 1.0:
             eps = predict_noise(unet, inverter, x, tt, text, feats)
         else:

@@ -53,6 +53,9 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
     """`batch_of(indices)` gives clean latents and feature maps (precomputed, or computed on the fly for the
     FeatInv-style baseline). Resumes from `out` when it holds a checkpoint of the same run."""
     config.validate()
+    if target.vae is None or target.text_encoder is None:
+        raise DiffdissectError("feature inversion needs a latent text-to-image pipeline (VAE, UNet, text encoder), "
+                               f"such as Stable Diffusion; {target.source} has no VAE or text encoder.")
     out = Path(out)
     unet = target.denoiser.eval().requires_grad_(False)
     latent_grid = tuple(unet.config.sample_size if isinstance(unet.config.sample_size, (list, tuple))
@@ -60,8 +63,10 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
     info = {**info, "feature_shape": list(feature_shape), "latent_grid": list(latent_grid),
             "hint_hidden": config.hint_hidden, "train": asdict(config), "pipeline": target.identity()}
     inverter, optimiser, step = _start_or_resume(out, unet, target, feature_shape, latent_grid, config, info)
+    device = target.device
+    inverter.to(device)
     text_states = target.text_embeddings([""])           # the empty prompt: features are the only condition
-    ab = alphas_cumprod(target.scheduler).float()
+    ab = alphas_cumprod(target.scheduler).float().to(device)
     losses: list[float] = []
     started = time.perf_counter()
     first = step
@@ -74,6 +79,7 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
             keep = (torch.rand(config.batch_size, generator=g) >= config.cond_dropout).float()[:, None, None, None]
             t = torch.randint(0, len(ab), (config.batch_size,), generator=g)
             noise = torch.randn(x0.shape, generator=g)
+            x0, feats, keep, t, noise = (v.to(device) for v in (x0, feats, keep, t, noise))
             a = ab[t][:, None, None, None]
             noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
             eps = predict_noise(unet, inverter, noisy, t, text_states.expand(config.batch_size, -1, -1), feats * keep)
@@ -95,6 +101,8 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
             if step % config.checkpoint_every == 0 or step == config.steps:
                 _checkpoint(out, inverter, optimiser, step)
     elapsed = time.perf_counter() - started
+    if step == first and (out / "training.json").is_file():            # already finished: keep its record
+        return json.loads((out / "training.json").read_text())
     summary = {"steps": step, "trained_now": step - first, "seconds": elapsed,
                "steps_per_s": (step - first) / elapsed if elapsed > 0 and step > first else None,
                "final_loss": sum(losses[-100:]) / len(losses[-100:]) if losses else None}
@@ -122,10 +130,15 @@ def _start_or_resume(out: Path, unet, target: Target, feature_shape, latent_grid
                                    "train this one, or the same settings to resume.")
         inverter = load_inverter(out, pipeline_identity=target.identity())
         inverter.info = info
+        step = int(saved["state"].get("step", 0))
         optimiser = torch.optim.AdamW(inverter.parameters(), lr=config.lr, weight_decay=0.0)
+        steps_on_disk = {name: _saved_step(out / name) for name in ("inverter.safetensors", "optimizer.safetensors")}
+        if any(s is not None and s != step for s in steps_on_disk.values()):
+            raise DiffdissectError(f"the checkpoint in {out} is inconsistent (config.json says step {step}, the "
+                                   f"tensors {steps_on_disk}): a write was interrupted. Delete {out} and train again.")
         if (out / "optimizer.safetensors").is_file():
             restore_optimizer(optimiser, inverter, load_file(out / "optimizer.safetensors"))
-        return inverter, optimiser, int(saved["state"].get("step", 0))
+        return inverter, optimiser, step
     torch.manual_seed(config.seed)
     inverter = Inverter(build_controlnet(unet, feature_shape[0], latent_grid, config.hint_hidden), info)
     return inverter, torch.optim.AdamW(inverter.parameters(), lr=config.lr, weight_decay=0.0), 0
@@ -133,3 +146,14 @@ def _start_or_resume(out: Path, unet, target: Target, feature_shape, latent_grid
 
 def _checkpoint(out: Path, inverter: Inverter, optimiser: torch.optim.Optimizer, step: int) -> None:
     save_inverter(inverter, out, optimizer_tensors(optimiser, inverter), state={"step": step})
+
+
+def _saved_step(path: Path) -> int | None:
+    """The step recorded in a checkpoint file's safetensors metadata (None: no file or no record)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        step = (f.metadata() or {}).get("step")
+    return int(step) if step is not None else None

@@ -129,6 +129,8 @@ def _steering(target, inverter, extractor, judge, batch, guidance, steps, source
         features = extractor(images_to_pixels(batch.images))
     direction = concept_direction(features, batch.factors["colour"], src, dst)
     chosen = np.nonzero(batch.factors["colour"] == src)[0]
+    if not len(chosen) or not (batch.factors["colour"] == dst).any():
+        return {"skipped": f"no {source} or no {goal} images among the {len(batch)} evaluated; use more images."}
     before = {f: batch.factors[f][chosen] for f in FACTORS}
     out = {"factor": "colour", "from": source, "to": goal, "n": int(len(chosen)), "alphas": {}, "grids": {}}
     for alpha in alphas:
@@ -154,6 +156,8 @@ def _composites(target, inverter, extractor, batch, guidance, steps, weights) ->
     xpos, colour = batch.factors["xpos"], batch.factors["colour"]
     lefts, rights = np.nonzero(xpos == 0)[0], np.nonzero(xpos == 1)[0]
     pairs = [(i, j) for i, j in zip(lefts, rights) if colour[i] != colour[j]][:64]
+    if not pairs:
+        return {"skipped": f"no left/right pair of different colours among the {len(batch)} evaluated; use more images."}
     with torch.no_grad():
         features = extractor(images_to_pixels(batch.images))
     left = features[[i for i, _ in pairs]]

@@ -40,9 +40,12 @@ class SliceData:
         self.train_rows = split.mask("train")
         self.heldout_rows = ~self.train_rows
         rank, world = self.part
-        if world > 1:                           # disjoint shares by image: image j (in id order) -> rank j mod world
+        if world > 1:      # disjoint shares by image: the j-th training image (in id order) -> rank j mod world
             _, image = np.unique(np.asarray(ids), return_inverse=True)
-            self.train_rows = self.train_rows & (image % world == rank)
+            train_images = np.unique(image[self.train_rows])
+            position = np.full(image.max() + 1, -1)
+            position[train_images] = np.arange(len(train_images))
+            self.train_rows = self.train_rows & (position[image] % world == rank)
         self.by_image = split.by_image
         shape = self.reader.shape(self.layer)
         self.d_in = int(shape[0])

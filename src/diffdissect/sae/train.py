@@ -89,10 +89,13 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
     sae_cfg = sae_config(config, data.d_in)
     sae_cfg.validate()
     train_tokens = int(dist.all_reduce_(torch.tensor([data.train_tokens], dtype=torch.float64)).item())
-    batch_size = min(config.batch_size, train_tokens)
-    if batch_size % dist.world:
-        raise SpecError(f"batch_size {batch_size} does not split evenly over {dist.world} ranks; use a multiple "
-                        f"of {dist.world}.")
+    if config.batch_size % dist.world:
+        raise SpecError(f"batch_size {config.batch_size} does not split evenly over {dist.world} ranks; use a "
+                        f"multiple of {dist.world}.")
+    fewest = -int(dist.all_reduce_(torch.tensor([-data.train_tokens], dtype=torch.float64), "max").item())
+    if fewest < 1:
+        raise SpecError(f"a rank has no training tokens: {train_tokens} tokens over {dist.world} ranks; use fewer ranks.")
+    batch_size = min(config.batch_size, dist.world * fewest)        # every rank can fill its share of a batch
     rank_batch = batch_size // dist.world
     steps = config.steps or max(1, math.ceil((config.epochs or 10) * train_tokens / batch_size))
     dead_window = config.dead_window or min(10_000_000, train_tokens)
@@ -104,6 +107,9 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
     if dist.enabled:
         info["ranks"] = dist.world
     sae, state, start = _start_or_resume(out, config, sae_cfg, info, data)
+    if start and state.get("_info", {}).get("ranks", 1) != dist.world:
+        raise SpecError(f"{out} was trained with {state['_info'].get('ranks', 1)} rank(s); resume it with the same "
+                        f"number (now {dist.world}), or use another --out.")
     if start >= steps and "metrics" in state.get("_info", {}):
         return state["_info"]
     if dist.enabled and not start:                      # one initialisation for all ranks: rank 0's

@@ -189,7 +189,8 @@ class StoreWriter:
             self.dist.barrier()
             if self.dist.is_main:
                 self._merge_rank_records()
-                self._finalize(input_count)
+                if self.manifest.rows:                # an empty store is refused by the caller, never completed
+                    self._finalize(input_count)
             self.dist.barrier()
             self.manifest = Manifest.load(self.directory)
             return self.manifest
