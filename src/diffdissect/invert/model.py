@@ -112,7 +112,9 @@ def load_inverter(directory: str | Path, *, pipeline_identity: dict[str, Any] | 
                                f"v{config.get('format_version')}).")
     if pipeline_identity is not None:
         trained = config["pipeline"]
-        for key in ("config_sha256", "weights_fingerprint"):
+        # the weights fingerprint (names, shapes, values), not the config digest: a config records the
+        # directory it was loaded from, so the same pipeline moved or cloned elsewhere digests differently
+        for key in ("weights_fingerprint", "num_parameters"):
             if trained.get(key) != pipeline_identity.get(key):
                 raise DiffdissectError(
                     f"the inverter at {directory} was trained on another diffusion pipeline ({trained.get('source')}, "
