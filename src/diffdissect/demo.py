@@ -49,8 +49,8 @@ class DemoConfig:
     sae_expansion: int = 8
     sae_epochs: float = 30.0
     sae_batch: int = 1024
-    direction_seeds: int = 128           # seeds per prompt of the Decoding-Diffusion run (0: skip it)
-    inversion_images: int = 64           # held-out images inverted by the committed inverters (0: skip)
+    direction_seeds: int = 48            # seeds per prompt of the Decoding-Diffusion run (0: skip it)
+    inversion_images: int = 48           # held-out images inverted by the committed inverters (0: skip)
 
 
 def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | None = None,
@@ -105,7 +105,7 @@ def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | Non
 
     inversion = None
     if config.inversion_images:
-        inversion = evaluate_world(target, weights=weights, n=config.inversion_images, seeds=(0, 1))
+        inversion = evaluate_world(target, weights=weights, n=config.inversion_images, seeds=(0,))
         for name, m in inversion["reconstruction"].items():
             f = m["factors"]
             print(f"inversion {name}: feature cos {m['feature_cosine_pooled']:.3f}; judge agreement shape "
@@ -151,8 +151,8 @@ def _directions(out: Path, target, world: WorldConfig, weights: Path, config: De
     run_dir = out / "directions"
     if run_dir.exists():
         shutil.rmtree(run_dir)                          # the demo's own earlier run (maybe other weights)
-    results = run_directions(target, world_directions_config(world, seeds=config.direction_seeds), run_dir,
-                             WorldCaptioner(weights), progress=progress)
+    settings = world_directions_config(world, seeds=config.direction_seeds, permutations=1000, resamples=1000)
+    results = run_directions(target, settings, run_dir, WorldCaptioner(weights), progress=progress)
     check = check_against_world(results, world)
     for r in results["summary"]["families"]["colour"]["subjects"]:
         print(f"default of {r['subject']!r}: latent {r['top']} {r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] "
