@@ -49,8 +49,9 @@ class DemoConfig:
     sae_expansion: int = 8
     sae_epochs: float = 30.0
     sae_batch: int = 1024
-    direction_seeds: int = 48            # seeds per prompt of the Decoding-Diffusion run (0: skip it)
+    direction_seeds: int = 32            # seeds per prompt of the Decoding-Diffusion run (0: skip it)
     inversion_images: int = 48           # held-out images inverted by the committed inverters (0: skip)
+    inversion_steps: int = 10            # sampler steps per reconstruction (the eval command uses 20)
 
 
 def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | None = None,
@@ -105,7 +106,8 @@ def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | Non
 
     inversion = None
     if config.inversion_images:
-        inversion = evaluate_world(target, weights=weights, n=config.inversion_images, seeds=(0,))
+        inversion = evaluate_world(target, weights=weights, n=config.inversion_images, seeds=(0,),
+                                   steps=config.inversion_steps)
         for name, m in inversion["reconstruction"].items():
             f = m["factors"]
             print(f"inversion {name}: feature cos {m['feature_cosine_pooled']:.3f}; judge agreement shape "
@@ -151,7 +153,7 @@ def _directions(out: Path, target, world: WorldConfig, weights: Path, config: De
     run_dir = out / "directions"
     if run_dir.exists():
         shutil.rmtree(run_dir)                          # the demo's own earlier run (maybe other weights)
-    settings = world_directions_config(world, seeds=config.direction_seeds, permutations=1000, resamples=1000)
+    settings = world_directions_config(world, seeds=config.direction_seeds, permutations=500, resamples=500)
     results = run_directions(target, settings, run_dir, WorldCaptioner(weights), progress=progress)
     check = check_against_world(results, world)
     for r in results["summary"]["families"]["colour"]["subjects"]:

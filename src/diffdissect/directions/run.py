@@ -274,10 +274,11 @@ def _cluster_step(latents: np.ndarray, prompt_index: np.ndarray, config: Directi
     means = prompt_means(latents, prompt_index, len(prompts))[chosen]
     out = {"k": k, "prompts": [prompts[i].text for i in chosen], "groups": groups}
     clusters = cluster_prompts(means, k, config.seed)
-    out["raw"] = {**ari_with_null(groups, clusters, seed=config.seed), "clusters": clusters.tolist()}
+    permutations = min(config.permutations, 1000)
+    out["raw"] = {**ari_with_null(groups, clusters, permutations, config.seed), "clusters": clusters.tolist()}
     if nuisance is not None:
         clusters = cluster_prompts(project_out(means - means.mean(0), nuisance), k, config.seed)
-        out["removed"] = {**ari_with_null(groups, clusters, seed=config.seed), "clusters": clusters.tolist(),
+        out["removed"] = {**ari_with_null(groups, clusters, permutations, config.seed), "clusters": clusters.tolist(),
                           "family": config.cluster_remove}
     return out
 
