@@ -117,6 +117,9 @@ def run_directions(target: Target, config: DirectionsConfig, out: str | Path, ca
     for b in config.bias:
         source.require(b.family, config.text_source)
 
+    rows_of = {p.text: np.nonzero(prompt_index == i)[0] for i, p in enumerate(config.prompts)}
+    images = ({name: _image_measures(qs, rows_of, captions) for name, qs in questions.items()}
+              if captions is not None else None)
     timesteps = store.timesteps
     headline_t = _headline(timesteps, config.headline_step)
     results: dict[str, Any] = {
@@ -137,7 +140,8 @@ def run_directions(target: Target, config: DirectionsConfig, out: str | Path, ca
             for b in config.bias:
                 family_dirs[b.family_name] = dirs[[source.terms.index(w) for w in b.family]]
                 profile = family_profile(cosine_to_directions(latents, family_dirs[b.family_name], centre))
-                for q_result in _bias_step(questions[b.family_name], profile, prompt_texts, captions, config):
+                for q_result in _bias_step(questions[b.family_name], profile, rows_of,
+                                           images[b.family_name] if images else None, config):
                     results["bias"].setdefault(layer, {}).setdefault(b.family_name, {}).setdefault(
                         q_result["subject"], {})[str(t)] = q_result
                 if layer == config.layers[0] and t == headline_t:
@@ -233,30 +237,35 @@ def _captions(store, rows: list[dict], captioner: Captioner, path: Path, progres
     return {"captions": captions, "failures": {"count": len(failures), "examples": failures[:10]}}
 
 
-def _bias_step(questions, profile: np.ndarray, prompt_texts: list[str], captions: dict | None,
+def _image_measures(questions, rows_of: dict[str, np.ndarray], captions: dict) -> dict[str, dict[str, Any]]:
+    """Per subject, the caption-based answer (the same at every step, so computed once)."""
+    out = {}
+    for q in questions:
+        image = image_rates(captions["captions"], rows_of[q.subject], q.family)
+        if q.references:
+            refs = np.concatenate([rows_of[q.references[d]] for d in q.family])
+            ref_rates = image_rates(captions["captions"], refs, q.family)
+            image["reference_rates"] = ref_rates["rates"]
+            image["excess"] = [a - b for a, b in zip(image["rates"], ref_rates["rates"])]
+        else:
+            image["excess"] = [r - 1.0 / len(q.family) for r in image["rates"]]
+        image["score"] = max(image["excess"])
+        image["top"] = int(np.argmax(image["excess"]))
+        out[q.subject] = image
+    return out
+
+
+def _bias_step(questions, profile: np.ndarray, rows_of: dict[str, np.ndarray], images: dict[str, dict] | None,
                config: DirectionsConfig) -> list[dict[str, Any]]:
-    rows_of = {}
-    for i, p in enumerate(prompt_texts):
-        rows_of.setdefault(p, []).append(i)
     out = []
     for q in questions:
-        subject = np.array(rows_of[q.subject])
-        refs = [np.array(rows_of[q.references[d]]) for d in q.family] if q.references else None
-        latent = latent_bias(profile, subject, refs, resamples=config.resamples, permutations=config.permutations,
-                             seed=config.seed)
+        refs = [rows_of[q.references[d]] for d in q.family] if q.references else None
+        latent = latent_bias(profile, rows_of[q.subject], refs, resamples=config.resamples,
+                             permutations=config.permutations, seed=config.seed)
         entry = {"subject": q.subject, "family": q.family, "references": q.references, "latent": latent}
-        if captions is not None:
-            image = image_rates(captions["captions"], subject, q.family)
-            if refs:
-                ref_rates = image_rates(captions["captions"], np.concatenate(refs), q.family)
-                image["reference_rates"] = ref_rates["rates"]
-                image["excess"] = [a - b for a, b in zip(image["rates"], ref_rates["rates"])]
-            else:
-                image["excess"] = [r - 1.0 / len(q.family) for r in image["rates"]]
-            image["score"] = max(image["excess"])
-            image["top"] = int(np.argmax(image["excess"]))
-            entry["image"] = image
-            entry["agreement"] = rank_agreement(latent["excess"], image["excess"])
+        if images is not None:
+            entry["image"] = images[q.subject]
+            entry["agreement"] = rank_agreement(latent["excess"], images[q.subject]["excess"])
         out.append(entry)
     adjusted = holm([e["latent"]["p_value"] for e in out])
     for e, p in zip(out, adjusted):

@@ -47,8 +47,3 @@ def prepare_inversion_data(out: str | Path, target: Target, extractor: FeatureEx
     write_array_store(out, {(LATENT, 0): latents, (FEATURES, 0): features}, rows, model=model)
     return open_store(out)
 
-
-def load_inversion_data(store_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    store = open_store(store_dir)
-    return (store.load(LATENT, 0, format="torch", dtype="float32"),
-            store.load(FEATURES, 0, format="torch", dtype="float32"), store)

@@ -49,9 +49,6 @@ def palette_and_background(weights: Path | None = None) -> tuple[np.ndarray, np.
             list(world.colours))
 
 
-def describe(info: dict[str, Any]) -> str:
-    return f"{info['classifier']} {info['layer']} ({info['mode']})"
-
 
 # ---- evaluation on the world ------------------------------------------------------------------------
 def evaluate_world(target, *, weights: Path | None = None, n: int = 256, seeds: tuple[int, ...] = (0, 1, 2),
@@ -85,12 +82,10 @@ def evaluate_world(target, *, weights: Path | None = None, n: int = 256, seeds: 
             recs = invert(target, inverter, features, seeds=seeds, guidance=guidance, steps=steps)
             metrics = evaluate_reconstructions(batch.images, recs[:, 0], classifier=spatial.model, extractor=spatial,
                                                judge=judge, reference=reference)
-            per_seed = [{f: v["rate"] for f, v in evaluate_reconstructions(
-                batch.images, recs[:, s], classifier=spatial.model, extractor=spatial, judge=judge)["factors"].items()}
-                for s in range(1, len(seeds))]
-            metrics["factors_seed_spread"] = {f: float(np.std([metrics["factors"][f]["rate"]] + [p[f] for p in per_seed]))
-                                              for f in metrics["factors"]}
             reads = [judge.predict(images_to_pixels(recs[:, s])) for s in range(len(seeds))]
+            original = judge.predict(pixels)
+            metrics["factors_seed_spread"] = {f: float(np.std([(r[f] == original[f]).mean() for r in reads]))
+                                              for f in FACTORS}
             disagree = np.zeros(n, bool)
             for f in FACTORS:
                 stacked = np.stack([r[f] for r in reads])
