@@ -21,7 +21,8 @@ from PIL import Image
 
 from diffdissect import load_target, open_store
 from diffdissect.capture import CaptureSpec, TrajectorySpec, capture, capture_trajectories
-from diffdissect.capture.noising import noise_for
+from diffdissect.capture.noising import denoiser_target, noise_for, x0_error_weights
+from diffdissect.errors import SpecError
 from diffdissect.cli import main
 from diffdissect.data import ArraySource, FolderSource, HFDatasetSource
 from diffdissect.data.transforms import to_model_pixels
@@ -314,6 +315,66 @@ def test_noise_for_is_seeded_per_input():
     assert not torch.equal(a[0], a[1])                                   # other input: other noise
     assert torch.equal(a[1], noise_for(["y"], 0, (3, 4, 4))[0])          # independent of the batch
     assert abs(float(a.std()) - 1.0) < 0.35
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_denoiser_target_matches_diffusers(kind):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=kind)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    expected = {"epsilon": noise, "sample": x0, "v_prediction": scheduler.get_velocity(x0, noise, t)}[kind]
+    assert torch.allclose(denoiser_target(scheduler, x0, noise, t), expected, atol=1e-6)
+    if kind == "v_prediction":      # at t=999 v is almost -x0, at t=0 almost the noise
+        v = denoiser_target(scheduler, x0, noise, t)
+        cos = torch.nn.functional.cosine_similarity
+        assert cos(v[2].flatten(), -x0[2].flatten(), dim=0) > 0.99
+        assert cos(v[0].flatten(), noise[0].flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("x0_weight", [0.0, 0.1, 1.0])
+def test_x0_error_weights_price_an_x0_error_the_same_under_every_prediction_type(x0_weight):
+    from diffusers import DDPMScheduler
+
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    x0_hat = x0 + 0.3 * torch.randn(4, 4, 8, 8, generator=g)            # a denoiser's (wrong) guess of x0
+    t = torch.tensor([3, 300, 700, 990])
+    costs = {}
+    for kind in ("epsilon", "v_prediction", "sample"):
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                  beta_end=0.012, prediction_type=kind)
+        a = scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        noise_hat = (x_t - a.sqrt() * x0_hat) / (1 - a).sqrt()          # the same guess in this output type
+        pred = {"epsilon": noise_hat, "sample": x0_hat, "v_prediction": a.sqrt() * noise_hat - (1 - a).sqrt() * x0_hat}[kind]
+        mse = (pred - denoiser_target(scheduler, x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
+        costs[kind] = x0_error_weights(scheduler, t, x0_weight) * mse
+        if (kind, x0_weight) in (("epsilon", 0.0), ("v_prediction", 1.0)):     # the plain losses: weight 1
+            assert torch.allclose(x0_error_weights(scheduler, t, x0_weight), torch.ones(4), atol=1e-5)
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    expected = (snr + x0_weight) * (x0_hat - x0).pow(2).mean(dim=(1, 2, 3))
+    for kind, cost in costs.items():
+        assert torch.allclose(cost, expected, rtol=1e-3), kind
+
+
+def test_x0_error_weights_refuse_a_negative_weight():
+    from diffusers import DDPMScheduler
+
+    with pytest.raises(SpecError, match="x0_weight must be >= 0"):
+        x0_error_weights(DDPMScheduler(num_train_timesteps=10), torch.tensor([3]), -0.5)
+
+
+def test_denoiser_target_refuses_an_unknown_prediction_type():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=10)
+    scheduler.register_to_config(prediction_type="flow")
+    with pytest.raises(SpecError, match="prediction_type 'flow' is not supported"):
+        denoiser_target(scheduler, torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), torch.tensor([3]))
 
 
 def test_seeds_differ_and_reproduce(tmp_path, image_folder):

@@ -37,8 +37,10 @@ def test_demo_probes_recover_the_planted_factors_with_controls(demo):
     summary = {row["label"]: row for row in results["probes"]["summary"]}
     assert set(summary) == {"shape", "colour", "size", "xpos", "ypos"}
     # ground truth: every factor is decodable somewhere in layers x timesteps (measured at 256 images:
-    # shape 0.94, the others 1.00); shuffled labels stay near chance
-    assert summary["shape"]["best_accuracy"] > 0.8 and summary["colour"]["best_accuracy"] > 0.9
+    # shape 0.82 against 0.57 in the random-init control, the others 1.00); shuffled labels stay near chance
+    shape = summary["shape"]
+    assert shape["best_accuracy"] > 0.7 and shape["best_accuracy"] > shape["random_init_best_accuracy"] + 0.1
+    assert all(summary[name]["best_accuracy"] > 0.9 for name in ("colour", "size", "xpos", "ypos"))
     for row in summary.values():
         assert abs(row["shuffled_mean_accuracy"] - row["shuffled_chance_constant"]) < 0.1, row
         assert "random_init_best_accuracy" in row

@@ -17,7 +17,7 @@ from diffdissect.invert.applications import (concept_direction, gaussian_blur, o
                                              steer, steering_outcome)
 from diffdissect.invert.evaluate import (evaluate_reconstructions, feature_cosines, frechet_distance,
                                          judge_joint_logits, topk_agreement)
-from diffdissect.invert.model import predict_noise
+from diffdissect.invert.model import controlled_prediction
 from diffdissect.invert.run import train_from_images, train_per_sample
 from diffdissect.models import load_target
 
@@ -115,7 +115,7 @@ def test_controlnet_adapter_shapes_for_cnn_and_vit_features(sd_target, model, la
     assert mid.shape[1] == unet.config.block_out_channels[-1]
     # at initialisation every residual is zero: the frozen UNet's prediction is unchanged
     plain = unet(noisy, t, encoder_hidden_states=text).sample
-    assert torch.allclose(predict_noise(unet, inverter, noisy, t, text, features), plain, atol=1e-6)
+    assert torch.allclose(controlled_prediction(unet, inverter, noisy, t, text, features), plain, atol=1e-6)
 
 
 # ---- guidance ------------------------------------------------------------------------------------------------------

@@ -29,6 +29,19 @@ def test_committed_pipeline_loads_with_stock_diffusers():
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
+def test_committed_pipeline_draws_what_the_prompt_says_and_the_planted_defaults():
+    """The committed weights, judged by the committed captioner (docs/toy-world.md has the 256-sample figures)."""
+    from diffdissect.toy.evaluate import EvalConfig, evaluate_toy
+
+    results = evaluate_toy(config=EvalConfig(samples=48), progress=False)
+    full = results["full_prompts"]["per_factor"]
+    assert min(full[f]["rate"] for f in FACTORS) >= 0.85, {f: v["rate"] for f, v in full.items()}   # position too
+    defaults = results["colour_defaults"]["per_shape"]
+    rates = {shape: {c: r["generated"] for c, r in v["rates"].items()} for shape, v in defaults.items()}
+    assert rates["square"]["red"] >= 0.6 and rates["triangle"]["blue"] >= 0.4, rates       # strong, medium
+    assert max(rates["cross"].values()) <= 0.5, rates                                       # unbiased
+
+
 def test_committed_weights_are_small_safetensors_and_json():
     files = [p for p in DEFAULT_WEIGHTS.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 20 * 2**20
@@ -92,6 +105,7 @@ def test_smoke_build_writes_loadable_weights(smoke_build):
     assert set(info["timings_s"]) == {"pipeline", "cnn", "vit", "captioner"}
     pipe = diffusers.DiffusionPipeline.from_pretrained(out / "pipeline")
     assert pipe.vae.config.scaling_factor > 0 and WorldConfig.load(out / "world.json") == WorldConfig()
+    assert pipe.scheduler.config.prediction_type == "v_prediction"       # what the recipe trains
     for name in ("cnn", "vit", "captioner"):
         load_toy_classifier(name, out)
 
@@ -103,6 +117,18 @@ def test_smoke_build_is_reproducible_from_its_seed(smoke_build, tmp_path):
     for path in sorted(out.rglob("*.safetensors")):
         twin = again / path.relative_to(out)
         assert path.read_bytes() == twin.read_bytes(), path.relative_to(out)
+
+
+def test_cli_build_over_weights_with_inverters_says_to_retrain_them(smoke_build, tmp_path, capsys):
+    from diffdissect.cli import main
+
+    out = tmp_path / "weights"
+    shutil.copytree(smoke_build[0], out)
+    (out / "inverters" / "cnn-spatial").mkdir(parents=True)
+    assert main(["toy", "build", "--out", str(out), "--scale", "0.0005", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"invert build-world --weights {out}" in err and "previous pipeline" in err
+    assert not (out / "inverters").exists() and check_weights(out) == out
 
 
 def test_a_failing_build_leaves_existing_weights_untouched(smoke_build, monkeypatch, tmp_path):

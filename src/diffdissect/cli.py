@@ -673,8 +673,13 @@ def cmd_toy_build(args: argparse.Namespace) -> int:
 
     world = WorldConfig.load(args.world) if args.world else None
     out = Path(args.out) if args.out else DEFAULT_WEIGHTS
+    had_inverters = (out / "inverters").is_dir()
     info = build_toy(out, recipe, world, progress=not args.quiet)
     print(json.dumps({"out": str(out), "timings_s": info["timings_s"], "metrics": info["metrics"]}, indent=2))
+    if had_inverters:
+        where = "" if out == DEFAULT_WEIGHTS else f" --weights {out}"
+        print(f"The inverters in {out} belonged to the previous pipeline and were removed; retrain them with "
+              f"`diffdissect invert build-world{where}`.", file=sys.stderr)
     return 0
 
 

@@ -73,6 +73,50 @@ def add_noise(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: int) -> 
     return alpha_bar ** 0.5 * x0 + (1.0 - alpha_bar) ** 0.5 * noise
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def prediction_type(scheduler: Any) -> str:
+    """The scheduler's `prediction_type` (epsilon when it names none), refused unless diffdissect can train it."""
+    kind = getattr(scheduler.config, "prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise SpecError(f"the scheduler's prediction_type {kind!r} is not supported; diffdissect trains denoisers "
+                        f"for {', '.join(PREDICTION_TYPES)}.")
+    return kind
+
+
+def denoiser_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What a denoiser trained under `scheduler.config.prediction_type` outputs for x_t made from (x0, noise, t).
+
+    epsilon: the noise; v_prediction: sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0 (SD 2.x); sample: x0.
+    `t` holds one training index per batch item.
+    """
+    kind = prediction_type(scheduler)
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    alpha_bar = torch.as_tensor(alphas_cumprod(scheduler), dtype=x0.dtype)[t.cpu()].to(x0.device)    # v_prediction
+    alpha_bar = alpha_bar.reshape(-1, *([1] * (x0.dim() - 1)))
+    return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+
+
+def x0_error_weights(scheduler: Any, t: torch.Tensor, x0_weight: float) -> torch.Tensor:
+    """Per-sample weights that make the denoiser's MSE cost `SNR_t + x0_weight` per unit of x0 error.
+
+    Whatever the output type, an error in the implied x0 costs SNR (epsilon loss), SNR + 1 (v loss) or
+    1 (x0 loss) per unit, SNR = alpha_bar / (1 - alpha_bar). `x0_weight` moves between them: 0 weighs
+    time steps as the epsilon loss does, 1 as the v loss. The weights multiply the MSE of the
+    scheduler's own `prediction_type`, so one loss serves every output parameterisation.
+    """
+    alpha_bar = torch.as_tensor(alphas_cumprod(scheduler), dtype=torch.float64)[t.cpu()]
+    snr = alpha_bar / (1 - alpha_bar)
+    natural = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction_type(scheduler)]
+    if not x0_weight >= 0:
+        raise SpecError(f"x0_weight must be >= 0 (0: the epsilon loss's weighting, 1: the v loss's); got {x0_weight}")
+    return ((snr + x0_weight) / natural).float().to(t.device)
+
+
 def dry_inputs(target: Target, t: int | None = None, batch: int = 1):
     """A zero sample, a timestep and default conditioning: enough for a shape-probing forward."""
     c, h, w = target.sample_shape()

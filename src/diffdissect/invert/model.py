@@ -77,7 +77,7 @@ class Inverter(nn.Module):
         return down, mid
 
 
-def predict_noise(unet, inverter: Inverter, noisy, t, text_states, features):
+def controlled_prediction(unet, inverter: Inverter, noisy, t, text_states, features):
     down, mid = inverter.residuals(noisy, t, text_states, features)
     return unet(noisy, t, encoder_hidden_states=text_states, down_block_additional_residuals=down,
                 mid_block_additional_residual=mid).sample

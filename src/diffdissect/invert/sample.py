@@ -1,9 +1,9 @@
 """Reconstructions: sample the frozen pipeline with the inverter's residuals, guided on the features.
 
 Classifier-free guidance contrasts the real feature map with the all-zero map (the condition dropped
-in training): eps = eps(0) + s * (eps(f) - eps(0)). Several seeds per input show the posterior's
-spread: what the features leave open. Noise for (input i, seed s) comes from its own generator, so
-results do not depend on the batch layout.
+in training): out = out(0) + s * (out(f) - out(0)), where out is the denoiser's noise, v or x0
+prediction. Several seeds per input show the posterior's spread: what the features leave open.
+Noise for (input i, seed s) comes from its own generator, so results do not depend on the batch layout.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from diffdissect.errors import DiffdissectError
-from diffdissect.invert.model import Inverter, predict_noise
+from diffdissect.invert.model import Inverter, controlled_prediction
 from diffdissect.models.target import Target
 
 
@@ -58,12 +58,12 @@ def _sample_batch(target: Target, inverter: Inverter, feats: torch.Tensor, noise
         x = scheduler.scale_model_input(latents, t)
         tt = torch.full((len(text),), int(t), device=latents.device)
         if guidance == 1.0:
-            eps = predict_noise(unet, inverter, x, tt, text, feats)
+            pred = controlled_prediction(unet, inverter, x, tt, text, feats)   # noise, v or x0: the scheduler knows
         else:
-            both = predict_noise(unet, inverter, torch.cat([x, x]), tt, text, torch.cat([torch.zeros_like(feats), feats]))
+            both = controlled_prediction(unet, inverter, torch.cat([x, x]), tt, text, torch.cat([torch.zeros_like(feats), feats]))
             uncond, cond = both.chunk(2)
-            eps = uncond + guidance * (cond - uncond)
-        latents = scheduler.step(eps, t, latents).prev_sample
+            pred = uncond + guidance * (cond - uncond)
+        latents = scheduler.step(pred, t, latents).prev_sample
     return decode(target, latents)
 
 

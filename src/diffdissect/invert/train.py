@@ -1,4 +1,4 @@
-"""Train an inverter: epsilon loss of the frozen UNet plus the ControlNet's residuals, features as condition.
+"""Train an inverter: the denoising loss (under the pipeline's prediction type) of the frozen UNet plus the ControlNet's residuals, features as condition.
 
 Condition dropout (15% by default) replaces a sample's feature map with zeros, the "no features"
 condition that classifier-free guidance contrasts against. Each step's batch, timesteps, noise and
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from diffdissect.capture.noising import alphas_cumprod
+from diffdissect.capture.noising import alphas_cumprod, denoiser_target
 from diffdissect.errors import DiffdissectError
-from diffdissect.invert.model import Inverter, build_controlnet, load_inverter, predict_noise, save_inverter
+from diffdissect.invert.model import Inverter, build_controlnet, load_inverter, controlled_prediction, save_inverter
 from diffdissect.models.target import Target
 from diffdissect.optim_state import optimizer_tensors, restore_optimizer
 
@@ -82,8 +82,8 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
             x0, feats, keep, t, noise = (v.to(device) for v in (x0, feats, keep, t, noise))
             a = ab[t][:, None, None, None]
             noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            eps = predict_noise(unet, inverter, noisy, t, text_states.expand(config.batch_size, -1, -1), feats * keep)
-            loss = F.mse_loss(eps, noise)
+            pred = controlled_prediction(unet, inverter, noisy, t, text_states.expand(config.batch_size, -1, -1), feats * keep)
+            loss = F.mse_loss(pred, denoiser_target(target.scheduler, x0, noise, t))
             for group in optimiser.param_groups:
                 group["lr"] = config.lr * _lr_factor(step, config)
             optimiser.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor
 import torch
 import torch.nn.functional as F
 
+from diffdissect.capture.noising import denoiser_target, x0_error_weights
 from diffdissect.toy.text import build_clip_text_encoder, build_clip_tokenizer
 from diffdissect.toy.training import EMA, cosine_lr, run_steps, seeded
 from diffdissect.toy.world import WorldConfig, captions_for, sample_world
@@ -34,12 +35,14 @@ class PipelineRecipe:
     text_dim: int = 64
     text_layers: int = 2
     max_tokens: int = 12
-    unet_steps: int = 6000
+    unet_steps: int = 4000
     unet_batch: int = 128
     unet_lr: float = 1e-3
     ema_decay: float = 0.999
     cond_dropout: float = 0.1
     latent_pool: int = 40000           # world images encoded once for UNet training
+    prediction_type: str = "v_prediction"   # as SD 2.x; the output at high noise is the layout (docs/toy-world.md)
+    x0_weight: float = 0.1             # loss per unit x0 error = SNR + x0_weight (0: epsilon's weighting, 1: v's)
     threads: int | None = None
 
     def scaled(self, factor: float) -> "PipelineRecipe":
@@ -51,10 +54,10 @@ class PipelineRecipe:
         return out
 
 
-def sd_scheduler_config() -> dict[str, Any]:
-    """Stable Diffusion 1.x's noise schedule (scaled_linear betas, 1000 training steps)."""
+def sd_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
+    """Stable Diffusion's noise schedule (scaled_linear betas, 1000 training steps) and prediction target."""
     return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                steps_offset=1, prediction_type="epsilon")
+                steps_offset=1, prediction_type=prediction_type)
 
 
 def check_caption_length(tokenizer, world: WorldConfig, max_tokens: int) -> None:
@@ -84,7 +87,7 @@ def build_untrained(recipe: PipelineRecipe, world: WorldConfig) -> diffusers.Sta
             down_block_types=("CrossAttnDownBlock2D",) * len(recipe.unet_channels),
             up_block_types=("CrossAttnUpBlock2D",) * len(recipe.unet_channels),
             cross_attention_dim=recipe.text_dim, attention_head_dim=4, norm_num_groups=16)
-    scheduler = diffusers.DPMSolverMultistepScheduler(**sd_scheduler_config())
+    scheduler = diffusers.DPMSolverMultistepScheduler(**sd_scheduler_config(recipe.prediction_type))
     return diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
@@ -131,13 +134,15 @@ def encode_pool(vae: diffusers.AutoencoderKL, recipe: PipelineRecipe, world: Wor
 
 def train_unet(pipe: diffusers.StableDiffusionPipeline, latents: torch.Tensor, factors: dict[str, np.ndarray],
                recipe: PipelineRecipe, world: WorldConfig, *, progress: bool = True):
-    """Epsilon-prediction on SD's schedule; UNet and text encoder trained jointly; EMA weights kept.
+    """The recipe's prediction target (v by default) on SD's schedule, each sample's error weighted so that
+    the implied x0 error costs SNR_t + x0_weight (docs/toy-world.md); UNet and text encoder trained
+    jointly; EMA weights kept.
 
     Captions are re-drawn every step from each pooled image's factors (fresh omissions), and a
     fraction `cond_dropout` of captions is emptied for classifier-free guidance.
     """
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
-    noise_schedule = diffusers.DDPMScheduler(**sd_scheduler_config())
+    noise_schedule = diffusers.DDPMScheduler(**sd_scheduler_config(recipe.prediction_type))
     params = list(unet.parameters()) + list(text_encoder.parameters())
     unet.train(), text_encoder.train()
     unet.set_attn_processor(AttnProcessor())  # at head dims of 8-16 on CPU, ~15% faster than SDPA's kernel
@@ -160,7 +165,8 @@ def train_unet(pipe: diffusers.StableDiffusionPipeline, latents: torch.Tensor, f
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(idx),))
         x_t = noise_schedule.add_noise(x0, noise, t)
         pred = unet(x_t, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        per_sample = (pred - denoiser_target(noise_schedule, x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
+        loss = (x0_error_weights(noise_schedule, t, recipe.x0_weight) * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
