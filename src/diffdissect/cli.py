@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
     p.add_argument("--images", type=int, default=1024, help="held-out world images to capture [1024]")
     p.add_argument("--sae-epochs", type=float, default=30.0, help="SAE training epochs [30]")
-    p.add_argument("--direction-seeds", type=int, default=32,
-                   help="seeds per prompt for the Decoding-Diffusion section (0: skip it) [32]")
+    p.add_argument("--direction-seeds", type=int, default=128,
+                   help="seeds per prompt for the Decoding-Diffusion section (0: skip it) [128]")
     p.add_argument("--inversion-images", type=int, default=48,
                    help="held-out images for the feature-inversion section (0: skip it) [48]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

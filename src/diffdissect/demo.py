@@ -49,7 +49,7 @@ class DemoConfig:
     sae_expansion: int = 8
     sae_epochs: float = 30.0
     sae_batch: int = 1024
-    direction_seeds: int = 32            # seeds per prompt of the Decoding-Diffusion run (0: skip it)
+    direction_seeds: int = 128           # seeds per prompt of the Decoding-Diffusion run (0: skip it)
     inversion_images: int = 48           # held-out images inverted by the committed inverters (0: skip)
     inversion_steps: int = 10            # sampler steps per reconstruction (the eval command uses 20)
 
