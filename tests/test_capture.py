@@ -321,8 +321,9 @@ def test_noise_for_is_seeded_per_input():
 def test_denoiser_target_matches_diffusers(kind):
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, prediction_type=kind)
+    from diffdissect.toy.pipeline import sd_scheduler_config
+
+    scheduler = DDPMScheduler(**sd_scheduler_config(kind))
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([0, 500, 999])
@@ -339,14 +340,15 @@ def test_denoiser_target_matches_diffusers(kind):
 def test_x0_error_weights_price_an_x0_error_the_same_under_every_prediction_type(x0_weight):
     from diffusers import DDPMScheduler
 
+    from diffdissect.toy.pipeline import sd_scheduler_config
+
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     x0_hat = x0 + 0.3 * torch.randn(4, 4, 8, 8, generator=g)            # a denoiser's (wrong) guess of x0
     t = torch.tensor([3, 300, 700, 990])
     costs = {}
     for kind in ("epsilon", "v_prediction", "sample"):
-        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                  beta_end=0.012, prediction_type=kind)
+        scheduler = DDPMScheduler(**sd_scheduler_config(kind))
         a = scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         noise_hat = (x_t - a.sqrt() * x0_hat) / (1 - a).sqrt()          # the same guess in this output type

@@ -96,7 +96,7 @@ def denoiser_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: to
         return noise
     if kind == "sample":
         return x0
-    alpha_bar = torch.as_tensor(alphas_cumprod(scheduler), dtype=x0.dtype)[t.cpu()].to(x0.device)    # v_prediction
+    alpha_bar = _alpha_bar_per_item(scheduler, t).to(x0.device, x0.dtype)                     # v_prediction
     alpha_bar = alpha_bar.reshape(-1, *([1] * (x0.dim() - 1)))
     return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
 
@@ -109,12 +109,17 @@ def x0_error_weights(scheduler: Any, t: torch.Tensor, x0_weight: float) -> torch
     time steps as the epsilon loss does, 1 as the v loss. The weights multiply the MSE of the
     scheduler's own `prediction_type`, so one loss serves every output parameterisation.
     """
-    alpha_bar = torch.as_tensor(alphas_cumprod(scheduler), dtype=torch.float64)[t.cpu()]
-    snr = alpha_bar / (1 - alpha_bar)
-    natural = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction_type(scheduler)]
     if not x0_weight >= 0:
         raise SpecError(f"x0_weight must be >= 0 (0: the epsilon loss's weighting, 1: the v loss's); got {x0_weight}")
+    alpha_bar = _alpha_bar_per_item(scheduler, t)
+    snr = alpha_bar / (1 - alpha_bar)
+    natural = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction_type(scheduler)]
     return ((snr + x0_weight) / natural).float().to(t.device)
+
+
+def _alpha_bar_per_item(scheduler: Any, t: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at each batch item's training index `t`, float64 on the CPU."""
+    return torch.as_tensor(alphas_cumprod(scheduler), dtype=torch.float64)[t.cpu()]
 
 
 def dry_inputs(target: Target, t: int | None = None, batch: int = 1):

@@ -1,4 +1,5 @@
-"""Train an inverter: the denoising loss (under the pipeline's prediction type) of the frozen UNet plus the ControlNet's residuals, features as condition.
+"""Train an inverter: the frozen UNet plus the ControlNet's residuals, features as condition, under the
+denoising loss of the pipeline's own prediction type.
 
 Condition dropout (15% by default) replaces a sample's feature map with zeros, the "no features"
 condition that classifier-free guidance contrasts against. Each step's batch, timesteps, noise and
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from diffdissect.capture.noising import alphas_cumprod, denoiser_target
 from diffdissect.errors import DiffdissectError
-from diffdissect.invert.model import Inverter, build_controlnet, load_inverter, controlled_prediction, save_inverter
+from diffdissect.invert.model import Inverter, build_controlnet, controlled_prediction, load_inverter, save_inverter
 from diffdissect.models.target import Target
 from diffdissect.optim_state import optimizer_tensors, restore_optimizer
 
