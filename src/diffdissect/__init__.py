@@ -1,8 +1,9 @@
 """diffdissect: open up diffusion models and say, with evidence, what their representations encode."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from diffdissect.runtime import version as _version
 
+__version__ = _version()
 from diffdissect.errors import DiffdissectError
 from diffdissect.models import Target, load_target, list_layers
 # `capture` (the function) is not re-exported here: it would hide the `diffdissect.capture` subpackage.

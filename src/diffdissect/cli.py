@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from diffdissect.errors import DiffdissectError
+from diffdissect.runtime import quiet_libraries, version
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -746,32 +747,16 @@ def cmd_bench_capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """diffusers/transformers progress bars and advisory warnings drown our own output."""
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from diffdissect import __version__
-
-        print(__version__)
+        print(version())
         return 0
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except DiffdissectError as exc:

@@ -514,9 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    from diffdissect.cli import _quiet_libraries
+    from diffdissect.runtime import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     print(json.dumps(rss_child(args.images, args.out, args.threads)))
     return 0
 

@@ -18,9 +18,9 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from diffdissect import __version__
 from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import StoreError
+from diffdissect.runtime import version
 from diffdissect.store.atomic import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from diffdissect.store.manifest import INDEX, MANIFEST, SHARDS_DIR, Manifest, ShardRecord
 
@@ -69,7 +69,7 @@ class StoreWriter:
         Distributed: rank 0 creates or resumes the store (merging the shard lists that ranks of an
         interrupted run left behind); the other ranks wait for it, then open the same store."""
         directory = Path(directory)
-        manifest.diffdissect_version = __version__
+        manifest.diffdissect_version = version()
         if not dist.enabled:
             return cls._open_main(directory, manifest, dist)
         status = torch.zeros(1)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from diffdissect.errors import DiffdissectError
+from diffdissect.runtime import version
 from diffdissect.toy.classifiers import (AttributeCaptioner, ShapesCNN, ShapesViT, class_accuracy, class_names,
                                          factor_accuracy, load_classifier, save_classifier, train_classifier)
 from diffdissect.toy.pipeline import PipelineRecipe, build_pipeline
@@ -99,9 +100,7 @@ def build_toy(out: str | Path = DEFAULT_WEIGHTS, recipe: BuildRecipe | None = No
 
 
 def _version() -> str:
-    from diffdissect import __version__
-
-    return __version__
+    return version()
 
 
 # ---- loading the committed weights ----------------------------------------------------------------

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from diffdissect.capture.noising import denoiser_target, x0_error_weights
 from diffdissect.toy.text import build_clip_text_encoder, build_clip_tokenizer
-from diffdissect.toy.training import EMA, cosine_lr, run_steps, seeded
+from diffdissect.runtime import seeded
+from diffdissect.toy.training import EMA, cosine_lr, run_steps
 from diffdissect.toy.world import WorldConfig, captions_for, sample_world
 
 

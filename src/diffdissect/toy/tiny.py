@@ -23,7 +23,7 @@ from torch import nn
 from transformers import CLIPTokenizer
 
 from diffdissect.toy.text import build_clip_text_encoder, build_clip_tokenizer
-from diffdissect.toy.training import seeded
+from diffdissect.runtime import seeded
 
 __all__ = [
     "TinyDenoiser",
