@@ -295,7 +295,7 @@ class _DiskFullFile:
 def test_out_of_disk_leaves_no_partial_shard_and_resumes(images, reference, tmp_path, capsys):
     import builtins
 
-    import diffdissect.store.atomic as atomic
+    import diffdissect.atomic as atomic
 
     record: dict = {}
 

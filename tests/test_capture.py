@@ -21,7 +21,7 @@ from PIL import Image
 
 from diffdissect import load_target, open_store
 from diffdissect.capture import CaptureSpec, TrajectorySpec, capture, capture_trajectories
-from diffdissect.capture.noising import denoiser_target, noise_for, x0_error_weights
+from diffdissect.models.noising import denoiser_target, noise_for, x0_error_weights
 from diffdissect.errors import SpecError
 from diffdissect.cli import main
 from diffdissect.data import ArraySource, FolderSource, HFDatasetSource
@@ -696,7 +696,7 @@ class _DataDependent(torch.nn.Module):
 def test_shape_probe_matches_a_real_forward_without_running_one(sd_dir, pooling, monkeypatch):
     from diffdissect.capture import CaptureSpec
     from diffdissect.capture.engine import probe_row_shapes
-    from diffdissect.capture.noising import dry_inputs
+    from diffdissect.models.noising import dry_inputs
     from diffdissect.capture.rows import to_rows
 
     target = load_target(sd_dir)

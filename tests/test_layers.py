@@ -12,7 +12,7 @@ from diffdissect.capture import CaptureSpec, capture
 from diffdissect.cli import main
 from diffdissect.data import ArraySource
 from diffdissect.errors import LayerNotFoundError
-from diffdissect.models import resolve_layers
+from diffdissect.capture import resolve_layers
 
 
 def _model(kind, sd_dir, dit_dir, unet2d_dir):

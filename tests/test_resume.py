@@ -117,7 +117,7 @@ def test_resume_rewrites_an_uncommitted_shard_and_removes_leftover_temporaries(i
 
 
 def test_ctrl_c_inside_a_shard_write_leaves_no_partial_shard_and_resumes(images, reference, tmp_path, capsys):
-    import diffdissect.store.atomic as atomic
+    import diffdissect.atomic as atomic
 
     real_replace = os.replace
 
@@ -159,7 +159,7 @@ def test_api_and_cli_write_the_same_store(images, reference, tmp_path):
 # ---- a different spec is refused, and the store is left as it was ---------------------------------------
 def _other_weights(mp, tmp_path):
     """The same source string ("package.module:factory") returning other weights."""
-    import diffdissect.toy.tiny as tiny
+    import diffdissect.models.tiny as tiny
     from diffdissect import load_target
 
     real = tiny.tiny_denoiser

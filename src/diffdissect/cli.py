@@ -308,7 +308,7 @@ def _target(args: argparse.Namespace):
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from diffdissect.models import list_layers
+    from diffdissect.capture import list_layers
 
     target = _target(args)
     infos = list_layers(target, max_depth=args.depth or None, contains=args.filter)
@@ -506,7 +506,7 @@ def cmd_directions_world(args: argparse.Namespace) -> int:
     results = run_directions(world_target(weights=weights), config, args.out, WorldCaptioner(weights),
                              progress=not args.quiet)
     check = check_against_world(results, world)
-    from diffdissect.store.atomic import atomic_write_json
+    from diffdissect.atomic import atomic_write_json
 
     atomic_write_json(Path(args.out) / "world_check.json", check)
     _print_directions(results, write_directions_report(results, args.out, check))
@@ -593,7 +593,7 @@ def cmd_invert_eval(args: argparse.Namespace) -> int:
     from diffdissect.invert.report import invert_section
     from diffdissect.invert.world import evaluate_world, strip_images
     from diffdissect.report import Report
-    from diffdissect.store.atomic import atomic_write_json
+    from diffdissect.atomic import atomic_write_json
     from diffdissect.toy.stores import world_target
 
     weights = Path(args.weights) if args.weights else None

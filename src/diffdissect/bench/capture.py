@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from diffdissect.capture.engine import capture, probe_row_shapes
-from diffdissect.capture.noising import add_noise
+from diffdissect.models.noising import add_noise
 from diffdissect.capture.hooks import LayerRecorder
 from diffdissect.capture.spec import CaptureSpec
 from diffdissect.data.sources import ArraySource, ImageRecord
@@ -98,7 +98,7 @@ def set_threads(threads: int) -> None:
 
 # ---- models ------------------------------------------------------------------------------------
 def tiny_target(sample_size: int = TINY["sample_size"]) -> Target:
-    from diffdissect.toy.tiny import tiny_sd_pipeline
+    from diffdissect.models.tiny import tiny_sd_pipeline
 
     return load_target(tiny_sd_pipeline(sample_size=sample_size))
 
@@ -109,7 +109,7 @@ def sd15_pipeline(seed: int = 0):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffdissect.toy.tiny import sd15_unet, tiny_sd_pipeline
+    from diffdissect.models.tiny import sd15_unet, tiny_sd_pipeline
 
     tiny = tiny_sd_pipeline(seed)
     tokenizer = tiny.tokenizer

@@ -32,7 +32,7 @@ from diffdissect.directions.text import term_indicators
 from diffdissect.errors import DataError, SpecError
 from diffdissect.models.target import Target
 from diffdissect.store import open_store
-from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json
+from diffdissect.atomic import atomic_write_bytes, atomic_write_json
 
 SOURCES = ("captions", "prompts")
 

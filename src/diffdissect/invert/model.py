@@ -20,7 +20,7 @@ from torch import nn
 
 from diffdissect.errors import DiffdissectError
 from diffdissect.invert.features import FeatureError
-from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json
+from diffdissect.atomic import atomic_write_bytes, atomic_write_json
 
 FORMAT = "diffdissect-inverter"
 FORMAT_VERSION = 1

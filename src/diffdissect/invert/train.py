@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from diffdissect.capture.noising import alphas_cumprod, denoiser_target
+from diffdissect.models.noising import alphas_cumprod, denoiser_target
 from diffdissect.errors import DiffdissectError
 from diffdissect.invert.model import Inverter, build_controlnet, controlled_prediction, load_inverter, save_inverter
 from diffdissect.models.target import Target

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from diffdissect.sae.features import ImageActivations
-from diffdissect.store.atomic import atomic_write_bytes
+from diffdissect.atomic import atomic_write_bytes
 
 THUMB = 64
 

@@ -21,7 +21,7 @@ from safetensors.torch import save as safetensors_bytes
 from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import StoreError
 from diffdissect.runtime import version
-from diffdissect.store.atomic import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+from diffdissect.atomic import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from diffdissect.store.manifest import INDEX, MANIFEST, SHARDS_DIR, Manifest, ShardRecord
 
 INDEX_COLUMNS = ("row", "input_id", "source_index", "seed", "label", "caption", "shard")

@@ -47,7 +47,7 @@ def list_layers(target: Target, *, max_depth: int | None = 2, contains: str | No
                 t: int | None = None, include_silent: bool = False) -> list[LayerInfo]:
     """Hookable modules (up to `max_depth` dotted parts) with their output shapes, in execution order."""
     from diffdissect.capture.hooks import LayerRecorder
-    from diffdissect.capture.noising import dry_inputs
+    from diffdissect.models.noising import dry_inputs
 
     paths = [p for p in module_paths(target)
              if (max_depth is None or p.count(".") < max_depth) and (contains is None or contains in p)]
