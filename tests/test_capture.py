@@ -696,13 +696,12 @@ class _DataDependent(torch.nn.Module):
 def test_shape_probe_matches_a_real_forward_without_running_one(sd_dir, pooling, monkeypatch):
     from diffdissect.capture import CaptureSpec
     from diffdissect.capture.engine import probe_row_shapes
-    from diffdissect.models.noising import dry_inputs
     from diffdissect.capture.rows import to_rows
 
     target = load_target(sd_dir)
     layers = ["down_blocks.0", "mid_block", "up_blocks.1"]
     spec = CaptureSpec(layers=layers, pooling=pooling)
-    sample, t, cond = dry_inputs(target, 100)
+    sample, t, cond = target.dry_inputs(100)
     raw = hook_outputs(target.denoiser, layers, lambda: target.forward(sample, t, cond))
     real = {l: out[0] if isinstance(out, tuple) else out for l, out in raw.items()}   # down blocks: (h, skips)
     real_calls = []

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffdissect.capture.hooks import LayerRecorder
-from diffdissect.models.noising import add_noise, dry_inputs, noise_for, timestep_table
+from diffdissect.models.noising import add_noise, noise_for, timestep_table
 from diffdissect.capture.rows import cast_checked, to_rows
 from diffdissect.capture.spec import CaptureSpec
 from diffdissect.data.sources import ImageRecord, ImageSource, UnreadableInput
@@ -125,7 +125,7 @@ def probe_row_shapes(target: Target, layers: list[str], spec: CaptureSpec) -> di
     The forward runs on the meta device (shapes only, no arithmetic: free even for SD-XL); a model
     that cannot run on meta falls back to a real single-sample forward.
     """
-    sample, timestep, cond = dry_inputs(target, spec.timesteps[0])
+    sample, timestep, cond = target.dry_inputs(spec.timesteps[0])
     with LayerRecorder(target.denoiser, layers, early_exit=True) as recorder:
         try:
             outputs = recorder.run(_meta_forward, target, sample, timestep, cond)

@@ -148,6 +148,14 @@ class Target:
         return self.denoiser(*args, **kwargs)
 
     # ---- identity ----------------------------------------------------------------------------
+    def dry_inputs(self, t: int | None = None, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """A zero sample, a timestep and default conditioning: enough for a shape-probing forward."""
+        c, h, w = self.sample_shape()
+        sample = torch.zeros(batch, c, h, w, device=self.device, dtype=self.dtype)
+        t = self.num_train_timesteps // 2 if t is None else t
+        timestep = torch.full((batch,), t, device=self.device, dtype=torch.long)
+        return sample, timestep, self.conditioning(None, None, batch)
+
     def identity(self) -> dict[str, Any]:
         """What the manifest records about the model: enough to refuse mixing two models' data."""
         cfg = getattr(self.denoiser, "config", None)
