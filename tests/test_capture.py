@@ -321,7 +321,7 @@ def test_noise_for_is_seeded_per_input():
 def test_denoiser_target_matches_diffusers(kind):
     from diffusers import DDPMScheduler
 
-    from diffdissect.toy.pipeline import sd_scheduler_config
+    from diffdissect.world.pipeline import sd_scheduler_config
 
     scheduler = DDPMScheduler(**sd_scheduler_config(kind))
     g = torch.Generator().manual_seed(0)
@@ -340,7 +340,7 @@ def test_denoiser_target_matches_diffusers(kind):
 def test_x0_error_weights_price_an_x0_error_the_same_under_every_prediction_type(x0_weight):
     from diffusers import DDPMScheduler
 
-    from diffdissect.toy.pipeline import sd_scheduler_config
+    from diffdissect.world.pipeline import sd_scheduler_config
 
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)

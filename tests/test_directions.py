@@ -210,11 +210,11 @@ def test_a_captioner_failing_on_some_images_loses_only_those():
 
 def test_world_captioner_reads_world_images():
     from diffdissect.directions.captioners import WorldCaptioner
-    from diffdissect.toy.world import sample_world
+    from diffdissect.world.generator import sample_world
 
     captioner = WorldCaptioner()
     batch = sample_world(16, seed=3, config=captioner.world)
-    from diffdissect.toy.world import full_caption
+    from diffdissect.world.generator import full_caption
 
     expected = [full_caption(captioner.world, {f: int(v[i]) for f, v in batch.factors.items()}) for i in range(16)]
     assert captioner.caption(batch.images) == expected
@@ -394,9 +394,9 @@ def test_cli_directions_run(tmp_path, sd_dir, capsys):
 # ---- the shapes world: a small run recovers the strongest planted default -----------------------------------------
 def test_world_run_recovers_the_strong_default(tmp_path):
     from diffdissect.directions.captioners import WorldCaptioner
-    from diffdissect.directions.world import check_against_world, world_directions_config
-    from diffdissect.toy.build import load_world
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world.directions import check_against_world, world_directions_config
+    from diffdissect.world.build import load_world
+    from diffdissect.world.stores import world_target
 
     world = load_world()
     config = world_directions_config(world, seeds=24, resamples=200, permutations=200, layers=["mid_block"])

@@ -23,7 +23,7 @@ FLOORS: dict[str, int] = {
     "diffdissect.store": 3,
     "diffdissect.capture": 4,
     "diffdissect.probe": 5, "diffdissect.sae": 5, "diffdissect.directions": 5, "diffdissect.invert": 5,
-    "diffdissect.world": 6, "diffdissect.toy": 6, "diffdissect.demo": 7,
+    "diffdissect.world": 6, "diffdissect.world.demo": 7,
     "diffdissect.bench": 7,
     "diffdissect.cli": 8,
     "diffdissect.__main__": 9, "diffdissect": 9,      # the package face re-exports from every floor

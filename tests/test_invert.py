@@ -178,8 +178,8 @@ def test_metrics_on_cases_with_a_known_answer():
 
 
 def test_world_judge_metrics_and_frechet_floor():
-    from diffdissect.invert.world import world_extractor, world_images
-    from diffdissect.toy.build import load_toy_classifier
+    from diffdissect.world.invert import world_extractor, world_images
+    from diffdissect.world.build import load_toy_classifier
 
     batch = world_images(96, seed=5)
     judge = load_toy_classifier("captioner")
@@ -269,7 +269,7 @@ def test_short_training_run_resumes_to_the_same_weights(tmp_path, sd_target):
 
 
 def test_bad_features_and_checkpoints_from_another_pipeline_are_refused(tmp_path, sd_target):
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world.stores import world_target
 
     extractor = FeatureExtractor(TinyCNN(), "body")
     config = InvertTrainConfig(steps=1, batch_size=2, checkpoint_every=1, warmup=1)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from diffdissect.errors import DiffdissectError
-from diffdissect.toy.build import (DEFAULT_WEIGHTS, BuildRecipe, build_toy, check_weights, load_toy_classifier,
+from diffdissect.world.build import (DEFAULT_WEIGHTS, BuildRecipe, build_toy, check_weights, load_toy_classifier,
                                    load_world, pipeline_dir)
-from diffdissect.toy.classifiers import class_accuracy, factor_accuracy
-from diffdissect.toy.world import FACTORS, WorldConfig
+from diffdissect.world.classifiers import class_accuracy, factor_accuracy
+from diffdissect.world.generator import FACTORS, WorldConfig
 
 
 def test_committed_pipeline_loads_with_stock_diffusers():
@@ -31,7 +31,7 @@ def test_committed_pipeline_loads_with_stock_diffusers():
 
 def test_committed_pipeline_draws_what_the_prompt_says_and_the_planted_defaults():
     """The committed weights, judged by the committed captioner (docs/toy-world.md has the 256-sample figures)."""
-    from diffdissect.toy.evaluate import EvalConfig, evaluate_toy
+    from diffdissect.world.evaluate import EvalConfig, evaluate_toy
 
     results = evaluate_toy(config=EvalConfig(samples=48), progress=False)
     full = results["full_prompts"]["per_factor"]
@@ -132,7 +132,7 @@ def test_cli_build_over_weights_with_inverters_says_to_retrain_them(smoke_build,
 
 
 def test_a_failing_build_leaves_existing_weights_untouched(smoke_build, monkeypatch, tmp_path):
-    from diffdissect.toy import build as build_module
+    from diffdissect.world import build as build_module
 
     out = tmp_path / "weights"
     shutil.copytree(smoke_build[0], out)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from diffdissect.toy.world import (FACTORS, WorldConfig, WorldConfigError, caption, captions_for, full_caption,
+from diffdissect.world.generator import (FACTORS, WorldConfig, WorldConfigError, caption, captions_for, full_caption,
                                    sample_world)
 
 WORLD = WorldConfig()

@@ -494,9 +494,9 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
 def cmd_directions_world(args: argparse.Namespace) -> int:
     from diffdissect.directions import run_directions, write_directions_report
     from diffdissect.directions.captioners import WorldCaptioner
-    from diffdissect.directions.world import check_against_world, world_directions_config
-    from diffdissect.toy.build import load_world
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world.directions import check_against_world, world_directions_config
+    from diffdissect.world.build import load_world
+    from diffdissect.world.stores import world_target
 
     weights = Path(args.weights) if args.weights else None
     world = load_world(weights)
@@ -528,7 +528,7 @@ def _print_directions(results: dict[str, Any], report: Path) -> None:
 
 def _invert_images(args: argparse.Namespace, target, seed: int):
     from diffdissect.invert.run import folder_images
-    from diffdissect.invert.world import world_attributes, world_images
+    from diffdissect.world.invert import world_attributes, world_images
 
     if args.images:
         return folder_images(args.images, target.resolution), None
@@ -541,7 +541,7 @@ def cmd_invert_train(args: argparse.Namespace) -> int:
     from diffdissect.invert.features import FeatureExtractor
     from diffdissect.invert.run import load_classifier_spec, train_from_images
     from diffdissect.invert.train import InvertTrainConfig
-    from diffdissect.invert.world import TRAIN_SEED
+    from diffdissect.world.invert import TRAIN_SEED
 
     target = _target(args)
     classifier, name = load_classifier_spec(args.classifier)
@@ -566,7 +566,7 @@ def cmd_invert_sample(args: argparse.Namespace) -> int:
     from diffdissect.invert.model import load_inverter
     from diffdissect.invert.run import load_classifier_spec
     from diffdissect.invert.sample import invert
-    from diffdissect.invert.world import EVAL_SEED
+    from diffdissect.world.invert import EVAL_SEED
     from diffdissect.report.figures import image_grid
     from PIL import Image
 
@@ -591,10 +591,10 @@ def cmd_invert_sample(args: argparse.Namespace) -> int:
 
 def cmd_invert_eval(args: argparse.Namespace) -> int:
     from diffdissect.invert.report import invert_section
-    from diffdissect.invert.world import evaluate_world, strip_images
+    from diffdissect.world.invert import evaluate_world, strip_images
     from diffdissect.report import Report
     from diffdissect.atomic import atomic_write_json
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world.stores import world_target
 
     weights = Path(args.weights) if args.weights else None
     results = evaluate_world(world_target(weights=weights), weights=weights, n=args.images, seeds=tuple(args.seeds),
@@ -616,8 +616,8 @@ def cmd_invert_eval(args: argparse.Namespace) -> int:
 def cmd_invert_build_world(args: argparse.Namespace) -> int:
     import torch
 
-    from diffdissect.invert.world import build_world_inverters
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world.invert import build_world_inverters
+    from diffdissect.world.stores import world_target
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -655,7 +655,7 @@ def cmd_bench_distributed(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from diffdissect.demo import DemoConfig, run_demo
+    from diffdissect.world.demo import DemoConfig, run_demo
 
     config = DemoConfig(images=args.images, sae_epochs=args.sae_epochs, direction_seeds=args.direction_seeds,
                         inversion_images=args.inversion_images)
@@ -665,12 +665,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_toy_build(args: argparse.Namespace) -> int:
-    from diffdissect.toy.build import DEFAULT_WEIGHTS, BuildRecipe, build_toy
+    from diffdissect.world.build import DEFAULT_WEIGHTS, BuildRecipe, build_toy
 
     recipe = BuildRecipe(seed=args.seed, threads=args.threads)
     if args.scale != 1.0:
         recipe = recipe.scaled(args.scale)
-    from diffdissect.toy.world import WorldConfig
+    from diffdissect.world.generator import WorldConfig
 
     world = WorldConfig.load(args.world) if args.world else None
     out = Path(args.out) if args.out else DEFAULT_WEIGHTS
@@ -688,8 +688,8 @@ def cmd_toy_eval(args: argparse.Namespace) -> int:
     import datetime
     import platform
 
-    from diffdissect.toy.build import DEFAULT_WEIGHTS
-    from diffdissect.toy.evaluate import EvalConfig, evaluate_toy, summary, write_toy_world_doc
+    from diffdissect.world.build import DEFAULT_WEIGHTS
+    from diffdissect.world.evaluate import EvalConfig, evaluate_toy, summary, write_toy_world_doc
 
     config = EvalConfig(samples=args.samples, steps=args.steps, guidance_full=args.guidance)
     results = evaluate_toy(args.weights, config)

@@ -30,7 +30,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     from diffdissect.capture import CaptureSpec, capture
     from diffdissect.distributed import from_env
-    from diffdissect.toy.stores import world_source, world_target
+    from diffdissect.world.stores import world_source, world_target
 
     torch.set_num_threads(1)
     dist = from_env()

@@ -21,12 +21,12 @@ import torch
 from diffdissect.invert.data import encode_batchwise
 from diffdissect.invert.run import train_per_sample
 from diffdissect.invert.train import InvertTrainConfig, train_inverter
-from diffdissect.invert.world import TRAIN_SEED, world_extractor, world_images
+from diffdissect.world.invert import TRAIN_SEED, world_extractor, world_images
 
 
 def bench_invert(*, images: int = 4096, steps: int = 40, rounds: int = 3, batch_size: int = 64,
                  weights: Path | None = None) -> dict[str, Any]:
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world.stores import world_target
 
     target = world_target(weights=weights)
     extractor = world_extractor("cnn", "spatial", weights)

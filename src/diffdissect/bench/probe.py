@@ -23,8 +23,8 @@ from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_probe_tasks, fit_sklea
 from diffdissect.probe.labels import encode_labels
 from diffdissect.probe.splits import split_images
 from diffdissect.store import open_store
-from diffdissect.toy.stores import capture_world, world_target
-from diffdissect.toy.world import FACTORS
+from diffdissect.world.stores import capture_world, world_target
+from diffdissect.world.generator import FACTORS
 
 BENCH_LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
 BENCH_TIMESTEPS = [25, 200, 500, 800]

@@ -65,7 +65,7 @@ class WorldCaptioner:
     """The shapes world's attribute captioner, as a full world caption."""
 
     def __init__(self, weights: str | Path | None = None):
-        from diffdissect.toy.build import load_toy_classifier, load_world
+        from diffdissect.world.build import load_toy_classifier, load_world
 
         self.world = load_world(weights)
         self.model = load_toy_classifier("captioner", weights)
@@ -73,8 +73,8 @@ class WorldCaptioner:
 
     @torch.no_grad()
     def caption(self, images: np.ndarray) -> list[str]:
-        from diffdissect.toy.classifiers import images_to_tensor
-        from diffdissect.toy.world import full_caption
+        from diffdissect.world.classifiers import images_to_tensor
+        from diffdissect.world.generator import full_caption
 
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3:

@@ -69,7 +69,7 @@ def train_per_sample(target: Target, extractor: FeatureExtractor, classifier_nam
 def load_classifier_spec(spec: str, weights: Path | None = None) -> tuple[torch.nn.Module, str]:
     """'world:cnn' / 'world:vit' (the shapes world's), or 'package.module:factory' (a callable returning a module)."""
     if spec.startswith("world:"):
-        from diffdissect.toy.build import load_toy_classifier
+        from diffdissect.world.build import load_toy_classifier
 
         return load_toy_classifier(spec.split(":", 1)[1], weights), spec
     if ":" not in spec:

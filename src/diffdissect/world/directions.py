@@ -7,7 +7,7 @@ import numpy as np
 
 from diffdissect.directions.prompts import build_prompt_set
 from diffdissect.directions.run import BiasSpec, DirectionsConfig
-from diffdissect.toy.world import WorldConfig
+from diffdissect.world.generator import WorldConfig
 
 TEMPLATES = ["a {colour} {shape}", "a {shape}", "a {size} {shape}"]
 ORDER = ["strong", "medium", "weak", "unbiased"]

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from diffdissect.stats import wilson
-from diffdissect.toy.build import load_toy_classifier, load_toy_pipeline, load_world
-from diffdissect.toy.classifiers import factor_accuracy, images_to_tensor
-from diffdissect.toy.world import FACTORS, WorldConfig, captions_for, sample_factors
+from diffdissect.world.build import load_toy_classifier, load_toy_pipeline, load_world
+from diffdissect.world.classifiers import factor_accuracy, images_to_tensor
+from diffdissect.world.generator import FACTORS, WorldConfig, captions_for, sample_factors
 
 GENERATED_END = "<!-- end of the figures written by `diffdissect toy eval --doc`; what follows is kept -->"
 TARGETS = {"full_prompt_match": 0.90, "colour_rate_max_error": 0.10, "captioner_accuracy": 0.98}

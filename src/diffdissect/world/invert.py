@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from diffdissect.invert.features import FeatureExtractor
-from diffdissect.toy.build import check_weights, load_toy_classifier, load_world
-from diffdissect.toy.classifiers import balanced_world
-from diffdissect.toy.world import FACTORS, sample_world
+from diffdissect.world.build import check_weights, load_toy_classifier, load_world
+from diffdissect.world.classifiers import balanced_world
+from diffdissect.world.generator import FACTORS, sample_world
 
 WORLD_LAYERS = {"cnn": "block2", "vit": "blocks.3"}
 WORLD_INVERTERS = (("cnn", "spatial", 3000), ("cnn", "pooled", 2000), ("vit", "spatial", 3000))   # (classifier, mode, steps)
@@ -177,7 +177,7 @@ def _robustness(target, inverter, extractor, judge, batch, guidance, steps, n: i
     from diffdissect.invert.data import images_to_pixels
     from diffdissect.invert.evaluate import judge_joint_logits
     from diffdissect.invert.sample import invert
-    from diffdissect.toy.classifiers import class_labels
+    from diffdissect.world.classifiers import class_labels
 
     images = batch.images[:n]
     truth = class_labels(batch.config, {f: v[:n] for f, v in batch.factors.items()})

@@ -9,8 +9,8 @@ from diffdissect.capture import CaptureSpec, capture
 from diffdissect.data import ArraySource
 from diffdissect.models import Target, load_target
 from diffdissect.store import Manifest
-from diffdissect.toy.build import check_weights, load_world, pipeline_dir
-from diffdissect.toy.world import FACTORS, sample_world
+from diffdissect.world.build import check_weights, load_world, pipeline_dir
+from diffdissect.world.generator import FACTORS, sample_world
 
 HELD_OUT_SEED = 123_456_789          # no build step draws from this seed
 

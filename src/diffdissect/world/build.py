@@ -1,6 +1,6 @@
 """`diffdissect toy build`: train the shapes world's pipeline and classifiers from scratch, reproducibly.
 
-The result is a weights directory (committed under diffdissect/toy/weights, a few MB):
+The result is a weights directory (committed under diffdissect/world/weights, a few MB):
 
     build.json      diffdissect version, weights format, recipe, timings, held-out accuracies
     world.json      the world config (factors, planted rates)
@@ -24,10 +24,10 @@ import torch
 
 from diffdissect.errors import DiffdissectError
 from diffdissect.runtime import version
-from diffdissect.toy.classifiers import (AttributeCaptioner, ShapesCNN, ShapesViT, class_accuracy, class_names,
+from diffdissect.world.classifiers import (AttributeCaptioner, ShapesCNN, ShapesViT, class_accuracy, class_names,
                                          factor_accuracy, load_classifier, save_classifier, train_classifier)
-from diffdissect.toy.pipeline import PipelineRecipe, build_pipeline
-from diffdissect.toy.world import FACTORS, WorldConfig
+from diffdissect.world.pipeline import PipelineRecipe, build_pipeline
+from diffdissect.world.generator import FACTORS, WorldConfig
 
 WEIGHTS_FORMAT = 1
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights"

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from diffdissect.models.noising import denoiser_target, x0_error_weights
 from diffdissect.models.text import build_clip_text_encoder, build_clip_tokenizer
 from diffdissect.runtime import seeded
-from diffdissect.toy.training import EMA, cosine_lr, run_steps
-from diffdissect.toy.world import WorldConfig, captions_for, sample_world
+from diffdissect.world.training import EMA, cosine_lr, run_steps
+from diffdissect.world.generator import WorldConfig, captions_for, sample_world
 
 
 @dataclass

@@ -20,18 +20,18 @@ import numpy as np
 
 from diffdissect.directions import directions_section, run_directions
 from diffdissect.directions.captioners import WorldCaptioner
-from diffdissect.directions.world import check_against_world, world_directions_config
+from diffdissect.world.directions import check_against_world, world_directions_config
 from diffdissect.invert.report import invert_section
-from diffdissect.invert.world import evaluate_world, strip_images
+from diffdissect.world.invert import evaluate_world, strip_images
 from diffdissect.models import load_target
 from diffdissect.probe import ProbeConfig, probe_section, run_probes, summary_rows, write_probe_outputs
 from diffdissect.report import Report, image_grid
 from diffdissect.sae import TrainConfig, train_sae
 from diffdissect.sae.report import sae_section, write_feature_outputs
 from diffdissect.store import open_store, verify_store
-from diffdissect.toy.build import check_weights, load_world, pipeline_dir
-from diffdissect.toy.stores import HELD_OUT_SEED, capture_world, world_source
-from diffdissect.toy.world import FACTORS, WorldConfig
+from diffdissect.world.build import check_weights, load_world, pipeline_dir
+from diffdissect.world.stores import HELD_OUT_SEED, capture_world, world_source
+from diffdissect.world.generator import FACTORS, WorldConfig
 
 DEMO_LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
 DEMO_TIMESTEPS = [25, 200, 500, 800]
