@@ -178,12 +178,13 @@ def test_metrics_on_cases_with_a_known_answer():
 
 
 def test_world_judge_metrics_and_frechet_floor():
+    from diffdissect.world import ShapesWorld
     from diffdissect.world.invert import world_extractor, world_images
-    from diffdissect.world.build import load_toy_classifier
 
-    batch = world_images(96, seed=5)
-    judge = load_toy_classifier("captioner")
-    extractor = world_extractor("cnn")
+    world = ShapesWorld.load()
+    batch = world_images(world, 96, seed=5)
+    judge = world.classifier("captioner")
+    extractor = world_extractor(world, "cnn")
     same = evaluate_reconstructions(batch.images, batch.images, classifier=extractor.model, extractor=extractor, judge=judge)
     assert all(v["rate"] == 1.0 for v in same["factors"].values()) and same["judge_top1"]["rate"] == 1.0
     assert same["frechet"]["originals_vs_reconstructions"] == pytest.approx(0.0, abs=1e-3)
@@ -269,7 +270,7 @@ def test_short_training_run_resumes_to_the_same_weights(tmp_path, sd_target):
 
 
 def test_bad_features_and_checkpoints_from_another_pipeline_are_refused(tmp_path, sd_target):
-    from diffdissect.world.stores import world_target
+    from diffdissect.world import ShapesWorld
 
     extractor = FeatureExtractor(TinyCNN(), "body")
     config = InvertTrainConfig(steps=1, batch_size=2, checkpoint_every=1, warmup=1)
@@ -280,7 +281,7 @@ def test_bad_features_and_checkpoints_from_another_pipeline_are_refused(tmp_path
     with pytest.raises(FeatureError, match=r"shape \(8, 4, 4\) do not fit"):
         invert(sd_target, inverter, torch.zeros(1, 8, 4, 4))
     with pytest.raises(DiffdissectError, match="trained on another diffusion pipeline"):
-        load_inverter(tmp_path / "inv", pipeline_identity=world_target().identity())
+        load_inverter(tmp_path / "inv", pipeline_identity=ShapesWorld.load().target().identity())
     with pytest.raises(DiffdissectError, match="no inverter at"):
         load_inverter(tmp_path / "nothing")
 

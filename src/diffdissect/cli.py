@@ -481,7 +481,8 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
     families = parse_slot_args(args.family)
     if families and not args.subjects:
         raise DiffdissectError("--family needs --subjects: the prompts whose defaults to measure.")
-    captioner = None if args.captioner == "none" else load_captioner(args.captioner)
+    captioner = (None if args.captioner == "none" else _shapes_world(args).captioner() if args.captioner == "world"
+                 else load_captioner(args.captioner))
     source = args.source or ("captions" if captioner else "prompts")
     config = DirectionsConfig(prompts=prompts, guidance_scale=args.guidance, text_source=source,
                               bias=[BiasSpec(name, words, list(args.subjects)) for name, words in families.items()],
@@ -493,19 +494,16 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
 
 def cmd_directions_world(args: argparse.Namespace) -> int:
     from diffdissect.directions import run_directions, write_directions_report
-    from diffdissect.directions.captioners import WorldCaptioner
     from diffdissect.world.directions import check_against_world, world_directions_config
-    from diffdissect.world.build import load_world
-    from diffdissect.world.stores import world_target
 
-    weights = Path(args.weights) if args.weights else None
-    world = load_world(weights)
+    shapes_world = _shapes_world(args)
     options = _directions_options(args)
     options.pop("seeds")
-    config = world_directions_config(world, seeds=args.seeds, text_source=args.source or "captions", **options)
-    results = run_directions(world_target(weights=weights), config, args.out, WorldCaptioner(weights),
+    config = world_directions_config(shapes_world.config, seeds=args.seeds, text_source=args.source or "captions",
+                                     **options)
+    results = run_directions(shapes_world.target(), config, args.out, shapes_world.captioner(),
                              progress=not args.quiet)
-    check = check_against_world(results, world)
+    check = check_against_world(results, shapes_world.config)
     from diffdissect.atomic import atomic_write_json
 
     atomic_write_json(Path(args.out) / "world_check.json", check)
@@ -526,25 +524,33 @@ def _print_directions(results: dict[str, Any], report: Path) -> None:
     print(f"results: {Path(report).parent / 'results.json'}; report: {report}")
 
 
+def _shapes_world(args: argparse.Namespace):
+    """The shapes world of `--weights` (the committed one without it), checked once."""
+    from diffdissect.world import ShapesWorld
+
+    weights = getattr(args, "weights", None)
+    return ShapesWorld.load(Path(weights) if weights else None)
+
+
 def _invert_images(args: argparse.Namespace, target, seed: int):
     from diffdissect.invert.run import folder_images
     from diffdissect.world.invert import world_attributes, world_images
 
     if args.images:
         return folder_images(args.images, target.resolution), None
-    batch = world_images(args.world_images, seed)
+    batch = world_images(_shapes_world(args), args.world_images, seed)
     return batch.images, world_attributes(batch)
 
 
 def cmd_invert_train(args: argparse.Namespace) -> int:
     from diffdissect.invert.data import images_to_pixels
     from diffdissect.invert.features import FeatureExtractor
-    from diffdissect.invert.run import load_classifier_spec, train_from_images
+    from diffdissect.invert.run import train_from_images
     from diffdissect.invert.train import InvertTrainConfig
-    from diffdissect.world.invert import TRAIN_SEED
+    from diffdissect.world.invert import TRAIN_SEED, classifier_spec
 
     target = _target(args)
-    classifier, name = load_classifier_spec(args.classifier)
+    classifier, name = classifier_spec(args.classifier)
     extractor = FeatureExtractor(classifier, args.layer, mode=args.mode)
     images, attributes = _invert_images(args, target, TRAIN_SEED)
     extractor(images_to_pixels(images[:1]))           # a non-spatial layer fails here, before any data is written
@@ -564,15 +570,14 @@ def cmd_invert_sample(args: argparse.Namespace) -> int:
     from diffdissect.invert.data import images_to_pixels
     from diffdissect.invert.features import FeatureExtractor
     from diffdissect.invert.model import load_inverter
-    from diffdissect.invert.run import load_classifier_spec
     from diffdissect.invert.sample import invert
-    from diffdissect.world.invert import EVAL_SEED
+    from diffdissect.world.invert import EVAL_SEED, classifier_spec
     from diffdissect.report.figures import image_grid
     from PIL import Image
 
     target = _target(args)
     inverter = load_inverter(args.inverter, pipeline_identity=target.identity())
-    classifier, _ = load_classifier_spec(args.classifier)
+    classifier, _ = classifier_spec(args.classifier)
     extractor = FeatureExtractor(classifier, inverter.info["layer"], mode=inverter.info["mode"])
     images, _ = _invert_images(args, target, EVAL_SEED)
     with torch.no_grad():
@@ -594,10 +599,9 @@ def cmd_invert_eval(args: argparse.Namespace) -> int:
     from diffdissect.world.invert import evaluate_world, strip_images
     from diffdissect.report import Report
     from diffdissect.atomic import atomic_write_json
-    from diffdissect.world.stores import world_target
 
-    weights = Path(args.weights) if args.weights else None
-    results = evaluate_world(world_target(weights=weights), weights=weights, n=args.images, seeds=tuple(args.seeds),
+    shapes_world = _shapes_world(args)
+    results = evaluate_world(shapes_world.target(), shapes_world, n=args.images, seeds=tuple(args.seeds),
                              guidance=args.guidance, steps=args.steps, progress=not args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -617,12 +621,11 @@ def cmd_invert_build_world(args: argparse.Namespace) -> int:
     import torch
 
     from diffdissect.world.invert import build_world_inverters
-    from diffdissect.world.stores import world_target
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    weights = Path(args.weights) if args.weights else None
-    summaries = build_world_inverters(world_target(weights=weights), weights=weights, images=args.images,
+    shapes_world = _shapes_world(args)
+    summaries = build_world_inverters(shapes_world.target(), shapes_world, images=args.images,
                                       scale=args.scale, only=args.only, progress=not args.quiet)
     for name, s in summaries.items():
         print(f"{name}: {s['steps']} steps, {s['steps_per_s']:.2f} steps/s, {s['wall_seconds']:.0f} s, "
@@ -659,8 +662,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = DemoConfig(images=args.images, sae_epochs=args.sae_epochs, direction_seeds=args.direction_seeds,
                         inversion_images=args.inversion_images)
-    run_demo(Path(args.out), weights=Path(args.weights) if args.weights else None, config=config,
-             progress=not args.quiet)
+    run_demo(Path(args.out), shapes_world=_shapes_world(args), config=config, progress=not args.quiet)
     return 0
 
 
@@ -688,14 +690,14 @@ def cmd_toy_eval(args: argparse.Namespace) -> int:
     import datetime
     import platform
 
-    from diffdissect.world.build import DEFAULT_WEIGHTS
     from diffdissect.world.evaluate import EvalConfig, evaluate_toy, summary, write_toy_world_doc
 
     config = EvalConfig(samples=args.samples, steps=args.steps, guidance_full=args.guidance)
-    results = evaluate_toy(args.weights, config)
+    shapes_world = _shapes_world(args)
+    results = evaluate_toy(shapes_world, config)
     plain = summary(results)
     if args.save:
-        (Path(args.weights) if args.weights else DEFAULT_WEIGHTS).joinpath("eval.json").write_text(json.dumps(plain, indent=2))
+        shapes_world.directory.joinpath("eval.json").write_text(json.dumps(plain, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(plain, indent=2))
     if args.doc:

@@ -66,12 +66,9 @@ def train_per_sample(target: Target, extractor: FeatureExtractor, classifier_nam
                           progress=progress)
 
 
-def load_classifier_spec(spec: str, weights: Path | None = None) -> tuple[torch.nn.Module, str]:
-    """'world:cnn' / 'world:vit' (the shapes world's), or 'package.module:factory' (a callable returning a module)."""
-    if spec.startswith("world:"):
-        from diffdissect.world.build import load_toy_classifier
-
-        return load_toy_classifier(spec.split(":", 1)[1], weights), spec
+def load_classifier_spec(spec: str) -> tuple[torch.nn.Module, str]:
+    """'package.module:factory' (a callable returning a module). The shapes world's 'world:cnn' / 'world:vit'
+    are resolved by `diffdissect.world.invert.classifier_spec`, which falls back to this."""
     if ":" not in spec:
         raise DiffdissectError(f"--classifier {spec!r}: use world:cnn, world:vit or package.module:factory.")
     model = load_factory(spec, what="--classifier")

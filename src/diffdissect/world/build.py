@@ -25,7 +25,7 @@ import torch
 from diffdissect.errors import DiffdissectError
 from diffdissect.runtime import version
 from diffdissect.world.classifiers import (AttributeCaptioner, ShapesCNN, ShapesViT, class_accuracy, class_names,
-                                         factor_accuracy, load_classifier, save_classifier, train_classifier)
+                                         factor_accuracy, save_classifier, train_classifier)
 from diffdissect.world.pipeline import PipelineRecipe, build_pipeline
 from diffdissect.world.generator import FACTORS, WorldConfig
 
@@ -121,23 +121,3 @@ def check_weights(directory: str | Path | None = None) -> Path:
             raise DiffdissectError(f"the shapes-world weights at {directory} are incomplete ({part} missing). {rebuild}")
     return directory
 
-
-def load_world(directory: str | Path | None = None) -> WorldConfig:
-    return WorldConfig.load(check_weights(directory) / "world.json")
-
-
-def pipeline_dir(directory: str | Path | None = None) -> Path:
-    return check_weights(directory) / "pipeline"
-
-
-def load_toy_pipeline(directory: str | Path | None = None):
-    """The trained toy pipeline, through stock `diffusers.DiffusionPipeline.from_pretrained`."""
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(pipeline_dir(directory))
-
-
-def load_toy_classifier(name: str, directory: str | Path | None = None):
-    if name not in ("cnn", "vit", "captioner"):
-        raise DiffdissectError(f"unknown toy classifier {name!r}; choose cnn, vit or captioner.")
-    return load_classifier(check_weights(directory) / name)
