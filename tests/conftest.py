@@ -73,7 +73,7 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _saved(models_root: Path, name: str, builder: str) -> Path:
     """Build `diffdissect.models.tiny.<builder>(0)` and `save_pretrained` it under `models_root/name`."""
-    from diffdissect.world import tiny
+    from diffdissect.models import tiny
 
     path = models_root / name
     getattr(tiny, builder)(0).save_pretrained(path)
