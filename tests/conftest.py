@@ -30,8 +30,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 import pytest
 import torch
-from _store_helpers import write_labels_csv
 from PIL import Image
+
+from _store_helpers import write_labels_csv
 
 torch.set_num_threads(1)
 
@@ -183,8 +184,8 @@ def noised_inputs(target, images, ids: list[str], seed: int, t: int,
     rebuilt from the parts: resize/crop -> VAE encode (per batch of `batch_size`, then concatenated, as
     capture does: the memory layout of x0 changes float rounding in the last bit) -> noise_for ->
     scheduler.add_noise."""
-    from diffdissect.models.noising import noise_for
     from diffdissect.data.transforms import to_model_pixels
+    from diffdissect.models.noising import noise_for
 
     pixels = torch.stack([to_model_pixels(image, target.resolution) for image in images])
     step = batch_size or len(images)

@@ -15,17 +15,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (IMAGE_CAPTIONS, IMAGE_LABELS, TINY_FACTORY, folder_images, hook_outputs, noised_inputs,
-                      random_image)
 from PIL import Image
 
+from conftest import (
+    IMAGE_CAPTIONS,
+    IMAGE_LABELS,
+    TINY_FACTORY,
+    folder_images,
+    hook_outputs,
+    noised_inputs,
+    random_image,
+)
 from diffdissect import load_target, open_store
 from diffdissect.capture import CaptureSpec, TrajectorySpec, capture, capture_trajectories
-from diffdissect.models.noising import denoiser_target, noise_for, x0_error_weights
-from diffdissect.errors import SpecError
 from diffdissect.cli import main
 from diffdissect.data import ArraySource, FolderSource, HFDatasetSource
 from diffdissect.data.transforms import to_model_pixels
+from diffdissect.errors import SpecError
+from diffdissect.models.noising import denoiser_target, noise_for, x0_error_weights
 
 N = 4   # images per capture (the first four of the image folder)
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from diffdissect.cli import main
-from diffdissect.world.demo import DemoConfig, run_demo
 from diffdissect.store import open_store, verify_store
+from diffdissect.world.demo import DemoConfig, run_demo
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from diffdissect.cli import main
-from diffdissect.directions import (BiasSpec, DirectionsConfig, build_prompt_set, caption_images,
-                                    mean_difference_directions, ridge_directions, run_directions)
+from diffdissect.directions import (
+    BiasSpec,
+    DirectionsConfig,
+    build_prompt_set,
+    caption_images,
+    mean_difference_directions,
+    ridge_directions,
+    run_directions,
+)
 from diffdissect.directions.bias import find_references, holm, image_rates, latent_bias, make_questions
 from diffdissect.directions.captioners import TransformersCaptioner
 from diffdissect.directions.cluster import ari_with_null, cluster_prompts, project_out

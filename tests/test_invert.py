@@ -11,12 +11,35 @@ from torch import nn
 
 from diffdissect.cli import main
 from diffdissect.errors import DiffdissectError, LayerNotFoundError
-from diffdissect.invert import (FeatureError, FeatureExtractor, HintBlock, InvertTrainConfig, Inverter,
-                                build_controlnet, invert, load_inverter, pool, to_grid)
-from diffdissect.invert.applications import (concept_direction, gaussian_blur, occlude, pgd, region_colour, splice,
-                                             steer, steering_outcome)
-from diffdissect.invert.evaluate import (evaluate_reconstructions, feature_cosines, frechet_distance,
-                                         judge_joint_logits, topk_agreement)
+from diffdissect.invert import (
+    FeatureError,
+    FeatureExtractor,
+    HintBlock,
+    Inverter,
+    InvertTrainConfig,
+    build_controlnet,
+    invert,
+    load_inverter,
+    pool,
+    to_grid,
+)
+from diffdissect.invert.applications import (
+    concept_direction,
+    gaussian_blur,
+    occlude,
+    pgd,
+    region_colour,
+    splice,
+    steer,
+    steering_outcome,
+)
+from diffdissect.invert.evaluate import (
+    evaluate_reconstructions,
+    feature_cosines,
+    frechet_distance,
+    judge_joint_logits,
+    topk_agreement,
+)
 from diffdissect.invert.model import controlled_prediction
 from diffdissect.invert.run import train_from_images, train_per_sample
 from diffdissect.models import load_target

@@ -7,13 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FACTORY, build_hf_cache, state_dicts_equal
 
+from conftest import TINY_FACTORY, build_hf_cache, state_dicts_equal
 from diffdissect import load_target
 from diffdissect.errors import DiffdissectError, ModelLoadError
-from diffdissect.models.tiny import TinyDenoiser, tiny_denoiser, tiny_dit_pipeline, tiny_sd_pipeline, tiny_unet2d, \
-    tiny_unet2d_condition
-
+from diffdissect.models.tiny import (
+    TinyDenoiser,
+    tiny_denoiser,
+    tiny_dit_pipeline,
+    tiny_sd_pipeline,
+    tiny_unet2d,
+    tiny_unet2d_condition,
+)
 
 # diffusers passes a deprecated argument to huggingface_hub when it reads the hub cache
 pytestmark = pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated:UserWarning")

@@ -17,8 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from _store_helpers import (HANG_ENV, SLEEP_ENV, TINY_FACTORY, assert_same_store, capture_args, copy_store,
-                            file_stats, one_thread, run_cli, snapshot, subprocess_env, write_images)
+from _store_helpers import (
+    HANG_ENV,
+    SLEEP_ENV,
+    TINY_FACTORY,
+    assert_same_store,
+    capture_args,
+    copy_store,
+    file_stats,
+    one_thread,
+    run_cli,
+    snapshot,
+    subprocess_env,
+    write_images,
+)
 from diffdissect.errors import StoreError
 from diffdissect.store import Manifest, verify_store
 from diffdissect.store.writer import StoreWriter
@@ -35,7 +47,8 @@ def _one_thread():
 
 def api_capture(images: Path, out: Path, target=None, **changes):
     """The same capture as `capture_args` through the Python API (a target and spec may be changed)."""
-    from diffdissect import CaptureSpec, FolderSource, load_target; from diffdissect.capture import capture
+    from diffdissect import CaptureSpec, FolderSource, load_target
+    from diffdissect.capture import capture
 
     spec = CaptureSpec(**{"layers": ["blocks.0", "mid"], "timesteps": [10, 600], "seeds": [0, 1], "shard_size": 2,
                           "batch_size": 2, **changes})

@@ -1,16 +1,16 @@
 """diffdissect: open up diffusion models and say, with evidence, what their representations encode."""
 from __future__ import annotations
 
-from diffdissect.runtime import version as _version
-
-__version__ = _version()
-from diffdissect.errors import DiffdissectError
-from diffdissect.models import Target, load_target
 # `capture` (the function) is not re-exported here: it would hide the `diffdissect.capture` subpackage.
 # Use `from diffdissect.capture import capture`.
 from diffdissect.capture import CaptureSpec, TrajectorySpec, capture_trajectories, list_layers
-from diffdissect.store import StoreReader, open_store, verify_store
 from diffdissect.data import ArraySource, FolderSource, HFDatasetSource
+from diffdissect.errors import DiffdissectError
+from diffdissect.models import Target, load_target
+from diffdissect.runtime import version as _version
+from diffdissect.store import StoreReader, open_store, verify_store
+
+__version__ = _version()
 
 __all__ = [
     "__version__", "DiffdissectError", "Target", "load_target", "list_layers",

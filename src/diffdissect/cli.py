@@ -326,7 +326,6 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_capture(args: argparse.Namespace) -> int:
     from diffdissect.capture import CaptureSpec, TrajectorySpec, capture, capture_trajectories
-
     from diffdissect.distributed import from_env
 
     dist = from_env()                       # torchrun / accelerate launch: this rank's share; else one process
@@ -444,8 +443,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_train(args: argparse.Namespace) -> int:
-    from diffdissect.sae.sweep import sweep_configs
     from diffdissect.sae import train_saes
+    from diffdissect.sae.sweep import sweep_configs
 
     flags = {"layer": args.layers, "t": args.timesteps, "k": args.k, "expansion": args.expansion,
              "n_latents": args.n_latents, "variant": args.variant, "tokens": args.tokens, "lr": args.lr,
@@ -473,7 +472,13 @@ def cmd_sae_features(args: argparse.Namespace) -> int:
 
 
 def cmd_directions_run(args: argparse.Namespace) -> int:
-    from diffdissect.directions import BiasSpec, DirectionsConfig, load_captioner, run_directions, write_directions_report
+    from diffdissect.directions import (
+        BiasSpec,
+        DirectionsConfig,
+        load_captioner,
+        run_directions,
+        write_directions_report,
+    )
     from diffdissect.directions.prompts import build_prompt_set, parse_slot_args, read_prompt_file
 
     plain = list(args.prompts or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
@@ -566,14 +571,14 @@ def cmd_invert_train(args: argparse.Namespace) -> int:
 def cmd_invert_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
+    from PIL import Image
 
     from diffdissect.invert.data import images_to_pixels
     from diffdissect.invert.features import FeatureExtractor
     from diffdissect.invert.model import load_inverter
     from diffdissect.invert.sample import invert
-    from diffdissect.world.invert import EVAL_SEED, classifier_spec
     from diffdissect.report.figures import image_grid
-    from PIL import Image
+    from diffdissect.world.invert import EVAL_SEED, classifier_spec
 
     target = _target(args)
     inverter = load_inverter(args.inverter, pipeline_identity=target.identity())
@@ -595,10 +600,10 @@ def cmd_invert_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_invert_eval(args: argparse.Namespace) -> int:
-    from diffdissect.invert.report import invert_section
-    from diffdissect.world.invert import evaluate_world, strip_images
-    from diffdissect.report import Report
     from diffdissect.atomic import atomic_write_json
+    from diffdissect.invert.report import invert_section
+    from diffdissect.report import Report
+    from diffdissect.world.invert import evaluate_world, strip_images
 
     shapes_world = _shapes_world(args)
     results = evaluate_world(shapes_world.target(), shapes_world, n=args.images, seeds=tuple(args.seeds),

@@ -32,20 +32,21 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from diffdissect.capture.engine import capture, probe_row_shapes
-from diffdissect.models.noising import add_noise
 from diffdissect.capture.hooks import LayerRecorder
 from diffdissect.capture.spec import CaptureSpec
 from diffdissect.data.sources import ArraySource, ImageRecord
 from diffdissect.data.transforms import to_model_pixels
 from diffdissect.models.load import load_target
+from diffdissect.models.noising import add_noise
 from diffdissect.models.target import Target
 
 TARGETS = {"mid": ("<", 0.7), "last": ("<=", 1.10), "memory": ("<=", 1.10)}
@@ -237,8 +238,8 @@ def plain_pass(case: Case) -> float:
             x_t = add_noise(scheduler, latents, noise, t)
             for b in range(0, n, bs):
                 batch = x_t[b:b + bs]
-                unet(batch, torch.full((len(batch),), t, dtype=torch.long),
-                     encoder_hidden_states=context.expand(len(batch), -1, -1)).sample
+                _ = unet(batch, torch.full((len(batch),), t, dtype=torch.long),
+                         encoder_hidden_states=context.expand(len(batch), -1, -1)).sample
     return time.perf_counter() - start
 
 

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_probe_tasks, fit_sklearn_probe
 from diffdissect.probe.labels import encode_labels
+from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_probe_tasks, fit_sklearn_probe
 from diffdissect.probe.splits import split_images
 from diffdissect.store import open_store
-from diffdissect.world.shapes import ShapesWorld
 from diffdissect.world.generator import FACTORS
+from diffdissect.world.shapes import ShapesWorld
 
 BENCH_LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
 BENCH_TIMESTEPS = [25, 200, 500, 800]

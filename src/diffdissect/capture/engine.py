@@ -10,14 +10,14 @@ import torch
 from tqdm.auto import tqdm
 
 from diffdissect.capture.hooks import LayerRecorder
-from diffdissect.models.noising import add_noise, noise_for, timestep_table
+from diffdissect.capture.layers import resolve_layers
 from diffdissect.capture.rows import cast_checked, to_rows
 from diffdissect.capture.spec import CaptureSpec
 from diffdissect.data.sources import ImageRecord, ImageSource, UnreadableInput
 from diffdissect.data.transforms import to_model_pixels
 from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import DataError, SpecError
-from diffdissect.capture.layers import resolve_layers
+from diffdissect.models.noising import add_noise, noise_for, timestep_table
 from diffdissect.models.target import Target
 from diffdissect.store.manifest import Manifest, slice_key, spec_digest
 from diffdissect.store.writer import StoreWriter

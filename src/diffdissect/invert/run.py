@@ -7,18 +7,19 @@ run on every batch), kept for the side-by-side cost benchmark.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from diffdissect.errors import DiffdissectError
-from diffdissect.runtime import load_factory
 from diffdissect.invert.data import FEATURES, LATENT, images_to_pixels, prepare_inversion_data
 from diffdissect.invert.features import FeatureExtractor
 from diffdissect.invert.train import InvertTrainConfig, train_inverter
 from diffdissect.models.target import Target
+from diffdissect.runtime import load_factory
 from diffdissect.store import open_store
 
 

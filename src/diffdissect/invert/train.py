@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from diffdissect.models.noising import alphas_cumprod, denoiser_target
 from diffdissect.errors import DiffdissectError
 from diffdissect.invert.model import Inverter, build_controlnet, controlled_prediction, load_inverter, save_inverter
+from diffdissect.models.noising import alphas_cumprod, denoiser_target
 from diffdissect.models.target import Target
 from diffdissect.optim_state import optimizer_tensors, restore_optimizer
 

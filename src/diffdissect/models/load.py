@@ -215,7 +215,7 @@ def from_module(model: nn.Module, source: str, scheduler: Any = None) -> Target:
 def _size(model: nn.Module) -> int:
     cfg = getattr(model, "config", None)
     size = getattr(cfg, "sample_size", None) if cfg is not None else None
-    size = size if size is not None else getattr(model, "sample_size")
+    size = size if size is not None else model.sample_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 

@@ -75,7 +75,7 @@ class Target:
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of the denoiser's input."""
         cfg = getattr(self.denoiser, "config", None)
-        channels = int(getattr(cfg, "in_channels", None) or getattr(self.denoiser, "in_channels"))
+        channels = int(getattr(cfg, "in_channels", None) or self.denoiser.in_channels)
         size = self.resolution // self.vae_scale_factor
         return channels, size, size
 
@@ -85,7 +85,7 @@ class Target:
             return 1
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Target":
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Target:
         for module in (self.denoiser, self.vae, self.text_encoder):
             if module is not None:
                 module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)

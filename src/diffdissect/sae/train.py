@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from diffdissect.errors import DiffdissectError, SpecError, StoreError
 from diffdissect.distributed import SINGLE, Dist
+from diffdissect.errors import DiffdissectError, SpecError, StoreError
 from diffdissect.optim_state import optimizer_tensors, restore_optimizer
 from diffdissect.sae.checkpoint import load_sae, load_state, read_config, save_checkpoint
 from diffdissect.sae.data import SliceData
@@ -52,7 +52,7 @@ class TrainConfig:
     checkpoint_every: int = 250
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

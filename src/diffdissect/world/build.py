@@ -24,10 +24,18 @@ import torch
 
 from diffdissect.errors import DiffdissectError
 from diffdissect.runtime import version
-from diffdissect.world.classifiers import (AttributeCaptioner, ShapesCNN, ShapesViT, class_accuracy, class_names,
-                                         factor_accuracy, save_classifier, train_classifier)
-from diffdissect.world.pipeline import PipelineRecipe, build_pipeline
+from diffdissect.world.classifiers import (
+    AttributeCaptioner,
+    ShapesCNN,
+    ShapesViT,
+    class_accuracy,
+    class_names,
+    factor_accuracy,
+    save_classifier,
+    train_classifier,
+)
 from diffdissect.world.generator import FACTORS, WorldConfig
+from diffdissect.world.pipeline import PipelineRecipe, build_pipeline
 
 WEIGHTS_FORMAT = 1
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights"
@@ -42,7 +50,7 @@ class BuildRecipe:
     captioner_steps: int = 600
     threads: int | None = None
 
-    def scaled(self, factor: float) -> "BuildRecipe":
+    def scaled(self, factor: float) -> BuildRecipe:
         return BuildRecipe(seed=self.seed, pipeline=self.pipeline.scaled(factor), threads=self.threads,
                            cnn_steps=max(2, int(self.cnn_steps * factor)), vit_steps=max(2, int(self.vit_steps * factor)),
                            captioner_steps=max(2, int(self.captioner_steps * factor)))

@@ -18,8 +18,8 @@ from torch import nn
 
 from diffdissect.errors import DiffdissectError
 from diffdissect.runtime import seeded, version
-from diffdissect.world.training import run_steps
 from diffdissect.world.generator import FACTORS, WorldConfig, sample_world
+from diffdissect.world.training import run_steps
 
 WEIGHTS_FORMAT = 1
 

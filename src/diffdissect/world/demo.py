@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 
 from diffdissect.directions import directions_section, run_directions
-from diffdissect.world.directions import check_against_world, world_directions_config
 from diffdissect.invert.report import invert_section
-from diffdissect.world.invert import evaluate_world, strip_images
 from diffdissect.probe import ProbeConfig, probe_section, run_probes, summary_rows, write_probe_outputs
 from diffdissect.report import Report, image_grid
 from diffdissect.sae import TrainConfig, train_sae
 from diffdissect.sae.report import sae_section, write_feature_outputs
 from diffdissect.store import open_store, verify_store
+from diffdissect.world.directions import check_against_world, world_directions_config
 from diffdissect.world.generator import FACTORS, WorldConfig
+from diffdissect.world.invert import evaluate_world, strip_images
 from diffdissect.world.shapes import HELD_OUT_SEED, ShapesWorld
 
 DEMO_LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]

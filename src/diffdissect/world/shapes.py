@@ -9,9 +9,10 @@ a target, a store).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from diffdissect.capture import CaptureSpec, capture
 from diffdissect.data import ArraySource
