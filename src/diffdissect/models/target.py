@@ -25,14 +25,14 @@ class Target:
       module:               denoiser(sample, t)
     """
 
-    denoiser: nn.Module
+    denoiser: Any                            # an nn.Module; diffusers models carry .config and more
     scheduler: Any
     kind: TargetKind
     source: str
     resolution: int                          # pixel resolution of image inputs
     pixel_channels: int = 3
-    vae: nn.Module | None = None
-    text_encoder: nn.Module | None = None
+    vae: Any = None                          # AutoencoderKL (or None: pixel-space denoiser)
+    text_encoder: Any = None
     tokenizer: Any = None
     pipeline: Any = None
     null_class: int | None = None            # class id meaning "unconditional" (DiT), if any

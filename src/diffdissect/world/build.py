@@ -91,7 +91,8 @@ def build_toy(out: str | Path = DEFAULT_WEIGHTS, recipe: BuildRecipe | None = No
               desc=name, lr=1e-3 if name == "vit" else 2e-3)
         extra = {"labels": names} if name != "captioner" else {"factor_values": {f: world.values(f) for f in FACTORS}}
         save_classifier(model, staging / name, extra)
-        metrics[name] = factor_accuracy(model, world) if name == "captioner" else {"class_accuracy": class_accuracy(model, world)}
+        metrics[name] = (factor_accuracy(model, world) if isinstance(model, AttributeCaptioner)
+                         else {"class_accuracy": class_accuracy(model, world)})
     info = {"weights_format": WEIGHTS_FORMAT, "diffdissect_version": _version(), "recipe": asdict(recipe),
             "timings_s": timings, "metrics": metrics, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine()}

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from diffdissect.errors import DiffdissectError
-from diffdissect.world.classifiers import images_to_tensor
+from diffdissect.world.classifiers import AttributeCaptioner, images_to_tensor
 from diffdissect.world.generator import WorldConfig, full_caption
 
 
@@ -16,7 +15,7 @@ class WorldCaptioner:
     A captioner in the sense of `diffdissect.directions.captioners.Captioner`: `name` and `caption(images)`.
     Get one from `ShapesWorld.captioner()`."""
 
-    def __init__(self, config: WorldConfig, model: nn.Module):
+    def __init__(self, config: WorldConfig, model: AttributeCaptioner):
         self.world = config
         self.model = model
         self.name = "shapes-world attribute captioner"

@@ -6,6 +6,7 @@ world (every shape in every colour), from seeds no other part of the build uses.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def world_images(world: ShapesWorld, n: int, seed: int) -> WorldBatch:
     return sample_world(n, seed=seed, config=balanced_world(world.config))
 
 
-def world_attributes(batch) -> dict[str, list[str]]:
+def world_attributes(batch: WorldBatch) -> dict[str, Sequence[Any]]:
     return {f: batch.labels(f) for f in FACTORS}
 
 
@@ -132,7 +133,8 @@ def _steering(target, inverter, extractor, judge, batch, guidance, steps, source
     if not len(chosen) or not (batch.factors["colour"] == dst).any():
         return {"skipped": f"no {source} or no {goal} images among the {len(batch)} evaluated; use more images."}
     before = {f: batch.factors[f][chosen] for f in FACTORS}
-    out = {"factor": "colour", "from": source, "to": goal, "n": int(len(chosen)), "alphas": {}, "grids": {}}
+    out: dict[str, Any] = {"factor": "colour", "from": source, "to": goal, "n": int(len(chosen)), "alphas": {},
+                           "grids": {}}
     for alpha in alphas:
         recs = invert(target, inverter, steer(features[chosen], direction, alpha), guidance=guidance, steps=steps,
                       ids=chosen.tolist())[:, 0]

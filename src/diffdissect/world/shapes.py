@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Literal
 
 from diffdissect.capture import CaptureSpec, capture
 from diffdissect.data import ArraySource
@@ -22,9 +22,6 @@ from diffdissect.world.build import DEFAULT_WEIGHTS, check_weights
 from diffdissect.world.captioner import WorldCaptioner
 from diffdissect.world.classifiers import load_classifier
 from diffdissect.world.generator import FACTORS, WorldBatch, WorldConfig, sample_world
-
-if TYPE_CHECKING:
-    from torch import nn
 
 HELD_OUT_SEED = 123_456_789          # no build step draws from this seed
 CLASSIFIERS = ("cnn", "vit", "captioner")
@@ -61,8 +58,9 @@ class ShapesWorld:
         """The toy pipeline as a capture target (or its random-init control)."""
         return load_target(str(self.pipeline_dir), random_init=random_init)
 
-    def classifier(self, name: str) -> nn.Module:
-        """One of the world's classifiers: 'cnn', 'vit' or 'captioner' (the attribute captioner network)."""
+    def classifier(self, name: str) -> Any:
+        """One of the world's classifiers, an nn.Module: 'cnn' and 'vit' (ShapesCNN, ShapesViT) or 'captioner'
+        (the AttributeCaptioner network)."""
         if name not in CLASSIFIERS:
             from diffdissect.errors import DiffdissectError
 
@@ -82,12 +80,12 @@ class ShapesWorld:
     def source(self, images: int, *, seed: int = HELD_OUT_SEED) -> tuple[ArraySource, WorldBatch]:
         """(ArraySource with every factor as an attribute and the shape as label, the world batch)."""
         batch = self.images(images, seed)
-        attributes = {f: batch.labels(f) for f in FACTORS}
+        attributes: dict[str, Sequence[Any]] = {f: batch.labels(f) for f in FACTORS}
         return ArraySource(batch.images, labels=attributes["shape"], captions=batch.captions,
                            attributes=attributes), batch
 
     def capture(self, out: str | Path, images: int, layers: Sequence[str], timesteps: Sequence[int], *,
-                pooling: str = "mean", random_init: bool = False, batch_size: int = 128, replace: bool = True,
+                pooling: Literal["mean", "none"] = "mean", random_init: bool = False, batch_size: int = 128, replace: bool = True,
                 progress: bool = False, target: Target | None = None,
                 source: ArraySource | None = None) -> Manifest:
         """Capture `images` held-out world images (empty prompt, noise seed 0) from the toy pipeline.
