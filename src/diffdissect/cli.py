@@ -13,6 +13,8 @@ from diffdissect.runtime import quiet_libraries, version
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffdissect.invert.train import InvertTrainConfig
+
     parser = argparse.ArgumentParser(prog="diffdissect", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
@@ -151,12 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of training images")
     src.add_argument("--world-images", type=int, help="this many balanced shapes-world images")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--cond-dropout", type=float, default=0.15)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    invert_defaults = InvertTrainConfig()           # the one source of these defaults
+    p.add_argument("--steps", type=int, default=invert_defaults.steps)
+    p.add_argument("--batch-size", type=int, default=invert_defaults.batch_size)
+    p.add_argument("--lr", type=float, default=invert_defaults.lr)
+    p.add_argument("--cond-dropout", type=float, default=invert_defaults.cond_dropout)
+    p.add_argument("--checkpoint-every", type=int, default=invert_defaults.checkpoint_every)
+    p.add_argument("--seed", type=int, default=invert_defaults.seed)
     p.add_argument("--out", required=True, help="inverter directory (resumed if it holds this run)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_invert_train)
