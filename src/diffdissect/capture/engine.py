@@ -72,6 +72,9 @@ def _check_any_rows(manifest: Manifest, count: int, out: str | Path) -> None:
                         f"see {Path(out) / 'manifest.json'} for the reasons.")
 
 
+
+capture_images = capture   # the exported name, beside capture_trajectories (`diffdissect.capture_images`)
+
 def capture_chunk(target: Target, source: ImageSource, indices: range, spec: CaptureSpec, layers: list[str],
                   shapes: dict[str, tuple[int, ...]], recorder: LayerRecorder):
     """Capture one shard's worth of inputs. Returns (tensors by slice key, rows, skipped inputs)."""
