@@ -14,6 +14,7 @@ from diffdissect.runtime import quiet_libraries, version
 
 def build_parser() -> argparse.ArgumentParser:
     from diffdissect.invert.train import InvertTrainConfig
+    from diffdissect.options import add_config_arguments
 
     parser = argparse.ArgumentParser(prog="diffdissect", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -153,13 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of training images")
     src.add_argument("--world-images", type=int, help="this many balanced shapes-world images")
-    invert_defaults = InvertTrainConfig()           # the one source of these defaults
-    p.add_argument("--steps", type=int, default=invert_defaults.steps)
-    p.add_argument("--batch-size", type=int, default=invert_defaults.batch_size)
-    p.add_argument("--lr", type=float, default=invert_defaults.lr)
-    p.add_argument("--cond-dropout", type=float, default=invert_defaults.cond_dropout)
-    p.add_argument("--checkpoint-every", type=int, default=invert_defaults.checkpoint_every)
-    p.add_argument("--seed", type=int, default=invert_defaults.seed)
+    add_config_arguments(p, InvertTrainConfig, only=["steps", "batch_size", "lr", "cond_dropout", "checkpoint_every",
+                                                     "seed"])
     p.add_argument("--out", required=True, help="inverter directory (resumed if it holds this run)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_invert_train)
@@ -555,6 +551,7 @@ def cmd_invert_train(args: argparse.Namespace) -> int:
     from diffdissect.invert.features import FeatureExtractor
     from diffdissect.invert.run import train_from_images
     from diffdissect.invert.train import InvertTrainConfig
+    from diffdissect.options import config_from_args
     from diffdissect.world.invert import TRAIN_SEED, classifier_spec
 
     target = _target(args)
@@ -562,8 +559,7 @@ def cmd_invert_train(args: argparse.Namespace) -> int:
     extractor = FeatureExtractor(classifier, args.layer, mode=args.mode)
     images, attributes = _invert_images(args, target, TRAIN_SEED)
     extractor(images_to_pixels(images[:1]))           # a non-spatial layer fails here, before any data is written
-    config = InvertTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, cond_dropout=args.cond_dropout,
-                               checkpoint_every=args.checkpoint_every, seed=args.seed)
+    config = config_from_args(InvertTrainConfig, args)
     summary = train_from_images(target, extractor, name, images, args.out, config, attributes=attributes,
                                 progress=not args.quiet)
     print(f"{args.out}: {summary['steps']} steps on {summary['examples']} images, feature map "

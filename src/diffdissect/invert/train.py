@@ -31,13 +31,21 @@ from diffdissect.optim_state import optimizer_tensors, restore_optimizer
 @dataclass
 class InvertTrainConfig:
     steps: int = 3000
+    """training steps (optimiser updates)"""
     batch_size: int = 64
+    """training images per step"""
     lr: float = 3e-4
+    """AdamW learning rate (after warm-up; cosine decay to the end)"""
     warmup: int = 100
+    """linear warm-up steps"""
     cond_dropout: float = 0.15
+    """fraction of steps whose feature map is dropped (all zero): what guidance contrasts with"""
     hint_hidden: int = 64
+    """channels of the hint block that maps the feature map to the latent grid"""
     checkpoint_every: int = 500
+    """steps between checkpoints (weights and Adam state; a rerun resumes from the last)"""
     seed: int = 0
+    """seed of the initialisation and of every per-step draw"""
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
