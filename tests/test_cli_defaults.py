@@ -31,6 +31,51 @@ def test_invert_train_flag_defaults_are_the_config_defaults():
     assert checked >= 6 and flags["lr"] == 3e-4          # the learning rate the library (and FeatInv) uses
 
 
+# Commands and the configs whose fields their flags set. A flag named like a field has the field's default,
+# or None (meaning "from --config" or "derived"); the exceptions below say why they differ.
+def _command_configs():
+    from diffdissect.capture.spec import CaptureSpec, TrajectorySpec
+    from diffdissect.directions import DirectionsConfig
+    from diffdissect.probe import ProbeConfig
+    from diffdissect.sae import TrainConfig
+    from diffdissect.world.demo import DemoConfig
+    from diffdissect.world.evaluate import EvalConfig
+
+    return {("capture",): [CaptureSpec, TrajectorySpec], ("probe",): [ProbeConfig], ("sae", "train"): [TrainConfig],
+            ("directions", "run"): [DirectionsConfig], ("invert", "train"): [InvertTrainConfig],
+            ("demo",): [DemoConfig], ("toy", "eval"): [EvalConfig]}
+
+
+DIFFERENT_ON_PURPOSE = {
+    ("directions", "run", "seeds"),      # the flag is a count (seeds 0..n-1), the field the list
+    ("probe", "split"),                  # three fractions on the command line, a SplitSpec (with its salt) in the config
+}
+
+
+def _field_default(f):
+    from dataclasses import MISSING
+
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else MISSING
+
+
+def test_no_flag_default_drifts_from_its_config_field():
+    parser = build_parser()
+    drifted = []
+    for path, classes in _command_configs().items():
+        flags = {a.dest: a.default for a in _subparser(parser, *path)._actions}
+        for cls in classes:
+            for f in fields(cls):
+                if f.name not in flags or flags[f.name] is None or (*path, f.name) in DIFFERENT_ON_PURPOSE:
+                    continue
+                default = _field_default(f)
+                if flags[f.name] != default and not (isinstance(default, tuple) and list(default) == flags[f.name]):
+                    drifted.append(f"{' '.join(path)} --{f.name.replace('_', '-')}: flag {flags[f.name]!r}, "
+                                   f"{cls.__name__}.{f.name} {default!r}")
+    assert not drifted, "\n".join(drifted)
+
+
 # ---- the builder: options from a config dataclass -------------------------------------------------------------
 @dataclass
 class _Example:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffdissect.cli import main
+from diffdissect.data.prompts import read_prompt_file
 from diffdissect.directions import (
     BiasSpec,
     DirectionsConfig,
@@ -23,7 +24,7 @@ from diffdissect.directions.bias import find_references, holm, image_rates, late
 from diffdissect.directions.captioners import TransformersCaptioner
 from diffdissect.directions.cluster import ari_with_null, cluster_prompts, project_out
 from diffdissect.directions.compute import cosine_to_directions
-from diffdissect.directions.prompts import expand_template, parse_slot_args, read_prompt_file
+from diffdissect.directions.prompts import expand_template, parse_slot_args
 from diffdissect.directions.text import term_indicators, terms_of
 from diffdissect.errors import DataError, DiffdissectError, ModelLoadError, SpecError
 from diffdissect.models import load_target

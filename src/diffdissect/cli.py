@@ -330,10 +330,10 @@ def cmd_capture(args: argparse.Namespace) -> int:
     dist = from_env()                       # torchrun / accelerate launch: this rank's share; else one process
     if dist.enabled and args.device.startswith("cuda"):
         args.device = f"cuda:{dist.local_rank}"          # one GPU per rank
+    prompts = _prompts(args)                # a bad prompt file fails before the model is loaded
     target = _target(args)
     common = {"layers": args.layers, "seeds": args.seeds, "pooling": args.pooling, "dtype": args.dtype,
               "tokens_to_grid": args.tokens_to_grid, "batch_size": args.batch_size}
-    prompts = _prompts(args)
     if prompts is not None:
         if dist.enabled:
             raise DiffdissectError("trajectory capture (--prompts) runs in one process; launch it without "
@@ -356,10 +356,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def _prompts(args: argparse.Namespace) -> list[str] | None:
-    if args.prompt_file:
-        lines = Path(args.prompt_file).read_text().splitlines()
-        return [line.strip() for line in lines if line.strip()]
-    return args.prompts
+    from diffdissect.data.prompts import read_prompt_file
+
+    return read_prompt_file(args.prompt_file) if args.prompt_file else args.prompts
 
 
 def _source(args: argparse.Namespace):
@@ -471,6 +470,7 @@ def cmd_sae_features(args: argparse.Namespace) -> int:
 
 
 def cmd_directions_run(args: argparse.Namespace) -> int:
+    from diffdissect.data.prompts import read_prompt_file
     from diffdissect.directions import (
         BiasSpec,
         DirectionsConfig,
@@ -478,7 +478,7 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
         run_directions,
         write_directions_report,
     )
-    from diffdissect.directions.prompts import build_prompt_set, parse_slot_args, read_prompt_file
+    from diffdissect.directions.prompts import build_prompt_set, parse_slot_args
 
     plain = list(args.prompts or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     prompts = build_prompt_set(plain, args.template, parse_slot_args(args.slot))
