@@ -113,3 +113,42 @@ def test_a_field_without_a_docstring_is_refused():
 
     with pytest.raises(TypeError, match="Undocumented.steps has no docstring"):
         add_config_arguments(argparse.ArgumentParser(), Undocumented)
+
+
+# ---- one meaning per flag name across commands --------------------------------------------------------------------
+SAMPLING_COMMANDS = {"capture", "invert sample", "invert eval", "toy eval", "directions run", "directions world"}
+
+
+def _every_option():
+    import argparse
+
+    def walk(parser, path=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, (*path, name))
+            elif action.option_strings:
+                yield " ".join(path), action
+
+    return list(walk(build_parser()))
+
+
+def _value_type(action) -> str:
+    if action.nargs == 0:
+        return "switch"
+    return getattr(action.type, "__name__", "str") if action.type else "str"
+
+
+def test_a_flag_name_means_one_thing_in_every_command():
+    kinds: dict[str, set[tuple[str, str]]] = {}
+    for command, action in _every_option():
+        for option in action.option_strings:
+            kinds.setdefault(option, set()).add((_value_type(action), command))
+    mixed = {o: sorted(k) for o, k in kinds.items() if len({t for t, _ in k}) > 1}
+    assert not mixed, f"flags whose values differ in kind between commands: {mixed}"
+    assert {t for t, _ in kinds["--images"]} == {"str"}            # a folder; a count is --n-images
+    assert {t for t, _ in kinds["--json"]} == {"str"}              # always a path
+    counts = {o for o in kinds if o.startswith("--n-")}
+    assert counts and all({t for t, _ in kinds[o]} == {"int"} for o in counts)
+    training = {c for t, c in kinds["--steps"]} - SAMPLING_COMMANDS
+    assert not training, f"--steps is sampler steps; use --train-steps in {training}"
