@@ -386,6 +386,7 @@ def _source(args: argparse.Namespace):
 
 def cmd_store_info(args: argparse.Namespace) -> int:
     from diffdissect.store import open_store
+    from diffdissect.store.summary import store_summary
 
     info = store_summary(open_store(args.directory))
     if args.json:
@@ -408,13 +409,6 @@ def cmd_store_info(args: argparse.Namespace) -> int:
 
 def _maybe(value: float | None) -> str:
     return "     -" if value is None else f"{value:.4f}"
-
-
-def store_summary(reader) -> dict[str, Any]:
-    m = reader.manifest
-    return {"mode": m.mode, "complete": m.complete, "rows": m.rows, "shards": len(m.shards),
-            "bytes": sum(s.bytes for s in m.shards), "dtype": m.dtype, "skipped": len(m.skipped),
-            "model": m.model, "timesteps": m.timesteps, "layers": m.layers}
 
 
 def cmd_store_verify(args: argparse.Namespace) -> int:
@@ -579,15 +573,13 @@ def cmd_invert_train(args: argparse.Namespace) -> int:
 
 
 def cmd_invert_sample(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
-    from PIL import Image
 
     from diffdissect.invert.data import images_to_pixels
     from diffdissect.invert.features import FeatureExtractor
     from diffdissect.invert.model import load_inverter
+    from diffdissect.invert.report import write_reconstructions
     from diffdissect.invert.sample import invert
-    from diffdissect.report.figures import image_grid
     from diffdissect.world.invert import EVAL_SEED, classifier_spec
 
     target = _target(args)
@@ -598,13 +590,7 @@ def cmd_invert_sample(args: argparse.Namespace) -> int:
     with torch.no_grad():
         features = extractor(images_to_pixels(images))
     recs = invert(target, inverter, features, seeds=tuple(args.seeds), guidance=args.guidance, steps=args.steps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, per_seed in enumerate(recs):
-        for s, image in zip(args.seeds, per_seed):
-            Image.fromarray(image).save(out / f"input{i:05d}-seed{s}.png")
-    rows = [images[:8]] + [recs[:8, k] for k in range(len(args.seeds))]
-    (out / "grid.png").write_bytes(image_grid(np.concatenate(rows), columns=min(8, len(images)), scale=3))
+    out = write_reconstructions(args.out, images, recs, args.seeds)
     print(f"{len(images)} inputs x {len(args.seeds)} seeds -> {out} (grid.png: originals, then one row per seed)")
     return 0
 
