@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from diffdissect.data.transforms import unit_to_uint8
+
 
 def _pyplot():
     import matplotlib
@@ -29,7 +31,7 @@ def image_grid(images: np.ndarray, columns: int = 8, scale: int = 3, pad: int = 
 
     images = np.asarray(images)
     if images.dtype != np.uint8:
-        images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        images = unit_to_uint8(images)
     n, h, w = images.shape[:3]
     rows = max(1, -(-n // columns))
     cols = min(columns, n)

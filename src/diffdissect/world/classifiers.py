@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diffdissect.data.transforms import uint8_to_pixels
 from diffdissect.errors import DiffdissectError
 from diffdissect.runtime import seeded, version
 from diffdissect.world.generator import FACTORS, WorldConfig, sample_world
@@ -111,7 +112,7 @@ def class_labels(world: WorldConfig, factors: dict[str, np.ndarray]) -> np.ndarr
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return uint8_to_pixels(images)
 
 
 # ---- training ---------------------------------------------------------------------------------------

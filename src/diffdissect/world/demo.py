@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from diffdissect.data.transforms import unit_to_uint8
 from diffdissect.directions import directions_section, run_directions
 from diffdissect.invert.report import invert_section
 from diffdissect.probe import ProbeConfig, probe_section, run_probes, summary_rows, write_probe_outputs
@@ -184,7 +185,7 @@ def _generate(pipe: Any, prompts: list[str], per_prompt: int) -> np.ndarray:
     every = [p for p in prompts for _ in range(per_prompt)]
     gens = [torch.Generator().manual_seed(i) for i in range(len(every))]
     images = pipe(prompt=every, num_inference_steps=20, guidance_scale=4.0, generator=gens, output_type="np").images
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    return unit_to_uint8(images)
 
 
 def _world_section(report: Report, world: WorldConfig, batch) -> None:

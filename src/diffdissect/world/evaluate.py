@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffdissect.data.transforms import unit_to_uint8
 from diffdissect.stats import wilson
 from diffdissect.world.classifiers import factor_accuracy, images_to_tensor
 from diffdissect.world.generator import FACTORS, WorldConfig, captions_for, sample_factors
@@ -44,7 +45,7 @@ def generate(pipe: Any, prompts: list[str], *, steps: int, guidance: float, seed
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(part))]
         images = pipe(prompt=part, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                       output_type="np").images
-        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+        out.append(unit_to_uint8(images))
     return np.concatenate(out)
 
 

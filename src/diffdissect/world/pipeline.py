@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
 
+from diffdissect.data.transforms import uint8_to_pixels
 from diffdissect.models.noising import denoiser_target, x0_error_weights
 from diffdissect.models.text import build_clip_text_encoder, build_clip_tokenizer
 from diffdissect.runtime import seeded
@@ -95,7 +96,7 @@ def build_untrained(recipe: PipelineRecipe, world: WorldConfig) -> diffusers.Sta
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return uint8_to_pixels(images)
 
 
 def train_vae(vae: diffusers.AutoencoderKL, recipe: PipelineRecipe, world: WorldConfig, *, progress: bool = True):
