@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from diffdissect.errors import DiffdissectError
 from diffdissect.invert.model import Inverter, build_controlnet, controlled_prediction, load_inverter, save_inverter
-from diffdissect.models.noising import alphas_cumprod, denoiser_target
+from diffdissect.models.noising import add_noise, alphas_cumprod, denoiser_target
 from diffdissect.models.target import Target
 from diffdissect.optim_state import optimizer_tensors, restore_optimizer
 
@@ -76,7 +76,7 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
     device = target.device
     inverter.to(device)
     text_states = target.text_embeddings([""])           # the empty prompt: features are the only condition
-    ab = alphas_cumprod(target.scheduler).float().to(device)
+    n_timesteps = len(alphas_cumprod(target.scheduler))
     losses: list[float] = []
     started = time.perf_counter()
     first = step
@@ -87,11 +87,10 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
             idx = torch.randint(0, n_examples, (config.batch_size,), generator=g)
             x0, feats = batch_of(idx)
             keep = (torch.rand(config.batch_size, generator=g) >= config.cond_dropout).float()[:, None, None, None]
-            t = torch.randint(0, len(ab), (config.batch_size,), generator=g)
+            t = torch.randint(0, n_timesteps, (config.batch_size,), generator=g)
             noise = torch.randn(x0.shape, generator=g)
             x0, feats, keep, t, noise = (v.to(device) for v in (x0, feats, keep, t, noise))
-            a = ab[t][:, None, None, None]
-            noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            noisy = add_noise(target.scheduler, x0, noise, t)
             pred = controlled_prediction(unet, inverter, noisy, t, text_states.expand(config.batch_size, -1, -1), feats * keep)
             loss = F.mse_loss(pred, denoiser_target(target.scheduler, x0, noise, t))
             for group in optimiser.param_groups:
