@@ -21,3 +21,32 @@ def test_per_item_noising_is_ddpm_add_noise_bit_for_bit():
     for i in range(len(t)):                                                      # the scalar (capture) form agrees
         assert torch.allclose(add_noise(scheduler, x0[i:i + 1], noise[i:i + 1], int(t[i])), ours[i:i + 1],
                               atol=1e-6)
+
+
+def test_one_learning_rate_schedule_reproduces_the_three_it_replaced():
+    import math
+
+    from diffdissect.optim_state import lr_factor
+
+    def sae_before(step, steps):               # sae/train.py
+        warmup, decay_from = max(1, min(1000, steps // 20)), int(steps * 0.8)
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - decay_from)) if step >= decay_from else 1.0
+
+    def toy_before(step, steps, warmup):       # toy/training.py's cosine_lr
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup)))) * 0.95 + 0.05
+
+    def invert_before(step, steps, warmup):    # invert/train.py
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    for steps in (1, 7, 100, 3000):
+        for step in range(steps):
+            assert lr_factor(step, steps, max(1, min(1000, steps // 20)), decay="linear",
+                             decay_from=int(steps * 0.8)) == sae_before(step, steps)
+            assert lr_factor(step, steps, 100, floor=0.05) == toy_before(step, steps, 100)
+            assert math.isclose(lr_factor(step, steps, 100), invert_before(step, steps, 100), abs_tol=1e-15)

@@ -25,7 +25,7 @@ from diffdissect.errors import DiffdissectError
 from diffdissect.invert.model import Inverter, build_controlnet, controlled_prediction, load_inverter, save_inverter
 from diffdissect.models.noising import add_noise, alphas_cumprod, denoiser_target
 from diffdissect.models.target import Target
-from diffdissect.optim_state import optimizer_tensors, restore_optimizer
+from diffdissect.optim_state import lr_factor, optimizer_tensors, restore_optimizer
 
 
 @dataclass
@@ -120,9 +120,7 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
 
 
 def _lr_factor(step: int, config: InvertTrainConfig) -> float:
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - config.warmup) / max(1, config.steps - config.warmup)))
+    return lr_factor(step, config.steps, config.warmup)
 
 
 def _start_or_resume(out: Path, unet, target: Target, feature_shape, latent_grid, config: InvertTrainConfig,
