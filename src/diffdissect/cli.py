@@ -15,6 +15,7 @@ from diffdissect.runtime import quiet_libraries, version
 def build_parser() -> argparse.ArgumentParser:
     from diffdissect.invert.train import InvertTrainConfig
     from diffdissect.options import add_config_arguments
+    from diffdissect.world.evaluate import EvalConfig
 
     parser = argparse.ArgumentParser(prog="diffdissect", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -215,9 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_toy_build)
     p = toy.add_parser("eval", help="measure the toy pipeline, judged by the attribute captioner")
     p.add_argument("--weights", default=None, help="weights directory [the committed ones]")
-    p.add_argument("--samples", type=int, default=256, help="samples per check (>= 200 for the targets) [256]")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps [20]")
-    p.add_argument("--guidance", type=float, default=4.0, help="guidance for prompts naming every factor [4]")
+    add_config_arguments(p, EvalConfig, only=["samples", "steps", "guidance_full"], flags={"guidance_full": "--guidance"})
     p.add_argument("--save", action="store_true", help="write eval.json beside the weights (the demo shows it)")
     p.add_argument("--doc", default=None, help="write the figures as markdown here (e.g. docs/toy-world.md)")
     p.add_argument("--json", default=None, help="write the full results as JSON here")
@@ -691,9 +690,10 @@ def cmd_toy_eval(args: argparse.Namespace) -> int:
     import datetime
     import platform
 
+    from diffdissect.options import config_from_args
     from diffdissect.world.evaluate import EvalConfig, evaluate_toy, summary, write_toy_world_doc
 
-    config = EvalConfig(samples=args.samples, steps=args.steps, guidance_full=args.guidance)
+    config = config_from_args(EvalConfig, args)
     shapes_world = _shapes_world(args)
     results = evaluate_toy(shapes_world, config)
     plain = summary(results)

@@ -28,12 +28,18 @@ TARGETS = {"full_prompt_match": 0.90, "colour_rate_max_error": 0.10, "captioner_
 
 @dataclass
 class EvalConfig:
-    samples: int = 256              # per check (full prompts; colour-omitted prompts per shape)
+    samples: int = 256
+    """samples per check (full prompts; colour-omitted prompts per shape); >= 200 for the targets"""
     steps: int = 20
-    guidance_full: float = 4.0      # guidance for prompts naming every factor
-    guidance_rates: float = 1.0     # no guidance for default rates: guidance sharpens towards the mode
+    """sampler steps"""
+    guidance_full: float = 4.0
+    """guidance for prompts naming every factor"""
+    guidance_rates: float = 1.0
+    """guidance for the default rates (1: none; guidance sharpens towards the mode)"""
     batch: int = 128
+    """images generated per pipeline call"""
     seed: int = 0
+    """sample i uses generator seed `seed + i`"""
 
 
 @torch.no_grad()
