@@ -152,3 +152,10 @@ def test_a_flag_name_means_one_thing_in_every_command():
     assert counts and all({t for t, _ in kinds[o]} == {"int"} for o in counts)
     training = {c for t, c in kinds["--steps"]} - SAMPLING_COMMANDS
     assert not training, f"--steps is sampler steps; use --train-steps in {training}"
+
+
+def test_toy_eval_options_build_its_config():
+    from diffdissect.world.evaluate import EvalConfig
+
+    args = build_parser().parse_args(["toy", "eval", "--samples", "8", "--steps", "3", "--guidance", "2"])
+    assert config_from_args(EvalConfig, args) == EvalConfig(samples=8, steps=3, guidance_full=2.0)
