@@ -159,3 +159,13 @@ def test_toy_eval_options_build_its_config():
 
     args = build_parser().parse_args(["toy", "eval", "--samples", "8", "--steps", "3", "--guidance", "2"])
     assert config_from_args(EvalConfig, args) == EvalConfig(samples=8, steps=3, guidance_full=2.0)
+
+
+def test_demo_options_build_its_config():
+    from diffdissect.world.demo import DemoConfig
+
+    args = build_parser().parse_args(["demo", "--n-images", "64", "--sae-layers", "mid_block", "down_blocks.1",
+                                      "--sae-timesteps", "25", "800", "--direction-seeds", "0"])
+    assert config_from_args(DemoConfig, args) == DemoConfig(images=64, sae_layers=["mid_block", "down_blocks.1"],
+                                                            sae_timesteps=[25, 800], direction_seeds=0)
+    assert config_from_args(DemoConfig, build_parser().parse_args(["demo"])) == DemoConfig()

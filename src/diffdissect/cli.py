@@ -15,6 +15,7 @@ from diffdissect.runtime import quiet_libraries, version
 def build_parser() -> argparse.ArgumentParser:
     from diffdissect.invert.train import InvertTrainConfig
     from diffdissect.options import add_config_arguments
+    from diffdissect.world.demo import DemoConfig
     from diffdissect.world.evaluate import EvalConfig
 
     parser = argparse.ArgumentParser(prog="diffdissect", description=__doc__)
@@ -196,12 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main job on the embedded default (the shapes world)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
-    p.add_argument("--n-images", dest="images", type=int, default=1024, help="held-out world images to capture [1024]")
-    p.add_argument("--sae-epochs", type=float, default=30.0, help="SAE training epochs [30]")
-    p.add_argument("--direction-seeds", type=int, default=128,
-                   help="seeds per prompt for the Decoding-Diffusion section (0: skip it) [128]")
-    p.add_argument("--inversion-images", type=int, default=48,
-                   help="held-out images for the feature-inversion section (0: skip it) [48]")
+    add_config_arguments(p, DemoConfig, flags={"images": "--n-images"})
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -658,10 +654,10 @@ def cmd_bench_distributed(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from diffdissect.options import config_from_args
     from diffdissect.world.demo import DemoConfig, run_demo
 
-    config = DemoConfig(images=args.images, sae_epochs=args.sae_epochs, direction_seeds=args.direction_seeds,
-                        inversion_images=args.inversion_images)
+    config = config_from_args(DemoConfig, args)
     run_demo(Path(args.out), shapes_world=_shapes_world(args), config=config, progress=not args.quiet)
     return 0
 

@@ -41,15 +41,25 @@ __all__ = ["DemoConfig", "HELD_OUT_SEED", "run_demo"]
 @dataclass
 class DemoConfig:
     images: int = 1024
+    """held-out world images to capture"""
     sae_layers: list[str] = field(default_factory=lambda: ["mid_block", "up_blocks.0"])
+    """layers of the per-location SAEs"""
     sae_timesteps: list[int] = field(default_factory=lambda: [25, 200])
+    """timesteps of the per-location SAEs"""
     sae_k: int = 16
+    """active latents per token"""
     sae_expansion: int = 8
+    """n_latents = expansion x the layer's width"""
     sae_epochs: float = 30.0
+    """SAE training epochs"""
     sae_batch: int = 1024
-    direction_seeds: int = 128           # seeds per prompt of the Decoding-Diffusion run (0: skip it)
-    inversion_images: int = 48           # held-out images inverted by the committed inverters (0: skip)
-    inversion_steps: int = 10            # sampler steps per reconstruction (the eval command uses 20)
+    """SAE tokens per step"""
+    direction_seeds: int = 128
+    """seeds per prompt of the Decoding-Diffusion section (0: skip it)"""
+    inversion_images: int = 48
+    """held-out images inverted by the committed inverters (0: skip the feature-inversion section)"""
+    inversion_steps: int = 10
+    """sampler steps per reconstruction (the eval command uses 20)"""
 
 
 def run_demo(out: Path, *, shapes_world: ShapesWorld | None = None, config: DemoConfig | None = None,
