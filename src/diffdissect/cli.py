@@ -344,9 +344,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
         if dist.enabled:
             raise DiffdissectError("trajectory capture (--prompts) runs in one process; launch it without "
                                    "torchrun/accelerate, or capture images.")
-        spec = TrajectorySpec(prompts=prompts, steps=args.steps, guidance_scale=args.guidance,
-                              branch=args.branch, shard_size=args.shard_size or 64, **common)
-        manifest = capture_trajectories(target, spec, args.out, progress=not args.quiet)
+        trajectory_spec = TrajectorySpec(prompts=prompts, steps=args.steps, guidance_scale=args.guidance,
+                                         branch=args.branch, shard_size=args.shard_size or 64, **common)
+        manifest = capture_trajectories(target, trajectory_spec, args.out, progress=not args.quiet)
     else:
         spec = CaptureSpec(timesteps=args.timesteps, prompt=args.prompt, use_captions=args.use_captions,
                            class_label=args.class_label, labels_as_classes=args.labels_as_classes,

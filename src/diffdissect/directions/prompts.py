@@ -70,10 +70,10 @@ def build_prompt_set(prompts: list[str] | None = None, templates: list[str] | No
         raise SpecError("no prompts: give prompts, a prompt file or templates with slot values.")
     seen: dict[str, int] = {}
     duplicates = []
-    for p in out:
-        if p.text in seen:
-            duplicates.append(p.text)
-        seen[p.text] = 1
+    for prompt in out:
+        if prompt.text in seen:
+            duplicates.append(prompt.text)
+        seen[prompt.text] = 1
     if duplicates:
         raise SpecError(f"duplicate prompt(s) {sorted(set(duplicates))[:5]}; each prompt must appear once "
                         "(use more seeds for more samples of one prompt).")

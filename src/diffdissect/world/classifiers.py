@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -129,7 +129,7 @@ def train_classifier(model: nn.Module, world: WorldConfig, *, steps: int, batch:
         x = images_to_tensor(b.images)
         out = model(x)
         if isinstance(out, dict):
-            loss = sum(F.cross_entropy(out[f], torch.from_numpy(b.factors[f])) for f in out)
+            loss = cast(torch.Tensor, sum(F.cross_entropy(out[f], torch.from_numpy(b.factors[f])) for f in out))
         else:
             loss = F.cross_entropy(out, torch.from_numpy(class_labels(world, b.factors)))
         opt.zero_grad(set_to_none=True)

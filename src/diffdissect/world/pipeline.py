@@ -180,7 +180,7 @@ def train_unet(pipe: diffusers.StableDiffusionPipeline, latents: torch.Tensor, f
 
     with seeded(recipe.seed + 2):
         history = run_steps(recipe.unet_steps, step, desc="unet", progress=progress)
-    ema_unet.shadow.set_default_attn_processor()
+    ema_unet.shadow.set_default_attn_processor()  # type: ignore[operator]  # a diffusers method, not a tensor
     pipe.unet, pipe.text_encoder = ema_unet.shadow, ema_text.shadow
     pipe.register_modules(unet=ema_unet.shadow, text_encoder=ema_text.shadow)
     return history

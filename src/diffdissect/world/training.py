@@ -23,8 +23,8 @@ class EMA:
         decay = min(self.decay, (1 + step) / (10 + step))      # warm-up: follow closely at first
         for avg, p in zip(self.shadow.parameters(), module.parameters()):
             avg.lerp_(p.detach(), 1 - decay)
-        for avg, b in zip(self.shadow.buffers(), module.buffers()):
-            avg.copy_(b)
+        for avg_buffer, b in zip(self.shadow.buffers(), module.buffers()):
+            avg_buffer.copy_(b)
 
 
 def run_steps(steps: int, step_fn: Callable[[int], dict[str, float]], *, desc: str, progress: bool = True,
