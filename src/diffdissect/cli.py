@@ -132,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", nargs="+", default=None, help="descriptor families: NAME=word1,word2 ...")
     p.add_argument("--subjects", nargs="+", default=None, help="subject prompts whose defaults to measure")
     p.add_argument("--cluster-by", default=None, help="a template slot whose grouping the clustering is scored on")
-    p.add_argument("--cluster-remove", default=None, help="a --family whose directions are projected out first")
+    p.add_argument("--cluster-remove", nargs="+", default=[], metavar="FAMILY",
+                   help="--family names whose directions are projected out first (several: every nuisance family)")
+    p.add_argument("--cluster-pooling", choices=("none", "mean"), default="none",
+                   help="per-sample summary before a prompt's mean: none (the map) or mean (position-free)")
     p.set_defaults(func=cmd_directions_run)
     p = directions.add_parser("world", help="the analysis on the shapes world, checked against the planted defaults")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
@@ -486,7 +489,8 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
     source = args.source or ("captions" if captioner else "prompts")
     config = DirectionsConfig(prompts=prompts, guidance_scale=args.guidance, text_source=source,
                               bias=[BiasSpec(name, words, list(args.subjects)) for name, words in families.items()],
-                              cluster_by=args.cluster_by, cluster_remove=args.cluster_remove, **_directions_options(args))
+                              cluster_by=args.cluster_by, cluster_remove=args.cluster_remove,
+                              cluster_pooling=args.cluster_pooling, **_directions_options(args))
     results = run_directions(_target(args), config, args.out, captioner, progress=not args.quiet)
     _print_directions(results, write_directions_report(results, args.out))
     return 0
