@@ -4,6 +4,12 @@
     codes = ReLU(TopK(pre))                         k largest per row (BatchTopK: k * rows per batch)
     x_hat = sum of the active decoder rows * codes + b_dec, then un-normalised
 
+BatchTopK (Bussmann et al. 2024) trains with the k * rows largest pre-activations of the batch (each row
+may use up to 4k). Its inference model is not "top k per row": it is the JumpReLU form that SAELens saves,
+codes = pre * (pre > threshold) over *all* latents, with one threshold learned for the dictionary and
+kept in the checkpoint (the `threshold` buffer; `calibrate_threshold` sets it on the final weights so the
+expected L0 is k). A row may then use more or fewer than k latents, as in training.
+
 Decoder rows have unit norm. The encoder is an autograd Function whose backward touches only the
 k active latents per row (a sparse matmul for the weight gradient, an embedding_bag for the input
 gradient), and the decoder is an embedding_bag gather of the active rows, never a dense scatter.
@@ -144,13 +150,38 @@ class TopKSAE(nn.Module):
             values, indices, aux_v, aux_i = _SparseEncode.apply(xn, self.W_enc, bias, min(self.config.n_latents, 4 * k),
                                                                 mask, aux_k)
             values = _batch_topk(values, k * len(x))
+        elif self.config.variant == "batchtopk":       # inference: JumpReLU with the one learned threshold
+            width = min(self.config.n_latents, 4 * k)
+            while True:
+                values, indices, aux_v, aux_i = _SparseEncode.apply(xn, self.W_enc, bias, width, mask, aux_k)
+                saturated = bool((values > self.threshold).all(1).any())     # a row may have more above it
+                if not saturated or width == self.config.n_latents:
+                    break
+                width = min(self.config.n_latents, 2 * width)
+            values = values * (values > self.threshold)
         else:
             values, indices, aux_v, aux_i = _SparseEncode.apply(xn, self.W_enc, bias, k, mask, aux_k)
-            if self.config.variant == "batchtopk":
-                values = values * (values > self.threshold)
         codes = Codes(F.relu(values), indices)
         aux = Codes(F.relu(aux_v), aux_i) if aux_k else None
         return codes, aux
+
+    @torch.no_grad()
+    def calibrate_threshold(self, x: torch.Tensor, *, batch_size: int = 8192) -> float:
+        """BatchTopK's inference threshold from raw inputs `x` on the current weights: BatchTopK's rule applied to
+        all of `x` as one batch (each row's top 4k candidates, the k * rows largest kept), so JumpReLU at this
+        threshold has mean L0 k on `x`. Sets the `threshold` buffer and returns it."""
+        k, width = self.config.k, min(self.config.n_latents, 4 * self.config.k)
+        bias = self.b_enc - self.W_enc @ self.b_dec
+        candidates = []
+        for start in range(0, len(x), batch_size):
+            xn = x[start:start + batch_size].float() * self.input_scale
+            pre = torch.mm(xn, self.W_enc.t()) + bias
+            candidates.append(pre.topk(width, dim=-1, sorted=False).values.flatten())
+        flat = torch.cat(candidates)
+        keep = min(k * len(x), flat.numel())
+        cutoff = flat.topk(keep, sorted=False).values.min().clamp_min(0.0)
+        self.threshold.fill_(float(cutoff))
+        return float(cutoff)
 
     def decode(self, codes: Codes, *, bias: bool = True) -> torch.Tensor:
         """Sparse decode (embedding_bag over the active rows), back in the raw input space."""
