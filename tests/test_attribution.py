@@ -117,7 +117,7 @@ def test_benjamini_hochberg_known_answer():
     assert benjamini_hochberg(p.reshape(1, 5)).shape == (1, 5)
 
 
-def test_features_report_heldout_choice_null_places_and_words(tmp_path):
+def test_features_report_heldout_choice_null_places_and_words(tmp_path, capsys):
     """`analyse_features` adds the held-out best latents (with the old max beside them), per-location scores and
     localisation against masks, and each latent's caption words."""
     from diffdissect.sae import TrainConfig, train_sae
@@ -151,3 +151,9 @@ def test_features_report_heldout_choice_null_places_and_words(tmp_path):
     labels = results["caption_labels"]
     assert labels["values_total"] == 3 and labels["top_word_names_it"] >= 2
     assert "selection" in results["attribution"] and results["words"]["tests"] > 0
+    from diffdissect.cli import main
+
+    assert main(["sae", "features", str(tmp_path / "sae"), "--top", "8", "--out", str(tmp_path / "feats")]) == 0
+    printed = capsys.readouterr().out
+    assert "chosen on half A of the held-out images, scored on half B" in printed and "per location" not in printed
+    assert "caption words:" in printed and "q " in printed

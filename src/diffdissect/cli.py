@@ -468,10 +468,12 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_features(args: argparse.Namespace) -> int:
-    from diffdissect.sae.report import write_feature_outputs
+    from diffdissect.sae.report import feature_summary_lines, write_feature_outputs
 
     paths = write_feature_outputs(args.sae, store=args.store, labels=args.labels, top_n=args.top,
                                   images=args.images, out=args.out)
+    for line in feature_summary_lines(json.loads(paths["json"].read_text())):
+        print(line)
     print(f"features: {paths['json']}\nbrowser: {paths['browser']} (open it in a web browser; no server needed)")
     return 0
 

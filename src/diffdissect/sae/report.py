@@ -44,6 +44,31 @@ def write_feature_outputs(sae_dir: str | Path, *, store: str | Path | None = Non
     return paths
 
 
+def feature_summary_lines(results: dict[str, Any], *, max_latents: int = 10) -> list[str]:
+    """Plain-text headline of features.json: the held-out coverage (and the old max beside it) and the caption
+    words of the most frequent labelled latents, with their enrichment and BH q-values."""
+    lines = []
+    heldout = results.get("heldout")
+    if heldout and heldout["values_total"]:
+        target = results["attribution"]["auroc_target"]
+        line = (f"factor values with a latent of AUROC >= {target}: {heldout['heldout']} of {heldout['values_total']} "
+                f"(chosen on half A of the held-out images, scored on half B)")
+        places = results.get("per_location", {})
+        if "heldout" in places:
+            line += f"; per location: {places['heldout']} of {places['values_total']}"
+        lines.append(line + f"; max over latents on all held-out images (biased upwards): "
+                            f"{results['values_with_auroc_ge_0.95']} of {results['values_total']}")
+    labelled = sorted((l for l in results["latents"] if l.get("words")), key=lambda l: -l["image_frequency"])
+    if "words" in results:
+        lines.append(f"caption words: {len(labelled)} of {len(results['latents'])} latents have words enriched among "
+                     f"their top {results['words'].get('top_n', '?')} images (BH q < {results['words'].get('fdr', '?')} "
+                     f"over {results['words']['tests']} tests)")
+    for l in labelled[:max_latents]:
+        words = ", ".join(f"{w['word']} (x{w['enrichment']:.1f}, q {w['q']:.2g})" for w in l["words"])
+        lines.append(f"  latent {l['latent']}: {words}")
+    return lines
+
+
 def sae_section(report: Report, summaries: list[dict[str, Any]], features: list[dict[str, Any]],
                 browser_links: list[str], example_images: list[tuple[str, np.ndarray]]) -> Section:
     s = report.section("Sparse autoencoders (TopK)")
