@@ -157,3 +157,14 @@ def test_features_report_heldout_choice_null_places_and_words(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "chosen on half A of the held-out images, scored on half B" in printed and "per location" not in printed
     assert "caption words:" in printed and "q " in printed
+
+
+def test_per_location_scoring_is_skipped_with_a_note_beyond_the_memory_bound(tmp_path, monkeypatch):
+    from diffdissect.sae import features
+
+    monkeypatch.setattr(features, "MAX_MAP_VALUES", 10)
+    acts = features.ImageActivations(np.arange(8), np.random.default_rng(0).random((8, 3)),
+                                     np.ones((8, 3, 2, 2), np.float16), (2, 2))
+    out = features._attribution(acts, {"c": np.array(["a", "b"] * 4, dtype=object)}, [{}] * 8, list(range(8)),
+                                np.ones((8, 4, 4)), features.AttributionConfig(permutations=10), [])
+    assert "exceed 10" in out["per_location"]["skipped"] and out["heldout"]["values_total"] == 2

@@ -24,7 +24,7 @@ from diffdissect.sae.data import SliceData
 from diffdissect.store import open_store
 
 
-MAX_MAP_VALUES = 64_000_000
+MAX_MAP_VALUES = 64_000_000       # per-location scoring ranks every map value (8 bytes each)
 
 
 @dataclass
@@ -163,7 +163,10 @@ def _attribution(acts: ImageActivations, labels: dict[str, np.ndarray], held: li
     heldout = {c: best_latents(acts.values, v, halves, permutations=config.permutations, seed=config.split_seed)
                for c, v in labels.items()}
     out["heldout"] = {"best_latent_per_value": heldout, **coverage(heldout, config.auroc_target)}
-    if masks is not None and acts.maps is not None and len(held):
+    if masks is not None and acts.maps is not None and acts.maps.size > MAX_MAP_VALUES:
+        out["per_location"] = {"skipped": f"{acts.maps.size:,} map values (images x latents x locations) exceed "
+                                          f"{MAX_MAP_VALUES:,}; score fewer held-out images or a smaller dictionary"}
+    elif masks is not None and acts.maps is not None and len(held):
         cells = grid_masks(np.asarray(masks)[source_index], acts.map_shape, config.mask_threshold)
         maps = acts.maps.astype(np.float32)
         per_location = {c: best_latents(maps, v, halves, cells=cells, permutations=config.permutations,
