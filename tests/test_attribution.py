@@ -168,3 +168,32 @@ def test_per_location_scoring_is_skipped_with_a_note_beyond_the_memory_bound(tmp
     out = features._attribution(acts, {"c": np.array(["a", "b"] * 4, dtype=object)}, [{}] * 8, list(range(8)),
                                 np.ones((8, 4, 4)), features.AttributionConfig(permutations=10), [])
     assert "exceed 10" in out["per_location"]["skipped"] and out["heldout"]["values_total"] == 2
+
+
+def test_a_captioner_labels_latents_of_a_store_without_captions(tmp_path, capsys):
+    """Unlabelled, uncaptioned data: captions come from a captioner run on the held-out images."""
+    from diffdissect.cli import main
+    from diffdissect.sae import TrainConfig, train_sae
+    from diffdissect.sae.features import analyse_features
+    from diffdissect.store import write_array_store
+
+    rng = np.random.default_rng(5)
+    n, names = 200, ["red", "blue"]
+    colour = rng.integers(0, 2, n)
+    x = rng.normal(0, 0.1, (n, 6)).astype(np.float32)
+    x[np.arange(n), colour] += 3.0
+    write_array_store(tmp_path / "store", {("pooled", 10): x}, [{"input_id": f"im{i}"} for i in range(n)])
+    train_sae(tmp_path / "store", TrainConfig(layer="pooled", t=10, k=1, n_latents=4, batch_size=100, steps=100,
+                                              heldout_fraction=0.5), tmp_path / "sae", progress=False)
+    asked = []
+
+    def captioner(indices):
+        asked.extend(indices)
+        return [f"a {names[colour[i]]} thing" for i in indices]
+
+    results, _, held = analyse_features(tmp_path / "sae", caption_fn=captioner)
+    assert len(asked) == len(held) and results["words"]["tests"] > 0
+    labelled = {w[0]["word"] for w in (l.get("words") for l in results["latents"]) if w}
+    assert labelled == {"red", "blue"}
+    assert main(["sae", "features", str(tmp_path / "sae"), "--captioner", "world"]) == 2
+    assert "--captioner needs the capture's images" in capsys.readouterr().err

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=16, help="top images per latent [16]")
     p.add_argument("--images", default=None, help="image folder of the capture (for thumbnails) [from the manifest]")
     p.add_argument("--out", default=None, help="output directory [the SAE directory]")
+    p.add_argument("--captioner", default=None, help="caption the held-out images (world, or a local transformers "
+                   "image-to-text directory) to label latents by words, when the store holds no captions")
     p.set_defaults(func=cmd_sae_features)
 
     directions = sub.add_parser("directions", help="prompt-driven h-space directions and what prompts default to "
@@ -470,12 +472,40 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
 def cmd_sae_features(args: argparse.Namespace) -> int:
     from diffdissect.sae.report import feature_summary_lines, write_feature_outputs
 
+    caption_fn = _held_out_captioner(args) if args.captioner else None
     paths = write_feature_outputs(args.sae, store=args.store, labels=args.labels, top_n=args.top,
-                                  images=args.images, out=args.out)
+                                  images=args.images, out=args.out, caption_fn=caption_fn)
     for line in feature_summary_lines(json.loads(paths["json"].read_text())):
         print(line)
     print(f"features: {paths['json']}\nbrowser: {paths['browser']} (open it in a web browser; no server needed)")
     return 0
+
+
+def _held_out_captioner(args: argparse.Namespace):
+    """Captions of source images by index, from `--captioner` run on the capture's images."""
+    import numpy as np
+    from PIL import Image
+
+    from diffdissect.directions import load_captioner
+    from diffdissect.directions.captioners import caption_images
+    from diffdissect.sae.checkpoint import read_config
+    from diffdissect.sae.report import image_source_for
+
+    store = args.store or read_config(Path(args.sae))["slice"]["store"]
+    source = image_source_for(store, args.images)
+    if source is None:
+        raise DiffdissectError(f"--captioner needs the capture's images and the store {store} names none that can be "
+                               "read; pass the image folder with --images.")
+    captioner = load_captioner(args.captioner)
+
+    def caption(indices: list[int]) -> list[str | None]:
+        images = [source.load(i).image for i in indices]
+        pixels = [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im) for im in images]
+        if len({p.shape for p in pixels}) == 1:
+            return caption_images(captioner, np.stack(pixels)).captions
+        return [caption_images(captioner, p[None]).captions[0] for p in pixels]
+
+    return caption
 
 
 def cmd_directions_run(args: argparse.Namespace) -> int:

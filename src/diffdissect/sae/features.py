@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -96,12 +96,14 @@ def revelio_sigma(class_ids: np.ndarray) -> float:
 
 def analyse_features(sae_dir: str | Path, *, store: str | Path | None = None, label_columns: Sequence[str] | None = None,
                      top_n: int = 16, seed: int = 0, masks: np.ndarray | None = None,
-                     attribution: AttributionConfig | None = None
+                     attribution: AttributionConfig | None = None,
+                     caption_fn: Callable[[list[int]], list[str | None]] | None = None
                      ) -> tuple[dict[str, Any], ImageActivations, list[dict[str, Any]]]:
     """Per-latent frequency, top held-out images, purity vs the random baseline, AUROC per factor value
     (chosen on one half of the held-out images, reported on the other, with a null for the max), per
     location against object `masks` ((N, H, W) coverage per source image, optional), and the caption
-    words enriched among each latent's top images (when the store's rows hold captions).
+    words enriched among each latent's top images (the store rows' captions, or, when they have none,
+    `caption_fn(source indices)`: e.g. a captioner run on the held-out images).
 
     Returns (results as plain data, the held-out activations, the held-out rows of the store index).
     """
@@ -141,7 +143,12 @@ def analyse_features(sae_dir: str | Path, *, store: str | Path | None = None, la
     covered = sum(1 for v in best.values() for x in v.values() if x["auroc"] >= 0.95)
     source_index = [int(r.get("source_index", i)) for i, r in enumerate(held)]
     mask_index = [int(r.get("source_index", row)) for r, row in zip(held, acts.rows)]   # masks: per source image
-    extra = _attribution(acts, labels, held, mask_index, masks, attribution, latents)
+    captions = [r.get("caption") for r in held]
+    if caption_fn is not None and not any(isinstance(c, str) and c for c in captions):
+        captions = list(caption_fn(mask_index))
+        if len(captions) != len(held):
+            raise ValueError(f"caption_fn returned {len(captions)} captions for {len(held)} held-out images")
+    extra = _attribution(acts, labels, held, mask_index, masks, attribution, latents, captions)
     return {"sae": str(sae_dir), "slice": info["slice"], "config": info["sae"], "metrics": info.get("metrics"),
             "inference": info.get("inference"), "heldout_images": len(held), "heldout_source_index": source_index,
             "top_n": n, "labels": list(labels), "baselines": baselines,
@@ -156,7 +163,7 @@ HELDOUT_RULE = ("the latent with the highest AUROC on half A of the held-out ima
 
 def _attribution(acts: ImageActivations, labels: dict[str, np.ndarray], held: list[dict[str, Any]],
                  source_index: list[int], masks: np.ndarray | None, config: AttributionConfig,
-                 latents: list[dict[str, Any]]) -> dict[str, Any]:
+                 latents: list[dict[str, Any]], captions: Sequence[Any] | None = None) -> dict[str, Any]:
     """The held-out best latents, per-location scores and localisation (with masks), and caption words."""
     out: dict[str, Any] = {"attribution": {**config.to_json(), "selection": HELDOUT_RULE}}
     halves = split_halves(len(held), config.split_seed)
@@ -179,7 +186,7 @@ def _attribution(acts: ImageActivations, labels: dict[str, np.ndarray], held: li
                                "grid": list(acts.map_shape), "object_cells_mean": float(cells.sum((1, 2)).mean())}
     elif masks is not None:
         out["per_location"] = {"skipped": "no per-location maps (a pooled SAE, or maps not kept)"}
-    captions = [r.get("caption") for r in held]
+    captions = [r.get("caption") for r in held] if captions is None else list(captions)
     if any(isinstance(c, str) and c for c in captions):
         words = word_enrichment(acts.values, [c if isinstance(c, str) else None for c in captions],
                                 top_n=config.top_n, fdr=config.fdr, max_words=config.max_words)

@@ -33,8 +33,9 @@ def image_source_for(store: str | Path, images: str | None = None):
 
 def write_feature_outputs(sae_dir: str | Path, *, store: str | Path | None = None, labels=None, top_n: int = 16,
                           images: str | None = None, image_source=None, out: str | Path | None = None,
-                          masks: np.ndarray | None = None) -> dict[str, Path]:
-    results, acts, held = analyse_features(sae_dir, store=store, label_columns=labels, top_n=top_n, masks=masks)
+                          masks: np.ndarray | None = None, caption_fn=None) -> dict[str, Path]:
+    results, acts, held = analyse_features(sae_dir, store=store, label_columns=labels, top_n=top_n, masks=masks,
+                                           caption_fn=caption_fn)
     out = Path(out or sae_dir)
     out.mkdir(parents=True, exist_ok=True)
     source = image_source if image_source is not None else image_source_for(store or results["slice"]["store"], images)
