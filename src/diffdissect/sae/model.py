@@ -87,10 +87,7 @@ class _SparseEncode(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         for g, idx in grads:
             # rows: latents, columns: inputs -> grad_w = G^T x without materialising (n*k, d)
-            rows = torch.arange(n, device=x.device).repeat_interleave(idx.shape[1])
-            sparse = torch.sparse_coo_tensor(torch.stack([idx.flatten(), rows]), g.flatten(), (n_latents, n),
-                                             check_invariants=False).coalesce()
-            gw = torch.sparse.mm(sparse, x)
+            gw = _weight_grad(g, idx, x, n_latents)
             gb = torch.zeros(n_latents, dtype=g.dtype, device=g.device).index_add_(0, idx.flatten(), g.flatten())
             grad_w = gw if grad_w is None else grad_w + gw
             grad_b = gb if grad_b is None else grad_b + gb
@@ -98,6 +95,19 @@ class _SparseEncode(torch.autograd.Function):
                 gx = F.embedding_bag(idx, weight, per_sample_weights=g, mode="sum")
                 grad_x = gx if grad_x is None else grad_x + gx
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _weight_grad(g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """G^T x for the (n, k) code gradients g at latents idx, without materialising (n*k, d): a sparse matmul
+    where the device has sparse kernels (CPU, CUDA), else (meta, MPS) a dense scatter of G and one matmul."""
+    n = len(x)
+    if x.device.type in ("cpu", "cuda"):
+        rows = torch.arange(n, device=x.device).repeat_interleave(idx.shape[1])
+        sparse = torch.sparse_coo_tensor(torch.stack([idx.flatten(), rows]), g.flatten(), (n_latents, n),
+                                         check_invariants=False).coalesce()
+        return torch.sparse.mm(sparse, x)
+    dense = torch.zeros(n, n_latents, dtype=g.dtype, device=g.device).scatter_add_(1, idx, g)
+    return dense.t() @ x
 
 
 class TopKSAE(nn.Module):
