@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-missing", action="store_true", help="probe without rows whose label is missing")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs [2000]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the probes are fitted: cpu, cuda, cuda:N, mps [cpu]")
+    p.add_argument("--solver", choices=["auto", "batched", "lbfgsb"], default="auto",
+                   help="linear probes: lbfgsb (scipy per problem), batched (all cells at once), auto (lbfgsb on "
+                        "the CPU, batched elsewhere) [auto]")
     p.add_argument("--out", required=True, help="output directory (probes.json/.csv, splits.csv, heatmaps, report)")
     p.set_defaults(func=cmd_probe)
 
@@ -105,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None, help="passes over the training tokens [10]")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="where the SAE trains: cpu, cuda, cuda:N, mps [cpu]")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the dense encoder matmul; weights stay float32 [float32]")
+    p.add_argument("--mix-shards", type=int, default=None, help="shuffle buffer, in shards [4]")
     p.add_argument("--out", required=True, help="runs directory: one sub-directory per SAE (resumed if present)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sae_train)
@@ -115,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=16, help="top images per latent [16]")
     p.add_argument("--images", default=None, help="image folder of the capture (for thumbnails) [from the manifest]")
     p.add_argument("--out", default=None, help="output directory [the SAE directory]")
+    p.add_argument("--device", default="cpu", help="where the codes are computed: cpu, cuda, cuda:N, mps [cpu]")
     p.set_defaults(func=cmd_sae_features)
 
     directions = sub.add_parser("directions", help="prompt-driven h-space directions and what prompts default to "
@@ -429,7 +438,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                          split=SplitSpec(*args.split), split_column=args.split_column,
                          l2_grid=tuple(args.l2 or DEFAULT_L2_GRID), shuffled_control=args.shuffled_control,
                          random_init_store=args.random_init_store, drop_missing=args.drop_missing,
-                         bootstrap=args.bootstrap, seed=args.seed)
+                         bootstrap=args.bootstrap, seed=args.seed, device=args.device, solver=args.solver)
     results = run_probes(args.store, config)
     paths = write_probe_outputs(results, args.out)
     report = Report(f"diffdissect probe: {args.store}")
@@ -448,7 +457,8 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
 
     flags = {"layer": args.layers, "t": args.timesteps, "k": args.k, "expansion": args.expansion,
              "n_latents": args.n_latents, "variant": args.variant, "tokens": args.tokens, "lr": args.lr,
-             "batch_size": args.batch_size, "steps": args.steps, "epochs": args.epochs, "seed": args.seed}
+             "batch_size": args.batch_size, "steps": args.steps, "epochs": args.epochs, "seed": args.seed,
+             "device": args.device, "dtype": args.dtype, "mix_shards": args.mix_shards}
     file_options = json.loads(Path(args.config).read_text()) if args.config else {}
     from diffdissect.distributed import from_env
 
@@ -466,7 +476,7 @@ def cmd_sae_features(args: argparse.Namespace) -> int:
     from diffdissect.sae.report import write_feature_outputs
 
     paths = write_feature_outputs(args.sae, store=args.store, labels=args.labels, top_n=args.top,
-                                  images=args.images, out=args.out)
+                                  images=args.images, out=args.out, device=args.device)
     print(f"features: {paths['json']}\nbrowser: {paths['browser']} (open it in a web browser; no server needed)")
     return 0
 

@@ -42,7 +42,7 @@ def load_sae(directory: str | Path, *, d_in: int | None = None,
     if d_in is not None:
         check_d_in(directory, info, d_in)
     sae = TopKSAE(config, device=device)
-    sae.load_state_dict(load_file(directory / WEIGHTS, device=str(device)))
+    sae.load_state_dict({k: v.to(device) for k, v in load_file(directory / WEIGHTS).items()})   # read on the CPU
     return sae.eval(), info
 
 
@@ -57,4 +57,4 @@ def check_d_in(directory: Path, info: dict[str, Any], d_in: int) -> None:
 
 def load_state(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     path = Path(directory) / STATE
-    return load_file(path, device=str(device)) if path.is_file() else {}
+    return {k: v.to(device) for k, v in load_file(path).items()} if path.is_file() else {}

@@ -115,10 +115,10 @@ def image_activations(sae, data: SliceData, config: FeaturesConfig | None = None
             maps.view(-1).index_put_((spot.cpu() + at * n_latents * locations,), codes.values.flatten().half().cpu())
         at += n
     top_n = min(config.top_n, len(held))
-    top = values.topk(top_n, dim=0).indices.t().contiguous() if top_n else torch.zeros(n_latents, 0, dtype=torch.long)
+    top = values.topk(top_n, dim=0).indices.t().contiguous() if top_n else torch.zeros(n_latents, 0, dtype=torch.long, device="cpu")
     top_maps = None
     if data.tokens and keep_maps:
-        top_maps = (maps.view(len(held), n_latents, locations)[top, torch.arange(n_latents)[:, None]]
+        top_maps = (maps.view(len(held), n_latents, locations)[top, torch.arange(n_latents, device="cpu")[:, None]]
                     if maps is not None else _top_maps(sae, data, config, held, top, locations, device))
         top_maps = top_maps.view(n_latents, top_n, *map_shape).numpy()
     return ImageActivations(held, values.numpy(), top.numpy(), top_maps,
@@ -136,8 +136,8 @@ def _top_maps(sae, data: SliceData, config: FeaturesConfig, held: np.ndarray, to
     position_of_row = np.full(data.reader.num_rows, -1)
     position_of_row[held] = np.arange(len(held))
     # rank[j, position] = r where top[j, r] == position, else -1; one entry per (latent, held-out image) pair kept
-    pairs_latent = torch.arange(n_latents).repeat_interleave(top_n)
-    pairs_rank = torch.arange(top_n).repeat(n_latents)
+    pairs_latent = torch.arange(n_latents, device="cpu").repeat_interleave(top_n)
+    pairs_rank = torch.arange(top_n, device="cpu").repeat(n_latents)
     pairs_position = top.flatten()
     for block, ids in data.reader.iter_batches(data.layer, data.t, config.batch_rows, format="torch", with_rows=True,
                                                select=wanted):
