@@ -77,7 +77,7 @@ def test_the_guard_catches_a_factory_without_device():
     """The check can fail: the sparse backward as it was (torch.arange(n) with no device) is caught."""
     guard = DeviceGuard()
     with guard:
-        exec(compile("import torch\nx = torch.arange(4)\ny = torch.zeros(2, device='cpu')", f"{SOURCE}/fake.py", "exec"))
+        exec(compile("import torch\nx = torch.arange(4)\ny = torch.zeros(2, device='cpu')", f"{SOURCE}/fake.py", "exec"))  # noqa: S102
     assert guard.offences == ["arange at fake.py:2"]
 
 

@@ -158,7 +158,7 @@ def _lbfgsb_all(x_train: torch.Tensor, y_train: torch.Tensor, m_train: torch.Ten
             for i in sorted(range(r), key=lambda i: -float(grid[i])):
                 l2 = float(grid[i])
 
-                def fun(flat: np.ndarray, l2: float = l2, x=x, onehot=onehot, n_k=n_k) -> tuple[float, np.ndarray]:
+                def fun(flat: np.ndarray, l2: float = l2, x=x, onehot=onehot, n_k=n_k, scale=scale) -> tuple[float, np.ndarray]:
                     theta = torch.from_numpy(flat).to(torch.float32)
                     w, b = theta[:d * n_k].view(d, n_k), theta[d * n_k:]
                     logits = torch.addmm(b, x, w)

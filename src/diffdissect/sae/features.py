@@ -8,20 +8,21 @@ deviation of integer class ids) for comparison with its paper only.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.stats import rankdata
 
 from diffdissect.devices import resolve_device
-from diffdissect.probe.labels import is_missing, label_columns as store_label_columns
+from diffdissect.probe.labels import is_missing
+from diffdissect.probe.labels import label_columns as store_label_columns
 from diffdissect.sae.checkpoint import check_d_in, load_sae
 from diffdissect.sae.data import SliceData
 from diffdissect.store import open_store
-
 
 MAX_MAP_VALUES = 64_000_000       # every held-out map (images x latents x locations) is kept only under this many values
 
@@ -229,7 +230,7 @@ def analyse_features(sae_dir: str | Path, *, store: str | Path | None = None, la
             if len(order):
                 classes = {name: k for k, name in enumerate(sorted(set(v)))}
                 entry["purity"][c] = {**purity(v[order]), "revelio_sigma": revelio_sigma(
-                    np.array([classes[x] for x in v[order]])), "n": int(len(order))}
+                    np.array([classes[x] for x in v[order]])), "n": len(order)}
         entry["auroc"] = {c: {value: float(a[j]) for value, a in table.items()} for c, table in aurocs.items()}
         latents.append(entry)
     best = {c: {value: {"latent": int(a.argmax()), "auroc": float(a.max())} for value, a in table.items()}

@@ -24,10 +24,12 @@ every device, whatever the thread timing.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -158,7 +160,7 @@ class MixingStream:
     are passed over without being gathered (a resumed run). Iterate it once; `close()` it when done.
     """
 
-    def __init__(self, reader: "StoreReader", layer: str, t: int, batch_size: int, *, seed: int = 0,
+    def __init__(self, reader: StoreReader, layer: str, t: int, batch_size: int, *, seed: int = 0,
                  select: np.ndarray | None = None, tokens: bool = False, pool_locations: bool = False,
                  mix_shards: int = 4, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  epochs: int | None = 1, start_epoch: int = 0, drop_last: bool = True, with_rows: bool = False,
@@ -190,7 +192,7 @@ class MixingStream:
         self._batches = self._iterate()
 
     # ---- the consumer -------------------------------------------------------------------------------
-    def __iter__(self) -> "MixingStream":
+    def __iter__(self) -> MixingStream:
         return self
 
     def __next__(self) -> Any:
@@ -203,10 +205,8 @@ class MixingStream:
         self._batches.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):       # a half-built stream, or interpreter shutdown
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
     def _iterate(self) -> Iterator[Any]:
         size, to_skip = self.batch_size, self.skip
@@ -321,5 +321,5 @@ class _nothing:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         return None
