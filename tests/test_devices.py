@@ -190,3 +190,29 @@ def test_probes_and_features_on_cuda(tokens_store, tmp_path):
     on_cpu, _, _ = analyse_features(tmp_path / "sae")
     on_gpu, _, _ = analyse_features(tmp_path / "sae", config=FeaturesConfig(device="cuda"))
     assert [l["top"] for l in on_cpu["latents"]] == [l["top"] for l in on_gpu["latents"]]
+
+
+# ---- the streaming feature pass against a dense reference -------------------------------------------------------
+@pytest.mark.parametrize("cap", [0, 10**9])
+def test_streaming_features_equal_the_dense_codes(tokens_store, tmp_path, cap):
+    """Per-image values, top images and their maps from the streaming pass (scatter-max; with cap 0 a second
+    pass over the top images only) equal those of the dense (tokens x latents) code matrix."""
+    from diffdissect.sae.data import SliceData
+    from diffdissect.sae.features import image_activations
+
+    train_sae(tokens_store, small_config(), tmp_path / "sae", progress=False)
+    sae, info = load_sae(tmp_path / "sae")
+    reader = open_store(tokens_store)
+    data = SliceData(reader, "blk", 10, True, info["train"]["heldout_fraction"])
+    acts = image_activations(sae, data, FeaturesConfig(top_n=3, max_map_values=cap, batch_rows=2))
+    x = torch.from_numpy(reader.load("blk", 10)).float()[torch.from_numpy(data.heldout_rows)]
+    with torch.no_grad():
+        dense = sae.dense_codes(sae.encode(x.flatten(2).transpose(1, 2).reshape(-1, 8))[0])
+    dense = dense.view(len(x), 9, -1)                                         # (images, locations, latents)
+    np.testing.assert_allclose(acts.values, dense.amax(1).numpy(), rtol=1e-6)
+    assert (acts.maps is None) == (cap == 0)
+    for j in range(sae.config.n_latents):
+        for r, position in enumerate(acts.top[j]):
+            expected = dense[position, :, j].view(3, 3).half().numpy()
+            np.testing.assert_array_equal(acts.top_maps[j, r], expected)
+            np.testing.assert_array_equal(acts.map_of(int(position), j), expected)
