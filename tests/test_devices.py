@@ -204,7 +204,7 @@ def test_streaming_features_equal_the_dense_codes(tokens_store, tmp_path, cap):
     sae, info = load_sae(tmp_path / "sae")
     reader = open_store(tokens_store)
     data = SliceData(reader, "blk", 10, True, info["train"]["heldout_fraction"])
-    acts = image_activations(sae, data, FeaturesConfig(top_n=3, max_map_values=cap, batch_rows=2))
+    acts = image_activations(sae, data, FeaturesConfig(top_n=3, max_map_values=cap, batch_tokens=20))
     x = torch.from_numpy(reader.load("blk", 10)).float()[torch.from_numpy(data.heldout_rows)]
     with torch.no_grad():
         dense = sae.dense_codes(sae.encode(x.flatten(2).transpose(1, 2).reshape(-1, 8))[0])

@@ -252,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-install", action="store_true", help="do not pip-install the peer if it is missing")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_sae)
+    p = bench_commands.add_parser("datapath", help="store -> batches (token stream, reader, SAE) vs a raw read")
+    p.add_argument("--rows", type=int, default=1024, help="rows of the synthetic spatial store [1024]")
+    p.add_argument("--d-in", type=int, default=1280, help="channels per location [1280]")
+    p.add_argument("--map", type=int, default=8, help="h = w of each row's map [8]")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sae-steps", type=int, default=6, help="SAE steps per timed round [6]")
+    p.add_argument("--no-features", action="store_true", help="skip the sae features memory measurement")
+    p.add_argument("--threads", type=int, default=1, help="torch threads [1]")
+    p.add_argument("--json", default=None, help="write results to this JSON file")
+    p.set_defaults(func=cmd_bench_datapath)
     p = bench_commands.add_parser("invert", help="inverter training: precomputed features vs per sample (FeatInv)")
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--steps", type=int, default=40, help="steps per variant per round")
@@ -745,6 +755,17 @@ def cmd_bench_sae(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0 if all(result["pass"].values()) else 1
+
+
+def cmd_bench_datapath(args: argparse.Namespace) -> int:
+    from diffdissect.bench.datapath import print_table, run_datapath_benchmark
+
+    result = run_datapath_benchmark(rows=args.rows, d=args.d_in, hw=args.map, rounds=args.rounds,
+                                    sae_steps=args.sae_steps, features=not args.no_features, threads=args.threads)
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
 
 
 def cmd_bench_capture(args: argparse.Namespace) -> int:

@@ -38,8 +38,8 @@ class FeaturesConfig:
     max_map_values: int = MAX_MAP_VALUES
     """keep every held-out activation map (for per-location scores) only when images x latents x locations is at
     most this; the maps of each latent's top images are always kept"""
-    batch_rows: int = 256
-    """held-out rows encoded per batch"""
+    batch_tokens: int = 8192
+    """tokens encoded per batch (a batch's pre-activations take tokens x latents x 4 bytes; whole rows, at least one)"""
     seed: int = 0
     """seed of the random-purity baseline"""
 
@@ -104,8 +104,8 @@ def image_activations(sae, data: SliceData, config: FeaturesConfig | None = None
     all_maps = bool(data.tokens and keep_maps and len(held) * n_latents * locations <= config.max_map_values)
     maps = torch.zeros(len(held), n_latents, locations, dtype=torch.float16, device="cpu") if all_maps else None
     at = 0
-    for block in data.reader.iter_batches(data.layer, data.t, config.batch_rows, format="torch",
-                                          select=data.heldout_rows):
+    for block in data.reader.iter_batches(data.layer, data.t, max(1, config.batch_tokens // locations),
+                                          format="torch", select=data.heldout_rows):
         codes, image, location, n, _ = _per_image(sae, block, data.tokens, device)
         flat = (image[:, None] * n_latents + codes.indices).flatten()
         per_image = torch.zeros(n * n_latents, dtype=torch.float32, device=device)
@@ -140,8 +140,8 @@ def _top_maps(sae, data: SliceData, config: FeaturesConfig, held: np.ndarray, to
     pairs_latent = torch.arange(n_latents, device="cpu").repeat_interleave(top_n)
     pairs_rank = torch.arange(top_n, device="cpu").repeat(n_latents)
     pairs_position = top.flatten()
-    for block, ids in data.reader.iter_batches(data.layer, data.t, config.batch_rows, format="torch", with_rows=True,
-                                               select=wanted):
+    for block, ids in data.reader.iter_batches(data.layer, data.t, max(1, config.batch_tokens // locations),
+                                               format="torch", with_rows=True, select=wanted):
         codes, image, location, n, _ = _per_image(sae, block, data.tokens, device)
         positions = torch.from_numpy(position_of_row[ids])
         local = torch.full((len(held),), -1, dtype=torch.long, device="cpu")

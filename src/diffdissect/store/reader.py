@@ -85,9 +85,10 @@ class StoreReader:
 
             stream = MixingStream(self, layer, t, batch_size, seed=seed, select=select, mix_shards=mix_shards,
                                   with_rows=True, drop_last=False)
+            shape = tuple(self.manifest.layers[layer]["shape"])
             try:
                 for batch, ids in stream:
-                    yield self._emit(batch, ids, format, with_rows, dtype)
+                    yield self._emit(batch.view(-1, *shape), ids, format, with_rows, dtype)
             finally:
                 stream.close()
             return

@@ -174,6 +174,8 @@ class MixingStream:
         self.tokens = tokens and len(self.shape) > 1
         self.pool_locations = pool_locations and len(self.shape) > 1 and not self.tokens
         self.locations = int(np.prod(self.shape[1:])) if self.tokens else 1
+        # an item: a location's channels (tokens), a row's mean over locations, or a whole row (flattened)
+        self.width = self.shape[0] if (self.tokens or self.pool_locations) else int(np.prod(self.shape))
         self.device = torch.device(device)
         self.stored = stored = reader.stored_dtype(layer)
         self.dtype = dtype or stored
@@ -261,7 +263,7 @@ class MixingStream:
 
     def _build(self, pieces: list[Piece], slot: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         rows = sum(p.rows for p in pieces)
-        n_items, d = rows * self.locations, self.shape[0]
+        n_items, d = rows * self.locations, self.width
         ids = None
         if self.with_rows:
             ids = torch.from_numpy(np.concatenate([np.arange(a, b) + self.offsets[p.shard]
