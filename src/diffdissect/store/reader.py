@@ -29,6 +29,7 @@ class StoreReader:
     def __init__(self, directory: Path, manifest: Manifest | None = None):
         self.directory = Path(directory)
         self.manifest = manifest or Manifest.load(self.directory)
+        self._headers: dict[tuple[str, int, int], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]] = {}
 
     # ---- description -------------------------------------------------------------------------
     @property
@@ -143,22 +144,32 @@ class StoreReader:
             raise StoreError(f"shard {shard.name} is listed in the manifest but missing from {path.parent}; "
                              "run `diffdissect store verify` on the store.")
         try:
+            entry = self._header(path)[key]
             with open(path, "rb") as fh:
-                (length,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(length))
-                entry = header[key]
                 mapped = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            begin, end = (8 + length + int(x) for x in entry["data_offsets"])
-            shape = tuple(int(x) for x in entry["shape"])
-            count = end - begin
-            if count == 0:
+            dtype, shape, begin, end = entry
+            if end == begin:
                 return torch.empty(shape, dtype=dtype, device="cpu")
-            flat = torch.frombuffer(mapped, dtype=dtype, count=count // dtype.itemsize, offset=begin)
-            return flat.view(shape)
+            return torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).view(shape)
         except (OSError, ValueError, KeyError, struct.error, json.JSONDecodeError, RuntimeError) as exc:
             raise StoreError(f"shard {shard.name} could not be read ({type(exc).__name__}: {exc}); "
                              "run `diffdissect store verify`.") from exc
+
+    def _header(self, path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+        """Each tensor's (dtype, shape, first byte, end byte) in a shard, parsed once per reader (the header also
+        holds the shard's row index, which is slow to parse)."""
+        stat = path.stat()
+        cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
+        cached = self._headers.get(cache_key)
+        if cached is None:
+            with open(path, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+            cached = {key: (SAFETENSORS_DTYPES[e["dtype"]], tuple(int(x) for x in e["shape"]),
+                            *(8 + length + int(x) for x in e["data_offsets"]))
+                      for key, e in header.items() if key != "__metadata__"}
+            self._headers[cache_key] = cached
+        return cached
 
     def stored_dtype(self, layer: str) -> torch.dtype:
         """The dtype the slices of `layer` are stored in."""
