@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_commands.add_parser("probe", help="the probe sweep: batched fit vs scikit-learn, passes per (image, t)")
     p.add_argument("--images", type=int, default=1024, help="shapes-world images to capture [1024]")
     p.add_argument("--store", default=None, help="use this store instead of capturing the shapes world")
+    p.add_argument("--revelio-scale", action="store_true",
+                   help="synthetic features at Revelio's scale (d 1280, 5,000 images, 8 cells) instead")
+    p.add_argument("--threads", type=int, default=None, help="torch and BLAS threads, both sides [torch's default]")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_probe)
     p = bench_commands.add_parser("sae", help="SAE training throughput vs EleutherAI sparsify, side by side")
@@ -739,9 +742,18 @@ def cmd_bench_world(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_probe(args: argparse.Namespace) -> int:
-    from diffdissect.bench.probe import run_probe_benchmark
+    from diffdissect.bench.probe import run_probe_benchmark, run_revelio_scale_benchmark
 
-    result = run_probe_benchmark(images=args.images, store=args.store)
+    if args.revelio_scale:
+        result = run_revelio_scale_benchmark(threads=args.threads or 1)
+    else:
+        if args.threads:
+            import torch
+            from threadpoolctl import threadpool_limits
+
+            torch.set_num_threads(args.threads)
+            threadpool_limits(args.threads)
+        result = run_probe_benchmark(images=args.images, store=args.store)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0 if all(result["pass"].values()) else 1
