@@ -140,7 +140,7 @@ def run_revelio_scale_benchmark(*, d: int = 1280, images: int = 5000, cells: int
     y = rng.integers(0, classes, images)
     basis = rng.normal(size=(32, d)) / np.sqrt(32)
     means = rng.normal(size=(classes, 32))
-    features = np.stack([(rng.normal(size=(images, d)) + 0.15 * (c + 1) * means[y] @ basis * np.sqrt(d / 32))
+    features = np.stack([(rng.normal(size=(images, d)) + 0.004 * (c + 1) * means[y] @ basis * np.sqrt(d / 32))
                          .astype(np.float32) for c in range(cells)])
     order = rng.permutation(images)
     n_train, n_val = int(0.6 * images), int(0.2 * images)
