@@ -79,7 +79,10 @@ def test_tokens_are_every_location_of_the_selected_rows_in_the_training_dtype(sp
     expected = to_tokens(torch.from_numpy(reader.load("blk", 5))[torch.from_numpy(select)].float(), True)
     out = torch.cat(batches(spatial_store, 7, tokens=True, select=select, dtype=torch.float32, drop_last=False))
     assert out.dtype == torch.float32 and out.shape == expected.shape
-    order = lambda x: x[torch.from_numpy(np.lexsort(x.numpy().T[::-1].copy()))]
+
+    def order(x: torch.Tensor) -> torch.Tensor:
+        return x[torch.from_numpy(np.lexsort(x.numpy().T[::-1].copy()))]
+
     assert torch.equal(order(out), order(expected))
 
 

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from diffdissect.atomic import atomic_write_bytes, atomic_write_json
 from diffdissect.errors import StoreError
 from diffdissect.sae.model import SAEConfig, TopKSAE
-from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json
 
 WEIGHTS, STATE, CONFIG = "sae.safetensors", "training_state.safetensors", "config.json"
 

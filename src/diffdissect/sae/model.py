@@ -83,7 +83,7 @@ class _SparseEncode(torch.autograd.Function):
         grads = [(grad_values, indices)]
         if ctx.has_aux and grad_aux is not None:
             grads.append((torch.nan_to_num(grad_aux, posinf=0.0, neginf=0.0), aux[0]))
-        n, n_latents = x.shape[0], weight.shape[0]
+        n_latents = weight.shape[0]
         grad_x = grad_w = grad_b = None
         for g, idx in grads:
             # rows: latents, columns: inputs -> grad_w = G^T x without materialising (n*k, d)
@@ -111,6 +111,9 @@ def _weight_grad(g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n_latents:
 
 
 class TopKSAE(nn.Module):
+    input_scale: torch.Tensor
+    threshold: torch.Tensor
+
     def __init__(self, config: SAEConfig, device: str | torch.device | None = None):
         super().__init__()
         config.validate()

@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diffdissect.devices import resolve_device, resolve_dtype
-from diffdissect.errors import DiffdissectError, SpecError, StoreError
 from diffdissect.distributed import SINGLE, Dist
+from diffdissect.errors import DiffdissectError, SpecError, StoreError
 from diffdissect.optim_state import optimizer_tensors, restore_optimizer
 from diffdissect.sae.checkpoint import load_sae, load_state, read_config, save_checkpoint
 from diffdissect.sae.data import SliceData
@@ -59,7 +59,7 @@ class TrainConfig:
     """the shuffle buffer, in shards: each batch mixes tokens from row ranges of every shard in a pool this big"""
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

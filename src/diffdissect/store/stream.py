@@ -27,18 +27,25 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from diffdissect.devices import pins
-from diffdissect.store.manifest import slice_key
+from diffdissect.store.manifest import Manifest, ShardRecord, slice_key
 
-if TYPE_CHECKING:
-    from diffdissect.store.reader import StoreReader
+
+class SliceSource(Protocol):
+    """What the stream needs of a store (`StoreReader` is one): its manifest, zero-copy slice views, dtypes."""
+
+    manifest: Manifest
+
+    def view(self, shard: ShardRecord, key: str) -> torch.Tensor: ...
+
+    def stored_dtype(self, layer: str) -> torch.dtype: ...
 
 MIN_PIECE_BYTES = 256 * 1024        # row ranges are at least this big (when a shard allows), so reads stay large
 MIN_PIECES = 8                      # ... but a shard is always cut into up to this many pieces, however small
@@ -160,7 +167,7 @@ class MixingStream:
     are passed over without being gathered (a resumed run). Iterate it once; `close()` it when done.
     """
 
-    def __init__(self, reader: StoreReader, layer: str, t: int, batch_size: int, *, seed: int = 0,
+    def __init__(self, reader: SliceSource, layer: str, t: int, batch_size: int, *, seed: int = 0,
                  select: np.ndarray | None = None, tokens: bool = False, pool_locations: bool = False,
                  mix_shards: int = 4, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  epochs: int | None = 1, start_epoch: int = 0, drop_last: bool = True, with_rows: bool = False,
@@ -210,7 +217,7 @@ class MixingStream:
         with contextlib.suppress(Exception):       # a half-built stream, or interpreter shutdown
             self.close()
 
-    def _iterate(self) -> Iterator[Any]:
+    def _iterate(self) -> Generator[Any, None, None]:
         size, to_skip = self.batch_size, self.skip
         carry: list[tuple[torch.Tensor, torch.Tensor | None]] = []     # materialised items of a straddling batch
         carried = 0
@@ -243,7 +250,8 @@ class MixingStream:
         items = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
         if not self.with_rows:
             return items
-        ids = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])   # type: ignore[misc]
+        ids = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts if p[1] is not None])
+        assert ids is not None                    # with_rows: every part carries its row ids
         return items, ids.cpu().numpy()
 
     # ---- the producer (runs in the prefetch thread) -------------------------------------------------------
