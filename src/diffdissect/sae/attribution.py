@@ -22,8 +22,9 @@ once per image set and labels only pick rows, so each permutation is one matrix 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.stats import hypergeom, rankdata
