@@ -177,6 +177,8 @@ class StoreReader:
         try:
             dtype, shape, begin, end = self._header(path)[key]
             row_bytes = (end - begin) // max(shape[0], 1)
+            if not out.is_contiguous():
+                raise ValueError("out must be contiguous")
             buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy().data)
             if out.dtype != dtype or len(buffer) != (stop - start) * row_bytes:
                 raise ValueError(f"out holds {out.dtype} x {len(buffer)} bytes, not {dtype} rows {start}:{stop}")
