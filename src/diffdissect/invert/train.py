@@ -86,9 +86,10 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             idx = torch.randint(0, n_examples, (config.batch_size,), generator=g)
             x0, feats = batch_of(idx)
-            keep = (torch.rand(config.batch_size, generator=g) >= config.cond_dropout).float()[:, None, None, None]
-            t = torch.randint(0, n_timesteps, (config.batch_size,), generator=g)
-            noise = torch.randn(x0.shape, generator=g)
+            # drawn on the CPU (the same draws on every device), then moved
+            keep = (torch.rand(config.batch_size, generator=g, device="cpu") >= config.cond_dropout).float()[:, None, None, None]
+            t = torch.randint(0, n_timesteps, (config.batch_size,), generator=g, device="cpu")
+            noise = torch.randn(x0.shape, generator=g, device="cpu")
             x0, feats, keep, t, noise = (v.to(device) for v in (x0, feats, keep, t, noise))
             noisy = add_noise(target.scheduler, x0, noise, t)
             pred = controlled_prediction(unet, inverter, noisy, t, text_states.expand(config.batch_size, -1, -1), feats * keep)

@@ -72,7 +72,7 @@ def add_noise(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: int | to
     (t=1 comes out almost pure noise), and Euler-style ones return the unscaled x0 + sigma * noise.
     """
     if isinstance(t, torch.Tensor) and t.ndim > 0:
-        table = torch.as_tensor(alphas_cumprod(scheduler)).to(x0.device, x0.dtype)[t.to(x0.device)]
+        table = torch.as_tensor(alphas_cumprod(scheduler), device=x0.device).to(x0.dtype)[t.to(x0.device)]
         table = table.reshape(-1, *[1] * (x0.ndim - 1))
         return table ** 0.5 * x0 + (1 - table) ** 0.5 * noise.to(x0.device, x0.dtype)
     alpha_bar = float(alphas_cumprod(scheduler)[int(t)])

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import mmap
+import os
+import struct
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +31,7 @@ class StoreReader:
     def __init__(self, directory: Path, manifest: Manifest | None = None):
         self.directory = Path(directory)
         self.manifest = manifest or Manifest.load(self.directory)
+        self._headers: dict[tuple[str, int, int], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]] = {}
 
     # ---- description -------------------------------------------------------------------------
     @property
@@ -68,51 +72,147 @@ class StoreReader:
     # ---- data --------------------------------------------------------------------------------
     def iter_batches(self, layer: str, t: int, batch_size: int = 1024, *, shuffle: bool = False,
                      seed: int = 0, format: ArrayFormat = "numpy", with_rows: bool = False,
-                     dtype: str | None = None) -> Iterator[Any]:
-        """Yield batches of the (layer, t) slice.
+                     dtype: str | None = None, select: np.ndarray | None = None, mix_shards: int = 1) -> Iterator[Any]:
+        """Yield batches of the (layer, t) slice (the rows where `select` is true, if given).
 
-        In order, batches follow the row index. Shuffled, shard order and the rows inside each shard
-        are permuted with `seed` (a shard-local shuffle: memory stays at one shard). With
-        ``with_rows=True`` each item is ``(batch, row_ids)``.
+        In order, batches follow the row index. Shuffled, rows are drawn with `seed` from pools of about
+        `mix_shards` shards' rows, each pool taking row ranges of every shard (`store.stream`): memory
+        stays at a few shards. With ``with_rows=True`` each item is ``(batch, row_ids)``. Every batch is
+        its own tensor (never a view of the file).
         """
         self.manifest.check_slice(layer, t)
-        rng = np.random.default_rng(seed)
-        shards = list(self._shard_offsets())
+        if format not in ("numpy", "torch"):
+            raise ValueError(f"format must be 'numpy' or 'torch', not {format!r}")
         if shuffle:
-            shards = [shards[i] for i in rng.permutation(len(shards))]
-        key = slice_key(layer, t)
-        pending: list[torch.Tensor] = []
-        pending_ids: list[np.ndarray] = []
-        count = 0
-        for shard, offset in shards:
+            from diffdissect.store.stream import MixingStream
+
+            stream = MixingStream(self, layer, t, batch_size, seed=seed, select=select, mix_shards=mix_shards,
+                                  with_rows=True, drop_last=False)
+            shape = tuple(self.manifest.layers[layer]["shape"])
+            try:
+                for batch, ids in stream:
+                    yield self._emit(batch.view(-1, *shape), ids, format, with_rows, dtype)
+            finally:
+                stream.close()
+            return
+        yield from self._in_order(layer, t, batch_size, select, format, with_rows, dtype)
+
+    def _in_order(self, layer: str, t: int, batch_size: int, select: np.ndarray | None, format: ArrayFormat,
+                  with_rows: bool, dtype: str | None) -> Iterator[Any]:
+        """Row ranges in order into batches: each batch is one new tensor filled range by range (a file read
+        straight into it when no conversion is asked for), never re-joined."""
+        from diffdissect.store.stream import _runs
+
+        key, shape = slice_key(layer, t), tuple(self.manifest.layers[layer]["shape"])
+        out_dtype = getattr(torch, dtype) if dtype else self.stored_dtype(layer)
+        ranges: list[tuple[ShardRecord, int, int, int]] = []           # (shard, start, stop, global offset)
+        filled = 0
+        for shard, offset in self._shard_offsets():
             if shard.rows == 0:
                 continue
-            block = self._read(shard, key)
-            ids = np.arange(offset, offset + shard.rows)
-            if shuffle:
-                order = rng.permutation(shard.rows)
-                block, ids = block[torch.from_numpy(order)], ids[order]
-            for start in range(0, shard.rows, batch_size):
-                pending.append(block[start:start + batch_size])
-                pending_ids.append(ids[start:start + batch_size])
-                count += len(pending_ids[-1])
-                while count >= batch_size:
-                    batch, bids, pending, pending_ids, count = _take(pending, pending_ids, batch_size)
-                    yield self._emit(batch, bids, format, with_rows, dtype)
-        if count:
-            batch, bids, *_ = _take(pending, pending_ids, count)
-            yield self._emit(batch, bids, format, with_rows, dtype)
+            mask = None if select is None else np.asarray(select[offset:offset + shard.rows], dtype=bool)
+            if mask is not None and not mask.any():
+                continue
+            runs = ((0, shard.rows),) if mask is None else _runs(np.flatnonzero(mask))
+            for a, b in runs:
+                while a < b:
+                    take = min(batch_size - filled, b - a)
+                    ranges.append((shard, a, a + take, offset))
+                    filled += take
+                    a += take
+                    if filled == batch_size:
+                        yield self._emit(self._fill(key, ranges, shape, out_dtype), _ids(ranges), format, with_rows,
+                                         None)
+                        ranges, filled = [], 0
+        if filled:
+            yield self._emit(self._fill(key, ranges, shape, out_dtype), _ids(ranges), format, with_rows, None)
 
     def load(self, layer: str, t: int, *, format: ArrayFormat = "numpy", dtype: str | None = None) -> Any:
         """The whole (layer, t) slice in row order. For slices that fit in memory (pooled features)."""
         self.manifest.check_slice(layer, t)
-        key = slice_key(layer, t)
-        parts = [self._read(s, key) for s, _ in self._shard_offsets() if s.rows]
-        if not parts:
-            block = torch.empty((0, *self.manifest.layers[layer]["shape"]))
-        else:
-            block = torch.cat(parts)
-        return self._emit(block, None, format, False, dtype)
+        key, shape = slice_key(layer, t), tuple(self.manifest.layers[layer]["shape"])
+        out_dtype = getattr(torch, dtype) if dtype else self.stored_dtype(layer)
+        block = self._fill(key, [(s, 0, s.rows, o) for s, o in self._shard_offsets() if s.rows], shape, out_dtype)
+        return self._emit(block, None, format, False, None)
+
+    def view(self, shard: ShardRecord, key: str) -> torch.Tensor:
+        """A zero-copy view (rows, *shape) of one slice of a shard, in its stored dtype: the file's pages,
+        mapped copy-on-write (never written back). Copy what you keep; row ranges of it read only those bytes."""
+        path = self._path(shard)
+        if not path.is_file():
+            raise StoreError(f"shard {shard.name} is listed in the manifest but missing from {path.parent}; "
+                             "run `diffdissect store verify` on the store.")
+        try:
+            entry = self._header(path)[key]
+            with open(path, "rb") as fh:
+                mapped = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            dtype, shape, begin, end = entry
+            if end == begin:
+                return torch.empty(shape, dtype=dtype, device="cpu")
+            return torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).view(shape)
+        except (OSError, ValueError, KeyError, struct.error, json.JSONDecodeError, RuntimeError) as exc:
+            raise StoreError(f"shard {shard.name} could not be read ({type(exc).__name__}: {exc}); "
+                             "run `diffdissect store verify`.") from exc
+
+    def _header(self, path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+        """Each tensor's (dtype, shape, first byte, end byte) in a shard, parsed once per reader (the header also
+        holds the shard's row index, which is slow to parse)."""
+        stat = path.stat()
+        cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
+        cached = self._headers.get(cache_key)
+        if cached is None:
+            with open(path, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+            cached = {key: (SAFETENSORS_DTYPES[e["dtype"]], tuple(int(x) for x in e["shape"]),
+                            *(8 + length + int(x) for x in e["data_offsets"]))
+                      for key, e in header.items() if key != "__metadata__"}
+            self._headers[cache_key] = cached
+        return cached
+
+    def read_into(self, shard: ShardRecord, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Read rows [start, stop) of one slice of a shard straight from the file into `out` (a contiguous CPU
+        tensor of those rows, in the stored dtype): one positioned read, no mapping, no extra copy."""
+        path = self._path(shard)
+        try:
+            dtype, shape, begin, end = self._header(path)[key]
+            row_bytes = (end - begin) // max(shape[0], 1)
+            if not out.is_contiguous():
+                raise ValueError("out must be contiguous")
+            buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy().data)
+            if out.dtype != dtype or len(buffer) != (stop - start) * row_bytes:
+                raise ValueError(f"out holds {out.dtype} x {len(buffer)} bytes, not {dtype} rows {start}:{stop}")
+            position = begin + start * row_bytes
+            with open(path, "rb", buffering=0) as fh:
+                while len(buffer):
+                    got = os.preadv(fh.fileno(), [buffer], position)
+                    if got <= 0:
+                        raise OSError(f"{path.name} ended {len(buffer)} bytes early")
+                    buffer, position = buffer[got:], position + got
+        except (OSError, KeyError, struct.error, json.JSONDecodeError) as exc:
+            raise StoreError(f"shard {shard.name} could not be read ({type(exc).__name__}: {exc}); "
+                             "run `diffdissect store verify`.") from exc
+
+    def _fill(self, key: str, ranges: list[tuple[ShardRecord, int, int, int]], shape: tuple[int, ...],
+              dtype: torch.dtype) -> torch.Tensor:
+        """One new tensor holding the ranges' rows in order: read straight into it, or converted from the
+        mapped file in one copy when `dtype` is not the stored one."""
+        out = torch.empty((sum(b - a for _, a, b, _ in ranges), *shape), dtype=dtype, device="cpu")
+        at = 0
+        for shard, a, b, _ in ranges:
+            if not self._path(shard).is_file():
+                self.view(shard, key)                     # raises the error that names the missing shard
+            if dtype == self._header(self._path(shard))[key][0]:
+                self.read_into(shard, key, a, b, out[at:at + b - a])
+            else:
+                out[at:at + b - a].copy_(self.view(shard, key)[a:b])
+            at += b - a
+        return out
+
+    def stored_dtype(self, layer: str) -> torch.dtype:
+        """The dtype the slices of `layer` are stored in."""
+        name = self.manifest.layers[layer].get("dtype") or self.manifest.dtype
+        return getattr(torch, name)
 
     # ---- internals ---------------------------------------------------------------------------
     def _shard_offsets(self) -> Iterator[tuple[ShardRecord, int]]:
@@ -149,10 +249,10 @@ class StoreReader:
         return (out, ids) if with_rows else out
 
 
-def _take(pending: list[torch.Tensor], pending_ids: list[np.ndarray], n: int):
-    batch, ids = torch.cat(pending), np.concatenate(pending_ids)
-    head, tail = batch[:n], batch[n:]
-    head_ids, tail_ids = ids[:n], ids[n:]
-    rest = [tail] if len(tail) else []
-    rest_ids = [tail_ids] if len(tail_ids) else []
-    return head, head_ids, rest, rest_ids, len(tail_ids)
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def _ids(ranges: list[tuple[ShardRecord, int, int, int]]) -> np.ndarray:
+    return np.concatenate([np.arange(offset + a, offset + b) for _, a, b, offset in ranges])
