@@ -11,34 +11,23 @@ from typing import Any
 import torch
 
 from diffdissect.errors import SpecError
+from diffdissect.models.levels import alphas_cumprod as _alphas_cumprod
+from diffdissect.models.levels import check_timesteps, ddpm_level
 from diffdissect.models.target import Target
 
 
 def alphas_cumprod(scheduler: Any) -> Any:
-    """The training schedule's alpha_bar_t table (DDPM-family schedulers only)."""
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if alphas is None:
-        raise SpecError(f"{type(scheduler).__name__} has no alphas_cumprod (e.g. a flow-matching scheduler); "
-                        "diffdissect needs a DDPM-family scheduler to noise images at a training timestep.")
-    return alphas
+    """The training schedule's alpha_bar_t table (DDPM-family schedulers only; models.levels asks what the
+    scheduler is, so a flow-matching one is refused even when it has an alphas_cumprod attribute)."""
+    return _alphas_cumprod(scheduler)
 
 
-def timestep_table(scheduler: Any, timesteps: list[int]) -> list[dict[str, float]]:
-    """For each t: alpha_bar_t, signal scale sqrt(alpha_bar_t), noise std sqrt(1 - alpha_bar_t)."""
-    alphas = alphas_cumprod(scheduler)
-    n = len(alphas)
-    table = []
-    for t in timesteps:
-        if not isinstance(t, int) or isinstance(t, bool):
-            raise SpecError(f"timestep {t!r} is not an integer; timesteps are training indices in [0, {n}).")
-        if not 0 <= t < n:
-            raise SpecError(f"timestep t={t} is out of range: timesteps are training-schedule indices in "
-                            f"[0, {n}), larger = noisier (t=0 is almost clean, t={n - 1} pure noise).")
-        a = float(alphas[t])
-        table.append({"t": t, "alpha_bar": a, "signal_scale": a ** 0.5, "noise_std": (1.0 - a) ** 0.5})
-    if len(set(timesteps)) != len(timesteps):
-        raise SpecError(f"timesteps are listed more than once: {timesteps}")
-    return table
+def timestep_table(scheduler: Any, timesteps: list[int]) -> list[dict[str, Any]]:
+    """For each training index t of a DDPM-family scheduler: its full noise level (models.levels.NoiseLevel):
+    alpha_bar_t, signal scale sqrt(alpha_bar_t), noise std sqrt(1 - alpha_bar_t), log-SNR, the denoiser's t."""
+    alphas_cumprod(scheduler)
+    check_timesteps(list(timesteps), int(scheduler.config.num_train_timesteps))
+    return [ddpm_level(scheduler, t).to_json() for t in timesteps]
 
 
 def noise_seed(input_id: str, seed: int) -> int:
@@ -127,5 +116,5 @@ def dry_inputs(target: Target, t: int | None = None, batch: int = 1):
     c, h, w = target.sample_shape()
     sample = torch.zeros(batch, c, h, w, device=target.device, dtype=target.dtype)
     t = target.num_train_timesteps // 2 if t is None else t
-    timestep = torch.full((batch,), t, device=target.device, dtype=torch.long)
+    timestep = target.timestep_argument(target.noise_levels([int(t)])[0], batch)
     return sample, timestep, target.conditioning(None, None, batch)
