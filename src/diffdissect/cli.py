@@ -36,10 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--caption-column", default=None, help="caption column (CSV: [caption])")
     src.add_argument("--prompts", nargs="+", help="trajectory mode: sample these prompts (DiT: class ids/names)")
     src.add_argument("--prompt-file", help="trajectory mode: one prompt per line")
-    p.add_argument("--layers", nargs="+", required=True, help="module paths, e.g. mid_block up_blocks.1")
+    p.add_argument("--layers", nargs="+", required=True,
+                   help="module paths, e.g. mid_block up_blocks.1; suffix @input, @update (output - input), "
+                   "@text (a joint block's text stream)")
     p.add_argument("--timesteps", nargs="+", type=int, default=[100],
                    help="training-schedule indices in [0, T), larger = noisier [100]")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="noise seeds per input [0]")
+    p.add_argument("--sigmas", nargs="+", type=float, default=None,
+                   help="flow-matching models: noise levels as sigma in (0, 1] instead of --timesteps")
+    p.add_argument("--guidance-embedding", type=float, default=None,
+                   help="guidance-distilled FLUX (dev): the guidance embedding's value [the pipeline's, 3.5]")
     p.add_argument("--prompt", default=None, help="fixed prompt for every image (default: empty prompt)")
     p.add_argument("--use-captions", action="store_true", help="condition each image on its caption")
     p.add_argument("--class-label", type=int, default=None, help="class-conditional: fixed class id")
@@ -346,7 +352,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
         spec = CaptureSpec(timesteps=args.timesteps, prompt=args.prompt, use_captions=args.use_captions,
                            class_label=args.class_label, labels_as_classes=args.labels_as_classes,
                            shard_size=args.shard_size, shard_mb=args.shard_mb, limit=args.limit,
-                           early_exit=not args.no_early_exit, **common)
+                           early_exit=not args.no_early_exit, sigmas=args.sigmas,
+                           guidance_embedding=args.guidance_embedding, **common)
         manifest = capture(target, _source(args), spec, args.out, progress=not args.quiet, dist=dist)
     if dist.is_main:
         skipped = len(manifest.skipped)
