@@ -120,6 +120,9 @@ class Target:
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """Encoder hidden states for prompts (cached per prompt). The empty prompt is SD's unconditional."""
+        if self.family is not None:
+            raise SpecError(f"{self.family.name} is conditioned through its pipeline's encode_prompt (several encoders, "
+                            "pooled embeddings); this step supports single-encoder models (SD 1.x/2.x) only.")
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             if self.text_encoder is None or self.tokenizer is None:
