@@ -196,7 +196,8 @@ def test_stored_tensor_equals_a_plain_hook_fed_by_hand(name, family_dirs, image_
     for t in timesteps:
         x_t = hand_x_t(name, pipe, x0, noise, t)
         for spec in layers:
-            args, kwargs, output = hooked(modules[spec.partition("@")[0]], lambda: hand_call(name, pipe, x_t, t, PROMPT))
+            args, kwargs, output = hooked(modules[spec.partition("@")[0]],
+                                          lambda x_t=x_t, t=t: hand_call(name, pipe, x_t, t, PROMPT))
             expected = reference(spec, args, kwargs, output).float()
             got = store.load(spec, t, format="torch")
             assert got.shape == expected.shape, (spec, t)
@@ -252,13 +253,15 @@ def test_flow_round_trip_matches_the_schedulers_scale_noise(name, family_dirs, i
         assert torch.allclose(ours, theirs, atol=1e-6), entry
 
 
-def test_sigmas_name_flow_levels_directly(family_dirs, image_folder, image_csv, tmp_path):
+def test_sigmas_name_flow_levels_directly(family_dirs, image_folder, image_csv, tmp_path, capsys):
     out = tmp_path / "store"
     capture(load("sd3", family_dirs), FolderSource(image_folder, image_csv),
             CaptureSpec(layers=["transformer_blocks.0"], sigmas=[0.25, 1.0], limit=1), out, progress=False)
     entries = open_store(out).manifest.timesteps
     assert [e["sigma"] for e in entries] == [0.25, 1.0] and entries[1]["t"] == 999
     assert 0 <= entries[0]["t"] < 999 and entries[0]["denoiser_t"] == pytest.approx(250.0)
+    assert main(["store", "info", str(out)]) == 0
+    assert "sigma 0.2500" in capsys.readouterr().out
 
 
 def test_flux_output_is_unpacked_to_the_latent_grid(family_dirs, image_folder, image_csv, tmp_path):
@@ -422,9 +425,11 @@ def test_the_scheduler_guard_asks_what_the_scheduler_is(family_dirs):
         alphas_cumprod(sana)
     assert process_of(DPMSolverMultistepScheduler()) == "ddpm" and process_of(DDPMScheduler()) == "ddpm"
 
-    class Custom:
-        config = {"num_train_timesteps": 1000}
-        alphas_cumprod = torch.ones(1000)
+    class Custom:                              # a scheduler diffdissect does not know, with an alphas_cumprod
+        def __init__(self) -> None:
+            self.config = {"num_train_timesteps": 1000}
+            self.alphas_cumprod = torch.ones(1000)
+
     with pytest.raises(SpecError, match="cannot tell"):
         process_of(Custom())
 

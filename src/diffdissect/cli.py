@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_distributed)
     p = bench_commands.add_parser("capture", help="capture overhead and memory")
     p.add_argument("--sd15", action="store_true", help="also run the full-size SD-1.5 UNet (slow on CPU)")
+    p.add_argument("--families", nargs="+", choices=["sdxl", "flux"], default=None,
+                   help="also run SDXL- / FLUX-architecture models at real widths (slow on CPU)")
+    p.add_argument("--only-families", action="store_true", help="skip the tiny model and the memory figure")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_capture)
@@ -395,9 +398,10 @@ def cmd_store_info(args: argparse.Namespace) -> int:
     print(f"model       {model.get('source')} ({model.get('class', '-')}, fingerprint {model.get('weights_fingerprint', '-')})")
     print(f"rows        {info['rows']} in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB, dtype {info['dtype']}")
     print(f"skipped     {info['skipped']} unreadable inputs")
-    print("timesteps   t (larger = noisier) | alpha_bar | noise std")
+    print("timesteps   t (larger = noisier) | alpha_bar / sigma | noise std | denoiser t")
     for e in info["timesteps"]:
-        print(f"            {e['t']:>5} | {_maybe(e.get('alpha_bar'))} | {_maybe(e.get('noise_std'))}")
+        level = _maybe(e.get("alpha_bar")) if e.get("sigma") is None else f"sigma {e['sigma']:.4f}"
+        print(f"            {e['t']:>5} | {level} | {_maybe(e.get('noise_std'))} | {_maybe(e.get('denoiser_t'))}")
     print("layers")
     for layer, meta in info["layers"].items():
         print(f"            {layer}: {'x'.join(map(str, meta['shape']))}")
@@ -747,7 +751,8 @@ def cmd_bench_sae(args: argparse.Namespace) -> int:
 def cmd_bench_capture(args: argparse.Namespace) -> int:
     from diffdissect.bench.capture import run_capture_benchmark
 
-    results = run_capture_benchmark(sd15=args.sd15, repeats=args.repeats)
+    results = run_capture_benchmark(sd15=args.sd15, repeats=args.repeats, families=args.families,
+                                    tiny=not args.only_families, memory=not args.only_families)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
