@@ -15,6 +15,9 @@ TargetKind = Literal["sd", "dit", "unet2d", "unet2d_condition", "transformer2d",
                      "sdxl", "sd3", "flux", "pixart", "sana"]
 
 
+FAMILY_CACHE_BATCHES = 64      # conditioning of this many batches of prompts is kept (SDXL/SD3/FLUX/PixArt/Sana)
+
+
 @dataclass
 class Target:
     """The denoiser (UNet / DiT transformer / any module) and its companions.
@@ -146,6 +149,10 @@ class Target:
         if self.family is not None:
             key = ("family", tuple(prompts or [""] * batch))
             if key not in self._prompt_cache:
+                # per batch of prompts (capture revisits a shard's batches at every seed and t); bounded, so
+                # per-image captions over a large folder cannot fill memory with T5/Gemma states
+                while len(self._prompt_cache) >= FAMILY_CACHE_BATCHES:
+                    self._prompt_cache.pop(next(iter(self._prompt_cache)))
                 with torch.no_grad():
                     self._prompt_cache[key] = self.family.conditioning(self, list(key[1]))
             return self._prompt_cache[key]
