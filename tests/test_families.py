@@ -455,3 +455,25 @@ def test_guidance_embedding_only_for_guidance_distilled_flux(family_dirs, image_
     handle.remove()
     real = [g for g in seen if g.device.type != "meta"]            # the shape probe runs on meta
     assert real and all(float(g[0]) == 5.0 for g in real)
+
+
+def test_an_unsupported_family_is_named_never_a_traceback(family_dirs, capsys):
+    from diffusers import DiffusionPipeline
+
+    from diffdissect.errors import ModelLoadError
+
+    sd3 = pipeline("sd3", family_dirs)
+
+    class MyTextToImagePipeline(DiffusionPipeline):          # a transformer pipeline diffdissect does not model
+        def __init__(self, transformer, text_encoder, tokenizer, vae, scheduler):
+            super().__init__()
+            self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
+                                  scheduler=scheduler)
+
+    mine = MyTextToImagePipeline(sd3.transformer, sd3.text_encoder, sd3.tokenizer, sd3.vae, sd3.scheduler)
+    with pytest.raises(ModelLoadError, match="MyTextToImagePipeline is not supported yet"):
+        load_target(mine)
+    # SDXL's UNet alone (no pooled embeddings, no time ids): refused by name, not a TypeError in get_aug_embed
+    assert main(["layers", "--model", str(family_dirs["sdxl"] / "unet")]) == 2
+    err = capsys.readouterr().err
+    assert "text_time" in err and "Traceback" not in err

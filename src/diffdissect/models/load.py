@@ -207,6 +207,7 @@ def from_pipeline(pipe: Any, source: str) -> Target:
         return _family_target(pipe, source, family, scale)
     if components.get("unet") is not None:
         unet = components["unet"]
+        _refuse_added_conditioning(unet, f"{source}: {type(pipe).__name__}")
         kind = "sd" if components.get("text_encoder") is not None else "unet2d_condition"
         if type(unet).__name__ == "UNet2DModel":
             kind = "unet2d"
@@ -225,6 +226,15 @@ def from_pipeline(pipe: Any, source: str) -> Target:
                       resolution=_size(transformer) * scale, vae=vae, pipeline=pipe,
                       null_class=_null_class(transformer), id2label=id2label)
     raise ModelLoadError(f"{source}: the pipeline has neither a 'unet' nor a 'transformer' component.")
+
+
+def _refuse_added_conditioning(unet: nn.Module, where: str) -> None:
+    """A UNet with an added embedding (SDXL's text_time, Kolors, ...) cannot run on plain text states."""
+    added = getattr(getattr(unet, "config", None), "addition_embed_type", None)
+    if added is not None:
+        raise ModelLoadError(f"{where} has a UNet with an added '{added}' embedding, which needs its pipeline's "
+                             "extra conditioning (SDXL: pooled text embeddings and time ids). diffdissect supports it "
+                             "through a StableDiffusionXLPipeline directory; this one is not supported yet.")
 
 
 def _vae_scale(pipe: Any, vae: Any) -> int:
@@ -280,6 +290,7 @@ def from_module(model: nn.Module, source: str, scheduler: Any = None) -> Target:
         raise ModelLoadError(f"{source}: a bare {name} is the denoiser of a {family} pipeline; it runs only with "
                              f"that pipeline's text encoders, conditioning and scheduler. Load the pipeline directory "
                              f"(model_index.json) or a factory returning the pipeline.{flow}")
+    _refuse_added_conditioning(model, f"{source}: a bare {name}")
     if scheduler is None and getattr(getattr(model, "config", None), "prediction_type", None) == "flow":
         raise ModelLoadError(f"{source}: {name} is a flow-matching model but came without a scheduler; give the "
                              "module a `scheduler` attribute (e.g. FlowMatchEulerDiscreteScheduler) or return a "
