@@ -477,3 +477,19 @@ def test_an_unsupported_family_is_named_never_a_traceback(family_dirs, capsys):
     assert main(["layers", "--model", str(family_dirs["sdxl"] / "unet")]) == 2
     err = capsys.readouterr().err
     assert "text_time" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_shape_probe_runs_on_meta(name, family_dirs):
+    """No real forward to learn row shapes: SDXL's nested added_cond_kwargs once forced one (seconds at full size)."""
+    from diffdissect.capture.engine import probe_row_shapes
+
+    target = load(name, family_dirs)
+    devices: list[str] = []
+    handle = target.denoiser.register_forward_pre_hook(
+        lambda m, a, k: devices.append((a[0] if a else k["hidden_states"]).device.type), with_kwargs=True)
+    try:
+        probe_row_shapes(target, [WORKFLOW_LAYER[name]], CaptureSpec(layers=[WORKFLOW_LAYER[name]]))
+    finally:
+        handle.remove()
+    assert devices == ["meta"]

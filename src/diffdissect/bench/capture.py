@@ -220,8 +220,9 @@ def _last_up_block(target: Target) -> str:
 # 1280; 2048-dim context, text_time embedding) with 2 instead of 10 transformer layers in the deepest level;
 # FLUX's transformer widths (3072 = 24 heads x 128, 4096-dim T5 context) with 1 double- and 2 single-stream
 # blocks. Text encoders are the tiny ones behind a projection to the real context width.
-FAMILY_SIZES = {"sdxl": {"resolution": 256, "images": 2, "timesteps": [500], "seeds": [0], "batch_size": 2},
-                "flux": {"resolution": 256, "images": 2, "timesteps": [500], "seeds": [0], "batch_size": 2}}
+# Small images keep a round to about a minute on 2 CPU cores (FLUX's 512 T5 tokens dominate its sequence).
+FAMILY_SIZES = {"sdxl": {"resolution": 128, "images": 2, "timesteps": [500], "seeds": [0], "batch_size": 2},
+                "flux": {"resolution": 128, "images": 1, "timesteps": [500], "seeds": [0], "batch_size": 1}}
 
 
 def sdxl_bench_pipeline(seed: int = 0):

@@ -164,8 +164,12 @@ def apply_guidance_embedding(target: Target, value: float | None) -> None:
 
 
 def _meta_forward(target: Target, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> Any:
-    def meta(x: Any) -> Any:
-        return x.to("meta") if isinstance(x, torch.Tensor) else x
+    def meta(x: Any) -> Any:             # nested too: SDXL's added_cond_kwargs is a dict of tensors
+        if isinstance(x, torch.Tensor):
+            return x.to("meta")
+        if isinstance(x, dict):
+            return {k: meta(v) for k, v in x.items()}
+        return x
 
     state = {name: torch.empty_like(v, device="meta")
              for name, v in [*target.denoiser.named_parameters(), *target.denoiser.named_buffers()]}
