@@ -19,7 +19,7 @@ import torch
 from conftest import folder_images
 
 from diffdissect.capture import CaptureSpec, capture
-from diffdissect.capture.noising import noise_for
+from diffdissect.models.noising import noise_for
 from diffdissect.cli import main
 from diffdissect.data import FolderSource
 from diffdissect.data.transforms import to_model_pixels
@@ -415,7 +415,7 @@ def test_a_flow_model_from_a_factory_without_a_scheduler_is_refused(family_dirs,
 def test_the_scheduler_guard_asks_what_the_scheduler_is(family_dirs):
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
-    from diffdissect.capture.noising import alphas_cumprod
+    from diffdissect.models.noising import alphas_cumprod
     from diffdissect.errors import SpecError
     from diffdissect.models.levels import process_of
 

@@ -26,8 +26,8 @@ from transformers import (
     T5Tokenizer,
 )
 
-from diffdissect.toy.text import build_clip_tokenizer
-from diffdissect.toy.tiny import _seeded, _tiny_vae
+from diffdissect.models.text import build_clip_tokenizer
+from diffdissect.models.tiny import _seeded, _tiny_vae
 
 __all__ = [
     "FAMILY_BUILDERS",
