@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import folder_images
 
+from conftest import folder_images
 from diffdissect.capture import CaptureSpec, capture
-from diffdissect.models.noising import noise_for
 from diffdissect.cli import main
 from diffdissect.data import FolderSource
 from diffdissect.data.transforms import to_model_pixels
 from diffdissect.models import load_target
+from diffdissect.models.noising import noise_for
 from diffdissect.store import open_store
 
 FAMILIES = ["sdxl", "sd3", "flux", "pixart", "sana"]
@@ -415,9 +415,9 @@ def test_a_flow_model_from_a_factory_without_a_scheduler_is_refused(family_dirs,
 def test_the_scheduler_guard_asks_what_the_scheduler_is(family_dirs):
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
-    from diffdissect.models.noising import alphas_cumprod
     from diffdissect.errors import SpecError
     from diffdissect.models.levels import process_of
+    from diffdissect.models.noising import alphas_cumprod
 
     sana = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
     assert hasattr(sana, "alphas_cumprod") and process_of(sana) == "flow"     # the attribute is there, and wrong

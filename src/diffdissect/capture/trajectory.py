@@ -20,8 +20,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffdissect.atomic import atomic_write_bytes
-from diffdissect.capture.hooks import LayerRecorder
 from diffdissect.capture.engine import layer_rows
+from diffdissect.capture.hooks import LayerRecorder
 from diffdissect.capture.layers import resolve_layers
 from diffdissect.capture.rows import cast_checked
 from diffdissect.capture.spec import TrajectorySpec

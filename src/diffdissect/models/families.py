@@ -32,11 +32,11 @@ def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
 class Family:
     """How one pipeline family runs its denoiser. Subclasses fill in the family-specific parts."""
 
+    name: str = ""
     required: tuple[str, ...] = ()            # pipeline components the family cannot run without
     timestep_scale: float = 1.0               # denoiser argument = sigma * N * timestep_scale (flow)
 
-    def __init__(self, name: str, guidance_embedding: float | None = None) -> None:
-        self.name = name
+    def __init__(self, guidance_embedding: float | None = None) -> None:
         self.guidance_embedding = guidance_embedding  # FLUX-dev: the guidance the model is conditioned on
 
     def __repr__(self) -> str:
@@ -97,10 +97,9 @@ def _device(target: Target) -> torch.device:
 
 
 class SDXL(Family):
+    name = "SDXL"
     required = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
-    def __init__(self) -> None:
-        super().__init__(name="SDXL")
 
     def conditioning(self, target: Target, prompts: list[str]) -> dict[str, Any]:
         pipe = target.pipeline
@@ -118,11 +117,10 @@ class SDXL(Family):
 
 
 class SD3(Family):
+    name = "SD3"
     required = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     timestep_scale = 1.0                              # the transformer takes sigma * 1000
 
-    def __init__(self) -> None:
-        super().__init__(name="SD3")
 
     def mu(self, target: Target) -> float | None:
         config = target.scheduler.config
@@ -148,11 +146,10 @@ class SD3(Family):
 
 
 class Flux(Family):
+    name = "FLUX"
     required = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     timestep_scale = 1.0 / 1000                       # the pipeline hands the transformer timestep / 1000
 
-    def __init__(self, guidance_embedding: float | None = None) -> None:
-        super().__init__(name="FLUX", guidance_embedding=guidance_embedding)
 
     def latent_channels(self, target: Target) -> int:
         return int(target.denoiser.config.in_channels) // 4
@@ -226,10 +223,9 @@ class Flux(Family):
 
 
 class PixArt(Family):
+    name = "PixArt"
     required = ("text_encoder", "tokenizer")
 
-    def __init__(self) -> None:
-        super().__init__(name="PixArt")
 
     def conditioning(self, target: Target, prompts: list[str]) -> dict[str, Any]:
         pipe = target.pipeline
@@ -252,10 +248,9 @@ class PixArt(Family):
 
 
 class Sana(Family):
+    name = "Sana"
     required = ("text_encoder", "tokenizer")
 
-    def __init__(self) -> None:
-        super().__init__(name="Sana")
 
     def timestep_scale_of(self, target: Target) -> float:
         return float(getattr(target.denoiser.config, "timestep_scale", 1.0) or 1.0)
@@ -299,7 +294,7 @@ def family_of(pipe: Any, source: str, guidance_embedding: float | None = None) -
                 break
     if cls is None:
         return None
-    family = Flux(guidance_embedding) if cls is Flux else cls()
+    family = cls(guidance_embedding) if cls is Flux else cls()
     family.check_components(pipe, source)
     if guidance_embedding is not None and cls is not Flux:
         raise SpecError(f"--guidance-embedding is for guidance-distilled FLUX models; {source} is {family.name}. "
