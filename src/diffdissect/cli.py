@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_invert_build_world)
 
+    p = sub.add_parser("steer", help="sample with edits (add, erase, SAE latents, mean ablation) and measure the "
+                                     "effect: prompts x seeds x alphas x edits")
+    _model_args(p)
+    _steer_args(p)
+    p.set_defaults(func=cmd_steer)
+
     p = sub.add_parser("demo", help="run the main job on the embedded default (the shapes world)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
@@ -304,6 +310,116 @@ def _target(args: argparse.Namespace):
 
     return load_target(args.model, device=args.device, dtype=getattr(torch, args.model_dtype),
                        random_init=args.random_init, seed=args.init_seed, resolution=args.resolution)
+
+
+def _steer_args(p: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from diffdissect.intervene.steer import SteerConfig
+
+    defaults = SteerConfig()
+    docs = _field_docs(SteerConfig)
+    p.add_argument("--prompts", nargs="+", default=None, help=docs["prompts"])
+    p.add_argument("--prompt-file", default=None, help="one prompt per line")
+    p.add_argument("--edit", action="append", dest="edits", default=None, required=True, help=docs["edits"] +
+                   " (repeat --edit for several edits). Sources: directions:RUN#term[@t=N], probe:DIR#label=value, "
+                   "sae:DIR#J, file:PATH[#key], random:SEED[#map], mean:STORE; options ;steps=A:B ;t=LO:HI "
+                   ";box=Y0:Y1,X0:X1 ;mask=PATH ;value=V")
+    for f in fields(SteerConfig):
+        if f.name in ("prompts", "edits", "attributes", "save_images"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, list):
+            kind = float if f.name == "alphas" else int if f.name == "seeds" else str
+            p.add_argument(flag, nargs="+", type=kind, default=default, help=f"{docs[f.name]} [{default}]")
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=f"{docs[f.name]} [{default}]")
+    p.add_argument("--judge", default="none", help="the judge: 'world' (the shapes world's captioner), a local "
+                   "transformers image-to-text model directory, or 'none' [none]")
+    p.add_argument("--attributes", nargs="+", default=None, metavar="ATTR=V1,V2",
+                   help=docs["attributes"] + " (a transformers judge needs them; 'world' knows its own)")
+    p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
+    p.add_argument("--no-images", action="store_true", help="do not write every sample as a PNG")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the effects as JSON to PATH")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring (the string literal under it), read from the source."""
+    import ast
+    import inspect
+    import itertools
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+    return docs
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from diffdissect.intervene import Judge, SteerConfig, run_steer
+
+    prompts = list(args.prompts or []) + (_read_prompt_lines(args.prompt_file) if args.prompt_file else [])
+    attributes = _parse_attributes(args.attributes)
+    judge = None
+    if args.judge == "world":
+        from diffdissect.directions.captioners import WorldCaptioner
+        from diffdissect.toy.world import FACTORS
+
+        captioner = WorldCaptioner(Path(args.weights) if args.weights else None)
+        attributes = attributes or {f: captioner.world.values(f) for f in FACTORS}
+        judge = Judge(captioner, attributes)
+    elif args.judge != "none":
+        from diffdissect.directions.captioners import load_captioner
+
+        if not attributes:
+            raise DiffdissectError("a transformers judge needs --attributes ATTR=V1,V2 ... to read its captions.")
+        judge = Judge(load_captioner(args.judge), attributes)
+    if args.model == "world":
+        from diffdissect.toy.build import pipeline_dir
+
+        args.model = str(pipeline_dir(Path(args.weights) if args.weights else None))
+    config = SteerConfig(prompts=prompts, edits=args.edits, expect=args.expect or [], seeds=args.seeds,
+                         alphas=args.alphas, steps=args.steps, guidance=args.guidance, branch=args.branch,
+                         batch_size=args.batch_size, attributes=attributes, save_images=not args.no_images)
+    config.validate()
+    result = run_steer(_target(args), config, args.out, judge)
+    if args.json:
+        from diffdissect.store.atomic import atomic_write_json
+
+        atomic_write_json(Path(args.json), [e.to_json() for e in result.effects])
+    for e in result.effects:
+        target = "" if e.target_rate is None else f"  {e.target} {e.target_rate:.2f} [{e.target_ci[0]:.2f}, {e.target_ci[1]:.2f}]"
+        keeps = " ".join(f"{a} {v['rate']:.2f}" for a, v in e.keep.items() if v["rate"] is not None)
+        print(f"{e.edit}  alpha={e.alpha}{target}  keep: {keeps or '-'}  pixel {e.pixel_distance:.3f}  "
+              f"identical {e.identical}/{e.n}")
+    print(f"wrote {args.out}/report.html")
+    return 0
+
+
+def _read_prompt_lines(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise DiffdissectError(f"no prompt file at {file}.")
+    lines = file.read_text().splitlines()
+    if any(not line.strip() for line in lines):
+        raise DiffdissectError(f"{file} has blank lines; write one prompt per line.")
+    return lines
+
+
+def _parse_attributes(items: list[str] | None) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        name, eq, values = item.partition("=")
+        if not eq or not name or not values:
+            raise DiffdissectError(f"--attributes takes ATTR=V1,V2,..., not {item!r}.")
+        out[name] = [v for v in values.split(",") if v]
+    return out
 
 
 def cmd_layers(args: argparse.Namespace) -> int:

@@ -303,7 +303,7 @@ def sae_edit(h: torch.Tensor, sae: Any, latents: Sequence[int], op: str, amount:
     w_dec = sae.W_dec.detach()
     with torch.no_grad():
         codes, _ = sae.encode(rows.to(w_dec.dtype))
-    chosen = torch.as_tensor(list(latents), device=rows.device, dtype=torch.long)
+    chosen = torch.as_tensor(list(dict.fromkeys(latents)), device=rows.device, dtype=torch.long)   # each once
     match = codes.indices[:, :, None] == chosen[None, None, :]                  # (n, k, m)
     current = (codes.values[:, :, None] * match).sum(1)                         # (n, m): z_j, 0 if inactive
     if op == "zero":

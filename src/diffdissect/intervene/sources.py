@@ -3,7 +3,8 @@
 A source is `KIND:PATH[#SELECTOR]`:
 
     directions:RUN#red         a word direction of a `directions run` (its directions/<layer>.safetensors),
-                               one per sampled t; `#red@t=981` pins the direction of one step
+                               one per sampled t; `#red@t=981` pins the direction of one step, `#red@pool`
+                               averages the map over locations (one vector added at every location)
     probe:DIR#colour=red       a linear probe's class weights (DIR/probe_weights.safetensors, key
                                `<label>/<layer>/t=<t>`, rows = classes in probe_weights.json); `@t=N` picks t
     sae:DIR#12                 decoder row 12 of an SAE (diffdissect, sparsify or SAELens layout)
@@ -124,6 +125,8 @@ def split_source(text: str) -> tuple[str, str, str | None]:
 
 
 def _pinned(selector: str | None) -> tuple[str | None, int | None]:
+    if selector and selector.endswith("@pool"):
+        selector = selector[: -len("@pool")]
     if selector and "@t=" in selector:
         name, _, t = selector.partition("@t=")
         if not t.isdigit():
@@ -169,6 +172,9 @@ def _word_direction(text: str, run: Path, selector: str | None, layer: str, shap
     row = terms.index(term)
     tensors = load_file(file)
     by_t = {int(k.split("=", 1)[1]): v[row].float() for k, v in tensors.items() if k.startswith("t=")}
+    if selector and selector.endswith("@pool"):          # the map averaged over locations: one vector everywhere
+        by_t = {t: fit_to_layer(text, v, layer, shape).reshape(-1, locations_and_width(shape)[1]).mean(0)
+                for t, v in by_t.items()}
     if pinned is not None:
         if pinned not in by_t:
             raise SpecError(f"{text}: the run has no directions at t={pinned}; its steps: {sorted(by_t)}.")
