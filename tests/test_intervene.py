@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from diffdissect.errors import DiffdissectError, SpecError
 from diffdissect.intervene import (
@@ -400,3 +401,53 @@ def test_fit_to_layer_accepts_a_vector_or_a_whole_map() -> None:
     assert fit_to_layer("d", torch.ones(24), "x", (4, 2, 3)).shape == (6, 4)
     with pytest.raises(DiffdissectError):
         fit_to_layer("d", torch.ones(7), "x", (4, 2, 3))
+
+
+def test_direction_sources_read_their_layouts(tmp_path: Path) -> None:
+    """directions:, probe:, sae:, file: and random: give the vector the files hold, fitted to the layer."""
+    from diffdissect.intervene.sources import load_direction
+
+    shape = (4, 2, 3)                                     # (C, H, W): width 4, 6 locations
+    run = tmp_path / "run"
+    (run / "directions").mkdir(parents=True)
+    (run / "directions" / "terms.json").write_text(json.dumps({"terms": ["blue", "red"]}))
+    maps = {f"t={t}": torch.arange(2 * 24, dtype=torch.float32).reshape(2, 24) + t for t in (100, 900)}
+    save_file(maps, str(run / "directions" / "mid_block.safetensors"))
+    d = load_direction(f"directions:{run}#red", "mid_block", shape)
+    assert d.timesteps() == [100, 900]
+    assert torch.equal(d.at(900), map_to_locations(maps["t=900"][1], shape))
+    pinned = load_direction(f"directions:{run}#red@t=100", "mid_block", shape)
+    assert torch.equal(pinned.at(5), map_to_locations(maps["t=100"][1], shape))
+    pooled = load_direction(f"directions:{run}#red@pool", "mid_block", shape)
+    assert torch.allclose(pooled.at(100), map_to_locations(maps["t=100"][1], shape).mean(0))
+    with pytest.raises(SpecError, match="not among the run's terms"):
+        load_direction(f"directions:{run}#green", "mid_block", shape)
+    with pytest.raises(SpecError, match="no directions for layer"):
+        load_direction(f"directions:{run}#red", "up_blocks.0", shape)
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    save_file({"colour/mid_block/t=100": torch.eye(4)[:3].contiguous()}, str(probe / "probe_weights.safetensors"))
+    (probe / "probe_weights.json").write_text(json.dumps({"cells": [
+        {"label": "colour", "layer": "mid_block", "t": 100, "key": "colour/mid_block/t=100",
+         "classes": ["blue", "green", "red"]}]}))
+    p = load_direction(f"probe:{probe}#colour=red", "mid_block", shape)
+    assert torch.equal(p.at(0), torch.eye(4)[2])
+    with pytest.raises(SpecError, match="not a class"):
+        load_direction(f"probe:{probe}#colour=pink", "mid_block", shape)
+
+    save_file({"a": torch.ones(4), "b": torch.zeros(24)}, str(tmp_path / "v.safetensors"))
+    assert load_direction(f"file:{tmp_path / 'v.safetensors'}#a", "mid_block", shape).at(0).shape == (4,)
+    assert load_direction(f"{tmp_path / 'v.safetensors'}#b", "mid_block", shape).at(0).shape == (6, 4)
+    with pytest.raises(SpecError, match="pick one with #KEY"):
+        load_direction(f"file:{tmp_path / 'v.safetensors'}", "mid_block", shape)
+    r1 = load_direction("random:3", "mid_block", shape).at(0)
+    assert torch.equal(r1, load_direction("random:3", "mid_block", shape).at(0)) and r1.shape == (4,)
+    assert load_direction("random:3#map", "mid_block", shape).at(0).shape == (6, 4)
+
+    from diffdissect.sae.foreign import export_saelens
+
+    sae = _sae(d=4, n=8, k=2)
+    export_saelens(sae, tmp_path / "sl", hook_name="unet.mid_block")
+    row = load_direction(f"sae:{tmp_path / 'sl'}#5", "mid_block", shape).at(0)
+    assert torch.allclose(row, sae.W_dec.detach()[5], atol=1e-6)
