@@ -24,7 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffdissect.intervene import Intervention, Judge, SteerConfig, layer_shapes, run_steer
+from diffdissect.intervene import (
+    Intervention,
+    Judge,
+    SteerConfig,
+    layer_shapes,
+    run_steer,
+)
 from diffdissect.stats import wilson
 
 FACTORS_KEPT = ("shape", "size", "xpos", "ypos")
@@ -133,7 +139,7 @@ def removal(target, judge, out: Path, args) -> dict:
         f"sae-scale@{layer}={work / 'sae'}#{latents};value={v:g}" for v in args.removal_scales]
     config = SteerConfig(prompts=prompts, edits=edits, seeds=list(range(args.seeds)), alphas=[0.0], steps=args.steps,
                          guidance=args.guidance, batch_size=args.seeds, attributes=judge.attributes, save_images=False)
-    result = run_steer(target, config, work / "steer", judge)
+    run_steer(target, config, work / "steer", judge)
     reads = _readings(work / "steer")
     table = {}
     for k, edit in enumerate(edits):
@@ -148,6 +154,44 @@ def removal(target, judge, out: Path, args) -> dict:
     return {"layer": layer, "t": t, "sae": {k: summary.get(k) for k in ("metrics",) if k in summary},
             "chosen": chosen, "chosen_auroc": [float(aurocs[j]) for j in chosen], "table": table,
             "n_per_prompt": len(config.seeds)}
+
+
+def latent_flips(target, judge, out: Path, args) -> dict:
+    """For each colour value, the SAE latent with the best held-out AUROC (the removal run's SAE) set to alpha x
+    the layer's norm while sampling prompts naming another colour; the rate at which the judged colour flips."""
+    from diffdissect.sae.features import analyse_features
+
+    work = out / "removal"
+    if not (work / "sae" / "config.json").is_file():
+        raise SystemExit("run the removal part first (it trains the SAE)")
+    features, _, _ = analyse_features(work / "sae", label_columns=["colour"])
+    best = features["best_latent_per_value"]["colour"]
+    colours, shapes = judge.attributes["colour"], judge.attributes["shape"][:2]
+    prompts = [f"a {p} {s}" for p in colours for s in shapes]
+    edits = [f"sae-set@{args.removal_layer}={work / 'sae'}#{best[c]['latent']}" for c in colours]
+    config = SteerConfig(prompts=prompts, edits=edits, seeds=list(range(args.seeds)), alphas=args.latent_alphas,
+                         steps=args.steps, guidance=args.guidance, branch=args.branch, batch_size=args.seeds,
+                         attributes=judge.attributes, expect=[f"colour={c}" for c in colours], save_images=False)
+    run_steer(target, config, work / "latents", judge)
+    reads = _readings(work / "latents")
+    table = {}
+    for k, c in enumerate(colours):
+        by_alpha = {}
+        for a in config.alphas:
+            flips, kept = [], {f: [] for f in FACTORS_KEPT}
+            for i, prompt in enumerate(prompts):
+                if prompt.split()[1] == c:
+                    continue
+                for s in config.seeds:
+                    e, b = reads[f"e{k}/a{a:g}/p{i}-s{s}"], reads[f"base/p{i}-s{s}"]
+                    flips.append(e["colour"] == c)
+                    for f in FACTORS_KEPT:
+                        if b[f] is not None:
+                            kept[f].append(e[f] == b[f])
+            by_alpha[a] = {"flip": float(np.mean(flips)), "flip_ci": wilson(int(sum(flips)), len(flips)),
+                           "keep": {f: float(np.mean(v)) for f, v in kept.items()}, "n": len(flips)}
+        table[c] = {"latent": best[c]["latent"], "auroc": best[c]["auroc"], "by_alpha": by_alpha}
+    return {"layer": args.removal_layer, "t": args.removal_t, "table": table}
 
 
 def cost(target, args) -> dict:
@@ -191,7 +235,8 @@ def main() -> None:
     parser.add_argument("--alphas", nargs="+", type=float, default=[0.0, 2.0, 3.0, 4.0])
     parser.add_argument("--cost-batch", type=int, default=16)
     parser.add_argument("--cost-rounds", type=int, default=5)
-    parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: colours noop removal cost")
+    parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: colours noop removal latents cost")
+    parser.add_argument("--latent-alphas", nargs="+", type=float, default=[0.0, 2.0, 4.0, 8.0])
     parser.add_argument("--removal-layer", default="up_blocks.0")
     parser.add_argument("--removal-t", type=int, default=500)
     parser.add_argument("--removal-images", type=int, default=1024)
@@ -220,6 +265,8 @@ def main() -> None:
         results["noop_sae"] = noop_sae(target, out, args)
     if "removal" not in args.skip:
         results["removal"] = removal(target, judge, out, args)
+    if "latents" not in args.skip:
+        results["latents"] = latent_flips(target, judge, out, args)
     if "cost" not in args.skip:
         results["cost"] = cost(target, args)
     results["seconds"] = time.perf_counter() - started
@@ -242,6 +289,10 @@ def main() -> None:
         print("removal latents", rem["chosen"], "AUROC", [round(a, 3) for a in rem["chosen_auroc"]])
         for edit, row in rem["table"].items():
             print(edit, {s: (round(r["base_rate"], 2), round(r["edited_rate"], 2)) for s, r in row.items()})
+    if "latents" in results:
+        for c, row in results["latents"]["table"].items():
+            print("latent", c, row["latent"], round(row["auroc"], 3), {a: (round(r["flip"], 2), round(min(r["keep"].values()), 2))
+                                                                   for a, r in row["by_alpha"].items()})
     if "cost" in results:
         print("cost ratio (median, sum):", round(results["cost"]["ratio_median"], 3),
               round(results["cost"]["ratio_of_sums"], 3), "load", results["cost"]["load"])
