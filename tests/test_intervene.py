@@ -451,3 +451,33 @@ def test_direction_sources_read_their_layouts(tmp_path: Path) -> None:
     export_saelens(sae, tmp_path / "sl", hook_name="unet.mid_block")
     row = load_direction(f"sae:{tmp_path / 'sl'}#5", "mid_block", shape).at(0)
     assert torch.allclose(row, sae.W_dec.detach()[5], atol=1e-6)
+
+
+def test_causal_columns_measure_turning_a_latent_up_and_ablating_it(sd_target, tmp_path: Path) -> None:
+    from diffdissect.intervene import Judge
+    from diffdissect.intervene.causal import CausalConfig, causal_effects, top_latents
+    from diffdissect.sae.browser import _causal_cells
+    from diffdissect.sae.foreign import export_sparsify
+
+    class Bright:
+        name = "bright"
+
+        def caption(self, images):
+            return ["a red cat" if im.mean() > 127 else "a blue cat" for im in images]
+
+    c = layer_shapes(sd_target, ["mid_block"])["mid_block"][0]
+    sae = _sae(d=c, n=4 * c, k=2)
+    with torch.no_grad():
+        sae.b_enc[5] = -1e6                                   # latent 5 never fires: ablating it changes nothing
+    export_sparsify(sae, tmp_path / "s", "unet.mid_block")
+    features = {"best_latent_per_value": {"colour": {"red": {"latent": 5, "auroc": 0.9},
+                                                     "blue": {"latent": 7, "auroc": 0.95}}}}
+    assert top_latents(features, 8) == [7, 5] and top_latents(features, 1) == [7]
+    judge = Judge(Bright(), {"colour": ["red", "blue"], "animal": ["cat"]})
+    config = CausalConfig(prompts=["a red cat"], seeds=[0, 1], alpha=50.0, steps=3, guidance=1.0)
+    table = causal_effects(sd_target, tmp_path / "s" / "unet.mid_block", "mid_block", [5], judge, config,
+                           tmp_path / "c")
+    assert table[5]["ablate"]["colour"]["changed"] == 0.0 and table[5]["ablate"]["colour"]["n"] == 2
+    assert set(table[5]["up"]) == {"colour", "animal"}
+    cells = _causal_cells(table[5])
+    assert cells["ablate"] == "no change"

@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=16, help="top images per latent [16]")
     p.add_argument("--images", default=None, help="image folder of the capture (for thumbnails) [from the manifest]")
     p.add_argument("--out", default=None, help="output directory [the SAE directory]")
+    p.add_argument("--causal-model", default=None, help="causal columns: sample this pipeline ('world': the shapes "
+                   "world's) with each top latent turned up and ablated, judged by --judge [off]")
+    p.add_argument("--judge", default="world", help="causal columns' judge: 'world' or a local transformers "
+                   "image-to-text directory [world]")
+    p.add_argument("--attributes", nargs="+", default=None, metavar="ATTR=V1,V2",
+                   help="attribute values read from a transformers judge's captions")
+    p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
+    _dataclass_args(p, "CausalConfig", prefix="causal-")
     p.set_defaults(func=cmd_sae_features)
 
     directions = sub.add_parser("directions", help="prompt-driven h-space directions and what prompts default to "
@@ -361,29 +369,58 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def cmd_steer(args: argparse.Namespace) -> int:
-    from diffdissect.intervene import Judge, SteerConfig, run_steer
+def _judge(spec: str, attributes: dict[str, list[str]], weights: str | None):
+    """'world' (the shapes world's captioner, reading its factors), a transformers directory, or 'none'."""
+    from diffdissect.intervene import Judge
 
-    prompts = list(args.prompts or []) + (_read_prompt_lines(args.prompt_file) if args.prompt_file else [])
-    attributes = _parse_attributes(args.attributes)
-    judge = None
-    if args.judge == "world":
+    if spec == "none":
+        return None
+    if spec == "world":
         from diffdissect.directions.captioners import WorldCaptioner
         from diffdissect.toy.world import FACTORS
 
-        captioner = WorldCaptioner(Path(args.weights) if args.weights else None)
-        attributes = attributes or {f: captioner.world.values(f) for f in FACTORS}
-        judge = Judge(captioner, attributes)
-    elif args.judge != "none":
-        from diffdissect.directions.captioners import load_captioner
+        captioner = WorldCaptioner(Path(weights) if weights else None)
+        return Judge(captioner, attributes or {f: captioner.world.values(f) for f in FACTORS})
+    from diffdissect.directions.captioners import load_captioner
 
-        if not attributes:
-            raise DiffdissectError("a transformers judge needs --attributes ATTR=V1,V2 ... to read its captions.")
-        judge = Judge(load_captioner(args.judge), attributes)
-    if args.model == "world":
-        from diffdissect.toy.build import pipeline_dir
+    if not attributes:
+        raise DiffdissectError("a transformers judge needs --attributes ATTR=V1,V2 ... to read its captions.")
+    return Judge(load_captioner(spec), attributes)
 
-        args.model = str(pipeline_dir(Path(args.weights) if args.weights else None))
+
+def _world_model(model: str, weights: str | None) -> str:
+    if model != "world":
+        return model
+    from diffdissect.toy.build import pipeline_dir
+
+    return str(pipeline_dir(Path(weights) if weights else None))
+
+
+def _dataclass_args(p: argparse.ArgumentParser, name: str, prefix: str = "") -> None:
+    """One flag per field of the config dataclass `name` in diffdissect.intervene (help: the field's docstring)."""
+    from dataclasses import fields
+
+    from diffdissect.intervene import causal
+
+    cls = getattr(causal, name)
+    docs, defaults = _field_docs(cls), cls()
+    for f in fields(cls):
+        default = getattr(defaults, f.name)
+        flag = "--" + prefix + f.name.replace("_", "-")
+        if isinstance(default, list):
+            kind = int if all(isinstance(v, int) for v in default) and default else str
+            p.add_argument(flag, nargs="+", type=kind, default=default, help=f"{docs[f.name]} [{default}]")
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=f"{docs[f.name]} [{default}]")
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from diffdissect.intervene import SteerConfig, run_steer
+
+    prompts = list(args.prompts or []) + (_read_prompt_lines(args.prompt_file) if args.prompt_file else [])
+    judge = _judge(args.judge, _parse_attributes(args.attributes), args.weights)
+    attributes = judge.attributes if judge is not None else {}
+    args.model = _world_model(args.model, args.weights)
     config = SteerConfig(prompts=prompts, edits=args.edits, expect=args.expect or [], seeds=args.seeds,
                          alphas=args.alphas, steps=args.steps, guidance=args.guidance, branch=args.branch,
                          batch_size=args.batch_size, attributes=attributes, save_images=not args.no_images)
@@ -581,8 +618,27 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
 def cmd_sae_features(args: argparse.Namespace) -> int:
     from diffdissect.sae.report import write_feature_outputs
 
+    causal = None
+    if args.causal_model:
+        from diffdissect.intervene.causal import CausalConfig, causal_effects, top_latents
+        from diffdissect.sae.checkpoint import read_config
+
+        config = CausalConfig(**{f: getattr(args, "causal_" + f) for f in CausalConfig.__dataclass_fields__})
+        judge = _judge(args.judge, _parse_attributes(args.attributes), args.weights)
+        if judge is None:
+            raise DiffdissectError("the causal columns need a judge (--judge world or a transformers directory).")
+        args.model = _world_model(args.causal_model, args.weights)
+        args.device, args.model_dtype, args.random_init, args.init_seed, args.resolution = "cpu", "float32", False, 0, None
+        layer = read_config(Path(args.sae))["slice"]["layer"]
+        out_dir = Path(args.out or args.sae) / "causal"
+
+        def causal(results: dict[str, Any]) -> dict[str, Any]:
+            latents = top_latents(results, config.top)
+            table = causal_effects(_target(args), Path(args.sae), layer, latents, judge, config, out_dir)
+            return {"config": {**vars(config), "judge": judge.name}, "latents": {str(j): v for j, v in table.items()}}
+
     paths = write_feature_outputs(args.sae, store=args.store, labels=args.labels, top_n=args.top,
-                                  images=args.images, out=args.out)
+                                  images=args.images, out=args.out, causal=causal)
     print(f"features: {paths['json']}\nbrowser: {paths['browser']} (open it in a web browser; no server needed)")
     return 0
 

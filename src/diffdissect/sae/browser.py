@@ -83,6 +83,7 @@ def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dic
                         "purity": {c: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()}
                                    for c, p in latent["purity"].items()},
                         "best_auroc": None if best[0] is None else {"label": best[0], "value": best[1], "auroc": round(best[2], 4)},
+                        "causal": _causal_cells(results.get("causal", {}).get("latents", {}).get(str(j))),
                         "top": shown})
     return {"title": f"SAE features: {results['slice']['layer']} @ t={results['slice']['t']}",
             "summary": {"n_latents": results["config"]["n_latents"], "k": results["config"]["k"],
@@ -91,6 +92,17 @@ def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dic
                         "values_with_auroc_ge_0.95": results["values_with_auroc_ge_0.95"],
                         "values_total": results["values_total"]},
             "labels": results["labels"], "latents": entries}
+
+
+def _causal_cells(entry: dict[str, Any] | None) -> dict[str, str] | None:
+    """'colour->red 0.81' per edit: the attribute whose readings changed most, where to, and how often."""
+    if not entry:
+        return None
+    out = {}
+    for kind in ("up", "ablate"):
+        best = max(entry[kind].items(), key=lambda kv: kv[1]["to_rate"] or 0.0)
+        out[kind] = f"{best[0]}->{best[1]['to']} {best[1]['to_rate']:.2f}" if best[1]["to"] else "no change"
+    return out
 
 
 def write_browser(path: str | Path, data: dict[str, Any]) -> Path:
@@ -142,6 +154,8 @@ const columns = [
   ["majority", "majority value", l => l.purity[LABEL] ? l.purity[LABEL].majority_label : ""],
   ["auroc", "best AUROC", l => l.best_auroc ? l.best_auroc.auroc : null],
   ["auroc_of", "AUROC of", l => l.best_auroc ? l.best_auroc.label + "=" + l.best_auroc.value : ""],
+  ["up", "turned up (causal)", l => l.causal ? l.causal.up : ""],
+  ["ablate", "ablated (causal)", l => l.causal ? l.causal.ablate : ""],
 ];
 let sortKey = "frequency", sortDir = -1, selected = null;
 const s = DATA.summary, m = s.metrics || {};
