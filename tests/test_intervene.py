@@ -481,3 +481,14 @@ def test_causal_columns_measure_turning_a_latent_up_and_ablating_it(sd_target, t
     assert set(table[5]["up"]) == {"colour", "animal"}
     cells = _causal_cells(table[5])
     assert cells["ablate"] == "no change"
+
+
+def test_add_with_raw_scale_adds_alpha_times_the_stored_direction() -> None:
+    h = torch.randn(1, 3, 2)
+    d = torch.tensor([3.0, 4.0])
+    raw = AddEdit("x", Direction("d", vector=d), raw=True).apply(h, Context(0, 0, alpha=0.5, scale=100.0))
+    assert torch.allclose(raw, h + 0.5 * d)
+    spec = parse_edits("add@mid_block=random:0;scale=raw")[0]
+    assert spec.options == {"scale": "raw"}
+    with pytest.raises(SpecError, match="scale=raw"):
+        bind_edit(parse_edits("erase@m=random:0;scale=raw")[0], (2, 2, 2), None, 1000)

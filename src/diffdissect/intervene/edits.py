@@ -138,7 +138,7 @@ def masked(h: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor | None) -> 
     """h + m * (edited - h) with per-location weights m (L,); no mask: `edited`."""
     if mask is None or edited is h:
         return edited
-    return h + mask.to(h.dtype)[None, :, None] * (edited - h)
+    return h + mask.to(h.device, h.dtype)[None, :, None] * (edited - h)
 
 
 def compose(edits: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -202,9 +202,14 @@ class Direction:
 
 @dataclass
 class AddEdit:
+    """h + alpha * scale * unit(d). `raw=True` (option `;scale=raw`): h + alpha * d, the direction as stored
+    (a mean difference then moves the mean of the images without the word onto the mean of those with it,
+    at each step by that step's own difference)."""
+
     layer: str
     direction: Direction
     window: Window = field(default_factory=Window)
+    raw: bool = False
     uses_alpha: bool = True
     _units: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -213,8 +218,10 @@ class AddEdit:
             return h
         key = ctx.t if self.direction.vector is None else -1
         if key not in self._units:
-            self._units[key] = unit(self.direction.at(ctx.t).float()).to(h.device)
-        return masked(h, add(h, self._units[key], ctx.alpha * ctx.scale), self.window.mask)
+            d = self.direction.at(ctx.t).float()
+            self._units[key] = (d if self.raw else unit(d)).to(h.device)
+        amount = ctx.alpha if self.raw else ctx.alpha * ctx.scale
+        return masked(h, add(h, self._units[key], amount), self.window.mask)
 
     def describe(self) -> str:
         return _describe("add", self.layer, self.direction.name, self.window)
@@ -276,6 +283,8 @@ class SAEEdit:
             return h
         if self.op == "scale" and self._amount(ctx) == 1.0:
             return h
+        if self.sae.W_dec.device != h.device:
+            self.sae.to(h.device)
         return masked(h, sae_edit(h, self.sae, self.latents, self.op, self._amount(ctx)), self.window.mask)
 
     def _amount(self, ctx: Context) -> float:

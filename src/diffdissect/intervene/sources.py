@@ -21,7 +21,8 @@ An edit is `KIND@LAYER=SOURCE[,SOURCE...][;option...]`, and edits joined by `|` 
 
 Options: `steps=A:B` (step indices, inclusive, 0 = first), `t=LO:HI` (training timesteps, inclusive),
 `box=Y0:Y1,X0:X1` (grid cells, half-open, on the layer's grid), `mask=PATH` (.npy/.safetensors weights
-on the layer's grid), `value=V` (SAE edits).
+on the layer's grid), `value=V` (SAE edits), `scale=raw` (add: alpha times the stored direction, not
+alpha x the layer's norm x a unit direction).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ from diffdissect.intervene.edits import (
 
 SOURCE_KINDS = ("directions", "probe", "sae", "file", "random", "mean")
 EDIT_KINDS = ("add", "erase", "mean", *(f"sae-{op}" for op in SAE_OPS))
-OPTIONS = ("steps", "t", "box", "mask", "value")
+OPTIONS = ("steps", "t", "box", "mask", "value", "scale")
 
 
 @dataclass
@@ -312,10 +313,14 @@ def bind_edit(spec: EditSpec, out_shape: Sequence[int], schedule: list[int] | No
     """The edit object of `spec` at its layer, with every check that needs the model: widths, the SAE's
     layer and model, the mask's grid, the step window against the schedule."""
     window = _window(spec, out_shape, schedule, num_train_timesteps)
+    scale = spec.options.get("scale", "norm")
+    if scale not in ("norm", "raw") or (scale == "raw" and spec.kind != "add"):
+        raise SpecError(f"{spec.text}: scale=norm (alpha in units of the layer's typical norm) or scale=raw "
+                        "(alpha times the stored direction, add only).")
     if spec.kind == "add":
         if len(spec.sources) != 1:
             raise SpecError(f"{spec.text}: add takes one direction.")
-        return AddEdit(spec.layer, load_direction(spec.sources[0], spec.layer, out_shape), window)
+        return AddEdit(spec.layer, load_direction(spec.sources[0], spec.layer, out_shape), window, raw=scale == "raw")
     if spec.kind == "erase":
         return EraseEdit(spec.layer, [load_direction(s, spec.layer, out_shape) for s in _expand(spec.sources)], window)
     if spec.kind == "mean":
