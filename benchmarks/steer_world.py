@@ -116,12 +116,11 @@ def removal(target, judge, out: Path, args) -> dict:
     from diffdissect.capture import CaptureSpec, capture
     from diffdissect.sae import TrainConfig, train_sae
     from diffdissect.sae.features import analyse_features
-    from diffdissect.toy.stores import world_source
 
     work = out / "removal"
     layer, t = args.removal_layer, args.removal_t
     if not (work / "store" / "manifest.json").is_file() or "complete" not in (work / "store" / "manifest.json").read_text():
-        source, _ = world_source(args.removal_images)
+        source, _ = args.world.source(args.removal_images)
         spec = CaptureSpec(layers=[layer], timesteps=[t], seeds=[0], batch_size=128, pooling="none", dtype="float32",
                            use_captions=True)
         capture(target, source, spec, work / "store", progress=False)
@@ -247,17 +246,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from diffdissect.directions.captioners import WorldCaptioner
-    from diffdissect.models import load_target
-    from diffdissect.toy.build import pipeline_dir
-    from diffdissect.toy.world import FACTORS
+    from diffdissect.world import ShapesWorld
+    from diffdissect.world.generator import FACTORS
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    target = load_target(str(pipeline_dir()))
-    captioner = WorldCaptioner()
-    judge = Judge(captioner, {f: captioner.world.values(f) for f in FACTORS})
-    results: dict = {"settings": vars(args), "load_start": os.getloadavg()}
+    args.world = world = ShapesWorld.load()
+    target = world.target()
+    judge = Judge(world.captioner(), {f: world.config.values(f) for f in FACTORS})
+    results: dict = {"settings": {k: v for k, v in vars(args).items() if k != "world"}, "load_start": os.getloadavg()}
     started = time.perf_counter()
     if "colours" not in args.skip:
         results["colours"] = colour_matrix(target, judge, Path(args.directions), out, args)

@@ -385,13 +385,13 @@ def test_cli_bad_input_is_a_clear_error(sd_dir: Path, tmp_path: Path, capsys) ->
     from diffdissect.cli import main
 
     np.save(tmp_path / "v.npy", np.ones(5, np.float32))
-    code = main(["steer", "--model", str(sd_dir), "--prompts", "a red cat", "--edit",
+    code = main(["steer", "--model", str(sd_dir), "--prompts", "a red cat", "--edits",
                  f"add@mid_block=file:{tmp_path / 'v.npy'}", "--steps", "2", "--out", str(tmp_path / "o")])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("diffdissect: error:") and "must have width" in err
     assert not (tmp_path / "o").exists()                # nothing written before every check passed
-    code = main(["steer", "--model", str(sd_dir), "--prompts", "a red cat", "--edit", "boost@mid_block=random:0",
+    code = main(["steer", "--model", str(sd_dir), "--prompts", "a red cat", "--edits", "boost@mid_block=random:0",
                  "--out", str(tmp_path / "o")])
     assert code == 2 and "unknown edit kind" in capsys.readouterr().err
 

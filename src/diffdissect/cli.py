@@ -9,9 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from diffdissect.errors import DiffdissectError
+from diffdissect.runtime import quiet_libraries, version
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffdissect.invert.train import InvertTrainConfig
+    from diffdissect.options import add_config_arguments
+
     parser = argparse.ArgumentParser(prog="diffdissect", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
@@ -85,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-missing", action="store_true", help="probe without rows whose label is missing")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs [2000]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the probes are fitted: cpu, cuda, cuda:N, mps [cpu]")
+    p.add_argument("--solver", choices=["auto", "batched", "lbfgsb"], default="auto",
+                   help="linear probes: lbfgsb (scipy per problem), batched (all cells at once), auto (lbfgsb on "
+                        "the CPU, batched elsewhere) [auto]")
     p.add_argument("--out", required=True, help="output directory (probes.json/.csv, splits.csv, heatmaps, report)")
     p.set_defaults(func=cmd_probe)
 
@@ -105,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None, help="passes over the training tokens [10]")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="where the SAE trains: cpu, cuda, cuda:N, mps [cpu]")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the dense encoder matmul; weights stay float32 [float32]")
+    p.add_argument("--mix-shards", type=int, default=None, help="shuffle buffer, in shards [4]")
     p.add_argument("--out", required=True, help="runs directory: one sub-directory per SAE (resumed if present)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sae_train)
@@ -115,14 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=16, help="top images per latent [16]")
     p.add_argument("--images", default=None, help="image folder of the capture (for thumbnails) [from the manifest]")
     p.add_argument("--out", default=None, help="output directory [the SAE directory]")
+    p.add_argument("--device", default="cpu", help="where the codes are computed: cpu, cuda, cuda:N, mps [cpu]")
     p.add_argument("--causal-model", default=None, help="causal columns: sample this pipeline ('world': the shapes "
                    "world's) with each top latent turned up and ablated, judged by --judge [off]")
     p.add_argument("--judge", default="world", help="causal columns' judge: 'world' or a local transformers "
                    "image-to-text directory [world]")
-    p.add_argument("--attributes", nargs="+", default=None, metavar="ATTR=V1,V2",
-                   help="attribute values read from a transformers judge's captions")
+    _attributes_arg(p)
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
-    _dataclass_args(p, "CausalConfig", prefix="causal-")
+    _causal_args(p)
     p.set_defaults(func=cmd_sae_features)
 
     directions = sub.add_parser("directions", help="prompt-driven h-space directions and what prompts default to "
@@ -158,12 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of training images")
     src.add_argument("--world-images", type=int, help="this many balanced shapes-world images")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--cond-dropout", type=float, default=0.15)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    add_config_arguments(p, InvertTrainConfig, only=["steps", "batch_size", "lr", "cond_dropout", "checkpoint_every",
+                                                     "seed"])
     p.add_argument("--out", required=True, help="inverter directory (resumed if it holds this run)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_invert_train)
@@ -244,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_commands.add_parser("probe", help="the probe sweep: batched fit vs scikit-learn, passes per (image, t)")
     p.add_argument("--images", type=int, default=1024, help="shapes-world images to capture [1024]")
     p.add_argument("--store", default=None, help="use this store instead of capturing the shapes world")
+    p.add_argument("--revelio-scale", action="store_true",
+                   help="synthetic features at Revelio's scale (d 1280, 5,000 images, 8 cells) instead")
+    p.add_argument("--threads", type=int, default=None, help="torch and BLAS threads, both sides [torch's default]")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_probe)
     p = bench_commands.add_parser("sae", help="SAE training throughput vs EleutherAI sparsify, side by side")
@@ -257,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-install", action="store_true", help="do not pip-install the peer if it is missing")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_sae)
+    p = bench_commands.add_parser("datapath", help="store -> batches (token stream, reader, SAE) vs a raw read")
+    p.add_argument("--rows", type=int, default=1024, help="rows of the synthetic spatial store [1024]")
+    p.add_argument("--d-in", type=int, default=1280, help="channels per location [1280]")
+    p.add_argument("--map", type=int, default=8, help="h = w of each row's map [8]")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sae-steps", type=int, default=6, help="SAE steps per timed round [6]")
+    p.add_argument("--no-features", action="store_true", help="skip the sae features memory measurement")
+    p.add_argument("--threads", type=int, default=1, help="torch threads [1]")
+    p.add_argument("--json", default=None, help="write results to this JSON file")
+    p.set_defaults(func=cmd_bench_datapath)
     p = bench_commands.add_parser("invert", help="inverter training: precomputed features vs per sample (FeatInv)")
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--steps", type=int, default=40, help="steps per variant per round")
@@ -321,66 +342,39 @@ def _target(args: argparse.Namespace):
 
 
 def _steer_args(p: argparse.ArgumentParser) -> None:
-    from dataclasses import fields
-
     from diffdissect.intervene.steer import SteerConfig
+    from diffdissect.options import add_config_arguments
 
-    defaults = SteerConfig()
-    docs = _field_docs(SteerConfig)
-    p.add_argument("--prompts", nargs="+", default=None, help=docs["prompts"])
-    p.add_argument("--prompt-file", default=None, help="one prompt per line")
-    p.add_argument("--edit", action="append", dest="edits", default=None, required=True, help=docs["edits"] +
-                   " (repeat --edit for several edits). Sources: directions:RUN#term[@t=N], probe:DIR#label=value, "
-                   "sae:DIR#J, file:PATH[#key], random:SEED[#map], mean:STORE; options ;steps=A:B ;t=LO:HI "
-                   ";box=Y0:Y1,X0:X1 ;mask=PATH ;value=V")
-    for f in fields(SteerConfig):
-        if f.name in ("prompts", "edits", "attributes", "save_images"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, list):
-            kind = float if f.name == "alphas" else int if f.name == "seeds" else str
-            p.add_argument(flag, nargs="+", type=kind, default=default, help=f"{docs[f.name]} [{default}]")
-        else:
-            p.add_argument(flag, type=type(default), default=default, help=f"{docs[f.name]} [{default}]")
+    add_config_arguments(p, SteerConfig, exclude=["attributes"])
+    p.add_argument("--prompt-file", default=None, help="one prompt per line (added to --prompts)")
     p.add_argument("--judge", default="none", help="the judge: 'world' (the shapes world's captioner), a local "
                    "transformers image-to-text model directory, or 'none' [none]")
-    p.add_argument("--attributes", nargs="+", default=None, metavar="ATTR=V1,V2",
-                   help=docs["attributes"] + " (a transformers judge needs them; 'world' knows its own)")
+    _attributes_arg(p)
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
-    p.add_argument("--no-images", action="store_true", help="do not write every sample as a PNG")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the effects as JSON to PATH")
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """Each dataclass field's docstring (the string literal under it), read from the source."""
-    import ast
-    import inspect
-    import itertools
-    import textwrap
+def _attributes_arg(p: argparse.ArgumentParser) -> None:
+    from diffdissect.intervene.steer import SteerConfig
+    from diffdissect.options import field_docs
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in itertools.pairwise(body):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
-    return docs
+    p.add_argument("--attributes", nargs="+", default=None, metavar="ATTR=V1,V2",
+                   help=field_docs(SteerConfig)["attributes"] + " (a transformers judge needs them; 'world' knows "
+                   "its own)")
 
 
-def _judge(spec: str, attributes: dict[str, list[str]], weights: str | None):
+def _judge(spec: str, attributes: dict[str, list[str]], args: argparse.Namespace):
     """'world' (the shapes world's captioner, reading its factors), a transformers directory, or 'none'."""
     from diffdissect.intervene import Judge
 
     if spec == "none":
         return None
     if spec == "world":
-        from diffdissect.directions.captioners import WorldCaptioner
-        from diffdissect.toy.world import FACTORS
+        from diffdissect.world.generator import FACTORS
 
-        captioner = WorldCaptioner(Path(weights) if weights else None)
-        return Judge(captioner, attributes or {f: captioner.world.values(f) for f in FACTORS})
+        world = _shapes_world(args)
+        return Judge(world.captioner(), attributes or {f: world.config.values(f) for f in FACTORS})
     from diffdissect.directions.captioners import load_captioner
 
     if not attributes:
@@ -388,46 +382,40 @@ def _judge(spec: str, attributes: dict[str, list[str]], weights: str | None):
     return Judge(load_captioner(spec), attributes)
 
 
-def _world_model(model: str, weights: str | None) -> str:
-    if model != "world":
-        return model
-    from diffdissect.toy.build import pipeline_dir
-
-    return str(pipeline_dir(Path(weights) if weights else None))
+def _world_model(model: str, args: argparse.Namespace) -> str:
+    """`--model world`: the shapes world's pipeline."""
+    return str(_shapes_world(args).pipeline_dir) if model == "world" else model
 
 
-def _dataclass_args(p: argparse.ArgumentParser, name: str, prefix: str = "") -> None:
-    """One flag per field of the config dataclass `name` in diffdissect.intervene (help: the field's docstring)."""
-    from dataclasses import fields
+def _causal_args(p: argparse.ArgumentParser) -> None:
+    """CausalConfig's fields as --causal-* flags (the builder's options, renamed so they don't clash with
+    `sae features`' own --top)."""
+    from diffdissect.intervene.causal import CausalConfig
+    from diffdissect.options import add_config_arguments
 
-    from diffdissect.intervene import causal
-
-    cls = getattr(causal, name)
-    docs, defaults = _field_docs(cls), cls()
-    for f in fields(cls):
-        default = getattr(defaults, f.name)
-        flag = "--" + prefix + f.name.replace("_", "-")
-        if isinstance(default, list):
-            kind = int if all(isinstance(v, int) for v in default) and default else str
-            p.add_argument(flag, nargs="+", type=kind, default=default, help=f"{docs[f.name]} [{default}]")
-        else:
-            p.add_argument(flag, type=type(default), default=default, help=f"{docs[f.name]} [{default}]")
+    group = argparse.ArgumentParser(add_help=False)
+    added = add_config_arguments(group, CausalConfig)
+    for action in group._actions:
+        if action.dest in added:
+            action.option_strings = ["--causal-" + s[2:] for s in action.option_strings]
+            action.dest = "causal_" + action.dest
+            p._add_action(action)
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
+    from diffdissect.directions.prompts import read_prompt_file
     from diffdissect.intervene import SteerConfig, run_steer
+    from diffdissect.options import config_from_args
 
-    prompts = list(args.prompts or []) + (_read_prompt_lines(args.prompt_file) if args.prompt_file else [])
-    judge = _judge(args.judge, _parse_attributes(args.attributes), args.weights)
-    attributes = judge.attributes if judge is not None else {}
-    args.model = _world_model(args.model, args.weights)
-    config = SteerConfig(prompts=prompts, edits=args.edits, expect=args.expect or [], seeds=args.seeds,
-                         alphas=args.alphas, steps=args.steps, guidance=args.guidance, branch=args.branch,
-                         batch_size=args.batch_size, attributes=attributes, save_images=not args.no_images)
+    prompts = list(args.prompts or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    judge = _judge(args.judge, _parse_attributes(args.attributes), args)
+    args.model = _world_model(args.model, args)
+    config = config_from_args(SteerConfig, args, prompts=prompts,
+                              attributes=judge.attributes if judge is not None else {})
     config.validate()
     result = run_steer(_target(args), config, args.out, judge)
     if args.json:
-        from diffdissect.store.atomic import atomic_write_json
+        from diffdissect.atomic import atomic_write_json
 
         atomic_write_json(Path(args.json), [e.to_json() for e in result.effects])
     for e in result.effects:
@@ -437,16 +425,6 @@ def cmd_steer(args: argparse.Namespace) -> int:
               f"identical {e.identical}/{e.n}")
     print(f"wrote {args.out}/report.html")
     return 0
-
-
-def _read_prompt_lines(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise DiffdissectError(f"no prompt file at {file}.")
-    lines = file.read_text().splitlines()
-    if any(not line.strip() for line in lines):
-        raise DiffdissectError(f"{file} has blank lines; write one prompt per line.")
-    return lines
 
 
 def _parse_attributes(items: list[str] | None) -> dict[str, list[str]]:
@@ -460,7 +438,7 @@ def _parse_attributes(items: list[str] | None) -> dict[str, list[str]]:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from diffdissect.models import list_layers
+    from diffdissect.capture import list_layers
 
     target = _target(args)
     infos = list_layers(target, max_depth=args.depth or None, contains=args.filter)
@@ -478,7 +456,6 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_capture(args: argparse.Namespace) -> int:
     from diffdissect.capture import CaptureSpec, TrajectorySpec, capture, capture_trajectories
-
     from diffdissect.distributed import from_env
 
     dist = from_env()                       # torchrun / accelerate launch: this rank's share; else one process
@@ -582,7 +559,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                          split=SplitSpec(*args.split), split_column=args.split_column,
                          l2_grid=tuple(args.l2 or DEFAULT_L2_GRID), shuffled_control=args.shuffled_control,
                          random_init_store=args.random_init_store, drop_missing=args.drop_missing,
-                         bootstrap=args.bootstrap, seed=args.seed)
+                         bootstrap=args.bootstrap, seed=args.seed, device=args.device, solver=args.solver)
     results = run_probes(args.store, config)
     paths = write_probe_outputs(results, args.out)
     report = Report(f"diffdissect probe: {args.store}")
@@ -596,12 +573,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_train(args: argparse.Namespace) -> int:
-    from diffdissect.sae.sweep import sweep_configs
     from diffdissect.sae import train_saes
+    from diffdissect.sae.sweep import sweep_configs
 
     flags = {"layer": args.layers, "t": args.timesteps, "k": args.k, "expansion": args.expansion,
              "n_latents": args.n_latents, "variant": args.variant, "tokens": args.tokens, "lr": args.lr,
-             "batch_size": args.batch_size, "steps": args.steps, "epochs": args.epochs, "seed": args.seed}
+             "batch_size": args.batch_size, "steps": args.steps, "epochs": args.epochs, "seed": args.seed,
+             "device": args.device, "dtype": args.dtype, "mix_shards": args.mix_shards}
     file_options = json.loads(Path(args.config).read_text()) if args.config else {}
     from diffdissect.distributed import from_env
 
@@ -624,11 +602,11 @@ def cmd_sae_features(args: argparse.Namespace) -> int:
         from diffdissect.sae.checkpoint import read_config
 
         config = CausalConfig(**{f: getattr(args, "causal_" + f) for f in CausalConfig.__dataclass_fields__})
-        judge = _judge(args.judge, _parse_attributes(args.attributes), args.weights)
+        judge = _judge(args.judge, _parse_attributes(args.attributes), args)
         if judge is None:
             raise DiffdissectError("the causal columns need a judge (--judge world or a transformers directory).")
-        args.model = _world_model(args.causal_model, args.weights)
-        args.device, args.model_dtype, args.random_init, args.init_seed, args.resolution = "cpu", "float32", False, 0, None
+        args.model = _world_model(args.causal_model, args)
+        args.model_dtype, args.random_init, args.init_seed, args.resolution = "float32", False, 0, None
         layer = read_config(Path(args.sae))["slice"]["layer"]
         out_dir = Path(args.out or args.sae) / "causal"
 
@@ -638,13 +616,19 @@ def cmd_sae_features(args: argparse.Namespace) -> int:
             return {"config": {**vars(config), "judge": judge.name}, "latents": {str(j): v for j, v in table.items()}}
 
     paths = write_feature_outputs(args.sae, store=args.store, labels=args.labels, top_n=args.top,
-                                  images=args.images, out=args.out, causal=causal)
+                                  images=args.images, out=args.out, device=args.device, causal=causal)
     print(f"features: {paths['json']}\nbrowser: {paths['browser']} (open it in a web browser; no server needed)")
     return 0
 
 
 def cmd_directions_run(args: argparse.Namespace) -> int:
-    from diffdissect.directions import BiasSpec, DirectionsConfig, load_captioner, run_directions, write_directions_report
+    from diffdissect.directions import (
+        BiasSpec,
+        DirectionsConfig,
+        load_captioner,
+        run_directions,
+        write_directions_report,
+    )
     from diffdissect.directions.prompts import build_prompt_set, parse_slot_args, read_prompt_file
 
     plain = list(args.prompts or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
@@ -652,7 +636,8 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
     families = parse_slot_args(args.family)
     if families and not args.subjects:
         raise DiffdissectError("--family needs --subjects: the prompts whose defaults to measure.")
-    captioner = None if args.captioner == "none" else load_captioner(args.captioner)
+    captioner = (None if args.captioner == "none" else _shapes_world(args).captioner() if args.captioner == "world"
+                 else load_captioner(args.captioner))
     source = args.source or ("captions" if captioner else "prompts")
     config = DirectionsConfig(prompts=prompts, guidance_scale=args.guidance, text_source=source,
                               bias=[BiasSpec(name, words, list(args.subjects)) for name, words in families.items()],
@@ -664,20 +649,17 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
 
 def cmd_directions_world(args: argparse.Namespace) -> int:
     from diffdissect.directions import run_directions, write_directions_report
-    from diffdissect.directions.captioners import WorldCaptioner
-    from diffdissect.directions.world import check_against_world, world_directions_config
-    from diffdissect.toy.build import load_world
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world.directions import check_against_world, world_directions_config
 
-    weights = Path(args.weights) if args.weights else None
-    world = load_world(weights)
+    shapes_world = _shapes_world(args)
     options = _directions_options(args)
     options.pop("seeds")
-    config = world_directions_config(world, seeds=args.seeds, text_source=args.source or "captions", **options)
-    results = run_directions(world_target(weights=weights), config, args.out, WorldCaptioner(weights),
+    config = world_directions_config(shapes_world.config, seeds=args.seeds, text_source=args.source or "captions",
+                                     **options)
+    results = run_directions(shapes_world.target(), config, args.out, shapes_world.captioner(),
                              progress=not args.quiet)
-    check = check_against_world(results, world)
-    from diffdissect.store.atomic import atomic_write_json
+    check = check_against_world(results, shapes_world.config)
+    from diffdissect.atomic import atomic_write_json
 
     atomic_write_json(Path(args.out) / "world_check.json", check)
     _print_directions(results, write_directions_report(results, args.out, check))
@@ -697,30 +679,38 @@ def _print_directions(results: dict[str, Any], report: Path) -> None:
     print(f"results: {Path(report).parent / 'results.json'}; report: {report}")
 
 
+def _shapes_world(args: argparse.Namespace):
+    """The shapes world of `--weights` (the committed one without it), checked once."""
+    from diffdissect.world import ShapesWorld
+
+    weights = getattr(args, "weights", None)
+    return ShapesWorld.load(Path(weights) if weights else None)
+
+
 def _invert_images(args: argparse.Namespace, target, seed: int):
     from diffdissect.invert.run import folder_images
-    from diffdissect.invert.world import world_attributes, world_images
+    from diffdissect.world.invert import world_attributes, world_images
 
     if args.images:
         return folder_images(args.images, target.resolution), None
-    batch = world_images(args.world_images, seed)
+    batch = world_images(_shapes_world(args), args.world_images, seed)
     return batch.images, world_attributes(batch)
 
 
 def cmd_invert_train(args: argparse.Namespace) -> int:
     from diffdissect.invert.data import images_to_pixels
     from diffdissect.invert.features import FeatureExtractor
-    from diffdissect.invert.run import load_classifier_spec, train_from_images
+    from diffdissect.invert.run import train_from_images
     from diffdissect.invert.train import InvertTrainConfig
-    from diffdissect.invert.world import TRAIN_SEED
+    from diffdissect.options import config_from_args
+    from diffdissect.world.invert import TRAIN_SEED, classifier_spec
 
     target = _target(args)
-    classifier, name = load_classifier_spec(args.classifier)
+    classifier, name = classifier_spec(args.classifier)
     extractor = FeatureExtractor(classifier, args.layer, mode=args.mode)
     images, attributes = _invert_images(args, target, TRAIN_SEED)
     extractor(images_to_pixels(images[:1]))           # a non-spatial layer fails here, before any data is written
-    config = InvertTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, cond_dropout=args.cond_dropout,
-                               checkpoint_every=args.checkpoint_every, seed=args.seed)
+    config = config_from_args(InvertTrainConfig, args)
     summary = train_from_images(target, extractor, name, images, args.out, config, attributes=attributes,
                                 progress=not args.quiet)
     print(f"{args.out}: {summary['steps']} steps on {summary['examples']} images, feature map "
@@ -731,19 +721,18 @@ def cmd_invert_train(args: argparse.Namespace) -> int:
 def cmd_invert_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
+    from PIL import Image
 
     from diffdissect.invert.data import images_to_pixels
     from diffdissect.invert.features import FeatureExtractor
     from diffdissect.invert.model import load_inverter
-    from diffdissect.invert.run import load_classifier_spec
     from diffdissect.invert.sample import invert
-    from diffdissect.invert.world import EVAL_SEED
     from diffdissect.report.figures import image_grid
-    from PIL import Image
+    from diffdissect.world.invert import EVAL_SEED, classifier_spec
 
     target = _target(args)
     inverter = load_inverter(args.inverter, pipeline_identity=target.identity())
-    classifier, _ = load_classifier_spec(args.classifier)
+    classifier, _ = classifier_spec(args.classifier)
     extractor = FeatureExtractor(classifier, inverter.info["layer"], mode=inverter.info["mode"])
     images, _ = _invert_images(args, target, EVAL_SEED)
     with torch.no_grad():
@@ -761,14 +750,13 @@ def cmd_invert_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_invert_eval(args: argparse.Namespace) -> int:
+    from diffdissect.atomic import atomic_write_json
     from diffdissect.invert.report import invert_section
-    from diffdissect.invert.world import evaluate_world, strip_images
     from diffdissect.report import Report
-    from diffdissect.store.atomic import atomic_write_json
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world.invert import evaluate_world, strip_images
 
-    weights = Path(args.weights) if args.weights else None
-    results = evaluate_world(world_target(weights=weights), weights=weights, n=args.images, seeds=tuple(args.seeds),
+    shapes_world = _shapes_world(args)
+    results = evaluate_world(shapes_world.target(), shapes_world, n=args.images, seeds=tuple(args.seeds),
                              guidance=args.guidance, steps=args.steps, progress=not args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -787,13 +775,12 @@ def cmd_invert_eval(args: argparse.Namespace) -> int:
 def cmd_invert_build_world(args: argparse.Namespace) -> int:
     import torch
 
-    from diffdissect.invert.world import build_world_inverters
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world.invert import build_world_inverters
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    weights = Path(args.weights) if args.weights else None
-    summaries = build_world_inverters(world_target(weights=weights), weights=weights, images=args.images,
+    shapes_world = _shapes_world(args)
+    summaries = build_world_inverters(shapes_world.target(), shapes_world, images=args.images,
                                       scale=args.scale, only=args.only, progress=not args.quiet)
     for name, s in summaries.items():
         print(f"{name}: {s['steps']} steps, {s['steps_per_s']:.2f} steps/s, {s['wall_seconds']:.0f} s, "
@@ -826,22 +813,21 @@ def cmd_bench_distributed(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from diffdissect.demo import DemoConfig, run_demo
+    from diffdissect.world.demo import DemoConfig, run_demo
 
     config = DemoConfig(images=args.images, sae_epochs=args.sae_epochs, direction_seeds=args.direction_seeds,
                         inversion_images=args.inversion_images)
-    run_demo(Path(args.out), weights=Path(args.weights) if args.weights else None, config=config,
-             progress=not args.quiet)
+    run_demo(Path(args.out), shapes_world=_shapes_world(args), config=config, progress=not args.quiet)
     return 0
 
 
 def cmd_toy_build(args: argparse.Namespace) -> int:
-    from diffdissect.toy.build import DEFAULT_WEIGHTS, BuildRecipe, build_toy
+    from diffdissect.world.build import DEFAULT_WEIGHTS, BuildRecipe, build_toy
 
     recipe = BuildRecipe(seed=args.seed, threads=args.threads)
     if args.scale != 1.0:
         recipe = recipe.scaled(args.scale)
-    from diffdissect.toy.world import WorldConfig
+    from diffdissect.world.generator import WorldConfig
 
     world = WorldConfig.load(args.world) if args.world else None
     out = Path(args.out) if args.out else DEFAULT_WEIGHTS
@@ -859,14 +845,14 @@ def cmd_toy_eval(args: argparse.Namespace) -> int:
     import datetime
     import platform
 
-    from diffdissect.toy.build import DEFAULT_WEIGHTS
-    from diffdissect.toy.evaluate import EvalConfig, evaluate_toy, summary, write_toy_world_doc
+    from diffdissect.world.evaluate import EvalConfig, evaluate_toy, summary, write_toy_world_doc
 
     config = EvalConfig(samples=args.samples, steps=args.steps, guidance_full=args.guidance)
-    results = evaluate_toy(args.weights, config)
+    shapes_world = _shapes_world(args)
+    results = evaluate_toy(shapes_world, config)
     plain = summary(results)
     if args.save:
-        (Path(args.weights) if args.weights else DEFAULT_WEIGHTS).joinpath("eval.json").write_text(json.dumps(plain, indent=2))
+        shapes_world.directory.joinpath("eval.json").write_text(json.dumps(plain, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(plain, indent=2))
     if args.doc:
@@ -891,9 +877,18 @@ def cmd_bench_world(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_probe(args: argparse.Namespace) -> int:
-    from diffdissect.bench.probe import run_probe_benchmark
+    from diffdissect.bench.probe import run_probe_benchmark, run_revelio_scale_benchmark
 
-    result = run_probe_benchmark(images=args.images, store=args.store)
+    if args.revelio_scale:
+        result = run_revelio_scale_benchmark(threads=args.threads or 1)
+    else:
+        if args.threads:
+            import torch
+            from threadpoolctl import threadpool_limits
+
+            torch.set_num_threads(args.threads)
+            threadpool_limits(args.threads)
+        result = run_probe_benchmark(images=args.images, store=args.store)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0 if all(result["pass"].values()) else 1
@@ -909,6 +904,17 @@ def cmd_bench_sae(args: argparse.Namespace) -> int:
     return 0 if all(result["pass"].values()) else 1
 
 
+def cmd_bench_datapath(args: argparse.Namespace) -> int:
+    from diffdissect.bench.datapath import print_table, run_datapath_benchmark
+
+    result = run_datapath_benchmark(rows=args.rows, d=args.d_in, hw=args.map, rounds=args.rounds,
+                                    sae_steps=args.sae_steps, features=not args.no_features, threads=args.threads)
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_bench_capture(args: argparse.Namespace) -> int:
     from diffdissect.bench.capture import run_capture_benchmark
 
@@ -918,32 +924,16 @@ def cmd_bench_capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """diffusers/transformers progress bars and advisory warnings drown our own output."""
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from diffdissect import __version__
-
-        print(__version__)
+        print(version())
         return 0
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except DiffdissectError as exc:

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import Any
 
 import torch
 
 from diffdissect.capture.hooks import LayerRecorder, output_tensor
-from diffdissect.capture.noising import dry_inputs
+from diffdissect.capture.layers import resolve_layers
 from diffdissect.capture.trajectory import _timestep_value
 from diffdissect.errors import SpecError
 from diffdissect.intervene.edits import Context, Edit, to_locations
-from diffdissect.models.layers import resolve_layers
 from diffdissect.models.target import Target
 
 BRANCHES = ("both", "cond", "uncond")
@@ -47,7 +46,7 @@ def replace_output_tensor(output: Any, new: torch.Tensor) -> Any:
 def layer_shapes(target: Target, layers: list[str]) -> dict[str, tuple[int, ...]]:
     """Per-sample output shape of each layer, from one dry forward."""
     layers = resolve_layers(target, layers)
-    sample, timestep, cond = dry_inputs(target)
+    sample, timestep, cond = target.dry_inputs()
     with LayerRecorder(target.denoiser, layers, early_exit=True) as recorder:
         outputs = recorder.run(target.forward, sample, timestep, cond)
     return {layer: tuple(outputs[layer].shape[1:]) for layer in layers}
@@ -101,7 +100,7 @@ class Intervention:
     def set_alpha(self, alpha: float) -> None:
         self.alpha = float(alpha)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Intervention:
         self._handles.append(self.target.denoiser.register_forward_pre_hook(self._pre, with_kwargs=True))
         modules = dict(self.target.denoiser.named_modules())
         for layer in self.layers:

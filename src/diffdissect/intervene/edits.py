@@ -90,7 +90,9 @@ class Edit(Protocol):
     """An edit of one layer's output. `apply` returns `h` itself when it changes nothing."""
 
     layer: str
-    uses_alpha: bool
+
+    @property
+    def uses_alpha(self) -> bool: ...
 
     def apply(self, h: torch.Tensor, ctx: Context) -> torch.Tensor: ...
 

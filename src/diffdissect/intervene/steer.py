@@ -24,12 +24,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
+from diffdissect.atomic import atomic_write_bytes, atomic_write_json
 from diffdissect.capture.trajectory import _condition
 from diffdissect.errors import SpecError
 from diffdissect.intervene.apply import (
@@ -42,7 +43,6 @@ from diffdissect.intervene.edits import Edit
 from diffdissect.intervene.sources import bind_edit, parse_edits
 from diffdissect.models.target import Target
 from diffdissect.stats import bootstrap_mean_ci, wilson
-from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json
 
 
 @dataclass
@@ -63,7 +63,7 @@ class SteerConfig:
     """sampler steps"""
     guidance: float = 7.5
     """classifier-free guidance scale"""
-    branch: str = "both"
+    branch: Literal["both", "cond", "uncond"] = "both"
     """under guidance, the half of the denoiser batch edited: both, cond or uncond"""
     batch_size: int = 16
     """samples per pipeline call"""
@@ -375,7 +375,7 @@ def steer_section(report: Any, result: SteerResult, grids: dict[int, bytes] | No
     for k, edit in enumerate(result.edits):
         rows = []
         for e in (e for e in result.effects if e.edit == edit):
-            target = ("-" if e.target_rate is None else
+            target = ("-" if e.target_rate is None or e.target_ci is None else
                       f"{e.target_rate:.2f} [{e.target_ci[0]:.2f}, {e.target_ci[1]:.2f}] (base "
                       f"{e.baseline_target_rate:.2f})")
             keeps = [("-" if e.keep[a]["rate"] is None else f"{e.keep[a]['rate']:.2f} [{e.keep[a]['ci'][0]:.2f}, "

@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from diffdissect.capture.noising import alphas_cumprod, denoiser_target
 from diffdissect.errors import DiffdissectError
 from diffdissect.invert.model import Inverter, build_controlnet, controlled_prediction, load_inverter, save_inverter
+from diffdissect.models.noising import alphas_cumprod, denoiser_target
 from diffdissect.models.target import Target
 from diffdissect.optim_state import optimizer_tensors, restore_optimizer
 
@@ -30,13 +31,21 @@ from diffdissect.optim_state import optimizer_tensors, restore_optimizer
 @dataclass
 class InvertTrainConfig:
     steps: int = 3000
+    """training steps (optimiser updates)"""
     batch_size: int = 64
+    """training images per step"""
     lr: float = 3e-4
+    """AdamW learning rate (after warm-up; cosine decay to the end)"""
     warmup: int = 100
+    """linear warm-up steps"""
     cond_dropout: float = 0.15
+    """fraction of steps whose feature map is dropped (all zero): what guidance contrasts with"""
     hint_hidden: int = 64
+    """channels of the hint block that maps the feature map to the latent grid"""
     checkpoint_every: int = 500
+    """steps between checkpoints (weights and Adam state; a rerun resumes from the last)"""
     seed: int = 0
+    """seed of the initialisation and of every per-step draw"""
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -77,9 +86,10 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             idx = torch.randint(0, n_examples, (config.batch_size,), generator=g)
             x0, feats = batch_of(idx)
-            keep = (torch.rand(config.batch_size, generator=g) >= config.cond_dropout).float()[:, None, None, None]
-            t = torch.randint(0, len(ab), (config.batch_size,), generator=g)
-            noise = torch.randn(x0.shape, generator=g)
+            # drawn on the CPU (the same draws on every device), then moved
+            keep = (torch.rand(config.batch_size, generator=g, device="cpu") >= config.cond_dropout).float()[:, None, None, None]
+            t = torch.randint(0, len(ab), (config.batch_size,), generator=g, device="cpu")
+            noise = torch.randn(x0.shape, generator=g, device="cpu")
             x0, feats, keep, t, noise = (v.to(device) for v in (x0, feats, keep, t, noise))
             a = ab[t][:, None, None, None]
             noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise

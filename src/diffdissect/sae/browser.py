@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffdissect.atomic import atomic_write_bytes
 from diffdissect.sae.features import ImageActivations
-from diffdissect.store.atomic import atomic_write_bytes
 
 THUMB = 64
 
@@ -73,8 +73,9 @@ def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dic
             image = picture(position)
             if image is not None:
                 item["image"] = _png(image.resize((THUMB, THUMB), Image.Resampling.NEAREST))
-                if acts.maps is not None:
-                    item["heatmap"] = _png(overlay(image, acts.maps[position, j], latent["max_activation"]))
+                heat = acts.map_of(position, j)
+                if heat is not None:
+                    item["heatmap"] = _png(overlay(image, heat, latent["max_activation"]))
             shown.append(item)
         best = max(((c, v, a) for c, table in latent["auroc"].items() for v, a in table.items()),
                    key=lambda x: x[2], default=(None, None, None))

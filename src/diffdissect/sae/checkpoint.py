@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from diffdissect.atomic import atomic_write_bytes, atomic_write_json
 from diffdissect.errors import StoreError
 from diffdissect.sae.model import SAEConfig, TopKSAE
-from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json
 
 WEIGHTS, STATE, CONFIG = "sae.safetensors", "training_state.safetensors", "config.json"
 
@@ -18,9 +18,9 @@ WEIGHTS, STATE, CONFIG = "sae.safetensors", "training_state.safetensors", "confi
 def save_checkpoint(directory: Path, sae: TopKSAE, info: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> None:
     """Weights (+ training state) first, then config.json: a directory whose config names step s holds step s."""
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(directory / WEIGHTS, save({k: v.detach().contiguous() for k, v in sae.state_dict().items()}))
+    atomic_write_bytes(directory / WEIGHTS, save({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}))
     if state is not None:
-        atomic_write_bytes(directory / STATE, save({k: v.contiguous() for k, v in state.items()}))
+        atomic_write_bytes(directory / STATE, save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
     atomic_write_json(directory / CONFIG, {"format": "diffdissect-sae", "format_version": 1,
                                            "sae": sae.config.to_json(), **info})
 
@@ -32,15 +32,17 @@ def read_config(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_sae(directory: str | Path, *, d_in: int | None = None) -> tuple[TopKSAE, dict[str, Any]]:
-    """The SAE saved in `directory` and its config. `d_in` checks the inputs it will be given."""
+def load_sae(directory: str | Path, *, d_in: int | None = None,
+             device: str | torch.device = "cpu") -> tuple[TopKSAE, dict[str, Any]]:
+    """The SAE saved in `directory` and its config, on `device` (whatever device it was trained on).
+    `d_in` checks the inputs it will be given."""
     directory = Path(directory)
     info = read_config(directory)
     config = SAEConfig(**info["sae"])
     if d_in is not None:
         check_d_in(directory, info, d_in)
-    sae = TopKSAE(config)
-    sae.load_state_dict(load_file(directory / WEIGHTS))
+    sae = TopKSAE(config, device=device)
+    sae.load_state_dict({k: v.to(device) for k, v in load_file(directory / WEIGHTS).items()})   # read on the CPU
     return sae.eval(), info
 
 
@@ -53,6 +55,6 @@ def check_d_in(directory: Path, info: dict[str, Any], d_in: int) -> None:
                          f"{info.get('slice', {})})")
 
 
-def load_state(directory: Path) -> dict[str, torch.Tensor]:
+def load_state(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     path = Path(directory) / STATE
-    return load_file(path) if path.is_file() else {}
+    return {k: v.to(device) for k, v in load_file(path).items()} if path.is_file() else {}

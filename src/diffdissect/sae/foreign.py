@@ -35,9 +35,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from diffdissect.atomic import atomic_write_bytes, atomic_write_json
 from diffdissect.errors import StoreError
 from diffdissect.sae.model import SAEConfig, TopKSAE
-from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json
 
 SPARSIFY_CONFIG, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors"
 SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from diffdissect.atomic import atomic_write_bytes
 from diffdissect.report import Report, Section, heatmap, image_grid
 from diffdissect.sae.browser import browser_data, write_browser
-from diffdissect.sae.features import analyse_features
+from diffdissect.sae.features import FeaturesConfig, analyse_features
 from diffdissect.store import open_store
-from diffdissect.store.atomic import atomic_write_bytes
 
 
 def image_source_for(store: str | Path, images: str | None = None):
@@ -34,10 +34,12 @@ def image_source_for(store: str | Path, images: str | None = None):
 
 def write_feature_outputs(sae_dir: str | Path, *, store: str | Path | None = None, labels=None, top_n: int = 16,
                           images: str | None = None, image_source=None, out: str | Path | None = None,
+                          device: str = "cpu",
                           causal: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Path]:
     """features.json and browser.html. `causal(results)` (from intervene, which sits above sae) adds the
     causal columns: {"config": ..., "latents": {latent: {"up": ..., "ablate": ...}}}."""
-    results, acts, held = analyse_features(sae_dir, store=store, label_columns=labels, top_n=top_n)
+    results, acts, held = analyse_features(sae_dir, store=store, label_columns=labels,
+                                           config=FeaturesConfig(top_n=top_n, device=device))
     if causal is not None:
         results["causal"] = causal(results)
     out = Path(out or sae_dir)
