@@ -492,3 +492,19 @@ def test_add_with_raw_scale_adds_alpha_times_the_stored_direction() -> None:
     assert spec.options == {"scale": "raw"}
     with pytest.raises(SpecError, match="scale=raw"):
         bind_edit(parse_edits("erase@m=random:0;scale=raw")[0], (2, 2, 2), None, 1000)
+
+
+def test_the_edits_create_no_tensor_off_the_activations_device() -> None:
+    """The hot path of every edit (what runs inside the denoiser) under the device guard of test_devices."""
+    from test_devices import DeviceGuard
+
+    sae = _sae(d=4, n=16, k=2)
+    h = torch.randn(2, 6, 4)
+    edits = [AddEdit("x", Direction("d", vector=torch.ones(4)), Window(mask=torch.ones(6))),
+             EraseEdit("x", [Direction("d", vector=torch.ones(6, 4))]),
+             SAEEdit("x", sae, [1, 2], "scale", value=2.0), SAEEdit("x", sae, [3], "set"),
+             MeanEdit("x", Direction("m", by_t={7: torch.zeros(4)}))]
+    with DeviceGuard() as guard:
+        for edit in edits:
+            edit.apply(h, Context(step=0, t=7, alpha=1.0, scale=2.0))
+    assert guard.offences == []
