@@ -136,7 +136,8 @@ def removal(target, judge, out: Path, args) -> dict:
     latents = ",".join(map(str, chosen))
     edits = [f"sae-zero@{layer}={work / 'sae'}#{latents}"] + [
         f"sae-scale@{layer}={work / 'sae'}#{latents};value={v:g}" for v in args.removal_scales]
-    config = SteerConfig(prompts=prompts, edits=edits, seeds=list(range(args.seeds)), alphas=[0.0], steps=args.steps,
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    config = SteerConfig(prompts=prompts, edits=edits, seeds=seeds, alphas=[0.0], steps=args.steps,
                          guidance=args.guidance, batch_size=args.seeds, attributes=judge.attributes, save_images=False)
     run_steer(target, config, work / "steer", judge)
     reads = _readings(work / "steer")
@@ -228,6 +229,8 @@ def main() -> None:
     parser.add_argument("--directions", required=True, help="a `directions world` run directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, default=16)
+    parser.add_argument("--first-seed", type=int, default=0, help="removal: seeds first..first+seeds-1 (held out: "
+                        "a range not used when choosing the scale)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--branch", default="cond")
