@@ -207,21 +207,28 @@ def cost(target, args) -> dict:
         pipe(prompt=["a red square"] * args.cost_batch, num_inference_steps=args.steps, guidance_scale=args.guidance,
              generator=[torch.Generator().manual_seed(s) for s in range(args.cost_batch)], output_type="np")
 
-    plain, edited = [], []
+    from diffdissect.intervene.edits import SAEEdit
+    from diffdissect.sae.model import SAEConfig, TopKSAE
+
+    torch.manual_seed(0)
+    sae_edit = SAEEdit("mid_block", TopKSAE(SAEConfig(d_in=c, n_latents=8 * c, k=16)).eval(), [0, 1, 2, 3], "zero")
+    plain, edited, sae = [], [], []
     sample()
     for _ in range(args.cost_rounds):
         start = time.perf_counter()
         sample()
         plain.append(time.perf_counter() - start)
-        with Intervention(target, [edit], scales={"mid_block": 1.0}, alpha=1.0) as iv:
-            iv.samples = args.cost_batch
-            start = time.perf_counter()
-            sample()
-            edited.append(time.perf_counter() - start)
+        for edits, times in (([edit], edited), ([sae_edit], sae)):
+            with Intervention(target, edits, scales={"mid_block": 1.0}, alpha=1.0) as iv:
+                iv.samples = args.cost_batch
+                start = time.perf_counter()
+                sample()
+                times.append(time.perf_counter() - start)
     ratios = [e / p for e, p in zip(edited, plain)]
-    return {"plain_s": plain, "edited_s": edited, "ratio_median": float(np.median(ratios)),
-            "ratio_of_sums": sum(edited) / sum(plain), "batch": args.cost_batch, "rounds": args.cost_rounds,
-            "load": os.getloadavg()}
+    sae_ratios = [e / p for e, p in zip(sae, plain)]
+    return {"plain_s": plain, "edited_s": edited, "sae_s": sae, "ratio_median": float(np.median(ratios)),
+            "ratio_of_sums": sum(edited) / sum(plain), "sae_ratio_median": float(np.median(sae_ratios)),
+            "batch": args.cost_batch, "rounds": args.cost_rounds, "load": os.getloadavg()}
 
 
 def main() -> None:
@@ -294,8 +301,9 @@ def main() -> None:
             print("latent", c, row["latent"], round(row["auroc"], 3), {a: (round(r["flip"], 2), round(min(r["keep"].values()), 2))
                                                                    for a, r in row["by_alpha"].items()})
     if "cost" in results:
-        print("cost ratio (median, sum):", round(results["cost"]["ratio_median"], 3),
-              round(results["cost"]["ratio_of_sums"], 3), "load", results["cost"]["load"])
+        print("cost ratio add (median, sum):", round(results["cost"]["ratio_median"], 3),
+              round(results["cost"]["ratio_of_sums"], 3), "SAE edit (median):", round(results["cost"]["sae_ratio_median"], 3),
+              "load", results["cost"]["load"])
 
 
 if __name__ == "__main__":
