@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=16, help="top images per latent [16]")
     p.add_argument("--images", default=None, help="image folder of the capture (for thumbnails) [from the manifest]")
     p.add_argument("--out", default=None, help="output directory [the SAE directory]")
+    p.add_argument("--captioner", default=None, help="caption the held-out images (world, or a local transformers "
+                   "image-to-text directory) to label latents by words, when the store holds no captions")
     p.add_argument("--device", default="cpu", help="where the codes are computed: cpu, cuda, cuda:N, mps [cpu]")
     p.add_argument("--causal-model", default=None, help="causal columns: sample this pipeline ('world': the shapes "
                    "world's) with each top latent turned up and ablated, judged by --judge [off]")
@@ -152,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", nargs="+", default=None, help="descriptor families: NAME=word1,word2 ...")
     p.add_argument("--subjects", nargs="+", default=None, help="subject prompts whose defaults to measure")
     p.add_argument("--cluster-by", default=None, help="a template slot whose grouping the clustering is scored on")
-    p.add_argument("--cluster-remove", default=None, help="a --family whose directions are projected out first")
+    p.add_argument("--cluster-remove", nargs="+", default=[], metavar="FAMILY",
+                   help="--family names whose directions are projected out first (several: every nuisance family)")
+    p.add_argument("--cluster-pooling", choices=("none", "mean"), default="none",
+                   help="per-sample summary before a prompt's mean: none (the map) or mean (position-free)")
     p.set_defaults(func=cmd_directions_run)
     p = directions.add_parser("world", help="the analysis on the shapes world, checked against the planted defaults")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
@@ -566,8 +571,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
     probe_section(report, results)
     report.write(Path(args.out) / "report.html")
     for row in summary_rows(results):
-        print(f"{row['label']}: best {row['best_layer']} @ t={row['best_t']}: {row['best_accuracy']:.3f} "
-              f"[{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] (majority class {row['chance_majority']:.3f})")
+        print(f"{row['label']}: cell chosen on validation {row['best_layer']} @ t={row['best_t']}: test "
+              f"{row['best_accuracy']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] (majority class "
+              f"{row['chance_majority']:.3f}; max over cells of test accuracy {row['test_max_accuracy']:.3f}, "
+              "biased upwards)")
     print(f"results: {paths['csv']}, {paths['json']}; report: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -594,7 +601,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_features(args: argparse.Namespace) -> int:
-    from diffdissect.sae.report import write_feature_outputs
+    from diffdissect.sae.report import feature_summary_lines, write_feature_outputs
 
     causal = None
     if args.causal_model:
@@ -615,10 +622,41 @@ def cmd_sae_features(args: argparse.Namespace) -> int:
             table = causal_effects(_target(args), Path(args.sae), layer, latents, judge, config, out_dir)
             return {"config": {**vars(config), "judge": judge.name}, "latents": {str(j): v for j, v in table.items()}}
 
+    caption_fn = _held_out_captioner(args) if args.captioner else None
     paths = write_feature_outputs(args.sae, store=args.store, labels=args.labels, top_n=args.top,
-                                  images=args.images, out=args.out, device=args.device, causal=causal)
+                                  images=args.images, out=args.out, device=args.device, caption_fn=caption_fn,
+                                  causal=causal)
+    for line in feature_summary_lines(json.loads(paths["json"].read_text())):
+        print(line)
     print(f"features: {paths['json']}\nbrowser: {paths['browser']} (open it in a web browser; no server needed)")
     return 0
+
+
+def _held_out_captioner(args: argparse.Namespace):
+    """Captions of source images by index, from `--captioner` run on the capture's images."""
+    import numpy as np
+    from PIL import Image
+
+    from diffdissect.directions import load_captioner
+    from diffdissect.directions.captioners import caption_images
+    from diffdissect.sae.checkpoint import read_config
+    from diffdissect.sae.report import image_source_for
+
+    store = args.store or read_config(Path(args.sae))["slice"]["store"]
+    source = image_source_for(store, args.images)
+    if source is None:
+        raise DiffdissectError(f"--captioner needs the capture's images and the store {store} names none that can be "
+                               "read; pass the image folder with --images.")
+    captioner = _shapes_world(args).captioner() if args.captioner == "world" else load_captioner(args.captioner)
+
+    def caption(indices: list[int]) -> list[str | None]:
+        images = [source.load(i).image for i in indices]
+        pixels = [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im) for im in images]
+        if len({p.shape for p in pixels}) == 1:
+            return caption_images(captioner, np.stack(pixels)).captions
+        return [caption_images(captioner, p[None]).captions[0] for p in pixels]
+
+    return caption
 
 
 def cmd_directions_run(args: argparse.Namespace) -> int:
@@ -641,7 +679,8 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
     source = args.source or ("captions" if captioner else "prompts")
     config = DirectionsConfig(prompts=prompts, guidance_scale=args.guidance, text_source=source,
                               bias=[BiasSpec(name, words, list(args.subjects)) for name, words in families.items()],
-                              cluster_by=args.cluster_by, cluster_remove=args.cluster_remove, **_directions_options(args))
+                              cluster_by=args.cluster_by, cluster_remove=args.cluster_remove,
+                              cluster_pooling=args.cluster_pooling, **_directions_options(args))
     results = run_directions(_target(args), config, args.out, captioner, progress=not args.quiet)
     _print_directions(results, write_directions_report(results, args.out))
     return 0

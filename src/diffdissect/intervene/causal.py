@@ -38,9 +38,11 @@ class CausalConfig:
 
 
 def top_latents(features: dict[str, Any], top: int) -> list[int]:
-    """The latents that are some label value's best by AUROC, highest AUROC first, at most `top`."""
+    """The latents that are some label value's best by AUROC, highest AUROC first, at most `top`: the held-out
+    choice (chosen on half A, AUROC on half B) when the feature analysis made one, else the max over latents."""
+    chosen = features.get("heldout", {}).get("best_latent_per_value") or features.get("best_latent_per_value", {})
     best: dict[int, float] = {}
-    for values in features.get("best_latent_per_value", {}).values():
+    for values in chosen.values():
         for entry in values.values():
             best[entry["latent"]] = max(best.get(entry["latent"], 0.0), entry["auroc"])
     return sorted(best, key=lambda j: -best[j])[:top]
