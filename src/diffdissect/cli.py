@@ -15,6 +15,7 @@ from diffdissect.runtime import quiet_libraries, version
 def build_parser() -> argparse.ArgumentParser:
     from diffdissect.invert.train import InvertTrainConfig
     from diffdissect.options import add_config_arguments
+    from diffdissect.sae.attribution import AttributionConfig
 
     parser = argparse.ArgumentParser(prog="diffdissect", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory [the SAE directory]")
     p.add_argument("--captioner", default=None, help="caption the held-out images (world, or a local transformers "
                    "image-to-text directory) to label latents by words, when the store holds no captions")
+    add_config_arguments(p.add_argument_group("held-out attribution"), AttributionConfig, exclude=["mask_threshold"])
     p.add_argument("--device", default="cpu", help="where the codes are computed: cpu, cuda, cuda:N, mps [cpu]")
     p.add_argument("--causal-model", default=None, help="causal columns: sample this pipeline ('world': the shapes "
                    "world's) with each top latent turned up and ablated, judged by --judge [off]")
@@ -612,6 +614,8 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_features(args: argparse.Namespace) -> int:
+    from diffdissect.options import config_from_args
+    from diffdissect.sae.attribution import AttributionConfig
     from diffdissect.sae.report import feature_summary_lines, write_feature_outputs
 
     causal = None
@@ -636,7 +640,7 @@ def cmd_sae_features(args: argparse.Namespace) -> int:
     caption_fn = _held_out_captioner(args) if args.captioner else None
     paths = write_feature_outputs(args.sae, store=args.store, labels=args.labels, top_n=args.top,
                                   images=args.images, out=args.out, device=args.device, caption_fn=caption_fn,
-                                  causal=causal)
+                                  attribution=config_from_args(AttributionConfig, args), causal=causal)
     for line in feature_summary_lines(json.loads(paths["json"].read_text())):
         print(line)
     print(f"features: {paths['json']}\nbrowser: {paths['browser']} (open it in a web browser; no server needed)")
