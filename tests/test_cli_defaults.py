@@ -116,7 +116,7 @@ def test_a_field_without_a_docstring_is_refused():
 
 
 # ---- one meaning per flag name across commands --------------------------------------------------------------------
-SAMPLING_COMMANDS = {"capture", "invert sample", "invert eval", "toy eval", "directions run", "directions world"}
+SAMPLING_COMMANDS = {"capture", "invert sample", "invert eval", "toy eval", "directions run", "directions world", "steer"}
 
 
 def _every_option():

@@ -89,6 +89,7 @@ def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dic
                         "words": [{"word": w["word"], "enrichment": w["enrichment"], "q": float(f"{w['q']:.3g}"),
                                    "in_top": w["in_top"], "top": w["top"]} for w in latent.get("words", [])],
                         "iou": round(latent["iou"], 4) if "iou" in latent else None,
+                        "causal": _causal_cells(results.get("causal", {}).get("latents", {}).get(str(j))),
                         "top": shown})
     return {"title": f"SAE features: {results['slice']['layer']} @ t={results['slice']['t']}",
             "summary": {"n_latents": results["config"]["n_latents"], "k": results["config"]["k"],
@@ -99,6 +100,17 @@ def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dic
                         "per_location_values": results.get("per_location", {}).get("heldout"),
                         "values_total": results["values_total"]},
             "labels": results["labels"], "latents": entries}
+
+
+def _causal_cells(entry: dict[str, Any] | None) -> dict[str, str] | None:
+    """'colour->red 0.81' per edit: the attribute whose readings changed most, where to, and how often."""
+    if not entry:
+        return None
+    out = {}
+    for kind in ("up", "ablate"):
+        best = max(entry[kind].items(), key=lambda kv: kv[1]["to_rate"] or 0.0)
+        out[kind] = f"{best[0]}->{best[1]['to']} {best[1]['to_rate']:.2f}" if best[1]["to"] else "no change"
+    return out
 
 
 def write_browser(path: str | Path, data: dict[str, Any]) -> Path:
@@ -152,6 +164,8 @@ const columns = [
   ["auroc_of", "AUROC of", l => l.best_auroc ? l.best_auroc.label + "=" + l.best_auroc.value : ""],
   ["words", "caption words (BH q)", l => (l.words || []).map(w => w.word).join(" ")],
   ["iou", "IoU with object", l => l.iou ?? null],
+  ["up", "turned up (causal)", l => l.causal ? l.causal.up : ""],
+  ["ablate", "ablated (causal)", l => l.causal ? l.causal.ablate : ""],
 ];
 let sortKey = "frequency", sortDir = -1, selected = null;
 const s = DATA.summary, m = s.metrics || {};

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,15 @@ def image_source_for(store: str | Path, images: str | None = None):
 def write_feature_outputs(sae_dir: str | Path, *, store: str | Path | None = None, labels=None, top_n: int = 16,
                           images: str | None = None, image_source=None, out: str | Path | None = None,
                           device: str = "cpu", masks: np.ndarray | None = None, caption_fn=None,
-                          attribution: AttributionConfig | None = None) -> dict[str, Path]:
+                          attribution: AttributionConfig | None = None,
+                          causal: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Path]:
+    """features.json and browser.html. `causal(results)` (from intervene, which sits above sae) adds the
+    causal columns: {"config": ..., "latents": {latent: {"up": ..., "ablate": ...}}}."""
     results, acts, held = analyse_features(sae_dir, store=store, label_columns=labels,
                                            config=FeaturesConfig(top_n=top_n, device=device), masks=masks,
                                            attribution=attribution, caption_fn=caption_fn)
+    if causal is not None:
+        results["causal"] = causal(results)
     out = Path(out or sae_dir)
     out.mkdir(parents=True, exist_ok=True)
     source = image_source if image_source is not None else image_source_for(store or results["slice"]["store"], images)
