@@ -5,8 +5,9 @@ A source is `KIND:PATH[#SELECTOR]`:
     directions:RUN#red         a word direction of a `directions run` (its directions/<layer>.safetensors),
                                one per sampled t; `#red@t=981` pins the direction of one step, `#red@pool`
                                averages the map over locations (one vector added at every location)
-    probe:DIR#colour=red       a linear probe's class weights (DIR/probe_weights.safetensors, key
-                               `<label>/<layer>/t=<t>`, rows = classes in probe_weights.json); `@t=N` picks t
+    probe:DIR#colour=red       a linear probe's class weights, as `diffdissect probe` writes them
+                               (DIR/probe_weights.safetensors, key `<label>/<layer>/t=<t>`, one row per class
+                               in probe_weights.json): the class's row minus the mean row; `@t=N` picks t
     sae:DIR#12                 decoder row 12 of an SAE (diffdissect, sparsify or SAELens layout)
     file:PATH[#key]            a plain vector in a .npy or .safetensors file (bare paths ending so work too)
     random:SEED[#map]          a seeded Gaussian direction (the control); `#map` spans the whole layer map
@@ -202,8 +203,9 @@ def _probe_direction(text: str, run: Path, selector: str | None, layer: str, sha
     for cell in cells:
         if value not in cell["classes"]:
             raise SpecError(f"{text}: {value!r} is not a class of probe {label!r}; classes: {cell['classes']}.")
-        by_t[int(cell["t"])] = fit_to_layer(text, tensors[cell["key"]][cell["classes"].index(value)].float(),
-                                            layer, shape)
+        rows = tensors[cell["key"]].float()
+        direction = rows[cell["classes"].index(value)] - rows.mean(0)     # softmax ignores a shift shared by all
+        by_t[int(cell["t"])] = fit_to_layer(text, direction, layer, shape)
     if pinned is not None:
         if pinned not in by_t:
             raise SpecError(f"{text}: no probe at t={pinned}; probed steps: {sorted(by_t)}.")
