@@ -161,8 +161,13 @@ def test_features_report_heldout_choice_null_places_and_words(tmp_path, capsys):
     assert "selection" in results["attribution"] and results["words"]["tests"] > 0
     from diffdissect.cli import main
 
-    assert main(["sae", "features", str(tmp_path / "sae"), "--top", "8", "--out", str(tmp_path / "feats")]) == 0
+    assert main(["sae", "features", str(tmp_path / "sae"), "--top", "8", "--out", str(tmp_path / "feats"),
+                 "--permutations", "20", "--split-seed", "3", "--word-top-n", "10"]) == 0
     printed = capsys.readouterr().out
+    import json
+
+    written = json.loads((tmp_path / "feats" / "features.json").read_text())["attribution"]
+    assert (written["permutations"], written["split_seed"], written["word_top_n"]) == (20, 3, 10)
     assert "chosen on half A of the held-out images, scored on half B" in printed and "per location" not in printed
     assert "caption words:" in printed and "q " in printed
 
@@ -205,3 +210,19 @@ def test_a_captioner_labels_latents_of_a_store_without_captions(tmp_path, capsys
     assert labelled == {"red", "blue"}
     assert main(["sae", "features", str(tmp_path / "sae"), "--captioner", "world"]) == 2
     assert "--captioner needs the capture's images" in capsys.readouterr().err
+
+
+def test_sae_features_flags_come_from_the_attribution_config():
+    from dataclasses import fields
+
+    from diffdissect.cli import build_parser
+    from diffdissect.sae.attribution import AttributionConfig
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices["sae"]
+    features = next(a for a in sub._actions if a.__class__.__name__ == "_SubParsersAction").choices["features"]
+    flags = {a.dest: a.default for a in features._actions}
+    config = AttributionConfig()
+    for f in fields(AttributionConfig):
+        if f.name != "mask_threshold":
+            assert flags[f.name] == getattr(config, f.name), f.name

@@ -15,6 +15,7 @@ from diffdissect.runtime import quiet_libraries, version
 def build_parser() -> argparse.ArgumentParser:
     from diffdissect.invert.train import InvertTrainConfig
     from diffdissect.options import add_config_arguments
+    from diffdissect.sae.attribution import AttributionConfig
 
     parser = argparse.ArgumentParser(prog="diffdissect", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -40,10 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--caption-column", default=None, help="caption column (CSV: [caption])")
     src.add_argument("--prompts", nargs="+", help="trajectory mode: sample these prompts (DiT: class ids/names)")
     src.add_argument("--prompt-file", help="trajectory mode: one prompt per line")
-    p.add_argument("--layers", nargs="+", required=True, help="module paths, e.g. mid_block up_blocks.1")
+    p.add_argument("--layers", nargs="+", required=True,
+                   help="module paths, e.g. mid_block up_blocks.1; suffix @input, @update (output - input), "
+                   "@text (a joint block's text stream)")
     p.add_argument("--timesteps", nargs="+", type=int, default=[100],
                    help="training-schedule indices in [0, T), larger = noisier [100]")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="noise seeds per input [0]")
+    p.add_argument("--sigmas", nargs="+", type=float, default=None,
+                   help="flow-matching models: noise levels as sigma in (0, 1] instead of --timesteps")
+    p.add_argument("--guidance-embedding", type=float, default=None,
+                   help="guidance-distilled FLUX (dev): the guidance embedding's value [the pipeline's, 3.5]")
     p.add_argument("--prompt", default=None, help="fixed prompt for every image (default: empty prompt)")
     p.add_argument("--use-captions", action="store_true", help="condition each image on its caption")
     p.add_argument("--class-label", type=int, default=None, help="class-conditional: fixed class id")
@@ -129,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory [the SAE directory]")
     p.add_argument("--captioner", default=None, help="caption the held-out images (world, or a local transformers "
                    "image-to-text directory) to label latents by words, when the store holds no captions")
+    add_config_arguments(p.add_argument_group("held-out attribution"), AttributionConfig, exclude=["mask_threshold"])
     p.add_argument("--device", default="cpu", help="where the codes are computed: cpu, cuda, cuda:N, mps [cpu]")
     p.add_argument("--causal-model", default=None, help="causal columns: sample this pipeline ('world': the shapes "
                    "world's) with each top latent turned up and ablated, judged by --judge [off]")
@@ -296,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_distributed)
     p = bench_commands.add_parser("capture", help="capture overhead and memory")
     p.add_argument("--sd15", action="store_true", help="also run the full-size SD-1.5 UNet (slow on CPU)")
+    p.add_argument("--families", nargs="+", choices=["sdxl", "flux"], default=None,
+                   help="also run SDXL- / FLUX-architecture models at real widths (slow on CPU)")
+    p.add_argument("--only-families", action="store_true", help="skip the tiny model and the memory figure")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_capture)
@@ -481,7 +492,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
         spec = CaptureSpec(timesteps=args.timesteps, prompt=args.prompt, use_captions=args.use_captions,
                            class_label=args.class_label, labels_as_classes=args.labels_as_classes,
                            shard_size=args.shard_size, shard_mb=args.shard_mb, limit=args.limit,
-                           early_exit=not args.no_early_exit, **common)
+                           early_exit=not args.no_early_exit, sigmas=args.sigmas,
+                           guidance_embedding=args.guidance_embedding, **common)
         manifest = capture(target, _source(args), spec, args.out, progress=not args.quiet, dist=dist)
     if dist.is_main:
         skipped = len(manifest.skipped)
@@ -523,9 +535,10 @@ def cmd_store_info(args: argparse.Namespace) -> int:
     print(f"model       {model.get('source')} ({model.get('class', '-')}, fingerprint {model.get('weights_fingerprint', '-')})")
     print(f"rows        {info['rows']} in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB, dtype {info['dtype']}")
     print(f"skipped     {info['skipped']} unreadable inputs")
-    print("timesteps   t (larger = noisier) | alpha_bar | noise std")
+    print("timesteps   t (larger = noisier) | alpha_bar / sigma | noise std | denoiser t")
     for e in info["timesteps"]:
-        print(f"            {e['t']:>5} | {_maybe(e.get('alpha_bar'))} | {_maybe(e.get('noise_std'))}")
+        level = _maybe(e.get("alpha_bar")) if e.get("sigma") is None else f"sigma {e['sigma']:.4f}"
+        print(f"            {e['t']:>5} | {level} | {_maybe(e.get('noise_std'))} | {_maybe(e.get('denoiser_t'))}")
     print("layers")
     for layer, meta in info["layers"].items():
         print(f"            {layer}: {'x'.join(map(str, meta['shape']))}")
@@ -602,6 +615,8 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_features(args: argparse.Namespace) -> int:
+    from diffdissect.options import config_from_args
+    from diffdissect.sae.attribution import AttributionConfig
     from diffdissect.sae.report import feature_summary_lines, write_feature_outputs
 
     causal = None
@@ -626,7 +641,7 @@ def cmd_sae_features(args: argparse.Namespace) -> int:
     caption_fn = _held_out_captioner(args) if args.captioner else None
     paths = write_feature_outputs(args.sae, store=args.store, labels=args.labels, top_n=args.top,
                                   images=args.images, out=args.out, device=args.device, caption_fn=caption_fn,
-                                  causal=causal)
+                                  attribution=config_from_args(AttributionConfig, args), causal=causal)
     for line in feature_summary_lines(json.loads(paths["json"].read_text())):
         print(line)
     print(f"features: {paths['json']}\nbrowser: {paths['browser']} (open it in a web browser; no server needed)")
@@ -958,7 +973,8 @@ def cmd_bench_datapath(args: argparse.Namespace) -> int:
 def cmd_bench_capture(args: argparse.Namespace) -> int:
     from diffdissect.bench.capture import run_capture_benchmark
 
-    results = run_capture_benchmark(sd15=args.sd15, repeats=args.repeats)
+    results = run_capture_benchmark(sd15=args.sd15, repeats=args.repeats, families=args.families,
+                                    tiny=not args.only_families, memory=not args.only_families)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -72,9 +72,12 @@ class DirectionsConfig:
     min_count: int = 2
     bias: list[BiasSpec] = field(default_factory=list)
     cluster_by: str | None = None             # a slot of the templates, e.g. "shape"
-    cluster_remove: list[str] = field(default_factory=list)  # bias families whose directions are projected out first
-    cluster_pooling: str = "none"             # per-sample summary before the prompt mean: none (the map) or mean
-    cross_fit: bool = True                    # bias scored on directions from the other seed half (else in-sample)
+    cluster_remove: list[str] = field(default_factory=list)
+    """bias families whose directions are all projected out before clustering (e.g. colour and size)"""
+    cluster_pooling: str = "none"
+    """each sample's summary before the prompt mean: none (the flattened map) or mean (over positions)"""
+    cross_fit: bool = True
+    """score bias on directions estimated on the other half of the seeds (else in-sample, the old statistic)"""
     headline_step: str | int = "last"         # "last" (the cleanest latent) or a timestep t
     resamples: int = 2000
     permutations: int = 2000
@@ -218,7 +221,8 @@ def _sample(target: Target, config: DirectionsConfig, out: Path, progress: bool)
     sampled = manifest.rows - committed_before
     steps = len(manifest.timesteps)
     # the first pipeline call samples one prompt to learn the schedule and shapes (stored nowhere)
-    guided = 2 if config.guidance_scale > 1 and target.kind == "sd" else 1
+    halves = target.kind == "sd" or (target.family is not None and target.family.cfg_halves())
+    guided = 2 if config.guidance_scale > 1 and halves else 1
     probe = (steps + manifest.notes.get("dropped_duplicate_calls", 0)) * guided
     # accumulated over resumed runs, so the figure covers every trajectory in the store
     ledger_path = out.parent / "cost.json"

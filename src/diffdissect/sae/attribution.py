@@ -45,7 +45,7 @@ class AttributionConfig:
     """label permutations for the null of the max over latents and for the chosen latent's p-value"""
     auroc_target: float = 0.95
     """a factor value counts as covered when its held-out AUROC reaches this"""
-    top_n: int = 16
+    word_top_n: int = 16
     """top-activating images per latent whose caption words are tested for enrichment"""
     fdr: float = 0.05
     """Benjamini-Hochberg level below which a caption word labels a latent"""

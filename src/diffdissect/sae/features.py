@@ -301,7 +301,7 @@ def _attribution(acts: ImageActivations, labels: dict[str, np.ndarray], held: li
     captions = [r.get("caption") for r in held] if captions is None else list(captions)
     if any(isinstance(c, str) and c for c in captions):
         words = word_enrichment(acts.values, [c if isinstance(c, str) else None for c in captions],
-                                top_n=config.top_n, fdr=config.fdr, max_words=config.max_words)
+                                top_n=config.word_top_n, fdr=config.fdr, max_words=config.max_words)
         for entry, found in zip(latents, words["latents"]):
             entry["words"] = found
         out["words"] = {k: v for k, v in words.items() if k not in ("latents", "vocabulary")}
