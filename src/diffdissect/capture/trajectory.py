@@ -24,7 +24,10 @@ from diffdissect.models.layers import resolve_layers
 from diffdissect.models.target import Target
 from diffdissect.store.atomic import atomic_write_bytes
 from diffdissect.store.manifest import IMAGES_DIR, Manifest, slice_key, spec_digest
-from diffdissect.store.writer import StoreWriter
+from diffdissect.store.writer import StoreWriter, check_store_directory
+from diffdissect.capture.engine import record_truncations, recorded_model
+from diffdissect.lock import DirectoryLock
+from diffdissect.models.identity import comparable
 
 
 def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, *, progress: bool = True) -> Manifest:
@@ -37,16 +40,26 @@ def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, 
         target.pipeline.set_progress_bar_config(disable=True)      # one bar for the whole capture
     conditions = [_condition(target, p) for p in spec.prompts]
     pairs = [(i, seed) for i in range(len(spec.prompts)) for seed in spec.seeds]
+    if target.takes_text and target.tokenizer is not None:
+        target.note_truncation(list(spec.prompts))
     probe = _sample(target, spec, layers, [conditions[0]], [spec.seeds[0]], steps_only=True)
     schedule = probe["timesteps"]
-    identity = target.identity()
-    spec_json = {"trajectory": spec.data_fields(), "model": identity}
-    manifest = Manifest(mode="trajectory", spec=spec_json, spec_hash=spec_digest(spec_json), model=identity,
-                        timesteps=timestep_table(target.scheduler, schedule),
-                        layers={l: {"shape": list(probe["shapes"][l]), "dtype": spec.dtype} for l in layers},
-                        dtype=spec.dtype)
-    writer = StoreWriter.open(out, manifest)
-    images_dir = Path(out) / IMAGES_DIR
+    check_store_directory(out)
+    with DirectoryLock(out, "capture (trajectories)"):
+        identity = target.identity(known=recorded_model(out))
+        spec_json = {"trajectory": spec.data_fields(), "model": comparable(identity)}
+        manifest = Manifest(mode="trajectory", spec=spec_json, spec_hash=spec_digest(spec_json), model=identity,
+                            timesteps=timestep_table(target.scheduler, schedule),
+                            layers={l: {"shape": list(probe["shapes"][l]), "dtype": spec.dtype} for l in layers},
+                            dtype=spec.dtype, locations={"model": identity.get("source")})
+        writer = StoreWriter.open(out, manifest)
+        return _sample_all(target, spec, layers, conditions, pairs, probe, writer, Path(out), progress)
+
+
+def _sample_all(target: Target, spec: TrajectorySpec, layers: list[str], conditions: list[Any],
+                pairs: list[tuple[int, int]], probe: dict[str, Any], writer: StoreWriter, out: Path,
+                progress: bool) -> Manifest:
+    images_dir = out / IMAGES_DIR
     images_dir.mkdir(exist_ok=True)
     with tqdm(total=len(pairs), unit="sample", desc="trajectories", disable=not progress) as bar:
         for chunk, start in enumerate(range(0, len(pairs), spec.shard_size)):
@@ -69,6 +82,7 @@ def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, 
                                    (start, start + len(part)), [])
             bar.update(len(part))
     writer.manifest.notes["dropped_duplicate_calls"] = probe["dropped"]
+    record_truncations(target, writer)
     return writer.finalize(len(pairs))
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from diffdissect.errors import SpecError
+from diffdissect.models.identity import config_digest, content_digest, file_stats, scheduler_identity
 
 TargetKind = Literal["sd", "dit", "unet2d", "unet2d_condition", "transformer2d", "module"]
 
@@ -38,7 +38,10 @@ class Target:
     null_class: int | None = None            # class id meaning "unconditional" (DiT), if any
     id2label: dict[int, str] = field(default_factory=dict)
     random_init_seed: int | None = None      # set when the denoiser was re-initialised (control)
+    model_dir: str | None = None             # the directory it was loaded from (its files key the digest cache)
     _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _identity_memo: dict[str, Any] = field(default_factory=dict, repr=False)
+    truncated_prompts: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
 
     # ---- properties --------------------------------------------------------------------------
     @property
@@ -117,12 +120,22 @@ class Target:
                     # bare conditional UNet: the 'empty' context is a single zero token
                     self._prompt_cache[p] = torch.zeros(1, dim, device=self.device, dtype=self.dtype)
             else:
+                self.note_truncation(missing)
                 ids = self.tokenizer(missing, padding="max_length", truncation=True,
                                      max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
                 hidden = self.text_encoder(ids.to(self.device))[0].to(self.dtype)
                 for p, h in zip(missing, hidden):
                     self._prompt_cache[p] = h
         return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def note_truncation(self, prompts: list[str]) -> None:
+        """Record prompts longer than the tokenizer's limit: the encoder sees only their first tokens."""
+        limit = int(self.tokenizer.model_max_length)
+        for prompt in prompts:
+            ids = self.tokenizer(prompt, truncation=False).input_ids
+            if len(ids) > limit:
+                dropped = self.tokenizer.decode(ids[limit - 1:], skip_special_tokens=True)
+                self.truncated_prompts[prompt] = {"tokens": len(ids), "kept": limit, "dropped_text": dropped}
 
     def conditioning(self, prompts: list[str] | None, class_labels: list[int] | None, batch: int) -> dict[str, Any]:
         """Keyword arguments for the denoiser for one batch."""
@@ -148,28 +161,68 @@ class Target:
         return self.denoiser(*args, **kwargs)
 
     # ---- identity ----------------------------------------------------------------------------
-    def identity(self) -> dict[str, Any]:
-        """What the manifest records about the model: enough to refuse mixing two models' data."""
-        cfg = getattr(self.denoiser, "config", None)
-        config = dict(cfg) if cfg is not None else {"repr": repr(self.denoiser)[:2000]}
-        config_json = json.dumps(config, sort_keys=True, default=str)
+    def identity(self, known: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What the manifest records about the model: enough to refuse mixing two models' data.
+
+        `content_sha256` covers the full content of the denoiser, VAE, text encoder(s), tokenizer(s) and scheduler
+        config (see :mod:`diffdissect.models.identity`); `source` and `files` say where it was loaded from and are
+        never compared. `known`: an identity recorded earlier (a store's manifest); when the model directory's
+        files still have the sizes and mtimes it lists, its digest is reused instead of rehashing the weights.
+        Within one process the digest is memoised per component object: changing weights in place afterwards is
+        not seen (load the model again).
+        """
+        dtype = str(self.dtype).split(".")[-1]
+        files = file_stats(self.model_dir)
+        modules, tokenizers = self._components()
+        key = repr(([id(m) for _, m in modules], self.random_init_seed, dtype))
+        if self._identity_memo.get("key") == key:
+            content = self._identity_memo["content"]
+        elif (known and files and known.get("files") == files and known.get("dtype") == dtype
+              and known.get("random_init_seed") == self.random_init_seed and known.get("content_sha256")):
+            content = known["content_sha256"]
+        else:
+            content = content_digest(modules, tokenizers, self.scheduler)
+        self._identity_memo.update(key=key, content=content)
         return {
             "source": self.source,
+            "files": files,
             "kind": self.kind,
             "class": type(self.denoiser).__name__,
-            "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],
+            "content_sha256": content,
+            "config_sha256": config_digest(getattr(self.denoiser, "config", None)
+                                           or {"repr": repr(self.denoiser)[:2000]}),
             "weights_fingerprint": weights_fingerprint(self.denoiser),
             "num_parameters": sum(p.numel() for p in self.denoiser.parameters()),
             "scheduler": type(self.scheduler).__name__,
+            "scheduler_config_sha256": scheduler_identity(self.scheduler)["config_sha256"],
             "num_train_timesteps": self.num_train_timesteps,
             "resolution": self.resolution,
             "latent": self.is_latent,
+            "dtype": dtype,
             "random_init_seed": self.random_init_seed,
         }
 
+    def _components(self) -> tuple[list[tuple[str, nn.Module | None]], list[Any]]:
+        """Every module and tokenizer that shapes stored numbers, in a fixed order."""
+        modules: list[tuple[str, nn.Module | None]] = [("denoiser", self.denoiser), ("vae", self.vae),
+                                                        ("text_encoder", self.text_encoder)]
+        tokenizers = [self.tokenizer]
+        seen = {id(m) for _, m in modules if m is not None}
+        components = getattr(self.pipeline, "components", None) or {}
+        for name, part in sorted(components.items()):
+            if isinstance(part, nn.Module) and id(part) not in seen and name not in ("unet", "transformer"):
+                modules.append((name, part))
+                seen.add(id(part))
+            elif name.startswith("tokenizer") and part is not None and part is not self.tokenizer:
+                tokenizers.append(part)
+        return modules, tokenizers
+
 
 def weights_fingerprint(module: nn.Module, per_tensor: int = 64) -> str:
-    """A cheap digest of the weights: names, shapes and the first values of every tensor."""
+    """A cheap digest of the weights: names, shapes and the first values of every tensor.
+
+    Kept for compatibility (inverters trained before store format 2 record it); it is never the identity
+    of a model: see `content_sha256`."""
     h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         h.update(name.encode())

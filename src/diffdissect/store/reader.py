@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 
 from diffdissect.errors import StoreError
-from diffdissect.store.manifest import SHARDS_DIR, Manifest, ShardRecord, slice_key
+from diffdissect.store.integrity import check_block, check_checksum, check_rows, shard_path
+from diffdissect.store.manifest import Manifest, ShardRecord, slice_key
 
 ArrayFormat = Literal["numpy", "torch"]
 
@@ -27,6 +28,8 @@ class StoreReader:
     def __init__(self, directory: Path, manifest: Manifest | None = None):
         self.directory = Path(directory)
         self.manifest = manifest or Manifest.load(self.directory)
+        for shard in self.manifest.shards:          # names and counts on open; checksums when a shard is first read
+            shard_path(self.directory, shard.name)
 
     # ---- description -------------------------------------------------------------------------
     @property
@@ -54,9 +57,16 @@ class StoreReader:
     def _rows(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for shard in self.manifest.shards:
-            with safe_open(self._path(shard), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            for r in json.loads(meta.get("rows", "[]")):
+            path = self._checked(shard)
+            try:
+                with safe_open(path, framework="pt") as fh:
+                    meta = fh.metadata() or {}
+                rows = json.loads(meta.get("rows", "[]"))
+            except Exception as exc:   # safetensors raises its own error types for corrupt headers
+                raise StoreError(f"shard {shard.name} could not be read ({exc}); run the same capture again to "
+                                 "rewrite it.") from exc
+            check_rows(rows, shard)
+            for r in rows:
                 out.append({"row": len(out), **r, "shard": shard.name})
         return out
 
@@ -121,18 +131,23 @@ class StoreReader:
             offset += shard.rows
 
     def _path(self, shard: ShardRecord) -> Path:
-        return self.directory / SHARDS_DIR / shard.name
+        return shard_path(self.directory, shard.name)
+
+    def _checked(self, shard: ShardRecord) -> Path:
+        """The shard's path once its size and checksum match the manifest (hashed once per file version)."""
+        path = self._path(shard)
+        check_checksum(path, shard)
+        return path
 
     def _read(self, shard: ShardRecord, key: str) -> torch.Tensor:
-        path = self._path(shard)
-        if not path.is_file():
-            raise StoreError(f"shard {shard.name} is listed in the manifest but missing from {path.parent}; "
-                             "run `diffdissect store verify` on the store.")
+        path = self._checked(shard)
         try:
             with safe_open(path, framework="pt") as fh:
-                return fh.get_tensor(key)
+                block = fh.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise StoreError(f"shard {shard.name} could not be read ({exc}); run `diffdissect store verify`.") from exc
+        check_block(block, shard, key)
+        return block
 
     @staticmethod
     def _emit(batch: torch.Tensor, ids: np.ndarray | None, format: ArrayFormat, with_rows: bool,
