@@ -114,7 +114,10 @@ def load_inverter(directory: str | Path, *, pipeline_identity: dict[str, Any] | 
         trained = config["pipeline"]
         # the weights fingerprint (names, shapes, values), not the config digest: a config records the
         # directory it was loaded from, so the same pipeline moved or cloned elsewhere digests differently
-        for key in ("weights_fingerprint", "num_parameters"):
+        keys = ["weights_fingerprint", "num_parameters"]
+        if trained.get("content_sha256") and pipeline_identity.get("content_sha256"):
+            keys.append("content_sha256")           # the full content (inverters trained since store format 2)
+        for key in keys:
             if trained.get(key) != pipeline_identity.get(key):
                 raise DiffdissectError(
                     f"the inverter at {directory} was trained on another diffusion pipeline ({trained.get('source')}, "

@@ -8,6 +8,7 @@ linear decay over the last fifth of training.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -20,7 +21,9 @@ from tqdm.auto import tqdm
 from diffdissect.errors import DiffdissectError, SpecError, StoreError
 from diffdissect.distributed import SINGLE, Dist
 from diffdissect.optim_state import optimizer_tensors, restore_optimizer
-from diffdissect.sae.checkpoint import load_sae, load_state, read_config, save_checkpoint
+from diffdissect.lock import DirectoryLock
+from diffdissect.paths import safe_name
+from diffdissect.sae.checkpoint import has_checkpoint, is_legacy, load_sae, load_state, read_config, save_checkpoint
 from diffdissect.sae.data import SliceData
 from diffdissect.sae.metrics import evaluate
 from diffdissect.sae.model import SAEConfig, TopKSAE
@@ -78,8 +81,13 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
     Distributed (`dist` from torchrun/accelerate): data parallel. Each rank trains on its own images
     (a disjoint share of the store) with batch_size / world tokens per step; gradients are averaged
     across ranks (all-reduce), dead-latent counters and the BatchTopK threshold are combined, so all
-    ranks hold the same weights. Rank 0 writes the checkpoints."""
+    ranks hold the same weights. Rank 0 writes the checkpoints; it holds `out`'s write lock while it trains."""
     out = Path(out)
+    with DirectoryLock(out, "sae train") if dist.is_main else contextlib.nullcontext():
+        return _train_sae(store, config, out, progress, dist)
+
+
+def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool, dist: Dist) -> dict[str, Any]:
     reader = open_store(store)
     if config.layer not in reader.layers or config.t not in reader.timesteps:
         raise StoreError(f"the store has no slice {config.layer} @ t={config.t}; stored layers: {reader.layers}, "
@@ -100,8 +108,9 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
     steps = config.steps or max(1, math.ceil((config.epochs or 10) * train_tokens / batch_size))
     dead_window = config.dead_window or min(10_000_000, train_tokens)
     lr = config.lr or 2e-4 / math.sqrt(sae_cfg.n_latents / 2 ** 14)
-    info = {"name": config.run_name(), "sae": sae_cfg.to_json(), "train": asdict(config), "slice": {"store": str(store), "layer": config.layer, "t": config.t,
-                                                "d_in": data.d_in, "train_tokens": train_tokens},
+    info = {"name": config.run_name(), "sae": sae_cfg.to_json(), "train": asdict(config),
+            "slice": {"store": str(store), "store_identity": reader.manifest.content_identity(), "layer": config.layer,
+                      "t": config.t, "d_in": data.d_in, "train_tokens": train_tokens},
             "resolved": {"steps": steps, "batch_size": batch_size, "lr": lr, "dead_window": dead_window}}
 
     if dist.enabled:
@@ -171,10 +180,10 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
 def train_saes(store: str | Path, configs: list[TrainConfig], out: str | Path, *, progress: bool = True,
                dist: Dist = SINGLE) -> list[dict]:
     """A sweep: each config trains into out/<run name>."""
-    names = [c.run_name() for c in configs]
+    names = [safe_name(c.run_name()) for c in configs]
     if len(set(names)) != len(names):
         raise SpecError(f"two runs of the sweep share a name: {names}")
-    return [train_sae(store, c, Path(out) / c.run_name(), progress=progress, dist=dist) for c in configs]
+    return [train_sae(store, c, Path(out) / name, progress=progress, dist=dist) for c, name in zip(configs, names)]
 
 
 # ---- internals --------------------------------------------------------------------------------------
@@ -224,12 +233,24 @@ def _update_threshold(sae: TopKSAE, codes) -> None:
 
 
 def _start_or_resume(out: Path, config: TrainConfig, sae_cfg: SAEConfig, info: dict, data: SliceData):
-    if (out / "config.json").is_file():
+    if has_checkpoint(out):
         saved = read_config(out)
         differ = [k for k in asdict(config) if saved.get("train", {}).get(k) != asdict(config)[k]]
         if differ or saved.get("sae") != sae_cfg.to_json():
             raise SpecError(f"{out} holds an SAE trained with other settings ({', '.join(differ) or 'sae'} differ); "
                             "use another --out or delete it to start over")
+        old, new = saved.get("slice", {}), info["slice"]
+        differ = [f"slice.{k}" for k in ("store_identity", "layer", "t", "d_in", "train_tokens") if old.get(k) != new[k]]
+        differ += [f"slice.store_identity.{k}" for k in new["store_identity"]
+                   if (old.get("store_identity") or {}).get(k) != new["store_identity"][k]]
+        if differ:
+            raise SpecError(f"{out} holds an SAE trained on another store ({old.get('store')}; differs in: "
+                            f"{', '.join(differ)}). Refusing to report or continue it as this store's: use another "
+                            "--out, or delete it to start over.")
+        if is_legacy(out) and "metrics" not in saved:
+            raise SpecError(f"{out} holds an unfinished SAE written by an older diffdissect, whose weights, optimiser "
+                            "state and config were separate files that an interruption could leave at different steps; "
+                            "it cannot be resumed safely. Delete it or use another --out.")
         sae, _ = load_sae(out, d_in=data.d_in)
         state = dict(load_state(out))
         state["_info"] = saved
@@ -258,6 +279,6 @@ def _checkpoint(out: Path, sae: TopKSAE, optimiser: torch.optim.Optimizer, since
 
 
 def _stop(out: Path, step: int, why: str) -> None:
-    kept = read_config(out).get("step") if (out / "config.json").is_file() else None
+    kept = read_config(out).get("step") if has_checkpoint(out) else None
     where = f"the last good checkpoint (step {kept}) is kept in {out}" if kept is not None else "no checkpoint was written yet"
     raise NonFiniteTrainingError(f"training stopped at step {step}: {why}; {where}")

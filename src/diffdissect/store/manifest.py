@@ -128,6 +128,11 @@ class Manifest:
         except (json.JSONDecodeError, TypeError) as exc:
             raise StoreError(f"{path} is unreadable ({exc}); the store is corrupt.") from exc
 
+    def content_identity(self) -> dict[str, Any]:
+        """What this store holds, independent of where it lives: an analysis run records it to refuse another store."""
+        shards = hashlib.sha256("".join(f"{s.name}:{s.sha256};" for s in self.shards).encode()).hexdigest()[:16]
+        return {"spec_hash": self.spec_hash, "rows": self.rows, "shards_sha256": shards}
+
     def timestep_entry(self, t: int) -> dict[str, Any]:
         for entry in self.timesteps:
             if int(entry["t"]) == int(t):
