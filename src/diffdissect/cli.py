@@ -278,7 +278,7 @@ def _directions_args(p: argparse.ArgumentParser, world: bool = False) -> None:
     p.add_argument("--steps", type=int, default=10, help="sampler steps [10]")
     if not world:
         p.add_argument("--guidance", type=float, default=7.5, help="guidance scale [7.5]")
-    p.add_argument("--batch-size", type=int, default=64 if not world else 256)
+    p.add_argument("--batch-size", type=int, default=64, help="trajectories per sampler call and per committed shard [64]")
     p.add_argument("--method", choices=["mean_difference", "ridge"], default="mean_difference")
     p.add_argument("--source", choices=["captions", "prompts"], default=None,
                    help="texts the directions come from [captions with a captioner, else prompts]")

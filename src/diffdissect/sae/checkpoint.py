@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save
 from diffdissect.errors import DiffdissectError, StoreError
 from diffdissect.sae.model import SAEConfig, TopKSAE
 from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json
+from diffdissect.store.writer import canonical_safetensors
 
 CHECKPOINT, CONFIG = "checkpoint.safetensors", "config.json"
 WEIGHTS, STATE = "sae.safetensors", "training_state.safetensors"     # format 1
@@ -42,7 +43,7 @@ def save_checkpoint(directory: Path, sae: TopKSAE, info: dict[str, Any], state: 
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "step": str(info.get("step", 0)),
                 "config": json.dumps(config, sort_keys=True)}
     try:
-        atomic_write_bytes(directory / CHECKPOINT, save(tensors, metadata=metadata))
+        atomic_write_bytes(directory / CHECKPOINT, canonical_safetensors(save(tensors, metadata=metadata)))
         atomic_write_json(directory / CONFIG, config)
     except OSError as exc:
         kept = _step_on_disk(directory)
