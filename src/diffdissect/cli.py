@@ -444,6 +444,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_sae_train(args: argparse.Namespace) -> int:
     from diffdissect.sae.sweep import sweep_configs
+    from diffdissect.paths import safe_name
     from diffdissect.sae import train_saes
 
     flags = {"layer": args.layers, "t": args.timesteps, "k": args.k, "expansion": args.expansion,
@@ -457,7 +458,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
                            dist=dist)
     for s in summaries if dist.is_main else []:
         m = s["metrics"]
-        print(f"{Path(args.out) / s['name']}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {100 * m['dead_fraction']:.1f}% "
+        print(f"{Path(args.out) / safe_name(s['name'])}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {100 * m['dead_fraction']:.1f}% "
               f"({s['tokens_per_s']:,} tokens/s)")
     return 0
 

@@ -142,7 +142,8 @@ def capture_chunk(target: Target, source: ImageSource, indices: range, spec: Cap
                         tensors[slice_key(layer, t)][sl, s] = rows.cpu()
     tensors = {k: v.reshape(n * n_seeds, *v.shape[2:]) for k, v in tensors.items()}
     rows = [{"input_id": r.input_id, "source_index": r.source_index, "seed": seed, "label": _plain(r.label),
-             "caption": r.caption, **{k: _plain(v) for k, v in r.attributes.items()}}
+             "caption": r.caption, **{k: _plain(v) for k, v in r.attributes.items()},
+             **({"image_sha256": r.content_sha256} if r.content_sha256 else {})}
             for r in records for seed in spec.seeds]
     return tensors, rows, skipped
 

@@ -24,7 +24,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 
 
 # row-index columns that an input's own attributes may not overwrite
-RESERVED_COLUMNS = frozenset({"row", "input_id", "source_index", "seed", "label", "caption", "shard", "image"})
+RESERVED_COLUMNS = frozenset({"row", "input_id", "source_index", "seed", "label", "caption", "shard", "image",
+                              "image_sha256"})
 
 
 class UnreadableInput(Exception):

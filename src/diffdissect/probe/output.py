@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from diffdissect.paths import safe_name
 from diffdissect.report import Report, Section, heatmap
 from diffdissect.store.atomic import atomic_write_bytes
 
@@ -69,7 +70,7 @@ def write_probe_outputs(results: dict[str, Any], out: str | Path) -> dict[str, P
         {"input_id": i, "split": s} for i, s in results["split_by_image"].items()]))
     for label in results["labels"]:
         for condition in _conditions(results):
-            paths[f"heatmap_{label}_{condition}"] = out / f"heatmap_{label}_{condition}.png"
+            paths[f"heatmap_{label}_{condition}"] = out / safe_name(f"heatmap_{label}_{condition}.png")
             atomic_write_bytes(paths[f"heatmap_{label}_{condition}"], _heatmap_png(results, label, condition))
     return paths
 
