@@ -89,6 +89,7 @@ def _sample_all(target: Target, spec: TrajectorySpec, layers: list[str], conditi
 def _condition(target: Target, prompt: str) -> Any:
     if target.kind == "dit":
         if prompt.strip().isdigit():
+            target.check_class_ids([int(prompt)])
             return int(prompt)
         names = {v: k for k, v in target.id2label.items()}
         if prompt not in names:

@@ -147,8 +147,22 @@ class Target:
                     raise SpecError("this class-conditional model has no null (unconditional) class; "
                                     "pass --class-label N or --labels-as-classes.")
                 class_labels = [self.null_class] * batch
+            self.check_class_ids(class_labels)
             return {"class_labels": torch.tensor(class_labels, device=self.device, dtype=torch.long)}
         return {}
+
+    def check_class_ids(self, class_labels: list[int]) -> None:
+        """Class ids the model has an embedding for: 0..n-1 (and DiT's null class n)."""
+        cfg = getattr(self.denoiser, "config", None)
+        n = getattr(cfg, "num_embeds_ada_norm", None) or getattr(cfg, "num_class_embeds", None)
+        if n is None:
+            return
+        allowed = int(n) + (1 if self.null_class is not None else 0)
+        bad = sorted({int(c) for c in class_labels if not 0 <= int(c) < allowed})
+        if bad:
+            raise SpecError(f"class ids {bad[:5]} are out of range: this model has classes 0..{int(n) - 1}"
+                            + (f" (and the null class {self.null_class})" if self.null_class is not None else "")
+                            + "; pass a class id in that range.")
 
     def call_arguments(self, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> tuple[tuple, dict]:
         """(args, kwargs) of one denoiser call, in the calling convention of this kind."""

@@ -7,6 +7,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from diffdissect.errors import StoreError
 from diffdissect.probe.splits import SplitSpec, split_images
 from diffdissect.store import StoreReader
 
@@ -79,7 +80,14 @@ class SliceData:
         """Endless batches of training tokens; epoch e is shuffled with (seed, e). Deterministic."""
         epoch = start_epoch
         while True:
-            yield from self._epoch(batch_size, np.random.default_rng([seed & 0xFFFFFFFF, epoch]))
+            produced = False
+            for batch in self._epoch(batch_size, np.random.default_rng([seed & 0xFFFFFFFF, epoch])):
+                produced = True
+                yield batch
+            if not produced:          # never spin: an epoch without one full batch would repeat forever
+                raise StoreError(f"{self.layer} @ t={self.t}: an epoch over the store gave no batch of {batch_size} "
+                                 f"training tokens ({self.train_tokens} expected); the store's row counts disagree "
+                                 "with its shards, or the batch is larger than the data. Run `diffdissect store verify`.")
             epoch += 1
 
     def _epoch(self, batch_size: int, rng: np.random.Generator) -> Iterator[torch.Tensor]:
