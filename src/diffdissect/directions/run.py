@@ -31,6 +31,7 @@ from diffdissect.directions.prompts import Prompt
 from diffdissect.directions.text import term_indicators
 from diffdissect.errors import DataError, SpecError
 from diffdissect.lock import DirectoryLock
+from diffdissect.store.atomic import remove_stale_temporaries
 from diffdissect.paths import safe_name
 from diffdissect.models.target import Target
 from diffdissect.store import open_store
@@ -97,6 +98,7 @@ def run_directions(target: Target, config: DirectionsConfig, out: str | Path, ca
     config.validate()
     out = Path(out)
     with DirectoryLock(out, "directions run"):
+        remove_stale_temporaries(out)                   # leftovers of a write a kill interrupted
         return _run_directions(target, config, out, captioner, progress)
 
 

@@ -28,6 +28,7 @@ from diffdissect.errors import DiffdissectError
 from diffdissect.invert.model import Inverter, build_controlnet, controlled_prediction, load_inverter, save_inverter
 from diffdissect.models.target import Target
 from diffdissect.lock import DirectoryLock
+from diffdissect.store.atomic import remove_stale_temporaries
 from diffdissect.optim_state import optimizer_tensors, restore_optimizer
 from diffdissect.store.atomic import atomic_write_json
 
@@ -63,6 +64,7 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
     FeatInv-style baseline). Resumes from `out` when it holds a checkpoint of the same run."""
     config.validate()
     with DirectoryLock(out, "invert train"):
+        remove_stale_temporaries(Path(out))             # leftovers of a write a kill interrupted
         return _train_inverter(target, batch_of, n_examples, feature_shape, config, Path(out), info, progress)
 
 

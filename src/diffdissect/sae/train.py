@@ -22,6 +22,7 @@ from diffdissect.errors import DiffdissectError, SpecError, StoreError
 from diffdissect.distributed import SINGLE, Dist
 from diffdissect.optim_state import optimizer_tensors, restore_optimizer
 from diffdissect.lock import DirectoryLock
+from diffdissect.store.atomic import remove_stale_temporaries
 from diffdissect.paths import safe_name
 from diffdissect.sae.checkpoint import has_checkpoint, is_legacy, load_sae, load_state, read_config, save_checkpoint
 from diffdissect.sae.data import SliceData
@@ -84,6 +85,8 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
     ranks hold the same weights. Rank 0 writes the checkpoints; it holds `out`'s write lock while it trains."""
     out = Path(out)
     with DirectoryLock(out, "sae train") if dist.is_main else contextlib.nullcontext():
+        if dist.is_main:
+            remove_stale_temporaries(out)               # leftovers of a write a kill interrupted
         return _train_sae(store, config, out, progress, dist)
 
 
