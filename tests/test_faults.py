@@ -30,7 +30,7 @@ from torch import nn
 from diffdissect.capture import CaptureSpec, capture
 from diffdissect.cli import main
 from diffdissect.data import FolderSource
-from diffdissect.errors import DataError, DiffdissectError, ModelLoadError, SpecError, StoreError
+from diffdissect.errors import DataError, SpecError, StoreError
 from diffdissect.lock import LOCK_NAME, DirectoryLock, LockedError
 from diffdissect.models import load_target
 from diffdissect.sae import TrainConfig, train_sae, train_saes
@@ -376,7 +376,8 @@ def test_an_old_format_store_is_read_but_not_resumed(tmp_path, reference, unet2d
     manifest["format_version"] = 1
     manifest.pop("locations")
     (old / "manifest.json").write_text(json.dumps(manifest))
-    assert open_store(old).load("mid_block", 10).shape[0] == 12
+    with pytest.warns(UserWarning, match="store of format 1.*cannot be resumed"):
+        assert open_store(old).load("mid_block", 10).shape[0] == 12
     with pytest.raises(StoreError, match="older diffdissect .*store format 1.*capture into a new --out"):
         job_capture(str(unet2d_dir), str(images), str(old))
 
@@ -439,7 +440,11 @@ def test_an_sae_out_reused_with_another_store_is_refused(tmp_path, sae_reference
 
     real = sae_train.save_checkpoint
     with monkeypatch.context() as mp:
-        mp.setattr(sae_train, "save_checkpoint", lambda *a, **k: (real(*a, **k), (_ for _ in ()).throw(KeyboardInterrupt)))
+        def save_then_stop(*a, **k):
+            real(*a, **k)
+            raise KeyboardInterrupt
+
+        mp.setattr(sae_train, "save_checkpoint", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             job_sae(str(store), str(interrupted))
     with pytest.raises(SpecError, match="another store"):
@@ -473,7 +478,7 @@ def test_inverter_kill_mid_checkpoint_resumes_from_previous(tmp_path, sd_dir, mo
     assert (straight / "training.json").read_bytes() == (out / "training.json").read_bytes()
 
 
-# ==== SIGKILL at random points: capture, directions, inverter ==========================================================
+# ==== SIGKILL at random points: capture, directions, inverter =====================================================
 def test_capture_sigkill_at_random_points_resumes_byte_identical(tmp_path, unet2d_dir, images, reference, monkeypatch):
     with monkeypatch.context() as mp:
         commits = Commits(mp)
@@ -608,7 +613,7 @@ def test_every_pil_mode_keeps_its_brightness(tmp_path, mode):
         assert abs(loaded.mean() - brightness) < 0.02, (mode, loaded.mean())
 
 
-# ==== a hostile store must not reach outside itself ====================================================================
+# ==== a hostile store must not reach outside itself ===============================================================
 @pytest.mark.parametrize("name", ["../../outside/x.safetensors", "/etc/passwd", "shards/../x", ".."])
 def test_hostile_shard_names_are_refused(tmp_path, name, capsys):
     store = array_store(tmp_path / "store")
@@ -703,7 +708,8 @@ def test_disk_full_while_writing_the_manifest(tmp_path, reference, unet2d_dir, i
         enospc_on(mp, 5)          # new manifest (file, dir), shard 0 (file, dir), then the manifest
         err = cli_error(capsys, ["capture", "--model", unet2d_dir, "--images", images, "--labels",
                                  images / "labels.csv", "--layers", "mid_block", "--timesteps", "10", "500",
-                                 "--seeds", "0", "1", "--shard-size", "2", "--batch-size", "2", "--out", out, "--quiet"])
+                                 "--seeds", "0", "1", "--shard-size", "2", "--batch-size", "2", "--out", out,
+                                 "--quiet"])
     assert "disk space" in err and "manifest.json" in err
     job_capture(str(unet2d_dir), str(images), str(out))
     assert snapshot(out) == snapshot(reference)

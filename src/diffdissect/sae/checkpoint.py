@@ -33,7 +33,8 @@ class CheckpointWriteError(DiffdissectError):
     """A checkpoint could not be written (disk full, ...); the previous one is intact."""
 
 
-def save_checkpoint(directory: Path, sae: TopKSAE, info: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> None:
+def save_checkpoint(directory: Path, sae: TopKSAE, info: dict[str, Any],
+                    state: dict[str, torch.Tensor] | None = None) -> None:
     """Write weights, training state and config as one atomic unit stamped with ``info["step"]``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -122,7 +123,8 @@ def _read(directory: Path, tensors: bool = False) -> tuple[dict[str, Any], dict[
             out = {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}
         info = json.loads(meta["config"])
     except Exception as exc:
-        raise StoreError(f"the SAE checkpoint {path} is unreadable ({exc}); delete the directory and train again.") from None
+        raise StoreError(f"the SAE checkpoint {path} is unreadable ({exc}); delete the directory and train "
+                         "again.") from None
     if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise StoreError(f"{path} is not an SAE checkpoint this diffdissect reads (format {meta.get('format')!r} "
                          f"v{meta.get('format_version')}).")

@@ -87,7 +87,8 @@ class SliceData:
             if not produced:          # never spin: an epoch without one full batch would repeat forever
                 raise StoreError(f"{self.layer} @ t={self.t}: an epoch over the store gave no batch of {batch_size} "
                                  f"training tokens ({self.train_tokens} expected); the store's row counts disagree "
-                                 "with its shards, or the batch is larger than the data. Run `diffdissect store verify`.")
+                                 "with its shards, or the batch is larger than the data. Run `diffdissect store "
+                                 "verify`.")
             epoch += 1
 
     def _epoch(self, batch_size: int, rng: np.random.Generator) -> Iterator[torch.Tensor]:

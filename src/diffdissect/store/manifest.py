@@ -70,7 +70,7 @@ class Manifest:
     complete: bool = False
     input_count: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)   # facts learnt while capturing (not part of the spec)
-    locations: dict[str, Any] = field(default_factory=dict)  # where the model and inputs were read from (never compared)
+    locations: dict[str, Any] = field(default_factory=dict)  # where model and inputs were read from (never compared)
     diffdissect_version: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION

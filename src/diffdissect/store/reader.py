@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -12,7 +13,7 @@ from safetensors import safe_open
 
 from diffdissect.errors import StoreError
 from diffdissect.store.integrity import check_block, check_checksum, check_rows, shard_path
-from diffdissect.store.manifest import Manifest, ShardRecord, slice_key
+from diffdissect.store.manifest import FORMAT_VERSION, Manifest, ShardRecord, slice_key
 
 ArrayFormat = Literal["numpy", "torch"]
 
@@ -30,6 +31,11 @@ class StoreReader:
         self.manifest = manifest or Manifest.load(self.directory)
         for shard in self.manifest.shards:          # names and counts on open; checksums when a shard is first read
             shard_path(self.directory, shard.name)
+        if self.manifest.format_version < FORMAT_VERSION:
+            warnings.warn(f"{self.directory} is a store of format {self.manifest.format_version}, written before "
+                          "full-content model and image identities (format 2): it is read as it is, but it cannot "
+                          "be resumed, and it cannot prove which model weights or image bytes it came from.",
+                          stacklevel=2)
 
     # ---- description -------------------------------------------------------------------------
     @property

@@ -159,7 +159,8 @@ class StoreWriter:
         if bad:
             self.manifest.shards = [s for s in self.manifest.shards if s.name not in bad]
             self.manifest.complete = False
-            self.manifest.notes["repaired_shards"] = sorted(set(self.manifest.notes.get("repaired_shards", [])) | set(bad))
+            repaired = set(self.manifest.notes.get("repaired_shards", [])) | set(bad)
+            self.manifest.notes["repaired_shards"] = sorted(repaired)
             self._write_manifest()
 
     @property
