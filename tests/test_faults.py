@@ -537,6 +537,9 @@ def test_thumbnails_follow_the_recorded_file_and_content(tmp_path, unet2d_dir, i
         assert record.content_sha256 == row["image_sha256"]
     Image.new("RGB", (20, 20), (0, 0, 200)).save(folder / rows[0]["input_id"])   # changed since the capture
     assert resolve_image(FolderSource(folder), rows[0]) is None
+    from diffdissect.sae.report import image_source_for
+
+    assert Path(image_source_for(out).root) == folder.resolve()          # found where the manifest says
 
 
 # ==== 5. readers check checksums and finiteness =======================================================================
