@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test lint install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+# ruff (config in pyproject.toml; line length 120) and mypy over src/ (lenient config in pyproject.toml).
+lint: $(VENV)/.installed-test
+	$(BIN)/python -m ruff check src tests
+	$(BIN)/python -m mypy src
 
 clean:
 	rm -rf $(VENV) runs/demo

@@ -26,11 +26,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from diffdissect.toy.tiny import TinyDenoiser
 from diffdissect.lock import LOCK_NAME
+from diffdissect.models.tiny import TinyDenoiser
 
 TESTS_DIR = Path(__file__).resolve().parent
-TINY_FACTORY = "diffdissect.toy.tiny:tiny_denoiser"
+TINY_FACTORY = "diffdissect.models.tiny:tiny_denoiser"
 SLEEP_ENV = "DD_TEST_SLEEP"
 HANG_ENV = "DD_TEST_HANG_AFTER"
 

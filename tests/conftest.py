@@ -5,12 +5,12 @@ directory under pytest's temporary root; tests load it back through `diffdissect
 user runs. Treat the session fixtures' directories as read-only: copy them (`shutil.copytree`) before
 changing anything inside.
 
-Models (see `diffdissect.toy.tiny`):
+Models (see `diffdissect.models.tiny`):
   sd_dir          StableDiffusionPipeline: 3x32x32 images -> 4x8x8 latents, PNDM scheduler, 16-dim text
   dit_dir         DiTPipeline: 3x32x32 images -> 4x8x8 latents, 16 tokens, classes 0..9, null class 1000
   unet2d_dir      bare UNet2DModel, pixel space 3x16x16 (no scheduler saved: DDPM default)
   unet2d_cond_dir bare UNet2DConditionModel, 4x8x8 inputs, cross_attention_dim 16
-  TINY_FACTORY    "diffdissect.toy.tiny:tiny_denoiser": a plain nn.Module, 3x16x16
+  TINY_FACTORY    "diffdissect.models.tiny:tiny_denoiser": a plain nn.Module, 3x16x16
 """
 from __future__ import annotations
 
@@ -30,12 +30,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 import pytest
 import torch
-from _store_helpers import write_labels_csv
 from PIL import Image
+
+from _store_helpers import write_labels_csv
 
 torch.set_num_threads(1)
 
-TINY_FACTORY = "diffdissect.toy.tiny:tiny_denoiser"
+TINY_FACTORY = "diffdissect.models.tiny:tiny_denoiser"
 
 # The image folder fixture: sizes differ from every model's resolution (16 and 32 px), so that every
 # capture exercises resize + centre crop; labels are DiT class names (cat = 3, dog = 5) and captions use
@@ -72,8 +73,8 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _saved(models_root: Path, name: str, builder: str) -> Path:
-    """Build `diffdissect.toy.tiny.<builder>(0)` and `save_pretrained` it under `models_root/name`."""
-    from diffdissect.toy import tiny
+    """Build `diffdissect.models.tiny.<builder>(0)` and `save_pretrained` it under `models_root/name`."""
+    from diffdissect.models import tiny
 
     path = models_root / name
     getattr(tiny, builder)(0).save_pretrained(path)
@@ -183,8 +184,8 @@ def noised_inputs(target, images, ids: list[str], seed: int, t: int,
     rebuilt from the parts: resize/crop -> VAE encode (per batch of `batch_size`, then concatenated, as
     capture does: the memory layout of x0 changes float rounding in the last bit) -> noise_for ->
     scheduler.add_noise."""
-    from diffdissect.capture.noising import noise_for
     from diffdissect.data.transforms import to_model_pixels
+    from diffdissect.models.noising import noise_for
 
     pixels = torch.stack([to_model_pixels(image, target.resolution) for image in images])
     step = batch_size or len(images)

@@ -5,8 +5,8 @@ import csv
 
 import numpy as np
 import pytest
-from conftest import TINY_FACTORY
 
+from conftest import TINY_FACTORY
 from diffdissect import ArraySource, CaptureSpec, FolderSource, load_target, open_store
 from diffdissect.capture import capture
 from diffdissect.errors import DataError

@@ -14,8 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _store_helpers import (TINY_FACTORY, assert_same_store, capture_args, copy_store, file_stats, one_thread,
-                            run_cli, snapshot, write_images)
+from _store_helpers import (
+    TINY_FACTORY,
+    assert_same_store,
+    capture_args,
+    copy_store,
+    file_stats,
+    one_thread,
+    run_cli,
+    snapshot,
+    write_images,
+)
 from diffdissect.cli import main
 from diffdissect.errors import DataError, LayerNotFoundError, ModelLoadError, SpecError
 from diffdissect.store import Manifest, open_store, verify_store
@@ -132,7 +141,8 @@ def test_unknown_layer_lists_the_closest_valid_names(images, tmp_path, capsys):
     assert "Closest valid names:" in err and "blocks.0" in err and "blocks.1" in err
     assert not out.exists()
     with pytest.raises(LayerNotFoundError, match="'midd'.*Closest valid names: mid"):
-        from diffdissect import CaptureSpec, FolderSource, load_target; from diffdissect.capture import capture
+        from diffdissect import CaptureSpec, FolderSource, load_target
+        from diffdissect.capture import capture
         capture(load_target(TINY_FACTORY), FolderSource(images), CaptureSpec(layers=["midd"]), out, progress=False)
 
 
@@ -146,7 +156,8 @@ def test_timestep_out_of_range(images, tmp_path, capsys, timesteps):
 
 
 def test_timestep_out_of_range_api(images, tmp_path):
-    from diffdissect import CaptureSpec, FolderSource, load_target; from diffdissect.capture import capture
+    from diffdissect import CaptureSpec, FolderSource, load_target
+    from diffdissect.capture import capture
 
     for t in (-1, 1000):
         with pytest.raises(SpecError, match=rf"t={t} is out of range"):
@@ -295,7 +306,7 @@ class _DiskFullFile:
 def test_out_of_disk_leaves_no_partial_shard_and_resumes(images, reference, tmp_path, capsys):
     import builtins
 
-    import diffdissect.store.atomic as atomic
+    import diffdissect.atomic as atomic
 
     record: dict = {}
 

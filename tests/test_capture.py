@@ -15,17 +15,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (IMAGE_CAPTIONS, IMAGE_LABELS, TINY_FACTORY, folder_images, hook_outputs, noised_inputs,
-                      random_image)
 from PIL import Image
 
+from conftest import (
+    IMAGE_CAPTIONS,
+    IMAGE_LABELS,
+    TINY_FACTORY,
+    folder_images,
+    hook_outputs,
+    noised_inputs,
+    random_image,
+)
 from diffdissect import load_target, open_store
 from diffdissect.capture import CaptureSpec, TrajectorySpec, capture, capture_trajectories
-from diffdissect.capture.noising import denoiser_target, noise_for, x0_error_weights
-from diffdissect.errors import SpecError
 from diffdissect.cli import main
 from diffdissect.data import ArraySource, FolderSource, HFDatasetSource
 from diffdissect.data.transforms import to_model_pixels
+from diffdissect.errors import SpecError
+from diffdissect.models.noising import denoiser_target, noise_for, x0_error_weights
 
 N = 4   # images per capture (the first four of the image folder)
 
@@ -321,7 +328,7 @@ def test_noise_for_is_seeded_per_input():
 def test_denoiser_target_matches_diffusers(kind):
     from diffusers import DDPMScheduler
 
-    from diffdissect.toy.pipeline import sd_scheduler_config
+    from diffdissect.world.pipeline import sd_scheduler_config
 
     scheduler = DDPMScheduler(**sd_scheduler_config(kind))
     g = torch.Generator().manual_seed(0)
@@ -340,7 +347,7 @@ def test_denoiser_target_matches_diffusers(kind):
 def test_x0_error_weights_price_an_x0_error_the_same_under_every_prediction_type(x0_weight):
     from diffusers import DDPMScheduler
 
-    from diffdissect.toy.pipeline import sd_scheduler_config
+    from diffdissect.world.pipeline import sd_scheduler_config
 
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
@@ -696,13 +703,12 @@ class _DataDependent(torch.nn.Module):
 def test_shape_probe_matches_a_real_forward_without_running_one(sd_dir, pooling, monkeypatch):
     from diffdissect.capture import CaptureSpec
     from diffdissect.capture.engine import probe_row_shapes
-    from diffdissect.capture.noising import dry_inputs
     from diffdissect.capture.rows import to_rows
 
     target = load_target(sd_dir)
     layers = ["down_blocks.0", "mid_block", "up_blocks.1"]
     spec = CaptureSpec(layers=layers, pooling=pooling)
-    sample, t, cond = dry_inputs(target, 100)
+    sample, t, cond = target.dry_inputs(100)
     raw = hook_outputs(target.denoiser, layers, lambda: target.forward(sample, t, cond))
     real = {l: out[0] if isinstance(out, tuple) else out for l, out in raw.items()}   # down blocks: (h, skips)
     real_calls = []

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from diffdissect.cli import main
-from diffdissect.demo import DemoConfig, run_demo
 from diffdissect.store import open_store, verify_store
+from diffdissect.world.demo import DemoConfig, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +94,9 @@ def test_demo_reruns_into_its_own_output_after_the_weights_changed(tmp_path):
 
 
 def test_toy_eval_doc_keeps_what_follows_the_generated_figures(tmp_path):
-    from diffdissect.toy.evaluate import GENERATED_END, write_toy_world_doc
+    from diffdissect.world.evaluate import GENERATED_END, write_toy_world_doc
 
-    results = json.loads((__import__("diffdissect.toy.build", fromlist=["x"]).DEFAULT_WEIGHTS / "eval.json").read_text())
+    results = json.loads((__import__("diffdissect.world.build", fromlist=["x"]).DEFAULT_WEIGHTS / "eval.json").read_text())
     doc = tmp_path / "toy-world.md"
     doc.write_text("old figures\n" + GENERATED_END + "\n## Hand-written notes\nkeep me\n")
     write_toy_world_doc(results, doc, "diffdissect toy eval", "a machine", "2026-11-22")

@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from diffdissect.cli import main
-from diffdissect.directions import (BiasSpec, DirectionsConfig, build_prompt_set, caption_images,
-                                    mean_difference_directions, ridge_directions, run_directions)
+from diffdissect.directions import (
+    BiasSpec,
+    DirectionsConfig,
+    build_prompt_set,
+    caption_images,
+    mean_difference_directions,
+    ridge_directions,
+    run_directions,
+)
 from diffdissect.directions.bias import find_references, holm, image_rates, latent_bias, make_questions
 from diffdissect.directions.captioners import TransformersCaptioner
 from diffdissect.directions.cluster import ari_with_null, cluster_prompts, project_out
@@ -209,12 +216,12 @@ def test_a_captioner_failing_on_some_images_loses_only_those():
 
 
 def test_world_captioner_reads_world_images():
-    from diffdissect.directions.captioners import WorldCaptioner
-    from diffdissect.toy.world import sample_world
+    from diffdissect.world import ShapesWorld
+    from diffdissect.world.generator import sample_world
 
-    captioner = WorldCaptioner()
+    captioner = ShapesWorld.load().captioner()
     batch = sample_world(16, seed=3, config=captioner.world)
-    from diffdissect.toy.world import full_caption
+    from diffdissect.world.generator import full_caption
 
     expected = [full_caption(captioner.world, {f: int(v[i]) for f, v in batch.factors.items()}) for i in range(16)]
     assert captioner.caption(batch.images) == expected
@@ -393,14 +400,14 @@ def test_cli_directions_run(tmp_path, sd_dir, capsys):
 
 # ---- the shapes world: a small run recovers the strongest planted default -----------------------------------------
 def test_world_run_recovers_the_strong_default(tmp_path):
-    from diffdissect.directions.captioners import WorldCaptioner
-    from diffdissect.directions.world import check_against_world, world_directions_config
-    from diffdissect.toy.build import load_world
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world import ShapesWorld
+    from diffdissect.world.directions import check_against_world, world_directions_config
 
-    world = load_world()
+    shapes_world = ShapesWorld.load()
+    world = shapes_world.config
     config = world_directions_config(world, seeds=24, resamples=200, permutations=200, layers=["mid_block"])
-    results = run_directions(world_target(), config, tmp_path / "world", WorldCaptioner(), progress=False)
+    results = run_directions(shapes_world.target(), config, tmp_path / "world", shapes_world.captioner(),
+                             progress=False)
     rows = {r["subject"]: r for r in results["summary"]["families"]["colour"]["subjects"]}
     assert rows["a square"]["top"] == "red" and rows["a square"]["image_top"] == "red"
     assert rows["a square"]["significant"]

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _store_helpers import file_stats, snapshot
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from _store_helpers import file_stats, snapshot
 from diffdissect.capture import CaptureSpec, capture
 from diffdissect.cli import main
 from diffdissect.data import FolderSource
@@ -213,7 +213,7 @@ def rewrite_shard(store: Path, name: str, edit, fix_checksum: bool = True) -> No
     from safetensors import safe_open
     from safetensors.torch import save
 
-    from diffdissect.store.atomic import sha256_file
+    from diffdissect.atomic import sha256_file
     from diffdissect.store.writer import canonical_safetensors
 
     path = store / "shards" / name

@@ -11,12 +11,35 @@ from torch import nn
 
 from diffdissect.cli import main
 from diffdissect.errors import DiffdissectError, LayerNotFoundError
-from diffdissect.invert import (FeatureError, FeatureExtractor, HintBlock, InvertTrainConfig, Inverter,
-                                build_controlnet, invert, load_inverter, pool, to_grid)
-from diffdissect.invert.applications import (concept_direction, gaussian_blur, occlude, pgd, region_colour, splice,
-                                             steer, steering_outcome)
-from diffdissect.invert.evaluate import (evaluate_reconstructions, feature_cosines, frechet_distance,
-                                         judge_joint_logits, topk_agreement)
+from diffdissect.invert import (
+    FeatureError,
+    FeatureExtractor,
+    HintBlock,
+    Inverter,
+    InvertTrainConfig,
+    build_controlnet,
+    invert,
+    load_inverter,
+    pool,
+    to_grid,
+)
+from diffdissect.invert.applications import (
+    concept_direction,
+    gaussian_blur,
+    occlude,
+    pgd,
+    region_colour,
+    splice,
+    steer,
+    steering_outcome,
+)
+from diffdissect.invert.evaluate import (
+    evaluate_reconstructions,
+    feature_cosines,
+    frechet_distance,
+    judge_joint_logits,
+    topk_agreement,
+)
 from diffdissect.invert.model import controlled_prediction
 from diffdissect.invert.run import train_from_images, train_per_sample
 from diffdissect.models import load_target
@@ -178,12 +201,13 @@ def test_metrics_on_cases_with_a_known_answer():
 
 
 def test_world_judge_metrics_and_frechet_floor():
-    from diffdissect.invert.world import world_extractor, world_images
-    from diffdissect.toy.build import load_toy_classifier
+    from diffdissect.world import ShapesWorld
+    from diffdissect.world.invert import world_extractor, world_images
 
-    batch = world_images(96, seed=5)
-    judge = load_toy_classifier("captioner")
-    extractor = world_extractor("cnn")
+    world = ShapesWorld.load()
+    batch = world_images(world, 96, seed=5)
+    judge = world.classifier("captioner")
+    extractor = world_extractor(world, "cnn")
     same = evaluate_reconstructions(batch.images, batch.images, classifier=extractor.model, extractor=extractor, judge=judge)
     assert all(v["rate"] == 1.0 for v in same["factors"].values()) and same["judge_top1"]["rate"] == 1.0
     assert same["frechet"]["originals_vs_reconstructions"] == pytest.approx(0.0, abs=1e-3)
@@ -270,7 +294,7 @@ def test_short_training_run_resumes_to_the_same_weights(tmp_path, sd_target):
 
 
 def test_bad_features_and_checkpoints_from_another_pipeline_are_refused(tmp_path, sd_target):
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world import ShapesWorld
 
     extractor = FeatureExtractor(TinyCNN(), "body")
     config = InvertTrainConfig(steps=1, batch_size=2, checkpoint_every=1, warmup=1)
@@ -281,7 +305,7 @@ def test_bad_features_and_checkpoints_from_another_pipeline_are_refused(tmp_path
     with pytest.raises(FeatureError, match=r"shape \(8, 4, 4\) do not fit"):
         invert(sd_target, inverter, torch.zeros(1, 8, 4, 4))
     with pytest.raises(DiffdissectError, match="trained on another diffusion pipeline"):
-        load_inverter(tmp_path / "inv", pipeline_identity=world_target().identity())
+        load_inverter(tmp_path / "inv", pipeline_identity=ShapesWorld.load().target().identity())
     with pytest.raises(DiffdissectError, match="no inverter at"):
         load_inverter(tmp_path / "nothing")
 

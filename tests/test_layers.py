@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_FACTORY
 
+from conftest import TINY_FACTORY
 from diffdissect import list_layers, load_target
-from diffdissect.capture import CaptureSpec, capture
+from diffdissect.capture import CaptureSpec, capture, resolve_layers
 from diffdissect.cli import main
 from diffdissect.data import ArraySource
 from diffdissect.errors import LayerNotFoundError
-from diffdissect.models import resolve_layers
 
 
 def _model(kind, sd_dir, dit_dir, unet2d_dir):

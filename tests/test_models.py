@@ -7,13 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FACTORY, build_hf_cache, state_dicts_equal
 
+from conftest import TINY_FACTORY, build_hf_cache, state_dicts_equal
 from diffdissect import load_target
 from diffdissect.errors import DiffdissectError, ModelLoadError
-from diffdissect.toy.tiny import TinyDenoiser, tiny_denoiser, tiny_dit_pipeline, tiny_sd_pipeline, tiny_unet2d, \
-    tiny_unet2d_condition
-
+from diffdissect.models.tiny import (
+    TinyDenoiser,
+    tiny_denoiser,
+    tiny_dit_pipeline,
+    tiny_sd_pipeline,
+    tiny_unet2d,
+    tiny_unet2d_condition,
+)
 
 # diffusers passes a deprecated argument to huggingface_hub when it reads the hub cache
 pytestmark = pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated:UserWarning")
@@ -235,7 +240,7 @@ def test_broken_pipeline_dir(tmp_path, dit_dir):
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ("diffdissect.toy.tiny:no_such_factory", "cannot import.*no_such_factory"),
+    ("diffdissect.models.tiny:no_such_factory", "cannot import.*no_such_factory"),
     ("no_such_package_xyz.models:build", "cannot import.*no_such_package_xyz"),
     ("os.path:join", "failed when called with no arguments"),           # needs arguments
     ("diffdissect:__version__", "returned a str, not an nn.Module"),     # not a module

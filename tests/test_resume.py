@@ -17,8 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from _store_helpers import (HANG_ENV, SLEEP_ENV, TINY_FACTORY, assert_same_store, capture_args, copy_store,
-                            file_stats, one_thread, run_cli, snapshot, subprocess_env, write_images)
+from _store_helpers import (
+    HANG_ENV,
+    SLEEP_ENV,
+    TINY_FACTORY,
+    assert_same_store,
+    capture_args,
+    copy_store,
+    file_stats,
+    one_thread,
+    run_cli,
+    snapshot,
+    subprocess_env,
+    write_images,
+)
 from diffdissect.errors import StoreError
 from diffdissect.store import Manifest, verify_store
 from diffdissect.store.writer import StoreWriter
@@ -35,7 +47,8 @@ def _one_thread():
 
 def api_capture(images: Path, out: Path, target=None, **changes):
     """The same capture as `capture_args` through the Python API (a target and spec may be changed)."""
-    from diffdissect import CaptureSpec, FolderSource, load_target; from diffdissect.capture import capture
+    from diffdissect import CaptureSpec, FolderSource, load_target
+    from diffdissect.capture import capture
 
     spec = CaptureSpec(**{"layers": ["blocks.0", "mid"], "timesteps": [10, 600], "seeds": [0, 1], "shard_size": 2,
                           "batch_size": 2, **changes})
@@ -117,7 +130,7 @@ def test_resume_rewrites_an_uncommitted_shard_and_removes_leftover_temporaries(i
 
 
 def test_ctrl_c_inside_a_shard_write_leaves_no_partial_shard_and_resumes(images, reference, tmp_path, capsys):
-    import diffdissect.store.atomic as atomic
+    import diffdissect.atomic as atomic
 
     real_replace = os.replace
 
@@ -159,7 +172,7 @@ def test_api_and_cli_write_the_same_store(images, reference, tmp_path):
 # ---- a different spec is refused, and the store is left as it was ---------------------------------------
 def _other_weights(mp, tmp_path):
     """The same source string ("package.module:factory") returning other weights."""
-    import diffdissect.toy.tiny as tiny
+    import diffdissect.models.tiny as tiny
     from diffdissect import load_target
 
     real = tiny.tiny_denoiser

@@ -37,7 +37,8 @@ def _one_thread():
 
 
 def capture_probe(images: Path, out: Path, **spec_kwargs):
-    from diffdissect import CaptureSpec, FolderSource, load_target; from diffdissect.capture import capture
+    from diffdissect import CaptureSpec, FolderSource, load_target
+    from diffdissect.capture import capture
 
     spec = CaptureSpec(**{"layers": LAYERS, "timesteps": TIMESTEPS, "seeds": SEEDS, "shard_size": SHARD_SIZE,
                           "batch_size": 2, **spec_kwargs})

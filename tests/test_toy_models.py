@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from diffdissect.errors import DiffdissectError
-from diffdissect.toy.build import (DEFAULT_WEIGHTS, BuildRecipe, build_toy, check_weights, load_toy_classifier,
-                                   load_world, pipeline_dir)
-from diffdissect.toy.classifiers import class_accuracy, factor_accuracy
-from diffdissect.toy.world import FACTORS, WorldConfig
+from diffdissect.world import ShapesWorld
+from diffdissect.world.build import DEFAULT_WEIGHTS, BuildRecipe, build_toy, check_weights
+from diffdissect.world.classifiers import class_accuracy, factor_accuracy
+from diffdissect.world.generator import FACTORS, WorldConfig
 
 
 def test_committed_pipeline_loads_with_stock_diffusers():
     import diffusers
     from transformers import CLIPTextModel
 
-    pipe = diffusers.DiffusionPipeline.from_pretrained(pipeline_dir())        # no custom code involved
+    pipe = diffusers.DiffusionPipeline.from_pretrained(ShapesWorld.load().pipeline_dir)        # no custom code involved
     assert type(pipe) is diffusers.StableDiffusionPipeline
     assert isinstance(pipe.vae, diffusers.AutoencoderKL) and isinstance(pipe.unet, diffusers.UNet2DConditionModel)
     assert isinstance(pipe.text_encoder, CLIPTextModel) and pipe.unet.config.cross_attention_dim > 0
@@ -31,7 +31,7 @@ def test_committed_pipeline_loads_with_stock_diffusers():
 
 def test_committed_pipeline_draws_what_the_prompt_says_and_the_planted_defaults():
     """The committed weights, judged by the committed captioner (docs/toy-world.md has the 256-sample figures)."""
-    from diffdissect.toy.evaluate import EvalConfig, evaluate_toy
+    from diffdissect.world.evaluate import EvalConfig, evaluate_toy
 
     results = evaluate_toy(config=EvalConfig(samples=48), progress=False)
     full = results["full_prompts"]["per_factor"]
@@ -50,17 +50,18 @@ def test_committed_weights_are_small_safetensors_and_json():
 
 
 def test_committed_classifiers_are_accurate_on_held_out_world_images():
-    world = load_world()
-    captioner = load_toy_classifier("captioner")
+    shapes_world = ShapesWorld.load()
+    world = shapes_world.config
+    captioner = shapes_world.classifier("captioner")
     accuracy = factor_accuracy(captioner, world, n=1000, seed=7)
     assert set(accuracy) == set(FACTORS) and min(accuracy.values()) >= 0.98, accuracy
     for name in ("cnn", "vit"):
-        assert class_accuracy(load_toy_classifier(name), world, n=1000, seed=8) >= 0.9, name
+        assert class_accuracy(shapes_world.classifier(name), world, n=1000, seed=8) >= 0.9, name
 
 
 def test_classifier_feature_maps_have_the_documented_shapes():
     x = torch.zeros(2, 3, 32, 32)
-    cnn, vit = load_toy_classifier("cnn"), load_toy_classifier("vit")
+    cnn, vit = ShapesWorld.load().classifier("cnn"), ShapesWorld.load().classifier("vit")
     assert cnn.features(x).shape[2:] == (8, 8) and cnn(x).shape == (2, 16)
     assert vit.tokens(x).shape[1] == 65 and vit(x).shape == (2, 16)
 
@@ -107,7 +108,7 @@ def test_smoke_build_writes_loadable_weights(smoke_build):
     assert pipe.vae.config.scaling_factor > 0 and WorldConfig.load(out / "world.json") == WorldConfig()
     assert pipe.scheduler.config.prediction_type == "v_prediction"       # what the recipe trains
     for name in ("cnn", "vit", "captioner"):
-        load_toy_classifier(name, out)
+        ShapesWorld.load(out).classifier(name)
 
 
 def test_smoke_build_is_reproducible_from_its_seed(smoke_build, tmp_path):
@@ -132,7 +133,7 @@ def test_cli_build_over_weights_with_inverters_says_to_retrain_them(smoke_build,
 
 
 def test_a_failing_build_leaves_existing_weights_untouched(smoke_build, monkeypatch, tmp_path):
-    from diffdissect.toy import build as build_module
+    from diffdissect.world import build as build_module
 
     out = tmp_path / "weights"
     shutil.copytree(smoke_build[0], out)

@@ -6,8 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from diffdissect.toy.world import (FACTORS, WorldConfig, WorldConfigError, caption, captions_for, full_caption,
-                                   sample_world)
+from diffdissect.world.generator import (
+    FACTORS,
+    WorldConfig,
+    WorldConfigError,
+    caption,
+    captions_for,
+    full_caption,
+    sample_world,
+)
 
 WORLD = WorldConfig()
 

@@ -1,19 +1,19 @@
 """diffdissect: open up diffusion models and say, with evidence, what their representations encode."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from diffdissect.errors import DiffdissectError
-from diffdissect.models import Target, load_target, list_layers
-# `capture` (the function) is not re-exported here: it would hide the `diffdissect.capture` subpackage.
-# Use `from diffdissect.capture import capture`.
-from diffdissect.capture import CaptureSpec, TrajectorySpec, capture_trajectories
-from diffdissect.store import StoreReader, open_store, verify_store
+# The capture function is exported as `capture_images` (a top-level `capture` would hide the subpackage).
+from diffdissect.capture import CaptureSpec, TrajectorySpec, capture_images, capture_trajectories, list_layers
 from diffdissect.data import ArraySource, FolderSource, HFDatasetSource
+from diffdissect.errors import DiffdissectError
+from diffdissect.models import Target, load_target
+from diffdissect.runtime import version as _version
+from diffdissect.store import StoreReader, open_store, verify_store
+
+__version__ = _version()
 
 __all__ = [
     "__version__", "DiffdissectError", "Target", "load_target", "list_layers",
-    "CaptureSpec", "TrajectorySpec", "capture_trajectories",
+    "CaptureSpec", "TrajectorySpec", "capture_images", "capture_trajectories",
     "StoreReader", "open_store", "verify_store",
     "ArraySource", "FolderSource", "HFDatasetSource",
 ]

@@ -9,9 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from diffdissect.errors import DiffdissectError
+from diffdissect.runtime import quiet_libraries, version
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffdissect.invert.train import InvertTrainConfig
+    from diffdissect.options import add_config_arguments
+
     parser = argparse.ArgumentParser(prog="diffdissect", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
@@ -150,12 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of training images")
     src.add_argument("--world-images", type=int, help="this many balanced shapes-world images")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--cond-dropout", type=float, default=0.15)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    add_config_arguments(p, InvertTrainConfig, only=["steps", "batch_size", "lr", "cond_dropout", "checkpoint_every",
+                                                     "seed"])
     p.add_argument("--out", required=True, help="inverter directory (resumed if it holds this run)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_invert_train)
@@ -307,7 +307,7 @@ def _target(args: argparse.Namespace):
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from diffdissect.models import list_layers
+    from diffdissect.capture import list_layers
 
     target = _target(args)
     infos = list_layers(target, max_depth=args.depth or None, contains=args.filter)
@@ -325,7 +325,6 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_capture(args: argparse.Namespace) -> int:
     from diffdissect.capture import CaptureSpec, TrajectorySpec, capture, capture_trajectories
-
     from diffdissect.distributed import from_env
 
     dist = from_env()                       # torchrun / accelerate launch: this rank's share; else one process
@@ -443,9 +442,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_train(args: argparse.Namespace) -> int:
-    from diffdissect.sae.sweep import sweep_configs
     from diffdissect.paths import safe_name
     from diffdissect.sae import train_saes
+    from diffdissect.sae.sweep import sweep_configs
 
     flags = {"layer": args.layers, "t": args.timesteps, "k": args.k, "expansion": args.expansion,
              "n_latents": args.n_latents, "variant": args.variant, "tokens": args.tokens, "lr": args.lr,
@@ -473,7 +472,13 @@ def cmd_sae_features(args: argparse.Namespace) -> int:
 
 
 def cmd_directions_run(args: argparse.Namespace) -> int:
-    from diffdissect.directions import BiasSpec, DirectionsConfig, load_captioner, run_directions, write_directions_report
+    from diffdissect.directions import (
+        BiasSpec,
+        DirectionsConfig,
+        load_captioner,
+        run_directions,
+        write_directions_report,
+    )
     from diffdissect.directions.prompts import build_prompt_set, parse_slot_args, read_prompt_file
 
     plain = list(args.prompts or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
@@ -481,7 +486,8 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
     families = parse_slot_args(args.family)
     if families and not args.subjects:
         raise DiffdissectError("--family needs --subjects: the prompts whose defaults to measure.")
-    captioner = None if args.captioner == "none" else load_captioner(args.captioner)
+    captioner = (None if args.captioner == "none" else _shapes_world(args).captioner() if args.captioner == "world"
+                 else load_captioner(args.captioner))
     source = args.source or ("captions" if captioner else "prompts")
     config = DirectionsConfig(prompts=prompts, guidance_scale=args.guidance, text_source=source,
                               bias=[BiasSpec(name, words, list(args.subjects)) for name, words in families.items()],
@@ -493,20 +499,17 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
 
 def cmd_directions_world(args: argparse.Namespace) -> int:
     from diffdissect.directions import run_directions, write_directions_report
-    from diffdissect.directions.captioners import WorldCaptioner
-    from diffdissect.directions.world import check_against_world, world_directions_config
-    from diffdissect.toy.build import load_world
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world.directions import check_against_world, world_directions_config
 
-    weights = Path(args.weights) if args.weights else None
-    world = load_world(weights)
+    shapes_world = _shapes_world(args)
     options = _directions_options(args)
     options.pop("seeds")
-    config = world_directions_config(world, seeds=args.seeds, text_source=args.source or "captions", **options)
-    results = run_directions(world_target(weights=weights), config, args.out, WorldCaptioner(weights),
+    config = world_directions_config(shapes_world.config, seeds=args.seeds, text_source=args.source or "captions",
+                                     **options)
+    results = run_directions(shapes_world.target(), config, args.out, shapes_world.captioner(),
                              progress=not args.quiet)
-    check = check_against_world(results, world)
-    from diffdissect.store.atomic import atomic_write_json
+    check = check_against_world(results, shapes_world.config)
+    from diffdissect.atomic import atomic_write_json
 
     atomic_write_json(Path(args.out) / "world_check.json", check)
     _print_directions(results, write_directions_report(results, args.out, check))
@@ -526,30 +529,38 @@ def _print_directions(results: dict[str, Any], report: Path) -> None:
     print(f"results: {Path(report).parent / 'results.json'}; report: {report}")
 
 
+def _shapes_world(args: argparse.Namespace):
+    """The shapes world of `--weights` (the committed one without it), checked once."""
+    from diffdissect.world import ShapesWorld
+
+    weights = getattr(args, "weights", None)
+    return ShapesWorld.load(Path(weights) if weights else None)
+
+
 def _invert_images(args: argparse.Namespace, target, seed: int):
     from diffdissect.invert.run import folder_images
-    from diffdissect.invert.world import world_attributes, world_images
+    from diffdissect.world.invert import world_attributes, world_images
 
     if args.images:
         return folder_images(args.images, target.resolution), None
-    batch = world_images(args.world_images, seed)
+    batch = world_images(_shapes_world(args), args.world_images, seed)
     return batch.images, world_attributes(batch)
 
 
 def cmd_invert_train(args: argparse.Namespace) -> int:
     from diffdissect.invert.data import images_to_pixels
     from diffdissect.invert.features import FeatureExtractor
-    from diffdissect.invert.run import load_classifier_spec, train_from_images
+    from diffdissect.invert.run import train_from_images
     from diffdissect.invert.train import InvertTrainConfig
-    from diffdissect.invert.world import TRAIN_SEED
+    from diffdissect.options import config_from_args
+    from diffdissect.world.invert import TRAIN_SEED, classifier_spec
 
     target = _target(args)
-    classifier, name = load_classifier_spec(args.classifier)
+    classifier, name = classifier_spec(args.classifier)
     extractor = FeatureExtractor(classifier, args.layer, mode=args.mode)
     images, attributes = _invert_images(args, target, TRAIN_SEED)
     extractor(images_to_pixels(images[:1]))           # a non-spatial layer fails here, before any data is written
-    config = InvertTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, cond_dropout=args.cond_dropout,
-                               checkpoint_every=args.checkpoint_every, seed=args.seed)
+    config = config_from_args(InvertTrainConfig, args)
     summary = train_from_images(target, extractor, name, images, args.out, config, attributes=attributes,
                                 progress=not args.quiet)
     print(f"{args.out}: {summary['steps']} steps on {summary['examples']} images, feature map "
@@ -560,19 +571,18 @@ def cmd_invert_train(args: argparse.Namespace) -> int:
 def cmd_invert_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
+    from PIL import Image
 
     from diffdissect.invert.data import images_to_pixels
     from diffdissect.invert.features import FeatureExtractor
     from diffdissect.invert.model import load_inverter
-    from diffdissect.invert.run import load_classifier_spec
     from diffdissect.invert.sample import invert
-    from diffdissect.invert.world import EVAL_SEED
     from diffdissect.report.figures import image_grid
-    from PIL import Image
+    from diffdissect.world.invert import EVAL_SEED, classifier_spec
 
     target = _target(args)
     inverter = load_inverter(args.inverter, pipeline_identity=target.identity())
-    classifier, _ = load_classifier_spec(args.classifier)
+    classifier, _ = classifier_spec(args.classifier)
     extractor = FeatureExtractor(classifier, inverter.info["layer"], mode=inverter.info["mode"])
     images, _ = _invert_images(args, target, EVAL_SEED)
     with torch.no_grad():
@@ -590,14 +600,13 @@ def cmd_invert_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_invert_eval(args: argparse.Namespace) -> int:
+    from diffdissect.atomic import atomic_write_json
     from diffdissect.invert.report import invert_section
-    from diffdissect.invert.world import evaluate_world, strip_images
     from diffdissect.report import Report
-    from diffdissect.store.atomic import atomic_write_json
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world.invert import evaluate_world, strip_images
 
-    weights = Path(args.weights) if args.weights else None
-    results = evaluate_world(world_target(weights=weights), weights=weights, n=args.images, seeds=tuple(args.seeds),
+    shapes_world = _shapes_world(args)
+    results = evaluate_world(shapes_world.target(), shapes_world, n=args.images, seeds=tuple(args.seeds),
                              guidance=args.guidance, steps=args.steps, progress=not args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -616,13 +625,12 @@ def cmd_invert_eval(args: argparse.Namespace) -> int:
 def cmd_invert_build_world(args: argparse.Namespace) -> int:
     import torch
 
-    from diffdissect.invert.world import build_world_inverters
-    from diffdissect.toy.stores import world_target
+    from diffdissect.world.invert import build_world_inverters
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    weights = Path(args.weights) if args.weights else None
-    summaries = build_world_inverters(world_target(weights=weights), weights=weights, images=args.images,
+    shapes_world = _shapes_world(args)
+    summaries = build_world_inverters(shapes_world.target(), shapes_world, images=args.images,
                                       scale=args.scale, only=args.only, progress=not args.quiet)
     for name, s in summaries.items():
         print(f"{name}: {s['steps']} steps, {s['steps_per_s']:.2f} steps/s, {s['wall_seconds']:.0f} s, "
@@ -655,22 +663,21 @@ def cmd_bench_distributed(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from diffdissect.demo import DemoConfig, run_demo
+    from diffdissect.world.demo import DemoConfig, run_demo
 
     config = DemoConfig(images=args.images, sae_epochs=args.sae_epochs, direction_seeds=args.direction_seeds,
                         inversion_images=args.inversion_images)
-    run_demo(Path(args.out), weights=Path(args.weights) if args.weights else None, config=config,
-             progress=not args.quiet)
+    run_demo(Path(args.out), shapes_world=_shapes_world(args), config=config, progress=not args.quiet)
     return 0
 
 
 def cmd_toy_build(args: argparse.Namespace) -> int:
-    from diffdissect.toy.build import DEFAULT_WEIGHTS, BuildRecipe, build_toy
+    from diffdissect.world.build import DEFAULT_WEIGHTS, BuildRecipe, build_toy
 
     recipe = BuildRecipe(seed=args.seed, threads=args.threads)
     if args.scale != 1.0:
         recipe = recipe.scaled(args.scale)
-    from diffdissect.toy.world import WorldConfig
+    from diffdissect.world.generator import WorldConfig
 
     world = WorldConfig.load(args.world) if args.world else None
     out = Path(args.out) if args.out else DEFAULT_WEIGHTS
@@ -688,14 +695,14 @@ def cmd_toy_eval(args: argparse.Namespace) -> int:
     import datetime
     import platform
 
-    from diffdissect.toy.build import DEFAULT_WEIGHTS
-    from diffdissect.toy.evaluate import EvalConfig, evaluate_toy, summary, write_toy_world_doc
+    from diffdissect.world.evaluate import EvalConfig, evaluate_toy, summary, write_toy_world_doc
 
     config = EvalConfig(samples=args.samples, steps=args.steps, guidance_full=args.guidance)
-    results = evaluate_toy(args.weights, config)
+    shapes_world = _shapes_world(args)
+    results = evaluate_toy(shapes_world, config)
     plain = summary(results)
     if args.save:
-        (Path(args.weights) if args.weights else DEFAULT_WEIGHTS).joinpath("eval.json").write_text(json.dumps(plain, indent=2))
+        shapes_world.directory.joinpath("eval.json").write_text(json.dumps(plain, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(plain, indent=2))
     if args.doc:
@@ -747,32 +754,16 @@ def cmd_bench_capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """diffusers/transformers progress bars and advisory warnings drown our own output."""
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from diffdissect import __version__
-
-        print(__version__)
+        print(version())
         return 0
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except DiffdissectError as exc:

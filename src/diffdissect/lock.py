@@ -37,7 +37,7 @@ class DirectoryLock:
         self.what = what
         self._key = ""
 
-    def acquire(self) -> "DirectoryLock":
+    def acquire(self) -> DirectoryLock:
         if self.directory.exists() and not self.directory.is_dir():
             raise DiffdissectError(f"{self.directory} is a file, not a directory; choose another output directory.")
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ class DirectoryLock:
         finally:
             os.close(fd)
 
-    def __enter__(self) -> "DirectoryLock":
+    def __enter__(self) -> DirectoryLock:
         return self.acquire()
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,

@@ -32,20 +32,21 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from diffdissect.capture.engine import capture, probe_row_shapes
-from diffdissect.capture.noising import add_noise
 from diffdissect.capture.hooks import LayerRecorder
 from diffdissect.capture.spec import CaptureSpec
 from diffdissect.data.sources import ArraySource, ImageRecord
 from diffdissect.data.transforms import to_model_pixels
 from diffdissect.models.load import load_target
+from diffdissect.models.noising import add_noise
 from diffdissect.models.target import Target
 
 TARGETS = {"mid": ("<", 0.7), "last": ("<=", 1.10), "memory": ("<=", 1.10)}
@@ -98,7 +99,7 @@ def set_threads(threads: int) -> None:
 
 # ---- models ------------------------------------------------------------------------------------
 def tiny_target(sample_size: int = TINY["sample_size"]) -> Target:
-    from diffdissect.toy.tiny import tiny_sd_pipeline
+    from diffdissect.models.tiny import tiny_sd_pipeline
 
     return load_target(tiny_sd_pipeline(sample_size=sample_size))
 
@@ -109,7 +110,7 @@ def sd15_pipeline(seed: int = 0):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffdissect.toy.tiny import sd15_unet, tiny_sd_pipeline
+    from diffdissect.models.tiny import sd15_unet, tiny_sd_pipeline
 
     tiny = tiny_sd_pipeline(seed)
     tokenizer = tiny.tokenizer
@@ -237,8 +238,8 @@ def plain_pass(case: Case) -> float:
             x_t = add_noise(scheduler, latents, noise, t)
             for b in range(0, n, bs):
                 batch = x_t[b:b + bs]
-                unet(batch, torch.full((len(batch),), t, dtype=torch.long),
-                     encoder_hidden_states=context.expand(len(batch), -1, -1)).sample
+                _ = unet(batch, torch.full((len(batch),), t, dtype=torch.long),
+                         encoder_hidden_states=context.expand(len(batch), -1, -1)).sample
     return time.perf_counter() - start
 
 
@@ -514,9 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    from diffdissect.cli import _quiet_libraries
+    from diffdissect.runtime import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     print(json.dumps(rss_child(args.images, args.out, args.threads)))
     return 0
 

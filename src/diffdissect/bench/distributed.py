@@ -30,14 +30,15 @@ def _worker(args: argparse.Namespace) -> None:
 
     from diffdissect.capture import CaptureSpec, capture
     from diffdissect.distributed import from_env
-    from diffdissect.toy.stores import world_source, world_target
+    from diffdissect.world.shapes import ShapesWorld
 
     torch.set_num_threads(1)
     dist = from_env()
-    source, _ = world_source(args.images)
+    world = ShapesWorld.load()
+    source, _ = world.source(args.images)
     spec = CaptureSpec(layers=LAYERS, timesteps=TIMESTEPS, seeds=[0], batch_size=32, shard_size=64, pooling="mean")
     started = time.perf_counter()
-    capture(world_target(), source, spec, args.out, progress=False, dist=dist)
+    capture(world.target(), source, spec, args.out, progress=False, dist=dist)
     elapsed = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.report, f"rank{dist.rank}.json").write_text(json.dumps({"seconds": elapsed, "peak_rss_mb": peak_mb}))

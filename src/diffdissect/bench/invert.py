@@ -21,16 +21,16 @@ import torch
 from diffdissect.invert.data import encode_batchwise
 from diffdissect.invert.run import train_per_sample
 from diffdissect.invert.train import InvertTrainConfig, train_inverter
-from diffdissect.invert.world import TRAIN_SEED, world_extractor, world_images
+from diffdissect.world.invert import TRAIN_SEED, world_extractor, world_images
+from diffdissect.world.shapes import ShapesWorld
 
 
 def bench_invert(*, images: int = 4096, steps: int = 40, rounds: int = 3, batch_size: int = 64,
-                 weights: Path | None = None) -> dict[str, Any]:
-    from diffdissect.toy.stores import world_target
-
-    target = world_target(weights=weights)
-    extractor = world_extractor("cnn", "spatial", weights)
-    batch = world_images(images, TRAIN_SEED, weights)
+                 world: ShapesWorld | None = None) -> dict[str, Any]:
+    world = world or ShapesWorld.load()
+    target = world.target()
+    extractor = world_extractor(world, "cnn", "spatial")
+    batch = world_images(world, images, TRAIN_SEED)
     started = time.perf_counter()
     latents, features = encode_batchwise(target, extractor, batch.images)
     precompute_s = time.perf_counter() - started

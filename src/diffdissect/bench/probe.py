@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_probe_tasks, fit_sklearn_probe
 from diffdissect.probe.labels import encode_labels
+from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_probe_tasks, fit_sklearn_probe
 from diffdissect.probe.splits import split_images
 from diffdissect.store import open_store
-from diffdissect.toy.stores import capture_world, world_target
-from diffdissect.toy.world import FACTORS
+from diffdissect.world.generator import FACTORS
+from diffdissect.world.shapes import ShapesWorld
 
 BENCH_LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
 BENCH_TIMESTEPS = [25, 200, 500, 800]
@@ -99,10 +99,11 @@ def run_probe_benchmark(images: int = 1024, store: str | None = None) -> dict[st
 
 
 def _capture_counting(store: str, images: int) -> float:
-    target = world_target()
+    world = ShapesWorld.load()
+    target = world.target()
     rows, handle = count_denoiser_rows(target.denoiser)
     try:
-        capture_world(store, images, BENCH_LAYERS, BENCH_TIMESTEPS, pooling="mean", target=target)
+        world.capture(store, images, BENCH_LAYERS, BENCH_TIMESTEPS, pooling="mean", target=target)
     finally:
         handle.remove()
     # the capture's single-sample shape probe runs on the meta device, or else as one extra 1-row call

@@ -112,7 +112,7 @@ def run_sae_benchmark(*, d_in: int = 512, expansion: int = 16, k: int = 32, batc
 
     runners = {"diffdissect": ours_step} | ({"sparsify": peer_step} if peer is not None else {})
     rates: dict[str, list[float]] = {name: [] for name in runners}
-    for name, step in runners.items():          # warm-up: one step each
+    for step in runners.values():               # warm-up: one step each
         step(batches[0])
     for r in range(rounds):
         order = list(runners) if r % 2 == 0 else list(reversed(runners))

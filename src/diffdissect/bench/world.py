@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from diffdissect.toy.world import sample_world
+from diffdissect.world.generator import sample_world
 
 TARGET_IMAGES_PER_S = 5000.0
 

@@ -11,17 +11,17 @@ import torch
 from tqdm.auto import tqdm
 
 from diffdissect.capture.hooks import LayerRecorder
-from diffdissect.capture.noising import add_noise, dry_inputs, noise_for, timestep_table
+from diffdissect.capture.layers import resolve_layers
 from diffdissect.capture.rows import cast_checked, to_rows
 from diffdissect.capture.spec import CaptureSpec
 from diffdissect.data.sources import ImageRecord, ImageSource, UnreadableInput
 from diffdissect.data.transforms import to_model_pixels
 from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import DataError, SpecError
-from diffdissect.models.layers import resolve_layers
-from diffdissect.models.target import Target
 from diffdissect.lock import DirectoryLock
 from diffdissect.models.identity import comparable
+from diffdissect.models.noising import add_noise, noise_for, timestep_table
+from diffdissect.models.target import Target
 from diffdissect.store.manifest import MANIFEST, Manifest, slice_key, spec_digest
 from diffdissect.store.writer import StoreWriter, check_store_directory
 
@@ -113,6 +113,9 @@ def _check_any_rows(manifest: Manifest, count: int, out: str | Path) -> None:
                         f"see {Path(out) / 'manifest.json'} for the reasons.")
 
 
+
+capture_images = capture   # the exported name, beside capture_trajectories (`diffdissect.capture_images`)
+
 def capture_chunk(target: Target, source: ImageSource, indices: range, spec: CaptureSpec, layers: list[str],
                   shapes: dict[str, tuple[int, ...]], recorder: LayerRecorder):
     """Capture one shard's worth of inputs. Returns (tensors by slice key, rows, skipped inputs)."""
@@ -167,7 +170,7 @@ def probe_row_shapes(target: Target, layers: list[str], spec: CaptureSpec) -> di
     The forward runs on the meta device (shapes only, no arithmetic: free even for SD-XL); a model
     that cannot run on meta falls back to a real single-sample forward.
     """
-    sample, timestep, cond = dry_inputs(target, spec.timesteps[0])
+    sample, timestep, cond = target.dry_inputs(spec.timesteps[0])
     with LayerRecorder(target.denoiser, layers, early_exit=True) as recorder:
         try:
             outputs = recorder.run(_meta_forward, target, sample, timestep, cond)

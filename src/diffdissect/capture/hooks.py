@@ -45,7 +45,7 @@ class LayerRecorder:
         self.order: list[str] = []
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "LayerRecorder":
+    def __enter__(self) -> LayerRecorder:
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._hook(name)))
         return self

@@ -15,19 +15,19 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffdissect.atomic import atomic_write_bytes
+from diffdissect.capture.engine import record_truncations, recorded_model
 from diffdissect.capture.hooks import LayerRecorder
-from diffdissect.capture.noising import timestep_table
+from diffdissect.capture.layers import resolve_layers
 from diffdissect.capture.rows import cast_checked, to_rows
 from diffdissect.capture.spec import TrajectorySpec
 from diffdissect.errors import SpecError
-from diffdissect.models.layers import resolve_layers
-from diffdissect.models.target import Target
-from diffdissect.store.atomic import atomic_write_bytes
-from diffdissect.store.manifest import IMAGES_DIR, Manifest, slice_key, spec_digest
-from diffdissect.store.writer import StoreWriter, check_store_directory
-from diffdissect.capture.engine import record_truncations, recorded_model
 from diffdissect.lock import DirectoryLock
 from diffdissect.models.identity import comparable
+from diffdissect.models.noising import timestep_table
+from diffdissect.models.target import Target
+from diffdissect.store.manifest import IMAGES_DIR, Manifest, slice_key, spec_digest
+from diffdissect.store.writer import StoreWriter, check_store_directory
 
 
 def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, *, progress: bool = True) -> Manifest:

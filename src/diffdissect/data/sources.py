@@ -9,14 +9,15 @@ import csv
 import hashlib
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
-from diffdissect.store.atomic import sha256_file
+from diffdissect.atomic import sha256_file
 from diffdissect.data.transforms import to_rgb
 from diffdissect.errors import DataError
 

@@ -1,9 +1,7 @@
 """Captioners: images -> text, pluggable. A captioner that fails on an image is a recorded skip.
 
 A captioner is any object with `name` and `caption(images) -> list[str]`, images as (N, H, W, 3)
-uint8. Built in:
-  * `WorldCaptioner`: the shapes world's attribute captioner (an independent network) writing the
-    world's full caption ("a small red square at the top left");
+uint8 (the shapes world's `WorldCaptioner` is one, from `diffdissect.world`). Built in:
   * `TransformersCaptioner`: an image-to-text model of transformers (BLIP-style, or a
     vision-encoder-decoder), loaded offline from a local directory.
 """
@@ -61,31 +59,6 @@ def caption_images(captioner: Captioner, images: np.ndarray, batch: int = 64) ->
     return CaptionResult(captions, errors)
 
 
-class WorldCaptioner:
-    """The shapes world's attribute captioner, as a full world caption."""
-
-    def __init__(self, weights: str | Path | None = None):
-        from diffdissect.toy.build import load_toy_classifier, load_world
-
-        self.world = load_world(weights)
-        self.model = load_toy_classifier("captioner", weights)
-        self.name = "shapes-world attribute captioner"
-
-    @torch.no_grad()
-    def caption(self, images: np.ndarray) -> list[str]:
-        from diffdissect.toy.classifiers import images_to_tensor
-        from diffdissect.toy.world import full_caption
-
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise DiffdissectError(f"expected (N, H, W, 3) images, got shape {images.shape}")
-        if images.shape[1:3] != (self.world.image_size, self.world.image_size):
-            raise DiffdissectError(f"the world captioner reads {self.world.image_size}x{self.world.image_size} images, "
-                                   f"got {images.shape[1]}x{images.shape[2]}")
-        pred = self.model.predict(images_to_tensor(images))
-        return [full_caption(self.world, {f: int(v[i]) for f, v in pred.items()}) for i in range(len(images))]
-
-
 class TransformersCaptioner:
     """A transformers image-to-text model from a local directory (no download): processor + generate."""
 
@@ -115,8 +88,6 @@ class TransformersCaptioner:
         return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
 
 
-def load_captioner(spec: str, weights: str | Path | None = None) -> Captioner:
-    """'world' (the shapes-world captioner), 'none', or a local transformers directory."""
-    if spec == "world":
-        return WorldCaptioner(weights)
+def load_captioner(spec: str) -> Captioner:
+    """A local transformers image-to-text directory (the shapes world's captioner: `ShapesWorld.captioner()`)."""
     return TransformersCaptioner(spec)

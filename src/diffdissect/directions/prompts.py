@@ -23,7 +23,7 @@ class Prompt:
         return {"text": self.text, "slots": dict(self.slots), "template": self.template}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Prompt":
+    def from_json(cls, data: dict) -> Prompt:
         return cls(data["text"], dict(data.get("slots") or {}), data.get("template"))
 
 

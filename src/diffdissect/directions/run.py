@@ -20,10 +20,10 @@ from PIL import Image
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
+from diffdissect.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from diffdissect.capture.spec import TrajectorySpec
 from diffdissect.capture.trajectory import capture_trajectories
-from diffdissect.directions.bias import (family_profile, holm, image_rates, latent_bias, make_questions,
-                                         rank_agreement)
+from diffdissect.directions.bias import family_profile, holm, image_rates, latent_bias, make_questions, rank_agreement
 from diffdissect.directions.captioners import Captioner, caption_images
 from diffdissect.directions.cluster import ari_with_null, cluster_prompts, project_out, prompt_means
 from diffdissect.directions.compute import METHODS, cosine_to_directions, directions
@@ -31,11 +31,9 @@ from diffdissect.directions.prompts import Prompt
 from diffdissect.directions.text import term_indicators
 from diffdissect.errors import DataError, SpecError
 from diffdissect.lock import DirectoryLock
-from diffdissect.store.atomic import remove_stale_temporaries
-from diffdissect.paths import safe_name
 from diffdissect.models.target import Target
+from diffdissect.paths import safe_name
 from diffdissect.store import open_store
-from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json
 from diffdissect.store.writer import canonical_safetensors
 
 SOURCES = ("captions", "prompts")

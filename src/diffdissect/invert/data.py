@@ -6,8 +6,9 @@ activation store (slices `latent@t=0` and `features@t=0`, with the images' attri
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

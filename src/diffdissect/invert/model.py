@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from diffdissect.atomic import atomic_write_bytes, atomic_write_json
 from diffdissect.errors import DiffdissectError
 from diffdissect.invert.features import FeatureError
-from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json
 
 FORMAT = "diffdissect-inverter"
 FORMAT_VERSION = 1

@@ -7,8 +7,9 @@ run on every batch), kept for the side-by-side cost benchmark.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from diffdissect.invert.data import FEATURES, LATENT, images_to_pixels, prepare_
 from diffdissect.invert.features import FeatureExtractor
 from diffdissect.invert.train import InvertTrainConfig, train_inverter
 from diffdissect.models.target import Target
+from diffdissect.runtime import load_factory
 from diffdissect.store import open_store
 
 
@@ -65,22 +67,12 @@ def train_per_sample(target: Target, extractor: FeatureExtractor, classifier_nam
                           progress=progress)
 
 
-def load_classifier_spec(spec: str, weights: Path | None = None) -> tuple[torch.nn.Module, str]:
-    """'world:cnn' / 'world:vit' (the shapes world's), or 'package.module:factory' (a callable returning a module)."""
-    import importlib
-
-    if spec.startswith("world:"):
-        from diffdissect.toy.build import load_toy_classifier
-
-        return load_toy_classifier(spec.split(":", 1)[1], weights), spec
-    module_name, sep, attr = spec.partition(":")
-    if not sep:
+def load_classifier_spec(spec: str) -> tuple[torch.nn.Module, str]:
+    """'package.module:factory' (a callable returning a module). The shapes world's 'world:cnn' / 'world:vit'
+    are resolved by `diffdissect.world.invert.classifier_spec`, which falls back to this."""
+    if ":" not in spec:
         raise DiffdissectError(f"--classifier {spec!r}: use world:cnn, world:vit or package.module:factory.")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise DiffdissectError(f"--classifier {spec!r} could not be imported: {err}") from None
-    model = factory()
+    model = load_factory(spec, what="--classifier")
     if not isinstance(model, torch.nn.Module):
         raise DiffdissectError(f"--classifier {spec!r} returned {type(model).__name__}, not a torch nn.Module.")
     return model.eval().requires_grad_(False), spec

@@ -14,23 +14,23 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from diffdissect.capture.noising import alphas_cumprod, denoiser_target
+from diffdissect.atomic import atomic_write_json, remove_stale_temporaries
 from diffdissect.errors import DiffdissectError
 from diffdissect.invert.model import Inverter, build_controlnet, controlled_prediction, load_inverter, save_inverter
-from diffdissect.models.target import Target
 from diffdissect.lock import DirectoryLock
-from diffdissect.store.atomic import remove_stale_temporaries
+from diffdissect.models.noising import alphas_cumprod, denoiser_target
+from diffdissect.models.target import Target
 from diffdissect.optim_state import optimizer_tensors, restore_optimizer
-from diffdissect.store.atomic import atomic_write_json
 
 PREVIOUS = "previous"          # the checkpoint before the current one, kept until the next one is complete
 CHECKPOINT_FILES = ("inverter.safetensors", "optimizer.safetensors", "config.json")
@@ -39,13 +39,21 @@ CHECKPOINT_FILES = ("inverter.safetensors", "optimizer.safetensors", "config.jso
 @dataclass
 class InvertTrainConfig:
     steps: int = 3000
+    """training steps (optimiser updates)"""
     batch_size: int = 64
+    """training images per step"""
     lr: float = 3e-4
+    """AdamW learning rate (after warm-up; cosine decay to the end)"""
     warmup: int = 100
+    """linear warm-up steps"""
     cond_dropout: float = 0.15
+    """fraction of steps whose feature map is dropped (all zero): what guidance contrasts with"""
     hint_hidden: int = 64
+    """channels of the hint block that maps the feature map to the latent grid"""
     checkpoint_every: int = 500
+    """steps between checkpoints (weights and Adam state; a rerun resumes from the last)"""
     seed: int = 0
+    """seed of the initialisation and of every per-step draw"""
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1:

@@ -1,6 +1,5 @@
-"""Loading diffusion targets (pipelines, bare denoisers, plain modules) and listing their layers."""
-from diffdissect.models.target import Target
+"""Loading diffusion targets (pipelines, bare denoisers, plain modules) and their noise schedules."""
 from diffdissect.models.load import load_target
-from diffdissect.models.layers import LayerInfo, list_layers, resolve_layers
+from diffdissect.models.target import Target
 
-__all__ = ["Target", "load_target", "LayerInfo", "list_layers", "resolve_layers"]
+__all__ = ["Target", "load_target"]

@@ -37,7 +37,7 @@ def config_digest(config: Any) -> str:
     return hashlib.sha256(json.dumps(clean_config(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def update_with_module(h: "hashlib._Hash", name: str, module: nn.Module | None) -> None:
+def update_with_module(h: hashlib._Hash, name: str, module: nn.Module | None) -> None:
     """Feed a module's class, config and every tensor's name, dtype, shape and bytes into `h`."""
     h.update(f"<{name}:{type(module).__name__ if module is not None else None}>".encode())
     if module is None:

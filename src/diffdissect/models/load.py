@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from torch import nn
 
 from diffdissect.errors import ModelLoadError
 from diffdissect.models.target import Target
+from diffdissect.runtime import load_factory
 
 _HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")   # "./x" or "../x" is a path, never a hub id
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -166,16 +166,7 @@ def _load_hub(repo_id: str, *, dtype, cache_dir, local_files_only) -> Target:
 def _load_factory(spec: str) -> Target:
     from diffusers import DiffusionPipeline
 
-    module_name, attr = spec.split(":")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ModelLoadError(f"cannot import {spec!r}: {exc}") from exc
-    try:
-        made = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
-    except Exception as exc:
-        raise ModelLoadError(f"{spec} failed when called with no arguments: {exc!r}; the factory must "
-                             "build the model without arguments.") from exc
+    made = load_factory(spec, what="model", error=ModelLoadError)
     if isinstance(made, DiffusionPipeline):
         return from_pipeline(made, spec)
     if not isinstance(made, nn.Module):
@@ -258,7 +249,7 @@ def from_module(model: nn.Module, source: str, scheduler: Any = None) -> Target:
 def _size(model: nn.Module) -> int:
     cfg = getattr(model, "config", None)
     size = getattr(cfg, "sample_size", None) if cfg is not None else None
-    size = size if size is not None else getattr(model, "sample_size")
+    size = size if size is not None else model.sample_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 

@@ -25,14 +25,14 @@ class Target:
       module:               denoiser(sample, t)
     """
 
-    denoiser: nn.Module
+    denoiser: Any                            # an nn.Module; diffusers models carry .config and more
     scheduler: Any
     kind: TargetKind
     source: str
     resolution: int                          # pixel resolution of image inputs
     pixel_channels: int = 3
-    vae: nn.Module | None = None
-    text_encoder: nn.Module | None = None
+    vae: Any = None                          # AutoencoderKL (or None: pixel-space denoiser)
+    text_encoder: Any = None
     tokenizer: Any = None
     pipeline: Any = None
     null_class: int | None = None            # class id meaning "unconditional" (DiT), if any
@@ -78,7 +78,7 @@ class Target:
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of the denoiser's input."""
         cfg = getattr(self.denoiser, "config", None)
-        channels = int(getattr(cfg, "in_channels", None) or getattr(self.denoiser, "in_channels"))
+        channels = int(getattr(cfg, "in_channels", None) or self.denoiser.in_channels)
         size = self.resolution // self.vae_scale_factor
         return channels, size, size
 
@@ -88,7 +88,7 @@ class Target:
             return 1
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Target":
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Target:
         for module in (self.denoiser, self.vae, self.text_encoder):
             if module is not None:
                 module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
@@ -173,6 +173,14 @@ class Target:
     def forward(self, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> Any:
         args, kwargs = self.call_arguments(sample, t, cond)
         return self.denoiser(*args, **kwargs)
+
+    def dry_inputs(self, t: int | None = None, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """A zero sample, a timestep and default conditioning: enough for a shape-probing forward."""
+        c, h, w = self.sample_shape()
+        sample = torch.zeros(batch, c, h, w, device=self.device, dtype=self.dtype)
+        t = self.num_train_timesteps // 2 if t is None else t
+        timestep = torch.full((batch,), t, device=self.device, dtype=torch.long)
+        return sample, timestep, self.conditioning(None, None, batch)
 
     # ---- identity ----------------------------------------------------------------------------
     def identity(self, known: dict[str, Any] | None = None) -> dict[str, Any]:

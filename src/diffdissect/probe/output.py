@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from diffdissect.atomic import atomic_write_bytes
 from diffdissect.paths import safe_name
 from diffdissect.report import Report, Section, heatmap
-from diffdissect.store.atomic import atomic_write_bytes
 
 CSV_COLUMNS = ("label", "condition", "head", "layer", "t", "accuracy", "ci_low", "ci_high", "seed_std",
                "chance_uniform", "chance_majority", "chance_constant", "l2", "val_accuracy", "train_accuracy",

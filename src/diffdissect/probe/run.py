@@ -6,8 +6,9 @@ every layer). Cells with the same feature width are fitted together in one batch
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_probe_tasks
 from diffdissect.probe.splits import SPLITS, Split, SplitSpec, split_from_column, split_images
 from diffdissect.stats import bootstrap_mean_ci
 from diffdissect.store import StoreReader, open_store
+
 
 @dataclass
 class ProbeConfig:

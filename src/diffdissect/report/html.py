@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from diffdissect.store.atomic import atomic_write_bytes
+from diffdissect.atomic import atomic_write_bytes
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -31,26 +32,26 @@ class Section:
     title: str
     blocks: list[str] = field(default_factory=list)
 
-    def paragraph(self, text: str) -> "Section":
+    def paragraph(self, text: str) -> Section:
         self.blocks.append(f"<p>{html.escape(text)}</p>")
         return self
 
-    def note(self, text: str) -> "Section":
+    def note(self, text: str) -> Section:
         self.blocks.append(f'<p class="note">{html.escape(text)}</p>')
         return self
 
-    def code(self, text: str) -> "Section":
+    def code(self, text: str) -> Section:
         self.blocks.append(f"<pre><code>{html.escape(text)}</code></pre>")
         return self
 
-    def table(self, header: Sequence[Any], rows: Sequence[Sequence[Any]], caption: str | None = None) -> "Section":
+    def table(self, header: Sequence[Any], rows: Sequence[Sequence[Any]], caption: str | None = None) -> Section:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
         cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
         self.blocks.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         return self
 
-    def image(self, png: bytes, caption: str = "", width: int | None = None) -> "Section":
+    def image(self, png: bytes, caption: str = "", width: int | None = None) -> Section:
         src = "data:image/png;base64," + base64.b64encode(png).decode()
         size = f' width="{int(width)}"' if width else ""
         self.blocks.append(f'<figure><img src="{src}"{size} alt="{html.escape(caption, quote=True)}">'

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffdissect.atomic import atomic_write_bytes
 from diffdissect.sae.features import ImageActivations
-from diffdissect.store.atomic import atomic_write_bytes
 
 THUMB = 64
 

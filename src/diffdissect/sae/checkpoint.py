@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from diffdissect.atomic import atomic_write_bytes, atomic_write_json
 from diffdissect.errors import DiffdissectError, StoreError
 from diffdissect.sae.model import SAEConfig, TopKSAE
-from diffdissect.store.atomic import atomic_write_bytes, atomic_write_json
 from diffdissect.store.writer import canonical_safetensors
 
 CHECKPOINT, CONFIG = "checkpoint.safetensors", "config.json"

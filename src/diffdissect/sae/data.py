@@ -1,8 +1,8 @@
 """SAE inputs from a store slice: pooled rows, or every spatial location as a token; a held-out split by image."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch

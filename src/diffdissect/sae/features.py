@@ -8,19 +8,20 @@ deviation of integer class ids) for comparison with its paper only.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from diffdissect.probe.labels import is_missing, label_columns as store_label_columns
+from diffdissect.probe.labels import is_missing
+from diffdissect.probe.labels import label_columns as store_label_columns
 from diffdissect.sae.checkpoint import check_d_in, load_sae
 from diffdissect.sae.data import SliceData
 from diffdissect.store import open_store
-
 
 MAX_MAP_VALUES = 64_000_000
 

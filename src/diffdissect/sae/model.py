@@ -97,6 +97,9 @@ class _SparseEncode(torch.autograd.Function):
 
 
 class TopKSAE(nn.Module):
+    input_scale: torch.Tensor
+    threshold: torch.Tensor
+
     def __init__(self, config: SAEConfig):
         super().__init__()
         config.validate()

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from diffdissect.atomic import atomic_write_bytes
 from diffdissect.report import Report, Section, heatmap, image_grid
 from diffdissect.sae.browser import browser_data, write_browser
 from diffdissect.sae.features import analyse_features
 from diffdissect.store import open_store
-from diffdissect.store.atomic import atomic_write_bytes
 
 
 def image_source_for(store: str | Path, images: str | None = None):

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from diffdissect.errors import DiffdissectError, SpecError, StoreError
+from diffdissect.atomic import remove_stale_temporaries
 from diffdissect.distributed import SINGLE, Dist
-from diffdissect.optim_state import optimizer_tensors, restore_optimizer
+from diffdissect.errors import DiffdissectError, SpecError, StoreError
 from diffdissect.lock import DirectoryLock
-from diffdissect.store.atomic import remove_stale_temporaries
+from diffdissect.optim_state import optimizer_tensors, restore_optimizer
 from diffdissect.paths import safe_name
 from diffdissect.sae.checkpoint import has_checkpoint, is_legacy, load_sae, load_state, read_config, save_checkpoint
 from diffdissect.sae.data import SliceData
@@ -56,7 +56,7 @@ class TrainConfig:
     checkpoint_every: int = 250
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

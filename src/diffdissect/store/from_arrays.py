@@ -1,8 +1,9 @@
 """A store from features computed elsewhere (another tool, a synthetic benchmark): the same format as a capture."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

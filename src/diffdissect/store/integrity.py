@@ -11,23 +11,23 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from diffdissect.atomic import sha256_file
 from diffdissect.errors import StoreError
-from diffdissect.store.atomic import sha256_file
 
-if TYPE_CHECKING:
-    from diffdissect.store.manifest import Manifest, ShardRecord
-
+# shards and manifests are typed loosely here: store.manifest calls this module, so it cannot import that one
+ShardRecord = Any
+Manifest = Any
 SHARDS_DIR = "shards"
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _verified: dict[tuple[str, int, int], str] = {}      # (real path, size, mtime_ns) -> sha256 seen to match
 _lock = threading.Lock()
 
 
-def check_manifest_fields(manifest: "Manifest", stated_rows: Any = None) -> None:
+def check_manifest_fields(manifest: Manifest, stated_rows: Any = None) -> None:
     """Cheap checks on a manifest as read: shard names, counts, duplicate names, the stated total."""
     names = set()
     for shard in manifest.shards:
@@ -63,7 +63,7 @@ def shard_path(directory: str | Path, name: str) -> Path:
     return path
 
 
-def check_checksum(path: Path, shard: "ShardRecord") -> None:
+def check_checksum(path: Path, shard: ShardRecord) -> None:
     """The shard's size and sha256 against the manifest; a file version seen to match is not hashed again."""
     if not path.is_file():
         raise StoreError(f"shard {shard.name} is listed in the manifest but missing from {path.parent}; run the same "
@@ -90,7 +90,7 @@ def remember_verified(path: Path, sha256: str) -> None:
         _verified[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = sha256
 
 
-def shard_problem(path: Path, shard: "ShardRecord") -> str | None:
+def shard_problem(path: Path, shard: ShardRecord) -> str | None:
     """Why a committed shard cannot be trusted (missing, truncated, corrupt, unreadable), or None."""
     from safetensors import safe_open
 
@@ -108,7 +108,7 @@ def shard_problem(path: Path, shard: "ShardRecord") -> str | None:
     return None
 
 
-def check_block(block: torch.Tensor, shard: "ShardRecord", key: str) -> None:
+def check_block(block: torch.Tensor, shard: ShardRecord, key: str) -> None:
     """A block read from a shard: as many rows as the manifest says, and finite."""
     if block.shape[0] != shard.rows:
         raise StoreError(f"shard {shard.name}: slice {key} has {block.shape[0]} rows, the manifest says {shard.rows}; "
@@ -125,7 +125,7 @@ def check_block(block: torch.Tensor, shard: "ShardRecord", key: str) -> None:
                          "(with --dtype bfloat16 or float32 if the model overflows float16).")
 
 
-def check_rows(rows: list[Any], shard: "ShardRecord") -> None:
+def check_rows(rows: list[Any], shard: ShardRecord) -> None:
     if len(rows) != shard.rows:
         raise StoreError(f"shard {shard.name} lists {len(rows)} rows, the manifest says {shard.rows}; the store is "
                          "corrupt (run `diffdissect store verify`).")

@@ -93,7 +93,7 @@ class Manifest:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Manifest":
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise StoreError("manifest.json is not a diffdissect store manifest (no 'format' field).")
         if int(data.get("format_version", -1)) > FORMAT_VERSION:
@@ -118,7 +118,7 @@ class Manifest:
         return manifest
 
     @classmethod
-    def load(cls, directory: Path) -> "Manifest":
+    def load(cls, directory: Path) -> Manifest:
         path = Path(directory) / MANIFEST
         if not path.is_file():
             raise StoreError(f"{directory} is not an activation store: {MANIFEST} is missing. "

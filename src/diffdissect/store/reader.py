@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from diffdissect.store.manifest import FORMAT_VERSION, Manifest, ShardRecord, sl
 ArrayFormat = Literal["numpy", "torch"]
 
 
-def open_store(directory: Path | str) -> "StoreReader":
+def open_store(directory: Path | str) -> StoreReader:
     """Open an activation store for reading."""
     return StoreReader(Path(directory))
 

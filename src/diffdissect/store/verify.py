@@ -8,8 +8,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from diffdissect.atomic import TMP_SUFFIX, sha256_file
 from diffdissect.errors import StoreError
-from diffdissect.store.atomic import TMP_SUFFIX, sha256_file
 from diffdissect.store.integrity import shard_path
 from diffdissect.store.manifest import INDEX, SHARDS_DIR, Manifest, parse_slice_key, slice_key
 

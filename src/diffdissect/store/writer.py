@@ -12,18 +12,19 @@ import errno
 import io
 import json
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from diffdissect import __version__
+from diffdissect.atomic import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import StoreError
-from diffdissect.store.atomic import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from diffdissect.lock import LOCK_NAME
+from diffdissect.runtime import version
 from diffdissect.store.integrity import remember_verified, shard_problem
 from diffdissect.store.manifest import FORMAT_VERSION, INDEX, MANIFEST, SHARDS_DIR, Manifest, ShardRecord
 
@@ -79,13 +80,13 @@ class StoreWriter:
         self._rank_records: list[ShardRecord] = []
 
     @classmethod
-    def open(cls, directory: Path | str, manifest: Manifest, dist: Dist = SINGLE) -> "StoreWriter":
+    def open(cls, directory: Path | str, manifest: Manifest, dist: Dist = SINGLE) -> StoreWriter:
         """Start a new store, or resume one written with the same spec. Refuses to mix specs.
 
         Distributed: rank 0 creates or resumes the store (merging the shard lists that ranks of an
         interrupted run left behind); the other ranks wait for it, then open the same store."""
         directory = Path(directory)
-        manifest.diffdissect_version = __version__
+        manifest.diffdissect_version = version()
         if not dist.enabled:
             return cls._open_main(directory, manifest, dist)
         status = torch.zeros(1)
@@ -104,14 +105,14 @@ class StoreWriter:
         return writer if writer is not None else cls(directory, Manifest.load(directory), dist)
 
     @classmethod
-    def _open_main(cls, directory: Path, manifest: Manifest, dist: Dist) -> "StoreWriter":
+    def _open_main(cls, directory: Path, manifest: Manifest, dist: Dist) -> StoreWriter:
         writer = cls._open_store(directory, manifest)
         writer.dist = dist
         writer._merge_rank_records()
         return writer
 
     @classmethod
-    def _open_store(cls, directory: Path, manifest: Manifest) -> "StoreWriter":
+    def _open_store(cls, directory: Path, manifest: Manifest) -> StoreWriter:
         if (directory / MANIFEST).exists():
             existing = Manifest.load(directory)
             if existing.format_version < FORMAT_VERSION and (existing.shards or existing.complete):

@@ -11,14 +11,15 @@ from typing import Any
 
 import diffusers
 import numpy as np
-from diffusers.models.attention_processor import AttnProcessor
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor
 
-from diffdissect.capture.noising import denoiser_target, x0_error_weights
-from diffdissect.toy.text import build_clip_text_encoder, build_clip_tokenizer
-from diffdissect.toy.training import EMA, cosine_lr, run_steps, seeded
-from diffdissect.toy.world import WorldConfig, captions_for, sample_world
+from diffdissect.models.noising import denoiser_target, x0_error_weights
+from diffdissect.models.text import build_clip_text_encoder, build_clip_tokenizer
+from diffdissect.runtime import seeded
+from diffdissect.world.generator import WorldConfig, captions_for, sample_world
+from diffdissect.world.training import EMA, cosine_lr, run_steps
 
 
 @dataclass
@@ -45,7 +46,7 @@ class PipelineRecipe:
     x0_weight: float = 0.1             # loss per unit x0 error = SNR + x0_weight (0: epsilon's weighting, 1: v's)
     threads: int | None = None
 
-    def scaled(self, factor: float) -> "PipelineRecipe":
+    def scaled(self, factor: float) -> PipelineRecipe:
         """The same recipe with step counts multiplied by `factor` (smoke builds use tiny factors)."""
         out = PipelineRecipe(**asdict(self))
         out.vae_steps = max(2, int(self.vae_steps * factor))

@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffdissect.errors import DiffdissectError
-from diffdissect.toy.training import run_steps, seeded
-from diffdissect.toy.world import FACTORS, WorldConfig, sample_world
+from diffdissect.runtime import seeded, version
+from diffdissect.world.generator import FACTORS, WorldConfig, sample_world
+from diffdissect.world.training import run_steps
 
 WEIGHTS_FORMAT = 1
 
@@ -168,12 +169,10 @@ MODEL_CLASSES = {cls.__name__: cls for cls in (ShapesCNN, ShapesViT, AttributeCa
 
 
 def save_classifier(model: nn.Module, directory: Path, extra: dict[str, Any] | None = None) -> None:
-    from diffdissect import __version__
-
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
     config = {"class": type(model).__name__, "kwargs": model.config, "weights_format": WEIGHTS_FORMAT,
-              "diffdissect_version": __version__, **(extra or {})}
+              "diffdissect_version": version(), **(extra or {})}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 

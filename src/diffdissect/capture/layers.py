@@ -47,13 +47,12 @@ def list_layers(target: Target, *, max_depth: int | None = 2, contains: str | No
                 t: int | None = None, include_silent: bool = False) -> list[LayerInfo]:
     """Hookable modules (up to `max_depth` dotted parts) with their output shapes, in execution order."""
     from diffdissect.capture.hooks import LayerRecorder
-    from diffdissect.capture.noising import dry_inputs
 
     paths = [p for p in module_paths(target)
              if (max_depth is None or p.count(".") < max_depth) and (contains is None or contains in p)]
     modules = dict(target.denoiser.named_modules())
     recorder = LayerRecorder(target.denoiser, paths, early_exit=False, on_missing_tensor="skip")
-    sample, timestep, cond = dry_inputs(target, t)
+    sample, timestep, cond = target.dry_inputs(t)
     with recorder:
         target.forward(sample, timestep, cond)
     order = {p: i for i, p in enumerate(recorder.order)}

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from diffdissect.errors import SpecError
-from diffdissect.models.target import Target
 
 
 def alphas_cumprod(scheduler: Any) -> Any:
@@ -121,11 +120,3 @@ def _alpha_bar_per_item(scheduler: Any, t: torch.Tensor) -> torch.Tensor:
     """alpha_bar at each batch item's training index `t`, float64 on the CPU."""
     return torch.as_tensor(alphas_cumprod(scheduler), dtype=torch.float64)[t.cpu()]
 
-
-def dry_inputs(target: Target, t: int | None = None, batch: int = 1):
-    """A zero sample, a timestep and default conditioning: enough for a shape-probing forward."""
-    c, h, w = target.sample_shape()
-    sample = torch.zeros(batch, c, h, w, device=target.device, dtype=target.dtype)
-    t = target.num_train_timesteps // 2 if t is None else t
-    timestep = torch.full((batch,), t, device=target.device, dtype=torch.long)
-    return sample, timestep, target.conditioning(None, None, batch)

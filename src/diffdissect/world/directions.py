@@ -7,7 +7,7 @@ import numpy as np
 
 from diffdissect.directions.prompts import build_prompt_set
 from diffdissect.directions.run import BiasSpec, DirectionsConfig
-from diffdissect.toy.world import WorldConfig
+from diffdissect.world.generator import WorldConfig
 
 TEMPLATES = ["a {colour} {shape}", "a {shape}", "a {size} {shape}"]
 ORDER = ["strong", "medium", "weak", "unbiased"]
@@ -19,7 +19,7 @@ def world_directions_config(world: WorldConfig, seeds: int = 256, **overrides: A
     towards the mode, and the question is what the model defaults to."""
     prompts = build_prompt_set(templates=TEMPLATES, slot_values={
         "colour": list(world.colours), "shape": list(world.shapes), "size": list(world.sizes)})
-    options = dict(seeds=list(range(seeds)), guidance_scale=1.0, batch_size=64,
+    options: dict[str, Any] = dict(seeds=list(range(seeds)), guidance_scale=1.0, batch_size=64,
                    bias=[BiasSpec("colour", list(world.colours), [f"a {s}" for s in world.shapes])],
                    cluster_by="shape", cluster_remove="colour")
     options.update(overrides)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from diffdissect.stats import wilson
-from diffdissect.toy.build import load_toy_classifier, load_toy_pipeline, load_world
-from diffdissect.toy.classifiers import factor_accuracy, images_to_tensor
-from diffdissect.toy.world import FACTORS, WorldConfig, captions_for, sample_factors
+from diffdissect.world.classifiers import factor_accuracy, images_to_tensor
+from diffdissect.world.generator import FACTORS, WorldConfig, captions_for, sample_factors
+from diffdissect.world.shapes import ShapesWorld
 
 GENERATED_END = "<!-- end of the figures written by `diffdissect toy eval --doc`; what follows is kept -->"
 TARGETS = {"full_prompt_match": 0.90, "colour_rate_max_error": 0.10, "captioner_accuracy": 0.98}
@@ -48,12 +48,15 @@ def generate(pipe: Any, prompts: list[str], *, steps: int, guidance: float, seed
     return np.concatenate(out)
 
 
-def evaluate_toy(weights: str | Path | None = None, config: EvalConfig | None = None, *, progress: bool = True) -> dict[str, Any]:
+def evaluate_toy(shapes_world: ShapesWorld | None = None, config: EvalConfig | None = None, *,
+                 progress: bool = True) -> dict[str, Any]:
+    """The checks above on a shapes world (default: the committed one)."""
     config = config or EvalConfig()
-    world = load_world(weights)
-    pipe = load_toy_pipeline(weights)
+    shapes_world = shapes_world or ShapesWorld.load()
+    world = shapes_world.config
+    pipe = shapes_world.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    captioner = load_toy_classifier("captioner", weights)
+    captioner = shapes_world.classifier("captioner")
     results: dict[str, Any] = {"config": asdict(config), "targets": TARGETS}
 
     accuracy = factor_accuracy(captioner, world, n=max(2000, config.samples))

@@ -1,22 +1,12 @@
-"""Small shared training utilities: seeded RNG scope, an EMA of parameters, a progress-bar step loop."""
+"""Small shared training utilities: an EMA of parameters, a progress-bar step loop."""
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run under a forked CPU RNG seeded with `seed`: the caller's CPU and CUDA RNG states are untouched
-    (only the CPU generator is seeded, so CUDA is never initialised)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        yield
 
 
 class EMA:

@@ -19,19 +19,16 @@ from typing import Any
 import numpy as np
 
 from diffdissect.directions import directions_section, run_directions
-from diffdissect.directions.captioners import WorldCaptioner
-from diffdissect.directions.world import check_against_world, world_directions_config
 from diffdissect.invert.report import invert_section
-from diffdissect.invert.world import evaluate_world, strip_images
-from diffdissect.models import load_target
 from diffdissect.probe import ProbeConfig, probe_section, run_probes, summary_rows, write_probe_outputs
 from diffdissect.report import Report, image_grid
 from diffdissect.sae import TrainConfig, train_sae
 from diffdissect.sae.report import sae_section, write_feature_outputs
 from diffdissect.store import open_store, verify_store
-from diffdissect.toy.build import check_weights, load_world, pipeline_dir
-from diffdissect.toy.stores import HELD_OUT_SEED, capture_world, world_source
-from diffdissect.toy.world import FACTORS, WorldConfig
+from diffdissect.world.directions import check_against_world, world_directions_config
+from diffdissect.world.generator import FACTORS, WorldConfig
+from diffdissect.world.invert import evaluate_world, strip_images
+from diffdissect.world.shapes import HELD_OUT_SEED, ShapesWorld
 
 DEMO_LAYERS = ["down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
 DEMO_TIMESTEPS = [25, 200, 500, 800]
@@ -54,21 +51,22 @@ class DemoConfig:
     inversion_steps: int = 10            # sampler steps per reconstruction (the eval command uses 20)
 
 
-def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | None = None,
+def run_demo(out: Path, *, shapes_world: ShapesWorld | None = None, config: DemoConfig | None = None,
              progress: bool = True) -> dict[str, Any]:
+    """The demo on a shapes world (default: the committed one), written into `out`."""
     config = config or DemoConfig()
     start = time.perf_counter()
-    weights = check_weights(weights)
-    world = load_world(weights)
+    shapes_world = shapes_world or ShapesWorld.load()
+    world = shapes_world.config
     out.mkdir(parents=True, exist_ok=True)
-    target = load_target(str(pipeline_dir(weights)))
-    print(f"shapes world: pipeline {pipeline_dir(weights)} ({sum(p.numel() for p in target.denoiser.parameters()):,} UNet parameters)")
-    source, batch = world_source(config.images, weights=weights)
+    target = shapes_world.target()
+    print(f"shapes world: pipeline {shapes_world.pipeline_dir} ({sum(p.numel() for p in target.denoiser.parameters()):,} UNet parameters)")
+    source, batch = shapes_world.source(config.images)
 
-    capture_world(out / "store", config.images, DEMO_LAYERS, DEMO_TIMESTEPS, pooling="none", weights=weights,
-                  target=target, source=source, progress=progress)
-    capture_world(out / "store_random_init", config.images, DEMO_LAYERS, DEMO_TIMESTEPS, pooling="mean",
-                  weights=weights, random_init=True, source=source, progress=progress)
+    shapes_world.capture(out / "store", config.images, DEMO_LAYERS, DEMO_TIMESTEPS, pooling="none",
+                         target=target, source=source, progress=progress)
+    shapes_world.capture(out / "store_random_init", config.images, DEMO_LAYERS, DEMO_TIMESTEPS, pooling="mean",
+                         random_init=True, source=source, progress=progress)
     verified = verify_store(out / "store").ok
     reader = open_store(out / "store")
     print(f"captured {reader.num_rows} held-out images x {len(DEMO_LAYERS)} layers x {len(DEMO_TIMESTEPS)} timesteps "
@@ -102,11 +100,11 @@ def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | Non
                   f"factor values with AUROC >= 0.95: {feats['values_with_auroc_ge_0.95']}/{feats['values_total']}")
     examples = _best_feature_examples(features[0], source) if features else []
 
-    directions = _directions(out, target, world, weights, config, progress) if config.direction_seeds else None
+    directions = _directions(out, target, shapes_world, config, progress) if config.direction_seeds else None
 
     inversion = None
     if config.inversion_images:
-        inversion = evaluate_world(target, weights=weights, n=config.inversion_images, seeds=(0,),
+        inversion = evaluate_world(target, shapes_world, n=config.inversion_images, seeds=(0,),
                                    steps=config.inversion_steps)
         for name, m in inversion["reconstruction"].items():
             f = m["factors"]
@@ -118,8 +116,9 @@ def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | Non
     results: dict[str, Any] = {
         "config": asdict(config),
         "world": {"config": world.to_json(), "planted_colour_given_shape": world.planted_rates()},
-        "pipeline": {"path": str(pipeline_dir(weights)), "build": json.loads((weights / "build.json").read_text()),
-                     "eval": _load_json(weights / "eval.json")},
+        "pipeline": {"path": str(shapes_world.pipeline_dir),
+                     "build": json.loads((shapes_world.directory / "build.json").read_text()),
+                     "eval": _load_json(shapes_world.directory / "eval.json")},
         "capture": {"store": str(out / "store"), "rows": reader.num_rows, "verified": verified,
                     "layers": reader.manifest.layers, "timesteps": reader.manifest.timesteps},
         "probes": {k: v for k, v in probes.items() if k != "split_by_image"} | {"summary": summary_rows(probes)},
@@ -148,13 +147,14 @@ def run_demo(out: Path, *, weights: Path | None = None, config: DemoConfig | Non
     return results
 
 
-def _directions(out: Path, target, world: WorldConfig, weights: Path, config: DemoConfig, progress: bool):
+def _directions(out: Path, target, shapes_world: ShapesWorld, config: DemoConfig, progress: bool):
     """Decoding Diffusion on the world: what 'a {shape}' defaults to, checked against the planted rates."""
     run_dir = out / "directions"
     if run_dir.exists():
         shutil.rmtree(run_dir)                          # the demo's own earlier run (maybe other weights)
+    world = shapes_world.config
     settings = world_directions_config(world, seeds=config.direction_seeds, permutations=500, resamples=500)
-    results = run_directions(target, settings, run_dir, WorldCaptioner(weights), progress=progress)
+    results = run_directions(target, settings, run_dir, shapes_world.captioner(), progress=progress)
     check = check_against_world(results, world)
     for r in results["summary"]["families"]["colour"]["subjects"]:
         print(f"default of {r['subject']!r}: latent {r['top']} {r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] "

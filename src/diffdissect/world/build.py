@@ -1,6 +1,6 @@
 """`diffdissect toy build`: train the shapes world's pipeline and classifiers from scratch, reproducibly.
 
-The result is a weights directory (committed under diffdissect/toy/weights, a few MB):
+The result is a weights directory (committed under diffdissect/world/weights, a few MB):
 
     build.json      diffdissect version, weights format, recipe, timings, held-out accuracies
     world.json      the world config (factors, planted rates)
@@ -23,10 +23,19 @@ from typing import Any
 import torch
 
 from diffdissect.errors import DiffdissectError
-from diffdissect.toy.classifiers import (AttributeCaptioner, ShapesCNN, ShapesViT, class_accuracy, class_names,
-                                         factor_accuracy, load_classifier, save_classifier, train_classifier)
-from diffdissect.toy.pipeline import PipelineRecipe, build_pipeline
-from diffdissect.toy.world import FACTORS, WorldConfig
+from diffdissect.runtime import version
+from diffdissect.world.classifiers import (
+    AttributeCaptioner,
+    ShapesCNN,
+    ShapesViT,
+    class_accuracy,
+    class_names,
+    factor_accuracy,
+    save_classifier,
+    train_classifier,
+)
+from diffdissect.world.generator import FACTORS, WorldConfig
+from diffdissect.world.pipeline import PipelineRecipe, build_pipeline
 
 WEIGHTS_FORMAT = 1
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights"
@@ -41,7 +50,7 @@ class BuildRecipe:
     captioner_steps: int = 600
     threads: int | None = None
 
-    def scaled(self, factor: float) -> "BuildRecipe":
+    def scaled(self, factor: float) -> BuildRecipe:
         return BuildRecipe(seed=self.seed, pipeline=self.pipeline.scaled(factor), threads=self.threads,
                            cnn_steps=max(2, int(self.cnn_steps * factor)), vit_steps=max(2, int(self.vit_steps * factor)),
                            captioner_steps=max(2, int(self.captioner_steps * factor)))
@@ -82,7 +91,8 @@ def build_toy(out: str | Path = DEFAULT_WEIGHTS, recipe: BuildRecipe | None = No
               desc=name, lr=1e-3 if name == "vit" else 2e-3)
         extra = {"labels": names} if name != "captioner" else {"factor_values": {f: world.values(f) for f in FACTORS}}
         save_classifier(model, staging / name, extra)
-        metrics[name] = factor_accuracy(model, world) if name == "captioner" else {"class_accuracy": class_accuracy(model, world)}
+        metrics[name] = (factor_accuracy(model, world) if isinstance(model, AttributeCaptioner)
+                         else {"class_accuracy": class_accuracy(model, world)})
     info = {"weights_format": WEIGHTS_FORMAT, "diffdissect_version": _version(), "recipe": asdict(recipe),
             "timings_s": timings, "metrics": metrics, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine()}
@@ -99,9 +109,7 @@ def build_toy(out: str | Path = DEFAULT_WEIGHTS, recipe: BuildRecipe | None = No
 
 
 def _version() -> str:
-    from diffdissect import __version__
-
-    return __version__
+    return version()
 
 
 # ---- loading the committed weights ----------------------------------------------------------------
@@ -122,23 +130,3 @@ def check_weights(directory: str | Path | None = None) -> Path:
             raise DiffdissectError(f"the shapes-world weights at {directory} are incomplete ({part} missing). {rebuild}")
     return directory
 
-
-def load_world(directory: str | Path | None = None) -> WorldConfig:
-    return WorldConfig.load(check_weights(directory) / "world.json")
-
-
-def pipeline_dir(directory: str | Path | None = None) -> Path:
-    return check_weights(directory) / "pipeline"
-
-
-def load_toy_pipeline(directory: str | Path | None = None):
-    """The trained toy pipeline, through stock `diffusers.DiffusionPipeline.from_pretrained`."""
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(pipeline_dir(directory))
-
-
-def load_toy_classifier(name: str, directory: str | Path | None = None):
-    if name not in ("cnn", "vit", "captioner"):
-        raise DiffdissectError(f"unknown toy classifier {name!r}; choose cnn, vit or captioner.")
-    return load_classifier(check_weights(directory) / name)

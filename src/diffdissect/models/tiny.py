@@ -22,8 +22,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 from transformers import CLIPTokenizer
 
-from diffdissect.toy.text import build_clip_text_encoder, build_clip_tokenizer
-from diffdissect.toy.training import seeded
+from diffdissect.models.text import build_clip_text_encoder, build_clip_tokenizer
+from diffdissect.runtime import seeded
 
 __all__ = [
     "TinyDenoiser",

@@ -6,15 +6,18 @@ world (every shape in every colour), from seeds no other part of the build uses.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from diffdissect.invert.features import FeatureExtractor
-from diffdissect.toy.build import check_weights, load_toy_classifier, load_world
-from diffdissect.toy.classifiers import balanced_world
-from diffdissect.toy.world import FACTORS, sample_world
+from diffdissect.invert.run import load_classifier_spec
+from diffdissect.world.classifiers import balanced_world
+from diffdissect.world.generator import FACTORS, WorldBatch, sample_world
+from diffdissect.world.shapes import ShapesWorld
 
 WORLD_LAYERS = {"cnn": "block2", "vit": "blocks.3"}
 WORLD_INVERTERS = (("cnn", "spatial", 3000), ("cnn", "pooled", 2000), ("vit", "spatial", 3000))   # (classifier, mode, steps)
@@ -22,36 +25,39 @@ TRAIN_SEED = 71_000_000
 EVAL_SEED = 72_000_000
 
 
-def world_extractor(classifier: str, mode: str = "spatial", weights: Path | None = None) -> FeatureExtractor:
+def classifier_spec(spec: str, world: ShapesWorld | None = None) -> tuple[torch.nn.Module, str]:
+    """A `--classifier` value: 'world:cnn' / 'world:vit' (the shapes world's; `world` default: the committed
+    one), or 'package.module:factory' (a callable returning a module)."""
+    if spec.startswith("world:"):
+        model = (world or ShapesWorld.load()).classifier(spec.split(":", 1)[1])
+        return model, spec
+    return load_classifier_spec(spec)
+
+
+def world_extractor(world: ShapesWorld, classifier: str, mode: str = "spatial") -> FeatureExtractor:
     if classifier not in WORLD_LAYERS:
         raise ValueError(f"the shapes world has classifiers {sorted(WORLD_LAYERS)}, not {classifier!r}.")
-    return FeatureExtractor(load_toy_classifier(classifier, weights), WORLD_LAYERS[classifier], mode=mode)
+    return FeatureExtractor(world.classifier(classifier), WORLD_LAYERS[classifier], mode=mode)
 
 
-def world_images(n: int, seed: int, weights: Path | None = None):
+def world_images(world: ShapesWorld, n: int, seed: int) -> WorldBatch:
     """Balanced-world images, their factor labels (names) and the CNN/ViT class index."""
-    world = load_world(weights)
-    batch = sample_world(n, seed=seed, config=balanced_world(world))
-    return batch
+    return sample_world(n, seed=seed, config=balanced_world(world.config))
 
 
-def world_attributes(batch) -> dict[str, list[str]]:
+def world_attributes(batch: WorldBatch) -> dict[str, Sequence[Any]]:
     return {f: batch.labels(f) for f in FACTORS}
 
 
-def inverter_dir(classifier: str, mode: str, weights: Path | None = None) -> Path:
-    return check_weights(weights) / "inverters" / f"{classifier}-{mode}"
-
-
-def palette_and_background(weights: Path | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    world = load_world(weights)
-    return (np.array(list(world.colours.values()), np.float32), np.array(world.background, np.float32),
-            list(world.colours))
+def palette_and_background(world: ShapesWorld) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    config = world.config
+    return (np.array(list(config.colours.values()), np.float32), np.array(config.background, np.float32),
+            list(config.colours))
 
 
 
 # ---- evaluation on the world ------------------------------------------------------------------------
-def evaluate_world(target, *, weights: Path | None = None, n: int = 256, seeds: tuple[int, ...] = (0, 1, 2),
+def evaluate_world(target, world: ShapesWorld, *, n: int = 256, seeds: tuple[int, ...] = (0, 1, 2),
                    guidance: float = 3.0, steps: int = 20, classifiers: tuple[str, ...] = ("cnn", "vit"),
                    applications: bool = True, progress: bool = False) -> dict[str, Any]:
     """Spatial and pooled inverters side by side, then steering, composites and robustness (CNN, spatial)."""
@@ -63,22 +69,22 @@ def evaluate_world(target, *, weights: Path | None = None, n: int = 256, seeds: 
     from diffdissect.invert.model import load_inverter
     from diffdissect.invert.sample import invert
 
-    judge = load_toy_classifier("captioner", weights)
-    batch = world_images(n, EVAL_SEED, weights)
+    judge = world.classifier("captioner")
+    batch = world_images(world, n, EVAL_SEED)
     pixels = images_to_pixels(batch.images)
     results: dict[str, Any] = {"n": n, "seeds": list(seeds), "guidance": guidance, "steps": steps,
                                "reconstruction": {}, "missing": [], "grids": {"originals": batch.images[:8]}}
-    reference = world_images(n, EVAL_SEED + 1, weights).images          # an independent real sample
+    reference = world_images(world, n, EVAL_SEED + 1).images          # an independent real sample
     for clf in tqdm(classifiers, desc="inverters", disable=not progress):
-        spatial = world_extractor(clf, "spatial", weights)
+        spatial = world_extractor(world, clf, "spatial")
         for mode in [m for c, m, _ in WORLD_INVERTERS if c == clf]:
-            directory = inverter_dir(clf, mode, weights)
+            directory = world.inverter_dir(clf, mode)
             if not (directory / "config.json").is_file():
                 results["missing"].append(f"{clf}-{mode}")
                 continue
             inverter = load_inverter(directory, pipeline_identity=target.identity())
             with torch.no_grad():
-                features = world_extractor(clf, mode, weights)(pixels)
+                features = world_extractor(world, clf, mode)(pixels)
             recs = invert(target, inverter, features, seeds=seeds, guidance=guidance, steps=steps)
             metrics = evaluate_reconstructions(batch.images, recs[:, 0], classifier=spatial.model, extractor=spatial,
                                                judge=judge, reference=reference)
@@ -94,11 +100,11 @@ def evaluate_world(target, *, weights: Path | None = None, n: int = 256, seeds: 
             metrics["training"] = _training_info(directory)
             results["reconstruction"][f"{clf}-{mode}"] = metrics
             results["grids"][f"{clf}-{mode}"] = recs[:8]
-    if applications and (inverter_dir("cnn", "spatial", weights) / "config.json").is_file():
-        inverter = load_inverter(inverter_dir("cnn", "spatial", weights), pipeline_identity=target.identity())
-        extractor = world_extractor("cnn", "spatial", weights)
+    if applications and (world.inverter_dir("cnn", "spatial") / "config.json").is_file():
+        inverter = load_inverter(world.inverter_dir("cnn", "spatial"), pipeline_identity=target.identity())
+        extractor = world_extractor(world, "cnn", "spatial")
         results["steering"] = _steering(target, inverter, extractor, judge, batch, guidance, steps)
-        results["composites"] = _composites(target, inverter, extractor, batch, guidance, steps, weights)
+        results["composites"] = _composites(target, inverter, extractor, batch, guidance, steps, world)
         results["robustness"] = _robustness(target, inverter, extractor, judge, batch, guidance, steps)
     return results
 
@@ -127,7 +133,8 @@ def _steering(target, inverter, extractor, judge, batch, guidance, steps, source
     if not len(chosen) or not (batch.factors["colour"] == dst).any():
         return {"skipped": f"no {source} or no {goal} images among the {len(batch)} evaluated; use more images."}
     before = {f: batch.factors[f][chosen] for f in FACTORS}
-    out = {"factor": "colour", "from": source, "to": goal, "n": int(len(chosen)), "alphas": {}, "grids": {}}
+    out: dict[str, Any] = {"factor": "colour", "from": source, "to": goal, "n": int(len(chosen)), "alphas": {},
+                           "grids": {}}
     for alpha in alphas:
         recs = invert(target, inverter, steer(features[chosen], direction, alpha), guidance=guidance, steps=steps,
                       ids=chosen.tolist())[:, 0]
@@ -140,7 +147,7 @@ def _steering(target, inverter, extractor, judge, batch, guidance, steps, source
     return out
 
 
-def _composites(target, inverter, extractor, batch, guidance, steps, weights) -> dict[str, Any]:
+def _composites(target, inverter, extractor, batch, guidance, steps, world: ShapesWorld) -> dict[str, Any]:
     import torch
 
     from diffdissect.invert.applications import region_colour, splice
@@ -158,7 +165,7 @@ def _composites(target, inverter, extractor, batch, guidance, steps, weights) ->
     left = features[[i for i, _ in pairs]]
     right = features[[j for _, j in pairs]]
     recs = invert(target, inverter, splice(left, right), guidance=guidance, steps=steps)[:, 0]
-    palette, background, _ = palette_and_background(weights)
+    palette, background, _ = palette_and_background(world)
     got_left = region_colour(recs, palette, background, "left")
     got_right = region_colour(recs, palette, background, "right")
     want_left = np.array([colour[i] for i, _ in pairs])
@@ -177,7 +184,7 @@ def _robustness(target, inverter, extractor, judge, batch, guidance, steps, n: i
     from diffdissect.invert.data import images_to_pixels
     from diffdissect.invert.evaluate import judge_joint_logits
     from diffdissect.invert.sample import invert
-    from diffdissect.toy.classifiers import class_labels
+    from diffdissect.world.classifiers import class_labels
 
     images = batch.images[:n]
     truth = class_labels(batch.config, {f: v[:n] for f, v in batch.factors.items()})
@@ -201,10 +208,10 @@ def _robustness(target, inverter, extractor, judge, batch, guidance, steps, n: i
 # ---- building the committed inverters ---------------------------------------------------------------
 
 
-def build_world_inverters(target, *, weights: Path | None = None, images: int = 16384, batch_size: int = 64,
+def build_world_inverters(target, world: ShapesWorld, *, images: int = 16384, batch_size: int = 64,
                           lr: float = 1e-3, scale: float = 1.0, only: list[str] | None = None,
                           progress: bool = True) -> dict[str, Any]:
-    """Train the shapes world's inverters into `weights/inverters/` (each swapped in only when complete).
+    """Train the shapes world's inverters into `<weights directory>/inverters/` (each swapped in only when complete).
 
     Training data (latents + features of `images` balanced-world images) lives in a temporary directory
     and is removed afterwards; the committed directory holds the weights and config only."""
@@ -216,20 +223,19 @@ def build_world_inverters(target, *, weights: Path | None = None, images: int = 
     from diffdissect.invert.run import train_from_images
     from diffdissect.invert.train import InvertTrainConfig
 
-    weights = check_weights(weights)
-    batch = world_images(images, TRAIN_SEED, weights)
+    batch = world_images(world, images, TRAIN_SEED)
     summaries = {}
     for clf, mode, steps in WORLD_INVERTERS:
         name = f"{clf}-{mode}"
         if only and name not in only:
             continue
-        final = inverter_dir(clf, mode, weights)
+        final = world.inverter_dir(clf, mode)
         with tempfile.TemporaryDirectory(prefix="diffdissect-invert-") as tmp:
             staging = Path(tmp) / name
             started = time.perf_counter()
             config = InvertTrainConfig(steps=max(1, int(steps * scale)), batch_size=batch_size, lr=lr,
                                        checkpoint_every=500)
-            summary = train_from_images(target, world_extractor(clf, mode, weights), clf, batch.images, staging, config,
+            summary = train_from_images(target, world_extractor(world, clf, mode), clf, batch.images, staging, config,
                                         attributes=world_attributes(batch), data_dir=Path(tmp) / "data",
                                         progress=progress)
             summary["wall_seconds"] = time.perf_counter() - started

@@ -121,7 +121,7 @@ class WorldConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "WorldConfig":
+    def from_json(cls, data: dict[str, Any]) -> WorldConfig:
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
@@ -135,7 +135,7 @@ class WorldConfig:
         return cls(**data)
 
     @classmethod
-    def load(cls, path: str | Path) -> "WorldConfig":
+    def load(cls, path: str | Path) -> WorldConfig:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
