@@ -455,7 +455,7 @@ def test_inverter_kill_mid_checkpoint_resumes_from_previous(tmp_path, sd_dir, mo
     straight = tmp_path / "straight"
     job_invert(str(sd_dir), str(straight))
     from diffdissect.invert import model as invert_model
-    from diffdissect.store import atomic
+    from diffdissect import atomic
 
     out = tmp_path / "killed"
     real, writes = atomic.atomic_write_bytes, []
