@@ -454,8 +454,8 @@ def test_an_sae_out_reused_with_another_store_is_refused(tmp_path, sae_reference
 def test_inverter_kill_mid_checkpoint_resumes_from_previous(tmp_path, sd_dir, monkeypatch):
     straight = tmp_path / "straight"
     job_invert(str(sd_dir), str(straight))
-    from diffdissect.invert import model as invert_model
     from diffdissect import atomic
+    from diffdissect.invert import model as invert_model
 
     out = tmp_path / "killed"
     real, writes = atomic.atomic_write_bytes, []

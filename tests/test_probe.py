@@ -42,7 +42,8 @@ def store(tmp_path):
 
 
 # ---- the maths ------------------------------------------------------------------------------------
-def test_batched_fit_matches_sklearn_per_cell():
+@pytest.mark.parametrize("solver", ["batched", "lbfgsb"])
+def test_batched_fit_matches_sklearn_per_cell(solver):
     rng = np.random.default_rng(1)
     cells, n, d = 4, 300, 10
     y = rng.integers(0, 3, n)
@@ -52,8 +53,8 @@ def test_batched_fit_matches_sklearn_per_cell():
     tr, va, te = slice(0, 180), slice(180, 240), slice(240, 300)
     grid = (1e-3, 1e-2, 1e-1, 1.0)
     fit = fit_linear_probes(torch.from_numpy(x[:, tr]), torch.from_numpy(y[tr]), torch.from_numpy(x[:, va]),
-                            torch.from_numpy(y[va]), torch.from_numpy(x[:, te]), 3, l2_grid=grid)
-    assert fit.converged
+                            torch.from_numpy(y[va]), torch.from_numpy(x[:, te]), 3, l2_grid=grid, solver=solver)
+    assert fit.converged and fit.solver == solver
     for c in range(cells):
         ref = fit_sklearn_probe(x[c, tr], y[tr], x[c, va], y[va], x[c, te], l2_grid=grid)
         assert fit.chosen[c] == ref["chosen"]

@@ -156,37 +156,44 @@ def test_float16_and_bfloat16_stores_hold_the_same_activations(store, bf16_store
     np.testing.assert_allclose(maps_bf16.mean(axis=(2, 3)), pooled16, atol=0.05)
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("batch_size", [2, 5, 7])
-def test_streaming_reads_one_shard_at_a_time(store, batch_size, shuffle):
-    """iter_batches reads lazily, one shard per read, each shard once; when it reads a shard, no shard
-    before the previous one is still held in memory."""
+def test_streaming_reads_one_shard_at_a_time(store, batch_size):
+    """In order, iter_batches maps lazily, one shard per view, each shard once; when it maps a shard, no shard
+    before the previous one is still held."""
     reader = open_store(store)
-    real_read = reader._read
+    real_view = reader.view
     reads: list[str] = []
     held: list[weakref.ref] = []
 
     def spy(shard, key):
         still_held = [reads[i] for i, ref in enumerate(held[:-1]) if ref() is not None]
         assert not still_held, f"reading {shard.name} while {still_held} are still in memory"
-        block = real_read(shard, key)
+        block = real_view(shard, key)
         assert key == "mid@t=500" and len(block) == shard.rows
         reads.append(shard.name)
         held.append(weakref.ref(block))
         return block
 
-    reader._read = spy
-    batches = reader.iter_batches("mid", 500, batch_size=batch_size, shuffle=shuffle)
+    reader.view = spy
+    batches = reader.iter_batches("mid", 500, batch_size=batch_size)
     next(batches)
     rows = {s.name: s.rows for s in reader.manifest.shards}
     # lazy: the first batch reads only the shards it needs
     assert sum(rows[n] for n in reads) >= batch_size > sum(rows[n] for n in reads[:-1])
     rest = list(batches)
     assert 1 + len(rest) == -(-N_ROWS // batch_size)
-    names = [s.name for s in reader.manifest.shards]
-    assert sorted(reads) == names                              # every shard exactly once
-    if not shuffle:
-        assert reads == names
+    assert reads == [s.name for s in reader.manifest.shards]          # every shard exactly once, in order
+
+
+@pytest.mark.parametrize("batch_size", [2, 5, 7])
+def test_shuffled_reads_give_every_row_once(store, batch_size):
+    reader = open_store(store)
+    expected = reader.load("mid", 500)
+    seen = []
+    for batch, ids in reader.iter_batches("mid", 500, batch_size=batch_size, shuffle=True, seed=3, with_rows=True):
+        np.testing.assert_array_equal(batch, expected[ids])
+        seen.extend(ids.tolist())
+    assert sorted(seen) == list(range(N_ROWS)) and seen != sorted(seen)
 
 
 def test_load_names_a_missing_shard(store, tmp_path):

@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-missing", action="store_true", help="probe without rows whose label is missing")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs [2000]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the probes are fitted: cpu, cuda, cuda:N, mps [cpu]")
+    p.add_argument("--solver", choices=["auto", "batched", "lbfgsb"], default="auto",
+                   help="linear probes: lbfgsb (scipy per problem), batched (all cells at once), auto (lbfgsb on "
+                        "the CPU, batched elsewhere) [auto]")
     p.add_argument("--out", required=True, help="output directory (probes.json/.csv, splits.csv, heatmaps, report)")
     p.set_defaults(func=cmd_probe)
 
@@ -109,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--epochs", type=float, default=None, help="passes over the training tokens [10]")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="where the SAE trains: cpu, cuda, cuda:N, mps [cpu]")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the dense encoder matmul; weights stay float32 [float32]")
+    p.add_argument("--mix-shards", type=int, default=None, help="shuffle buffer, in shards [4]")
     p.add_argument("--out", required=True, help="runs directory: one sub-directory per SAE (resumed if present)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sae_train)
@@ -119,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=16, help="top images per latent [16]")
     p.add_argument("--images", default=None, help="image folder of the capture (for thumbnails) [from the manifest]")
     p.add_argument("--out", default=None, help="output directory [the SAE directory]")
+    p.add_argument("--device", default="cpu", help="where the codes are computed: cpu, cuda, cuda:N, mps [cpu]")
     p.set_defaults(func=cmd_sae_features)
 
     directions = sub.add_parser("directions", help="prompt-driven h-space directions and what prompts default to "
@@ -230,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_commands.add_parser("probe", help="the probe sweep: batched fit vs scikit-learn, passes per (image, t)")
     p.add_argument("--images", type=int, default=1024, help="shapes-world images to capture [1024]")
     p.add_argument("--store", default=None, help="use this store instead of capturing the shapes world")
+    p.add_argument("--revelio-scale", action="store_true",
+                   help="synthetic features at Revelio's scale (d 1280, 5,000 images, 8 cells) instead")
+    p.add_argument("--threads", type=int, default=None, help="torch and BLAS threads, both sides [torch's default]")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_probe)
     p = bench_commands.add_parser("sae", help="SAE training throughput vs EleutherAI sparsify, side by side")
@@ -243,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-install", action="store_true", help="do not pip-install the peer if it is missing")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_sae)
+    p = bench_commands.add_parser("datapath", help="store -> batches (token stream, reader, SAE) vs a raw read")
+    p.add_argument("--rows", type=int, default=1024, help="rows of the synthetic spatial store [1024]")
+    p.add_argument("--d-in", type=int, default=1280, help="channels per location [1280]")
+    p.add_argument("--map", type=int, default=8, help="h = w of each row's map [8]")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sae-steps", type=int, default=6, help="SAE steps per timed round [6]")
+    p.add_argument("--no-features", action="store_true", help="skip the sae features memory measurement")
+    p.add_argument("--threads", type=int, default=1, help="torch threads [1]")
+    p.add_argument("--json", default=None, help="write results to this JSON file")
+    p.set_defaults(func=cmd_bench_datapath)
     p = bench_commands.add_parser("invert", help="inverter training: precomputed features vs per sample (FeatInv)")
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--steps", type=int, default=40, help="steps per variant per round")
@@ -428,7 +450,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                          split=SplitSpec(*args.split), split_column=args.split_column,
                          l2_grid=tuple(args.l2 or DEFAULT_L2_GRID), shuffled_control=args.shuffled_control,
                          random_init_store=args.random_init_store, drop_missing=args.drop_missing,
-                         bootstrap=args.bootstrap, seed=args.seed)
+                         bootstrap=args.bootstrap, seed=args.seed, device=args.device, solver=args.solver)
     results = run_probes(args.store, config)
     paths = write_probe_outputs(results, args.out)
     report = Report(f"diffdissect probe: {args.store}")
@@ -448,7 +470,8 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
 
     flags = {"layer": args.layers, "t": args.timesteps, "k": args.k, "expansion": args.expansion,
              "n_latents": args.n_latents, "variant": args.variant, "tokens": args.tokens, "lr": args.lr,
-             "batch_size": args.batch_size, "steps": args.steps, "epochs": args.epochs, "seed": args.seed}
+             "batch_size": args.batch_size, "steps": args.steps, "epochs": args.epochs, "seed": args.seed,
+             "device": args.device, "dtype": args.dtype, "mix_shards": args.mix_shards}
     file_options = json.loads(Path(args.config).read_text()) if args.config else {}
     from diffdissect.distributed import from_env
 
@@ -466,7 +489,7 @@ def cmd_sae_features(args: argparse.Namespace) -> int:
     from diffdissect.sae.report import write_feature_outputs
 
     paths = write_feature_outputs(args.sae, store=args.store, labels=args.labels, top_n=args.top,
-                                  images=args.images, out=args.out)
+                                  images=args.images, out=args.out, device=args.device)
     print(f"features: {paths['json']}\nbrowser: {paths['browser']} (open it in a web browser; no server needed)")
     return 0
 
@@ -727,9 +750,18 @@ def cmd_bench_world(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_probe(args: argparse.Namespace) -> int:
-    from diffdissect.bench.probe import run_probe_benchmark
+    from diffdissect.bench.probe import run_probe_benchmark, run_revelio_scale_benchmark
 
-    result = run_probe_benchmark(images=args.images, store=args.store)
+    if args.revelio_scale:
+        result = run_revelio_scale_benchmark(threads=args.threads or 1)
+    else:
+        if args.threads:
+            import torch
+            from threadpoolctl import threadpool_limits
+
+            torch.set_num_threads(args.threads)
+            threadpool_limits(args.threads)
+        result = run_probe_benchmark(images=args.images, store=args.store)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0 if all(result["pass"].values()) else 1
@@ -743,6 +775,17 @@ def cmd_bench_sae(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0 if all(result["pass"].values()) else 1
+
+
+def cmd_bench_datapath(args: argparse.Namespace) -> int:
+    from diffdissect.bench.datapath import print_table, run_datapath_benchmark
+
+    result = run_datapath_benchmark(rows=args.rows, d=args.d_in, hw=args.map, rounds=args.rounds,
+                                    sae_steps=args.sae_steps, features=not args.no_features, threads=args.threads)
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
 
 
 def cmd_bench_capture(args: argparse.Namespace) -> int:

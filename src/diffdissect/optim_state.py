@@ -18,6 +18,8 @@ def optimizer_tensors(optimiser: torch.optim.Optimizer, module: nn.Module, prefi
 def restore_optimizer(optimiser: torch.optim.Optimizer, module: nn.Module, state: dict[str, torch.Tensor],
                       prefix: str = "adam") -> None:
     for name, p in module.named_parameters():
-        entries = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{prefix}.{name}.")}
+        # moments follow the parameter's device; 0-dim entries (Adam's step) stay on the CPU, where torch wants them
+        entries = {k.rsplit(".", 1)[1]: (v.to(p.device) if v.dim() else v) for k, v in state.items()
+                   if k.startswith(f"{prefix}.{name}.")}
         if entries:
             optimiser.state[p] = entries

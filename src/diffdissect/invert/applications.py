@@ -65,13 +65,13 @@ def region_colour(images: np.ndarray, palette: np.ndarray, background: np.ndarra
 
 # ---- corruptions and attacks (pixels in [-1, 1]) ------------------------------------------------------
 def gaussian_noise(pixels: torch.Tensor, std: float = 0.4, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (pixels + std * torch.randn(pixels.shape, generator=g)).clamp(-1, 1)
+    g = torch.Generator(device="cpu").manual_seed(seed)          # the same noise on every device
+    return (pixels + std * torch.randn(pixels.shape, generator=g, device="cpu").to(pixels.device)).clamp(-1, 1)
 
 
 def gaussian_blur(pixels: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     radius = int(3 * sigma)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=pixels.device)
     kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
     kernel = kernel / kernel.sum()
     c = pixels.shape[1]

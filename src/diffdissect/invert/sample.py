@@ -33,8 +33,8 @@ def invert(target: Target, inverter: Inverter, features: torch.Tensor, *, seeds:
     for start in range(0, len(jobs), batch):
         part = jobs[start:start + batch]
         feats = features[[i for i, _ in part]].float()
-        noise = torch.stack([torch.randn(target_latent_shape(target), generator=torch.Generator().manual_seed(
-            int(s) * 1_000_003 + int(ids[i]))) for i, s in part])
+        noise = torch.stack([torch.randn(target_latent_shape(target), device="cpu", generator=torch.Generator(
+            device="cpu").manual_seed(int(s) * 1_000_003 + int(ids[i]))) for i, s in part])
         out.append(_sample_batch(target, inverter, feats.to(target.device), noise.to(target.device), guidance, steps))
     images = np.concatenate(out)
     return images.reshape(len(features), len(seeds), *images.shape[1:])

@@ -100,9 +100,10 @@ def _train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sh
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             idx = torch.randint(0, n_examples, (config.batch_size,), generator=g)
             x0, feats = batch_of(idx)
-            keep = (torch.rand(config.batch_size, generator=g) >= config.cond_dropout).float()[:, None, None, None]
-            t = torch.randint(0, len(ab), (config.batch_size,), generator=g)
-            noise = torch.randn(x0.shape, generator=g)
+            # drawn on the CPU (the same draws on every device), then moved
+            keep = (torch.rand(config.batch_size, generator=g, device="cpu") >= config.cond_dropout).float()[:, None, None, None]
+            t = torch.randint(0, len(ab), (config.batch_size,), generator=g, device="cpu")
+            noise = torch.randn(x0.shape, generator=g, device="cpu")
             x0, feats, keep, t, noise = (v.to(device) for v in (x0, feats, keep, t, noise))
             a = ab[t][:, None, None, None]
             noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise

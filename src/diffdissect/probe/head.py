@@ -18,7 +18,7 @@ class AttentiveHead(nn.Module):
     def __init__(self, channels: int, n_classes: int, width: int = 64, size: tuple[int, int] = (8, 8)):
         super().__init__()
         self.reduce = nn.Conv2d(channels, width, 1)
-        self.position = nn.Parameter(torch.randn(1, width, *size) * 0.02)   # where a feature is can matter
+        self.position = nn.Parameter(torch.randn(1, width, *size, device="cpu") * 0.02)   # where a feature is can matter
         self.mix = nn.Conv2d(width, width, 3, padding=1)
         self.score = nn.Conv2d(width, 1, 1)
         self.classify = nn.Linear(width, n_classes)
@@ -48,10 +48,12 @@ def fit_attentive_head(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torc
     mean = x_train.float().mean((0, 2, 3), keepdim=True)
     std = x_train.float().std((0, 2, 3), keepdim=True).clamp_min(1e-6)
     x_train, x_val, x_test = ((x.float() - mean) / std for x in (x_train, x_val, x_test))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AttentiveHead(x_train.shape[1], n_classes, width, tuple(x_train.shape[2:]))
+    device = x_train.device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    y_train, y_val = y_train.to(device), y_val.to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)                  # the same initial head on every device: built on the CPU, moved
+        model = AttentiveHead(x_train.shape[1], n_classes, width, tuple(x_train.shape[2:])).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     best = (-1.0, 0, {k: v.clone() for k, v in model.state_dict().items()})
 
@@ -62,7 +64,7 @@ def fit_attentive_head(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torc
 
     for epoch in range(epochs):
         model.train()
-        for idx in torch.randperm(len(x_train), generator=generator).split(batch_size):
+        for idx in torch.randperm(len(x_train), generator=generator, device="cpu").to(device).split(batch_size):
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -73,4 +75,4 @@ def fit_attentive_head(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torc
     model.load_state_dict(best[2])
     return HeadFit(val_accuracy=best[0], best_epoch=best[1],
                    train_accuracy=float((predict(x_train) == y_train).float().mean()),
-                   test_pred=predict(x_test).numpy())
+                   test_pred=predict(x_test).cpu().numpy())

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffdissect.devices import resolve_device
 from diffdissect.errors import DataError
 from diffdissect.probe.head import fit_attentive_head
 from diffdissect.probe.labels import EncodedLabels, encode_labels
@@ -38,6 +39,11 @@ class ProbeConfig:
     seed: int = 0
     max_iter: int = 500
     batch_mb: float = 1024.0                 # feature memory per batched fit
+    device: str = "cpu"
+    """where the probes are fitted: cpu, cuda, cuda:N, mps"""
+    solver: str = "auto"
+    """linear probes: lbfgsb (scipy per problem, warm-started down the L2 grid), batched (every cell at once),
+    or auto (lbfgsb on the CPU, batched on an accelerator)"""
 
     def validate(self) -> None:
         if not self.labels:
@@ -46,6 +52,8 @@ class ProbeConfig:
             raise DataError(f"head must be 'linear' or 'attentive', not {self.head!r}")
         if not self.l2_grid or min(self.l2_grid) <= 0:
             raise DataError(f"the L2 grid must hold positive strengths; got {list(self.l2_grid)}")
+        if self.solver not in ("auto", "batched", "lbfgsb"):
+            raise DataError(f"solver must be auto, batched or lbfgsb, not {self.solver!r}")
 
 
 @dataclass
@@ -66,6 +74,7 @@ class ProbeTask:
 def run_probes(store: str, config: ProbeConfig, *, progress: bool = True) -> dict[str, Any]:
     """Probe every requested cell for every label (plus the requested controls). Returns plain data."""
     config.validate()
+    device = resolve_device(config.device)
     start = time.perf_counter()
     reader = open_store(store)
     cells = _cells(reader, config)
@@ -91,7 +100,7 @@ def run_probes(store: str, config: ProbeConfig, *, progress: bool = True) -> dic
             skipped += [{"condition": condition, "layer": l, "t": t, "reason": "cell not in the control store"}
                         for l, t in cells if (l, t) not in available]
         for group, features in _feature_groups(source, available, config):
-            for (condition, name), per_cell in _fit(features, batch_tasks, config).items():
+            for (condition, name), per_cell in _fit(features.to(device), batch_tasks, config).items():
                 for cell, scores in zip(group, per_cell):
                     results.append({"label": name, "layer": cell[0], "t": cell[1], "condition": condition,
                                     "head": config.head, **scores})
@@ -208,21 +217,22 @@ def _fit(features: torch.Tensor, tasks: dict[Any, ProbeTask], config: ProbeConfi
     fit = fit_probe_tasks(features[:, parts["train"]], labels("train"), features[:, parts["val"]], labels("val"),
                           features[:, parts["test"]], [len(tasks[n].labels.classes) for n in names],
                           train_mask=masks("train"), val_mask=masks("val"), l2_grid=config.l2_grid,
-                          max_iter=config.max_iter)
+                          max_iter=config.max_iter, solver=config.solver)
     out: dict[Any, list[dict[str, Any]]] = {}
     for t, name in enumerate(names):
         task, keep = tasks[name], present[name]["test"]
         n_classes = len(task.labels.classes)
         out[name] = [{**_score(fit.test_pred[c, t][keep], task, task.part("test"), n_classes, config),
                       "l2": float(fit.chosen_l2[c, t]), "val_accuracy": float(fit.val_accuracy[c, fit.chosen[c, t], t]),
-                      "train_accuracy": float(fit.train_accuracy[c, t]), "converged": fit.converged}
+                      "train_accuracy": float(fit.train_accuracy[c, t]), "converged": fit.converged,
+                      "solver": fit.solver}
                      for c in range(len(features))]
     return out
 
 
 def _fit_heads(features: torch.Tensor, task: ProbeTask, config: ProbeConfig) -> list[dict[str, Any]]:
     train, val, test = (task.part(p) for p in SPLITS)
-    y = torch.from_numpy(task.y)
+    y = torch.from_numpy(task.y).to(features.device)
     n_classes = len(task.labels.classes)
     out = []
     for c in range(len(features)):

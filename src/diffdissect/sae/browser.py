@@ -98,8 +98,9 @@ def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dic
             image = picture(position)
             if image is not None:
                 item["image"] = _png(image.resize((THUMB, THUMB), Image.Resampling.NEAREST))
-                if acts.maps is not None:
-                    item["heatmap"] = _png(overlay(image, acts.maps[position, j], latent["max_activation"]))
+                heat = acts.map_of(position, j)
+                if heat is not None:
+                    item["heatmap"] = _png(overlay(image, heat, latent["max_activation"]))
             shown.append(item)
         best = max(((c, v, a) for c, table in latent["auroc"].items() for v, a in table.items()),
                    key=lambda x: x[2], default=(None, None, None))

@@ -74,8 +74,10 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise StoreError(f"{path} is not valid JSON ({exc}); the SAE directory is damaged.") from None
 
 
-def load_sae(directory: str | Path, *, d_in: int | None = None) -> tuple[TopKSAE, dict[str, Any]]:
-    """The SAE saved in `directory` and its config. `d_in` checks the inputs it will be given."""
+def load_sae(directory: str | Path, *, d_in: int | None = None,
+             device: str | torch.device = "cpu") -> tuple[TopKSAE, dict[str, Any]]:
+    """The SAE saved in `directory` and its config, on `device` (whatever device it was trained on).
+    `d_in` checks the inputs it will be given."""
     directory = Path(directory)
     if (directory / CHECKPOINT).is_file():
         info, tensors = _read(directory, tensors=True)
@@ -86,18 +88,18 @@ def load_sae(directory: str | Path, *, d_in: int | None = None) -> tuple[TopKSAE
     config = SAEConfig(**info["sae"])
     if d_in is not None:
         check_d_in(directory, info, d_in)
-    sae = TopKSAE(config)
-    sae.load_state_dict(weights)
+    sae = TopKSAE(config, device=device)
+    sae.load_state_dict({k: v.to(device) for k, v in weights.items()})     # read on the CPU
     return sae.eval(), info
 
 
-def load_state(directory: Path) -> dict[str, torch.Tensor]:
+def load_state(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     directory = Path(directory)
     if (directory / CHECKPOINT).is_file():
         _, tensors = _read(directory, tensors=True)
-        return {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
+        return {k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("state.")}
     path = directory / STATE
-    return load_file(path) if path.is_file() else {}
+    return {k: v.to(device) for k, v in load_file(path).items()} if path.is_file() else {}
 
 
 def is_legacy(directory: Path) -> bool:

@@ -1,15 +1,14 @@
 """SAE inputs from a store slice: pooled rows, or every spatial location as a token; a held-out split by image."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from diffdissect.errors import StoreError
 from diffdissect.probe.splits import SplitSpec, split_images
 from diffdissect.store import StoreReader
+from diffdissect.store.stream import MixingStream
 
 
 def to_tokens(block: torch.Tensor, tokens: bool) -> torch.Tensor:
@@ -61,51 +60,28 @@ class SliceData:
 
     def heldout(self, max_tokens: int = 65536) -> torch.Tensor:
         """Held-out tokens (every location of held-out images), at most `max_tokens` (evenly spaced)."""
-        parts = []
-        for block, ids in self.reader.iter_batches(self.layer, self.t, 1024, format="torch", with_rows=True,
-                                                    dtype="float32"):
-            keep = torch.from_numpy(self.heldout_rows[ids])
-            if keep.any():
-                parts.append(to_tokens(block[keep], self.tokens))
-        x = torch.cat(parts) if parts else torch.empty(0, self.d_in)
+        parts = [to_tokens(block, self.tokens)
+                 for block in self.reader.iter_batches(self.layer, self.t, 1024, format="torch", dtype="float32",
+                                                       select=self.heldout_rows)]
+        x = torch.cat(parts) if parts else torch.empty(0, self.d_in, device="cpu")
         if len(x) > max_tokens:
-            x = x[torch.linspace(0, len(x) - 1, max_tokens).long()]
+            x = x[torch.linspace(0, len(x) - 1, max_tokens, device="cpu").long()]
         return x
 
-    def sample(self, n: int) -> torch.Tensor:
+    def sample(self, n: int, *, device: str | torch.device = "cpu") -> torch.Tensor:
         """The first `n` training tokens in a fixed shuffle (for initialisation)."""
-        return next(self.batches(n, seed=-1))
+        stream = self.batches(n, seed=-1, device=device, prefetch=0)
+        try:
+            return next(stream)
+        finally:
+            stream.close()
 
-    def batches(self, batch_size: int, seed: int, start_epoch: int = 0) -> Iterator[torch.Tensor]:
-        """Endless batches of training tokens; epoch e is shuffled with (seed, e). Deterministic."""
-        epoch = start_epoch
-        while True:
-            produced = False
-            for batch in self._epoch(batch_size, np.random.default_rng([seed & 0xFFFFFFFF, epoch])):
-                produced = True
-                yield batch
-            if not produced:          # never spin: an epoch without one full batch would repeat forever
-                raise StoreError(f"{self.layer} @ t={self.t}: an epoch over the store gave no batch of {batch_size} "
-                                 f"training tokens ({self.train_tokens} expected); the store's row counts disagree "
-                                 "with its shards, or the batch is larger than the data. Run `diffdissect store "
-                                 "verify`.")
-            epoch += 1
-
-    def _epoch(self, batch_size: int, rng: np.random.Generator) -> Iterator[torch.Tensor]:
-        pending, count = [], 0
-        read_rows = max(1, 65536 // self.locations)
-        for block, ids in self.reader.iter_batches(self.layer, self.t, read_rows, shuffle=True,
-                                                    seed=int(rng.integers(2**31)), format="torch", with_rows=True,
-                                                    dtype="float32"):
-            keep = torch.from_numpy(self.train_rows[ids])
-            if not keep.any():
-                continue
-            x = to_tokens(block[keep], self.tokens)
-            x = x[torch.from_numpy(rng.permutation(len(x)))]
-            pending.append(x)
-            count += len(x)
-            while count >= batch_size:
-                joined = torch.cat(pending)
-                yield joined[:batch_size]
-                pending, count = [joined[batch_size:]], count - batch_size
-        # the epoch's remainder (< batch_size tokens) is dropped so every step sees a full batch
+    def batches(self, batch_size: int, seed: int, start_epoch: int = 0, *, device: str | torch.device = "cpu",
+                mix_shards: int = 4, skip: int = 0, prefetch: int = 1) -> MixingStream:
+        """Endless float32 batches of training tokens on `device`; epoch e is shuffled with (seed, e), mixing
+        row ranges of every shard in pools of about `mix_shards` shards (`store.stream`). Deterministic.
+        The first `skip` batches are passed over without being read out (a resumed run). `close()` it."""
+        return MixingStream(self.reader, self.layer, self.t, batch_size, seed=seed, select=self.train_rows,
+                            tokens=self.tokens, pool_locations=not self.tokens, mix_shards=mix_shards,
+                            dtype=torch.float32, device=device, epochs=None, start_epoch=start_epoch,
+                            drop_last=True, skip=skip, prefetch=prefetch)

@@ -9,7 +9,7 @@ deviation of integer class ids) for comparison with its paper only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,45 +17,144 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from diffdissect.devices import resolve_device
 from diffdissect.probe.labels import is_missing
 from diffdissect.probe.labels import label_columns as store_label_columns
 from diffdissect.sae.checkpoint import check_d_in, load_sae
 from diffdissect.sae.data import SliceData
 from diffdissect.store import open_store
 
-MAX_MAP_VALUES = 64_000_000
+MAX_MAP_VALUES = 64_000_000       # every held-out map (images x latents x locations) is kept only under this many values
+
+
+@dataclass
+class FeaturesConfig:
+    """Options of `sae features` (the feature analysis of one trained SAE)."""
+
+    top_n: int = 16
+    """top held-out images kept per latent"""
+    device: str = "cpu"
+    """where the codes are computed: cpu, cuda, cuda:N, mps (the SAE loads there, whatever it was trained on)"""
+    max_map_values: int = MAX_MAP_VALUES
+    """keep every held-out activation map (for per-location scores) only when images x latents x locations is at
+    most this; the maps of each latent's top images are always kept"""
+    batch_tokens: int = 8192
+    """tokens encoded per batch (a batch's pre-activations take tokens x latents x 4 bytes; whole rows, at least one)"""
+    seed: int = 0
+    """seed of the random-purity baseline"""
 
 
 @dataclass
 class ImageActivations:
-    rows: np.ndarray             # (n,) store row ids of the held-out rows
-    values: np.ndarray           # (n, n_latents) per-image activation
-    maps: np.ndarray | None      # (n, n_latents, h, w) for per-location SAEs with small dictionaries, else None
-    map_shape: tuple[int, int] | None
+    """What one pass over the held-out rows keeps (never a dense tokens x latents code matrix).
+
+    Memory: `values` is 4 bytes per held-out image and latent; `top`/`top_maps` are independent of the
+    held-out count; `maps` exists only when it fits under `max_map_values`.
+    """
+
+    rows: np.ndarray              # (n,) store row ids of the held-out rows
+    values: np.ndarray            # (n, n_latents) per-image activation: the code (pooled) or max over locations
+    top: np.ndarray               # (n_latents, top_n) positions (into rows) of each latent's top images, best first
+    top_maps: np.ndarray | None   # (n_latents, top_n, h, w) float16 maps of each latent on its top images
+    maps: np.ndarray | None       # (n, n_latents, h, w) float16 every held-out map, if under the cap, else None
+    map_shape: tuple[int, ...] | None
+
+    def map_of(self, position: int, latent: int) -> np.ndarray | None:
+        """The activation map of `latent` on held-out image `position` (None if not kept)."""
+        if self.maps is not None:
+            return self.maps[position, latent]
+        if self.top_maps is None:
+            return None
+        where = np.flatnonzero(self.top[latent] == position)
+        return self.top_maps[latent, where[0]] if len(where) else None
+
+
+def _per_image(sae, block: torch.Tensor, tokens: bool, device: torch.device):
+    """Encode one batch of held-out rows: sparse codes of every token, the image of each token, its location."""
+    x = block.to(device, torch.float32)
+    n = len(x)
+    if tokens:
+        locations = int(np.prod(x.shape[2:]))
+        x = x.flatten(2).transpose(1, 2).reshape(-1, x.shape[1])
+    else:
+        locations = 1
+        x = x.flatten(2).mean(-1) if x.dim() > 2 else x
+    codes, _ = sae.encode(x)
+    image = torch.arange(n, device=device).repeat_interleave(locations)
+    location = torch.arange(locations, device=device).repeat(n)
+    return codes, image, location, n, locations
 
 
 @torch.no_grad()
-def image_activations(sae, data: SliceData, *, keep_maps: bool = True) -> ImageActivations:
-    """Activations of every held-out row (all of its tokens)."""
-    rows, values, maps = [], [], []
+def image_activations(sae, data: SliceData, config: FeaturesConfig | None = None, *,
+                      keep_maps: bool = True) -> ImageActivations:
+    """One streaming pass over the held-out rows (plus a pass over just the top images for their maps).
+
+    Per batch, the per-image activation is a scatter-max of the sparse codes (k per token), on the
+    SAE's device; no (tokens x latents) matrix is built.
+    """
+    config = config or FeaturesConfig()
+    device = sae.W_dec.device
+    n_latents = sae.config.n_latents
     shape = data.reader.shape(data.layer)
     map_shape = tuple(shape[1:]) if data.tokens else None
-    for block, ids in data.reader.iter_batches(data.layer, data.t, 256, format="torch", with_rows=True, dtype="float32"):
-        keep = torch.from_numpy(~data.train_rows[ids])
-        if not keep.any():
-            continue
-        block = block[keep]
-        n = len(block)
-        x = block.flatten(2).transpose(1, 2).reshape(-1, block.shape[1]) if data.tokens else (
-            block.flatten(2).mean(-1) if block.dim() > 2 else block)
-        codes, _ = sae.encode(x)
-        dense = sae.dense_codes(codes).view(n, -1, sae.config.n_latents)       # (n, locations, latents)
-        values.append(dense.amax(1).numpy())
-        if data.tokens and keep_maps:
-            maps.append(dense.permute(0, 2, 1).reshape(n, sae.config.n_latents, *map_shape).half().numpy())
-        rows.append(ids[keep.numpy()])
-    return ImageActivations(np.concatenate(rows), np.concatenate(values),
-                            np.concatenate(maps) if maps else None, map_shape)
+    locations = int(np.prod(map_shape)) if map_shape else 1
+    held = np.flatnonzero(data.heldout_rows)
+    values = torch.zeros(len(held), n_latents, dtype=torch.float32, device="cpu")
+    all_maps = bool(data.tokens and keep_maps and len(held) * n_latents * locations <= config.max_map_values)
+    maps = torch.zeros(len(held), n_latents, locations, dtype=torch.float16, device="cpu") if all_maps else None
+    at = 0
+    for block in data.reader.iter_batches(data.layer, data.t, max(1, config.batch_tokens // locations),
+                                          format="torch", select=data.heldout_rows):
+        codes, image, location, n, _ = _per_image(sae, block, data.tokens, device)
+        flat = (image[:, None] * n_latents + codes.indices).flatten()
+        per_image = torch.zeros(n * n_latents, dtype=torch.float32, device=device)
+        per_image.scatter_reduce_(0, flat, codes.values.flatten(), "amax")
+        values[at:at + n] = per_image.view(n, n_latents).cpu()
+        if maps is not None:
+            spot = ((image[:, None] * n_latents + codes.indices) * locations + location[:, None]).flatten()
+            maps.view(-1).index_put_((spot.cpu() + at * n_latents * locations,), codes.values.flatten().half().cpu())
+        at += n
+    top_n = min(config.top_n, len(held))
+    top = values.topk(top_n, dim=0).indices.t().contiguous() if top_n else torch.zeros(n_latents, 0, dtype=torch.long, device="cpu")
+    top_maps = None
+    if data.tokens and keep_maps:
+        top_maps = (maps.view(len(held), n_latents, locations)[top, torch.arange(n_latents, device="cpu")[:, None]]
+                    if maps is not None else _top_maps(sae, data, config, held, top, locations, device))
+        top_maps = top_maps.view(n_latents, top_n, *map_shape).numpy()
+    return ImageActivations(held, values.numpy(), top.numpy(), top_maps,
+                            maps.view(len(held), n_latents, *map_shape).numpy() if maps is not None else None,
+                            map_shape)
+
+
+def _top_maps(sae, data: SliceData, config: FeaturesConfig, held: np.ndarray, top: torch.Tensor, locations: int,
+              device: torch.device) -> torch.Tensor:
+    """(n_latents, top_n, locations) maps of each latent on its top images: a second pass over those images only."""
+    n_latents, top_n = top.shape
+    out = torch.zeros(n_latents * top_n * locations, dtype=torch.float16, device="cpu")
+    wanted = np.zeros(data.reader.num_rows, dtype=bool)
+    wanted[held[np.unique(top.numpy())]] = True
+    position_of_row = np.full(data.reader.num_rows, -1)
+    position_of_row[held] = np.arange(len(held))
+    # rank[j, position] = r where top[j, r] == position, else -1; one entry per (latent, held-out image) pair kept
+    pairs_latent = torch.arange(n_latents, device="cpu").repeat_interleave(top_n)
+    pairs_rank = torch.arange(top_n, device="cpu").repeat(n_latents)
+    pairs_position = top.flatten()
+    for block, ids in data.reader.iter_batches(data.layer, data.t, max(1, config.batch_tokens // locations),
+                                               format="torch", with_rows=True, select=wanted):
+        codes, image, location, n, _ = _per_image(sae, block, data.tokens, device)
+        positions = torch.from_numpy(position_of_row[ids])
+        local = torch.full((len(held),), -1, dtype=torch.long, device="cpu")
+        local[positions] = torch.arange(n, device="cpu")
+        keep = local[pairs_position] >= 0
+        rank = torch.full((n_latents, n), -1, dtype=torch.long, device="cpu")
+        rank[pairs_latent[keep], local[pairs_position[keep]]] = pairs_rank[keep]
+        rank = rank.to(device)
+        r = rank[codes.indices, image[:, None]]                        # (tokens, k): rank of this image for that latent
+        hit = r >= 0
+        spot = (codes.indices[hit] * top_n + r[hit]) * locations + location[:, None].expand_as(r)[hit]
+        out.index_put_((spot.cpu(),), codes.values[hit].half().cpu())
+    return out.view(n_latents, top_n, locations)
 
 
 def auroc_table(values: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -94,29 +193,35 @@ def revelio_sigma(class_ids: np.ndarray) -> float:
 
 
 def analyse_features(sae_dir: str | Path, *, store: str | Path | None = None, label_columns: Sequence[str] | None = None,
-                     top_n: int = 16, seed: int = 0) -> tuple[dict[str, Any], ImageActivations, list[dict[str, Any]]]:
+                     top_n: int | None = None, seed: int | None = None, config: FeaturesConfig | None = None,
+                     ) -> tuple[dict[str, Any], ImageActivations, list[dict[str, Any]]]:
     """Per-latent frequency, top held-out images, purity vs the random baseline, AUROC per factor value.
 
     Returns (results as plain data, the held-out activations, the held-out rows of the store index).
     """
-    sae, info = load_sae(sae_dir)
+    config = config or FeaturesConfig()
+    if top_n is not None:
+        config = replace(config, top_n=top_n)
+    if seed is not None:
+        config = replace(config, seed=seed)
+    sae, info = load_sae(sae_dir, device=resolve_device(config.device))
     reader = open_store(store or info["slice"]["store"])
     train = info["train"]
     data = SliceData(reader, train["layer"], train["t"], train["tokens"], train["heldout_fraction"])
     check_d_in(Path(sae_dir), info, data.d_in)            # a clear error if the slice changed under it
-    acts = image_activations(sae, data)
+    acts = image_activations(sae, data, config)
     row_index = reader.rows()
     held = [row_index[r] for r in acts.rows]
     columns = list(label_columns) if label_columns is not None else store_label_columns(held)
     labels = {c: np.array([str(r.get(c)) for r in held], dtype=object) for c in columns
               if not any(is_missing(r.get(c)) for r in held)}
-    n = min(top_n, len(held))
-    baselines = {c: random_purity(v, n, seed=seed) for c, v in labels.items() if n > 0}
+    n = min(config.top_n, len(held))
+    baselines = {c: random_purity(v, n, seed=config.seed) for c, v in labels.items() if n > 0}
     aurocs = {c: auroc_table(acts.values, v) for c, v in labels.items()}
     frequency = (acts.values > 0).mean(0)
     latents = []
     for j in range(sae.config.n_latents):
-        order = np.argsort(-acts.values[:, j], kind="stable")[:n]
+        order = acts.top[j, :n]
         order = order[acts.values[order, j] > 0]
         entry: dict[str, Any] = {"latent": j, "image_frequency": float(frequency[j]),
                                  "max_activation": float(acts.values[:, j].max()) if len(held) else 0.0,
@@ -125,7 +230,7 @@ def analyse_features(sae_dir: str | Path, *, store: str | Path | None = None, la
             if len(order):
                 classes = {name: k for k, name in enumerate(sorted(set(v)))}
                 entry["purity"][c] = {**purity(v[order]), "revelio_sigma": revelio_sigma(
-                    np.array([classes[x] for x in v[order]])), "n": int(len(order))}
+                    np.array([classes[x] for x in v[order]])), "n": len(order)}
         entry["auroc"] = {c: {value: float(a[j]) for value, a in table.items()} for c, table in aurocs.items()}
         latents.append(entry)
     best = {c: {value: {"latent": int(a.argmax()), "auroc": float(a.max())} for value, a in table.items()}

@@ -16,17 +16,19 @@ def evaluate(sae, x: torch.Tensor, *, batch_size: int = 8192) -> dict[str, Any]:
     was_training = sae.training
     sae.eval()
     n = len(x)
-    fired = torch.zeros(sae.config.n_latents, dtype=torch.float64)
+    device = sae.W_dec.device
+    fired = torch.zeros(sae.config.n_latents, dtype=torch.float64, device=device)
     error, nonzero = 0.0, 0.0
     for start in range(0, n, batch_size):
-        batch = x[start:start + batch_size].float()
+        batch = x[start:start + batch_size].to(device, torch.float32)
         codes, _ = sae.encode(batch)
         error += float((sae.decode(codes) - batch).double().pow(2).sum())
         active = codes.values > 0
         nonzero += float(active.sum())
-        fired.index_add_(0, codes.indices[active], torch.ones(int(active.sum()), dtype=torch.float64))
-    total = float((x.double() - x.double().mean(0)).pow(2).sum())
+        fired.index_add_(0, codes.indices[active], torch.ones(int(active.sum()), dtype=torch.float64, device=device))
+    x64 = x.to(device, torch.float64)
+    total = float((x64 - x64.mean(0)).pow(2).sum())
     sae.train(was_training)
     frequency = fired / max(n, 1)
     return {"tokens": n, "fvu": error / total if total > 0 else float("nan"), "l0": nonzero / max(n, 1),
-            "dead_fraction": float((fired == 0).double().mean()), "frequency": frequency.tolist()}
+            "dead_fraction": float((fired == 0).double().mean()), "frequency": frequency.cpu().tolist()}

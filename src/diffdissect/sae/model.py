@@ -59,15 +59,18 @@ class _SparseEncode(torch.autograd.Function):
     """pre = x W^T + b (dense), keep the top k per row; the backward is sparse in the kept entries."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, k: int, aux_mask, aux_k: int):
-        # the bias rides in the matmul as an extra input column: addmm would first copy it into all n x n_latents
-        ones = torch.ones(len(x), 1, dtype=x.dtype, device=x.device)
-        pre = torch.mm(torch.cat([x, ones], 1), torch.cat([weight, bias[:, None]], 1).t())
+    def forward(ctx, x, weight, bias, k: int, aux_mask, aux_k: int, compute_dtype):
+        # the bias rides in the matmul as an extra input column: addmm would first copy it into all n x n_latents.
+        # The dense matmul (the cost) runs in `compute_dtype`; the sparse backward stays in the weights' dtype.
+        ones = torch.ones(len(x), 1, dtype=compute_dtype, device=x.device)
+        pre = torch.mm(torch.cat([x.to(compute_dtype), ones], 1),
+                       torch.cat([weight, bias[:, None]], 1).to(compute_dtype).t())
         values, indices = pre.topk(k, dim=-1, sorted=False)
+        values = values.to(weight.dtype)
         aux = None
         if aux_mask is not None:
             aux_values, aux_indices = pre.masked_fill_(~aux_mask, float("-inf")).topk(aux_k, dim=-1, sorted=False)
-            aux = (aux_values, aux_indices)
+            aux = (aux_values.to(weight.dtype), aux_indices)
         ctx.save_for_backward(x, weight, indices, *(aux[1:] if aux else ()))
         ctx.has_aux = aux is not None
         if aux is None:
@@ -80,37 +83,49 @@ class _SparseEncode(torch.autograd.Function):
         grads = [(grad_values, indices)]
         if ctx.has_aux and grad_aux is not None:
             grads.append((torch.nan_to_num(grad_aux, posinf=0.0, neginf=0.0), aux[0]))
-        n, n_latents = x.shape[0], weight.shape[0]
+        n_latents = weight.shape[0]
         grad_x = grad_w = grad_b = None
         for g, idx in grads:
             # rows: latents, columns: inputs -> grad_w = G^T x without materialising (n*k, d)
-            sparse = torch.sparse_coo_tensor(torch.stack([idx.flatten(), torch.arange(n).repeat_interleave(idx.shape[1])]),
-                                             g.flatten(), (n_latents, n), check_invariants=False).coalesce()
-            gw = torch.sparse.mm(sparse, x)
-            gb = torch.zeros(n_latents, dtype=g.dtype).index_add_(0, idx.flatten(), g.flatten())
+            gw = _weight_grad(g, idx, x, n_latents)
+            gb = torch.zeros(n_latents, dtype=g.dtype, device=g.device).index_add_(0, idx.flatten(), g.flatten())
             grad_w = gw if grad_w is None else grad_w + gw
             grad_b = gb if grad_b is None else grad_b + gb
             if ctx.needs_input_grad[0]:
                 gx = F.embedding_bag(idx, weight, per_sample_weights=g, mode="sum")
                 grad_x = gx if grad_x is None else grad_x + gx
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _weight_grad(g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """G^T x for the (n, k) code gradients g at latents idx, without materialising (n*k, d): a sparse matmul
+    where the device has sparse kernels (CPU, CUDA), else (meta, MPS) a dense scatter of G and one matmul."""
+    n = len(x)
+    if x.device.type in ("cpu", "cuda"):
+        rows = torch.arange(n, device=x.device).repeat_interleave(idx.shape[1])
+        sparse = torch.sparse_coo_tensor(torch.stack([idx.flatten(), rows]), g.flatten(), (n_latents, n),
+                                         check_invariants=False).coalesce()
+        return torch.sparse.mm(sparse, x)
+    dense = torch.zeros(n, n_latents, dtype=g.dtype, device=g.device).scatter_add_(1, idx, g)
+    return dense.t() @ x
 
 
 class TopKSAE(nn.Module):
     input_scale: torch.Tensor
     threshold: torch.Tensor
 
-    def __init__(self, config: SAEConfig):
+    def __init__(self, config: SAEConfig, device: str | torch.device | None = None):
         super().__init__()
         config.validate()
         self.config = config
         d, n = config.d_in, config.n_latents
-        self.W_dec = nn.Parameter(F.normalize(torch.randn(n, d), dim=-1))
+        self.W_dec = nn.Parameter(F.normalize(torch.randn(n, d, device=device), dim=-1))
         self.W_enc = nn.Parameter(self.W_dec.detach().clone())          # rows: latents (W_enc = W_dec^T)
-        self.b_enc = nn.Parameter(torch.zeros(n))
-        self.b_dec = nn.Parameter(torch.zeros(d))
-        self.register_buffer("input_scale", torch.ones(()))              # x_n = x * input_scale
-        self.register_buffer("threshold", torch.zeros(()))               # BatchTopK's inference threshold
+        self.b_enc = nn.Parameter(torch.zeros(n, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d, device=device))
+        self.register_buffer("input_scale", torch.ones((), device=device))   # x_n = x * input_scale
+        self.register_buffer("threshold", torch.zeros((), device=device))    # BatchTopK's inference threshold
+        self.compute_dtype: torch.dtype | None = None                     # the encoder matmul's dtype [the weights']
 
     # ---- set-up from data ------------------------------------------------------------------------
     @torch.no_grad()
@@ -120,7 +135,7 @@ class TopKSAE(nn.Module):
         parallel to W_dec^T; codes are linear in that scale because b_enc = 0 and ReLU is homogeneous)."""
         sample = sample.float()
         if self.config.normalise == "scale":
-            self.input_scale.fill_(float((self.config.d_in / sample.pow(2).sum(-1).mean().clamp_min(1e-12)).sqrt()))
+            self.input_scale.copy_((self.config.d_in / sample.pow(2).sum(-1).mean().clamp_min(1e-12)).sqrt())
         x = sample * self.input_scale
         median = x.mean(0)
         for _ in range(median_iters):
@@ -132,23 +147,23 @@ class TopKSAE(nn.Module):
         self.training = was_training
         reconstruction = (self.decode(codes, bias=False) * self.input_scale).norm(dim=-1).mean()
         target = (x - median).norm(dim=-1).mean()
-        if reconstruction > 0:
-            self.W_enc.mul_(target / reconstruction)
+        self.W_enc.mul_(torch.where(reconstruction > 0, target / reconstruction.clamp_min(1e-30), 1.0))
 
     # ---- the maps ------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, *, aux_mask: torch.Tensor | None = None):
         """Codes of raw inputs x (n, d_in). With `aux_mask` (dead latents) also the AuxK codes."""
-        xn = x * self.input_scale
+        xn = x.to(self.W_enc.dtype) * self.input_scale
         bias = self.b_enc - self.W_enc @ self.b_dec               # (x - b_dec) W^T + b = x W^T + (b - W b_dec)
         k = self.config.k
         aux_k = min(self.config.aux_k, int(aux_mask.sum())) if aux_mask is not None else 0
         mask = aux_mask[None] if aux_k else None
+        dtype = self.compute_dtype or self.W_enc.dtype
         if self.config.variant == "batchtopk" and self.training:
             values, indices, aux_v, aux_i = _SparseEncode.apply(xn, self.W_enc, bias, min(self.config.n_latents, 4 * k),
-                                                                mask, aux_k)
+                                                                mask, aux_k, dtype)
             values = _batch_topk(values, k * len(x))
         else:
-            values, indices, aux_v, aux_i = _SparseEncode.apply(xn, self.W_enc, bias, k, mask, aux_k)
+            values, indices, aux_v, aux_i = _SparseEncode.apply(xn, self.W_enc, bias, k, mask, aux_k, dtype)
             if self.config.variant == "batchtopk":
                 values = values * (values > self.threshold)
         codes = Codes(F.relu(values), indices)
@@ -167,7 +182,8 @@ class TopKSAE(nn.Module):
         return (dense_codes @ self.W_dec + self.b_dec) / self.input_scale
 
     def dense_codes(self, codes: Codes) -> torch.Tensor:
-        out = torch.zeros(codes.values.shape[0], self.config.n_latents, dtype=codes.values.dtype)
+        out = torch.zeros(codes.values.shape[0], self.config.n_latents, dtype=codes.values.dtype,
+                          device=codes.values.device)
         return out.scatter_add_(1, codes.indices, codes.values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

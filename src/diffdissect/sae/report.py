@@ -10,7 +10,7 @@ import numpy as np
 from diffdissect.atomic import atomic_write_bytes
 from diffdissect.report import Report, Section, heatmap, image_grid
 from diffdissect.sae.browser import browser_data, write_browser
-from diffdissect.sae.features import analyse_features
+from diffdissect.sae.features import FeaturesConfig, analyse_features
 from diffdissect.store import open_store
 
 
@@ -34,8 +34,10 @@ def image_source_for(store: str | Path, images: str | None = None):
 
 
 def write_feature_outputs(sae_dir: str | Path, *, store: str | Path | None = None, labels=None, top_n: int = 16,
-                          images: str | None = None, image_source=None, out: str | Path | None = None) -> dict[str, Path]:
-    results, acts, held = analyse_features(sae_dir, store=store, label_columns=labels, top_n=top_n)
+                          images: str | None = None, image_source=None, out: str | Path | None = None,
+                          device: str = "cpu") -> dict[str, Path]:
+    results, acts, held = analyse_features(sae_dir, store=store, label_columns=labels,
+                                           config=FeaturesConfig(top_n=top_n, device=device))
     out = Path(out or sae_dir)
     out.mkdir(parents=True, exist_ok=True)
     source = image_source if image_source is not None else image_source_for(store or results["slice"]["store"], images)

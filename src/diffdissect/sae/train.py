@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffdissect.atomic import remove_stale_temporaries
+from diffdissect.devices import resolve_device, resolve_dtype
 from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import DiffdissectError, SpecError, StoreError
 from diffdissect.lock import DirectoryLock
@@ -54,6 +55,12 @@ class TrainConfig:
     normalise: str = "scale"
     seed: int = 0
     checkpoint_every: int = 250
+    device: str = "cpu"
+    """where the SAE trains: cpu, cuda, cuda:N, mps (a checkpoint resumes on any device)"""
+    dtype: str = "float32"
+    """dtype of the dense encoder matmul (float32, bfloat16, float16); weights and optimiser stay float32"""
+    mix_shards: int = 4
+    """the shuffle buffer, in shards: each batch mixes tokens from row ranges of every shard in a pool this big"""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainConfig:
@@ -91,6 +98,9 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
 
 
 def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool, dist: Dist) -> dict[str, Any]:
+    device, compute_dtype = resolve_device(config.device), resolve_dtype(config.dtype)
+    if config.mix_shards < 1:
+        raise SpecError(f"mix_shards must be at least 1, not {config.mix_shards}")
     reader = open_store(store)
     if config.layer not in reader.layers or config.t not in reader.timesteps:
         raise StoreError(f"the store has no slice {config.layer} @ t={config.t}; stored layers: {reader.layers}, "
@@ -99,11 +109,11 @@ def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool
                      part=(dist.rank, dist.world))
     sae_cfg = sae_config(config, data.d_in)
     sae_cfg.validate()
-    train_tokens = int(dist.all_reduce_(torch.tensor([data.train_tokens], dtype=torch.float64)).item())
+    train_tokens = int(dist.all_reduce_(torch.tensor([data.train_tokens], dtype=torch.float64, device="cpu")).item())
     if config.batch_size % dist.world:
         raise SpecError(f"batch_size {config.batch_size} does not split evenly over {dist.world} ranks; use a "
                         f"multiple of {dist.world}.")
-    fewest = -int(dist.all_reduce_(torch.tensor([-data.train_tokens], dtype=torch.float64), "max").item())
+    fewest = -int(dist.all_reduce_(torch.tensor([-data.train_tokens], dtype=torch.float64, device="cpu"), "max").item())
     if fewest < 1:
         raise SpecError(f"a rank has no training tokens: {train_tokens} tokens over {dist.world} ranks; use fewer ranks.")
     batch_size = min(config.batch_size, dist.world * fewest)        # every rank can fill its share of a batch
@@ -118,7 +128,8 @@ def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool
 
     if dist.enabled:
         info["ranks"] = dist.world
-    sae, state, start = _start_or_resume(out, config, sae_cfg, info, data)
+    sae, state, start = _start_or_resume(out, config, sae_cfg, info, data, device)
+    sae.compute_dtype = compute_dtype
     if start and state.get("_info", {}).get("ranks", 1) != dist.world:
         raise SpecError(f"{out} was trained with {state['_info'].get('ranks', 1)} rank(s); resume it with the same "
                         f"number (now {dist.world}), or use another --out.")
@@ -130,42 +141,47 @@ def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool
     optimiser = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
     if start:
         restore_optimizer(optimiser, sae, state)
-    since_fired = state.get("since_fired", torch.zeros(sae_cfg.n_latents, dtype=torch.float64))
-    stream = data.batches(rank_batch, seed=config.seed)
-    for _ in range(start):
-        next(stream)
+    since_fired = state.get("since_fired", torch.zeros(sae_cfg.n_latents, dtype=torch.float64, device=device))
+    stream = data.batches(rank_batch, seed=config.seed, device=device, mix_shards=config.mix_shards, skip=start)
     sae.train()
     last = {}
     began = time.perf_counter()
-    with tqdm(total=steps, initial=start, desc=config.run_name(), disable=not progress or not dist.is_main,
-              unit="step") as bar:
-        for step in range(start, steps):
-            x = next(stream)
-            if not torch.isfinite(x).all():
-                _stop(out, step, "the input batch holds NaN or inf values (check the capture: `diffdissect store verify`)")
-            dead = since_fired >= dead_window
-            loss, fvu, auxk, codes = sae_loss(sae, x, dead if dead.any() else None, config.aux_alpha)
-            if not torch.isfinite(loss):
-                _stop(out, step, f"the loss became {float(loss.detach())} (lower the learning rate, now {lr:.2e})")
-            for group in optimiser.param_groups:
-                group["lr"] = lr * _lr_factor(step, steps)
-            apply_update(sae, optimiser, loss, dist)
-            fired = torch.zeros(sae_cfg.n_latents)
-            fired[codes.indices[codes.values > 0]] = 1.0
-            dist.all_reduce_(fired, "max")
-            since_fired += batch_size
-            since_fired[fired > 0] = 0
-            if sae_cfg.variant == "batchtopk":
-                _update_threshold(sae, codes)
-                if dist.enabled:
-                    sae.threshold.copy_(dist.all_reduce_(sae.threshold.detach().clone()) / dist.world)
-            last = {"fvu": float(fvu), "l0": float((codes.values > 0).sum(1).float().mean()),
-                    "dead": float(dead.double().mean()), "auxk": float(auxk)}
-            bar.set_postfix(fvu=f"{last['fvu']:.3f}", l0=f"{last['l0']:.1f}", dead=f"{100 * last['dead']:.1f}%")
-            bar.update(1)
-            done = step + 1
-            if (done % config.checkpoint_every == 0 or done == steps) and dist.is_main:
-                _checkpoint(out, sae, optimiser, since_fired, {**info, "step": done, "last_batch": last})
+    try:
+        with tqdm(total=steps, initial=start, desc=config.run_name(), disable=not progress or not dist.is_main,
+                  unit="step") as bar:
+            for step in range(start, steps):
+                x = next(stream)
+                if not torch.isfinite(x).all():
+                    _stop(out, step, "the input batch holds NaN or inf values (check the capture: `diffdissect store verify`)")
+                if compute_dtype == torch.float16 and (x * sae.input_scale).abs().amax() > torch.finfo(torch.float16).max:
+                    _stop(out, step, "the input batch overflows float16 (values beyond 65504 after scaling); train with "
+                                     "--dtype bfloat16 or float32")
+                dead = since_fired >= dead_window
+                loss, fvu, auxk, codes = sae_loss(sae, x, dead if dead.any() else None, config.aux_alpha)
+                if not torch.isfinite(loss):
+                    hint = " or use --dtype bfloat16: float16 overflowed" if compute_dtype == torch.float16 else ""
+                    _stop(out, step, f"the loss became {float(loss.detach())} (lower the learning rate, now {lr:.2e}{hint})")
+                for group in optimiser.param_groups:
+                    group["lr"] = lr * _lr_factor(step, steps)
+                apply_update(sae, optimiser, loss, dist)
+                fired = torch.zeros(sae_cfg.n_latents, device=device)
+                fired[codes.indices[codes.values > 0]] = 1.0
+                dist.all_reduce_(fired, "max")
+                since_fired += batch_size
+                since_fired[fired > 0] = 0
+                if sae_cfg.variant == "batchtopk":
+                    _update_threshold(sae, codes)
+                    if dist.enabled:
+                        sae.threshold.copy_(dist.all_reduce_(sae.threshold.detach().clone()) / dist.world)
+                last = {"fvu": float(fvu), "l0": float((codes.values > 0).sum(1).float().mean()),
+                        "dead": float(dead.double().mean()), "auxk": float(auxk)}
+                bar.set_postfix(fvu=f"{last['fvu']:.3f}", l0=f"{last['l0']:.1f}", dead=f"{100 * last['dead']:.1f}%")
+                bar.update(1)
+                done = step + 1
+                if (done % config.checkpoint_every == 0 or done == steps) and dist.is_main:
+                    _checkpoint(out, sae, optimiser, since_fired, {**info, "step": done, "last_batch": last})
+    finally:
+        stream.close()
     seconds = time.perf_counter() - began
     heldout = data.heldout()
     metrics = evaluate(sae, heldout)
@@ -175,7 +191,8 @@ def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool
                "metrics": {k: v for k, v in metrics.items() if k != "frequency"},
                "train_seconds": round(seconds, 2), "tokens_per_s": round((steps - start) * batch_size / max(seconds, 1e-9))}
     if dist.is_main:
-        _checkpoint(out, sae, optimiser, since_fired, summary, frequency=torch.tensor(metrics["frequency"]))
+        _checkpoint(out, sae, optimiser, since_fired, summary,
+                    frequency=torch.tensor(metrics["frequency"], device="cpu"))
     dist.barrier()
     return summary
 
@@ -210,7 +227,7 @@ def sae_loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, aux_alpha
     total = ((x - x.mean(0)) * scale).pow(2).sum().clamp_min(1e-12)
     error = (x_hat - x) * scale
     fvu = error.pow(2).sum() / total
-    auxk = torch.zeros(())
+    auxk = torch.zeros((), device=x.device)
     if aux is not None:
         e_hat = sae.decode(aux, bias=False) * scale
         weight = min(1.0, float(dead.sum()) / sae.config.aux_k)
@@ -235,10 +252,17 @@ def _update_threshold(sae: TopKSAE, codes) -> None:
         sae.threshold.mul_(0.99).add_(0.01 * kept.min())
 
 
-def _start_or_resume(out: Path, config: TrainConfig, sae_cfg: SAEConfig, info: dict, data: SliceData):
+# options that do not change what is learnt: a run may resume with other values
+RESUMABLE_ACROSS = ("device", "checkpoint_every")
+
+
+def _start_or_resume(out: Path, config: TrainConfig, sae_cfg: SAEConfig, info: dict, data: SliceData,
+                     device: torch.device):
     if has_checkpoint(out):
         saved = read_config(out)
-        differ = [k for k in asdict(config) if saved.get("train", {}).get(k) != asdict(config)[k]]
+        defaults = asdict(TrainConfig(layer=config.layer, t=config.t))
+        was = {**defaults, **saved.get("train", {})}          # older checkpoints lack newer options: their defaults
+        differ = [k for k in asdict(config) if k not in RESUMABLE_ACROSS and was.get(k) != asdict(config)[k]]
         if differ or saved.get("sae") != sae_cfg.to_json():
             raise SpecError(f"{out} holds an SAE trained with other settings ({', '.join(differ) or 'sae'} differ); "
                             "use another --out or delete it to start over")
@@ -254,14 +278,14 @@ def _start_or_resume(out: Path, config: TrainConfig, sae_cfg: SAEConfig, info: d
             raise SpecError(f"{out} holds an unfinished SAE written by an older diffdissect, whose weights, optimiser "
                             "state and config were separate files that an interruption could leave at different steps; "
                             "it cannot be resumed safely. Delete it or use another --out.")
-        sae, _ = load_sae(out, d_in=data.d_in)
-        state = dict(load_state(out))
+        sae, _ = load_sae(out, d_in=data.d_in, device=device)
+        state = dict(load_state(out, device))
         state["_info"] = saved
         return sae, state, int(saved.get("step", 0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        sae = TopKSAE(sae_cfg)
-    sample = data.sample(min(data.train_tokens, 16384))
+        sae = TopKSAE(sae_cfg, device="cpu").to(device)        # the same initial weights on every device
+    sample = data.sample(min(data.train_tokens, 16384), device=device)
     bad = int((~torch.isfinite(sample).all(1)).sum())
     if bad:
         raise NonFiniteTrainingError(f"training stopped at step 0 (initialisation): {bad} of {len(sample)} sampled "

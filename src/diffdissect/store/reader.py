@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 import warnings
 from collections.abc import Iterator
 from functools import cached_property
@@ -37,6 +39,8 @@ class StoreReader:
                           "full-content model and image identities (format 2): it is read as it is, but it cannot "
                           "be resumed, and it cannot prove which model weights or image bytes it came from.",
                           stacklevel=2)
+        self._headers: dict[tuple[str, int, int], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]] = {}
+        self._finite: set[tuple[str, str, str]] = set()
 
     # ---- description -------------------------------------------------------------------------
     @property
@@ -84,51 +88,115 @@ class StoreReader:
     # ---- data --------------------------------------------------------------------------------
     def iter_batches(self, layer: str, t: int, batch_size: int = 1024, *, shuffle: bool = False,
                      seed: int = 0, format: ArrayFormat = "numpy", with_rows: bool = False,
-                     dtype: str | None = None) -> Iterator[Any]:
-        """Yield batches of the (layer, t) slice.
+                     dtype: str | None = None, select: np.ndarray | None = None, mix_shards: int = 1) -> Iterator[Any]:
+        """Yield batches of the (layer, t) slice (the rows where `select` is true, if given).
 
-        In order, batches follow the row index. Shuffled, shard order and the rows inside each shard
-        are permuted with `seed` (a shard-local shuffle: memory stays at one shard). With
-        ``with_rows=True`` each item is ``(batch, row_ids)``.
+        In order, batches follow the row index. Shuffled, rows are drawn with `seed` from pools of about
+        `mix_shards` shards' rows, each pool taking row ranges of every shard (`store.stream`): memory
+        stays at a few shards. With ``with_rows=True`` each item is ``(batch, row_ids)``. Every batch is
+        its own tensor (never a view of the file).
         """
         self.manifest.check_slice(layer, t)
-        rng = np.random.default_rng(seed)
-        shards = list(self._shard_offsets())
+        if format not in ("numpy", "torch"):
+            raise ValueError(f"format must be 'numpy' or 'torch', not {format!r}")
         if shuffle:
-            shards = [shards[i] for i in rng.permutation(len(shards))]
-        key = slice_key(layer, t)
-        pending: list[torch.Tensor] = []
-        pending_ids: list[np.ndarray] = []
-        count = 0
-        for shard, offset in shards:
+            from diffdissect.store.stream import MixingStream
+
+            stream = MixingStream(self, layer, t, batch_size, seed=seed, select=select, mix_shards=mix_shards,
+                                  with_rows=True, drop_last=False)
+            shape = tuple(self.manifest.layers[layer]["shape"])
+            try:
+                for batch, ids in stream:
+                    yield self._emit(batch.view(-1, *shape), ids, format, with_rows, dtype)
+            finally:
+                stream.close()
+            return
+        yield from self._in_order(layer, t, batch_size, select, format, with_rows, dtype)
+
+    def _in_order(self, layer: str, t: int, batch_size: int, select: np.ndarray | None, format: ArrayFormat,
+                  with_rows: bool, dtype: str | None) -> Iterator[Any]:
+        """Row ranges in order into batches: a batch within one range is one copy; a batch across ranges is
+        filled range by range into one buffer (never re-joined)."""
+        key, shape = slice_key(layer, t), tuple(self.manifest.layers[layer]["shape"])
+        out_dtype = getattr(torch, dtype) if dtype else self.stored_dtype(layer)
+        pieces: list[tuple[torch.Tensor, np.ndarray]] = []
+        filled = 0
+        for shard, offset in self._shard_offsets():
             if shard.rows == 0:
                 continue
-            block = self._read(shard, key)
-            ids = np.arange(offset, offset + shard.rows)
-            if shuffle:
-                order = rng.permutation(shard.rows)
-                block, ids = block[torch.from_numpy(order)], ids[order]
-            for start in range(0, shard.rows, batch_size):
-                pending.append(block[start:start + batch_size])
-                pending_ids.append(ids[start:start + batch_size])
-                count += len(pending_ids[-1])
-                while count >= batch_size:
-                    batch, bids, pending, pending_ids, count = _take(pending, pending_ids, batch_size)
-                    yield self._emit(batch, bids, format, with_rows, dtype)
-        if count:
-            batch, bids, *_ = _take(pending, pending_ids, count)
-            yield self._emit(batch, bids, format, with_rows, dtype)
+            mask = None if select is None else np.asarray(select[offset:offset + shard.rows], dtype=bool)
+            if mask is not None and not mask.any():
+                continue
+            view = self.view(shard, key)
+            from diffdissect.store.stream import _runs
+
+            runs = ((0, shard.rows),) if mask is None else _runs(np.flatnonzero(mask))
+            for a, b in runs:
+                while a < b:
+                    take = min(batch_size - filled, b - a)
+                    pieces.append((view[a:a + take], np.arange(offset + a, offset + a + take)))
+                    filled += take
+                    a += take
+                    if filled == batch_size:
+                        yield self._emit(_fill(pieces, shape, out_dtype), np.concatenate([p[1] for p in pieces]),
+                                         format, with_rows, None)
+                        pieces, filled = [], 0
+        if filled:
+            yield self._emit(_fill(pieces, shape, out_dtype), np.concatenate([p[1] for p in pieces]), format,
+                             with_rows, None)
 
     def load(self, layer: str, t: int, *, format: ArrayFormat = "numpy", dtype: str | None = None) -> Any:
         """The whole (layer, t) slice in row order. For slices that fit in memory (pooled features)."""
         self.manifest.check_slice(layer, t)
-        key = slice_key(layer, t)
-        parts = [self._read(s, key) for s, _ in self._shard_offsets() if s.rows]
-        if not parts:
-            block = torch.empty((0, *self.manifest.layers[layer]["shape"]))
-        else:
-            block = torch.cat(parts)
-        return self._emit(block, None, format, False, dtype)
+        key, shape = slice_key(layer, t), tuple(self.manifest.layers[layer]["shape"])
+        out_dtype = getattr(torch, dtype) if dtype else self.stored_dtype(layer)
+        parts = [(self.view(s, key), np.empty(0)) for s, _ in self._shard_offsets() if s.rows]
+        block = _fill(parts, shape, out_dtype)
+        return self._emit(block, None, format, False, None)
+
+    def view(self, shard: ShardRecord, key: str) -> torch.Tensor:
+        """A zero-copy view (rows, *shape) of one slice of a shard, in its stored dtype: the file's pages,
+        mapped copy-on-write (never written back). Copy what you keep; row ranges of it read only those bytes."""
+        path = self._checked(shard)          # name, symlinks, size and sha256 (once per file version)
+        try:
+            entry = self._header(path)[key]
+            with open(path, "rb") as fh:
+                mapped = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            dtype, shape, begin, end = entry
+            if end == begin:
+                view = torch.empty(shape, dtype=dtype, device="cpu")
+            else:
+                view = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                        offset=begin).view(shape)
+        except (OSError, ValueError, KeyError, struct.error, json.JSONDecodeError, RuntimeError) as exc:
+            raise StoreError(f"shard {shard.name} could not be read ({type(exc).__name__}: {exc}); "
+                             "run `diffdissect store verify`.") from exc
+        checked = (str(path), shard.sha256, key)
+        if checked not in self._finite:      # row count and finiteness, once per slice of a shard per reader
+            check_block(view, shard, key)
+            self._finite.add(checked)
+        return view
+
+    def _header(self, path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+        """Each tensor's (dtype, shape, first byte, end byte) in a shard, parsed once per reader (the header also
+        holds the shard's row index, which is slow to parse)."""
+        stat = path.stat()
+        cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
+        cached = self._headers.get(cache_key)
+        if cached is None:
+            with open(path, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+            cached = {key: (SAFETENSORS_DTYPES[e["dtype"]], tuple(int(x) for x in e["shape"]),
+                            *(8 + length + int(x) for x in e["data_offsets"]))
+                      for key, e in header.items() if key != "__metadata__"}
+            self._headers[cache_key] = cached
+        return cached
+
+    def stored_dtype(self, layer: str) -> torch.dtype:
+        """The dtype the slices of `layer` are stored in."""
+        name = self.manifest.layers[layer].get("dtype") or self.manifest.dtype
+        return getattr(torch, name)
 
     # ---- internals ---------------------------------------------------------------------------
     def _shard_offsets(self) -> Iterator[tuple[ShardRecord, int]]:
@@ -146,16 +214,6 @@ class StoreReader:
         check_checksum(path, shard)
         return path
 
-    def _read(self, shard: ShardRecord, key: str) -> torch.Tensor:
-        path = self._checked(shard)
-        try:
-            with safe_open(path, framework="pt") as fh:
-                block = fh.get_tensor(key)
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise StoreError(f"shard {shard.name} could not be read ({exc}); run `diffdissect store verify`.") from exc
-        check_block(block, shard, key)
-        return block
-
     @staticmethod
     def _emit(batch: torch.Tensor, ids: np.ndarray | None, format: ArrayFormat, with_rows: bool,
               dtype: str | None) -> Any:
@@ -170,10 +228,16 @@ class StoreReader:
         return (out, ids) if with_rows else out
 
 
-def _take(pending: list[torch.Tensor], pending_ids: list[np.ndarray], n: int):
-    batch, ids = torch.cat(pending), np.concatenate(pending_ids)
-    head, tail = batch[:n], batch[n:]
-    head_ids, tail_ids = ids[:n], ids[n:]
-    rest = [tail] if len(tail) else []
-    rest_ids = [tail_ids] if len(tail_ids) else []
-    return head, head_ids, rest, rest_ids, len(tail_ids)
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def _fill(pieces: list[tuple[torch.Tensor, np.ndarray]], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """One new tensor holding the pieces' rows in order, converted to `dtype` in the same copy."""
+    out = torch.empty((sum(len(p[0]) for p in pieces), *shape), dtype=dtype, device="cpu")
+    at = 0
+    for block, _ in pieces:
+        out[at:at + len(block)].copy_(block)
+        at += len(block)
+    return out
