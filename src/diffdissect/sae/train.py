@@ -30,6 +30,7 @@ from diffdissect.sae.data import SliceData
 from diffdissect.sae.metrics import evaluate
 from diffdissect.sae.model import SAEConfig, TopKSAE
 from diffdissect.store import open_store
+from diffdissect.store.manifest import Manifest
 
 
 class NonFiniteTrainingError(DiffdissectError):
@@ -91,6 +92,8 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
     across ranks (all-reduce), dead-latent counters and the BatchTopK threshold are combined, so all
     ranks hold the same weights. Rank 0 writes the checkpoints; it holds `out`'s write lock while it trains."""
     out = Path(out)
+    resolve_device(config.device), resolve_dtype(config.dtype)       # bad options fail before `out` is created
+    Manifest.load(Path(store))
     with DirectoryLock(out, "sae train") if dist.is_main else contextlib.nullcontext():
         if dist.is_main:
             remove_stale_temporaries(out)               # leftovers of a write a kill interrupted
