@@ -102,7 +102,7 @@ BAD_MODELS = {
     "empty-directory": (_empty_dir, "holds neither model_index.json"),
     "config-without-class": (_config_without_class, "has no '_class_name'"),
     "unknown-model-class": (_config_with_unknown_class, "'NoSuchUNet' is not a diffusers model class"),
-    "broken-pipeline": (_broken_pipeline, "could not load the pipeline"),
+    "broken-pipeline": (_broken_pipeline, "lists unet, but the folder is missing"),
     "unimportable-factory": (lambda tmp: "no_such_package_xyz.models:build", "cannot import 'no_such_package_xyz"),
     "uncached-hub-id": (lambda tmp: "no-such-org/no-such-model", "could not load 'no-such-org/no-such-model'"),
 }

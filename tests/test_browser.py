@@ -59,7 +59,8 @@ def page(tmp_path_factory):
         maps[i, colour[i], i % 2, (i // 2) % 2] += 3.0
     images = np.zeros((n, 8, 8, 3), np.uint8)
     images[..., 0] = (colour * 60)[:, None, None]
-    rows = [{"input_id": f"im{i:03d}", "colour": ["red", "green", "blue", "grey"][c], "source_index": i}
+    names = ["red", "green", "blue", "grey"]
+    rows = [{"input_id": f"im{i:03d}", "colour": names[c], "source_index": i, "caption": f"a {names[c]} patch"}
             for i, c in enumerate(colour)]
     write_array_store(tmp / "store", {("maps", 10): maps}, rows)
     train_sae(tmp / "store", TrainConfig(layer="maps", t=10, tokens=True, k=2, n_latents=16, batch_size=200,
@@ -112,3 +113,19 @@ def test_browser_switches_the_purity_label(browser, page):
     Select(browser.find_element("id", "label")).select_by_value("colour")
     assert browser.find_element("css selector", "th[data-key='purity']").text == "purity (colour)"
     assert len(rows(browser)) == len(data["latents"])
+
+
+def test_browser_shows_each_latents_enriched_caption_words(browser, page):
+    """Labels for unlabelled data: the caption words enriched among a latent's top images, with BH q-values."""
+    path, data = page
+    labelled = [l for l in data["latents"] if l["words"]]
+    assert labelled and all(w["q"] < 0.05 for l in labelled for w in l["words"])
+    assert {l["words"][0]["word"] for l in labelled} <= {"red", "green", "blue", "grey"}
+    browser.get(path.as_uri())
+    assert browser.find_element("css selector", "th[data-key='words']").text == "caption words (BH q)"
+    row = browser.find_element("css selector", f"#latents tr[data-latent='{labelled[0]['latent']}']")
+    assert labelled[0]["words"][0]["word"] in row.text
+    row.click()
+    cells = browser.find_elements("css selector", "#words td")
+    assert cells and cells[0].text in {"red", "green", "blue", "grey"}
+    assert "chosen on half A" in browser.find_element("id", "summary").text

@@ -22,7 +22,8 @@ def test_demo_writes_report_results_and_a_verified_store(demo, capsys):
     html = (demo / "report.html").read_text()
     for title in ("The shapes world", "The toy text-to-image pipeline", "Capture: layers x timesteps",
                   "Probes: layers x timesteps", "Sparse autoencoders (TopK)",
-                  "Prompt-driven directions and defaults (Decoding Diffusion)", "Feature inversion (FeatInv)"):
+                  "Prompt-driven directions and defaults (Decoding Diffusion)", "Feature inversion (FeatInv)",
+                  "How each headline was selected"):
         assert title in html
     assert html.count("data:image/png;base64,") >= 8
     results = json.loads((demo / "results.json").read_text())
@@ -54,6 +55,9 @@ def test_demo_trains_saes_and_writes_their_browsers(demo):
         metrics = run["summary"]["metrics"]
         assert 0 < metrics["fvu"] < 1 and metrics["l0"] <= 16 + 1e-6
         assert run["features"]["values_total"] == 4 + 4 + 2 + 2 + 2
+        features = run["features"]
+        assert features["heldout"]["values_total"] == 14 and features["per_location"]["values_total"] == 14
+        assert features["caption_labels"]["values_total"] == 14 and features["words"]["tests"] > 0
         browser = demo / "sae" / run["summary"]["name"] / "browser.html"
         assert browser.is_file() and "latent" in browser.read_text()[:20000]
 
@@ -64,6 +68,9 @@ def test_demo_measures_prompt_defaults(demo):
     rows = {r["subject"]: r for r in directions["summary"]["families"]["colour"]["subjects"]}
     assert set(rows) == {"a circle", "a square", "a triangle", "a cross"}
     assert rows["a square"]["top"] == "red"                 # the strong planted default (85% red)
+    assert rows["a square"]["cross_fitted"] and "in_sample" in rows["a square"]
+    assert set(directions["summary"]["clusters"]) == {"raw", "removed"}
+    assert set(results["selection"]) == {"probes", "sae", "directions", "clustering"}
     assert directions["cost"]["denoiser_rows_per_trajectory_step"] == pytest.approx(1.0)
     assert (demo / "directions" / "trajectories" / "manifest.json").is_file()
 

@@ -154,6 +154,61 @@ def test_latent_bias_null_is_calibrated(n_ref):
     assert 0.35 < np.mean(p) < 0.65                              # roughly uniform
 
 
+def _no_bias_world(rng, n_seeds=16, d=48, k=4):
+    """Latents of pure noise for k references ("a <c> square"), the subject ("a square") and k other references;
+    term indicators from the prompts (the subject names no colour). Nothing distinguishes the subject's samples."""
+    prompts = [c for c in range(k)] + [None] + [c for c in range(k)]
+    latents = rng.normal(size=(len(prompts) * n_seeds, d))
+    indicators = np.zeros((len(latents), k))
+    prompt = np.repeat(np.arange(len(prompts)), n_seeds)
+    for i, c in enumerate(prompts):
+        if c is not None:
+            indicators[prompt == i, c] = 1
+    return latents, indicators, prompt, np.tile(np.arange(n_seeds), len(prompts))
+
+
+def test_cross_fitted_bias_p_values_are_uniform_without_bias():
+    """Defect 2: directions estimated on the samples they score make in-sample p-values non-uniform (KS rejects);
+    cross-fitted (directions from the other seed half, membership permuted within halves) they are uniform."""
+    from scipy.stats import kstest
+
+    from diffdissect.directions.bias import cross_fitted_profile, family_profile, seed_halves
+    from diffdissect.directions.compute import directions
+
+    in_sample, crossed = [], []
+    for r in range(200):
+        latents, x, prompt, seeds = _no_bias_world(np.random.default_rng(r))
+        subject, refs = np.nonzero(prompt == 4)[0], [np.nonzero(prompt == c)[0] for c in range(4)]
+        whole = family_profile(cosine_to_directions(latents, directions(latents, x), latents.mean(0)))
+        in_sample.append(latent_bias(whole, subject, refs, resamples=10, permutations=199, seed=r)["p_value"])
+        halves = seed_halves(seeds, r)
+        profile = cross_fitted_profile(latents, x, None, [0, 1, 2, 3], halves)
+        out = latent_bias(profile, subject, refs, halves=halves, resamples=10, permutations=199, seed=r)
+        assert out["cross_fitted"] and "within each cross-fitting half" in out["null"]
+        crossed.append(out["p_value"])
+    assert kstest(in_sample, "uniform").pvalue < 1e-3          # the defect: today's statistic is miscalibrated
+    assert kstest(crossed, "uniform").pvalue > 0.05
+    assert np.mean(np.array(crossed) < 0.05) <= 0.10
+
+
+def test_cross_fitted_bias_still_finds_a_planted_default():
+    from diffdissect.directions.bias import cross_fitted_profile, seed_halves
+
+    rng = np.random.default_rng(0)
+    latents, x, prompt, seeds = _no_bias_world(rng, n_seeds=32)
+    colours = rng.normal(size=(4, latents.shape[1])) * 2
+    for c in range(4):
+        latents[(prompt == c) | (prompt == 5 + c)] += colours[c]
+    subject = np.nonzero(prompt == 4)[0]
+    latents[subject] += colours[np.where(rng.random(len(subject)) < 0.85, 2, rng.integers(0, 4, len(subject)))]
+    halves = seed_halves(seeds)
+    out = latent_bias(cross_fitted_profile(latents, x, None, [0, 1, 2, 3], halves), subject,
+                      [np.nonzero(prompt == c)[0] for c in range(4)], halves=halves, resamples=200, permutations=200)
+    assert out["top"] == 2 and out["p_value"] < 0.01 and out["score_ci"][0] > 0
+    with pytest.raises(DataError, match="at least two noise seeds"):
+        seed_halves(np.zeros(5))
+
+
 def test_references_and_questions():
     prompts = ["a square", "a red square", "a square red", "a blue square", "a circle"]
     assert find_references("a square", ["red", "blue"], prompts) == {"red": "a red square", "blue": "a blue square"}
@@ -188,6 +243,39 @@ def test_clustering_recovers_groups_once_a_dominant_nuisance_family_is_projected
     removed = ari_with_null(labels, cluster_prompts(project_out(means - means.mean(0), colour_dirs), 3), permutations=200)
     assert removed["ari"] == pytest.approx(1.0) and removed["p_value"] < 0.01
     assert raw["ari"] < 0.5
+
+
+def test_cluster_remove_takes_several_families_and_pooling_frees_position():
+    """Clustering by shape with colour *and* size held out (both dominate), on maps where the shape sits at a
+    random place per seed: the position-pooled summary with both families projected out recovers the shapes."""
+    from diffdissect.directions.run import _cluster_step
+
+    rng = np.random.default_rng(0)
+    slots = {"colour": ["red", "blue", "green"], "size": ["small", "large"], "shape": ["square", "circle", "cross"]}
+    prompts = build_prompt_set(templates=["a {size} {colour} {shape}"], slot_values=slots)
+    c, hw, seeds = 12, 3, 6
+    shape_dirs = rng.normal(size=(3, c))
+    colour_dirs, size_dirs = rng.normal(size=(3, c * hw * hw)), rng.normal(size=(2, c * hw * hw))
+    latents, prompt_index = [], []
+    for i, p in enumerate(prompts):
+        for _ in range(seeds):
+            m = np.zeros((c, hw, hw))
+            m[:, rng.integers(hw), rng.integers(hw)] = shape_dirs[slots["shape"].index(p.slots["shape"])]
+            latents.append(m.ravel() + 5 * colour_dirs[slots["colour"].index(p.slots["colour"])]
+                           + 5 * size_dirs[slots["size"].index(p.slots["size"])] + 0.01 * rng.normal(size=c * hw * hw))
+            prompt_index.append(i)
+    latents, prompt_index = np.array(latents), np.array(prompt_index)
+    config = DirectionsConfig(prompts=prompts, seeds=list(range(seeds)), cluster_by="shape", permutations=100,
+                              bias=[BiasSpec("colour", slots["colour"], []), BiasSpec("size", slots["size"], [])],
+                              cluster_remove=["colour", "size"], cluster_pooling="mean")
+    config.validate()
+    both = np.concatenate([colour_dirs, size_dirs])
+    pooled = _cluster_step(latents, prompt_index, config, both, (c, hw, hw))
+    assert pooled["removed"]["ari"] == pytest.approx(1.0) and pooled["removed"]["family"] == ["colour", "size"]
+    assert _cluster_step(latents, prompt_index, config, colour_dirs, (c, hw, hw))["removed"]["ari"] < 0.5
+    assert pooled["raw"]["ari"] < 0.5 and pooled["pooling"] == "mean"
+    with pytest.raises(SpecError, match="cluster_pooling"):
+        DirectionsConfig(prompts=prompts, cluster_pooling="max").validate()
 
 
 # ---- captioners ----------------------------------------------------------------------------------------------------

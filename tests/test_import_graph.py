@@ -24,6 +24,7 @@ FLOORS: dict[str, int] = {
     "diffdissect.store": 3,
     "diffdissect.capture": 4,
     "diffdissect.probe": 5, "diffdissect.sae": 5, "diffdissect.directions": 5, "diffdissect.invert": 5,
+    "diffdissect.intervene": 6,
     "diffdissect.world": 6, "diffdissect.world.demo": 7,
     "diffdissect.bench": 7,
     "diffdissect.cli": 8,

@@ -131,7 +131,7 @@ def test_probe_cli_writes_tables_heatmaps_and_report(store, tmp_path, capsys):
     assert main(["probe", str(store), "--labels", "label", "colour", "--timesteps", "10", "--bootstrap", "200",
                  "--shuffled-control", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "label: best enc @ t=10" in printed
+    assert "label: cell chosen on validation enc @ t=10" in printed
     data = json.loads((out / "probes.json").read_text())
     assert {r["condition"] for r in data["results"]} == {"trained", "shuffled"}
     assert (out / "probes.csv").read_text().count("\n") == 1 + 2 * 2      # header + labels x conditions x 1 cell
@@ -211,3 +211,41 @@ def test_control_store_of_other_inputs_is_refused(store, tmp_path):
 def test_bad_split_fractions_are_refused(store):
     with pytest.raises(DataError, match="sum to 1"):
         run_probes(str(store), ProbeConfig(labels=["label"], split=SplitSpec(0.5, 0.2, 0.2)), progress=False)
+
+
+def _fake_results(cells: list[tuple[str, int, float, float]], condition: str = "trained") -> dict:
+    rows = [{"label": "shape", "condition": condition, "layer": layer, "t": t, "accuracy": test, "val_accuracy": val,
+             "ci_low": test - 0.05, "ci_high": test + 0.05, "chance_majority": 0.25, "chance_constant": 0.25}
+            for layer, t, val, test in cells]
+    return {"labels": {"shape": {"classes": ["a", "b", "c", "d"]}}, "results": rows,
+            "cells": [(layer, t) for layer, t, _, _ in cells]}
+
+
+def test_headline_cell_is_chosen_on_validation_and_reported_on_test():
+    """Defect 1: the headline cell is the validation winner; the test winner is shown apart, marked biased."""
+    from diffdissect.probe.output import best_cell, summary_rows
+
+    results = _fake_results([("a", 1, 0.90, 0.80), ("b", 1, 0.70, 0.95), ("c", 1, 0.60, 0.60)])
+    results["results"] += _fake_results([("a", 1, 0.40, 0.30), ("b", 1, 0.20, 0.45), ("c", 1, 0.50, 0.25)],
+                                        "random_init")["results"]
+    assert best_cell(results, "shape")["layer"] == "a"
+    row = summary_rows(results)[0]
+    assert (row["best_layer"], row["best_accuracy"], row["selected_on"]) == ("a", 0.80, "validation")
+    assert (row["test_max_accuracy"], row["test_max_cell"]) == (0.95, "b @ t=1")
+    assert row["random_init_best_cell"] == "c @ t=1" and row["random_init_best_accuracy"] == 0.25
+    assert row["random_init_test_max_accuracy"] == 0.45
+
+
+def test_validation_chosen_headline_is_unbiased_where_the_test_max_is_not():
+    """Over many equal cells the test max overstates the true accuracy; the validation choice does not."""
+    from diffdissect.probe.output import summary_rows
+
+    rng = np.random.default_rng(0)
+    chosen, maxed = [], []
+    for _ in range(200):
+        val, test = rng.binomial(200, 0.7, (2, 16)) / 200            # 16 cells, all of true accuracy 0.7
+        row = summary_rows(_fake_results([(f"l{i}", 0, float(v), float(t)) for i, (v, t) in enumerate(zip(val, test))]))[0]
+        chosen.append(row["best_accuracy"])
+        maxed.append(row["test_max_accuracy"])
+    assert abs(np.mean(chosen) - 0.7) < 0.01
+    assert np.mean(maxed) > 0.73

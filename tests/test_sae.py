@@ -112,6 +112,41 @@ def test_batchtopk_keeps_k_per_row_on_average():
     assert (codes.values > 0).sum(1).float().std() > 0     # not a fixed k per row
 
 
+def test_batchtopk_inference_is_jumprelu_at_one_threshold_over_all_latents():
+    """Defect 3: at inference a BatchTopK SAE is pre * (pre > threshold) over every latent (dense reference),
+    so a row may use more than k latents, as in training; not 'top k per row, then threshold'."""
+    sae = small_sae(variant="batchtopk")
+    x = torch.from_numpy(planted_features())
+    sae.initialise_from(x)
+    threshold = sae.calibrate_threshold(x)
+    assert float(sae.threshold) == threshold > 0
+    sae.eval()
+    codes, _ = sae.encode(x)
+    pre = (x * sae.input_scale - sae.b_dec) @ sae.W_enc.t() + sae.b_enc          # the textbook encoder
+    reference = torch.relu(pre) * (pre > threshold)
+    torch.testing.assert_close(sae.dense_codes(codes), reference)
+    per_row = (reference > 0).sum(1)
+    assert per_row.max() > 4                                  # some rows use more than k, as training allows
+    assert per_row.float().mean().item() == pytest.approx(4, abs=0.05)      # calibrated: mean L0 = k
+    sae.threshold.fill_(0.0)                                  # a row above the 4k cap: the width grows to fit
+    codes, _ = sae.encode(x[:5])
+    torch.testing.assert_close(sae.dense_codes(codes), torch.relu(pre[:5]))
+
+
+def test_batchtopk_checkpoint_holds_the_calibrated_threshold_and_reports_that_model(sae_store):
+    config = TrainConfig(layer="pooled", t=10, k=4, n_latents=64, batch_size=100, steps=40, variant="batchtopk")
+    summary = train_sae(sae_store / "store", config, sae_store / "btk", progress=False)
+    sae, info = load_sae(sae_store / "btk")
+    assert info["inference"]["form"] == "jumprelu"
+    assert float(sae.threshold) == pytest.approx(info["inference"]["threshold"]) and float(sae.threshold) > 0
+    from diffdissect.sae.data import SliceData
+    from diffdissect.store import open_store
+
+    heldout = SliceData(open_store(sae_store / "store"), "pooled", 10, False, 0.1).heldout()
+    again = evaluate(sae, heldout)
+    assert summary["metrics"]["l0"] == pytest.approx(again["l0"]) and summary["metrics"]["fvu"] == pytest.approx(again["fvu"])
+
+
 def test_resumed_training_equals_uninterrupted(sae_store, monkeypatch):
     config = TrainConfig(layer="pooled", t=10, k=4, n_latents=64, batch_size=100, steps=60, checkpoint_every=20)
     train_sae(sae_store / "store", config, sae_store / "whole", progress=False)

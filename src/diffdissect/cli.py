@@ -15,6 +15,7 @@ from diffdissect.runtime import quiet_libraries, version
 def build_parser() -> argparse.ArgumentParser:
     from diffdissect.invert.train import InvertTrainConfig
     from diffdissect.options import add_config_arguments
+    from diffdissect.sae.attribution import AttributionConfig
 
     parser = argparse.ArgumentParser(prog="diffdissect", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -40,10 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--caption-column", default=None, help="caption column (CSV: [caption])")
     src.add_argument("--prompts", nargs="+", help="trajectory mode: sample these prompts (DiT: class ids/names)")
     src.add_argument("--prompt-file", help="trajectory mode: one prompt per line")
-    p.add_argument("--layers", nargs="+", required=True, help="module paths, e.g. mid_block up_blocks.1")
+    p.add_argument("--layers", nargs="+", required=True,
+                   help="module paths, e.g. mid_block up_blocks.1; suffix @input, @update (output - input), "
+                   "@text (a joint block's text stream)")
     p.add_argument("--timesteps", nargs="+", type=int, default=[100],
                    help="training-schedule indices in [0, T), larger = noisier [100]")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="noise seeds per input [0]")
+    p.add_argument("--sigmas", nargs="+", type=float, default=None,
+                   help="flow-matching models: noise levels as sigma in (0, 1] instead of --timesteps")
+    p.add_argument("--guidance-embedding", type=float, default=None,
+                   help="guidance-distilled FLUX (dev): the guidance embedding's value [the pipeline's, 3.5]")
     p.add_argument("--prompt", default=None, help="fixed prompt for every image (default: empty prompt)")
     p.add_argument("--use-captions", action="store_true", help="condition each image on its caption")
     p.add_argument("--class-label", type=int, default=None, help="class-conditional: fixed class id")
@@ -127,7 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=16, help="top images per latent [16]")
     p.add_argument("--images", default=None, help="image folder of the capture (for thumbnails) [from the manifest]")
     p.add_argument("--out", default=None, help="output directory [the SAE directory]")
+    p.add_argument("--captioner", default=None, help="caption the held-out images (world, or a local transformers "
+                   "image-to-text directory) to label latents by words, when the store holds no captions")
+    add_config_arguments(p.add_argument_group("held-out attribution"), AttributionConfig, exclude=["mask_threshold"])
     p.add_argument("--device", default="cpu", help="where the codes are computed: cpu, cuda, cuda:N, mps [cpu]")
+    p.add_argument("--causal-model", default=None, help="causal columns: sample this pipeline ('world': the shapes "
+                   "world's) with each top latent turned up and ablated, judged by --judge [off]")
+    p.add_argument("--judge", default="world", help="causal columns' judge: 'world' or a local transformers "
+                   "image-to-text directory [world]")
+    _attributes_arg(p)
+    p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
+    _causal_args(p)
     p.set_defaults(func=cmd_sae_features)
 
     directions = sub.add_parser("directions", help="prompt-driven h-space directions and what prompts default to "
@@ -145,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", nargs="+", default=None, help="descriptor families: NAME=word1,word2 ...")
     p.add_argument("--subjects", nargs="+", default=None, help="subject prompts whose defaults to measure")
     p.add_argument("--cluster-by", default=None, help="a template slot whose grouping the clustering is scored on")
-    p.add_argument("--cluster-remove", default=None, help="a --family whose directions are projected out first")
+    p.add_argument("--cluster-remove", nargs="+", default=[], metavar="FAMILY",
+                   help="--family names whose directions are projected out first (several: every nuisance family)")
+    p.add_argument("--cluster-pooling", choices=("none", "mean"), default="none",
+                   help="per-sample summary before a prompt's mean: none (the map) or mean (position-free)")
     p.set_defaults(func=cmd_directions_run)
     p = directions.add_parser("world", help="the analysis on the shapes world, checked against the planted defaults")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
@@ -199,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_invert_build_world)
+
+    p = sub.add_parser("steer", help="sample with edits (add, erase, SAE latents, mean ablation) and measure the "
+                                     "effect: prompts x seeds x alphas x edits")
+    _model_args(p)
+    _steer_args(p)
+    p.set_defaults(func=cmd_steer)
 
     p = sub.add_parser("demo", help="run the main job on the embedded default (the shapes world)")
     p.add_argument("--out", default="runs/demo")
@@ -278,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_distributed)
     p = bench_commands.add_parser("capture", help="capture overhead and memory")
     p.add_argument("--sd15", action="store_true", help="also run the full-size SD-1.5 UNet (slow on CPU)")
+    p.add_argument("--families", nargs="+", choices=["sdxl", "flux"], default=None,
+                   help="also run SDXL- / FLUX-architecture models at real widths (slow on CPU)")
+    p.add_argument("--only-families", action="store_true", help="skip the tiny model and the memory figure")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_capture)
@@ -328,6 +357,102 @@ def _target(args: argparse.Namespace):
                        random_init=args.random_init, seed=args.init_seed, resolution=args.resolution)
 
 
+def _steer_args(p: argparse.ArgumentParser) -> None:
+    from diffdissect.intervene.steer import SteerConfig
+    from diffdissect.options import add_config_arguments
+
+    add_config_arguments(p, SteerConfig, exclude=["attributes"])
+    p.add_argument("--prompt-file", default=None, help="one prompt per line (added to --prompts)")
+    p.add_argument("--judge", default="none", help="the judge: 'world' (the shapes world's captioner), a local "
+                   "transformers image-to-text model directory, or 'none' [none]")
+    _attributes_arg(p)
+    p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the effects as JSON to PATH")
+
+
+def _attributes_arg(p: argparse.ArgumentParser) -> None:
+    from diffdissect.intervene.steer import SteerConfig
+    from diffdissect.options import field_docs
+
+    p.add_argument("--attributes", nargs="+", default=None, metavar="ATTR=V1,V2",
+                   help=field_docs(SteerConfig)["attributes"] + " (a transformers judge needs them; 'world' knows "
+                   "its own)")
+
+
+def _judge(spec: str, attributes: dict[str, list[str]], args: argparse.Namespace):
+    """'world' (the shapes world's captioner, reading its factors), a transformers directory, or 'none'."""
+    from diffdissect.intervene import Judge
+
+    if spec == "none":
+        return None
+    if spec == "world":
+        from diffdissect.world.generator import FACTORS
+
+        world = _shapes_world(args)
+        return Judge(world.captioner(), attributes or {f: world.config.values(f) for f in FACTORS})
+    from diffdissect.directions.captioners import load_captioner
+
+    if not attributes:
+        raise DiffdissectError("a transformers judge needs --attributes ATTR=V1,V2 ... to read its captions.")
+    return Judge(load_captioner(spec), attributes)
+
+
+def _world_model(model: str, args: argparse.Namespace) -> str:
+    """`--model world`: the shapes world's pipeline."""
+    return str(_shapes_world(args).pipeline_dir) if model == "world" else model
+
+
+def _causal_args(p: argparse.ArgumentParser) -> None:
+    """CausalConfig's fields as --causal-* flags (the builder's options, renamed so they don't clash with
+    `sae features`' own --top)."""
+    from diffdissect.intervene.causal import CausalConfig
+    from diffdissect.options import add_config_arguments
+
+    group = argparse.ArgumentParser(add_help=False)
+    added = add_config_arguments(group, CausalConfig)
+    for action in group._actions:
+        if action.dest in added:
+            action.option_strings = ["--causal-" + s[2:] for s in action.option_strings]
+            action.dest = "causal_" + action.dest
+            p._add_action(action)
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from diffdissect.directions.prompts import read_prompt_file
+    from diffdissect.intervene import SteerConfig, run_steer
+    from diffdissect.options import config_from_args
+
+    prompts = list(args.prompts or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    judge = _judge(args.judge, _parse_attributes(args.attributes), args)
+    args.model = _world_model(args.model, args)
+    config = config_from_args(SteerConfig, args, prompts=prompts,
+                              attributes=judge.attributes if judge is not None else {})
+    config.validate()
+    result = run_steer(_target(args), config, args.out, judge)
+    if args.json:
+        from diffdissect.atomic import atomic_write_json
+
+        atomic_write_json(Path(args.json), [e.to_json() for e in result.effects])
+    for e in result.effects:
+        target = "" if e.target_rate is None else f"  {e.target} {e.target_rate:.2f} [{e.target_ci[0]:.2f}, {e.target_ci[1]:.2f}]"
+        keeps = " ".join(f"{a} {v['rate']:.2f}" for a, v in e.keep.items() if v["rate"] is not None)
+        print(f"{e.edit}  alpha={e.alpha}{target}  keep: {keeps or '-'}  pixel {e.pixel_distance:.3f}  "
+              f"identical {e.identical}/{e.n}")
+    print(f"wrote {args.out}/report.html")
+    return 0
+
+
+def _parse_attributes(items: list[str] | None) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        name, eq, values = item.partition("=")
+        if not eq or not name or not values:
+            raise DiffdissectError(f"--attributes takes ATTR=V1,V2,..., not {item!r}.")
+        out[name] = [v for v in values.split(",") if v]
+    return out
+
+
 def cmd_layers(args: argparse.Namespace) -> int:
     from diffdissect.capture import list_layers
 
@@ -367,7 +492,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
         spec = CaptureSpec(timesteps=args.timesteps, prompt=args.prompt, use_captions=args.use_captions,
                            class_label=args.class_label, labels_as_classes=args.labels_as_classes,
                            shard_size=args.shard_size, shard_mb=args.shard_mb, limit=args.limit,
-                           early_exit=not args.no_early_exit, **common)
+                           early_exit=not args.no_early_exit, sigmas=args.sigmas,
+                           guidance_embedding=args.guidance_embedding, **common)
         manifest = capture(target, _source(args), spec, args.out, progress=not args.quiet, dist=dist)
     if dist.is_main:
         skipped = len(manifest.skipped)
@@ -409,9 +535,10 @@ def cmd_store_info(args: argparse.Namespace) -> int:
     print(f"model       {model.get('source')} ({model.get('class', '-')}, fingerprint {model.get('weights_fingerprint', '-')})")
     print(f"rows        {info['rows']} in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB, dtype {info['dtype']}")
     print(f"skipped     {info['skipped']} unreadable inputs")
-    print("timesteps   t (larger = noisier) | alpha_bar | noise std")
+    print("timesteps   t (larger = noisier) | alpha_bar / sigma | noise std | denoiser t")
     for e in info["timesteps"]:
-        print(f"            {e['t']:>5} | {_maybe(e.get('alpha_bar'))} | {_maybe(e.get('noise_std'))}")
+        level = _maybe(e.get("alpha_bar")) if e.get("sigma") is None else f"sigma {e['sigma']:.4f}"
+        print(f"            {e['t']:>5} | {level} | {_maybe(e.get('noise_std'))} | {_maybe(e.get('denoiser_t'))}")
     print("layers")
     for layer, meta in info["layers"].items():
         print(f"            {layer}: {'x'.join(map(str, meta['shape']))}")
@@ -457,8 +584,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
     probe_section(report, results)
     report.write(Path(args.out) / "report.html")
     for row in summary_rows(results):
-        print(f"{row['label']}: best {row['best_layer']} @ t={row['best_t']}: {row['best_accuracy']:.3f} "
-              f"[{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] (majority class {row['chance_majority']:.3f})")
+        print(f"{row['label']}: cell chosen on validation {row['best_layer']} @ t={row['best_t']}: test "
+              f"{row['best_accuracy']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] (majority class "
+              f"{row['chance_majority']:.3f}; max over cells of test accuracy {row['test_max_accuracy']:.3f}, "
+              "biased upwards)")
     print(f"results: {paths['csv']}, {paths['json']}; report: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -486,12 +615,64 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_features(args: argparse.Namespace) -> int:
-    from diffdissect.sae.report import write_feature_outputs
+    from diffdissect.options import config_from_args
+    from diffdissect.sae.attribution import AttributionConfig
+    from diffdissect.sae.report import feature_summary_lines, write_feature_outputs
 
+    causal = None
+    if args.causal_model:
+        from diffdissect.intervene.causal import CausalConfig, causal_effects, top_latents
+        from diffdissect.sae.checkpoint import read_config
+
+        config = CausalConfig(**{f: getattr(args, "causal_" + f) for f in CausalConfig.__dataclass_fields__})
+        judge = _judge(args.judge, _parse_attributes(args.attributes), args)
+        if judge is None:
+            raise DiffdissectError("the causal columns need a judge (--judge world or a transformers directory).")
+        args.model = _world_model(args.causal_model, args)
+        args.model_dtype, args.random_init, args.init_seed, args.resolution = "float32", False, 0, None
+        layer = read_config(Path(args.sae))["slice"]["layer"]
+        out_dir = Path(args.out or args.sae) / "causal"
+
+        def causal(results: dict[str, Any]) -> dict[str, Any]:
+            latents = top_latents(results, config.top)
+            table = causal_effects(_target(args), Path(args.sae), layer, latents, judge, config, out_dir)
+            return {"config": {**vars(config), "judge": judge.name}, "latents": {str(j): v for j, v in table.items()}}
+
+    caption_fn = _held_out_captioner(args) if args.captioner else None
     paths = write_feature_outputs(args.sae, store=args.store, labels=args.labels, top_n=args.top,
-                                  images=args.images, out=args.out, device=args.device)
+                                  images=args.images, out=args.out, device=args.device, caption_fn=caption_fn,
+                                  attribution=config_from_args(AttributionConfig, args), causal=causal)
+    for line in feature_summary_lines(json.loads(paths["json"].read_text())):
+        print(line)
     print(f"features: {paths['json']}\nbrowser: {paths['browser']} (open it in a web browser; no server needed)")
     return 0
+
+
+def _held_out_captioner(args: argparse.Namespace):
+    """Captions of source images by index, from `--captioner` run on the capture's images."""
+    import numpy as np
+    from PIL import Image
+
+    from diffdissect.directions import load_captioner
+    from diffdissect.directions.captioners import caption_images
+    from diffdissect.sae.checkpoint import read_config
+    from diffdissect.sae.report import image_source_for
+
+    store = args.store or read_config(Path(args.sae))["slice"]["store"]
+    source = image_source_for(store, args.images)
+    if source is None:
+        raise DiffdissectError(f"--captioner needs the capture's images and the store {store} names none that can be "
+                               "read; pass the image folder with --images.")
+    captioner = _shapes_world(args).captioner() if args.captioner == "world" else load_captioner(args.captioner)
+
+    def caption(indices: list[int]) -> list[str | None]:
+        images = [source.load(i).image for i in indices]
+        pixels = [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im) for im in images]
+        if len({p.shape for p in pixels}) == 1:
+            return caption_images(captioner, np.stack(pixels)).captions
+        return [caption_images(captioner, p[None]).captions[0] for p in pixels]
+
+    return caption
 
 
 def cmd_directions_run(args: argparse.Namespace) -> int:
@@ -514,7 +695,8 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
     source = args.source or ("captions" if captioner else "prompts")
     config = DirectionsConfig(prompts=prompts, guidance_scale=args.guidance, text_source=source,
                               bias=[BiasSpec(name, words, list(args.subjects)) for name, words in families.items()],
-                              cluster_by=args.cluster_by, cluster_remove=args.cluster_remove, **_directions_options(args))
+                              cluster_by=args.cluster_by, cluster_remove=args.cluster_remove,
+                              cluster_pooling=args.cluster_pooling, **_directions_options(args))
     results = run_directions(_target(args), config, args.out, captioner, progress=not args.quiet)
     _print_directions(results, write_directions_report(results, args.out))
     return 0
@@ -791,7 +973,8 @@ def cmd_bench_datapath(args: argparse.Namespace) -> int:
 def cmd_bench_capture(args: argparse.Namespace) -> int:
     from diffdissect.bench.capture import run_capture_benchmark
 
-    results = run_capture_benchmark(sd15=args.sd15, repeats=args.repeats)
+    results = run_capture_benchmark(sd15=args.sd15, repeats=args.repeats, families=args.families,
+                                    tiny=not args.only_families, memory=not args.only_families)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -33,3 +33,18 @@ def bootstrap_mean_ci(values: np.ndarray, *, resamples: int = 2000, level: float
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return (float(low), float(high))
+
+
+def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg q-values (false discovery rate) of any-shaped p-values, across all of them."""
+    p = np.asarray(p_values, dtype=np.float64)
+    flat = p.ravel()
+    m = len(flat)
+    if m == 0:
+        return p.copy()
+    order = np.argsort(flat)
+    ranked = flat[order] * m / np.arange(1, m + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(q, 1.0)
+    return out.reshape(p.shape)

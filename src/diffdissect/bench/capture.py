@@ -217,6 +217,125 @@ def _last_up_block(target: Target) -> str:
     return f"up_blocks.{len(target.denoiser.up_blocks) - 1}"
 
 
+# Today's families at real widths (random weights), sized to run on a CPU: SDXL's UNet widths (320, 640,
+# 1280; 2048-dim context, text_time embedding) with 2 instead of 10 transformer layers in the deepest level;
+# FLUX's transformer widths (3072 = 24 heads x 128, 4096-dim T5 context) with 1 double- and 2 single-stream
+# blocks. Text encoders are the tiny ones behind a projection to the real context width.
+# Small images keep a round to about a minute on 2 CPU cores (FLUX's 512 T5 tokens dominate its sequence).
+FAMILY_SIZES = {"sdxl": {"resolution": 128, "images": 2, "timesteps": [500], "seeds": [0], "batch_size": 2},
+                "flux": {"resolution": 128, "images": 1, "timesteps": [500], "seeds": [0], "batch_size": 1}}
+
+
+def sdxl_bench_pipeline(seed: int = 0):
+    import diffusers
+
+    from diffdissect.models.tiny_families import _clip, _clip_tokenizer, tiny_sdxl_pipeline
+
+    tiny = tiny_sdxl_pipeline(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _clip(tiny.tokenizer, 768)
+        text_encoder_2 = _clip(_clip_tokenizer(), 1280, projection=1280)
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 2), use_linear_projection=True, cross_attention_dim=2048,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816).eval()
+    return diffusers.StableDiffusionXLPipeline(vae=tiny.vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                               tokenizer=tiny.tokenizer, tokenizer_2=tiny.tokenizer_2, unet=unet,
+                                               scheduler=tiny.scheduler)
+
+
+def flux_bench_pipeline(seed: int = 0):
+    import diffusers
+
+    from diffdissect.models.tiny_families import _clip, _t5, tiny_flux_pipeline
+
+    tiny = tiny_flux_pipeline(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = _clip(tiny.tokenizer, 768)
+        text_encoder_2 = _t5(tiny.tokenizer_2, 4096)
+        transformer = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56)).eval()
+    return diffusers.FluxPipeline(scheduler=tiny.scheduler, vae=tiny.vae, text_encoder=text_encoder,
+                                  tokenizer=tiny.tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tiny.tokenizer_2,
+                                  transformer=transformer)
+
+
+def family_case(name: str, repeats: int) -> Case:
+    size = FAMILY_SIZES[name]
+    pipe = sdxl_bench_pipeline() if name == "sdxl" else flux_bench_pipeline()
+    target = load_target(pipe, resolution=size["resolution"])
+    if name == "sdxl":
+        mid, last = "mid_block", _last_up_block(target)
+        what = "SDXL UNet widths (320/640/1280, 2048-dim context), 2 transformer layers in the deepest level"
+    else:
+        mid, last = "single_transformer_blocks.0", "single_transformer_blocks.1"
+        what = "FLUX transformer widths (3072, 24x128 heads), 1 double + 2 single blocks"
+    latent = target.sample_shape()[1]
+    return Case(key=name, model=f"{what}, random weights, {_params(target.denoiser)} params, fp32; "
+                f"{target.resolution} px images -> {latent}x{latent} latents",
+                target=target, images=synthetic_images(size["images"], target.resolution),
+                timesteps=size["timesteps"], seeds=size["seeds"], batch_size=size["batch_size"],
+                mid_layer=mid, last_layer=last, repeats=repeats)
+
+
+@torch.no_grad()
+def family_plain_pass(case: Case) -> float:
+    """The baseline of a family: the pipeline's own encode_prompt and helpers, the forward process written
+    out from the scheduler, and the denoiser called as the pipeline's loop calls it."""
+    tg = case.target
+    pipe = tg.pipeline
+    n, bs = len(case.images), case.batch_size
+    start = time.perf_counter()
+    pixels = torch.stack([to_model_pixels(image, tg.resolution) for image in case.images])
+    latents = torch.cat([pipe.vae.encode(pixels[b:b + bs]).latent_dist.mean for b in range(0, n, bs)])
+    latents = (latents - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
+    prompts = [""] * bs
+    if case.key == "sdxl":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+        size = (tg.resolution, tg.resolution)
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        added = {"text_embeds": pooled, "time_ids": time_ids.repeat(bs, 1)}
+    else:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        embeds, pooled, text_ids = pipe.encode_prompt(prompts, prompts)
+        h = latents.shape[-1]
+        image_ids = pipe._prepare_latent_image_ids(bs, h // 2, h // 2, latents.device, latents.dtype)
+        mu = calculate_shift((h // 2) ** 2, 256, 4096, 0.5, 1.15)
+    for seed in case.seeds:
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+        for t in case.timesteps:
+            if case.key == "sdxl":
+                a = float(pipe.scheduler.alphas_cumprod[t])
+                x_t = a ** 0.5 * latents + (1 - a) ** 0.5 * noise
+            else:
+                base = (t + 1) / pipe.scheduler.config.num_train_timesteps
+                sigma = float(np.exp(mu) / (np.exp(mu) + 1 / base - 1))
+                x_t = (1 - sigma) * latents + sigma * noise
+            for b in range(0, n, bs):
+                batch = x_t[b:b + bs]
+                k = len(batch)
+                if case.key == "sdxl":
+                    pipe.unet(batch, torch.full((k,), t), encoder_hidden_states=embeds[:k],
+                              added_cond_kwargs={"text_embeds": added["text_embeds"][:k],
+                                                 "time_ids": added["time_ids"][:k]})
+                else:
+                    c, hh, ww = batch.shape[1:]
+                    pipe.transformer(hidden_states=pipe._pack_latents(batch, k, c, hh, ww),
+                                     timestep=torch.full((k,), sigma), guidance=torch.full((k,), 3.5),
+                                     pooled_projections=pooled[:k], encoder_hidden_states=embeds[:k],
+                                     txt_ids=text_ids, img_ids=image_ids)
+    return time.perf_counter() - start
+
+
 # ---- the measured passes -----------------------------------------------------------------------
 @torch.no_grad()
 def plain_pass(case: Case) -> float:
@@ -261,7 +380,7 @@ def _forward_inputs(case: Case, batch: int | None = None):
     batch = batch or case.batch_size
     c, h, w = tg.sample_shape()
     x = torch.randn((batch, c, h, w), generator=torch.Generator().manual_seed(0))
-    steps = torch.full((batch,), case.timesteps[0], dtype=torch.long)
+    steps = tg.timestep_argument(tg.noise_levels([case.timesteps[0]])[0], batch)
     return x, steps, tg.conditioning(None, None, batch)
 
 
@@ -304,7 +423,7 @@ def overhead_results(case: Case, env: dict[str, Any], log: Callable[[str], None]
     with tempfile.TemporaryDirectory(prefix="diffdissect-bench-") as tmp:
         root = Path(tmp)
         fns = {
-            "plain": lambda: plain_pass(case),
+            "plain": lambda: family_plain_pass(case) if case.key in FAMILY_SIZES else plain_pass(case),
             "capture_mid": lambda: capture_pass(case, case.mid_layer, root),
             "capture_last": lambda: capture_pass(case, case.last_layer, root),
             "forward": lambda: forward_pass(case, inputs),
@@ -454,7 +573,8 @@ def memory_result(env: dict[str, Any], threads: int, log: Callable[[str], None])
 
 # ---- the whole benchmark -----------------------------------------------------------------------
 def run_capture_benchmark(sd15: bool = False, repeats: int = 3, *, threads: int | None = None,
-                          memory: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                          memory: bool = True, log: Callable[[str], None] | None = None,
+                          families: list[str] | None = None, tiny: bool = True) -> dict[str, Any]:
     """Run the capture benchmark, print its table and return the figures as plain data.
 
     `repeats` rounds on SD-1.5 (its passes take tens of seconds on a CPU); the tiny model runs 3x as
@@ -467,7 +587,13 @@ def run_capture_benchmark(sd15: bool = False, repeats: int = 3, *, threads: int 
     log(f"capture benchmark on {env['cpu']} ({env['cores']} cores), torch {env['torch']}, "
         f"{env['torch_threads']} threads")
     started = time.perf_counter()
-    results = overhead_results(tiny_case(3 * repeats), env, log)
+    results = overhead_results(tiny_case(3 * repeats), env, log) if tiny else []
+    for name in families or []:
+        log(f"[{name}] building the {name}-architecture pipeline (random weights)")
+        case = family_case(name, repeats)
+        results.extend(overhead_results(case, env, log))
+        del case
+        gc.collect()
     if memory:
         results.append(memory_result(env, threads, log))
     if sd15:

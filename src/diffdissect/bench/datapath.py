@@ -12,7 +12,8 @@ rotated, each reader goes over the whole slice and its rate is the slice's store
   (`mix_shards=4`), batches of 256 rows, stored dtype.
 
 SAE from the store vs from memory: the same SAE steps (sae_loss + apply_update) fed by the token stream
-(prefetch thread) or by slices of a preloaded float32 tensor, alternating; tokens/s medians.
+(prefetch thread) or by draws from a preloaded float32 tensor, alternating step by step (so load drift
+hits both alike); tokens/s per round, medians over rounds.
 
 `sae features` memory: peak RSS of a fresh process running `analyse_features` on held-out sets of n and 4n
 images (an SAE checkpoint written without training; the streaming pass does not care).
@@ -155,24 +156,27 @@ def sae_from_store_vs_memory(store: Path, *, n_latents: int, k: int, batch: int,
         position[0] += batch
         return x
 
-    def train(next_batch: Callable[[], torch.Tensor]) -> float:
+    def step(next_batch: Callable[[], torch.Tensor]) -> float:
         start = time.perf_counter()
-        for _ in range(steps):
-            x = next_batch()
-            if not torch.isfinite(x).all():
-                raise RuntimeError("non-finite batch")
-            loss, *_ = sae_loss(sae, x, None, 0.0)
-            apply_update(sae, optimiser, loss)
-        return steps * batch / (time.perf_counter() - start)
+        x = next_batch()
+        if not torch.isfinite(x).all():
+            raise RuntimeError("non-finite batch")
+        loss, *_ = sae_loss(sae, x, None, 0.0)
+        apply_update(sae, optimiser, loss)
+        return time.perf_counter() - start
 
     feeds = {"memory": from_memory, "store": lambda: next(stream)}
     rates: dict[str, list[float]] = {"memory": [], "store": []}
-    train(from_memory)
-    train(feeds["store"])
+    step(from_memory)
+    step(feeds["store"])
     loads = []
-    for r in range(rounds):
-        for name in (["memory", "store"] if r % 2 == 0 else ["store", "memory"]):
-            rates[name].append(train(feeds[name]))
+    for _ in range(rounds):              # steps alternate between the feeds, so load drift hits both alike
+        seconds = {"memory": 0.0, "store": 0.0}
+        for i in range(steps):
+            for name in (["memory", "store"] if i % 2 == 0 else ["store", "memory"]):
+                seconds[name] += step(feeds[name])
+        for name in rates:
+            rates[name].append(steps * batch / seconds[name])
         loads.append(round(load(), 2))
     stream.close()
     medians = {n: statistics.median(v) for n, v in rates.items()}

@@ -17,10 +17,10 @@ from diffdissect.capture.spec import CaptureSpec
 from diffdissect.data.sources import ImageRecord, ImageSource, UnreadableInput
 from diffdissect.data.transforms import to_model_pixels
 from diffdissect.distributed import SINGLE, Dist
-from diffdissect.errors import DataError, SpecError
+from diffdissect.errors import DataError, DiffdissectError, SpecError
 from diffdissect.lock import DirectoryLock
 from diffdissect.models.identity import comparable
-from diffdissect.models.noising import add_noise, noise_for, timestep_table
+from diffdissect.models.noising import noise_for
 from diffdissect.models.target import Target
 from diffdissect.store.manifest import MANIFEST, Manifest, slice_key, spec_digest
 from diffdissect.store.writer import StoreWriter, check_store_directory
@@ -64,14 +64,16 @@ def capture(target: Target, source: ImageSource, spec: CaptureSpec, out: str | P
     """
     spec.validate()
     layers = resolve_layers(target, spec.layers)
-    table = timestep_table(target.scheduler, spec.timesteps)
     _check_conditioning(target, spec)
+    apply_guidance_embedding(target, spec.guidance_embedding)
+    levels = target.noise_levels(None if spec.sigmas else spec.timesteps, spec.sigmas)
+    table = [level.to_json() for level in levels]
     if not target.is_latent and target.pixel_channels != 3:
         raise SpecError(f"{target.source} takes {target.pixel_channels}-channel inputs and has no VAE, so it "
                         "cannot be fed RGB images; load the full pipeline directory instead.")
     count = len(source) if spec.limit is None else min(len(source), spec.limit)
-    shapes = probe_row_shapes(target, layers, spec)
-    shard_size = spec.shard_size or auto_shard_size(shapes, spec)
+    shapes = probe_row_shapes(target, layers, spec, levels[0].t)
+    shard_size = spec.shard_size or auto_shard_size(shapes, spec, len(levels))
     check_store_directory(out)
     lock = DirectoryLock(out, "capture") if dist.is_main else contextlib.nullcontext()
     with lock:
@@ -83,12 +85,13 @@ def capture(target: Target, source: ImageSource, spec: CaptureSpec, out: str | P
                             timesteps=table, layers={l: {"shape": list(shapes[l]), "dtype": spec.dtype} for l in layers},
                             dtype=spec.dtype, locations={"source": source_where, "model": identity.get("source")})
         writer = StoreWriter.open(out, manifest, dist)
-        return _capture_chunks(target, source, spec, layers, shapes, shard_size, count, writer, out, progress, dist)
+        return _capture_chunks(target, source, spec, layers, shapes, shard_size, count, writer, out, progress, dist,
+                               levels)
 
 
 def _capture_chunks(target: Target, source: ImageSource, spec: CaptureSpec, layers: list[str],
                     shapes: dict[str, tuple[int, ...]], shard_size: int, count: int, writer: StoreWriter,
-                    out: str | Path, progress: bool, dist: Dist) -> Manifest:
+                    out: str | Path, progress: bool, dist: Dist, levels: Any) -> Manifest:
     recorder = LayerRecorder(target.denoiser, layers, early_exit=spec.early_exit)
     desc = f"capture (rank {dist.rank}/{dist.world})" if dist.enabled else "capture"
     with recorder, tqdm(total=count, unit="img", desc=desc, disable=not progress or not dist.is_main) as bar:
@@ -96,7 +99,7 @@ def _capture_chunks(target: Target, source: ImageSource, spec: CaptureSpec, laye
             stop = min(start + shard_size, count)
             if dist.owns(chunk) and not writer.is_committed(chunk):
                 tensors, rows, skipped = capture_chunk(target, source, range(start, stop), spec, layers,
-                                                       shapes, recorder)
+                                                       shapes, recorder, levels)
                 writer.write_shard(chunk, tensors, rows, (start, stop), skipped)
             bar.update(stop - start)
     record_truncations(target, writer)
@@ -117,12 +120,13 @@ def _check_any_rows(manifest: Manifest, count: int, out: str | Path) -> None:
 capture_images = capture   # the exported name, beside capture_trajectories (`diffdissect.capture_images`)
 
 def capture_chunk(target: Target, source: ImageSource, indices: range, spec: CaptureSpec, layers: list[str],
-                  shapes: dict[str, tuple[int, ...]], recorder: LayerRecorder):
+                  shapes: dict[str, tuple[int, ...]], recorder: LayerRecorder, levels: list[Any] | None = None):
     """Capture one shard's worth of inputs. Returns (tensors by slice key, rows, skipped inputs)."""
+    levels = levels if levels is not None else target.noise_levels(spec.timesteps)
     records, skipped = load_records(source, indices)
     n, n_seeds = len(records), len(spec.seeds)
-    tensors = {slice_key(layer, t): torch.empty((n, n_seeds, *shapes[layer]), dtype=spec.torch_dtype)
-               for layer in layers for t in spec.timesteps}
+    tensors = {slice_key(layer, level.t): torch.empty((n, n_seeds, *shapes[layer]), dtype=spec.torch_dtype)
+               for layer in layers for level in levels}
     if records:
         ids = [r.input_id for r in records]
         pixels = torch.stack([to_model_pixels(r.image, target.resolution) for r in records])
@@ -130,18 +134,20 @@ def capture_chunk(target: Target, source: ImageSource, indices: range, spec: Cap
         prompts, classes = _conditioning_inputs(target, records, spec)
         for s, seed in enumerate(spec.seeds):
             noise = noise_for(ids, seed, tuple(x0.shape[1:]))
-            for t in spec.timesteps:
-                x_t = add_noise(target.scheduler, x0, noise, t)
+            for level in levels:
+                t = level.t
+                x_t = level.apply(x0, noise)        # the family's forward process (models.levels)
                 for b in range(0, n, spec.batch_size):
                     sl = slice(b, b + spec.batch_size)
                     batch = x_t[sl]
                     cond = target.conditioning(prompts[sl] if prompts else None,
                                                classes[sl] if classes else None, len(batch))
-                    steps = torch.full((len(batch),), t, dtype=torch.long, device=target.device)
+                    steps = target.timestep_argument(level, len(batch))
                     with torch.no_grad():
                         outputs = recorder.run(target.forward, batch, steps, cond)
                     for layer in layers:
-                        rows = cast_checked(to_rows(outputs[layer], spec), spec.torch_dtype, layer, t, ids[sl])
+                        rows = cast_checked(layer_rows(target, layer, outputs[layer], spec), spec.torch_dtype,
+                                            layer, t, ids[sl])
                         tensors[slice_key(layer, t)][sl, s] = rows.cpu()
     tensors = {k: v.reshape(n * n_seeds, *v.shape[2:]) for k, v in tensors.items()}
     rows = [{"input_id": r.input_id, "source_index": r.source_index, "seed": seed, "label": _plain(r.label),
@@ -164,24 +170,52 @@ def load_records(source: ImageSource, indices: range) -> tuple[list[ImageRecord]
 
 
 @torch.no_grad()
-def probe_row_shapes(target: Target, layers: list[str], spec: CaptureSpec) -> dict[str, tuple[int, ...]]:
+def probe_row_shapes(target: Target, layers: list[str], spec: CaptureSpec,
+                     t: int | None = None) -> dict[str, tuple[int, ...]]:
     """Per-row stored shape of each layer, from one dry forward of a single sample.
 
     The forward runs on the meta device (shapes only, no arithmetic: free even for SD-XL); a model
     that cannot run on meta falls back to a real single-sample forward.
     """
-    sample, timestep, cond = target.dry_inputs(spec.timesteps[0])
+    sample, timestep, cond = target.dry_inputs(spec.timesteps[0] if t is None else t)
     with LayerRecorder(target.denoiser, layers, early_exit=True) as recorder:
         try:
             outputs = recorder.run(_meta_forward, target, sample, timestep, cond)
+        except DiffdissectError:     # a wrong layer spec (no text stream, @update on a shape change)
+            raise
         except Exception:  # an op without a meta kernel, a data-dependent branch, ...
             outputs = recorder.run(target.forward, sample, timestep, cond)
-    return {layer: tuple(to_rows(outputs[layer], spec).shape[1:]) for layer in layers}
+    return {layer: tuple(layer_rows(target, layer, outputs[layer], spec).shape[1:]) for layer in layers}
+
+
+def layer_rows(target: Target, layer: str, output: torch.Tensor, opts: Any) -> torch.Tensor:
+    """Stored rows of one captured tensor: the family's own token grid first (FLUX's packed output)."""
+    if opts.tokens_to_grid and output.ndim == 3 and target.family is not None:
+        grid = target.family.to_grid(target, layer, output)      # shape maths only: runs on meta too
+        if grid is not None:
+            output = grid
+    return to_rows(output, opts)
+
+
+def apply_guidance_embedding(target: Target, value: float | None) -> None:
+    """Set FLUX-dev's guidance embedding value (refused for every other model)."""
+    if value is None:
+        return
+    if target.family is None or target.family.name != "FLUX":
+        raise SpecError("--guidance-embedding is for guidance-distilled FLUX models only; this model's guidance is "
+                        "classifier-free (trajectories: --guidance).")
+    target.family.guidance_embedding = float(value)
+    target._prompt_cache.clear()
+    target.family.guidance_value(target)          # refuses a model without a guidance embedding (schnell)
 
 
 def _meta_forward(target: Target, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> Any:
-    def meta(x: Any) -> Any:
-        return x.to("meta") if isinstance(x, torch.Tensor) else x
+    def meta(x: Any) -> Any:             # nested too: SDXL's added_cond_kwargs is a dict of tensors
+        if isinstance(x, torch.Tensor):
+            return x.to("meta")
+        if isinstance(x, dict):
+            return {k: meta(v) for k, v in x.items()}
+        return x
 
     state = {name: torch.empty_like(v, device="meta")
              for name, v in [*target.denoiser.named_parameters(), *target.denoiser.named_buffers()]}
@@ -189,9 +223,10 @@ def _meta_forward(target: Target, sample: torch.Tensor, t: torch.Tensor, cond: d
     return torch.func.functional_call(target.denoiser, state, args, kwargs)
 
 
-def auto_shard_size(shapes: dict[str, tuple[int, ...]], spec: CaptureSpec) -> int:
+def auto_shard_size(shapes: dict[str, tuple[int, ...]], spec: CaptureSpec, n_levels: int | None = None) -> int:
     """Inputs per shard so that one shard holds about `spec.shard_mb` megabytes."""
-    per_input = sum(math.prod(s) for s in shapes.values()) * len(spec.timesteps) * len(spec.seeds)
+    n_levels = len(spec.timesteps) if n_levels is None else n_levels
+    per_input = sum(math.prod(s) for s in shapes.values()) * n_levels * len(spec.seeds)
     per_input *= spec.torch_dtype.itemsize
     return max(1, int(spec.shard_mb * 2**20 // max(per_input, 1)))
 

@@ -25,12 +25,16 @@ def module_paths(target: Target) -> list[str]:
 
 
 def resolve_layers(target: Target, layers: list[str]) -> list[str]:
-    """Check every requested module path; a wrong one gets the closest valid names."""
+    """Check every requested module path (with its optional @input/@update/@text suffix, capture.streams);
+    a wrong one gets the closest valid names."""
+    from diffdissect.capture.streams import parse_layer
+
     if not layers:
         raise LayerNotFoundError("no layers requested; list the hookable ones with `diffdissect layers MODEL`.")
     valid = module_paths(target)
     known = set(valid)
-    for layer in layers:
+    for spec in layers:
+        layer = parse_layer(spec).module
         if layer not in known:
             close = difflib.get_close_matches(layer, valid, n=6, cutoff=0.4)
             close += [v for v in valid if v.startswith(layer + ".")][: max(0, 6 - len(close))]
@@ -51,13 +55,17 @@ def list_layers(target: Target, *, max_depth: int | None = 2, contains: str | No
     paths = [p for p in module_paths(target)
              if (max_depth is None or p.count(".") < max_depth) and (contains is None or contains in p)]
     modules = dict(target.denoiser.named_modules())
-    recorder = LayerRecorder(target.denoiser, paths, early_exit=False, on_missing_tensor="skip")
+    # every module's output, and the text stream of the joint blocks among them (listed as path@text)
+    recorder = LayerRecorder(target.denoiser, [*paths, *(p + "@text" for p in paths)], early_exit=False,
+                             on_missing_tensor="skip")
     sample, timestep, cond = target.dry_inputs(t)
     with recorder:
         target.forward(sample, timestep, cond)
     order = {p: i for i, p in enumerate(recorder.order)}
     infos = [LayerInfo(p, type(modules[p]).__name__,
                        tuple(recorder.outputs[p].shape[1:]) if p in recorder.outputs else None) for p in paths]
+    infos += [LayerInfo(p + "@text", type(modules[p]).__name__, tuple(recorder.outputs[p + "@text"].shape[1:]))
+              for p in paths if p + "@text" in recorder.outputs]
     if not include_silent:  # containers (ModuleList) never run themselves: nothing to hook
         infos = [info for info in infos if info.shape is not None]
     return sorted(infos, key=lambda info: order.get(info.path, len(order)))

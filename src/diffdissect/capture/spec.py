@@ -52,6 +52,12 @@ class CaptureSpec(OutputOptions):
     shard_mb: float = 256.0
     limit: int | None = None
     early_exit: bool = True
+    sigmas: list[float] | None = None
+    """Flow-matching models: noise levels named by sigma in (0, 1] instead of --timesteps; each is stored
+    under its nearest training index, with the exact sigma in the timestep table."""
+    guidance_embedding: float | None = None
+    """Guidance-distilled FLUX models (dev): the guidance value fed to the guidance embedding [the pipeline's
+    default, 3.5]; refused for models without one (schnell) and other families."""
 
     def validate(self) -> None:
         super().validate()
@@ -69,11 +75,20 @@ class CaptureSpec(OutputOptions):
             raise SpecError("limit must be positive.")
         if self.prompt is not None and self.use_captions:
             raise SpecError("choose one of a fixed prompt and per-image captions, not both.")
+        if self.sigmas is not None and not self.sigmas:
+            raise SpecError("--sigmas needs at least one value in (0, 1].")
 
     def data_fields(self) -> dict[str, Any]:
-        """The fields that change the stored bytes (everything but early_exit, which changes nothing)."""
+        """The fields that change the stored bytes (everything but early_exit, which changes nothing).
+
+        sigmas and guidance_embedding are left out at their defaults (None), so a store made before they
+        existed keeps its spec hash and resumes.
+        """
         out = asdict(self)
         out.pop("early_exit")
+        for name in ("sigmas", "guidance_embedding"):
+            if out[name] is None:
+                out.pop(name)
         return out
 
 

@@ -1,8 +1,12 @@
 """Trajectory mode: run the pipeline's own sampler on prompts and capture layers at every step.
 
 Rows are (prompt, seed) pairs; slices are keyed by the training timestep t of each denoiser call.
-Under classifier-free guidance the denoiser sees a doubled batch; `spec.branch` picks the
-conditional (default) or unconditional half. A sampler that calls the denoiser twice at the same t
+For flow-matching models (SD3, FLUX, Sana) each step's sigma is read from the scheduler's own schedule
+and keyed by the training index derived from it (models.levels), never by rounding the denoiser's
+argument (FLUX is handed sigma in [0, 1]); the table records the exact argument and sigma.
+Under classifier-free guidance the denoiser sees a doubled batch, unconditional half first (SD, SDXL,
+SD3, PixArt, Sana; DiT: conditional first); `spec.branch` picks the conditional (default) or
+unconditional half. FLUX has no guidance batch: its guidance is an embedding (dev) or absent (schnell). A sampler that calls the denoiser twice at the same t
 (PNDM's warm-up) keeps the first call; the manifest records how many calls were dropped.
 """
 from __future__ import annotations
@@ -16,10 +20,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffdissect.atomic import atomic_write_bytes
-from diffdissect.capture.engine import record_truncations, recorded_model
+from diffdissect.capture.engine import layer_rows, record_truncations, recorded_model
 from diffdissect.capture.hooks import LayerRecorder
 from diffdissect.capture.layers import resolve_layers
-from diffdissect.capture.rows import cast_checked, to_rows
+from diffdissect.capture.rows import cast_checked
 from diffdissect.capture.spec import TrajectorySpec
 from diffdissect.errors import SpecError
 from diffdissect.lock import DirectoryLock
@@ -40,6 +44,9 @@ def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, 
         target.pipeline.set_progress_bar_config(disable=True)      # one bar for the whole capture
     conditions = [_condition(target, p) for p in spec.prompts]
     pairs = [(i, seed) for i in range(len(spec.prompts)) for seed in spec.seeds]
+    if spec.branch == "uncond" and target.family is not None and not target.family.cfg_halves():
+        raise SpecError(f"{target.family.name} has no unconditional branch to keep: its guidance is an embedding, "
+                        "not a classifier-free batch. Drop --branch uncond.")
     if target.takes_text and target.tokenizer is not None:
         target.note_truncation(list(spec.prompts))
     probe = _sample(target, spec, layers, [conditions[0]], [spec.seeds[0]], steps_only=True)
@@ -49,7 +56,7 @@ def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, 
         identity = target.identity(known=recorded_model(out))
         spec_json = {"trajectory": spec.data_fields(), "model": comparable(identity)}
         manifest = Manifest(mode="trajectory", spec=spec_json, spec_hash=spec_digest(spec_json), model=identity,
-                            timesteps=timestep_table(target.scheduler, schedule),
+                            timesteps=probe["levels"] or timestep_table(target.scheduler, schedule),
                             layers={l: {"shape": list(probe["shapes"][l]), "dtype": spec.dtype} for l in layers},
                             dtype=spec.dtype, locations={"model": identity.get("source")})
         writer = StoreWriter.open(out, manifest)
@@ -106,7 +113,7 @@ def _sample(target: Target, spec: TrajectorySpec, layers: list[str], conditions:
             steps_only: bool = False) -> dict[str, Any]:
     """One pipeline call for a batch; returns per-(layer, t) tensors, images, the schedule and shapes."""
     pipe = target.pipeline
-    seen_t: list[int] = []
+    seen_t: list[float] = []
     pre = target.denoiser.register_forward_pre_hook(
         lambda m, args, kwargs: seen_t.append(_timestep_value(args, kwargs)), with_kwargs=True)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -116,25 +123,57 @@ def _sample(target: Target, spec: TrajectorySpec, layers: list[str], conditions:
         kwargs["class_labels"] = conditions
     else:
         kwargs["prompt"] = conditions
+    if target.family is not None:
+        kwargs.update(target.family.pipeline_kwargs(target))
     try:
         with LayerRecorder(target.denoiser, layers, early_exit=False, keep_all_calls=True) as recorder:
             images = pipe(**kwargs).images
     finally:
         pre.remove()
     n = len(conditions)
-    keep = [i for i, t in enumerate(seen_t) if t not in seen_t[:i]]
+    keys, levels = _step_keys(target, seen_t)
+    keep = [i for i, t in enumerate(keys) if t not in keys[:i]]
     out: dict[str, torch.Tensor] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for layer in layers:
         for call in keep:
-            rows = to_rows(_branch(target, recorder.calls[layer][call], n, spec.branch), spec)
+            rows = layer_rows(target, layer, _branch(target, recorder.calls[layer][call], n, spec.branch), spec)
             shapes[layer] = tuple(rows.shape[1:])
             if not steps_only:
-                t = seen_t[call]
+                t = keys[call]
                 out[slice_key(layer, t)] = cast_checked(rows, spec.torch_dtype, layer, t,
                                                         [str(c) for c in conditions]).cpu()
-    return {"tensors": out, "images": np.asarray(images), "timesteps": [seen_t[i] for i in keep],
-            "shapes": shapes, "dropped": len(seen_t) - len(keep)}
+    return {"tensors": out, "images": np.asarray(images), "timesteps": [keys[i] for i in keep],
+            "levels": [levels[i] for i in keep] if levels else None, "shapes": shapes,
+            "dropped": len(seen_t) - len(keep)}
+
+
+def _step_keys(target: Target, seen: list[float]) -> tuple[list[int], list[dict[str, Any]] | None]:
+    """Training index of every denoiser call, and (flow models) each call's full noise level.
+
+    DDPM family: the denoiser is handed the integer training index itself. Flow matching: the call's
+    argument is matched to the scheduler's own timestep schedule of this sampling run, which gives the
+    step's exact sigma; the key is the training index of that sigma.
+    """
+    from diffdissect.models.levels import flow_schedule, process_of
+
+    if process_of(target.scheduler) != "flow":
+        return [int(round(t)) for t in seen], None
+    flow = target.family.flow(target) if target.family is not None else flow_schedule(target.scheduler)
+    timesteps = torch.as_tensor(target.scheduler.timesteps, dtype=torch.float64).cpu() * flow.scale
+    sigmas = torch.as_tensor(target.scheduler.sigmas, dtype=torch.float64).cpu()
+    keys, levels = [], []
+    for value in seen:
+        step = int(torch.argmin((timesteps - value).abs()))
+        sigma = float(sigmas[step])
+        level = flow.level(flow.index_of(sigma), sigma=sigma, denoiser_t=float(value))
+        keys.append(level.t)
+        levels.append(level.to_json())
+    distinct = {(k, lv["sigma"]) for k, lv in zip(keys, levels)}
+    if len({k for k, _ in distinct}) != len(distinct):
+        raise SpecError(f"two sampling steps fall on the same training index ({sorted(keys)}); use fewer --steps "
+                        f"(at most {flow.n}).")
+    return keys, levels
 
 
 def _branch(target: Target, output: torch.Tensor, n: int, branch: str) -> torch.Tensor:
@@ -147,11 +186,12 @@ def _branch(target: Target, output: torch.Tensor, n: int, branch: str) -> torch.
     return output[:n] if first else output[n:]
 
 
-def _timestep_value(args: tuple, kwargs: dict) -> int:
+def _timestep_value(args: tuple, kwargs: dict) -> float:
+    """The timestep argument of one denoiser call, as handed over (rounded nowhere)."""
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
     if isinstance(t, torch.Tensor):
         t = t.flatten()[0].item()
-    return int(round(float(t)))
+    return float(t)
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -1,7 +1,9 @@
 """Cluster prompt latents (each prompt's mean latent over its seeds) and score against a known grouping.
 
-Optionally a nuisance family's directions are projected out first ("cluster by shape with colour held
-out"): when the prompts also name colours, colour dominates h-space and clusters follow it instead.
+Optionally nuisance families' directions are projected out first ("cluster by shape with colour and size
+held out"): when the prompts also name colours, colour dominates h-space and clusters follow it instead.
+Optionally each sample's map is mean-pooled over positions before the prompt mean, so a factor that moves
+with the object's place (shape in the shapes world) is not blurred by averaging maps over seeds.
 The adjusted Rand index gets a permutation null (grouping labels shuffled across prompts).
 """
 from __future__ import annotations
@@ -19,6 +21,13 @@ def prompt_means(latents: np.ndarray, prompt_index: np.ndarray, n_prompts: int) 
     np.add.at(sums, prompt_index, h)
     counts = np.bincount(prompt_index, minlength=n_prompts)
     return sums / np.maximum(counts, 1)[:, None]
+
+
+def spatial_mean(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(N, C*H*W) flattened maps of `shape` (C, H, W) -> (N, C) means over positions (linear, so a direction
+    pooled the same way stays the direction of the pooled latents)."""
+    flat = np.asarray(flat, np.float64)
+    return flat.reshape(len(flat), shape[0], -1).mean(-1)
 
 
 def project_out(latents: np.ndarray, dirs: np.ndarray) -> np.ndarray:

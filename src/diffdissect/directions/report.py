@@ -20,7 +20,12 @@ def directions_section(report: Report, results: dict[str, Any], run_dir: str | P
                 f"{cost['steps']} sampler steps, guidance {cfg['guidance_scale']}; {len(cfg['layers'])} layer(s) captured "
                 f"at every step in the same pass ({cost['denoiser_rows_per_trajectory_step'] or 0:.3f} denoiser rows per "
                 f"trajectory and step). Captioner: {results['captioner'] or 'none'}. Directions: {cfg['method']} on "
-                f"{cfg['text_source']} terms. Headline cell: {layer} at t={t}.")
+                f"{cfg['text_source']} terms. Headline cell: {layer} at t={t}, "
+                f"{results['headline'].get('selected', 'fixed in advance')}. Bias scores are "
+                + ("cross-fitted: each seed half is scored on directions estimated on the other half, and the null "
+                   "permutes subject/reference membership within halves; the in-sample score (directions fitted on the "
+                   "scored samples, the old figure) is shown beside it." if cfg.get("cross_fit") else
+                   "in-sample: the directions were estimated on the samples they score (cross_fit off)."))
     failures = results.get("caption_failures")
     if failures and failures["count"]:
         s.note(f"The captioner failed on {failures['count']} image(s); they are left out of the caption-based "
@@ -30,9 +35,10 @@ def directions_section(report: Report, results: dict[str, Any], run_dir: str | P
         for r in entry["subjects"]:
             rows.append([r["subject"], r["top"], f"{r['score']:.3f}", f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]",
                          f"{r['p_holm']:.4f}", "yes" if r["significant"] else "no",
-                         r.get("image_top", ""), f"{r['image_score']:.3f}" if "image_score" in r else ""])
+                         r.get("image_top", ""), f"{r['image_score']:.3f}" if "image_score" in r else "",
+                         f"{r['in_sample']['score']:.3f} (p {r['in_sample']['p_value']:.4f})" if "in_sample" in r else "-"])
         s.table(["subject", "latent top", "latent bias score", "95% CI (seeds)", "p (Holm)", "significant",
-                 "image top", "image excess rate"], rows,
+                 "image top", "image excess rate", "in-sample score (old, uncorrected p)"], rows,
                 f"{family}: excess alignment of the subject's latent with its top descriptor over balanced references, "
                 "and the caption rates of its images")
         if "subject_agreement" in entry:
@@ -78,7 +84,9 @@ def directions_section(report: Report, results: dict[str, Any], run_dir: str | P
                 for kind in ("raw", "removed") if kind in clusters]
         s.table(["prompt latents", "ARI", "p (labels permuted)", "null 95%"], rows,
                 f"k-means (k={clusters['k']}) on prompt latents vs the {cfg['cluster_by']} grouping"
-                + (f"; 'removed': {cfg['cluster_remove']} directions projected out first" if cfg["cluster_remove"] else ""))
+                + (f"; 'removed': the {', '.join(cfg['cluster_remove'])} directions projected out first" if cfg["cluster_remove"] else "")
+                + (f"; each sample's map {cfg['cluster_pooling']}-pooled over positions first"
+                   if cfg.get("cluster_pooling", "none") != "none" else ""))
         kind = "removed" if "removed" in clusters else "raw"
         members: dict[int, list[str]] = {}
         for prompt, c in zip(clusters["prompts"], clusters[kind]["clusters"]):

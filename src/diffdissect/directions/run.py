@@ -23,9 +23,18 @@ from tqdm.auto import tqdm
 from diffdissect.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from diffdissect.capture.spec import TrajectorySpec
 from diffdissect.capture.trajectory import capture_trajectories
-from diffdissect.directions.bias import family_profile, holm, image_rates, latent_bias, make_questions, rank_agreement
+from diffdissect.directions.bias import (
+    cross_fitted_profile,
+    family_profile,
+    holm,
+    image_rates,
+    latent_bias,
+    make_questions,
+    rank_agreement,
+    seed_halves,
+)
 from diffdissect.directions.captioners import Captioner, caption_images
-from diffdissect.directions.cluster import ari_with_null, cluster_prompts, project_out, prompt_means
+from diffdissect.directions.cluster import ari_with_null, cluster_prompts, project_out, prompt_means, spatial_mean
 from diffdissect.directions.compute import METHODS, cosine_to_directions, directions
 from diffdissect.directions.prompts import Prompt
 from diffdissect.directions.text import term_indicators
@@ -37,6 +46,9 @@ from diffdissect.store import open_store
 from diffdissect.store.writer import canonical_safetensors
 
 SOURCES = ("captions", "prompts")
+CLUSTER_POOLING = ("none", "mean")
+HEADLINE_RULE = ("fixed in advance, not chosen on any score: the first layer at `headline_step` (default the last, "
+                 "least noisy step)")
 
 
 @dataclass
@@ -63,7 +75,12 @@ class DirectionsConfig:
     min_count: int = 2
     bias: list[BiasSpec] = field(default_factory=list)
     cluster_by: str | None = None             # a slot of the templates, e.g. "shape"
-    cluster_remove: str | None = None         # a bias family whose directions are projected out first
+    cluster_remove: list[str] = field(default_factory=list)
+    """bias families whose directions are all projected out before clustering (e.g. colour and size)"""
+    cluster_pooling: str = "none"
+    """each sample's summary before the prompt mean: none (the flattened map) or mean (over positions)"""
+    cross_fit: bool = True
+    """score bias on directions estimated on the other half of the seeds (else in-sample, the old statistic)"""
     headline_step: str | int = "last"         # "last" (the cleanest latent) or a timestep t
     resamples: int = 2000
     permutations: int = 2000
@@ -75,9 +92,16 @@ class DirectionsConfig:
             raise SpecError(f"method must be one of {METHODS}, not {self.method!r}.")
         if self.text_source not in SOURCES:
             raise SpecError(f"text_source must be one of {SOURCES}, not {self.text_source!r}.")
-        if self.cluster_remove and self.cluster_remove not in [b.family_name for b in self.bias]:
-            raise SpecError(f"cluster_remove={self.cluster_remove!r} names no bias family; families: "
+        if self.cluster_remove is None or isinstance(self.cluster_remove, str):   # older configs: one family or None
+            self.cluster_remove = [self.cluster_remove] if self.cluster_remove else []
+        unknown = [f for f in self.cluster_remove if f not in [b.family_name for b in self.bias]]
+        if unknown:
+            raise SpecError(f"cluster_remove names no bias family: {unknown}; families: "
                             f"{[b.family_name for b in self.bias]}.")
+        if self.cluster_pooling not in CLUSTER_POOLING:
+            raise SpecError(f"cluster_pooling must be one of {CLUSTER_POOLING}, not {self.cluster_pooling!r}.")
+        if self.cross_fit and len(set(self.seeds)) < 2:
+            raise SpecError("cross-fitted bias needs at least two seeds per prompt; add seeds or set cross_fit=False.")
         if self.cluster_by:
             slotted = [p for p in self.prompts if self.cluster_by in p.slots]
             if len({p.slots[self.cluster_by] for p in slotted}) < 2:
@@ -126,13 +150,15 @@ def _run_directions(target: Target, config: DirectionsConfig, out: Path, caption
         source.require(b.family, config.text_source)
 
     rows_of = {p.text: np.nonzero(prompt_index == i)[0] for i, p in enumerate(config.prompts)}
+    halves = seed_halves(np.array([r["seed"] for r in rows]), config.seed) if config.cross_fit else None
     images = ({name: _image_measures(qs, rows_of, captions) for name, qs in questions.items()}
               if captions is not None else None)
     timesteps = store.timesteps
     headline_t = _headline(timesteps, config.headline_step)
     results: dict[str, Any] = {
         "config": config.to_json(), "captioner": getattr(captioner, "name", None), "timesteps": timesteps,
-        "headline": {"layer": config.layers[0], "t": headline_t}, "samples": len(rows), "cost": cost,
+        "headline": {"layer": config.layers[0], "t": headline_t, "selected": HEADLINE_RULE},
+        "samples": len(rows), "cost": cost,
         "terms": {k: {"terms": v.terms, "skipped": v.skipped} for k, v in indicators.items()},
         "caption_failures": captions["failures"] if captions else None,
         "bias": {}, "clusters": {}, "prompt_profiles": {}}
@@ -146,10 +172,14 @@ def _run_directions(target: Target, config: DirectionsConfig, out: Path, caption
             centre = latents[source.valid].mean(0)
             family_dirs = {}
             for b in config.bias:
-                family_dirs[b.family_name] = dirs[[source.terms.index(w) for w in b.family]]
-                profile = family_profile(cosine_to_directions(latents, family_dirs[b.family_name], centre))
+                columns = [source.terms.index(w) for w in b.family]
+                family_dirs[b.family_name] = dirs[columns]
+                in_sample = family_profile(cosine_to_directions(latents, family_dirs[b.family_name], centre))
+                profile = (cross_fitted_profile(latents, source.matrix, source.valid, columns, halves, config.method,
+                                                config.ridge_alpha) if halves is not None else in_sample)
                 for q_result in _bias_step(questions[b.family_name], profile, rows_of,
-                                           images[b.family_name] if images else None, config):
+                                           images[b.family_name] if images else None, config, halves,
+                                           in_sample if halves is not None else None):
                     results["bias"].setdefault(layer, {}).setdefault(b.family_name, {}).setdefault(
                         q_result["subject"], {})[str(t)] = q_result
                 if layer == config.layers[0] and t == headline_t:
@@ -157,8 +187,10 @@ def _run_directions(target: Target, config: DirectionsConfig, out: Path, caption
                         "prompts": texts, "descriptors": b.family,
                         "values": prompt_means(profile, prompt_index, len(texts)).tolist()}
             if config.cluster_by:
+                nuisance = [family_dirs[f] for f in config.cluster_remove]
                 results["clusters"].setdefault(layer, {})[str(t)] = _cluster_step(
-                    latents, prompt_index, config, family_dirs.get(config.cluster_remove))
+                    latents, prompt_index, config, np.concatenate(nuisance) if nuisance else None,
+                    store.shape(layer))
         if config.save_directions:
             (out / "directions").mkdir(exist_ok=True)
             atomic_write_bytes(out / "directions" / f"{safe_name(layer)}.safetensors", canonical_safetensors(
@@ -202,7 +234,8 @@ def _sample(target: Target, config: DirectionsConfig, out: Path, progress: bool)
     sampled = manifest.rows - committed_before
     steps = len(manifest.timesteps)
     # the first pipeline call samples one prompt to learn the schedule and shapes (stored nowhere)
-    guided = 2 if config.guidance_scale > 1 and target.kind == "sd" else 1
+    halves = target.kind == "sd" or (target.family is not None and target.family.cfg_halves())
+    guided = 2 if config.guidance_scale > 1 and halves else 1
     probe = (steps + manifest.notes.get("dropped_duplicate_calls", 0)) * guided
     # accumulated over resumed runs, so the figure covers every trajectory in the store
     ledger_path = out.parent / "cost.json"
@@ -268,13 +301,18 @@ def _image_measures(questions, rows_of: dict[str, np.ndarray], captions: dict) -
 
 
 def _bias_step(questions, profile: np.ndarray, rows_of: dict[str, np.ndarray], images: dict[str, dict] | None,
-               config: DirectionsConfig) -> list[dict[str, Any]]:
+               config: DirectionsConfig, halves: np.ndarray | None = None,
+               in_sample: np.ndarray | None = None) -> list[dict[str, Any]]:
     out = []
     for q in questions:
         refs = [rows_of[q.references[d]] for d in q.family] if q.references else None
-        latent = latent_bias(profile, rows_of[q.subject], refs, resamples=config.resamples,
+        latent = latent_bias(profile, rows_of[q.subject], refs, halves=halves, resamples=config.resamples,
                              permutations=config.permutations, seed=config.seed)
         entry = {"subject": q.subject, "family": q.family, "references": q.references, "latent": latent}
+        if in_sample is not None:       # the old statistic (directions fitted on the scored samples), for comparison
+            old = latent_bias(in_sample, rows_of[q.subject], refs, resamples=min(config.resamples, 200),
+                              permutations=config.permutations, seed=config.seed)
+            entry["in_sample"] = {k: old[k] for k in ("score", "score_ci", "top", "p_value")}
         if images is not None:
             entry["image"] = images[q.subject]
             entry["agreement"] = rank_agreement(latent["excess"], images[q.subject]["excess"])
@@ -287,13 +325,16 @@ def _bias_step(questions, profile: np.ndarray, rows_of: dict[str, np.ndarray], i
 
 
 def _cluster_step(latents: np.ndarray, prompt_index: np.ndarray, config: DirectionsConfig,
-                  nuisance: np.ndarray | None) -> dict[str, Any]:
+                  nuisance: np.ndarray | None, shape: tuple[int, ...] = ()) -> dict[str, Any]:
     prompts = config.prompts
     chosen = [i for i, p in enumerate(prompts) if config.cluster_by in p.slots]
     groups = [prompts[i].slots[config.cluster_by] for i in chosen]
     k = len(set(groups))
+    if config.cluster_pooling == "mean" and len(shape) > 1:        # position-free: each sample's map pooled first
+        latents = spatial_mean(latents, shape)
+        nuisance = spatial_mean(nuisance, shape) if nuisance is not None else None
     means = prompt_means(latents, prompt_index, len(prompts))[chosen]
-    out = {"k": k, "prompts": [prompts[i].text for i in chosen], "groups": groups}
+    out = {"k": k, "prompts": [prompts[i].text for i in chosen], "groups": groups, "pooling": config.cluster_pooling}
     clusters = cluster_prompts(means, k, config.seed)
     permutations = min(config.permutations, 1000)
     out["raw"] = {**ari_with_null(groups, clusters, permutations, config.seed), "clusters": clusters.tolist()}
@@ -319,6 +360,9 @@ def summarise(results: dict[str, Any], config: DirectionsConfig) -> dict[str, An
                 row.update(image_top=e["family"][e["image"]["top"]], image_score=e["image"]["score"],
                            image_rates=dict(zip(e["family"], e["image"]["rates"])),
                            descriptor_spearman=e["agreement"]["spearman"])
+            if "in_sample" in e:
+                row["in_sample"] = e["in_sample"]
+            row["cross_fitted"] = lat.get("cross_fitted", False)
             row["scores_by_t"] = {tt: v["latent"]["score"] for tt, v in per_t.items()}
             table.append(row)
         table.sort(key=lambda r: -r["score"])

@@ -1,18 +1,14 @@
 """Texts (prompts, captions) -> term indicators: which samples' text contains each word or phrase."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from diffdissect.data.words import words_of
 from diffdissect.errors import DataError
 
-_WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
-
-
-def words_of(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+__all__ = ["TermIndicators", "term_indicators", "terms_of", "words_of"]
 
 
 def terms_of(text: str, max_words: int = 1) -> set[str]:

@@ -47,7 +47,7 @@ def load_target(source: Any, *, device: str | torch.device = "cpu", dtype: torch
         target.denoiser = reinitialise(target.denoiser, seed)
         target.random_init_seed = seed
         if target.pipeline is not None:  # a new pipeline object: the caller's keeps its trained denoiser
-            slot = "transformer" if target.kind == "dit" else "unet"
+            slot = "unet" if "unet" in target.pipeline.components else "transformer"
             target.pipeline = type(target.pipeline)(**{**target.pipeline.components, slot: target.denoiser})
     for module in (target.denoiser, target.vae, target.text_encoder):
         if module is not None:
@@ -109,6 +109,7 @@ def _load_dir(path: Path, *, dtype) -> Target:
     from diffusers import DiffusionPipeline
 
     if (path / "model_index.json").is_file():
+        _check_pipeline_dir(path)
         try:
             pipe = DiffusionPipeline.from_pretrained(path).to(dtype=dtype)
         except Exception as exc:
@@ -128,6 +129,23 @@ def _load_dir(path: Path, *, dtype) -> Target:
         return from_module(model, str(path), scheduler=_scheduler_beside(path))
     raise ModelLoadError(f"{path} holds neither model_index.json (a diffusers pipeline) nor config.json "
                          "(a diffusers model); save models with `save_pretrained`.")
+
+
+def _check_pipeline_dir(path: Path) -> None:
+    """Every component model_index.json names must have its folder: name the missing one clearly."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path / 'model_index.json'} is unreadable ({exc}); it is not a diffusers pipeline.") from exc
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{path / 'model_index.json'} is not a JSON object; it is not a diffusers pipeline.")
+    missing = [name for name, value in index.items()
+               if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is not None
+               and value[1] is not None and not (path / name).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{path}: model_index.json lists {', '.join(missing)}, but the folder"
+                             f"{'s are' if len(missing) > 1 else ' is'} missing; copy the complete pipeline "
+                             "(every component folder), or save it again with save_pretrained.")
 
 
 def _load_hub(repo_id: str, *, dtype, cache_dir, local_files_only) -> Target:
@@ -171,7 +189,8 @@ def _load_factory(spec: str) -> Target:
         return from_pipeline(made, spec)
     if not isinstance(made, nn.Module):
         raise ModelLoadError(f"{spec} returned a {type(made).__name__}, not an nn.Module or pipeline.")
-    return from_module(made, spec)
+    # a module may carry its own scheduler (`module.scheduler`): a flow-matching model must
+    return from_module(made, spec, scheduler=getattr(made, "scheduler", None))
 
 
 def _model_class(class_name: str, where: Any) -> type:
@@ -203,11 +222,17 @@ def _scheduler_beside(path: Path):
 
 def from_pipeline(pipe: Any, source: str) -> Target:
     """A target from an already-built diffusers pipeline (SD-like or DiT-like)."""
+    from diffdissect.models.families import family_of
+
     components = pipe.components
     vae = components.get("vae")
-    scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    scale = _vae_scale(pipe, vae)
+    family = family_of(pipe, source)
+    if family is not None:
+        return _family_target(pipe, source, family, scale)
     if components.get("unet") is not None:
         unet = components["unet"]
+        _refuse_added_conditioning(unet, f"{source}: {type(pipe).__name__}")
         kind = "sd" if components.get("text_encoder") is not None else "unet2d_condition"
         if type(unet).__name__ == "UNet2DModel":
             kind = "unet2d"
@@ -217,8 +242,9 @@ def from_pipeline(pipe: Any, source: str) -> Target:
     if components.get("transformer") is not None:
         transformer = components["transformer"]
         if components.get("text_encoder") is not None:
-            raise ModelLoadError(f"{source}: text-conditioned transformer pipelines (SD3, FLUX, PixArt) are "
-                                 "not supported yet; DiT-like class-conditional pipelines are.")
+            raise ModelLoadError(f"{source}: {type(pipe).__name__} is not supported yet; the text-conditioned "
+                                 "transformer families diffdissect models are SD3/SD3.5, FLUX.1, PixArt-alpha/Sigma "
+                                 "and Sana (and the DiT-like class-conditional pipelines).")
         labels = getattr(pipe, "labels", None) or {}   # DiTPipeline keeps name -> id (names may be "a, b")
         id2label = {int(i): name for name, i in labels.items()}
         return Target(denoiser=transformer, scheduler=pipe.scheduler, kind="dit", source=source,
@@ -227,12 +253,74 @@ def from_pipeline(pipe: Any, source: str) -> Target:
     raise ModelLoadError(f"{source}: the pipeline has neither a 'unet' nor a 'transformer' component.")
 
 
+def _refuse_added_conditioning(unet: nn.Module, where: str) -> None:
+    """A UNet with an added embedding (SDXL's text_time, Kolors, ...) cannot run on plain text states."""
+    added = getattr(getattr(unet, "config", None), "addition_embed_type", None)
+    if added is not None:
+        raise ModelLoadError(f"{where} has a UNet with an added '{added}' embedding, which needs its pipeline's "
+                             "extra conditioning (SDXL: pooled text embeddings and time ids). diffdissect supports it "
+                             "through a StableDiffusionXLPipeline directory; this one is not supported yet.")
+
+
+def _vae_scale(pipe: Any, vae: Any) -> int:
+    factor = getattr(pipe, "vae_scale_factor", None)
+    if factor:
+        return int(factor)
+    if vae is None:
+        return 1
+    blocks = vae.config.get("block_out_channels") or vae.config.get("encoder_block_out_channels")
+    if not blocks:
+        raise ModelLoadError(f"cannot tell the compression of the {type(vae).__name__}; its config names no "
+                             "block_out_channels or encoder_block_out_channels.")
+    return 2 ** (len(blocks) - 1)
+
+
+def _family_target(pipe: Any, source: str, family: Any, scale: int) -> Target:
+    from diffdissect.models.levels import process_of
+
+    components = pipe.components
+    denoiser = components.get("unet") or components.get("transformer")
+    if denoiser is None:
+        raise ModelLoadError(f"{source}: the {family.name} pipeline has neither a 'unet' nor a 'transformer'.")
+    try:
+        process_of(pipe.scheduler)
+    except Exception as exc:
+        raise ModelLoadError(f"{source}: {exc}") from exc
+    size = getattr(denoiser.config, "sample_size", None)
+    if size is None:                 # FLUX's transformer names no size: the pipeline's default one
+        size = getattr(pipe, "default_sample_size", 128)
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    kind = {"SDXL": "sdxl", "SD3": "sd3", "FLUX": "flux", "PixArt": "pixart", "Sana": "sana"}[family.name]
+    return Target(denoiser=denoiser, scheduler=pipe.scheduler, kind=kind, source=source,  # type: ignore[arg-type]
+                  resolution=size * scale, vae=components.get("vae"), text_encoder=components.get("text_encoder"),
+                  tokenizer=components.get("tokenizer"), pipeline=pipe, family=family)
+
+
 def from_module(model: nn.Module, source: str, scheduler: Any = None) -> Target:
-    """A target from a bare denoiser: a diffusers UNet/transformer or any nn.Module(sample, timestep)."""
+    """A target from a bare denoiser: a diffusers UNet/transformer or any nn.Module(sample, timestep).
+
+    Without a scheduler a plain module is taken to be a DDPM-family model (DDPMScheduler, 1000 steps);
+    a module that is a flow-matching denoiser (or a transformer that only runs inside its pipeline) is
+    refused rather than silently noised the DDPM way.
+    """
     from diffusers import DDPMScheduler
 
-    scheduler = scheduler or DDPMScheduler(num_train_timesteps=1000)
+    from diffdissect.models.families import PIPELINE_ONLY_DENOISERS
+
     name = type(model).__name__
+    if name in PIPELINE_ONLY_DENOISERS:
+        family = PIPELINE_ONLY_DENOISERS[name]
+        flow = " It is a flow-matching model, so it must not be noised with a DDPM default either." \
+            if family in ("SD3", "FLUX", "Sana") else ""
+        raise ModelLoadError(f"{source}: a bare {name} is the denoiser of a {family} pipeline; it runs only with "
+                             f"that pipeline's text encoders, conditioning and scheduler. Load the pipeline directory "
+                             f"(model_index.json) or a factory returning the pipeline.{flow}")
+    _refuse_added_conditioning(model, f"{source}: a bare {name}")
+    if scheduler is None and getattr(getattr(model, "config", None), "prediction_type", None) == "flow":
+        raise ModelLoadError(f"{source}: {name} is a flow-matching model but came without a scheduler; give the "
+                             "module a `scheduler` attribute (e.g. FlowMatchEulerDiscreteScheduler) or return a "
+                             "pipeline, so it is not noised the DDPM way.")
+    scheduler = scheduler or DDPMScheduler(num_train_timesteps=1000)
     kinds = {"UNet2DConditionModel": "unet2d_condition", "UNet2DModel": "unet2d",
              "DiTTransformer2DModel": "transformer2d", "Transformer2DModel": "transformer2d"}
     kind = kinds.get(name, "module")

@@ -11,33 +11,22 @@ from typing import Any
 import torch
 
 from diffdissect.errors import SpecError
+from diffdissect.models.levels import alphas_cumprod as _alphas_cumprod
+from diffdissect.models.levels import check_timesteps, ddpm_level
 
 
 def alphas_cumprod(scheduler: Any) -> Any:
-    """The training schedule's alpha_bar_t table (DDPM-family schedulers only)."""
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if alphas is None:
-        raise SpecError(f"{type(scheduler).__name__} has no alphas_cumprod (e.g. a flow-matching scheduler); "
-                        "diffdissect needs a DDPM-family scheduler to noise images at a training timestep.")
-    return alphas
+    """The training schedule's alpha_bar_t table (DDPM-family schedulers only; models.levels asks what the
+    scheduler is, so a flow-matching one is refused even when it has an alphas_cumprod attribute)."""
+    return _alphas_cumprod(scheduler)
 
 
-def timestep_table(scheduler: Any, timesteps: list[int]) -> list[dict[str, float]]:
-    """For each t: alpha_bar_t, signal scale sqrt(alpha_bar_t), noise std sqrt(1 - alpha_bar_t)."""
-    alphas = alphas_cumprod(scheduler)
-    n = len(alphas)
-    table = []
-    for t in timesteps:
-        if not isinstance(t, int) or isinstance(t, bool):
-            raise SpecError(f"timestep {t!r} is not an integer; timesteps are training indices in [0, {n}).")
-        if not 0 <= t < n:
-            raise SpecError(f"timestep t={t} is out of range: timesteps are training-schedule indices in "
-                            f"[0, {n}), larger = noisier (t=0 is almost clean, t={n - 1} pure noise).")
-        a = float(alphas[t])
-        table.append({"t": t, "alpha_bar": a, "signal_scale": a ** 0.5, "noise_std": (1.0 - a) ** 0.5})
-    if len(set(timesteps)) != len(timesteps):
-        raise SpecError(f"timesteps are listed more than once: {timesteps}")
-    return table
+def timestep_table(scheduler: Any, timesteps: list[int]) -> list[dict[str, Any]]:
+    """For each training index t of a DDPM-family scheduler: its full noise level (models.levels.NoiseLevel):
+    alpha_bar_t, signal scale sqrt(alpha_bar_t), noise std sqrt(1 - alpha_bar_t), log-SNR, the denoiser's t."""
+    alphas_cumprod(scheduler)
+    check_timesteps(list(timesteps), int(scheduler.config.num_train_timesteps))
+    return [ddpm_level(scheduler, t).to_json() for t in timesteps]
 
 
 def noise_seed(input_id: str, seed: int) -> int:
@@ -119,4 +108,3 @@ def x0_error_weights(scheduler: Any, t: torch.Tensor, x0_weight: float) -> torch
 def _alpha_bar_per_item(scheduler: Any, t: torch.Tensor) -> torch.Tensor:
     """alpha_bar at each batch item's training index `t`, float64 on the CPU."""
     return torch.as_tensor(alphas_cumprod(scheduler), dtype=torch.float64)[t.cpu()]
-

@@ -11,7 +11,11 @@ from torch import nn
 from diffdissect.errors import SpecError
 from diffdissect.models.identity import config_digest, content_digest, file_stats, scheduler_identity
 
-TargetKind = Literal["sd", "dit", "unet2d", "unet2d_condition", "transformer2d", "module"]
+TargetKind = Literal["sd", "dit", "unet2d", "unet2d_condition", "transformer2d", "module",
+                     "sdxl", "sd3", "flux", "pixart", "sana"]
+
+
+FAMILY_CACHE_BATCHES = 64      # conditioning of this many batches of prompts is kept (SDXL/SD3/FLUX/PixArt/Sana)
 
 
 @dataclass
@@ -23,6 +27,7 @@ class Target:
       dit, transformer2d:   denoiser(sample, timestep=t, class_labels=...)
       unet2d:               denoiser(sample, t[, class_labels=...])
       module:               denoiser(sample, t)
+      sdxl, sd3, flux, pixart, sana: as their pipelines call them (`family`, models/families.py)
     """
 
     denoiser: Any                            # an nn.Module; diffusers models carry .config and more
@@ -39,7 +44,8 @@ class Target:
     id2label: dict[int, str] = field(default_factory=dict)
     random_init_seed: int | None = None      # set when the denoiser was re-initialised (control)
     model_dir: str | None = None             # the directory it was loaded from (its files key the digest cache)
-    _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    family: Any = None                       # SDXL/SD3/FLUX/PixArt/Sana: a models.families.Family
+    _prompt_cache: dict[Any, Any] = field(default_factory=dict, repr=False)
     _identity_memo: dict[str, Any] = field(default_factory=dict, repr=False)
     truncated_prompts: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
 
@@ -62,7 +68,7 @@ class Target:
 
     @property
     def takes_text(self) -> bool:
-        return self.kind in ("sd", "unet2d_condition")
+        return self.kind in ("sd", "unet2d_condition") or self.family is not None
 
     @property
     def takes_class(self) -> bool:
@@ -78,7 +84,10 @@ class Target:
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of the denoiser's input."""
         cfg = getattr(self.denoiser, "config", None)
-        channels = int(getattr(cfg, "in_channels", None) or self.denoiser.in_channels)
+        if self.family is not None:
+            channels = self.family.latent_channels(self)
+        else:
+            channels = int(getattr(cfg, "in_channels", None) or self.denoiser.in_channels)
         size = self.resolution // self.vae_scale_factor
         return channels, size, size
 
@@ -86,12 +95,18 @@ class Target:
     def vae_scale_factor(self) -> int:
         if self.vae is None:
             return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = getattr(self.pipeline, "vae_scale_factor", None)
+        if factor:
+            return int(factor)
+        blocks = self.vae.config.get("block_out_channels") or self.vae.config.get("encoder_block_out_channels")
+        return 2 ** (len(blocks) - 1)
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Target:
         for module in (self.denoiser, self.vae, self.text_encoder):
             if module is not None:
                 module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
+        if self.family is not None:   # the other text encoders: conditioning is cast to the denoiser's dtype
+            self.pipeline.to(device)
         self._prompt_cache.clear()
         return self
 
@@ -102,13 +117,18 @@ class Target:
         pixels = pixels.to(self.device, self.dtype)
         if self.vae is None:
             return pixels
-        latents = self.vae.encode(pixels).latent_dist.mean
+        encoded = self.vae.encode(pixels)
+        dist = getattr(encoded, "latent_dist", None)
+        latents = dist.mean if dist is not None else encoded.latent   # AutoencoderDC (Sana) is deterministic
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """Encoder hidden states for prompts (cached per prompt). The empty prompt is SD's unconditional."""
+        if self.family is not None:
+            raise SpecError(f"{self.family.name} is conditioned through its pipeline's encode_prompt (several encoders, "
+                            "pooled embeddings); this step supports single-encoder models (SD 1.x/2.x) only.")
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             if self.text_encoder is None or self.tokenizer is None:
@@ -139,6 +159,18 @@ class Target:
 
     def conditioning(self, prompts: list[str] | None, class_labels: list[int] | None, batch: int) -> dict[str, Any]:
         """Keyword arguments for the denoiser for one batch."""
+        if self.family is not None:
+            key = ("family", tuple(prompts or [""] * batch))
+            if key not in self._prompt_cache:
+                # per batch of prompts (capture revisits a shard's batches at every seed and t); bounded, so
+                # per-image captions over a large folder cannot fill memory with T5/Gemma states
+                while len(self._prompt_cache) >= FAMILY_CACHE_BATCHES:
+                    self._prompt_cache.pop(next(iter(self._prompt_cache)))
+                if self.tokenizer is not None:
+                    self.note_truncation([p for p in dict.fromkeys(key[1]) if p not in self.truncated_prompts])
+                with torch.no_grad():
+                    self._prompt_cache[key] = self.family.conditioning(self, list(key[1]))
+            return self._prompt_cache[key]
         if self.takes_text:
             return {"encoder_hidden_states": self.text_embeddings(prompts or [""] * batch)}
         if self.takes_class:
@@ -166,9 +198,26 @@ class Target:
 
     def call_arguments(self, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> tuple[tuple, dict]:
         """(args, kwargs) of one denoiser call, in the calling convention of this kind."""
+        if self.family is not None:
+            return self.family.call_arguments(self, sample, t, cond)
         if self.kind in ("dit", "transformer2d"):
             return (sample,), {"timestep": t, **cond}
         return (sample, t), dict(cond)
+
+    def timestep_argument(self, level: Any, batch: int) -> torch.Tensor:
+        """The timestep tensor handed to the denoiser at a noise level (models.levels.NoiseLevel)."""
+        if level.process == "ddpm":
+            return torch.full((batch,), int(level.t), device=self.device, dtype=torch.long)
+        return torch.full((batch,), float(level.denoiser_t), device=self.device, dtype=torch.float32)
+
+    def noise_levels(self, timesteps: list[int] | None, sigmas: list[float] | None = None) -> list[Any]:
+        """Noise levels at training indices (or, flow models, at sigmas): see models.levels."""
+        from diffdissect.models.levels import flow_schedule, levels_for, process_of
+
+        flow = None
+        if process_of(self.scheduler) == "flow":
+            flow = self.family.flow(self) if self.family is not None else flow_schedule(self.scheduler)
+        return levels_for(self.scheduler, timesteps, sigmas, flow=flow)
 
     def forward(self, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> Any:
         args, kwargs = self.call_arguments(sample, t, cond)
@@ -179,7 +228,7 @@ class Target:
         c, h, w = self.sample_shape()
         sample = torch.zeros(batch, c, h, w, device=self.device, dtype=self.dtype)
         t = self.num_train_timesteps // 2 if t is None else t
-        timestep = torch.full((batch,), t, device=self.device, dtype=torch.long)
+        timestep = self.timestep_argument(self.noise_levels([int(t)])[0], batch)
         return sample, timestep, self.conditioning(None, None, batch)
 
     # ---- identity ----------------------------------------------------------------------------
@@ -222,6 +271,7 @@ class Target:
             "latent": self.is_latent,
             "dtype": dtype,
             "random_init_seed": self.random_init_seed,
+            **({"family": self.family.name} if self.family is not None else {}),
         }
 
     def _components(self) -> tuple[list[tuple[str, nn.Module | None]], list[Any]]:

@@ -1,6 +1,7 @@
 """A static feature browser: one HTML file with its data and images inlined; opens from disk, no server.
 
-The table lists latents (frequency, purity against the random baseline, best AUROC) and sorts by any
+The table lists latents (frequency, purity against the random baseline, best AUROC, the caption words
+enriched among its top images with their BH q-values, IoU with the object mask) and sorts by any
 column and filters by text and by frequency; a click opens the latent's top images and, for
 per-location SAEs, where it fires on each of them.
 """
@@ -109,6 +110,10 @@ def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dic
                         "purity": {c: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()}
                                    for c, p in latent["purity"].items()},
                         "best_auroc": None if best[0] is None else {"label": best[0], "value": best[1], "auroc": round(best[2], 4)},
+                        "words": [{"word": w["word"], "enrichment": w["enrichment"], "q": float(f"{w['q']:.3g}"),
+                                   "in_top": w["in_top"], "top": w["top"]} for w in latent.get("words", [])],
+                        "iou": round(latent["iou"], 4) if "iou" in latent else None,
+                        "causal": _causal_cells(results.get("causal", {}).get("latents", {}).get(str(j))),
                         "top": shown})
     return {"title": f"SAE features: {results['slice']['layer']} @ t={results['slice']['t']}",
             "image_warning": (f"{len(set(changed))} images changed or went missing since the capture (e.g. "
@@ -117,6 +122,8 @@ def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dic
                         "heldout_images": results["heldout_images"], "top_n": results["top_n"],
                         "metrics": results.get("metrics"), "baselines": results["baselines"],
                         "values_with_auroc_ge_0.95": results["values_with_auroc_ge_0.95"],
+                        "heldout_values_with_auroc_ge_target": results.get("heldout", {}).get("heldout"),
+                        "per_location_values": results.get("per_location", {}).get("heldout"),
                         "values_total": results["values_total"]},
             "labels": results["labels"], "latents": entries}
 
@@ -128,6 +135,17 @@ def script_json(data: Any) -> str:
                          ("\u2029", "\\u2029")):
         text = text.replace(char, escape)
     return text
+
+
+def _causal_cells(entry: dict[str, Any] | None) -> dict[str, str] | None:
+    """'colour->red 0.81' per edit: the attribute whose readings changed most, where to, and how often."""
+    if not entry:
+        return None
+    out = {}
+    for kind in ("up", "ablate"):
+        best = max(entry[kind].items(), key=lambda kv: kv[1]["to_rate"] or 0.0)
+        out[kind] = f"{best[0]}->{best[1]['to']} {best[1]['to_rate']:.2f}" if best[1]["to"] else "no change"
+    return out
 
 
 def write_browser(path: str | Path, data: dict[str, Any]) -> Path:
@@ -181,6 +199,10 @@ const columns = [
   ["majority", "majority value", l => l.purity[LABEL] ? l.purity[LABEL].majority_label : ""],
   ["auroc", "best AUROC", l => l.best_auroc ? l.best_auroc.auroc : null],
   ["auroc_of", "AUROC of", l => l.best_auroc ? l.best_auroc.label + "=" + l.best_auroc.value : ""],
+  ["words", "caption words (BH q)", l => (l.words || []).map(w => w.word).join(" ")],
+  ["iou", "IoU with object", l => l.iou ?? null],
+  ["up", "turned up (causal)", l => l.causal ? l.causal.up : ""],
+  ["ablate", "ablated (causal)", l => l.causal ? l.causal.ablate : ""],
 ];
 let sortKey = "frequency", sortDir = -1, selected = null;
 const s = DATA.summary, m = s.metrics || {};
@@ -188,6 +210,10 @@ function summary() { document.getElementById("summary").textContent =
   `${s.n_latents} latents, k=${s.k}; held-out FVU ${m.fvu !== undefined ? m.fvu.toFixed(3) : "?"}, ` +
   `L0 ${m.l0 !== undefined ? m.l0.toFixed(1) : "?"}, dead ${m.dead_fraction !== undefined ? (100*m.dead_fraction).toFixed(1) : "?"}%; ` +
   `${s.heldout_images} held-out images, top ${s.top_n} per latent; factor values with a latent of AUROC >= 0.95: ` +
+  (s.heldout_values_with_auroc_ge_target !== null && s.heldout_values_with_auroc_ge_target !== undefined ?
+   `${s.heldout_values_with_auroc_ge_target} of ${s.values_total} chosen on half A and scored on half B` +
+   (s.per_location_values !== null && s.per_location_values !== undefined ? ` (per location: ${s.per_location_values})` : "") +
+   `; as the max over latents on all held-out images (biased upwards) ` : "") +
   `${s.values_with_auroc_ge_0_95 ?? s["values_with_auroc_ge_0.95"]} of ${s.values_total}.` +
   (LABEL && s.baselines[LABEL] ? ` Random ${s.top_n} images: purity ${s.baselines[LABEL].majority_mean.toFixed(3)} ` +
    `(sd ${s.baselines[LABEL].majority_std.toFixed(3)}), entropy ${s.baselines[LABEL].entropy_mean.toFixed(3)} bits.` : ""); }
@@ -210,7 +236,7 @@ function render() {
   const text = document.getElementById("filter").value.trim().toLowerCase();
   const minFreq = parseFloat(document.getElementById("minfreq").value) || 0;
   const shown = DATA.latents.filter(l => l.frequency >= minFreq && (!text ||
-    String(l.latent) === text || JSON.stringify([l.purity, l.best_auroc]).toLowerCase().includes(text)));
+    String(l.latent) === text || JSON.stringify([l.purity, l.best_auroc, l.words]).toLowerCase().includes(text)));
   shown.sort((a, b) => { const x = value(a, sortKey), y = value(b, sortKey);
     if (x === y) return a.latent - b.latent; if (x === null) return 1; if (y === null) return -1;
     return (x < y ? -1 : 1) * sortDir; });
@@ -243,6 +269,17 @@ function detail(l) {
     table.appendChild(tr);
   }
   box.appendChild(table);
+  if (l.words && l.words.length) {
+    const words = document.createElement("table"); words.id = "words";
+    words.innerHTML = "<tr><th>caption word</th><th>in top images</th><th>enrichment</th><th>BH q</th></tr>";
+    for (const w of l.words) {
+      const tr = document.createElement("tr");
+      for (const v of [w.word, `${w.in_top} of ${w.top}`, fmt(w.enrichment), String(w.q)]) {
+        const td = document.createElement("td"); td.textContent = v; tr.appendChild(td); }
+      words.appendChild(tr);
+    }
+    box.appendChild(words);
+  }
   const grid = document.createElement("div"); grid.id = "top-images";
   for (const item of l.top) {
     const cell = document.createElement("div"); cell.className = "pair top-image";

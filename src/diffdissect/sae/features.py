@@ -8,7 +8,7 @@ deviation of integer class ids) for comparison with its paper only.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,16 @@ from scipy.stats import rankdata
 from diffdissect.devices import resolve_device
 from diffdissect.probe.labels import is_missing
 from diffdissect.probe.labels import label_columns as store_label_columns
+from diffdissect.sae.attribution import (
+    AttributionConfig,
+    best_latents,
+    coverage,
+    grid_masks,
+    labels_named,
+    localisation,
+    split_halves,
+    word_enrichment,
+)
 from diffdissect.sae.checkpoint import check_d_in, load_sae
 from diffdissect.sae.data import SliceData
 from diffdissect.store import open_store
@@ -194,12 +204,20 @@ def revelio_sigma(class_ids: np.ndarray) -> float:
 
 def analyse_features(sae_dir: str | Path, *, store: str | Path | None = None, label_columns: Sequence[str] | None = None,
                      top_n: int | None = None, seed: int | None = None, config: FeaturesConfig | None = None,
+                     masks: np.ndarray | None = None, attribution: AttributionConfig | None = None,
+                     caption_fn: Callable[[list[int]], list[str | None]] | None = None,
                      ) -> tuple[dict[str, Any], ImageActivations, list[dict[str, Any]]]:
-    """Per-latent frequency, top held-out images, purity vs the random baseline, AUROC per factor value.
+    """Per-latent frequency, top held-out images, purity vs the random baseline, AUROC per factor value
+    (chosen on one half of the held-out images, reported on the other, with a null for the max), per
+    location against object `masks` ((N, H, W) coverage per source image, optional; needs every held-out
+    map, i.e. `config.max_map_values` large enough), and the caption words enriched among each latent's
+    top images (the store rows' captions, or, when they have none, `caption_fn(source indices)`: e.g. a
+    captioner run on the held-out images).
 
     Returns (results as plain data, the held-out activations, the held-out rows of the store index).
     """
     config = config or FeaturesConfig()
+    attribution = attribution or AttributionConfig()
     if top_n is not None:
         config = replace(config, top_n=top_n)
     if seed is not None:
@@ -237,8 +255,56 @@ def analyse_features(sae_dir: str | Path, *, store: str | Path | None = None, la
             for c, table in aurocs.items()}
     values_total = sum(len(v) for v in best.values())
     covered = sum(1 for v in best.values() for x in v.values() if x["auroc"] >= 0.95)
+    source_index = [int(r.get("source_index", i)) for i, r in enumerate(held)]
+    mask_index = [int(r.get("source_index", row)) for r, row in zip(held, acts.rows)]   # masks: per source image
+    captions = [r.get("caption") for r in held]
+    if caption_fn is not None and not any(isinstance(c, str) and c for c in captions):
+        captions = list(caption_fn(mask_index))
+        if len(captions) != len(held):
+            raise ValueError(f"caption_fn returned {len(captions)} captions for {len(held)} held-out images")
+    extra = _attribution(acts, labels, held, mask_index, masks, attribution, latents, captions)
     return {"sae": str(sae_dir), "slice": info["slice"], "config": info["sae"], "metrics": info.get("metrics"),
-            "heldout_images": len(held), "heldout_source_index": [int(r.get("source_index", i)) for i, r in enumerate(held)],
+            "inference": info.get("inference"), "heldout_images": len(held), "heldout_source_index": source_index,
             "top_n": n, "labels": list(labels), "baselines": baselines,
+            # the old figure: max over latents on all held-out images (biased upwards; see heldout for the headline)
             "best_latent_per_value": best, "values_with_auroc_ge_0.95": covered, "values_total": values_total,
-            "latents": latents}, acts, held
+            **extra, "latents": latents}, acts, held
+
+
+HELDOUT_RULE = ("the latent with the highest AUROC on half A of the held-out images (split by image), reported "
+                "by its AUROC on half B; p from permuting half B's labels")
+
+
+def _attribution(acts: ImageActivations, labels: dict[str, np.ndarray], held: list[dict[str, Any]],
+                 source_index: list[int], masks: np.ndarray | None, config: AttributionConfig,
+                 latents: list[dict[str, Any]], captions: Sequence[Any] | None = None) -> dict[str, Any]:
+    """The held-out best latents, per-location scores and localisation (with masks), and caption words."""
+    out: dict[str, Any] = {"attribution": {**config.to_json(), "selection": HELDOUT_RULE}}
+    halves = split_halves(len(held), config.split_seed)
+    heldout = {c: best_latents(acts.values, v, halves, permutations=config.permutations, seed=config.split_seed)
+               for c, v in labels.items()}
+    out["heldout"] = {"best_latent_per_value": heldout, **coverage(heldout, config.auroc_target)}
+    if masks is not None and acts.maps is not None and len(held):
+        cells = grid_masks(np.asarray(masks)[source_index], acts.map_shape, config.mask_threshold)
+        maps = acts.maps.astype(np.float32)
+        per_location = {c: best_latents(maps, v, halves, cells=cells, permutations=config.permutations,
+                                        seed=config.split_seed) for c, v in labels.items()}
+        places = localisation(maps, cells)
+        for entry in latents:
+            entry["iou"] = float(places["iou"][entry["latent"]])
+            entry["inside_share"] = float(places["inside_share"][entry["latent"]])
+        out["per_location"] = {"best_latent_per_value": per_location, **coverage(per_location, config.auroc_target),
+                               "grid": list(acts.map_shape), "object_cells_mean": float(cells.sum((1, 2)).mean())}
+    elif masks is not None:
+        out["per_location"] = {"skipped": "no per-location maps: a pooled SAE, or images x latents x locations above "
+                                          "max_map_values (every held-out map is needed; raise it to score them)"}
+    captions = [r.get("caption") for r in held] if captions is None else list(captions)
+    if any(isinstance(c, str) and c for c in captions):
+        words = word_enrichment(acts.values, [c if isinstance(c, str) else None for c in captions],
+                                top_n=config.word_top_n, fdr=config.fdr, max_words=config.max_words)
+        for entry, found in zip(latents, words["latents"]):
+            entry["words"] = found
+        out["words"] = {k: v for k, v in words.items() if k not in ("latents", "vocabulary")}
+        out["words"]["vocabulary_size"] = len(words["vocabulary"])
+        out["caption_labels"] = labels_named(heldout, words["latents"])
+    return out

@@ -4,6 +4,12 @@
     codes = ReLU(TopK(pre))                         k largest per row (BatchTopK: k * rows per batch)
     x_hat = sum of the active decoder rows * codes + b_dec, then un-normalised
 
+BatchTopK (Bussmann et al. 2024) trains with the k * rows largest pre-activations of the batch (each row
+may use up to 4k). Its inference model is not "top k per row": it is the JumpReLU form that SAELens saves,
+codes = pre * (pre > threshold) over *all* latents, with one threshold learned for the dictionary and
+kept in the checkpoint (the `threshold` buffer; `calibrate_threshold` sets it on the final weights so the
+expected L0 is k). A row may then use more or fewer than k latents, as in training.
+
 Decoder rows have unit norm. The encoder is an autograd Function whose backward touches only the
 k active latents per row (a sparse matmul for the weight gradient, an embedding_bag for the input
 gradient), and the decoder is an embedding_bag gather of the active rows, never a dense scatter.
@@ -143,15 +149,16 @@ class TopKSAE(nn.Module):
             median = (weights[:, None] * x).sum(0) / weights.sum()
         self.b_dec.copy_(median)
         was_training, self.training = self.training, False
-        codes, _ = self.encode(sample)
+        codes, _ = self.encode(sample, per_row_topk=True)          # no threshold is learned yet
         self.training = was_training
         reconstruction = (self.decode(codes, bias=False) * self.input_scale).norm(dim=-1).mean()
         target = (x - median).norm(dim=-1).mean()
         self.W_enc.mul_(torch.where(reconstruction > 0, target / reconstruction.clamp_min(1e-30), 1.0))
 
     # ---- the maps ------------------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor, *, aux_mask: torch.Tensor | None = None):
-        """Codes of raw inputs x (n, d_in). With `aux_mask` (dead latents) also the AuxK codes."""
+    def encode(self, x: torch.Tensor, *, aux_mask: torch.Tensor | None = None, per_row_topk: bool = False):
+        """Codes of raw inputs x (n, d_in). With `aux_mask` (dead latents) also the AuxK codes. BatchTopK in eval
+        mode is JumpReLU at the learned threshold; `per_row_topk` asks for the plain k per row instead."""
         xn = x.to(self.W_enc.dtype) * self.input_scale
         bias = self.b_enc - self.W_enc @ self.b_dec               # (x - b_dec) W^T + b = x W^T + (b - W b_dec)
         k = self.config.k
@@ -162,13 +169,39 @@ class TopKSAE(nn.Module):
             values, indices, aux_v, aux_i = _SparseEncode.apply(xn, self.W_enc, bias, min(self.config.n_latents, 4 * k),
                                                                 mask, aux_k, dtype)
             values = _batch_topk(values, k * len(x))
+        elif self.config.variant == "batchtopk" and not per_row_topk:    # inference: JumpReLU at one threshold
+            width = min(self.config.n_latents, 4 * k)
+            while True:
+                values, indices, aux_v, aux_i = _SparseEncode.apply(xn, self.W_enc, bias, width, mask, aux_k, dtype)
+                if width == self.config.n_latents or values.device.type == "meta":   # meta: shapes only
+                    break
+                if not bool((values > self.threshold).all(1).any()):   # no row may have more above it
+                    break
+                width = min(self.config.n_latents, 2 * width)
+            values = values * (values > self.threshold)
         else:
             values, indices, aux_v, aux_i = _SparseEncode.apply(xn, self.W_enc, bias, k, mask, aux_k, dtype)
-            if self.config.variant == "batchtopk":
-                values = values * (values > self.threshold)
         codes = Codes(F.relu(values), indices)
         aux = Codes(F.relu(aux_v), aux_i) if aux_k else None
         return codes, aux
+
+    @torch.no_grad()
+    def calibrate_threshold(self, x: torch.Tensor, *, batch_size: int = 8192) -> float:
+        """BatchTopK's inference threshold from raw inputs `x` on the current weights: BatchTopK's rule applied to
+        all of `x` as one batch (each row's top 4k candidates, the k * rows largest kept), so JumpReLU at this
+        threshold has mean L0 k on `x`. Sets the `threshold` buffer and returns it."""
+        k, width = self.config.k, min(self.config.n_latents, 4 * self.config.k)
+        bias = self.b_enc - self.W_enc @ self.b_dec
+        candidates = []
+        for start in range(0, len(x), batch_size):
+            xn = x[start:start + batch_size].to(device=self.W_enc.device, dtype=torch.float32) * self.input_scale
+            pre = torch.mm(xn, self.W_enc.t()) + bias
+            candidates.append(pre.topk(width, dim=-1, sorted=False).values.flatten())
+        flat = torch.cat(candidates)
+        keep = min(k * len(x), flat.numel())
+        cutoff = flat.topk(keep, sorted=False).values.min().clamp_min(0.0)
+        self.threshold.fill_(float(cutoff))
+        return float(cutoff)
 
     def decode(self, codes: Codes, *, bias: bool = True) -> torch.Tensor:
         """Sparse decode (embedding_bag over the active rows), back in the raw input space."""

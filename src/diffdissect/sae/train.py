@@ -1,5 +1,9 @@
 """Training TopK SAEs on store slices: AuxK for dead latents, unit-norm decoder, resumable, NaN-safe.
 
+BatchTopK runs are saved in their inference form: JumpReLU with one threshold, calibrated on the final
+weights (`TopKSAE.calibrate_threshold`; the training-time running average is recorded beside it), so
+the reported held-out FVU and L0 are those of the model that is saved and used.
+
 Loss = FVU + aux_alpha * AuxK, both normalised by the batch's centred variance. AuxK (Gao et al.)
 reconstructs the main reconstruction's residual from the top `k_aux` pre-activations of dead
 latents (no firing for `dead_window` tokens), scaled by min(1, dead / k_aux). The learning rate
@@ -31,6 +35,8 @@ from diffdissect.sae.metrics import evaluate
 from diffdissect.sae.model import SAEConfig, TopKSAE
 from diffdissect.store import open_store
 from diffdissect.store.manifest import Manifest
+
+CALIBRATION_TOKENS = 65536      # training tokens that set BatchTopK's inference threshold on the final weights
 
 
 class NonFiniteTrainingError(DiffdissectError):
@@ -186,11 +192,20 @@ def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool
     finally:
         stream.close()
     seconds = time.perf_counter() - began
+    inference = {"form": "topk"}
+    if sae_cfg.variant == "batchtopk":         # JumpReLU at one threshold, set on the final weights
+        running = float(sae.threshold)
+        calibration = data.sample(min(data.train_tokens, CALIBRATION_TOKENS))
+        sae.calibrate_threshold(calibration)
+        if dist.enabled:
+            sae.threshold.copy_(dist.all_reduce_(sae.threshold.detach().clone()) / dist.world)
+        inference = {"form": "jumprelu", "threshold": float(sae.threshold), "threshold_running_average": running,
+                     "calibration_tokens": len(calibration)}
     heldout = data.heldout()
     metrics = evaluate(sae, heldout)
     metrics["heldout_unfired_fraction"] = metrics.pop("dead_fraction")
     metrics["dead_fraction"] = float((since_fired >= dead_window).double().mean())   # the training window's view
-    summary = {**info, "step": steps, "last_batch": last,
+    summary = {**info, "step": steps, "last_batch": last, "inference": inference,
                "metrics": {k: v for k, v in metrics.items() if k != "frequency"},
                "train_seconds": round(seconds, 2), "tokens_per_s": round((steps - start) * batch_size / max(seconds, 1e-9))}
     if dist.is_main:

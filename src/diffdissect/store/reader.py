@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 import warnings
 from collections.abc import Iterator
@@ -115,11 +116,13 @@ class StoreReader:
 
     def _in_order(self, layer: str, t: int, batch_size: int, select: np.ndarray | None, format: ArrayFormat,
                   with_rows: bool, dtype: str | None) -> Iterator[Any]:
-        """Row ranges in order into batches: a batch within one range is one copy; a batch across ranges is
-        filled range by range into one buffer (never re-joined)."""
+        """Row ranges in order into batches: each batch is one new tensor filled range by range (a file read
+        straight into it when no conversion is asked for), never re-joined."""
+        from diffdissect.store.stream import _runs
+
         key, shape = slice_key(layer, t), tuple(self.manifest.layers[layer]["shape"])
         out_dtype = getattr(torch, dtype) if dtype else self.stored_dtype(layer)
-        pieces: list[tuple[torch.Tensor, np.ndarray]] = []
+        ranges: list[tuple[ShardRecord, int, int, int]] = []           # (shard, start, stop, global offset)
         filled = 0
         for shard, offset in self._shard_offsets():
             if shard.rows == 0:
@@ -127,31 +130,26 @@ class StoreReader:
             mask = None if select is None else np.asarray(select[offset:offset + shard.rows], dtype=bool)
             if mask is not None and not mask.any():
                 continue
-            view = self.view(shard, key)
-            from diffdissect.store.stream import _runs
-
             runs = ((0, shard.rows),) if mask is None else _runs(np.flatnonzero(mask))
             for a, b in runs:
                 while a < b:
                     take = min(batch_size - filled, b - a)
-                    pieces.append((view[a:a + take], np.arange(offset + a, offset + a + take)))
+                    ranges.append((shard, a, a + take, offset))
                     filled += take
                     a += take
                     if filled == batch_size:
-                        yield self._emit(_fill(pieces, shape, out_dtype), np.concatenate([p[1] for p in pieces]),
-                                         format, with_rows, None)
-                        pieces, filled = [], 0
+                        yield self._emit(self._fill(key, ranges, shape, out_dtype), _ids(ranges), format, with_rows,
+                                         None)
+                        ranges, filled = [], 0
         if filled:
-            yield self._emit(_fill(pieces, shape, out_dtype), np.concatenate([p[1] for p in pieces]), format,
-                             with_rows, None)
+            yield self._emit(self._fill(key, ranges, shape, out_dtype), _ids(ranges), format, with_rows, None)
 
     def load(self, layer: str, t: int, *, format: ArrayFormat = "numpy", dtype: str | None = None) -> Any:
         """The whole (layer, t) slice in row order. For slices that fit in memory (pooled features)."""
         self.manifest.check_slice(layer, t)
         key, shape = slice_key(layer, t), tuple(self.manifest.layers[layer]["shape"])
         out_dtype = getattr(torch, dtype) if dtype else self.stored_dtype(layer)
-        parts = [(self.view(s, key), np.empty(0)) for s, _ in self._shard_offsets() if s.rows]
-        block = _fill(parts, shape, out_dtype)
+        block = self._fill(key, [(s, 0, s.rows, o) for s, o in self._shard_offsets() if s.rows], shape, out_dtype)
         return self._emit(block, None, format, False, None)
 
     def view(self, shard: ShardRecord, key: str) -> torch.Tensor:
@@ -193,6 +191,45 @@ class StoreReader:
             self._headers[cache_key] = cached
         return cached
 
+    def read_into(self, shard: ShardRecord, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Read rows [start, stop) of one slice of a shard straight from the file into `out` (a contiguous CPU
+        tensor of those rows, in the stored dtype): one positioned read, no mapping, no extra copy."""
+        path = self._path(shard)
+        try:
+            dtype, shape, begin, end = self._header(path)[key]
+            row_bytes = (end - begin) // max(shape[0], 1)
+            if not out.is_contiguous():
+                raise ValueError("out must be contiguous")
+            buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy().data)
+            if out.dtype != dtype or len(buffer) != (stop - start) * row_bytes:
+                raise ValueError(f"out holds {out.dtype} x {len(buffer)} bytes, not {dtype} rows {start}:{stop}")
+            position = begin + start * row_bytes
+            with open(path, "rb", buffering=0) as fh:
+                while len(buffer):
+                    got = os.preadv(fh.fileno(), [buffer], position)
+                    if got <= 0:
+                        raise OSError(f"{path.name} ended {len(buffer)} bytes early")
+                    buffer, position = buffer[got:], position + got
+        except (OSError, KeyError, struct.error, json.JSONDecodeError) as exc:
+            raise StoreError(f"shard {shard.name} could not be read ({type(exc).__name__}: {exc}); "
+                             "run `diffdissect store verify`.") from exc
+
+    def _fill(self, key: str, ranges: list[tuple[ShardRecord, int, int, int]], shape: tuple[int, ...],
+              dtype: torch.dtype) -> torch.Tensor:
+        """One new tensor holding the ranges' rows in order: read straight into it, or converted from the
+        mapped file in one copy when `dtype` is not the stored one."""
+        out = torch.empty((sum(b - a for _, a, b, _ in ranges), *shape), dtype=dtype, device="cpu")
+        at = 0
+        for shard, a, b, _ in ranges:
+            if not self._path(shard).is_file():
+                self.view(shard, key)                     # raises the error that names the missing shard
+            if dtype == self._header(self._path(shard))[key][0]:
+                self.read_into(shard, key, a, b, out[at:at + b - a])
+            else:
+                out[at:at + b - a].copy_(self.view(shard, key)[a:b])
+            at += b - a
+        return out
+
     def stored_dtype(self, layer: str) -> torch.dtype:
         """The dtype the slices of `layer` are stored in."""
         name = self.manifest.layers[layer].get("dtype") or self.manifest.dtype
@@ -233,11 +270,5 @@ SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch
                       "BOOL": torch.bool}
 
 
-def _fill(pieces: list[tuple[torch.Tensor, np.ndarray]], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """One new tensor holding the pieces' rows in order, converted to `dtype` in the same copy."""
-    out = torch.empty((sum(len(p[0]) for p in pieces), *shape), dtype=dtype, device="cpu")
-    at = 0
-    for block, _ in pieces:
-        out[at:at + len(block)].copy_(block)
-        at += len(block)
-    return out
+def _ids(ranges: list[tuple[ShardRecord, int, int, int]]) -> np.ndarray:
+    return np.concatenate([np.arange(offset + a, offset + b) for _, a, b, offset in ranges])

@@ -47,6 +47,8 @@ class SliceSource(Protocol):
 
     def stored_dtype(self, layer: str) -> torch.dtype: ...
 
+    def read_into(self, shard: ShardRecord, key: str, start: int, stop: int, out: torch.Tensor) -> None: ...
+
 MIN_PIECE_BYTES = 256 * 1024        # row ranges are at least this big (when a shard allows), so reads stay large
 MIN_PIECES = 8                      # ... but a shard is always cut into up to this many pieces, however small
 POOL_RING = 3                       # pool buffers reused in turn: consumed, ready, being built
@@ -279,11 +281,19 @@ class MixingStream:
             if self.tokens:
                 ids = ids.repeat_interleave(self.locations)
             ids = ids.to(self.device)
-        views = {s: self.reader.view(self.reader.manifest.shards[s], self.key) for s in {p.shard for p in pieces}}
-        if self.device.type == "cpu":            # one copy: mmap -> items in the output dtype
+        shards = self.reader.manifest.shards
+        plain = not self.tokens and not self.pool_locations and self.dtype == self.stored
+        if self.device.type == "cpu":
             out = self._buffer(slot, n_items, d)
             at = 0
-            for piece in pieces:
+            if plain:                             # rows as stored: a file read straight into the pool
+                for piece in pieces:
+                    for a, b in piece.runs:
+                        self.reader.read_into(shards[piece.shard], self.key, a, b, out[at:at + b - a])
+                        at += b - a
+                return out, ids
+            views = {s: self.reader.view(shards[s], self.key) for s in {p.shard for p in pieces}}
+            for piece in pieces:                  # one copy: mapped file -> items in the output dtype
                 for a, b in piece.runs:
                     at += self._copy_items(views[piece.shard][a:b], out, at)
             return out, ids
@@ -291,7 +301,7 @@ class MixingStream:
         at = 0
         for piece in pieces:
             for a, b in piece.runs:
-                staging[at:at + b - a].copy_(views[piece.shard][a:b])
+                self.reader.read_into(shards[piece.shard], self.key, a, b, staging[at:at + b - a])
                 at += b - a
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         with torch.cuda.stream(side) if side is not None else _nothing():

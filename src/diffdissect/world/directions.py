@@ -14,14 +14,18 @@ ORDER = ["strong", "medium", "weak", "unbiased"]
 
 
 def world_directions_config(world: WorldConfig, seeds: int = 256, **overrides: Any) -> DirectionsConfig:
-    """Every shape with and without each colour and size; bias of 'a {shape}' over the colours; prompts
-    clustered by shape with the colour directions held out. No guidance: guidance sharpens samples
-    towards the mode, and the question is what the model defaults to."""
+    """Every shape with and without each colour and size; bias of 'a {shape}' over the colours (and over the
+    sizes, where nothing is planted); prompts clustered by shape with the colour and size directions held out,
+    each sample's map mean-pooled over positions first (position-free; docs/benchmarks.md compares it with the
+    maps). No guidance: guidance sharpens samples towards the mode, and the question is what the model
+    defaults to."""
     prompts = build_prompt_set(templates=TEMPLATES, slot_values={
         "colour": list(world.colours), "shape": list(world.shapes), "size": list(world.sizes)})
-    options: dict[str, Any] = dict(seeds=list(range(seeds)), guidance_scale=1.0, batch_size=64,
-                   bias=[BiasSpec("colour", list(world.colours), [f"a {s}" for s in world.shapes])],
-                   cluster_by="shape", cluster_remove="colour")
+    options: dict[str, Any] = dict(
+        seeds=list(range(seeds)), guidance_scale=1.0, batch_size=64,
+        bias=[BiasSpec("colour", list(world.colours), [f"a {s}" for s in world.shapes]),
+              BiasSpec("size", list(world.sizes), [f"a {s}" for s in world.shapes])],
+        cluster_by="shape", cluster_remove=["colour", "size"], cluster_pooling="mean")
     options.update(overrides)
     return DirectionsConfig(prompts=prompts, **options)
 

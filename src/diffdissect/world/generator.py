@@ -148,6 +148,7 @@ class WorldBatch:
     captions: list[str]
     kept: dict[str, np.ndarray]
     config: WorldConfig
+    masks: np.ndarray | None = None      # (N, H, W) float32 object coverage in [0, 1] (where the shape is)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -193,8 +194,8 @@ def sample_world(n: int, seed: int = 0, config: WorldConfig | None = None,
     rng = np.random.default_rng(seed)
     factors = {k: np.asarray(v) for k, v in factors.items()} if factors is not None else sample_factors(n, rng, config)
     kept = {k: rng.random(n) < p for k, p in config.keep.items()}
-    images = render(factors, rng, config)
-    return WorldBatch(images, factors, captions_for(config, factors, kept), kept, config)
+    images, coverage = draw(factors, rng, config)
+    return WorldBatch(images, factors, captions_for(config, factors, kept), kept, config, coverage)
 
 
 def captions_for(config: WorldConfig, factors: dict[str, np.ndarray], kept: dict[str, np.ndarray]) -> list[str]:
@@ -212,6 +213,12 @@ def captions_for(config: WorldConfig, factors: dict[str, np.ndarray], kept: dict
 
 def render(factors: dict[str, np.ndarray], rng: np.random.Generator, config: WorldConfig) -> np.ndarray:
     """Draw the shapes with analytic anti-aliasing (coverage from signed distance)."""
+    return draw(factors, rng, config)[0]
+
+
+def draw(factors: dict[str, np.ndarray], rng: np.random.Generator,
+         config: WorldConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The images (N, H, W, 3) uint8 and each shape's coverage (N, H, W) float32 in [0, 1]: its object mask."""
     n, size = len(factors["shape"]), config.image_size
     xs = np.array(list(config.xpos.values()))[factors["xpos"]] * size
     ys = np.array(list(config.ypos.values()))[factors["ypos"]] * size
@@ -235,7 +242,7 @@ def render(factors: dict[str, np.ndarray], rng: np.random.Generator, config: Wor
     # background + coverage * (colour - background): a convex mix, already inside [0, 255]
     image = coverage[..., None] * (colours - background)[:, None, None, :].astype(np.float32)
     image += background[:, None, None, :] + 0.5
-    return image.astype(np.uint8)
+    return image.astype(np.uint8), coverage
 
 
 # signed distance (negative inside) of each shape, centred at 0 with half-extent r
