@@ -221,6 +221,8 @@ def rewrite_shard(store: Path, name: str, edit, fix_checksum: bool = True) -> No
         meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
     edit(tensors)
     path.write_bytes(canonical_safetensors(save(tensors, metadata=meta)))
+    st = path.stat()       # as a later change would: this process's checksum cache is keyed by (path, size, mtime)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     if fix_checksum:
         manifest = json.loads((store / "manifest.json").read_text())
         for s in manifest["shards"]:

@@ -109,10 +109,15 @@ def shard_problem(path: Path, shard: ShardRecord) -> str | None:
 
 
 def check_block(block: torch.Tensor, shard: ShardRecord, key: str) -> None:
-    """A block read from a shard: as many rows as the manifest says, and finite."""
+    """A whole slice read from a shard: as many rows as the manifest says, and finite."""
     if block.shape[0] != shard.rows:
         raise StoreError(f"shard {shard.name}: slice {key} has {block.shape[0]} rows, the manifest says {shard.rows}; "
                          "the store is corrupt (run `diffdissect store verify`).")
+    check_finite(block, shard, key)
+
+
+def check_finite(block: torch.Tensor, shard: ShardRecord, key: str) -> None:
+    """Rows read from a shard hold no NaN, inf or float16-saturated values."""
     if not block.is_floating_point():
         return
     finite = torch.isfinite(block)

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from diffdissect.errors import StoreError
-from diffdissect.store.integrity import check_block, check_checksum, check_rows, shard_path
+from diffdissect.store.integrity import check_block, check_checksum, check_finite, check_rows, shard_path
 from diffdissect.store.manifest import FORMAT_VERSION, Manifest, ShardRecord, slice_key
 
 ArrayFormat = Literal["numpy", "torch"]
@@ -194,9 +194,12 @@ class StoreReader:
     def read_into(self, shard: ShardRecord, key: str, start: int, stop: int, out: torch.Tensor) -> None:
         """Read rows [start, stop) of one slice of a shard straight from the file into `out` (a contiguous CPU
         tensor of those rows, in the stored dtype): one positioned read, no mapping, no extra copy."""
-        path = self._path(shard)
+        path = self._checked(shard)          # name, symlinks, size and sha256 (once per file version)
         try:
             dtype, shape, begin, end = self._header(path)[key]
+            if shape[0] != shard.rows:
+                raise StoreError(f"shard {shard.name}: slice {key} has {shape[0]} rows, the manifest says "
+                                 f"{shard.rows}; the store is corrupt (run `diffdissect store verify`).")
             row_bytes = (end - begin) // max(shape[0], 1)
             if not out.is_contiguous():
                 raise ValueError("out must be contiguous")
@@ -213,6 +216,7 @@ class StoreReader:
         except (OSError, KeyError, struct.error, json.JSONDecodeError) as exc:
             raise StoreError(f"shard {shard.name} could not be read ({type(exc).__name__}: {exc}); "
                              "run `diffdissect store verify`.") from exc
+        check_finite(out, shard, key)
 
     def _fill(self, key: str, ranges: list[tuple[ShardRecord, int, int, int]], shape: tuple[int, ...],
               dtype: torch.dtype) -> torch.Tensor:
