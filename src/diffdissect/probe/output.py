@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from diffdissect.atomic import atomic_write_bytes
+from diffdissect.paths import safe_name
 from diffdissect.report import Report, Section, heatmap
 
 CSV_COLUMNS = ("label", "condition", "head", "layer", "t", "accuracy", "ci_low", "ci_high", "seed_std",
@@ -89,7 +90,7 @@ def write_probe_outputs(results: dict[str, Any], out: str | Path) -> dict[str, P
         {"input_id": i, "split": s} for i, s in results["split_by_image"].items()]))
     for label in results["labels"]:
         for condition in _conditions(results):
-            paths[f"heatmap_{label}_{condition}"] = out / f"heatmap_{label}_{condition}.png"
+            paths[f"heatmap_{label}_{condition}"] = out / safe_name(f"heatmap_{label}_{condition}.png")
             atomic_write_bytes(paths[f"heatmap_{label}_{condition}"], _heatmap_png(results, label, condition))
     return paths
 
