@@ -329,7 +329,7 @@ def _directions_args(p: argparse.ArgumentParser, world: bool = False) -> None:
     p.add_argument("--steps", type=int, default=10, help="sampler steps [10]")
     if not world:
         p.add_argument("--guidance", type=float, default=7.5, help="guidance scale [7.5]")
-    p.add_argument("--batch-size", type=int, default=64 if not world else 256)
+    p.add_argument("--batch-size", type=int, default=64, help="trajectories per sampler call and per committed shard [64]")
     p.add_argument("--method", choices=["mean_difference", "ridge"], default="mean_difference")
     p.add_argument("--source", choices=["captions", "prompts"], default=None,
                    help="texts the directions come from [captions with a captioner, else prompts]")
@@ -594,6 +594,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_train(args: argparse.Namespace) -> int:
+    from diffdissect.paths import safe_name
     from diffdissect.sae import train_saes
     from diffdissect.sae.sweep import sweep_configs
 
@@ -609,7 +610,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
                            dist=dist)
     for s in summaries if dist.is_main else []:
         m = s["metrics"]
-        print(f"{Path(args.out) / s['name']}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {100 * m['dead_fraction']:.1f}% "
+        print(f"{Path(args.out) / safe_name(s['name'])}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {100 * m['dead_fraction']:.1f}% "
               f"({s['tokens_per_s']:,} tokens/s)")
     return 0
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from diffdissect.atomic import atomic_write_bytes
+from diffdissect.paths import safe_name
 from diffdissect.report import Report, Section, heatmap
 
 WEIGHTS_FILE, WEIGHTS_INDEX = "probe_weights.safetensors", "probe_weights.json"
@@ -93,7 +94,7 @@ def write_probe_outputs(results: dict[str, Any], out: str | Path, *,
         {"input_id": i, "split": s} for i, s in results["split_by_image"].items()]))
     for label in results["labels"]:
         for condition in _conditions(results):
-            paths[f"heatmap_{label}_{condition}"] = out / f"heatmap_{label}_{condition}.png"
+            paths[f"heatmap_{label}_{condition}"] = out / safe_name(f"heatmap_{label}_{condition}.png")
             atomic_write_bytes(paths[f"heatmap_{label}_{condition}"], _heatmap_png(results, label, condition))
     if weights:
         paths["weights"], paths["weights_index"] = out / WEIGHTS_FILE, out / WEIGHTS_INDEX
