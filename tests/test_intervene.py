@@ -365,7 +365,7 @@ def test_a_diffdissect_sae_trained_on_another_model_is_refused(sd_target, tmp_pa
     c = layer_shapes(sd_target, ["mid_block"])["mid_block"][0]
     store = tmp_path / "store"
     store.mkdir()
-    identity = dict(sd_target.identity(), weights_fingerprint="0" * 16)
+    identity = dict(sd_target.identity(), weights_fingerprint="0" * 16, content_sha256="0" * 64)
     (store / "manifest.json").write_text(json.dumps({"model": identity}))
 
     class FakeManifest:

@@ -303,7 +303,9 @@ def _check_sae_model(text: str, info: dict[str, Any], identity: dict[str, Any]) 
         recorded = Manifest.load(store).model
     except Exception:           # noqa: BLE001 - an unreadable store only means the check cannot be made
         return
-    for key in ("class", "num_parameters", "weights_fingerprint"):      # not the config digest: it holds the path
+    keys = ("content_sha256",) if "content_sha256" in recorded and "content_sha256" in identity else (
+        "class", "num_parameters", "weights_fingerprint")                  # older manifests: no content digest
+    for key in keys:
         if key in recorded and key in identity and recorded[key] != identity[key]:
             raise SpecError(f"{text}: the SAE was trained on activations of another model ({key} "
                             f"{recorded[key]} in {store}, this model has {identity[key]}); use an SAE of this model.")
