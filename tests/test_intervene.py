@@ -518,7 +518,7 @@ def family_targets(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("families17")
     out = {}
-    for name in ("sd3", "flux"):
+    for name in FAMILY_BUILDERS:
         FAMILY_BUILDERS[name](0).save_pretrained(root / name)
         out[name] = load_target(root / name, resolution=32 if name == "flux" else None)
     return out
@@ -550,3 +550,16 @@ def test_flow_steps_outside_the_schedule_and_input_edits_are_refused(family_targ
     config.edits = ["add@transformer_blocks.0@update=random:0"]
     with pytest.raises(SpecError, match="edits act on a module's output"):
         run_steer(target, config, tmp_path / "b")
+
+
+@pytest.mark.parametrize(("name", "layer"), [("sdxl", "mid_block"), ("pixart", "transformer_blocks.0"),
+                                             ("sana", "transformer_blocks.0")])
+def test_steer_on_the_other_families(family_targets, name, layer, tmp_path: Path) -> None:
+    target = family_targets[name]
+    config = SteerConfig(prompts=["a red cat"], seeds=[0, 1], alphas=[0.0, 3.0], steps=3, guidance=2.0,
+                         edits=[f"add@{layer}=random:0"])
+    result = run_steer(target, config, tmp_path / "out")
+    assert [e.identical for e in result.effects] == [2, 0]
+    config.edits = [f"add@{layer}@text=random:0"]
+    with pytest.raises(SpecError, match="no text stream"):
+        run_steer(target, config, tmp_path / "text")
