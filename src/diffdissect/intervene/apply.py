@@ -118,7 +118,9 @@ class Intervention:
         self.seen_t.clear()
 
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        t = _timestep_value(args, kwargs)
+        # the argument as handed over (a float since issue 16); integer for the DDPM family. Flow models (FLUX is
+        # handed sigma in [0, 1]) need their steps keyed by sigma as capture.trajectory does: not done here yet.
+        t = int(round(_timestep_value(args, kwargs)))
         self.calls += 1
         self.seen_t.append(t)
         if t not in self._step_of:
