@@ -265,7 +265,8 @@ def test_store_info(store, capsys):
     assert "dtype float16" in out
     for t in TIMESTEPS:
         ab = float(alphas[t])
-        assert re.search(rf"^\s+{t} \| {ab:.4f} \| {(1 - ab) ** 0.5:.4f}$", out, re.M), out
+        # then the denoiser's t (issue 16), "-" where a store's table has none
+        assert re.search(rf"^\s+{t} \| {ab:.4f} \| {(1 - ab) ** 0.5:.4f} \|\s+(-|{t}\.0000)$", out, re.M), out
     assert re.search(r"inp: 3$", out, re.M) and re.search(r"mid: 4$", out, re.M)
 
     assert main(["store", "info", str(store), "--json"]) == 0
