@@ -208,6 +208,7 @@ def run_steer(target: Target, config: SteerConfig, out: str | Path, judge: Judge
     if schedule is not None and seen != schedule:
         raise SpecError(f"the sampler visited t {seen}, not the schedule {schedule} the edits were checked against.")
     schedule = seen
+    _check_windows(edits, config.edits, schedule)        # flow models: their schedule is known from this pass
     baseline_seconds = time.perf_counter() - started
 
     images: dict[tuple[int, float | None], np.ndarray] = {}
@@ -236,6 +237,20 @@ def run_steer(target: Target, config: SteerConfig, out: str | Path, judge: Judge
     return result
 
 
+def _check_windows(edits: list[list[Edit]], texts: list[str], schedule: list[int]) -> None:
+    for group, text in zip(edits, texts):
+        for edit in group:
+            window = getattr(edit, "window", None)
+            if window is None:
+                continue
+            if window.steps is not None and window.steps[1] >= len(schedule):
+                raise SpecError(f"{text}: steps {window.steps[0]}:{window.steps[1]} is outside the schedule of "
+                                f"{len(schedule)} steps (indices 0..{len(schedule) - 1}).")
+            if window.t_range is not None and not any(window.t_range[0] <= t <= window.t_range[1] for t in schedule):
+                raise SpecError(f"{text}: no sampler step has t in {window.t_range[0]}:{window.t_range[1]}; the "
+                                f"schedule's t: {schedule}.")
+
+
 def _distinct(ts: Sequence[int]) -> list[int]:
     return list(dict.fromkeys(ts))
 
@@ -258,6 +273,8 @@ def _sample_all(target: Target, intervention: Intervention, conditions: list[Any
                                       "generator": [torch.Generator().manual_seed(s) for s in seeds],
                                       "output_type": "np"}
             kwargs["class_labels" if target.kind == "dit" else "prompt"] = [condition] * len(seeds)
+            if target.family is not None:
+                kwargs.update(target.family.pipeline_kwargs(target))
             parts.append(np.asarray(target.pipeline(**kwargs).images, dtype=np.float32))
         per_prompt.append(np.concatenate(parts))
     return np.stack(per_prompt)
