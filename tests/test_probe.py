@@ -136,7 +136,9 @@ def test_probe_cli_writes_tables_heatmaps_and_report(store, tmp_path, capsys):
     assert {r["condition"] for r in data["results"]} == {"trained", "shuffled"}
     assert (out / "probes.csv").read_text().count("\n") == 1 + 2 * 2      # header + labels x conditions x 1 cell
     assert (out / "heatmap_label_trained.png").read_bytes()[:4] == b"\x89PNG"
-    assert "shuffled" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert "shuffled" in report and "cell chosen on validation" in report and "biased upwards" in report
+    assert data["summary"][0]["selected_on"] == "validation" and "test_max_accuracy" in data["summary"][0]
     assert len((out / "splits.csv").read_text().splitlines()) == 1 + 240
 
 
