@@ -92,6 +92,32 @@ def colour_matrix(target, judge, run: Path, out: Path, args) -> dict:
             "cost": result.cost}
 
 
+def colourless(target, judge, run: Path, out: Path, args) -> dict:
+    """Prompts naming every factor but colour ("a small circle at the top left"): each colour's word direction at
+    mid_block and (when the removal run's SAE exists) its best-AUROC latent at the removal layer, plus a random
+    map; the rate of the judged colour and the keeps of the prompted factors, per alpha (a sweep)."""
+    colours = judge.attributes["colour"]
+    prompts = [f"a {size} {shape} at the {y} {x}" for shape in judge.attributes["shape"]
+               for size, y, x in (("small", "top", "left"), ("large", "bottom", "right"))]
+    edits = [f"add@mid_block=directions:{run}#{c}" for c in colours]
+    expect = [f"colour={c}" for c in colours]
+    sae_dir = out / "removal" / "sae"
+    if (sae_dir / "config.json").is_file():
+        from diffdissect.sae.features import analyse_features
+
+        features, _, _ = analyse_features(sae_dir, label_columns=["colour"])
+        best = features["best_latent_per_value"]["colour"]
+        edits += [f"sae-set@{args.removal_layer}={sae_dir}#{best[c]['latent']}" for c in colours]
+        expect += [f"colour={c}" for c in colours]
+    edits.append("add@mid_block=random:0#map")
+    expect.append("-")
+    config = SteerConfig(prompts=prompts, edits=edits, expect=expect, seeds=list(range(args.seeds)),
+                         alphas=args.colourless_alphas, steps=args.steps, guidance=args.guidance, branch=args.branch,
+                         batch_size=args.seeds, attributes=judge.attributes, save_images=False)
+    result = run_steer(target, config, out / "colourless", judge)
+    return {"prompts": prompts, "effects": [e.to_json() for e in result.effects]}
+
+
 def noop_sae(target, out: Path, args) -> dict:
     from diffdissect.sae.foreign import export_sparsify
     from diffdissect.sae.model import SAEConfig, TopKSAE
@@ -244,8 +270,9 @@ def main() -> None:
     parser.add_argument("--alphas", nargs="+", type=float, default=[0.0, 2.0, 3.0, 4.0])
     parser.add_argument("--cost-batch", type=int, default=16)
     parser.add_argument("--cost-rounds", type=int, default=5)
-    parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: colours noop removal latents cost")
+    parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: colours noop colourless removal latents cost")
     parser.add_argument("--latent-alphas", nargs="+", type=float, default=[0.0, 2.0, 4.0, 8.0])
+    parser.add_argument("--colourless-alphas", nargs="+", type=float, default=[0.5, 1.0, 2.0])
     parser.add_argument("--removal-layer", default="up_blocks.0")
     parser.add_argument("--removal-t", type=int, default=500)
     parser.add_argument("--removal-images", type=int, default=1024)
@@ -270,6 +297,8 @@ def main() -> None:
         results["colours"] = colour_matrix(target, judge, Path(args.directions), out, args)
     if "noop" not in args.skip:
         results["noop_sae"] = noop_sae(target, out, args)
+    if "colourless" not in args.skip:
+        results["colourless"] = colourless(target, judge, Path(args.directions), out, args)
     if "removal" not in args.skip:
         results["removal"] = removal(target, judge, out, args)
     if "latents" not in args.skip:
@@ -291,6 +320,10 @@ def main() -> None:
         print("alpha=0 identical:", col["alpha0_identical"], "of", col["n_samples_per_alpha"])
     if "noop_sae" in results:
         print("no-op SAE:", results["noop_sae"])
+    if "colourless" in results:
+        for e in results["colourless"]["effects"]:
+            print("colourless", e["edit"], e["alpha"], e["target_rate"], {k: round(v["rate"], 2) for k, v in e["keep"].items()
+                                                                         if v["rate"] is not None})
     if "removal" in results:
         rem = results["removal"]
         print("removal latents", rem["chosen"], "AUROC", [round(a, 3) for a in rem["chosen_auroc"]])

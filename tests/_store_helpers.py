@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from diffdissect.lock import LOCK_NAME
 from diffdissect.models.tiny import TinyDenoiser
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -154,9 +155,10 @@ def write_labels_csv(path: Path, rows: list[dict]) -> None:
 
 # ---- stores -------------------------------------------------------------------------------------------
 def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under `directory` (relative path -> bytes)."""
+    """Every file under `directory` (relative path -> bytes), except the writer's lock file (not data)."""
     directory = Path(directory)
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != LOCK_NAME}
 
 
 def file_stats(directory: Path) -> dict[str, tuple[int, int, int]]:
@@ -164,7 +166,7 @@ def file_stats(directory: Path) -> dict[str, tuple[int, int, int]]:
     directory = Path(directory)
     out = {}
     for p in sorted(directory.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.name != LOCK_NAME:
             st = p.stat()
             out[p.relative_to(directory).as_posix()] = (st.st_ino, st.st_mtime_ns, st.st_size)
     return out

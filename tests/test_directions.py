@@ -477,6 +477,10 @@ def test_cli_directions_run(tmp_path, sd_dir, capsys):
     assert code == 0 and "colour: 'a square' ->" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["text_source"] == "prompts" and (out / "report.html").stat().st_size > 10_000
+    report = (out / "report.html").read_text()
+    assert "cross-fitted" in report and "in-sample score (old" in report and "fixed in advance" in report
+    row = results["summary"]["families"]["colour"]["subjects"][0]
+    assert row["cross_fitted"] and set(row["in_sample"]) == {"score", "score_ci", "top", "p_value"}
     from safetensors.torch import load_file
 
     saved = load_file(out / "directions" / "mid_block.safetensors")

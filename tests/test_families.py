@@ -493,3 +493,21 @@ def test_the_shape_probe_runs_on_meta(name, family_dirs):
     finally:
         handle.remove()
     assert devices == ["meta"]
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux"])
+def test_per_image_captions_condition_each_image(name, family_dirs, image_folder, image_csv, tmp_path):
+    """--use-captions: each row is conditioned on its own caption (one encode_prompt per batch of captions)."""
+    target = load(name, family_dirs)
+    layer = WORKFLOW_LAYER[name]
+    source = FolderSource(image_folder, image_csv)
+    common = {"layers": [layer], "timesteps": [300], "dtype": "float32", "limit": 2, "batch_size": 2}
+    capture(target, source, CaptureSpec(use_captions=True, **common), tmp_path / "captions", progress=False)
+    rows = open_store(tmp_path / "captions").rows()
+    mixed = open_store(tmp_path / "captions").load(layer, 300, format="torch")
+    for i, row in enumerate(rows):
+        out = tmp_path / f"fixed{i}"
+        capture(target, source, CaptureSpec(prompt=row["caption"], **common), out, progress=False)
+        fixed = open_store(out).load(layer, 300, format="torch")
+        assert torch.allclose(mixed[i], fixed[i], atol=1e-5), (i, row["caption"])
+        assert not torch.allclose(mixed[1 - i], fixed[1 - i], atol=1e-5)       # the other image's caption differs

@@ -19,6 +19,7 @@ FLOORS: dict[str, int] = {
     "diffdissect.errors": 0,
     "diffdissect.runtime": 1, "diffdissect.atomic": 1, "diffdissect.stats": 1, "diffdissect.distributed": 1,
     "diffdissect.optim_state": 1, "diffdissect.options": 1, "diffdissect.result": 1, "diffdissect.devices": 1,
+    "diffdissect.lock": 1, "diffdissect.paths": 1,
     "diffdissect.models": 2, "diffdissect.data": 2, "diffdissect.report": 2,
     "diffdissect.store": 3,
     "diffdissect.capture": 4,

@@ -365,7 +365,7 @@ def test_a_diffdissect_sae_trained_on_another_model_is_refused(sd_target, tmp_pa
     c = layer_shapes(sd_target, ["mid_block"])["mid_block"][0]
     store = tmp_path / "store"
     store.mkdir()
-    identity = dict(sd_target.identity(), weights_fingerprint="0" * 16)
+    identity = dict(sd_target.identity(), weights_fingerprint="0" * 16, content_sha256="0" * 64)
     (store / "manifest.json").write_text(json.dumps({"model": identity}))
 
     class FakeManifest:
@@ -432,7 +432,7 @@ def test_direction_sources_read_their_layouts(tmp_path: Path) -> None:
         {"label": "colour", "layer": "mid_block", "t": 100, "key": "colour/mid_block/t=100",
          "classes": ["blue", "green", "red"]}]}))
     p = load_direction(f"probe:{probe}#colour=red", "mid_block", shape)
-    assert torch.equal(p.at(0), torch.eye(4)[2])
+    assert torch.allclose(p.at(0), torch.eye(4)[2] - torch.eye(4)[:3].mean(0))
     with pytest.raises(SpecError, match="not a class"):
         load_direction(f"probe:{probe}#colour=pink", "mid_block", shape)
 
@@ -508,3 +508,58 @@ def test_the_edits_create_no_tensor_off_the_activations_device() -> None:
         for edit in edits:
             edit.apply(h, Context(step=0, t=7, alpha=1.0, scale=2.0))
     assert guard.offences == []
+
+
+# ---- the families of issue 16: joint blocks (image / @text stream), flow matching ----------------------------------
+@pytest.fixture(scope="module")
+def family_targets(tmp_path_factory):
+    from diffdissect.models import load_target
+    from diffdissect.models.tiny_families import FAMILY_BUILDERS
+
+    root = tmp_path_factory.mktemp("families17")
+    out = {}
+    for name in FAMILY_BUILDERS:
+        FAMILY_BUILDERS[name](0).save_pretrained(root / name)
+        out[name] = load_target(root / name, resolution=32 if name == "flux" else None)
+    return out
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_steer_on_joint_block_families(family_targets, name, tmp_path: Path) -> None:
+    target = family_targets[name]
+    block = "transformer_blocks.0"
+    shapes = layer_shapes(target, [block, f"{block}@text"])
+    assert shapes[block] != shapes[f"{block}@text"]               # image tokens vs text tokens
+    config = SteerConfig(prompts=["a red cat"], seeds=[0, 1], alphas=[0.0, 3.0], steps=3, guidance=2.0,
+                         edits=[f"add@{block}=random:0", f"add@{block}@text=random:1", f"add@{block}=random:0;steps=2:2"])
+    result = run_steer(target, config, tmp_path / "out")
+    by = {(e.edit, e.alpha): e for e in result.effects}
+    for edit in config.edits:
+        assert by[(edit, 0.0)].identical == 2
+        assert by[(edit, 3.0)].identical == 0, edit
+    assert len(result.schedule) == 3 and all(isinstance(t, int) and 0 <= t < 1000 for t in result.schedule)
+    assert set(result.calibration) == {block, f"{block}@text"}
+
+
+def test_flow_steps_outside_the_schedule_and_input_edits_are_refused(family_targets, tmp_path: Path) -> None:
+    target = family_targets["sd3"]
+    config = SteerConfig(prompts=["a red cat"], seeds=[0], alphas=[1.0], steps=3, guidance=1.0,
+                         edits=["add@transformer_blocks.0=random:0;steps=0:3"])
+    with pytest.raises(SpecError, match="outside the schedule of 3 steps"):
+        run_steer(target, config, tmp_path / "a")
+    config.edits = ["add@transformer_blocks.0@update=random:0"]
+    with pytest.raises(SpecError, match="edits act on a module's output"):
+        run_steer(target, config, tmp_path / "b")
+
+
+@pytest.mark.parametrize(("name", "layer"), [("sdxl", "mid_block"), ("pixart", "transformer_blocks.0"),
+                                             ("sana", "transformer_blocks.0")])
+def test_steer_on_the_other_families(family_targets, name, layer, tmp_path: Path) -> None:
+    target = family_targets[name]
+    config = SteerConfig(prompts=["a red cat"], seeds=[0, 1], alphas=[0.0, 3.0], steps=3, guidance=2.0,
+                         edits=[f"add@{layer}=random:0"])
+    result = run_steer(target, config, tmp_path / "out")
+    assert [e.identical for e in result.effects] == [2, 0]
+    config.edits = [f"add@{layer}@text=random:0"]
+    with pytest.raises(SpecError, match="no text stream"):
+        run_steer(target, config, tmp_path / "text")

@@ -287,6 +287,7 @@ def test_short_training_run_resumes_to_the_same_weights(tmp_path, sd_target):
     saved = json.loads((tmp_path / "straight" / "config.json").read_text())
     saved["state"]["step"] = 2
     (tmp_path / "straight" / "config.json").write_text(json.dumps(saved))
+    __import__("shutil").rmtree(tmp_path / "straight" / "previous")     # with it, the run resumes from there
     with pytest.raises(DiffdissectError, match="inconsistent"):
         train_from_images(sd_target, extractor, "tiny", _images(), tmp_path / "straight",
                           InvertTrainConfig(steps=6, batch_size=4, checkpoint_every=2, warmup=1), progress=False)

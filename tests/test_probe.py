@@ -136,7 +136,9 @@ def test_probe_cli_writes_tables_heatmaps_and_report(store, tmp_path, capsys):
     assert {r["condition"] for r in data["results"]} == {"trained", "shuffled"}
     assert (out / "probes.csv").read_text().count("\n") == 1 + 2 * 2      # header + labels x conditions x 1 cell
     assert (out / "heatmap_label_trained.png").read_bytes()[:4] == b"\x89PNG"
-    assert "shuffled" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert "shuffled" in report and "cell chosen on validation" in report and "biased upwards" in report
+    assert data["summary"][0]["selected_on"] == "validation" and "test_max_accuracy" in data["summary"][0]
     assert len((out / "splits.csv").read_text().splitlines()) == 1 + 240
 
 
@@ -249,3 +251,35 @@ def test_validation_chosen_headline_is_unbiased_where_the_test_max_is_not():
         maxed.append(row["test_max_accuracy"])
     assert abs(np.mean(chosen) - 0.7) < 0.01
     assert np.mean(maxed) > 0.73
+
+
+@pytest.mark.parametrize("solver", ["batched", "lbfgsb"])
+def test_raw_space_weights_reproduce_the_chosen_probe(solver):
+    """coef / intercept on the raw (unstandardised) features give the chosen model's own predictions."""
+    rng = np.random.default_rng(2)
+    cells, n, d = 2, 240, 6
+    y = rng.integers(0, 3, n)
+    x = (rng.normal(size=(cells, n, d)) * rng.uniform(0.5, 4, size=d) + rng.normal(size=d) * 3).astype(np.float32)
+    x[:, :, :3] += 1.5 * np.eye(3)[y]
+    tr, va, te = slice(0, 150), slice(150, 190), slice(190, 240)
+    fit = fit_linear_probes(torch.from_numpy(x[:, tr]), torch.from_numpy(y[tr]), torch.from_numpy(x[:, va]),
+                            torch.from_numpy(y[va]), torch.from_numpy(x[:, te]), 3, solver=solver)
+    for c in range(cells):
+        logits = x[c, te] @ fit.coef[c].T + fit.intercept[c]           # fit_linear_probes: one task
+        assert (logits.argmax(1) == fit.test_pred[c]).mean() >= 0.98
+
+
+def test_probe_cli_writes_weights_that_steer_reads(store, tmp_path):
+    from diffdissect.intervene.sources import load_direction
+
+    out = tmp_path / "probe"
+    assert main(["probe", str(store), "--labels", "colour", "--timesteps", "10", "--bootstrap", "50",
+                 "--out", str(out)]) == 0
+    index = json.loads((out / "probe_weights.json").read_text())
+    cell = index["cells"][0]
+    assert cell["label"] == "colour" and cell["t"] == 10
+    width = 1
+    for s in json.loads((store / "manifest.json").read_text())["layers"][cell["layer"]]["shape"]:
+        width *= s
+    direction = load_direction(f"probe:{out}#colour={cell['classes'][0]}", cell["layer"], (width,))
+    assert direction.at(10).shape == (width,) and torch.isfinite(direction.at(10)).all()

@@ -204,7 +204,7 @@ CHANGES = {
     "limit": ({"limit": 6}, "capture.limit"),
     "random-init": (_random_init, "model.random_init_seed"),
     "other-weights": (_other_weights, "model.weights_fingerprint"),
-    "other-images": (_other_images, "source.path"),
+    "other-images": (_other_images, "source.content"),      # what the images hold, not where
 }
 
 

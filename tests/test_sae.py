@@ -221,7 +221,8 @@ def test_nan_in_the_store_is_refused_before_training(tmp_path):
     x = planted_features()
     x[::7] = np.nan
     write_array_store(tmp_path / "store", {("pooled", 10): x}, [{"input_id": f"im{i}"} for i in range(len(x))])
-    with pytest.raises(NonFiniteTrainingError, match=r"step 0 \(initialisation\): \d+ of \d+ sampled pooled @ t=10"):
+    # the store's reader refuses the slice and names the shard, before any training (issue 21)
+    with pytest.raises(StoreError, match=r"shard shard-000000.safetensors: slice pooled@t=10 holds NaN"):
         train_sae(tmp_path / "store", TrainConfig(layer="pooled", t=10, k=4, n_latents=64), tmp_path / "run",
                   progress=False)
     assert not (tmp_path / "run" / "config.json").exists()

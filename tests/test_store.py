@@ -217,23 +217,27 @@ def test_unknown_slice_is_refused(store):
 
 
 # ---- the row index --------------------------------------------------------------------------------------
-def expected_rows() -> list[dict]:
+def expected_rows(images: Path | None = None) -> list[dict]:
+    import hashlib
+
     rows = []
     for i in READABLE:
         for seed in SEEDS:
             rows.append({"row": len(rows), "input_id": f"img_{i:04d}.png", "source_index": i, "seed": seed,
                          "label": f"class{i % 3}", "caption": f"caption {i}",
                          "shard": f"shard-{i // SHARD_SIZE:06d}.safetensors"})
+            if images is not None:     # each row records the bytes it was captured from (issue 21: thumbnails)
+                rows[-1]["image_sha256"] = hashlib.sha256((images / f"img_{i:04d}.png").read_bytes()).hexdigest()
     return rows
 
 
-def test_rows_follow_input_then_seed_order(store):
+def test_rows_follow_input_then_seed_order(store, images):
     reader = open_store(store)
-    assert reader.rows() == expected_rows()
+    assert reader.rows() == expected_rows(images)
     assert reader.column("seed") == [0, 1] * len(READABLE)
     with open(store / "index.csv", newline="") as fh:
         index = list(csv.DictReader(fh))
-    assert index == [{k: str(v) for k, v in r.items()} for r in expected_rows()]
+    assert index == [{k: str(v) for k, v in r.items()} for r in expected_rows(images)]
 
 
 def test_rows_and_data_agree(store):
@@ -261,7 +265,8 @@ def test_store_info(store, capsys):
     assert "dtype float16" in out
     for t in TIMESTEPS:
         ab = float(alphas[t])
-        assert re.search(rf"^\s+{t} \| {ab:.4f} \| {(1 - ab) ** 0.5:.4f}$", out, re.M), out
+        # then the denoiser's t (issue 16), "-" where a store's table has none
+        assert re.search(rf"^\s+{t} \| {ab:.4f} \| {(1 - ab) ** 0.5:.4f} \|\s+(-|{t}\.0000)$", out, re.M), out
     assert re.search(r"inp: 3$", out, re.M) and re.search(r"mid: 4$", out, re.M)
 
     assert main(["store", "info", str(store), "--json", "-"]) == 0

@@ -325,7 +325,7 @@ def _directions_args(p: argparse.ArgumentParser, world: bool = False) -> None:
     p.add_argument("--steps", type=int, default=10, help="sampler steps [10]")
     if not world:
         p.add_argument("--guidance", type=float, default=7.5, help="guidance scale [7.5]")
-    p.add_argument("--batch-size", type=int, default=64 if not world else 256)
+    p.add_argument("--batch-size", type=int, default=64, help="trajectories per sampler call and per committed shard [64]")
     p.add_argument("--method", choices=["mean_difference", "ridge"], default="mean_difference")
     p.add_argument("--source", choices=["captions", "prompts"], default=None,
                    help="texts the directions come from [captions with a captioner, else prompts]")
@@ -577,8 +577,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
                          l2_grid=tuple(args.l2 or DEFAULT_L2_GRID), shuffled_control=args.shuffled_control,
                          random_init_store=args.random_init_store, drop_missing=args.drop_missing,
                          bootstrap=args.bootstrap, seed=args.seed, device=args.device, solver=args.solver)
-    results = run_probes(args.store, config)
-    paths = write_probe_outputs(results, args.out)
+    weights: dict[str, Any] = {}
+    results = run_probes(args.store, config, weights=weights)
+    paths = write_probe_outputs(results, args.out, weights=weights)
     report = Report(f"diffdissect probe: {args.store}")
     probe_section(report, results)
     report.write(Path(args.out) / "report.html")
@@ -592,6 +593,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_train(args: argparse.Namespace) -> int:
+    from diffdissect.paths import safe_name
     from diffdissect.sae import train_saes
     from diffdissect.sae.sweep import sweep_configs
 
@@ -607,7 +609,7 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
                            dist=dist)
     for s in summaries if dist.is_main else []:
         m = s["metrics"]
-        print(f"{Path(args.out) / s['name']}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {100 * m['dead_fraction']:.1f}% "
+        print(f"{Path(args.out) / safe_name(s['name'])}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {100 * m['dead_fraction']:.1f}% "
               f"({s['tokens_per_s']:,} tokens/s)")
     return 0
 

@@ -1,6 +1,7 @@
 """Capture from images: encode, noise at each t and seed, one forward per batch with early exit."""
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from pathlib import Path
@@ -17,10 +18,39 @@ from diffdissect.data.sources import ImageRecord, ImageSource, UnreadableInput
 from diffdissect.data.transforms import to_model_pixels
 from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import DataError, DiffdissectError, SpecError
+from diffdissect.lock import DirectoryLock
+from diffdissect.models.identity import comparable
 from diffdissect.models.noising import noise_for
 from diffdissect.models.target import Target
-from diffdissect.store.manifest import Manifest, slice_key, spec_digest
-from diffdissect.store.writer import StoreWriter
+from diffdissect.store.manifest import MANIFEST, Manifest, slice_key, spec_digest
+from diffdissect.store.writer import StoreWriter, check_store_directory
+
+
+def recorded_model(out: str | Path) -> dict[str, Any] | None:
+    """The model identity a store already records (its digest is reused when the model files are unchanged)."""
+    try:
+        return Manifest.load(Path(out)).model if (Path(out) / MANIFEST).is_file() else None
+    except Exception:       # a damaged manifest is reported by the writer, with its reason
+        return None
+
+
+def split_location(identity: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what must agree on resume, where it was read from): paths never decide whether data may be mixed."""
+    where_keys = {"path", "csv"} | ({"name"} if identity.get("fingerprint") else set())
+    return ({k: v for k, v in identity.items() if k not in where_keys},
+            {k: v for k, v in identity.items() if k in where_keys})
+
+
+def record_truncations(target: Target, writer: StoreWriter) -> None:
+    """Prompts longer than the tokenizer's limit were cut: say so once, and record where in the manifest."""
+    if not target.truncated_prompts:
+        return
+    notes = writer.manifest.notes.setdefault("truncated_prompts", {})
+    new = {p: v for p, v in target.truncated_prompts.items() if p not in notes}
+    notes.update(new)
+    for prompt, info in new.items():
+        warnings.warn(f"prompt {prompt[:60]!r}... has {info['tokens']} tokens; the text encoder saw only the first "
+                      f"{info['kept']} (recorded in manifest.json notes.truncated_prompts)", stacklevel=3)
 
 
 def capture(target: Target, source: ImageSource, spec: CaptureSpec, out: str | Path, *,
@@ -44,13 +74,24 @@ def capture(target: Target, source: ImageSource, spec: CaptureSpec, out: str | P
     count = len(source) if spec.limit is None else min(len(source), spec.limit)
     shapes = probe_row_shapes(target, layers, spec, levels[0].t)
     shard_size = spec.shard_size or auto_shard_size(shapes, spec, len(levels))
-    identity = target.identity()
-    spec_json = {"capture": spec.data_fields(), "source": source.identity(), "shard_size": shard_size,
-                 "model": identity}
-    manifest = Manifest(mode="images", spec=spec_json, spec_hash=spec_digest(spec_json), model=identity,
-                        timesteps=table, layers={l: {"shape": list(shapes[l]), "dtype": spec.dtype} for l in layers},
-                        dtype=spec.dtype)
-    writer = StoreWriter.open(out, manifest, dist)
+    check_store_directory(out)
+    lock = DirectoryLock(out, "capture") if dist.is_main else contextlib.nullcontext()
+    with lock:
+        identity = target.identity(known=recorded_model(out))
+        source_identity, source_where = split_location(source.identity())
+        spec_json = {"capture": spec.data_fields(), "source": source_identity, "shard_size": shard_size,
+                     "model": comparable(identity)}
+        manifest = Manifest(mode="images", spec=spec_json, spec_hash=spec_digest(spec_json), model=identity,
+                            timesteps=table, layers={l: {"shape": list(shapes[l]), "dtype": spec.dtype} for l in layers},
+                            dtype=spec.dtype, locations={"source": source_where, "model": identity.get("source")})
+        writer = StoreWriter.open(out, manifest, dist)
+        return _capture_chunks(target, source, spec, layers, shapes, shard_size, count, writer, out, progress, dist,
+                               levels)
+
+
+def _capture_chunks(target: Target, source: ImageSource, spec: CaptureSpec, layers: list[str],
+                    shapes: dict[str, tuple[int, ...]], shard_size: int, count: int, writer: StoreWriter,
+                    out: str | Path, progress: bool, dist: Dist, levels: Any) -> Manifest:
     recorder = LayerRecorder(target.denoiser, layers, early_exit=spec.early_exit)
     desc = f"capture (rank {dist.rank}/{dist.world})" if dist.enabled else "capture"
     with recorder, tqdm(total=count, unit="img", desc=desc, disable=not progress or not dist.is_main) as bar:
@@ -61,6 +102,7 @@ def capture(target: Target, source: ImageSource, spec: CaptureSpec, out: str | P
                                                        shapes, recorder, levels)
                 writer.write_shard(chunk, tensors, rows, (start, stop), skipped)
             bar.update(stop - start)
+    record_truncations(target, writer)
     if not dist.enabled:
         _check_any_rows(writer.manifest, count, out)          # before the store is marked complete
     manifest = writer.finalize(count)
@@ -109,7 +151,8 @@ def capture_chunk(target: Target, source: ImageSource, indices: range, spec: Cap
                         tensors[slice_key(layer, t)][sl, s] = rows.cpu()
     tensors = {k: v.reshape(n * n_seeds, *v.shape[2:]) for k, v in tensors.items()}
     rows = [{"input_id": r.input_id, "source_index": r.source_index, "seed": seed, "label": _plain(r.label),
-             "caption": r.caption, **{k: _plain(v) for k, v in r.attributes.items()}}
+             "caption": r.caption, **{k: _plain(v) for k, v in r.attributes.items()},
+             **({"image_sha256": r.content_sha256} if r.content_sha256 else {})}
             for r in records for seed in spec.seeds]
     return tensors, rows, skipped
 

@@ -69,6 +69,8 @@ class CaptureSpec(OutputOptions):
             raise SpecError(f"seeds must be a non-empty list of distinct integers, not {self.seeds}.")
         if self.batch_size < 1 or (self.shard_size is not None and self.shard_size < 1):
             raise SpecError("batch_size and shard_size must be positive.")
+        if not self.shard_mb > 0:
+            raise SpecError(f"shard_mb must be a positive number of megabytes, not {self.shard_mb}.")
         if self.limit is not None and self.limit < 1:
             raise SpecError("limit must be positive.")
         if self.prompt is not None and self.use_captions:
@@ -111,6 +113,10 @@ class TrajectorySpec(OutputOptions):
         super().validate()
         if not self.prompts:
             raise SpecError("no prompts given.")
+        empty = [i for i, p in enumerate(self.prompts) if not str(p).strip()]
+        if empty:
+            raise SpecError(f"prompts {empty[:5]} are empty; give each sample a prompt (for unconditional samples "
+                            "use a model without text conditioning, or say what you want).")
         if not self.layers:
             raise SpecError("no layers given.")
         if self.steps < 1:

@@ -20,17 +20,19 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffdissect.atomic import atomic_write_bytes
-from diffdissect.capture.engine import layer_rows
+from diffdissect.capture.engine import layer_rows, record_truncations, recorded_model
 from diffdissect.capture.hooks import LayerRecorder
 from diffdissect.capture.layers import resolve_layers
 from diffdissect.capture.rows import cast_checked
 from diffdissect.capture.spec import TrajectorySpec
 from diffdissect.data.transforms import unit_to_uint8
 from diffdissect.errors import SpecError
+from diffdissect.lock import DirectoryLock
+from diffdissect.models.identity import comparable
 from diffdissect.models.noising import timestep_table
 from diffdissect.models.target import Target
 from diffdissect.store.manifest import IMAGES_DIR, Manifest, slice_key, spec_digest
-from diffdissect.store.writer import StoreWriter
+from diffdissect.store.writer import StoreWriter, check_store_directory
 
 
 def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, *, progress: bool = True) -> Manifest:
@@ -46,16 +48,26 @@ def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, 
     if spec.branch == "uncond" and target.family is not None and not target.family.cfg_halves():
         raise SpecError(f"{target.family.name} has no unconditional branch to keep: its guidance is an embedding, "
                         "not a classifier-free batch. Drop --branch uncond.")
+    if target.takes_text and target.tokenizer is not None:
+        target.note_truncation(list(spec.prompts))
     probe = _sample(target, spec, layers, [conditions[0]], [spec.seeds[0]], steps_only=True)
     schedule = probe["timesteps"]
-    identity = target.identity()
-    spec_json = {"trajectory": spec.data_fields(), "model": identity}
-    manifest = Manifest(mode="trajectory", spec=spec_json, spec_hash=spec_digest(spec_json), model=identity,
-                        timesteps=probe["levels"] or timestep_table(target.scheduler, schedule),
-                        layers={l: {"shape": list(probe["shapes"][l]), "dtype": spec.dtype} for l in layers},
-                        dtype=spec.dtype)
-    writer = StoreWriter.open(out, manifest)
-    images_dir = Path(out) / IMAGES_DIR
+    check_store_directory(out)
+    with DirectoryLock(out, "capture (trajectories)"):
+        identity = target.identity(known=recorded_model(out))
+        spec_json = {"trajectory": spec.data_fields(), "model": comparable(identity)}
+        manifest = Manifest(mode="trajectory", spec=spec_json, spec_hash=spec_digest(spec_json), model=identity,
+                            timesteps=probe["levels"] or timestep_table(target.scheduler, schedule),
+                            layers={l: {"shape": list(probe["shapes"][l]), "dtype": spec.dtype} for l in layers},
+                            dtype=spec.dtype, locations={"model": identity.get("source")})
+        writer = StoreWriter.open(out, manifest)
+        return _sample_all(target, spec, layers, conditions, pairs, probe, writer, Path(out), progress)
+
+
+def _sample_all(target: Target, spec: TrajectorySpec, layers: list[str], conditions: list[Any],
+                pairs: list[tuple[int, int]], probe: dict[str, Any], writer: StoreWriter, out: Path,
+                progress: bool) -> Manifest:
+    images_dir = out / IMAGES_DIR
     images_dir.mkdir(exist_ok=True)
     with tqdm(total=len(pairs), unit="sample", desc="trajectories", disable=not progress) as bar:
         for chunk, start in enumerate(range(0, len(pairs), spec.shard_size)):
@@ -78,12 +90,14 @@ def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, 
                                    (start, start + len(part)), [])
             bar.update(len(part))
     writer.manifest.notes["dropped_duplicate_calls"] = probe["dropped"]
+    record_truncations(target, writer)
     return writer.finalize(len(pairs))
 
 
 def _condition(target: Target, prompt: str) -> Any:
     if target.kind == "dit":
         if prompt.strip().isdigit():
+            target.check_class_ids([int(prompt)])
             return int(prompt)
         names = {v: k for k, v in target.id2label.items()}
         if prompt not in names:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +17,16 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from diffdissect.atomic import sha256_file
+from diffdissect.data.transforms import to_rgb
 from diffdissect.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 # row-index columns that an input's own attributes may not overwrite
-RESERVED_COLUMNS = frozenset({"row", "input_id", "source_index", "seed", "label", "caption", "shard", "image"})
+RESERVED_COLUMNS = frozenset({"row", "input_id", "source_index", "seed", "label", "caption", "shard", "image",
+                              "image_sha256"})
 
 
 class UnreadableInput(Exception):
@@ -36,6 +41,7 @@ class ImageRecord:
     label: Any = None
     caption: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)   # more columns for the row index (factors, ...)
+    content_sha256: str | None = None  # sha256 of the file's bytes, for sources read from files
 
 
 class ImageSource(Protocol):
@@ -64,6 +70,7 @@ class FolderSource:
         if csv_path is not None:
             self.meta = self._read_csv(Path(csv_path), id_column)
             self.files = [row[id_column] for row in self.meta]
+            self._check_rows(Path(csv_path), id_column)
             missing = [f for f in self.files if not (self.root / f).is_file()]
             if missing:
                 raise DataError(f"{len(missing)} files named in {csv_path} are not in {self.root}, "
@@ -76,13 +83,40 @@ class FolderSource:
                             "recursively).")
         self.csv_path, self.label_column, self.caption_column = csv_path, label_column, caption_column
         self.id_column = id_column
+        self._position = {name: i for i, name in enumerate(self.files)}
+        self._content: list[str] | None = None
+        if self.meta:
+            named = {id_column, label_column, caption_column}
+            ignored = sorted((set(self.meta[0]) & RESERVED_COLUMNS) - named)
+            if ignored:
+                warnings.warn(f"labels CSV {csv_path}: columns {ignored} are reserved row-index columns and were "
+                              "ignored; rename them to keep them.", stacklevel=2)
+
+    def _check_rows(self, csv_path: Path, id_column: str) -> None:
+        """Every row names one file inside the folder, once."""
+        seen: dict[str, int] = {}
+        root = self.root.resolve()
+        for line, name in enumerate(self.files, start=2):
+            if not name:
+                raise DataError(f"labels CSV {csv_path}, line {line}: the {id_column!r} column is empty.")
+            if name in seen:
+                raise DataError(f"labels CSV {csv_path} names {name!r} twice (lines {seen[name]} and {line}); each "
+                                "image may appear once. Remove the duplicate row.")
+            seen[name] = line
+            path = Path(name)
+            if path.is_absolute() or ".." in path.parts or root not in (root / path).resolve().parents:
+                raise DataError(f"labels CSV {csv_path}, line {line}: {name!r} is not a file inside {self.root}; name "
+                                "files relative to the image folder, without '..'.")
 
     @staticmethod
     def _read_csv(path: Path, id_column: str) -> list[dict[str, str]]:
         if not path.is_file():
             raise DataError(f"labels CSV {path} does not exist.")
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as fh:      # -sig: a byte-order mark is not a column
+                rows = list(csv.DictReader(fh))
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"labels CSV {path} could not be read as UTF-8 CSV ({exc}); save it as UTF-8.") from None
         if not rows:
             raise DataError(f"labels CSV {path} has no rows.")
         if id_column not in rows[0]:
@@ -96,18 +130,32 @@ class FolderSource:
     def load(self, index: int) -> ImageRecord:
         name = self.files[index]
         try:
-            with Image.open(self.root / name) as img:
-                image = img.convert("RGB")
+            data = (self.root / name).read_bytes()
+            with Image.open(io.BytesIO(data)) as img:
+                image = to_rgb(img)
         except Exception as exc:  # PIL raises many types for truncated/corrupt files
             raise UnreadableInput(f"{name}: {exc}") from exc
         row = self.meta[index] if self.meta else {}
         named = {self.id_column, self.label_column, self.caption_column}
         return ImageRecord(name, index, image, row.get(self.label_column or ""), row.get(self.caption_column or ""),
-                           {k: v for k, v in row.items() if k not in named and k not in RESERVED_COLUMNS})
+                           {k: v for k, v in row.items() if k not in named and k not in RESERVED_COLUMNS},
+                           content_sha256=hashlib.sha256(data).hexdigest())
+
+    def index_of(self, name: str) -> int | None:
+        """The position of the file `name` (relative to the folder), or None."""
+        return self._position.get(name)
+
+    def content_hashes(self) -> list[str]:
+        """sha256 of every file's bytes, in order (read once per source object)."""
+        if self._content is None:
+            self._content = [sha256_file(self.root / f) if (self.root / f).is_file() else "missing" for f in self.files]
+        return self._content
 
     def identity(self) -> dict[str, Any]:
+        """What the inputs are (names, bytes, labels), plus where they are (`path`, `csv`: never compared)."""
         return {"type": "folder", "path": str(self.root.resolve()), "count": len(self),
-                "csv": str(self.csv_path) if self.csv_path else None, "listing": _digest(self.files),
+                "csv": str(Path(self.csv_path).resolve()) if self.csv_path else None, "listing": _digest(self.files),
+                "content": _digest(self.content_hashes()),
                 "labels": _digest([sorted(r.items()) for r in self.meta]) if self.meta else None}
 
 
@@ -147,7 +195,7 @@ class HFDatasetSource:
         try:
             row = self.dataset[index]
             image = row[self.image_column]
-            image = image.convert("RGB") if isinstance(image, Image.Image) else np.asarray(image)
+            image = to_rgb(image) if isinstance(image, Image.Image) else np.asarray(image)
         except Exception as exc:
             raise UnreadableInput(f"row {index}: {exc}") from exc
         label = row.get(self.label_column) if self.label_column else None

@@ -27,7 +27,7 @@ def unit_to_uint8(images: np.ndarray) -> np.ndarray:
 
 def to_pil(image: Image.Image | np.ndarray) -> Image.Image:
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     array = np.asarray(image)
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
@@ -49,3 +49,26 @@ def to_model_pixels(image: Image.Image | np.ndarray, resolution: int) -> torch.T
         img = img.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB with its brightness kept.
+
+    PIL's own ``convert("RGB")`` clips 16- and 32-bit integer pixels (mode I;16, I) at 255, so a 16-bit grayscale
+    PNG turns white; float pixels (F) are taken as [0, 1] when they lie there, else as 0-255. Palette, alpha and
+    CMYK modes go through PIL's conversions (alpha is dropped; the colours under it are kept).
+    """
+    mode = image.mode
+    if mode in ("RGB",):
+        return image.copy()
+    if mode.startswith("I;16") or mode == "I" or mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            scale = 255.0 if array.size and float(np.nanmax(array)) <= 1.0 else 1.0
+        else:
+            scale = 1.0 / 257.0                      # 0..65535 -> 0..255 (16-bit data; also what PNG's I holds)
+        gray = np.clip(np.nan_to_num(array * scale), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(np.stack([gray] * 3, axis=-1))
+    if mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA").convert("RGB")
+    return image.convert("RGB")

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from diffdissect.atomic import atomic_write_bytes, atomic_write_json
+from diffdissect.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from diffdissect.capture.spec import TrajectorySpec
 from diffdissect.capture.trajectory import capture_trajectories
 from diffdissect.directions.bias import (
@@ -39,8 +39,11 @@ from diffdissect.directions.compute import METHODS, cosine_to_directions, direct
 from diffdissect.directions.prompts import Prompt
 from diffdissect.directions.text import term_indicators
 from diffdissect.errors import DataError, SpecError
+from diffdissect.lock import DirectoryLock
 from diffdissect.models.target import Target
+from diffdissect.paths import safe_name
 from diffdissect.store import open_store
+from diffdissect.store.writer import canonical_safetensors
 
 SOURCES = ("captions", "prompts")
 CLUSTER_POOLING = ("none", "mean")
@@ -63,7 +66,7 @@ class DirectionsConfig:
     steps: int = 10
     guidance_scale: float = 7.5
     batch_size: int = 64
-    shard_size: int = 256                     # trajectories per committed shard (the unit of resume)
+    shard_size: int | None = None             # trajectories per committed shard (the unit of resume) [batch_size]
     dtype: str = "float16"
     method: str = "mean_difference"          # or "ridge"
     text_source: str = "captions"             # the texts directions come from: captions or prompts
@@ -116,7 +119,13 @@ def run_directions(target: Target, config: DirectionsConfig, out: str | Path, ca
                    progress: bool = True) -> dict[str, Any]:
     config.validate()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out, "directions run"):
+        remove_stale_temporaries(out)                   # leftovers of a write a kill interrupted
+        return _run_directions(target, config, out, captioner, progress)
+
+
+def _run_directions(target: Target, config: DirectionsConfig, out: Path, captioner: Captioner | None,
+                    progress: bool) -> dict[str, Any]:
     texts = [p.text for p in config.prompts]
     questions = {b.family_name: make_questions(b.subjects, b.family, b.family_name, texts) for b in config.bias}
     if config.text_source == "captions" and captioner is None:
@@ -184,12 +193,15 @@ def run_directions(target: Target, config: DirectionsConfig, out: str | Path, ca
                     store.shape(layer))
         if config.save_directions:
             (out / "directions").mkdir(exist_ok=True)
-            atomic_write_bytes(out / "directions" / f"{layer}.safetensors", safetensors_bytes(
-                saved, metadata={"method": config.method, "source": config.text_source, "layer": layer}))
+            atomic_write_bytes(out / "directions" / f"{safe_name(layer)}.safetensors", canonical_safetensors(
+                safetensors_bytes(saved, metadata={"method": config.method, "source": config.text_source,
+                                                   "layer": layer})))
             atomic_write_json(out / "directions" / "terms.json", {"terms": source.terms, "source": config.text_source,
                                                                    "method": config.method})
     results["summary"] = summarise(results, config)
-    atomic_write_json(out / "results.json", results)
+    # the file holds what a rerun reproduces byte for byte; how much this particular run sampled is only returned
+    atomic_write_json(out / "results.json", {**results, "cost": {k: v for k, v in cost.items()
+                                                                if k != "sampled_this_run"}})
     return results
 
 
@@ -205,7 +217,8 @@ def _sample(target: Target, config: DirectionsConfig, out: Path, progress: bool)
     """One trajectory per prompt x seed, every layer and step in that pass; counts the denoiser calls."""
     spec = TrajectorySpec(prompts=[p.text for p in config.prompts], layers=list(config.layers),
                           seeds=list(config.seeds), steps=config.steps, guidance_scale=config.guidance_scale,
-                          batch_size=config.batch_size, pooling="none", dtype=config.dtype, shard_size=config.shard_size)
+                          batch_size=config.batch_size, pooling="none", dtype=config.dtype,
+                          shard_size=config.shard_size or config.batch_size)     # progress is committed every batch
     rows_seen = [0]
 
     def count(module, args, kwargs):

@@ -4,7 +4,11 @@ pre-hook on the denoiser, and the layer calibration that gives alpha its unit.
 The hooks run inside the pipeline's own sampler, so scheduler, guidance and VAE decode are the
 pipeline's. Under classifier-free guidance the denoiser sees both halves in one batch; `branch` edits
 both (default), or only the conditional or the unconditional half. The step index counts distinct t
-in call order (PNDM's warm-up calls the denoiser twice at one t: one step).
+in call order (PNDM's warm-up calls the denoiser twice at one t: one step); a flow-matching model's step
+is keyed by the training index of its sigma, as trajectories are (capture.trajectory).
+
+A layer is a module path with the stream syntax of capture.streams: a joint block (SD3, FLUX) edits its
+image stream, or its text stream with `@text`; edits act on outputs, so `@input` / `@update` are refused.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import torch
 
 from diffdissect.capture.hooks import LayerRecorder, output_tensor
 from diffdissect.capture.layers import resolve_layers
-from diffdissect.capture.trajectory import _timestep_value
+from diffdissect.capture.streams import LayerSpec, is_joint, parse_layer
+from diffdissect.capture.trajectory import _step_keys, _timestep_value
 from diffdissect.errors import SpecError
 from diffdissect.intervene.edits import Context, Edit, to_locations
 from diffdissect.models.target import Target
@@ -55,8 +60,12 @@ def layer_shapes(target: Target, layers: list[str]) -> dict[str, tuple[int, ...]
 def sampling_schedule(target: Target, steps: int) -> list[int] | None:
     """The training timesteps the pipeline's sampler visits for `steps` steps (distinct, in order), read from
     a copy of its scheduler; None when the scheduler needs more than the step count to say."""
+    from diffdissect.models.levels import process_of
+
     if target.pipeline is None:
         raise SpecError("steering needs a full pipeline (model_index.json), not a bare denoiser.")
+    if process_of(target.scheduler) == "flow":       # steps keyed by the training index of sigma: read in the run
+        return None
     scheduler = copy.deepcopy(target.pipeline.scheduler)
     try:
         scheduler.set_timesteps(steps)
@@ -85,7 +94,16 @@ class Intervention:
         self.scales = dict(scales or {})
         self.alpha = float(alpha)
         self.layers = list(dict.fromkeys([e.layer for e in self.edits] + list(record_norms)))
-        resolve_layers(target, self.layers) if self.layers else None
+        if self.layers:
+            resolve_layers(target, self.layers)
+        self.specs = [parse_layer(layer) for layer in self.layers]
+        for spec in self.specs:
+            if spec.what != "output":
+                raise SpecError(f"layer {spec.name!r}: edits act on a module's output; drop '@{spec.what}' (an "
+                                "edit of the output of the module before is an edit of this one's input).")
+        from diffdissect.models.levels import process_of
+
+        self._flow = process_of(target.scheduler) == "flow"
         self.record = set(record_norms)
         self.norms: dict[str, list[torch.Tensor]] = {layer: [] for layer in record_norms}
         self.seen_t: list[int] = []
@@ -103,8 +121,11 @@ class Intervention:
     def __enter__(self) -> Intervention:
         self._handles.append(self.target.denoiser.register_forward_pre_hook(self._pre, with_kwargs=True))
         modules = dict(self.target.denoiser.named_modules())
-        for layer in self.layers:
-            self._handles.append(modules[layer].register_forward_hook(self._hook(layer)))
+        by_module: dict[str, list[LayerSpec]] = {}
+        for spec in self.specs:
+            by_module.setdefault(spec.module, []).append(spec)
+        for name, specs in by_module.items():
+            self._handles.append(modules[name].register_forward_hook(self._hook(specs), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -118,44 +139,66 @@ class Intervention:
         self.seen_t.clear()
 
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        # the argument as handed over (a float since issue 16); integer for the DDPM family. Flow models (FLUX is
-        # handed sigma in [0, 1]) need their steps keyed by sigma as capture.trajectory does: not done here yet.
-        t = int(round(_timestep_value(args, kwargs)))
+        value = _timestep_value(args, kwargs)      # the argument as handed over: DDPM family t; flow: see _step_keys
+        t = _step_keys(self.target, [value])[0][0] if self._flow else int(round(value))
         self.calls += 1
         self.seen_t.append(t)
         if t not in self._step_of:
             self._step_of[t] = len(self._step_of)
 
-    def _hook(self, layer: str):
-        edits = [e for e in self.edits if e.layer == layer]
-
-        def hook(module: Any, args: Any, output: Any) -> Any:
-            tensor = output_tensor(output)
-            if tensor is None:
-                raise TypeError(f"module {layer!r} returned {type(output).__name__} with no tensor in it.")
-            if layer in self.record:
-                h, _ = to_locations(tensor.detach())
-                self.norms[layer].append(h.float().norm(dim=-1).flatten().cpu())
-            if not edits:
-                return None
-            t = self.seen_t[-1] if self.seen_t else -1
-            ctx = Context(step=self._step_of.get(t, 0), t=t, alpha=self.alpha, scale=self.scales.get(layer, 1.0))
-            h, back = to_locations(tensor)
-            part = self._part(h.shape[0])
-            if part is False:
-                return None
-            sub = h if part is None else h[part]
-            edited = sub
-            for edit in edits:
-                edited = edit.apply(edited, ctx)
-            if edited is sub:
-                return None
-            if part is None:
-                return replace_output_tensor(output, back(edited))
-            full = h.clone()
-            full[part] = edited
-            return replace_output_tensor(output, back(full))
+    def _hook(self, specs: list[LayerSpec]):
+        def hook(module: Any, args: Any, kwargs: dict, output: Any) -> Any:
+            joint = is_joint(module, kwargs, output)
+            changed = False
+            for spec in specs:
+                if joint:
+                    index = 0 if spec.stream == "text" else 1
+                    tensor = output[index]
+                    if tensor is None:
+                        raise SpecError(f"layer {spec.name!r}: this {type(module).__name__} returns no text stream "
+                                        "(the last block of SD3 updates only the image tokens); edit its image stream.")
+                elif spec.stream == "text":
+                    raise SpecError(f"layer {spec.name!r}: {type(module).__name__} has no text stream; only joint "
+                                    "blocks have one. Drop '@text'.")
+                else:
+                    tensor = output_tensor(output)
+                    if tensor is None:
+                        raise TypeError(f"module {spec.module!r} returned {type(output).__name__} with no tensor in it.")
+                new = self._edit(spec.name, tensor)
+                if new is not None:
+                    if joint:
+                        output = (*output[:index], new, *output[index + 1:])
+                    else:
+                        output = replace_output_tensor(output, new)
+                    changed = True
+            return output if changed else None
         return hook
+
+    def _edit(self, layer: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The edited output tensor of `layer` in this call, or None when it is unchanged."""
+        edits = [e for e in self.edits if e.layer == layer]
+        if layer in self.record:
+            h, _ = to_locations(tensor.detach())
+            self.norms[layer].append(h.float().norm(dim=-1).flatten().cpu())
+        if not edits:
+            return None
+        t = self.seen_t[-1] if self.seen_t else -1
+        ctx = Context(step=self._step_of.get(t, 0), t=t, alpha=self.alpha, scale=self.scales.get(layer, 1.0))
+        h, back = to_locations(tensor)
+        part = self._part(h.shape[0])
+        if part is False:
+            return None
+        sub = h if part is None else h[part]
+        edited = sub
+        for edit in edits:
+            edited = edit.apply(edited, ctx)
+        if edited is sub:
+            return None
+        if part is None:
+            return back(edited)
+        full = h.clone()
+        full[part] = edited
+        return back(full)
 
     def _part(self, batch: int) -> slice | None | bool:
         """Rows of the denoiser batch to edit: None for all, False for none."""

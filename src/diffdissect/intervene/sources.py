@@ -5,8 +5,9 @@ A source is `KIND:PATH[#SELECTOR]`:
     directions:RUN#red         a word direction of a `directions run` (its directions/<layer>.safetensors),
                                one per sampled t; `#red@t=981` pins the direction of one step, `#red@pool`
                                averages the map over locations (one vector added at every location)
-    probe:DIR#colour=red       a linear probe's class weights (DIR/probe_weights.safetensors, key
-                               `<label>/<layer>/t=<t>`, rows = classes in probe_weights.json); `@t=N` picks t
+    probe:DIR#colour=red       a linear probe's class weights, as `diffdissect probe` writes them
+                               (DIR/probe_weights.safetensors, key `<label>/<layer>/t=<t>`, one row per class
+                               in probe_weights.json): the class's row minus the mean row; `@t=N` picks t
     sae:DIR#12                 decoder row 12 of an SAE (diffdissect, sparsify or SAELens layout)
     file:PATH[#key]            a plain vector in a .npy or .safetensors file (bare paths ending so work too)
     random:SEED[#map]          a seeded Gaussian direction (the control); `#map` spans the whole layer map
@@ -202,8 +203,9 @@ def _probe_direction(text: str, run: Path, selector: str | None, layer: str, sha
     for cell in cells:
         if value not in cell["classes"]:
             raise SpecError(f"{text}: {value!r} is not a class of probe {label!r}; classes: {cell['classes']}.")
-        by_t[int(cell["t"])] = fit_to_layer(text, tensors[cell["key"]][cell["classes"].index(value)].float(),
-                                            layer, shape)
+        rows = tensors[cell["key"]].float()
+        direction = rows[cell["classes"].index(value)] - rows.mean(0)     # softmax ignores a shift shared by all
+        by_t[int(cell["t"])] = fit_to_layer(text, direction, layer, shape)
     if pinned is not None:
         if pinned not in by_t:
             raise SpecError(f"{text}: no probe at t={pinned}; probed steps: {sorted(by_t)}.")
@@ -301,7 +303,9 @@ def _check_sae_model(text: str, info: dict[str, Any], identity: dict[str, Any]) 
         recorded = Manifest.load(store).model
     except Exception:           # noqa: BLE001 - an unreadable store only means the check cannot be made
         return
-    for key in ("class", "num_parameters", "weights_fingerprint"):      # not the config digest: it holds the path
+    keys = ("content_sha256",) if "content_sha256" in recorded and "content_sha256" in identity else (
+        "class", "num_parameters", "weights_fingerprint")                  # older manifests: no content digest
+    for key in keys:
         if key in recorded and key in identity and recorded[key] != identity[key]:
             raise SpecError(f"{text}: the SAE was trained on activations of another model ({key} "
                             f"{recorded[key]} in {store}, this model has {identity[key]}); use an SAE of this model.")

@@ -209,23 +209,27 @@ def run_steer(target: Target, config: SteerConfig, out: str | Path, judge: Judge
     if schedule is not None and seen != schedule:
         raise SpecError(f"the sampler visited t {seen}, not the schedule {schedule} the edits were checked against.")
     schedule = seen
+    _check_windows(edits, config.edits, schedule)        # flow models: their schedule is known from this pass
     baseline_seconds = time.perf_counter() - started
 
-    images: dict[tuple[int, float | None], np.ndarray] = {}
+    images: dict[tuple[int, float | None], np.ndarray] = {}          # uint8: the float samples are compared at once
+    compared: dict[tuple[int, float | None], tuple[np.ndarray, int]] = {}
     calls = 0
     for k, group in enumerate(edits):
         alphas: list[float | None] = list(config.alphas) if any(e.uses_alpha for e in group) else [None]
         with Intervention(target, group, scales=calibration, branch=config.branch) as intervention:
             for alpha in alphas:
                 intervention.set_alpha(alpha or 0.0)
-                images[(k, alpha)] = _sample_all(target, intervention, conditions, config)
+                edited = _sample_all(target, intervention, conditions, config)
+                compared[(k, alpha)] = _compare(base, edited)
+                images[(k, alpha)] = _uint8(edited)
                 calls += intervention.calls
                 intervention.calls = 0
     edited_seconds = time.perf_counter() - started - baseline_seconds
 
     readings = _judge_all(judge, base, images) if judge is not None else None
-    effects = [_effect(config.edits[k], alpha, _expect(config, k), base, imgs, readings, k)
-               for (k, alpha), imgs in images.items()]
+    effects = [_effect(config.edits[k], alpha, _expect(config, k), *compared[(k, alpha)], readings, k)
+               for (k, alpha) in images]
     n_samples = len(conditions) * len(config.seeds)
     cost = {"pipeline_calls_per_prompt_edit_alpha": 1, "samples": n_samples,
             "edited_runs": len(images), "baseline_seconds": round(baseline_seconds, 3),
@@ -235,6 +239,20 @@ def run_steer(target: Target, config: SteerConfig, out: str | Path, judge: Judge
                          judge=judge.name if judge else None, effects=effects, cost=cost, out=str(out))
     write_outputs(result, out, base, images, readings, config)
     return result
+
+
+def _check_windows(edits: list[list[Edit]], texts: list[str], schedule: list[int]) -> None:
+    for group, text in zip(edits, texts):
+        for edit in group:
+            window = getattr(edit, "window", None)
+            if window is None:
+                continue
+            if window.steps is not None and window.steps[1] >= len(schedule):
+                raise SpecError(f"{text}: steps {window.steps[0]}:{window.steps[1]} is outside the schedule of "
+                                f"{len(schedule)} steps (indices 0..{len(schedule) - 1}).")
+            if window.t_range is not None and not any(window.t_range[0] <= t <= window.t_range[1] for t in schedule):
+                raise SpecError(f"{text}: no sampler step has t in {window.t_range[0]}:{window.t_range[1]}; the "
+                                f"schedule's t: {schedule}.")
 
 
 def _distinct(ts: Sequence[int]) -> list[int]:
@@ -259,6 +277,8 @@ def _sample_all(target: Target, intervention: Intervention, conditions: list[Any
                                       "generator": [torch.Generator().manual_seed(s) for s in seeds],
                                       "output_type": "np"}
             kwargs["class_labels" if target.kind == "dit" else "prompt"] = [condition] * len(seeds)
+            if target.family is not None:
+                kwargs.update(target.family.pipeline_kwargs(target))
             parts.append(np.asarray(target.pipeline(**kwargs).images, dtype=np.float32))
         per_prompt.append(np.concatenate(parts))
     return np.stack(per_prompt)
@@ -274,15 +294,23 @@ def _judge_all(judge: Judge, base: np.ndarray, images: dict[tuple[int, float | N
 
 
 def _uint8(images: np.ndarray) -> np.ndarray:
+    if images.dtype == np.uint8:
+        return images
     return unit_to_uint8(images)
 
 
-def _effect(edit: str, alpha: float | None, expect: str | None, base: np.ndarray, imgs: np.ndarray,
-            readings: dict | None, k: int) -> Effect:
+def _compare(base: np.ndarray, edited: np.ndarray) -> tuple[np.ndarray, int]:
+    """Per sample, the RMS pixel distance (pixels in [0, 1]) to the unedited sample of the same prompt and seed,
+    and how many samples equal it bit for bit (the pipeline's float output, before any rounding)."""
     n = base.shape[0] * base.shape[1]
-    flat_base, flat = base.reshape(n, -1), imgs.reshape(n, -1)
-    distance = np.sqrt(((flat.astype(np.float64) - flat_base) ** 2).mean(1))        # RMS, pixels in [0, 1]
-    identical = int(sum(np.array_equal(a, b) for a, b in zip(flat, flat_base)))
+    flat_base, flat = base.reshape(n, -1), edited.reshape(n, -1)
+    distance = np.sqrt(((flat.astype(np.float64) - flat_base) ** 2).mean(1))
+    return distance, int(sum(np.array_equal(a, b) for a, b in zip(flat, flat_base)))
+
+
+def _effect(edit: str, alpha: float | None, expect: str | None, distance: np.ndarray, identical: int,
+            readings: dict | None, k: int) -> Effect:
+    n = len(distance)
     target_rate = target_ci = baseline_rate = None
     keep: dict[str, dict[str, Any]] = {}
     if readings is not None:

@@ -94,8 +94,15 @@ def save_inverter(inverter: Inverter, directory: str | Path, extra_tensors: dict
         atomic_write_bytes(directory / "optimizer.safetensors", safetensors_bytes(
             {k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, metadata=metadata))
     atomic_write_json(directory / "config.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                                  "controlnet_config": dict(inverter.controlnet.config),
+                                                  "controlnet_config": _stable(dict(inverter.controlnet.config)),
                                                   **inverter.info, "state": state or {}})
+
+
+def _stable(config: dict[str, Any]) -> dict[str, Any]:
+    """diffusers lists `_use_default_values` from a set (its order changes between processes): sort it."""
+    if isinstance(config.get("_use_default_values"), list):
+        config["_use_default_values"] = sorted(config["_use_default_values"])
+    return config
 
 
 def load_inverter(directory: str | Path, *, pipeline_identity: dict[str, Any] | None = None) -> Inverter:
@@ -114,7 +121,10 @@ def load_inverter(directory: str | Path, *, pipeline_identity: dict[str, Any] | 
         trained = config["pipeline"]
         # the weights fingerprint (names, shapes, values), not the config digest: a config records the
         # directory it was loaded from, so the same pipeline moved or cloned elsewhere digests differently
-        for key in ("weights_fingerprint", "num_parameters"):
+        keys = ["weights_fingerprint", "num_parameters"]
+        if trained.get("content_sha256") and pipeline_identity.get("content_sha256"):
+            keys.append("content_sha256")           # the full content (inverters trained since store format 2)
+        for key in keys:
             if trained.get(key) != pipeline_identity.get(key):
                 raise DiffdissectError(
                     f"the inverter at {directory} was trained on another diffusion pipeline ({trained.get('source')}, "

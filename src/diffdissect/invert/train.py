@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,11 +24,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from diffdissect.atomic import atomic_write_json, remove_stale_temporaries
 from diffdissect.errors import DiffdissectError
 from diffdissect.invert.model import Inverter, build_controlnet, controlled_prediction, load_inverter, save_inverter
+from diffdissect.lock import DirectoryLock
 from diffdissect.models.noising import add_noise, alphas_cumprod, denoiser_target
 from diffdissect.models.target import Target
 from diffdissect.optim_state import lr_factor, optimizer_tensors, restore_optimizer
+
+PREVIOUS = "previous"          # the checkpoint before the current one, kept until the next one is complete
+CHECKPOINT_FILES = ("inverter.safetensors", "optimizer.safetensors", "config.json")
 
 
 @dataclass
@@ -63,6 +71,13 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
     """`batch_of(indices)` gives clean latents and feature maps (precomputed, or computed on the fly for the
     FeatInv-style baseline). Resumes from `out` when it holds a checkpoint of the same run."""
     config.validate()
+    with DirectoryLock(out, "invert train"):
+        remove_stale_temporaries(Path(out))             # leftovers of a write a kill interrupted
+        return _train_inverter(target, batch_of, n_examples, feature_shape, config, Path(out), info, progress)
+
+
+def _train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_shape: tuple[int, int, int],
+                    config: InvertTrainConfig, out: Path, info: dict[str, Any], progress: bool) -> dict[str, Any]:
     if target.vae is None or target.text_encoder is None:
         raise DiffdissectError("feature inversion needs a latent text-to-image pipeline (VAE, UNet, text encoder), "
                                f"such as Stable Diffusion; {target.source} has no VAE or text encoder.")
@@ -72,12 +87,11 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
                         else (unet.config.sample_size,) * 2)
     info = {**info, "feature_shape": list(feature_shape), "latent_grid": list(latent_grid),
             "hint_hidden": config.hint_hidden, "train": asdict(config), "pipeline": target.identity()}
-    inverter, optimiser, step = _start_or_resume(out, unet, target, feature_shape, latent_grid, config, info)
+    inverter, optimiser, step, losses = _start_or_resume(out, unet, target, feature_shape, latent_grid, config, info)
     device = target.device
     inverter.to(device)
     text_states = target.text_embeddings([""])           # the empty prompt: features are the only condition
     n_timesteps = len(alphas_cumprod(target.scheduler))
-    losses: list[float] = []
     started = time.perf_counter()
     first = step
     inverter.train()
@@ -109,15 +123,15 @@ def train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sha
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
             if step % config.checkpoint_every == 0 or step == config.steps:
-                _checkpoint(out, inverter, optimiser, step)
+                _checkpoint(out, inverter, optimiser, step, losses)
     elapsed = time.perf_counter() - started
     if step == first and (out / "training.json").is_file():            # already finished: keep its record
         return json.loads((out / "training.json").read_text())
-    summary = {"steps": step, "trained_now": step - first, "seconds": elapsed,
-               "steps_per_s": (step - first) / elapsed if elapsed > 0 and step > first else None,
-               "final_loss": sum(losses[-100:]) / len(losses[-100:]) if losses else None}
-    (out / "training.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    # the file holds only what a rerun reproduces (byte-identical); timings are returned, not written
+    record = {"steps": step, "final_loss": sum(losses[-100:]) / len(losses[-100:]) if losses else None}
+    atomic_write_json(out / "training.json", record)
+    return {**record, "trained_now": step - first, "seconds": elapsed,
+            "steps_per_s": (step - first) / elapsed if elapsed > 0 and step > first else None}
 
 
 def _lr_factor(step: int, config: InvertTrainConfig) -> float:
@@ -125,9 +139,11 @@ def _lr_factor(step: int, config: InvertTrainConfig) -> float:
 
 
 def _start_or_resume(out: Path, unet, target: Target, feature_shape, latent_grid, config: InvertTrainConfig,
-                     info: dict[str, Any]) -> tuple[Inverter, torch.optim.Optimizer, int]:
-    if (out / "config.json").is_file():
-        saved = json.loads((out / "config.json").read_text())
+                     info: dict[str, Any]) -> tuple[Inverter, torch.optim.Optimizer, int, list[float]]:
+    if (out / "config.json").is_file() or (out / PREVIOUS / "config.json").is_file():
+        saved_dir = _consistent_checkpoint(out)
+        saved = json.loads((saved_dir / "config.json").read_text())
+
         def settings(d: dict[str, Any]) -> dict[str, Any]:
             train = {k: v for k, v in (d.get("train") or {}).items() if k not in ("steps", "checkpoint_every")}
             return {**{k: d.get(k) for k in ("feature_shape", "classifier", "layer", "mode")}, "train": train}
@@ -136,24 +152,60 @@ def _start_or_resume(out: Path, unet, target: Target, feature_shape, latent_grid
         if same != want:
             raise DiffdissectError(f"{out} holds an inverter trained with other settings ({same}); use a new --out to "
                                    "train this one, or the same settings to resume.")
-        inverter = load_inverter(out, pipeline_identity=target.identity())
+        inverter = load_inverter(saved_dir, pipeline_identity=target.identity())
         inverter.info = info
         step = int(saved["state"].get("step", 0))
         optimiser = torch.optim.AdamW(inverter.parameters(), lr=config.lr, weight_decay=0.0)
-        steps_on_disk = {name: _saved_step(out / name) for name in ("inverter.safetensors", "optimizer.safetensors")}
-        if any(s is not None and s != step for s in steps_on_disk.values()):
-            raise DiffdissectError(f"the checkpoint in {out} is inconsistent (config.json says step {step}, the "
-                                   f"tensors {steps_on_disk}): a write was interrupted. Delete {out} and train again.")
-        if (out / "optimizer.safetensors").is_file():
-            restore_optimizer(optimiser, inverter, load_file(out / "optimizer.safetensors"))
-        return inverter, optimiser, step
+        if (saved_dir / "optimizer.safetensors").is_file():
+            restore_optimizer(optimiser, inverter, load_file(saved_dir / "optimizer.safetensors"))
+        return inverter, optimiser, step, list(saved["state"].get("recent_losses", []))
     torch.manual_seed(config.seed)
     inverter = Inverter(build_controlnet(unet, feature_shape[0], latent_grid, config.hint_hidden), info)
-    return inverter, torch.optim.AdamW(inverter.parameters(), lr=config.lr, weight_decay=0.0), 0
+    return inverter, torch.optim.AdamW(inverter.parameters(), lr=config.lr, weight_decay=0.0), 0, []
 
 
-def _checkpoint(out: Path, inverter: Inverter, optimiser: torch.optim.Optimizer, step: int) -> None:
-    save_inverter(inverter, out, optimizer_tensors(optimiser, inverter), state={"step": step})
+def _checkpoint_step(directory: Path) -> int | None:
+    """The step of the checkpoint in `directory` when its three files agree on it, else None."""
+    try:
+        step = int(json.loads((directory / "config.json").read_text())["state"].get("step", 0))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    on_disk = [_saved_step(directory / name) for name in ("inverter.safetensors", "optimizer.safetensors")]
+    if on_disk[0] != step or on_disk[1] not in (None, step):
+        return None
+    return step
+
+
+def _consistent_checkpoint(out: Path) -> Path:
+    """The newest checkpoint whose files agree: `out`, or `out/previous` after an interrupted write."""
+    if _checkpoint_step(out) is not None:
+        return out
+    if _checkpoint_step(out / PREVIOUS) is not None:
+        warnings.warn(f"the checkpoint in {out} was interrupted while being written; resuming from the previous one "
+                      f"(step {_checkpoint_step(out / PREVIOUS)})", stacklevel=3)
+        return out / PREVIOUS
+    raise DiffdissectError(f"the checkpoint in {out} is inconsistent (its files record different steps) and there is no "
+                           "intact previous checkpoint; delete the directory and train again.")
+
+
+def _checkpoint(out: Path, inverter: Inverter, optimiser: torch.optim.Optimizer, step: int, losses: list[float]) -> None:
+    """Keep the current checkpoint as previous/ (hard links: no copy), then write the new one file by file."""
+    if _checkpoint_step(out) is not None:
+        staging = out / f".{PREVIOUS}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for name in CHECKPOINT_FILES:
+            if (out / name).is_file():
+                os.link(out / name, staging / name)
+        shutil.rmtree(out / PREVIOUS, ignore_errors=True)
+        os.replace(staging, out / PREVIOUS)
+    try:
+        save_inverter(inverter, out, optimizer_tensors(optimiser, inverter),
+                      state={"step": step, "recent_losses": losses[-100:]})
+    except OSError as exc:
+        raise DiffdissectError(f"could not write the inverter checkpoint at step {step} in {out} ({exc.strerror or exc}); "
+                               f"the previous checkpoint is kept in {out / PREVIOUS}. Free space and run the same "
+                               "command again to resume.") from exc
 
 
 def _saved_step(path: Path) -> int | None:

@@ -69,16 +69,40 @@ def _load(source: Any, *, dtype, cache_dir, local_files_only) -> Target:
                              "a hub id, 'package.module:factory', an nn.Module or a DiffusionPipeline.")
     path = Path(source).expanduser()
     if path.is_dir():
-        return _load_dir(path, dtype=dtype)
+        target = _load_dir(path, dtype=dtype)
+        target.model_dir = str(path.resolve())
+        return target
     if path.exists():
         raise ModelLoadError(f"{source} is a file; pass the directory that holds model_index.json "
                              "(a pipeline) or config.json (a single model).")
     if _FACTORY.match(source):
         return _load_factory(source)
+    if _looks_local(source):
+        raise ModelLoadError(f"unknown model {source!r}: no such directory (a local path is never looked "
+                             "up on the hub); check the spelling, or pass a hub id 'org/name'.")
     if _HUB_ID.match(source):
         return _load_hub(source, dtype=dtype, cache_dir=cache_dir, local_files_only=local_files_only)
     raise ModelLoadError(f"unknown model {source!r}: no such directory, and it is neither a hub id "
                          "('org/name') nor 'package.module:factory'.")
+
+
+def _looks_local(source: str) -> bool:
+    """A spelling only a path has (./x, ../x, /x, ~/x, a/b/c), or an 'org/name' whose 'org' is a local folder."""
+    if source.startswith(("/", "./", "../", "~", ".\\")) or source.count("/") > 1 or "\\" in source:
+        return True
+    parent = Path(source).parent
+    return str(parent) not in ("", ".") and parent.is_dir()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc}); restore it from the model's source "
+                             "(or save the model again with `save_pretrained`).") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(data).__name__}, not an object; it is not a diffusers config.")
+    return data
 
 
 def _load_dir(path: Path, *, dtype) -> Target:
@@ -93,7 +117,7 @@ def _load_dir(path: Path, *, dtype) -> Target:
         return from_pipeline(pipe, str(path))
     config = path / "config.json"
     if config.is_file():
-        class_name = json.loads(config.read_text()).get("_class_name")
+        class_name = _read_json(config).get("_class_name")
         if not class_name:
             raise ModelLoadError(f"{config} has no '_class_name'; it is not a diffusers model directory "
                                  "(transformers models such as classifiers are not diffusion targets).")
@@ -138,7 +162,9 @@ def _load_hub(repo_id: str, *, dtype, cache_dir, local_files_only) -> Target:
         is_pipeline = False
     try:
         if is_pipeline:
-            return from_pipeline(DiffusionPipeline.from_pretrained(repo_id, **kwargs).to(dtype=dtype), repo_id)
+            target = from_pipeline(DiffusionPipeline.from_pretrained(repo_id, **kwargs).to(dtype=dtype), repo_id)
+            target.model_dir = str(Path(hf_hub_download(repo_id, "model_index.json", **kwargs)).parent)
+            return target
         config_path = hf_hub_download(repo_id, "config.json", **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"could not load {repo_id!r}: there is no such local directory, and it could not be "
@@ -150,7 +176,9 @@ def _load_hub(repo_id: str, *, dtype, cache_dir, local_files_only) -> Target:
     except Exception as exc:
         raise ModelLoadError(f"could not load the {class_name} {repo_id!r} from the hub or its cache: {exc}"
                              f"{hint}") from exc
-    return from_module(model, repo_id, scheduler=_scheduler_beside(Path(config_path).parent))
+    target = from_module(model, repo_id, scheduler=_scheduler_beside(Path(config_path).parent))
+    target.model_dir = str(Path(config_path).parent)
+    return target
 
 
 def _load_factory(spec: str) -> Target:
@@ -180,9 +208,15 @@ def _scheduler_beside(path: Path):
 
     for candidate in (path / "scheduler_config.json", path.parent / "scheduler" / "scheduler_config.json"):
         if candidate.is_file():
-            cls = getattr(__import__("diffusers"), json.loads(candidate.read_text())["_class_name"])
-            if issubclass(cls, SchedulerMixin):
+            name = _read_json(candidate).get("_class_name")
+            cls = getattr(__import__("diffusers"), str(name), None)
+            if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+                raise ModelLoadError(f"{candidate}: {name!r} is not a diffusers scheduler class; name one such as "
+                                     "DDPMScheduler or DDIMScheduler in its '_class_name'.")
+            try:
                 return cls.from_pretrained(candidate.parent)
+            except Exception as exc:
+                raise ModelLoadError(f"diffusers could not load the scheduler in {candidate.parent}: {exc}") from exc
     return None
 
 

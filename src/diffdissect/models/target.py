@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from diffdissect.errors import SpecError
+from diffdissect.models.identity import config_digest, content_digest, file_stats, scheduler_identity
 
 TargetKind = Literal["sd", "dit", "unet2d", "unet2d_condition", "transformer2d", "module",
                      "sdxl", "sd3", "flux", "pixart", "sana"]
@@ -43,8 +43,11 @@ class Target:
     null_class: int | None = None            # class id meaning "unconditional" (DiT), if any
     id2label: dict[int, str] = field(default_factory=dict)
     random_init_seed: int | None = None      # set when the denoiser was re-initialised (control)
+    model_dir: str | None = None             # the directory it was loaded from (its files key the digest cache)
     family: Any = None                       # SDXL/SD3/FLUX/PixArt/Sana: a models.families.Family
     _prompt_cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _identity_memo: dict[str, Any] = field(default_factory=dict, repr=False)
+    truncated_prompts: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
 
     # ---- properties --------------------------------------------------------------------------
     @property
@@ -145,12 +148,22 @@ class Target:
                     # bare conditional UNet: the 'empty' context is a single zero token
                     self._prompt_cache[p] = torch.zeros(1, dim, device=self.device, dtype=self.dtype)
             else:
+                self.note_truncation(missing)
                 ids = self.tokenizer(missing, padding="max_length", truncation=True,
                                      max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
                 hidden = self.text_encoder(ids.to(self.device))[0].to(self.dtype)
                 for p, h in zip(missing, hidden):
                     self._prompt_cache[p] = h
         return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def note_truncation(self, prompts: list[str]) -> None:
+        """Record prompts longer than the tokenizer's limit: the encoder sees only their first tokens."""
+        limit = int(self.tokenizer.model_max_length)
+        for prompt in prompts:
+            ids = self.tokenizer(prompt, truncation=False).input_ids
+            if len(ids) > limit:
+                dropped = self.tokenizer.decode(ids[limit - 1:], skip_special_tokens=True)
+                self.truncated_prompts[prompt] = {"tokens": len(ids), "kept": limit, "dropped_text": dropped}
 
     def conditioning(self, prompts: list[str] | None, class_labels: list[int] | None, batch: int) -> dict[str, Any]:
         """Keyword arguments for the denoiser for one batch."""
@@ -161,6 +174,8 @@ class Target:
                 # per-image captions over a large folder cannot fill memory with T5/Gemma states
                 while len(self._prompt_cache) >= FAMILY_CACHE_BATCHES:
                     self._prompt_cache.pop(next(iter(self._prompt_cache)))
+                if self.tokenizer is not None:
+                    self.note_truncation([p for p in dict.fromkeys(key[1]) if p not in self.truncated_prompts])
                 with torch.no_grad():
                     self._prompt_cache[key] = self.family.conditioning(self, list(key[1]))
             return self._prompt_cache[key]
@@ -172,8 +187,22 @@ class Target:
                     raise SpecError("this class-conditional model has no null (unconditional) class; "
                                     "pass --class-label N or --labels-as-classes.")
                 class_labels = [self.null_class] * batch
+            self.check_class_ids(class_labels)
             return {"class_labels": torch.tensor(class_labels, device=self.device, dtype=torch.long)}
         return {}
+
+    def check_class_ids(self, class_labels: list[int]) -> None:
+        """Class ids the model has an embedding for: 0..n-1 (and DiT's null class n)."""
+        cfg = getattr(self.denoiser, "config", None)
+        n = getattr(cfg, "num_embeds_ada_norm", None) or getattr(cfg, "num_class_embeds", None)
+        if n is None:
+            return
+        allowed = int(n) + (1 if self.null_class is not None else 0)
+        bad = sorted({int(c) for c in class_labels if not 0 <= int(c) < allowed})
+        if bad:
+            raise SpecError(f"class ids {bad[:5]} are out of range: this model has classes 0..{int(n) - 1}"
+                            + (f" (and the null class {self.null_class})" if self.null_class is not None else "")
+                            + "; pass a class id in that range.")
 
     def call_arguments(self, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> tuple[tuple, dict]:
         """(args, kwargs) of one denoiser call, in the calling convention of this kind."""
@@ -202,7 +231,6 @@ class Target:
         args, kwargs = self.call_arguments(sample, t, cond)
         return self.denoiser(*args, **kwargs)
 
-    # ---- identity ----------------------------------------------------------------------------
     def dry_inputs(self, t: int | None = None, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """A zero sample, a timestep and default conditioning: enough for a shape-probing forward."""
         c, h, w = self.sample_shape()
@@ -211,29 +239,70 @@ class Target:
         timestep = self.timestep_argument(self.noise_levels([int(t)])[0], batch)
         return sample, timestep, self.conditioning(None, None, batch)
 
-    def identity(self) -> dict[str, Any]:
-        """What the manifest records about the model: enough to refuse mixing two models' data."""
-        cfg = getattr(self.denoiser, "config", None)
-        config = dict(cfg) if cfg is not None else {"repr": repr(self.denoiser)[:2000]}
-        config_json = json.dumps(config, sort_keys=True, default=str)
+    # ---- identity ----------------------------------------------------------------------------
+    def identity(self, known: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What the manifest records about the model: enough to refuse mixing two models' data.
+
+        `content_sha256` covers the full content of the denoiser, VAE, text encoder(s), tokenizer(s) and scheduler
+        config (see :mod:`diffdissect.models.identity`); `source` and `files` say where it was loaded from and are
+        never compared. `known`: an identity recorded earlier (a store's manifest); when the model directory's
+        files still have the sizes and mtimes it lists, its digest is reused instead of rehashing the weights.
+        Within one process the digest is memoised per component object: changing weights in place afterwards is
+        not seen (load the model again).
+        """
+        dtype = str(self.dtype).split(".")[-1]
+        files = file_stats(self.model_dir)
+        modules, tokenizers = self._components()
+        key = repr(([id(m) for _, m in modules], self.random_init_seed, dtype))
+        if self._identity_memo.get("key") == key:
+            content = self._identity_memo["content"]
+        elif (known and files and known.get("files") == files and known.get("dtype") == dtype
+              and known.get("random_init_seed") == self.random_init_seed and known.get("content_sha256")):
+            content = known["content_sha256"]
+        else:
+            content = content_digest(modules, tokenizers, self.scheduler)
+        self._identity_memo.update(key=key, content=content)
         return {
             "source": self.source,
+            "files": files,
             "kind": self.kind,
             "class": type(self.denoiser).__name__,
-            "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],
+            "content_sha256": content,
+            "config_sha256": config_digest(getattr(self.denoiser, "config", None)
+                                           or {"repr": repr(self.denoiser)[:2000]}),
             "weights_fingerprint": weights_fingerprint(self.denoiser),
             "num_parameters": sum(p.numel() for p in self.denoiser.parameters()),
             "scheduler": type(self.scheduler).__name__,
+            "scheduler_config_sha256": scheduler_identity(self.scheduler)["config_sha256"],
             "num_train_timesteps": self.num_train_timesteps,
             "resolution": self.resolution,
             "latent": self.is_latent,
+            "dtype": dtype,
             "random_init_seed": self.random_init_seed,
             **({"family": self.family.name} if self.family is not None else {}),
         }
 
+    def _components(self) -> tuple[list[tuple[str, nn.Module | None]], list[Any]]:
+        """Every module and tokenizer that shapes stored numbers, in a fixed order."""
+        modules: list[tuple[str, nn.Module | None]] = [("denoiser", self.denoiser), ("vae", self.vae),
+                                                        ("text_encoder", self.text_encoder)]
+        tokenizers = [self.tokenizer]
+        seen = {id(m) for _, m in modules if m is not None}
+        components = getattr(self.pipeline, "components", None) or {}
+        for name, part in sorted(components.items()):
+            if isinstance(part, nn.Module) and id(part) not in seen and name not in ("unet", "transformer"):
+                modules.append((name, part))
+                seen.add(id(part))
+            elif name.startswith("tokenizer") and part is not None and part is not self.tokenizer:
+                tokenizers.append(part)
+        return modules, tokenizers
+
 
 def weights_fingerprint(module: nn.Module, per_tensor: int = 64) -> str:
-    """A cheap digest of the weights: names, shapes and the first values of every tensor."""
+    """A cheap digest of the weights: names, shapes and the first values of every tensor.
+
+    Kept for compatibility (inverters trained before store format 2 record it); it is never the identity
+    of a model: see `content_sha256`."""
     h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         h.update(name.encode())

@@ -39,6 +39,8 @@ class LinearProbeFit:
     converged: bool
     max_grad: float
     solver: str = "batched"
+    coef: np.ndarray | None = None        # (C, T, K, d) the chosen model's class weights on the raw features
+    intercept: np.ndarray | None = None   # (C, T, K) and intercepts (standardisation folded in)
 
     @property
     def chosen_l2(self) -> np.ndarray:
@@ -68,6 +70,8 @@ def fit_probe_tasks(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.T
     device = x_train.device
     if solver == "auto":
         solver = "lbfgsb" if device.type == "cpu" else "batched"
+    raw_mean = x_train.float().mean(1, keepdim=True)
+    raw_std = x_train.float().std(1, keepdim=True, correction=0).clamp_min(1e-6)
     x_train, x_val, x_test = standardise(x_train.float(), x_val.float(), x_test.float())
     cells, _, d = x_train.shape
     tasks, k = len(n_classes), max(n_classes)
@@ -127,6 +131,12 @@ def fit_probe_tasks(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.T
             pick = chosen[:, None, None, :].expand(-1, x.shape[1], 1, -1)
             return pred.gather(2, pick).squeeze(2).transpose(1, 2)
 
+        # the chosen model on the raw features: x W / std + (b - (mean / std) W)
+        pick = chosen[:, :, None, None].expand(-1, -1, 1, solution.shape[-1])           # (C, T, 1, (d + 1) K)
+        best = solution.view(cells, r, tasks, -1).transpose(1, 2).gather(2, pick).squeeze(2)   # (C, T, (d + 1) K)
+        weight_std = best[..., :n_w].reshape(cells, tasks, d, k)
+        coef = weight_std / raw_std.reshape(cells, 1, d, 1)
+        intercept = best[..., n_w:] - (raw_mean.reshape(cells, 1, d, 1) * coef).sum(2)
         train_pred = predict(x_train)
         train_acc = ((train_pred == y_train[None]).float() * m_train[None]).sum(-1) / m_train.sum(-1).clamp_min(1)
         test_pred = predict(x_test)
@@ -134,7 +144,7 @@ def fit_probe_tasks(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.T
         l2_grid=grid.cpu().numpy().astype(np.float64), val_accuracy=val_acc.cpu().numpy(),
         val_loss=val_loss.cpu().numpy(), chosen=chosen.cpu().numpy(), train_accuracy=train_acc.cpu().numpy(),
         test_pred=test_pred.cpu().numpy(), iterations=iterations, converged=converged, max_grad=max_grad,
-        solver=solver)
+        solver=solver, coef=coef.transpose(2, 3).cpu().numpy(), intercept=intercept.cpu().numpy())
 
 
 def _lbfgsb_all(x_train: torch.Tensor, y_train: torch.Tensor, m_train: torch.Tensor, n_classes: list[int], k: int,
@@ -251,6 +261,8 @@ def fit_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch
     fit = fit_probe_tasks(x_train, y_train[None], x_val, y_val[None], x_test, [n_classes], **kwargs)
     fit.val_accuracy, fit.val_loss = fit.val_accuracy[..., 0], fit.val_loss[..., 0]
     fit.chosen, fit.train_accuracy, fit.test_pred = fit.chosen[:, 0], fit.train_accuracy[:, 0], fit.test_pred[:, 0]
+    if fit.coef is not None and fit.intercept is not None:
+        fit.coef, fit.intercept = fit.coef[:, 0], fit.intercept[:, 0]
     return fit
 
 

@@ -8,10 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
 
 from diffdissect.atomic import atomic_write_bytes
+from diffdissect.paths import safe_name
 from diffdissect.report import Report, Section, heatmap
 
+WEIGHTS_FILE, WEIGHTS_INDEX = "probe_weights.safetensors", "probe_weights.json"
 CSV_COLUMNS = ("label", "condition", "head", "layer", "t", "accuracy", "ci_low", "ci_high", "seed_std",
                "chance_uniform", "chance_majority", "chance_constant", "l2", "val_accuracy", "train_accuracy",
                "n_train_images", "n_val_images", "n_test_images")
@@ -78,7 +82,8 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def write_probe_outputs(results: dict[str, Any], out: str | Path) -> dict[str, Path]:
+def write_probe_outputs(results: dict[str, Any], out: str | Path, *,
+                        weights: dict[str, Any] | None = None) -> dict[str, Path]:
     """probes.json (everything), probes.csv (one row per label x condition x cell), splits.csv, heatmaps."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,8 +94,21 @@ def write_probe_outputs(results: dict[str, Any], out: str | Path) -> dict[str, P
         {"input_id": i, "split": s} for i, s in results["split_by_image"].items()]))
     for label in results["labels"]:
         for condition in _conditions(results):
-            paths[f"heatmap_{label}_{condition}"] = out / f"heatmap_{label}_{condition}.png"
+            paths[f"heatmap_{label}_{condition}"] = out / safe_name(f"heatmap_{label}_{condition}.png")
             atomic_write_bytes(paths[f"heatmap_{label}_{condition}"], _heatmap_png(results, label, condition))
+    if weights:
+        paths["weights"], paths["weights_index"] = out / WEIGHTS_FILE, out / WEIGHTS_INDEX
+        tensors, cells = {}, []
+        for key, entry in weights.items():
+            label, layer, t = key.split("/")[0], "/".join(key.split("/")[1:-1]), int(key.rsplit("=", 1)[1])
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(entry["coef"], dtype=np.float32))
+            tensors[key + "/intercept"] = torch.from_numpy(np.ascontiguousarray(entry["intercept"], dtype=np.float32))
+            cells.append({"label": label, "layer": layer, "t": t, "key": key, "classes": list(entry["classes"])})
+        atomic_write_bytes(paths["weights"], safetensors_bytes(tensors))
+        atomic_write_bytes(paths["weights_index"], json.dumps({
+            "cells": cells, "space": "the store's rows as stored (pooled rows: one vector per location)",
+            "rows": "one per class: the trained probe's logit weights on the raw features (standardisation "
+                    "folded in); a class's direction is its row minus the mean row"}, indent=1).encode())
     return paths
 
 

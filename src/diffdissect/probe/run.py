@@ -71,8 +71,13 @@ class ProbeTask:
         return self.rows[self.split.mask(name)[self.rows]]
 
 
-def run_probes(store: str, config: ProbeConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Probe every requested cell for every label (plus the requested controls). Returns plain data."""
+def run_probes(store: str, config: ProbeConfig, *, progress: bool = True,
+               weights: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Probe every requested cell for every label (plus the requested controls). Returns plain data.
+
+    `weights` (a dict), when given, receives the trained linear probes' weights on the raw features, per
+    cell: {"<label>/<layer>/t=<t>": {"coef": (classes, d), "intercept": (classes,), "classes": [...]}}
+    (`write_probe_outputs(..., weights=)` saves them; `steer` reads them as `probe:DIR#label=value`)."""
     config.validate()
     device = resolve_device(config.device)
     start = time.perf_counter()
@@ -102,6 +107,9 @@ def run_probes(store: str, config: ProbeConfig, *, progress: bool = True) -> dic
         for group, features in _feature_groups(source, available, config):
             for (condition, name), per_cell in _fit(features.to(device), batch_tasks, config).items():
                 for cell, scores in zip(group, per_cell):
+                    found = scores.pop("_weights", None)
+                    if weights is not None and found is not None and condition == "trained":
+                        weights[f"{name}/{cell[0]}/t={cell[1]}"] = {**found, "classes": tasks[name].labels.classes}
                     results.append({"label": name, "layer": cell[0], "t": cell[1], "condition": condition,
                                     "head": config.head, **scores})
             if progress:
@@ -225,9 +233,15 @@ def _fit(features: torch.Tensor, tasks: dict[Any, ProbeTask], config: ProbeConfi
         out[name] = [{**_score(fit.test_pred[c, t][keep], task, task.part("test"), n_classes, config),
                       "l2": float(fit.chosen_l2[c, t]), "val_accuracy": float(fit.val_accuracy[c, fit.chosen[c, t], t]),
                       "train_accuracy": float(fit.train_accuracy[c, t]), "converged": fit.converged,
-                      "solver": fit.solver}
+                      "solver": fit.solver, "_weights": _cell_weights(fit, c, t, n_classes)}
                      for c in range(len(features))]
     return out
+
+
+def _cell_weights(fit: Any, c: int, t: int, n_classes: int) -> dict[str, np.ndarray] | None:
+    if fit.coef is None or fit.intercept is None:
+        return None
+    return {"coef": fit.coef[c, t, :n_classes], "intercept": fit.intercept[c, t, :n_classes]}
 
 
 def _fit_heads(features: torch.Tensor, task: ProbeTask, config: ProbeConfig) -> list[dict[str, Any]]:

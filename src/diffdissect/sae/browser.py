@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,26 @@ def _png(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def resolve_image(images: Any, row: dict[str, Any]) -> Any:
+    """The image a store row was captured from, found by what capture recorded (file name and content sha256),
+    never by position alone: files added to or removed from a folder shift positions. None: changed or gone.
+    In-memory sources (arrays) have no file names: their rows are matched by position, and by content hash
+    where recorded."""
+    try:
+        record = images.load(int(row["source_index"]))
+        if str(record.input_id) != str(row["input_id"]) and hasattr(images, "index_of"):
+            index = images.index_of(str(row["input_id"]))
+            record = images.load(index) if index is not None else None
+    except Exception:          # an unreadable or missing file: no thumbnail, the tables still stand
+        return None
+    if record is None or (hasattr(images, "index_of") and str(record.input_id) != str(row["input_id"])):
+        return None
+    recorded, now = row.get("image_sha256"), getattr(record, "content_sha256", None)
+    if recorded and now and recorded != now:
+        return None
+    return record
+
+
 def overlay(image: Image.Image, activation: np.ndarray, peak: float) -> Image.Image:
     """The image with the activation map (scaled by the latent's peak) laid over it in red."""
     base = image.resize((THUMB, THUMB), Image.Resampling.BILINEAR)
@@ -56,13 +77,17 @@ def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dic
     latents.sort(key=lambda l: -l["image_frequency"])
     if max_latents:
         latents = latents[:max_latents]
-    cache: dict[int, Image.Image] = {}
+    cache: dict[int, Image.Image | None] = {}
+    changed: list[str] = []
 
     def picture(position: int) -> Image.Image | None:
         if images is None:
             return None
         if position not in cache:
-            cache[position] = _rgb(images.load(int(rows[position]["source_index"])).image)
+            record = resolve_image(images, rows[position])
+            if record is None:
+                changed.append(str(rows[position]["input_id"]))
+            cache[position] = None if record is None else _rgb(record.image)
         return cache[position]
 
     entries = []
@@ -92,6 +117,8 @@ def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dic
                         "causal": _causal_cells(results.get("causal", {}).get("latents", {}).get(str(j))),
                         "top": shown})
     return {"title": f"SAE features: {results['slice']['layer']} @ t={results['slice']['t']}",
+            "image_warning": (f"{len(set(changed))} images changed or went missing since the capture (e.g. "
+                              f"{sorted(set(changed))[:3]}); they are shown without a thumbnail.") if changed else None,
             "summary": {"n_latents": results["config"]["n_latents"], "k": results["config"]["k"],
                         "heldout_images": results["heldout_images"], "top_n": results["top_n"],
                         "metrics": results.get("metrics"), "baselines": results["baselines"],
@@ -100,6 +127,15 @@ def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dic
                         "per_location_values": results.get("per_location", {}).get("heldout"),
                         "values_total": results["values_total"]},
             "labels": results["labels"], "latents": entries}
+
+
+def script_json(data: Any) -> str:
+    """JSON safe inside <script>: no `<`, `>` or `&` (so no `</script>` or `<!--`), no U+2028/2029 line breaks."""
+    text = json.dumps(data, ensure_ascii=False)
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                         ("\u2029", "\\u2029")):
+        text = text.replace(char, escape)
+    return text
 
 
 def _causal_cells(entry: dict[str, Any] | None) -> dict[str, str] | None:
@@ -116,8 +152,8 @@ def _causal_cells(entry: dict[str, Any] | None) -> dict[str, str] | None:
 def write_browser(path: str | Path, data: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps(data).replace("</", "<\\/")              # no early </script> from the data
-    page = _PAGE.replace("__TITLE__", html.escape(data["title"])).replace("__DATA__", payload)
+    page = re.sub(r"__(TITLE|DATA)__", lambda m: html.escape(data["title"]) if m.group(1) == "TITLE"
+                  else script_json(data), _PAGE)       # one pass: a title holding "__DATA__" stays text
     atomic_write_bytes(path, page.encode())
     return path
 
@@ -136,6 +172,7 @@ tr.latent-row{cursor:pointer}tr.latent-row:hover{background:#eef5ff}tr.selected{
 </style></head><body>
 <h1>__TITLE__</h1>
 <p id="summary"></p>
+<p id="image-warning" style="color:#a00"></p>
 <div id="controls">
   <label>filter <input id="filter" type="search" placeholder="label, value or latent id"></label>
   <label>min frequency <input id="minfreq" type="number" step="0.01" min="0" max="1" value="0"></label>
@@ -152,7 +189,8 @@ const DATA = JSON.parse(document.getElementById("data").textContent);
 let LABEL = DATA.labels[0];
 const labelSelect = document.getElementById("label");
 for (const name of DATA.labels) { const o = document.createElement("option"); o.value = o.textContent = name; labelSelect.appendChild(o); }
-labelSelect.addEventListener("change", () => { LABEL = labelSelect.value; header.replaceChildren(); buildHeader(); summary(); render(); });
+labelSelect.addEventListener("change", () => { LABEL = labelSelect.value; header.replaceChildren(); buildHeader(); summary();
+if (DATA.image_warning) document.getElementById("image-warning").textContent = DATA.image_warning; render(); });
 const columns = [
   ["latent", "latent", l => l.latent],
   ["frequency", "image frequency", l => l.frequency],
@@ -190,6 +228,7 @@ function buildHeader() {
   }
 }
 buildHeader(); summary();
+if (DATA.image_warning) document.getElementById("image-warning").textContent = DATA.image_warning;
 document.getElementById("filter").addEventListener("input", render);
 document.getElementById("minfreq").addEventListener("input", render);
 function value(l, key) { return columns.find(c => c[0] === key)[2](l); }

@@ -67,13 +67,14 @@ def layer_of_hookpoint(name: str | None) -> str | None:
 
 
 def detect_format(path: Path) -> str:
-    if (path / "config.json").is_file() and (path / "sae.safetensors").is_file():
-        return "diffdissect"
+    if (path / "checkpoint.safetensors").is_file() or ((path / "config.json").is_file()
+                                                        and (path / "sae.safetensors").is_file()):
+        return "diffdissect"                     # format 2 (one checkpoint unit), or format 1
     if (path / SPARSIFY_CONFIG).is_file() and (path / SPARSIFY_WEIGHTS).is_file():
         return "sparsify"
     if (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
         return "saelens"
-    raise StoreError(f"{path} holds no SAE: expected config.json + sae.safetensors (diffdissect), cfg.json + "
+    raise StoreError(f"{path} holds no SAE: expected checkpoint.safetensors (diffdissect), cfg.json + "
                      "sae.safetensors (sparsify) or cfg.json + sae_weights.safetensors (SAELens).")
 
 
@@ -83,7 +84,8 @@ def load_any_sae(path: str | Path, layer: str | None = None) -> LoadedSAE:
     path = Path(path)
     if not path.is_dir():
         raise StoreError(f"no SAE directory at {path}.")
-    if layer is not None and not any((path / n).is_file() for n in ("config.json", "cfg.json")):
+    if layer is not None and not any((path / n).is_file() for n in ("config.json", "cfg.json",
+                                                                    "checkpoint.safetensors")):
         for name in (layer, *(p + layer for p in HOOK_PREFIXES)):
             if (path / name).is_dir():
                 return load_any_sae(path / name)

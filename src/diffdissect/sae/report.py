@@ -22,7 +22,9 @@ def image_source_for(store: str | Path, images: str | None = None):
 
     if images:
         return FolderSource(images)
-    source = open_store(store).manifest.spec.get("source", {})
+    manifest = open_store(store).manifest
+    # where the inputs were read from (format 2: manifest.locations; format 1 kept it in the spec)
+    source = {**manifest.spec.get("source", {}), **manifest.locations.get("source", {})}
     try:
         if source.get("type") == "folder" and Path(source["path"]).is_dir():
             return FolderSource(source["path"], source.get("csv"))

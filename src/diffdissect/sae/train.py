@@ -12,6 +12,7 @@ linear decay over the last fifth of training.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -21,15 +22,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from diffdissect.atomic import remove_stale_temporaries
 from diffdissect.devices import resolve_device, resolve_dtype
 from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import DiffdissectError, SpecError, StoreError
+from diffdissect.lock import DirectoryLock
 from diffdissect.optim_state import lr_factor, optimizer_tensors, restore_optimizer
-from diffdissect.sae.checkpoint import load_sae, load_state, read_config, save_checkpoint
+from diffdissect.paths import safe_name
+from diffdissect.sae.checkpoint import has_checkpoint, is_legacy, load_sae, load_state, read_config, save_checkpoint
 from diffdissect.sae.data import SliceData
 from diffdissect.sae.metrics import evaluate
 from diffdissect.sae.model import SAEConfig, TopKSAE
 from diffdissect.store import open_store
+from diffdissect.store.manifest import Manifest
 
 CALIBRATION_TOKENS = 65536      # training tokens that set BatchTopK's inference threshold on the final weights
 
@@ -91,8 +96,17 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
     Distributed (`dist` from torchrun/accelerate): data parallel. Each rank trains on its own images
     (a disjoint share of the store) with batch_size / world tokens per step; gradients are averaged
     across ranks (all-reduce), dead-latent counters and the BatchTopK threshold are combined, so all
-    ranks hold the same weights. Rank 0 writes the checkpoints."""
+    ranks hold the same weights. Rank 0 writes the checkpoints; it holds `out`'s write lock while it trains."""
     out = Path(out)
+    resolve_device(config.device), resolve_dtype(config.dtype)       # bad options fail before `out` is created
+    Manifest.load(Path(store))
+    with DirectoryLock(out, "sae train") if dist.is_main else contextlib.nullcontext():
+        if dist.is_main:
+            remove_stale_temporaries(out)               # leftovers of a write a kill interrupted
+        return _train_sae(store, config, out, progress, dist)
+
+
+def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool, dist: Dist) -> dict[str, Any]:
     device, compute_dtype = resolve_device(config.device), resolve_dtype(config.dtype)
     if config.mix_shards < 1:
         raise SpecError(f"mix_shards must be at least 1, not {config.mix_shards}")
@@ -116,8 +130,9 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
     steps = config.steps or max(1, math.ceil((config.epochs or 10) * train_tokens / batch_size))
     dead_window = config.dead_window or min(10_000_000, train_tokens)
     lr = config.lr or 2e-4 / math.sqrt(sae_cfg.n_latents / 2 ** 14)
-    info = {"name": config.run_name(), "sae": sae_cfg.to_json(), "train": asdict(config), "slice": {"store": str(store), "layer": config.layer, "t": config.t,
-                                                "d_in": data.d_in, "train_tokens": train_tokens},
+    info = {"name": config.run_name(), "sae": sae_cfg.to_json(), "train": asdict(config),
+            "slice": {"store": str(store), "store_identity": reader.manifest.content_identity(), "layer": config.layer,
+                      "t": config.t, "d_in": data.d_in, "train_tokens": train_tokens},
             "resolved": {"steps": steps, "batch_size": batch_size, "lr": lr, "dead_window": dead_window}}
 
     if dist.enabled:
@@ -203,10 +218,10 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
 def train_saes(store: str | Path, configs: list[TrainConfig], out: str | Path, *, progress: bool = True,
                dist: Dist = SINGLE) -> list[dict]:
     """A sweep: each config trains into out/<run name>."""
-    names = [c.run_name() for c in configs]
+    names = [safe_name(c.run_name()) for c in configs]
     if len(set(names)) != len(names):
         raise SpecError(f"two runs of the sweep share a name: {names}")
-    return [train_sae(store, c, Path(out) / c.run_name(), progress=progress, dist=dist) for c in configs]
+    return [train_sae(store, c, Path(out) / name, progress=progress, dist=dist) for c, name in zip(configs, names)]
 
 
 # ---- internals --------------------------------------------------------------------------------------
@@ -256,7 +271,7 @@ RESUMABLE_ACROSS = ("device", "checkpoint_every")
 
 def _start_or_resume(out: Path, config: TrainConfig, sae_cfg: SAEConfig, info: dict, data: SliceData,
                      device: torch.device):
-    if (out / "config.json").is_file():
+    if has_checkpoint(out):
         saved = read_config(out)
         defaults = asdict(TrainConfig(layer=config.layer, t=config.t))
         was = {**defaults, **saved.get("train", {})}          # older checkpoints lack newer options: their defaults
@@ -264,6 +279,18 @@ def _start_or_resume(out: Path, config: TrainConfig, sae_cfg: SAEConfig, info: d
         if differ or saved.get("sae") != sae_cfg.to_json():
             raise SpecError(f"{out} holds an SAE trained with other settings ({', '.join(differ) or 'sae'} differ); "
                             "use another --out or delete it to start over")
+        old, new = saved.get("slice", {}), info["slice"]
+        differ = [f"slice.{k}" for k in ("store_identity", "layer", "t", "d_in", "train_tokens") if old.get(k) != new[k]]
+        differ += [f"slice.store_identity.{k}" for k in new["store_identity"]
+                   if (old.get("store_identity") or {}).get(k) != new["store_identity"][k]]
+        if differ:
+            raise SpecError(f"{out} holds an SAE trained on another store ({old.get('store')}; differs in: "
+                            f"{', '.join(differ)}). Refusing to report or continue it as this store's: use another "
+                            "--out, or delete it to start over.")
+        if is_legacy(out) and "metrics" not in saved:
+            raise SpecError(f"{out} holds an unfinished SAE written by an older diffdissect, whose weights, optimiser "
+                            "state and config were separate files that an interruption could leave at different steps; "
+                            "it cannot be resumed safely. Delete it or use another --out.")
         sae, _ = load_sae(out, d_in=data.d_in, device=device)
         state = dict(load_state(out, device))
         state["_info"] = saved
@@ -292,6 +319,6 @@ def _checkpoint(out: Path, sae: TopKSAE, optimiser: torch.optim.Optimizer, since
 
 
 def _stop(out: Path, step: int, why: str) -> None:
-    kept = read_config(out).get("step") if (out / "config.json").is_file() else None
+    kept = read_config(out).get("step") if has_checkpoint(out) else None
     where = f"the last good checkpoint (step {kept}) is kept in {out}" if kept is not None else "no checkpoint was written yet"
     raise NonFiniteTrainingError(f"training stopped at step {step}: {why}; {where}")

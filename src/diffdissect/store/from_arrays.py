@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from diffdissect.errors import DataError
+from diffdissect.lock import DirectoryLock
 from diffdissect.store.manifest import Manifest, slice_key, spec_digest
 from diffdissect.store.writer import StoreWriter
 
@@ -42,7 +43,12 @@ def write_array_store(out: str | Path, features: Mapping[tuple[str, int], np.nda
                         timesteps=[{"t": t} for t in timesteps],
                         layers={l: {"shape": list(blocks[(l, timesteps[0])].shape[1:]), "dtype": dtype} for l in layers},
                         dtype=dtype)
-    writer = StoreWriter.open(out, manifest)
+    with DirectoryLock(out, "write_array_store"):
+        return _write(StoreWriter.open(out, manifest), blocks, rows, n, shard_rows, torch_dtype)
+
+
+def _write(writer: StoreWriter, blocks: dict, rows: Sequence[Mapping[str, Any]], n: int, shard_rows: int,
+           torch_dtype: torch.dtype) -> Manifest:
     for chunk, start in enumerate(range(0, n, shard_rows)):
         stop = min(n, start + shard_rows)
         tensors = {slice_key(l, t): blocks[(l, t)][start:stop].to(torch_dtype).contiguous() for l, t in blocks}

@@ -22,7 +22,7 @@ from typing import Any
 from diffdissect.errors import StoreError
 
 FORMAT = "diffdissect-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: full-content model identity, image-content input identity, path-free spec
 MANIFEST = "manifest.json"
 INDEX = "index.csv"
 SHARDS_DIR = "shards"
@@ -70,6 +70,7 @@ class Manifest:
     complete: bool = False
     input_count: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)   # facts learnt while capturing (not part of the spec)
+    locations: dict[str, Any] = field(default_factory=dict)  # where model and inputs were read from (never compared)
     diffdissect_version: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -93,15 +94,28 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
-        if data.get("format") != FORMAT:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise StoreError("manifest.json is not a diffdissect store manifest (no 'format' field).")
         if int(data.get("format_version", -1)) > FORMAT_VERSION:
             raise StoreError(
                 f"this store has format version {data['format_version']}, newer than this diffdissect "
                 f"understands ({FORMAT_VERSION}); upgrade diffdissect to read it.")
+        from diffdissect.store.integrity import check_manifest_fields
+
+        stated_rows = data.get("rows")
         data = {k: v for k, v in data.items() if k != "rows"}
-        data["shards"] = [ShardRecord(**s) for s in data.get("shards", [])]
-        return cls(**data)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise StoreError(f"manifest.json has fields this diffdissect does not know ({unknown}); the store is "
+                             "corrupt or from another tool.")
+        try:
+            data["shards"] = [ShardRecord(**s) for s in data.get("shards", [])]
+            manifest = cls(**data)
+        except TypeError as exc:
+            raise StoreError(f"manifest.json is malformed ({exc}); the store is corrupt.") from None
+        check_manifest_fields(manifest, stated_rows)
+        return manifest
 
     @classmethod
     def load(cls, directory: Path) -> Manifest:
@@ -113,6 +127,11 @@ class Manifest:
             return cls.from_json(json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError) as exc:
             raise StoreError(f"{path} is unreadable ({exc}); the store is corrupt.") from exc
+
+    def content_identity(self) -> dict[str, Any]:
+        """What this store holds, independent of where it lives: an analysis run records it to refuse another store."""
+        shards = hashlib.sha256("".join(f"{s.name}:{s.sha256};" for s in self.shards).encode()).hexdigest()[:16]
+        return {"spec_hash": self.spec_hash, "rows": self.rows, "shards_sha256": shards}
 
     def timestep_entry(self, t: int) -> dict[str, Any]:
         for entry in self.timesteps:

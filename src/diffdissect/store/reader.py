@@ -5,6 +5,7 @@ import json
 import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -15,7 +16,8 @@ import torch
 from safetensors import safe_open
 
 from diffdissect.errors import StoreError
-from diffdissect.store.manifest import SHARDS_DIR, Manifest, ShardRecord, slice_key
+from diffdissect.store.integrity import check_block, check_checksum, check_finite, check_rows, shard_path
+from diffdissect.store.manifest import FORMAT_VERSION, Manifest, ShardRecord, slice_key
 
 ArrayFormat = Literal["numpy", "torch"]
 
@@ -31,7 +33,15 @@ class StoreReader:
     def __init__(self, directory: Path, manifest: Manifest | None = None):
         self.directory = Path(directory)
         self.manifest = manifest or Manifest.load(self.directory)
+        for shard in self.manifest.shards:          # names and counts on open; checksums when a shard is first read
+            shard_path(self.directory, shard.name)
+        if self.manifest.format_version < FORMAT_VERSION:
+            warnings.warn(f"{self.directory} is a store of format {self.manifest.format_version}, written before "
+                          "full-content model and image identities (format 2): it is read as it is, but it cannot "
+                          "be resumed, and it cannot prove which model weights or image bytes it came from.",
+                          stacklevel=2)
         self._headers: dict[tuple[str, int, int], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]] = {}
+        self._finite: set[tuple[str, str, str]] = set()
 
     # ---- description -------------------------------------------------------------------------
     @property
@@ -59,9 +69,16 @@ class StoreReader:
     def _rows(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for shard in self.manifest.shards:
-            with safe_open(self._path(shard), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            for r in json.loads(meta.get("rows", "[]")):
+            path = self._checked(shard)
+            try:
+                with safe_open(path, framework="pt") as fh:
+                    meta = fh.metadata() or {}
+                rows = json.loads(meta.get("rows", "[]"))
+            except Exception as exc:   # safetensors raises its own error types for corrupt headers
+                raise StoreError(f"shard {shard.name} could not be read ({exc}); run the same capture again to "
+                                 "rewrite it.") from exc
+            check_rows(rows, shard)
+            for r in rows:
                 out.append({"row": len(out), **r, "shard": shard.name})
         return out
 
@@ -138,21 +155,25 @@ class StoreReader:
     def view(self, shard: ShardRecord, key: str) -> torch.Tensor:
         """A zero-copy view (rows, *shape) of one slice of a shard, in its stored dtype: the file's pages,
         mapped copy-on-write (never written back). Copy what you keep; row ranges of it read only those bytes."""
-        path = self._path(shard)
-        if not path.is_file():
-            raise StoreError(f"shard {shard.name} is listed in the manifest but missing from {path.parent}; "
-                             "run `diffdissect store verify` on the store.")
+        path = self._checked(shard)          # name, symlinks, size and sha256 (once per file version)
         try:
             entry = self._header(path)[key]
             with open(path, "rb") as fh:
                 mapped = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             dtype, shape, begin, end = entry
             if end == begin:
-                return torch.empty(shape, dtype=dtype, device="cpu")
-            return torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).view(shape)
+                view = torch.empty(shape, dtype=dtype, device="cpu")
+            else:
+                view = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                        offset=begin).view(shape)
         except (OSError, ValueError, KeyError, struct.error, json.JSONDecodeError, RuntimeError) as exc:
             raise StoreError(f"shard {shard.name} could not be read ({type(exc).__name__}: {exc}); "
                              "run `diffdissect store verify`.") from exc
+        checked = (str(path), shard.sha256, key)
+        if checked not in self._finite:      # row count and finiteness, once per slice of a shard per reader
+            check_block(view, shard, key)
+            self._finite.add(checked)
+        return view
 
     def _header(self, path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
         """Each tensor's (dtype, shape, first byte, end byte) in a shard, parsed once per reader (the header also
@@ -173,9 +194,12 @@ class StoreReader:
     def read_into(self, shard: ShardRecord, key: str, start: int, stop: int, out: torch.Tensor) -> None:
         """Read rows [start, stop) of one slice of a shard straight from the file into `out` (a contiguous CPU
         tensor of those rows, in the stored dtype): one positioned read, no mapping, no extra copy."""
-        path = self._path(shard)
+        path = self._checked(shard)          # name, symlinks, size and sha256 (once per file version)
         try:
             dtype, shape, begin, end = self._header(path)[key]
+            if shape[0] != shard.rows:
+                raise StoreError(f"shard {shard.name}: slice {key} has {shape[0]} rows, the manifest says "
+                                 f"{shard.rows}; the store is corrupt (run `diffdissect store verify`).")
             row_bytes = (end - begin) // max(shape[0], 1)
             if not out.is_contiguous():
                 raise ValueError("out must be contiguous")
@@ -192,6 +216,7 @@ class StoreReader:
         except (OSError, KeyError, struct.error, json.JSONDecodeError) as exc:
             raise StoreError(f"shard {shard.name} could not be read ({type(exc).__name__}: {exc}); "
                              "run `diffdissect store verify`.") from exc
+        check_finite(out, shard, key)
 
     def _fill(self, key: str, ranges: list[tuple[ShardRecord, int, int, int]], shape: tuple[int, ...],
               dtype: torch.dtype) -> torch.Tensor:
@@ -222,18 +247,13 @@ class StoreReader:
             offset += shard.rows
 
     def _path(self, shard: ShardRecord) -> Path:
-        return self.directory / SHARDS_DIR / shard.name
+        return shard_path(self.directory, shard.name)
 
-    def _read(self, shard: ShardRecord, key: str) -> torch.Tensor:
+    def _checked(self, shard: ShardRecord) -> Path:
+        """The shard's path once its size and checksum match the manifest (hashed once per file version)."""
         path = self._path(shard)
-        if not path.is_file():
-            raise StoreError(f"shard {shard.name} is listed in the manifest but missing from {path.parent}; "
-                             "run `diffdissect store verify` on the store.")
-        try:
-            with safe_open(path, framework="pt") as fh:
-                return fh.get_tensor(key)
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise StoreError(f"shard {shard.name} could not be read ({exc}); run `diffdissect store verify`.") from exc
+        check_checksum(path, shard)
+        return path
 
     @staticmethod
     def _emit(batch: torch.Tensor, ids: np.ndarray | None, format: ArrayFormat, with_rows: bool,

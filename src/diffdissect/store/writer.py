@@ -11,6 +11,7 @@ import csv
 import errno
 import io
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -22,8 +23,10 @@ from safetensors.torch import save as safetensors_bytes
 from diffdissect.atomic import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import StoreError
+from diffdissect.lock import LOCK_NAME
 from diffdissect.runtime import version
-from diffdissect.store.manifest import INDEX, MANIFEST, SHARDS_DIR, Manifest, ShardRecord
+from diffdissect.store.integrity import remember_verified, shard_problem
+from diffdissect.store.manifest import FORMAT_VERSION, INDEX, MANIFEST, SHARDS_DIR, Manifest, ShardRecord
 
 INDEX_COLUMNS = ("row", "input_id", "source_index", "seed", "label", "caption", "shard")
 RANKS_DIR = "ranks"          # distributed runs: each rank lists the shards it committed in its own file
@@ -48,6 +51,19 @@ def canonical_safetensors(data: bytes) -> bytes:
     header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     header += b" " * (-len(header) % 8)
     return len(header).to_bytes(8, "little") + header + data[8 + n:]
+
+
+def check_store_directory(directory: Path | str) -> None:
+    """Refuse an --out that is a file, or a non-empty directory that is no store (before anything is written)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise StoreError(f"{directory} is a file, not a directory; choose a new --out directory.")
+    if (directory / MANIFEST).exists():
+        return
+    if directory.exists() and any(p.name != LOCK_NAME for p in directory.iterdir()):
+        raise StoreError(
+            f"{directory} exists, is not empty and is not an activation store; refusing to write "
+            "into it. Choose a new --out directory.")
 
 
 def shard_name(chunk: int) -> str:
@@ -99,6 +115,11 @@ class StoreWriter:
     def _open_store(cls, directory: Path, manifest: Manifest) -> StoreWriter:
         if (directory / MANIFEST).exists():
             existing = Manifest.load(directory)
+            if existing.format_version < FORMAT_VERSION and (existing.shards or existing.complete):
+                raise StoreError(
+                    f"{directory} was written by an older diffdissect (store format {existing.format_version}; this "
+                    f"one writes {FORMAT_VERSION}), whose model and input identities were weaker: a resume could not "
+                    "prove it continues the same capture. The store can still be read; capture into a new --out.")
             holds_data = existing.shards or existing.complete or any(
                 not p.name.endswith(TMP_SUFFIX) for p in (directory / SHARDS_DIR).glob("*"))
             if not holds_data:
@@ -115,17 +136,33 @@ class StoreWriter:
                     f"{', '.join(diff) or 'mode'}). Refusing to mix data: choose a new --out "
                     "directory, or delete this one to start over.")
             remove_stale_temporaries(directory)
-            return cls(directory, existing)
-        if directory.exists() and not directory.is_dir():
-            raise StoreError(f"{directory} is a file, not a directory; choose a new --out directory.")
-        if directory.exists() and any(directory.iterdir()):
-            raise StoreError(
-                f"{directory} exists, is not empty and is not an activation store; refusing to write "
-                "into it. Choose a new --out directory.")
+            existing.locations = manifest.locations or existing.locations
+            writer = cls(directory, existing)
+            writer._drop_bad_shards()
+            return writer
+        check_store_directory(directory)
         (directory / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         writer = cls(directory, manifest)
         writer._write_manifest()
         return writer
+
+    def _drop_bad_shards(self) -> None:
+        """A resume repairs the store: committed shards that are missing, truncated, corrupt or unreadable are
+        dropped from the manifest (and their files removed), so the capture writes exactly those again."""
+        bad = []
+        for shard in self.manifest.shards:
+            path = self.directory / SHARDS_DIR / shard.name
+            problem = shard_problem(path, shard)
+            if problem:
+                bad.append(shard.name)
+                warnings.warn(f"{problem}; it will be captured again", stacklevel=3)
+                path.unlink(missing_ok=True)
+        if bad:
+            self.manifest.shards = [s for s in self.manifest.shards if s.name not in bad]
+            self.manifest.complete = False
+            repaired = set(self.manifest.notes.get("repaired_shards", [])) | set(bad)
+            self.manifest.notes["repaired_shards"] = sorted(repaired)
+            self._write_manifest()
 
     @property
     def committed(self) -> set[str]:
@@ -152,6 +189,7 @@ class StoreWriter:
                     f"was removed and the {len(self.manifest.shards)} committed shards are intact; "
                     "free space and run the same command again to resume.") from exc
             raise
+        remember_verified(path, digest)
         record = ShardRecord(name=name, rows=len(rows), bytes=len(data), sha256=digest,
                              inputs=list(inputs), skipped=skipped)
         self.manifest.shards = [s for s in self.manifest.shards if s.name != name] + [record]
@@ -209,10 +247,23 @@ class StoreWriter:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-        atomic_write_bytes(self.directory / INDEX, buffer.getvalue().encode())
+        try:
+            atomic_write_bytes(self.directory / INDEX, buffer.getvalue().encode())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(f"ran out of disk space while writing {self.directory / INDEX}; every shard is "
+                                 "committed: free space and run the same command again to finish.") from exc
+            raise
         self.manifest.complete = True
         self._write_manifest()
         return self.manifest
 
     def _write_manifest(self) -> None:
-        atomic_write_json(self.directory / MANIFEST, self.manifest.to_json())
+        try:
+            atomic_write_json(self.directory / MANIFEST, self.manifest.to_json())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(
+                    f"ran out of disk space while writing {self.directory / MANIFEST}. The previous manifest and the "
+                    "shards it lists are intact; free space and run the same command again to resume.") from exc
+            raise

@@ -22,7 +22,7 @@ def world_directions_config(world: WorldConfig, seeds: int = 256, **overrides: A
     prompts = build_prompt_set(templates=TEMPLATES, slot_values={
         "colour": list(world.colours), "shape": list(world.shapes), "size": list(world.sizes)})
     options: dict[str, Any] = dict(
-        seeds=list(range(seeds)), guidance_scale=1.0, batch_size=256,
+        seeds=list(range(seeds)), guidance_scale=1.0, batch_size=64,
         bias=[BiasSpec("colour", list(world.colours), [f"a {s}" for s in world.shapes]),
               BiasSpec("size", list(world.sizes), [f"a {s}" for s in world.shapes])],
         cluster_by="shape", cluster_remove=["colour", "size"], cluster_pooling="mean")

@@ -244,7 +244,7 @@ def build_world_inverters(target, world: ShapesWorld, *, images: int = 16384, ba
             if final.exists():
                 shutil.rmtree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(staging, final)
+            shutil.copytree(staging, final, ignore=shutil.ignore_patterns("previous", ".diffdissect.lock"))
         summaries[name] = summary
     return summaries
 
