@@ -11,6 +11,7 @@ from diffdissect.cli import main
 from diffdissect.errors import DataError, StoreError
 from diffdissect.probe import ProbeConfig, SplitSpec, fit_linear_probes, fit_sklearn_probe, run_probes, split_images
 from diffdissect.probe.head import fit_attentive_head
+from diffdissect.probe.results import LabelInfo, ProbeCell, ProbeResults, SplitInfo
 from diffdissect.stats import bootstrap_mean_ci
 from diffdissect.store import write_array_store
 
@@ -115,15 +116,15 @@ def test_run_finds_the_planted_cell_and_controls_fall_to_chance(store, tmp_path)
     config = ProbeConfig(labels=["label"], shuffled_control=True, random_init_store=str(tmp_path / "random"),
                          bootstrap=500)
     results = run_probes(str(store), config, progress=False)
-    by = {(r["condition"], r["t"]): r for r in results["results"]}
+    by = {(r.condition, r.t): r for r in results.results}
     trained, noise = by[("trained", 10)], by[("trained", 90)]
-    assert trained["accuracy"] > 0.9 and trained["ci_low"] <= trained["accuracy"] <= trained["ci_high"]
-    assert noise["accuracy"] < 0.45                           # chance is 0.25
-    assert by[("shuffled", 10)]["accuracy"] < 0.45
-    assert by[("random_init", 10)]["accuracy"] < 0.45
-    assert set(trained["seed_accuracy"]) == {0, 1} and trained["seed_std"] is not None
-    assert results["split"]["images"] == {"train": 144, "val": 48, "test": 48}
-    assert trained["n_test_images"] == 48
+    assert trained.accuracy > 0.9 and trained.ci_low <= trained.accuracy <= trained.ci_high
+    assert noise.accuracy < 0.45                              # chance is 0.25
+    assert by[("shuffled", 10)].accuracy < 0.45
+    assert by[("random_init", 10)].accuracy < 0.45
+    assert set(trained.seed_accuracy) == {0, 1} and trained.seed_std is not None
+    assert results.split.images == {"train": 144, "val": 48, "test": 48}
+    assert trained.n_test_images == 48
 
 
 def test_probe_cli_writes_tables_heatmaps_and_report(store, tmp_path, capsys):
@@ -140,6 +141,9 @@ def test_probe_cli_writes_tables_heatmaps_and_report(store, tmp_path, capsys):
     assert "shuffled" in report and "cell chosen on validation" in report and "biased upwards" in report
     assert data["summary"][0]["selected_on"] == "validation" and "test_max_accuracy" in data["summary"][0]
     assert len((out / "splits.csv").read_text().splitlines()) == 1 + 240
+    typed = ProbeResults.from_json(data)                 # the file reads back into the typed results, unchanged
+    assert isinstance(typed.results[0], ProbeCell) and typed.results[0].seed_accuracy.keys() == {0, 1}
+    assert json.loads(json.dumps(typed.to_json())) == {k: v for k, v in data.items() if k != "summary"}
 
 
 def test_split_column_is_used_when_given(tmp_path):
@@ -149,7 +153,7 @@ def test_split_column_is_used_when_given(tmp_path):
     write_array_store(tmp_path / "s", features, rows)
     results = run_probes(str(tmp_path / "s"), ProbeConfig(labels=["label"], split_column="fold", bootstrap=100),
                          progress=False)
-    assert results["split"]["images"] == {"train": 40, "val": 20, "test": 20}
+    assert results.split.images == {"train": 40, "val": 20, "test": 20}
 
 
 # ---- bad input -------------------------------------------------------------------------------------
@@ -173,9 +177,9 @@ def test_missing_label_values_are_refused_or_dropped(tmp_path):
         run_probes(str(tmp_path / "s"), ProbeConfig(labels=["label"]), progress=False)
     results = run_probes(str(tmp_path / "s"), ProbeConfig(labels=["label"], drop_missing=True, bootstrap=100),
                          progress=False)
-    assert results["labels"]["label"]["missing_rows"] == 8
-    r = results["results"][0]
-    assert r["n_train_images"] + r["n_val_images"] + r["n_test_images"] == 232
+    assert results.labels["label"].missing_rows == 8
+    r = results.results[0]
+    assert r.n_train_images + r.n_val_images + r.n_test_images == 232
 
 
 def test_split_smaller_than_the_class_count_is_refused(tmp_path):
@@ -198,9 +202,9 @@ def test_control_store_missing_a_cell_is_a_recorded_skip(store, tmp_path):
     write_array_store(tmp_path / "random", features, rows)
     results = run_probes(str(store), ProbeConfig(labels=["label"], random_init_store=str(tmp_path / "random"),
                                                  bootstrap=100), progress=False)
-    assert results["skipped"] == [{"condition": "random_init", "layer": "enc", "t": 90,
-                                   "reason": "cell not in the control store"}]
-    assert {(r["condition"], r["t"]) for r in results["results"]} == {("trained", 10), ("trained", 90), ("random_init", 10)}
+    assert [s.to_json() for s in results.skipped] == [{"condition": "random_init", "layer": "enc", "t": 90,
+                                                       "reason": "cell not in the control store"}]
+    assert {(r.condition, r.t) for r in results.results} == {("trained", 10), ("trained", 90), ("random_init", 10)}
 
 
 def test_control_store_of_other_inputs_is_refused(store, tmp_path):
@@ -215,27 +219,36 @@ def test_bad_split_fractions_are_refused(store):
         run_probes(str(store), ProbeConfig(labels=["label"], split=SplitSpec(0.5, 0.2, 0.2)), progress=False)
 
 
-def _fake_results(cells: list[tuple[str, int, float, float]], condition: str = "trained") -> dict:
-    rows = [{"label": "shape", "condition": condition, "layer": layer, "t": t, "accuracy": test, "val_accuracy": val,
-             "ci_low": test - 0.05, "ci_high": test + 0.05, "chance_majority": 0.25, "chance_constant": 0.25}
+def _fake_cells(cells: list[tuple[str, int, float, float]], condition: str = "trained") -> list[ProbeCell]:
+    return [ProbeCell(label="shape", layer=layer, t=t, condition=condition, head="linear", accuracy=test,
+                      ci_low=test - 0.05, ci_high=test + 0.05, seed_accuracy={0: test}, seed_std=None,
+                      chance_uniform=0.25, chance_majority=0.25, chance_constant=0.25, n_train_images=1,
+                      n_val_images=1, n_test_images=1, l2=1.0, val_accuracy=val, train_accuracy=1.0)
             for layer, t, val, test in cells]
-    return {"labels": {"shape": {"classes": ["a", "b", "c", "d"]}}, "results": rows,
-            "cells": [(layer, t) for layer, t, _, _ in cells]}
+
+
+def _fake_results(cells: list[tuple[str, int, float, float]], controls: list[ProbeCell] = ()) -> ProbeResults:
+    return ProbeResults(store="s", config={}, cells=[(layer, t) for layer, t, _, _ in cells],
+                        labels={"shape": LabelInfo(["a", "b", "c", "d"], 0)}, split=SplitInfo("hash", "salt", {}),
+                        split_by_image={}, results=_fake_cells(cells) + list(controls))
 
 
 def test_headline_cell_is_chosen_on_validation_and_reported_on_test():
     """Defect 1: the headline cell is the validation winner; the test winner is shown apart, marked biased."""
     from diffdissect.probe.output import best_cell, summary_rows
 
-    results = _fake_results([("a", 1, 0.90, 0.80), ("b", 1, 0.70, 0.95), ("c", 1, 0.60, 0.60)])
-    results["results"] += _fake_results([("a", 1, 0.40, 0.30), ("b", 1, 0.20, 0.45), ("c", 1, 0.50, 0.25)],
-                                        "random_init")["results"]
-    assert best_cell(results, "shape")["layer"] == "a"
+    controls = _fake_cells([("a", 1, 0.40, 0.30), ("b", 1, 0.20, 0.45), ("c", 1, 0.50, 0.25)], "random_init")
+    results = _fake_results([("a", 1, 0.90, 0.80), ("b", 1, 0.70, 0.95), ("c", 1, 0.60, 0.60)], controls)
+    assert best_cell(results, "shape").layer == "a"
     row = summary_rows(results)[0]
-    assert (row["best_layer"], row["best_accuracy"], row["selected_on"]) == ("a", 0.80, "validation")
-    assert (row["test_max_accuracy"], row["test_max_cell"]) == (0.95, "b @ t=1")
-    assert row["random_init_best_cell"] == "c @ t=1" and row["random_init_best_accuracy"] == 0.25
-    assert row["random_init_test_max_accuracy"] == 0.45
+    assert (row.best_layer, row.best_accuracy, row.selected_on) == ("a", 0.80, "validation")
+    assert (row.test_max_accuracy, row.test_max_cell) == (0.95, "b @ t=1")
+    control = row.control("random_init")
+    assert control.best_cell == "c @ t=1" and control.best_accuracy == 0.25
+    assert control.test_max_accuracy == 0.45 and control.at_best_cell == 0.30
+    data = row.to_json()                              # the JSON keeps the flat, prefixed keys of probes.json
+    assert data["random_init_best_cell"] == "c @ t=1" and data["random_init_at_best_cell"] == 0.30
+    assert "controls" not in data and type(row).from_json(data) == row
 
 
 def test_validation_chosen_headline_is_unbiased_where_the_test_max_is_not():
@@ -247,8 +260,8 @@ def test_validation_chosen_headline_is_unbiased_where_the_test_max_is_not():
     for _ in range(200):
         val, test = rng.binomial(200, 0.7, (2, 16)) / 200            # 16 cells, all of true accuracy 0.7
         row = summary_rows(_fake_results([(f"l{i}", 0, float(v), float(t)) for i, (v, t) in enumerate(zip(val, test))]))[0]
-        chosen.append(row["best_accuracy"])
-        maxed.append(row["test_max_accuracy"])
+        chosen.append(row.best_accuracy)
+        maxed.append(row.test_max_accuracy)
     assert abs(np.mean(chosen) - 0.7) < 0.01
     assert np.mean(maxed) > 0.73
 

@@ -584,9 +584,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     probe_section(report, results)
     report.write(Path(args.out) / "report.html")
     for row in summary_rows(results):
-        print(f"{row['label']}: cell chosen on validation {row['best_layer']} @ t={row['best_t']}: test "
-              f"{row['best_accuracy']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] (majority class "
-              f"{row['chance_majority']:.3f}; max over cells of test accuracy {row['test_max_accuracy']:.3f}, "
+        print(f"{row.label}: cell chosen on validation {row.best_layer} @ t={row.best_t}: test "
+              f"{row.best_accuracy:.3f} [{row.ci[0]:.3f}, {row.ci[1]:.3f}] (majority class "
+              f"{row.chance_majority:.3f}; max over cells of test accuracy {row.test_max_accuracy:.3f}, "
               "biased upwards)")
     print(f"results: {paths['csv']}, {paths['json']}; report: {Path(args.out) / 'report.html'}")
     return 0

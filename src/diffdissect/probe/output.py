@@ -13,6 +13,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from diffdissect.atomic import atomic_write_bytes
 from diffdissect.paths import safe_name
+from diffdissect.probe.results import ControlSummary, ProbeCell, ProbeResults, ProbeSummary
 from diffdissect.report import Report, Section, heatmap
 
 WEIGHTS_FILE, WEIGHTS_INDEX = "probe_weights.safetensors", "probe_weights.json"
@@ -21,79 +22,78 @@ CSV_COLUMNS = ("label", "condition", "head", "layer", "t", "accuracy", "ci_low",
                "n_train_images", "n_val_images", "n_test_images")
 
 
-def grid(results: dict[str, Any], label: str, condition: str = "trained") -> tuple[np.ndarray, list[str], list[int]]:
+def grid(results: ProbeResults, label: str, condition: str = "trained") -> tuple[np.ndarray, list[str], list[int]]:
     """Accuracy as a (layers x timesteps) array; NaN where a cell was skipped."""
-    layers = list(dict.fromkeys(c[0] for c in results["cells"]))
-    timesteps = list(dict.fromkeys(c[1] for c in results["cells"]))
+    layers = list(dict.fromkeys(c[0] for c in results.cells))
+    timesteps = list(dict.fromkeys(c[1] for c in results.cells))
     values = np.full((len(layers), len(timesteps)), np.nan)
-    for r in results["results"]:
-        if r["label"] == label and r["condition"] == condition:
-            values[layers.index(r["layer"]), timesteps.index(r["t"])] = r["accuracy"]
+    for r in results.cells_of(label, condition):
+        values[layers.index(r.layer), timesteps.index(r.t)] = r.accuracy
     return values, layers, timesteps
 
 
-def best_cell(results: dict[str, Any], label: str, condition: str = "trained") -> dict[str, Any] | None:
+def best_cell(results: ProbeResults, label: str, condition: str = "trained") -> ProbeCell | None:
     """The headline cell: the highest *validation* accuracy (ties: the first cell in the sweep's order).
 
     Its test accuracy is then an honest estimate; picking the cell on test accuracy over L x T cells
     (the winner's curse) would bias the headline upwards."""
-    rows = [r for r in results["results"] if r["label"] == label and r["condition"] == condition]
-    return max(rows, key=lambda r: r["val_accuracy"]) if rows else None
+    rows = results.cells_of(label, condition)
+    return max(rows, key=lambda r: r.val_accuracy) if rows else None
 
 
-def test_max_cell(results: dict[str, Any], label: str, condition: str = "trained") -> dict[str, Any] | None:
+def test_max_cell(results: ProbeResults, label: str, condition: str = "trained") -> ProbeCell | None:
     """The cell with the highest *test* accuracy: a max over cells, biased upwards (shown for comparison only)."""
-    rows = [r for r in results["results"] if r["label"] == label and r["condition"] == condition]
-    return max(rows, key=lambda r: r["accuracy"]) if rows else None
+    rows = results.cells_of(label, condition)
+    return max(rows, key=lambda r: r.accuracy) if rows else None
 
 
 SELECTION = ("the cell with the highest validation accuracy; its test accuracy is reported (the test-set "
              "max over cells is shown beside it, biased upwards)")
 
 
-def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+def summary_rows(results: ProbeResults) -> list[ProbeSummary]:
     """Per label: the trained cell chosen on validation, and each control at its own validation-chosen cell."""
     out = []
-    for label, info in results["labels"].items():
+    for label, info in results.labels.items():
         best = best_cell(results, label)
         top = test_max_cell(results, label)
-        row = {"label": label, "classes": len(info["classes"]), "selected_on": "validation",
-               "best_layer": best["layer"], "best_t": best["t"], "best_val_accuracy": best["val_accuracy"],
-               "best_accuracy": best["accuracy"], "ci": [best["ci_low"], best["ci_high"]],
-               "chance_majority": best["chance_majority"],
-               # the old headline: a max over cells of the test accuracy (winner's curse: biased upwards)
-               "test_max_accuracy": top["accuracy"], "test_max_cell": f"{top['layer']} @ t={top['t']}"}
+        if best is None or top is None:
+            continue
+        controls = {}
         for control in ("shuffled", "random_init"):
-            rows = [r for r in results["results"] if r["label"] == label and r["condition"] == control]
-            if not rows:
-                continue
+            rows = results.cells_of(label, control)
             other = best_cell(results, label, control)
             biased = test_max_cell(results, label, control)
-            same = next((r for r in rows if (r["layer"], r["t"]) == (best["layer"], best["t"])), None)
-            row[f"{control}_best_accuracy"] = other["accuracy"]       # chosen on validation, scored on test
-            row[f"{control}_best_cell"] = f"{other['layer']} @ t={other['t']}"
-            row[f"{control}_ci"] = [other["ci_low"], other["ci_high"]]
-            row[f"{control}_test_max_accuracy"] = biased["accuracy"]   # max over cells: biased upwards
-            row[f"{control}_mean_accuracy"] = float(np.mean([r["accuracy"] for r in rows]))
-            row[f"{control}_chance_constant"] = float(np.mean([r["chance_constant"] for r in rows]))
-            if same:
-                row[f"{control}_at_best_cell"] = same["accuracy"]
-        out.append(row)
+            if other is None or biased is None:
+                continue
+            same = next((r for r in rows if (r.layer, r.t) == (best.layer, best.t)), None)
+            controls[control] = ControlSummary(
+                best_accuracy=other.accuracy, best_cell=f"{other.layer} @ t={other.t}",
+                ci=[other.ci_low, other.ci_high],
+                test_max_accuracy=biased.accuracy, mean_accuracy=float(np.mean([r.accuracy for r in rows])),
+                chance_constant=float(np.mean([r.chance_constant for r in rows])),
+                at_best_cell=same.accuracy if same else None)
+        out.append(ProbeSummary(
+            label=label, classes=len(info.classes), selected_on="validation", best_layer=best.layer, best_t=best.t,
+            best_val_accuracy=best.val_accuracy, best_accuracy=best.accuracy, ci=[best.ci_low, best.ci_high],
+            chance_majority=best.chance_majority, test_max_accuracy=top.accuracy,
+            test_max_cell=f"{top.layer} @ t={top.t}", controls=controls))
     return out
 
 
-def write_probe_outputs(results: dict[str, Any], out: str | Path, *,
+def write_probe_outputs(results: ProbeResults, out: str | Path, *,
                         weights: dict[str, Any] | None = None) -> dict[str, Path]:
     """probes.json (everything), probes.csv (one row per label x condition x cell), splits.csv, heatmaps."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "probes.json", "csv": out / "probes.csv", "splits": out / "splits.csv"}
-    atomic_write_bytes(paths["json"], json.dumps({**results, "summary": summary_rows(results)}, indent=1).encode())
-    atomic_write_bytes(paths["csv"], _csv(CSV_COLUMNS, results["results"]))
+    summary = [row.to_json() for row in summary_rows(results)]
+    atomic_write_bytes(paths["json"], json.dumps({**results.to_json(), "summary": summary}, indent=1).encode())
+    atomic_write_bytes(paths["csv"], _csv(CSV_COLUMNS, [r.to_json() for r in results.results]))
     atomic_write_bytes(paths["splits"], _csv(("input_id", "split"), [
-        {"input_id": i, "split": s} for i, s in results["split_by_image"].items()]))
-    for label in results["labels"]:
-        for condition in _conditions(results):
+        {"input_id": i, "split": s} for i, s in results.split_by_image.items()]))
+    for label in results.labels:
+        for condition in results.conditions():
             paths[f"heatmap_{label}_{condition}"] = out / safe_name(f"heatmap_{label}_{condition}.png")
             atomic_write_bytes(paths[f"heatmap_{label}_{condition}"], _heatmap_png(results, label, condition))
     if weights:
@@ -112,22 +112,25 @@ def write_probe_outputs(results: dict[str, Any], out: str | Path, *,
     return paths
 
 
-def probe_section(report: Report, results: dict[str, Any], title: str = "Probes: layers x timesteps") -> Section:
+def probe_section(report: Report, results: ProbeResults, title: str = "Probes: layers x timesteps") -> Section:
     s = report.section(title)
-    split = results["split"]
-    s.paragraph(f"A {results['config']['head']} probe per (layer, t) cell, on standardised features; the L2 strength "
+    split = results.split
+    s.paragraph(f"A {results.head} probe per (layer, t) cell, on standardised features; the L2 strength "
                 f"is chosen on the validation split, accuracy is measured once on the test split. Images per split: "
-                f"{split['images']} (split by {split['by']}, every noise seed of an image together). Intervals: 95% "
-                f"bootstrap over test images ({results['config']['bootstrap']} resamples). Headline cell per label "
+                f"{split.images} (split by {split.by}, every noise seed of an image together). Intervals: 95% "
+                f"bootstrap over test images ({results.bootstrap} resamples). Headline cell per label "
                 f"(and per control): {SELECTION}.")
     rows = []
     for r in summary_rows(results):
-        rows.append([r["label"], r["classes"], f"{r['best_layer']} @ t={r['best_t']}", _pct(r["best_accuracy"], r["ci"]),
-                     _num(r.get("shuffled_mean_accuracy")), _num(r.get("shuffled_chance_constant")),
-                     _num(r.get("shuffled_at_best_cell")),
-                     _pct(r.get("random_init_best_accuracy"), r.get("random_init_ci")),
-                     _num(r.get("random_init_at_best_cell")), f"{r['chance_majority']:.3f}",
-                     f"{r['test_max_accuracy']:.3f} ({r['test_max_cell']})", _num(r.get("random_init_test_max_accuracy"))])
+        shuffled, random_init = r.control("shuffled"), r.control("random_init")
+        rows.append([r.label, r.classes, f"{r.best_layer} @ t={r.best_t}", _pct(r.best_accuracy, r.ci),
+                     _num(shuffled.mean_accuracy if shuffled else None),
+                     _num(shuffled.chance_constant if shuffled else None),
+                     _num(shuffled.at_best_cell if shuffled else None),
+                     _pct(random_init.best_accuracy if random_init else None, random_init.ci if random_init else None),
+                     _num(random_init.at_best_cell if random_init else None), f"{r.chance_majority:.3f}",
+                     f"{r.test_max_accuracy:.3f} ({r.test_max_cell})",
+                     _num(random_init.test_max_accuracy if random_init else None)])
     s.table(["label", "classes", "cell chosen on validation", "trained: test accuracy [95% CI]",
              "shuffled: mean over cells", "shuffled: its chance (constant predictor)", "shuffled: same cell",
              "random-init: its validation-chosen cell, test [95% CI]", "random-init: same cell", "majority class",
@@ -136,25 +139,21 @@ def probe_section(report: Report, results: dict[str, Any], title: str = "Probes:
             "per label: the cell chosen on validation accuracy and its test accuracy, with its controls (each "
             "control's cell also chosen on its own validation accuracy); the max-over-cells columns are biased "
             "upwards and shown only for comparison")
-    for label in results["labels"]:
-        for condition in _conditions(results):
+    for label in results.labels:
+        for condition in results.conditions():
             s.image(_heatmap_png(results, label, condition), f"{label}: test accuracy per cell ({condition})")
-    for item in results.get("skipped", []):
-        s.note(f"skipped {item['condition']} {item['layer']} @ t={item['t']}: {item['reason']}")
+    for item in results.skipped:
+        s.note(f"skipped {item.condition} {item.layer} @ t={item.t}: {item.reason}")
     return s
 
 
-def _heatmap_png(results: dict[str, Any], label: str, condition: str) -> bytes:
+def _heatmap_png(results: ProbeResults, label: str, condition: str) -> bytes:
     values, layers, timesteps = grid(results, label, condition)
     return heatmap(values, layers, [f"t={t}" for t in timesteps], f"{label} ({condition})", vmin=0, vmax=1)
 
 
-def _conditions(results: dict[str, Any]) -> list[str]:
-    return list(dict.fromkeys(r["condition"] for r in results["results"]))
-
-
 def _pct(value: float | None, ci: list[float] | None) -> str:
-    if value is None:
+    if value is None or ci is None:
         return "-"
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 

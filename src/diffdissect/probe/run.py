@@ -18,6 +18,7 @@ from diffdissect.errors import DataError
 from diffdissect.probe.head import fit_attentive_head
 from diffdissect.probe.labels import EncodedLabels, encode_labels
 from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_probe_tasks
+from diffdissect.probe.results import LabelInfo, ProbeCell, ProbeResults, SkippedCell, SplitInfo
 from diffdissect.probe.splits import SPLITS, Split, SplitSpec, split_from_column, split_images
 from diffdissect.stats import bootstrap_mean_ci
 from diffdissect.store import StoreReader, open_store
@@ -72,8 +73,8 @@ class ProbeTask:
 
 
 def run_probes(store: str, config: ProbeConfig, *, progress: bool = True,
-               weights: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Probe every requested cell for every label (plus the requested controls). Returns plain data.
+               weights: dict[str, Any] | None = None) -> ProbeResults:
+    """Probe every requested cell for every label (plus the requested controls).
 
     `weights` (a dict), when given, receives the trained linear probes' weights on the raw features, per
     cell: {"<label>/<layer>/t=<t>": {"coef": (classes, d), "intercept": (classes,), "classes": [...]}}
@@ -90,8 +91,8 @@ def run_probes(store: str, config: ProbeConfig, *, progress: bool = True,
     image_of_row = np.array([images[str(r["input_id"])] for r in rows])
     seed_of_row = np.array([r.get("seed", 0) for r in rows])
     tasks = {name: _task(rows, name, split, image_of_row, seed_of_row, config) for name in config.labels}
-    results: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
+    results: list[ProbeCell] = []
+    skipped: list[SkippedCell] = []
     # tasks fitted together share features: the trained labels and their shuffled copies in one batched run
     batches: list[tuple[StoreReader, dict[tuple[str, str], ProbeTask]]] = [(reader, {("trained", n): t for n, t in tasks.items()})]
     if config.shuffled_control:
@@ -102,7 +103,7 @@ def run_probes(store: str, config: ProbeConfig, *, progress: bool = True,
     for source, batch_tasks in batches:
         available = [c for c in cells if _has_cell(source, *c)]
         for condition in dict.fromkeys(c for c, _ in batch_tasks):
-            skipped += [{"condition": condition, "layer": l, "t": t, "reason": "cell not in the control store"}
+            skipped += [SkippedCell(condition, l, t, "cell not in the control store")
                         for l, t in cells if (l, t) not in available]
         for group, features in _feature_groups(source, available, config):
             for (condition, name), per_cell in _fit(features.to(device), batch_tasks, config).items():
@@ -110,15 +111,15 @@ def run_probes(store: str, config: ProbeConfig, *, progress: bool = True,
                     found = scores.pop("_weights", None)
                     if weights is not None and found is not None and condition == "trained":
                         weights[f"{name}/{cell[0]}/t={cell[1]}"] = {**found, "classes": tasks[name].labels.classes}
-                    results.append({"label": name, "layer": cell[0], "t": cell[1], "condition": condition,
-                                    "head": config.head, **scores})
+                    results.append(ProbeCell(label=name, layer=cell[0], t=cell[1], condition=condition,
+                                             head=config.head, **scores))
             if progress:
                 print(f"  fitted {len(group)} cells x {len(batch_tasks)} label tasks")
-    return {"store": str(store), "config": _config_json(config), "cells": [list(c) for c in cells],
-            "labels": {n: {"classes": t.labels.classes, "missing_rows": t.labels.missing} for n, t in tasks.items()},
-            "split": {"by": config.split_column or "hash", "salt": split.spec.salt, "images": split.counts()},
-            "split_by_image": split.by_image, "results": results, "skipped": skipped,
-            "seconds": round(time.perf_counter() - start, 2)}
+    return ProbeResults(
+        store=str(store), config=_config_json(config), cells=cells,
+        labels={n: LabelInfo(t.labels.classes, t.labels.missing) for n, t in tasks.items()},
+        split=SplitInfo(config.split_column or "hash", split.spec.salt, split.counts()),
+        split_by_image=split.by_image, results=results, skipped=skipped, seconds=round(time.perf_counter() - start, 2))
 
 
 # ---- inputs ---------------------------------------------------------------------------------------

@@ -87,11 +87,14 @@ def run_demo(out: Path, *, shapes_world: ShapesWorld | None = None, config: Demo
                                                         random_init_store=str(out / "store_random_init")),
                         progress=False)
     write_probe_outputs(probes, out / "probes")
+    nan = float("nan")
     for row in summary_rows(probes):
-        print(f"probe {row['label']}: cell chosen on validation {row['best_layer']} @ t={row['best_t']}, test "
-              f"{row['best_accuracy']:.3f} (random-init {row.get('random_init_best_accuracy', float('nan')):.3f}, "
-              f"shuffled mean {row.get('shuffled_mean_accuracy', float('nan')):.3f}; max over cells of test accuracy, "
-              f"biased: {row['test_max_accuracy']:.3f}, random-init {row.get('random_init_test_max_accuracy', float('nan')):.3f})")
+        random_init, shuffled = row.control("random_init"), row.control("shuffled")
+        print(f"probe {row.label}: cell chosen on validation {row.best_layer} @ t={row.best_t}, test "
+              f"{row.best_accuracy:.3f} (random-init {random_init.best_accuracy if random_init else nan:.3f}, "
+              f"shuffled mean {shuffled.mean_accuracy if shuffled else nan:.3f}; max over cells of test accuracy, "
+              f"biased: {row.test_max_accuracy:.3f}, random-init "
+              f"{random_init.test_max_accuracy if random_init else nan:.3f})")
 
     summaries, features, links, examples = [], [], [], []
     for layer in config.sae_layers:
@@ -137,7 +140,8 @@ def run_demo(out: Path, *, shapes_world: ShapesWorld | None = None, config: Demo
                      "eval": _load_json(shapes_world.directory / "eval.json")},
         "capture": {"store": str(out / "store"), "rows": reader.num_rows, "verified": verified,
                     "layers": reader.manifest.layers, "timesteps": reader.manifest.timesteps},
-        "probes": {k: v for k, v in probes.items() if k != "split_by_image"} | {"summary": summary_rows(probes)},
+        "probes": {k: v for k, v in probes.to_json().items() if k != "split_by_image"}
+        | {"summary": [row.to_json() for row in summary_rows(probes)]},
         "sae": [{"summary": s, "features": {k: f[k] for k in (
             "best_latent_per_value", "values_with_auroc_ge_0.95", "values_total", "baselines", "attribution", "heldout",
             "per_location", "caption_labels", "words") if k in f}} for s, f in zip(summaries, features)],
