@@ -28,6 +28,7 @@ from diffdissect.directions.prompts import expand_template, parse_slot_args
 from diffdissect.directions.text import term_indicators, terms_of
 from diffdissect.errors import DataError, DiffdissectError, ModelLoadError, SpecError
 from diffdissect.models import load_target
+from diffdissect.result import to_json_value
 
 
 # ---- prompt sets ---------------------------------------------------------------------------------------------------
@@ -242,8 +243,8 @@ def test_clustering_recovers_groups_once_a_dominant_nuisance_family_is_projected
     labels = [str(g) for g in groups]
     raw = ari_with_null(labels, cluster_prompts(means, 3), permutations=200)
     removed = ari_with_null(labels, cluster_prompts(project_out(means - means.mean(0), colour_dirs), 3), permutations=200)
-    assert removed["ari"] == pytest.approx(1.0) and removed["p_value"] < 0.01
-    assert raw["ari"] < 0.5
+    assert removed.ari == pytest.approx(1.0) and removed.p_value < 0.01
+    assert raw.ari < 0.5
 
 
 def test_cluster_remove_takes_several_families_and_pooling_frees_position():
@@ -272,9 +273,14 @@ def test_cluster_remove_takes_several_families_and_pooling_frees_position():
     config.validate()
     both = np.concatenate([colour_dirs, size_dirs])
     pooled = _cluster_step(latents, prompt_index, config, both, (c, hw, hw))
-    assert pooled["removed"]["ari"] == pytest.approx(1.0) and pooled["removed"]["family"] == ["colour", "size"]
-    assert _cluster_step(latents, prompt_index, config, colour_dirs, (c, hw, hw))["removed"]["ari"] < 0.5
-    assert pooled["raw"]["ari"] < 0.5 and pooled["pooling"] == "mean"
+    assert pooled.removed is not None and pooled.removed.ari == pytest.approx(1.0)
+    assert pooled.removed.family == ["colour", "size"]
+    assert _cluster_step(latents, prompt_index, config, colour_dirs, (c, hw, hw)).fits()["removed"].ari < 0.5
+    assert pooled.raw.ari < 0.5 and pooled.pooling == "mean"
+    data = pooled.to_json()                  # the keys results.json has always had, and back
+    assert list(data) == ["k", "prompts", "groups", "pooling", "raw", "removed"]
+    assert list(data["removed"]) == ["ari", "p_value", "null_q95", "clusters", "family"] and "family" not in data["raw"]
+    assert type(pooled).from_json(json.loads(json.dumps(data))) == pooled
     with pytest.raises(SpecError, match="cluster_pooling"):
         DirectionsConfig(prompts=prompts, cluster_pooling="max").validate()
 
@@ -380,7 +386,10 @@ def test_run_end_to_end_and_resume_after_an_interruption(tmp_path, sd_dir, monke
     q = full["bias"]["mid_block"]["colour"]["a square"]
     assert set(q) == {str(t) for t in full["timesteps"]} and q[str(full["timesteps"][0])]["references"]
     assert (tmp_path / "full" / "directions" / "mid_block.safetensors").is_file()
-    assert set(full["clusters"]["up_blocks.1"][str(full["timesteps"][-1])]) >= {"raw", "removed", "k"}
+    step = full["clusters"]["up_blocks.1"][str(full["timesteps"][-1])]
+    assert step.removed is not None and step.k == len(set(step.groups))
+    on_disk = json.loads((tmp_path / "full" / "results.json").read_text())["clusters"]["up_blocks.1"]
+    assert type(step).from_json(on_disk[str(full["timesteps"][-1])]) == step
 
     # interrupt after the first committed shard, then resume: the first shard is not sampled again
     from diffdissect.store import writer as store_writer
@@ -401,7 +410,8 @@ def test_run_end_to_end_and_resume_after_an_interruption(tmp_path, sd_dir, monke
     resumed = run_directions(target, _config(), tmp_path / "resumed", None, progress=False)
     assert resumed["cost"]["sampled_this_run"] == 18 - 4
     for key in ("bias", "clusters", "prompt_profiles"):
-        assert json.dumps(resumed[key], sort_keys=True) == json.dumps(full[key], sort_keys=True)
+        assert json.dumps(to_json_value(resumed[key]), sort_keys=True) == json.dumps(to_json_value(full[key]),
+                                                                                     sort_keys=True)
 
 
 def test_captions_resume_and_failures_are_recorded(tmp_path, sd_dir):

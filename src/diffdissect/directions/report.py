@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffdissect.directions.cluster import ClusterStep
 from diffdissect.report import Report, Section, bar_chart, heatmap, image_grid
 
 
@@ -79,17 +80,17 @@ def directions_section(report: Report, results: dict[str, Any], run_dir: str | P
                   f"({max(world_check['image_rate_max_error'].values()):.3f})"]],
                 "the shapes world: what was planted vs what was found")
     if results["clusters"]:
-        clusters = results["clusters"][layer][str(t)]
-        rows = [[kind, f"{clusters[kind]['ari']:.3f}", f"{clusters[kind]['p_value']:.4f}", f"{clusters[kind]['null_q95']:.3f}"]
-                for kind in ("raw", "removed") if kind in clusters]
+        clusters: ClusterStep = results["clusters"][layer][str(t)]
+        fits = clusters.fits()
+        rows = [[kind, f"{fit.ari:.3f}", f"{fit.p_value:.4f}", f"{fit.null_q95:.3f}"] for kind, fit in fits.items()]
         s.table(["prompt latents", "ARI", "p (labels permuted)", "null 95%"], rows,
-                f"k-means (k={clusters['k']}) on prompt latents vs the {cfg['cluster_by']} grouping"
+                f"k-means (k={clusters.k}) on prompt latents vs the {cfg['cluster_by']} grouping"
                 + (f"; 'removed': the {', '.join(cfg['cluster_remove'])} directions projected out first" if cfg["cluster_remove"] else "")
                 + (f"; each sample's map {cfg['cluster_pooling']}-pooled over positions first"
                    if cfg.get("cluster_pooling", "none") != "none" else ""))
-        kind = "removed" if "removed" in clusters else "raw"
+        kind = "removed" if "removed" in fits else "raw"
         members: dict[int, list[str]] = {}
-        for prompt, c in zip(clusters["prompts"], clusters[kind]["clusters"]):
+        for prompt, c in zip(clusters.prompts, fits[kind].clusters):
             members.setdefault(c, []).append(prompt)
         s.table(["cluster", "prompts"], [[c, ", ".join(p)] for c, p in sorted(members.items())], f"clusters ({kind})")
     _sample_grids(s, results, Path(run_dir), grid_samples)

@@ -34,7 +34,15 @@ from diffdissect.directions.bias import (
     seed_halves,
 )
 from diffdissect.directions.captioners import Captioner, caption_images
-from diffdissect.directions.cluster import ari_with_null, cluster_prompts, project_out, prompt_means, spatial_mean
+from diffdissect.directions.cluster import (
+    ClusterFit,
+    ClusterStep,
+    ari_with_null,
+    cluster_prompts,
+    project_out,
+    prompt_means,
+    spatial_mean,
+)
 from diffdissect.directions.compute import METHODS, cosine_to_directions, directions
 from diffdissect.directions.prompts import Prompt
 from diffdissect.directions.text import term_indicators
@@ -42,6 +50,7 @@ from diffdissect.errors import DataError, SpecError
 from diffdissect.lock import DirectoryLock
 from diffdissect.models.target import Target
 from diffdissect.paths import safe_name
+from diffdissect.result import to_json_value
 from diffdissect.store import open_store
 from diffdissect.store.writer import canonical_safetensors
 
@@ -200,8 +209,8 @@ def _run_directions(target: Target, config: DirectionsConfig, out: Path, caption
                                                                    "method": config.method})
     results["summary"] = summarise(results, config)
     # the file holds what a rerun reproduces byte for byte; how much this particular run sampled is only returned
-    atomic_write_json(out / "results.json", {**results, "cost": {k: v for k, v in cost.items()
-                                                                if k != "sampled_this_run"}})
+    atomic_write_json(out / "results.json", to_json_value({**results, "cost": {k: v for k, v in cost.items()
+                                                                              if k != "sampled_this_run"}}))
     return results
 
 
@@ -325,7 +334,7 @@ def _bias_step(questions, profile: np.ndarray, rows_of: dict[str, np.ndarray], i
 
 
 def _cluster_step(latents: np.ndarray, prompt_index: np.ndarray, config: DirectionsConfig,
-                  nuisance: np.ndarray | None, shape: tuple[int, ...] = ()) -> dict[str, Any]:
+                  nuisance: np.ndarray | None, shape: tuple[int, ...] = ()) -> ClusterStep:
     prompts = config.prompts
     chosen = [i for i, p in enumerate(prompts) if config.cluster_by in p.slots]
     groups = [prompts[i].slots[config.cluster_by] for i in chosen]
@@ -334,15 +343,16 @@ def _cluster_step(latents: np.ndarray, prompt_index: np.ndarray, config: Directi
         latents = spatial_mean(latents, shape)
         nuisance = spatial_mean(nuisance, shape) if nuisance is not None else None
     means = prompt_means(latents, prompt_index, len(prompts))[chosen]
-    out = {"k": k, "prompts": [prompts[i].text for i in chosen], "groups": groups, "pooling": config.cluster_pooling}
-    clusters = cluster_prompts(means, k, config.seed)
     permutations = min(config.permutations, 1000)
-    out["raw"] = {**ari_with_null(groups, clusters, permutations, config.seed), "clusters": clusters.tolist()}
-    if nuisance is not None:
-        clusters = cluster_prompts(project_out(means - means.mean(0), nuisance), k, config.seed)
-        out["removed"] = {**ari_with_null(groups, clusters, permutations, config.seed), "clusters": clusters.tolist(),
-                          "family": config.cluster_remove}
-    return out
+
+    def fit(clusters: np.ndarray, family: list[str] | None = None) -> ClusterFit:
+        score = ari_with_null(groups, clusters, permutations, config.seed)
+        return ClusterFit(score.ari, score.p_value, score.null_q95, clusters.tolist(), family)
+
+    raw = fit(cluster_prompts(means, k, config.seed))
+    removed = (fit(cluster_prompts(project_out(means - means.mean(0), nuisance), k, config.seed),
+                   list(config.cluster_remove)) if nuisance is not None else None)
+    return ClusterStep(k, [prompts[i].text for i in chosen], groups, config.cluster_pooling, raw, removed)
 
 
 def summarise(results: dict[str, Any], config: DirectionsConfig) -> dict[str, Any]:
@@ -372,7 +382,7 @@ def summarise(results: dict[str, Any], config: DirectionsConfig) -> dict[str, An
         out["families"][family] = entry
     if results["clusters"]:
         per_t = results["clusters"][layer]
-        out["clusters"] = {kind: {"at_headline": per_t[t][kind]["ari"],
-                                  "mean_over_steps": float(np.mean([v[kind]["ari"] for v in per_t.values()]))}
-                           for kind in ("raw", "removed") if kind in per_t[t]}
+        out["clusters"] = {kind: {"at_headline": fit.ari,
+                                  "mean_over_steps": float(np.mean([v.fits()[kind].ari for v in per_t.values()]))}
+                           for kind, fit in per_t[t].fits().items()}
     return out
