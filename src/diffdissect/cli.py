@@ -15,6 +15,7 @@ from diffdissect.runtime import quiet_libraries, version
 def build_parser() -> argparse.ArgumentParser:
     from diffdissect.invert.train import InvertTrainConfig
     from diffdissect.options import add_config_arguments
+    from diffdissect.probe import ProbeConfig, SplitSpec
     from diffdissect.sae.attribution import AttributionConfig
     from diffdissect.world.demo import DemoConfig
     from diffdissect.world.evaluate import EvalConfig
@@ -83,26 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("probe", help="a probe per (layer, t) cell of a store, with splits, controls and CIs")
     p.add_argument("store", help="activation store directory")
-    p.add_argument("--labels", nargs="+", required=True, help="label columns to probe, e.g. label shape colour")
-    p.add_argument("--layers", nargs="+", default=None, help="layers to probe [every stored layer]")
-    p.add_argument("--timesteps", nargs="+", type=int, default=None, help="timesteps to probe [every stored t]")
-    p.add_argument("--head", choices=["linear", "attentive"], default="linear",
-                   help="linear: logistic regression on pooled features; attentive: a small head on spatial maps")
-    p.add_argument("--split-fractions", dest="split", nargs=3, type=float, default=[0.6, 0.2, 0.2],
-                   metavar=("TRAIN", "VAL", "TEST"),
-                   help="image fractions per split [0.6 0.2 0.2]")
-    p.add_argument("--split-column", default=None, help="use this column's train/val/test values as the split")
-    p.add_argument("--l2", nargs="+", type=float, default=None, help="L2 strengths to choose from on validation")
-    p.add_argument("--shuffled-control", action="store_true", help="control: labels shuffled across images")
-    p.add_argument("--random-init-store", default=None,
-                   help="control: the same capture from `diffdissect capture --random-init`")
-    p.add_argument("--drop-missing", action="store_true", help="probe without rows whose label is missing")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs [2000]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="where the probes are fitted: cpu, cuda, cuda:N, mps [cpu]")
-    p.add_argument("--solver", choices=["auto", "batched", "lbfgsb"], default="auto",
-                   help="linear probes: lbfgsb (scipy per problem), batched (all cells at once), auto (lbfgsb on "
-                        "the CPU, batched elsewhere) [auto]")
+    add_config_arguments(p, ProbeConfig, exclude=["split", "max_iter", "batch_mb"], flags={"l2_grid": "--l2"})
+    p.add_argument("--split-fractions", dest="split", nargs=3, type=float, default=[SplitSpec().train, SplitSpec().val, SplitSpec().test],
+                   metavar=("TRAIN", "VAL", "TEST"), help="image fractions per split [0.6 0.2 0.2]")
     p.add_argument("--out", required=True, help="output directory (probes.json/.csv, splits.csv, heatmaps, report)")
     p.set_defaults(func=cmd_probe)
 
@@ -568,15 +552,11 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    from diffdissect.options import config_from_args
     from diffdissect.probe import ProbeConfig, SplitSpec, probe_section, run_probes, summary_rows, write_probe_outputs
-    from diffdissect.probe.linear import DEFAULT_L2_GRID
     from diffdissect.report import Report
 
-    config = ProbeConfig(labels=args.labels, layers=args.layers, timesteps=args.timesteps, head=args.head,
-                         split=SplitSpec(*args.split), split_column=args.split_column,
-                         l2_grid=tuple(args.l2 or DEFAULT_L2_GRID), shuffled_control=args.shuffled_control,
-                         random_init_store=args.random_init_store, drop_missing=args.drop_missing,
-                         bootstrap=args.bootstrap, seed=args.seed, device=args.device, solver=args.solver)
+    config = config_from_args(ProbeConfig, args, split=SplitSpec(*args.split))
     weights: dict[str, Any] = {}
     results = run_probes(args.store, config, weights=weights)
     paths = write_probe_outputs(results, args.out, weights=weights)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,22 +26,36 @@ from diffdissect.store import StoreReader, open_store
 @dataclass
 class ProbeConfig:
     labels: list[str]
-    layers: list[str] | None = None          # [every stored layer]
-    timesteps: list[int] | None = None       # [every stored t]
-    head: str = "linear"                     # or "attentive" (spatial stores)
+    """label columns to probe, e.g. label shape colour"""
+    layers: list[str] | None = None
+    """layers to probe [every stored layer]"""
+    timesteps: list[int] | None = None
+    """timesteps to probe [every stored t]"""
+    head: Literal["linear", "attentive"] = "linear"
+    """linear: logistic regression on pooled features; attentive: a small head on spatial maps"""
     split: SplitSpec = field(default_factory=SplitSpec)
-    split_column: str | None = None          # a store column with train / val / test instead
+    """image fractions per split (train, val, test) and the salt of the split's hash"""
+    split_column: str | None = None
+    """use this store column's train/val/test values as the split"""
     l2_grid: tuple[float, ...] = DEFAULT_L2_GRID
+    """L2 strengths to choose from on validation"""
     shuffled_control: bool = False
-    random_init_store: str | None = None     # the same capture from a randomly initialised model
+    """control: labels shuffled across images"""
+    random_init_store: str | None = None
+    """control: the same capture from `diffdissect capture --random-init`"""
     drop_missing: bool = False
+    """probe without rows whose label is missing"""
     bootstrap: int = 2000
+    """bootstrap resamples for the CIs"""
     seed: int = 0
+    """seed of the shuffled control and the bootstrap"""
     max_iter: int = 500
-    batch_mb: float = 1024.0                 # feature memory per batched fit
+    """optimiser iterations per linear probe"""
+    batch_mb: float = 1024.0
+    """feature memory per batched fit, in MB"""
     device: str = "cpu"
     """where the probes are fitted: cpu, cuda, cuda:N, mps"""
-    solver: str = "auto"
+    solver: Literal["auto", "batched", "lbfgsb"] = "auto"
     """linear probes: lbfgsb (scipy per problem, warm-started down the L2 grid), batched (every cell at once),
     or auto (lbfgsb on the CPU, batched on an accelerator)"""
 
