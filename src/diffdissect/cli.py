@@ -489,7 +489,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         skipped = len(manifest.skipped)
         print(f"wrote {manifest.rows} rows x {len(manifest.layers)} layers x {len(manifest.timesteps)} timesteps "
               f"to {args.out}" + (f" ({skipped} unreadable inputs skipped; see `diffdissect store info`)" if skipped else "")
-              + (f" with {dist.world} ranks" if dist.enabled else ""))
+              + (f" with {dist.world_size} ranks" if dist.enabled else ""))
     return 0
 
 

@@ -93,7 +93,7 @@ def _capture_chunks(target: Target, source: ImageSource, spec: CaptureSpec, laye
                     shapes: dict[str, tuple[int, ...]], shard_size: int, count: int, writer: StoreWriter,
                     out: str | Path, progress: bool, dist: Dist, levels: Any) -> Manifest:
     recorder = LayerRecorder(target.denoiser, layers, early_exit=spec.early_exit)
-    desc = f"capture (rank {dist.rank}/{dist.world})" if dist.enabled else "capture"
+    desc = f"capture (rank {dist.rank}/{dist.world_size})" if dist.enabled else "capture"
     with recorder, tqdm(total=count, unit="img", desc=desc, disable=not progress or not dist.is_main) as bar:
         for chunk, start in enumerate(range(0, count, shard_size)):
             stop = min(start + shard_size, count)
