@@ -14,6 +14,7 @@ from diffdissect.runtime import quiet_libraries, version
 
 def build_parser() -> argparse.ArgumentParser:
     from diffdissect.invert.train import InvertTrainConfig
+    from diffdissect.capture.spec import CaptureSpec, TrajectorySpec
     from diffdissect.options import add_config_arguments
     from diffdissect.probe import ProbeConfig, SplitSpec
     from diffdissect.sae.attribution import AttributionConfig
@@ -44,31 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--caption-column", default=None, help="caption column (CSV: [caption])")
     src.add_argument("--prompts", nargs="+", help="trajectory mode: sample these prompts (DiT: class ids/names)")
     src.add_argument("--prompt-file", help="trajectory mode: one prompt per line")
-    p.add_argument("--layers", nargs="+", required=True,
-                   help="module paths, e.g. mid_block up_blocks.1; suffix @input, @update (output - input), "
-                   "@text (a joint block's text stream)")
-    p.add_argument("--timesteps", nargs="+", type=int, default=[100],
-                   help="training-schedule indices in [0, T), larger = noisier [100]")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="noise seeds per input [0]")
-    p.add_argument("--sigmas", nargs="+", type=float, default=None,
-                   help="flow-matching models: noise levels as sigma in (0, 1] instead of --timesteps")
-    p.add_argument("--guidance-embedding", type=float, default=None,
-                   help="guidance-distilled FLUX (dev): the guidance embedding's value [the pipeline's, 3.5]")
-    p.add_argument("--prompt", default=None, help="fixed prompt for every image (default: empty prompt)")
-    p.add_argument("--use-captions", action="store_true", help="condition each image on its caption")
-    p.add_argument("--class-label", type=int, default=None, help="class-conditional: fixed class id")
-    p.add_argument("--labels-as-classes", action="store_true", help="class-conditional: each image's label")
-    p.add_argument("--pooling", choices=["mean", "none"], default="mean")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="stored dtype")
-    p.add_argument("--tokens-to-grid", action="store_true", help="reshape (B, N, D) tokens to (B, D, h, w)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--shard-size", type=int, default=None, help="inputs per shard [auto from --shard-mb]")
-    p.add_argument("--shard-mb", type=float, default=256.0)
-    p.add_argument("--limit", type=int, default=None, help="capture only the first N inputs")
-    p.add_argument("--no-early-exit", action="store_true", help="run the full forward even when not needed")
-    p.add_argument("--steps", type=int, default=10, help="trajectory mode: sampler steps [10]")
-    p.add_argument("--guidance", type=float, default=7.5, help="trajectory mode: guidance scale [7.5]")
-    p.add_argument("--branch", choices=["cond", "uncond"], default="cond", help="trajectory mode: CFG half")
+    add_config_arguments(p, CaptureSpec, required=["layers"])
+    add_config_arguments(p, TrajectorySpec, only=["steps", "guidance_scale", "branch"],
+                         flags={"guidance_scale": "--guidance"})
     p.add_argument("--out", required=True, help="store directory (resumed if it holds the same capture)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_capture)
@@ -482,7 +461,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         spec = CaptureSpec(timesteps=args.timesteps, prompt=args.prompt, use_captions=args.use_captions,
                            class_label=args.class_label, labels_as_classes=args.labels_as_classes,
                            shard_size=args.shard_size, shard_mb=args.shard_mb, limit=args.limit,
-                           early_exit=not args.no_early_exit, sigmas=args.sigmas,
+                           early_exit=args.early_exit, sigmas=args.sigmas,
                            guidance_embedding=args.guidance_embedding, **common)
         manifest = capture(target, _source(args), spec, args.out, progress=not args.quiet, dist=dist)
     if dist.is_main:

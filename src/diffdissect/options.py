@@ -117,7 +117,8 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                             "option's help).")
         default = _default(f)
         kwargs = _argparse_kwargs(hints[f.name], default)
-        shown = "" if default in (None, dataclasses.MISSING) or kwargs.get("action") else f" [{_show(default)}]"
+        hidden = default in (None, dataclasses.MISSING) or kwargs.get("action") or f.name in needed
+        shown = "" if hidden else f" [{_show(default)}]"
         if f.name in needed or default is dataclasses.MISSING:
             kwargs["required"] = True
         else:
