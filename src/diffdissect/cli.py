@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     from diffdissect.capture.spec import CaptureSpec, TrajectorySpec
     from diffdissect.options import add_config_arguments
     from diffdissect.probe import ProbeConfig, SplitSpec
+    from diffdissect.sae.sweep import SWEPT as SAE_SWEPT
+    from diffdissect.sae.train import TrainConfig as SAETrainConfig
     from diffdissect.sae.attribution import AttributionConfig
     from diffdissect.world.demo import DemoConfig
     from diffdissect.world.evaluate import EvalConfig
@@ -73,23 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sae.add_parser("train", help="train TopK SAEs: every combination of --layers x --timesteps x --k x --expansion")
     p.add_argument("store", help="activation store directory")
     p.add_argument("--config", default=None, help="JSON file of training options (flags given here override it)")
-    p.add_argument("--layers", nargs="+", default=None, help="layers [from --config]")
-    p.add_argument("--timesteps", nargs="+", type=int, default=None, help="timesteps [from --config]")
-    p.add_argument("--k", nargs="+", type=int, default=None, help="active latents per token [32]")
-    p.add_argument("--expansion", nargs="+", type=int, default=None, help="n_latents = expansion x d_in [8]")
-    p.add_argument("--n-latents", type=int, default=None, help="dictionary size (instead of --expansion)")
-    p.add_argument("--variant", choices=["topk", "batchtopk"], default=None)
-    p.add_argument("--tokens", action="store_true", default=None,
-                   help="every spatial location is a token (needs a --pooling none capture)")
-    p.add_argument("--lr", type=float, default=None, help="[2e-4 / sqrt(n_latents / 2^14)]")
-    p.add_argument("--batch-size", type=int, default=None, help="tokens per step [4096]")
-    p.add_argument("--train-steps", dest="steps", type=int, default=None, help="optimiser steps (instead of --epochs)")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the training tokens [10]")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="where the SAE trains: cpu, cuda, cuda:N, mps [cpu]")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the dense encoder matmul; weights stay float32 [float32]")
-    p.add_argument("--mix-shards", type=int, default=None, help="shuffle buffer, in shards [4]")
+    add_config_arguments(p, SAETrainConfig, unset=True, several=SAE_SWEPT,
+                         exclude=["aux_alpha", "dead_window", "heldout_fraction", "normalise", "checkpoint_every"],
+                         flags={"layer": "--layers", "t": "--timesteps", "steps": "--train-steps"})
     p.add_argument("--out", required=True, help="runs directory: one sub-directory per SAE (resumed if present)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sae_train)
@@ -556,10 +544,11 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     from diffdissect.sae import train_saes
     from diffdissect.sae.sweep import sweep_configs
 
-    flags = {"layer": args.layers, "t": args.timesteps, "k": args.k, "expansion": args.expansion,
-             "n_latents": args.n_latents, "variant": args.variant, "tokens": args.tokens, "lr": args.lr,
-             "batch_size": args.batch_size, "steps": args.steps, "epochs": args.epochs, "seed": args.seed,
-             "device": args.device, "dtype": args.dtype, "mix_shards": args.mix_shards}
+    from dataclasses import fields
+
+    from diffdissect.sae.train import TrainConfig
+
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     file_options = json.loads(Path(args.config).read_text()) if args.config else {}
     from diffdissect.distributed import from_env
 

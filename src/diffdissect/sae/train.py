@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -46,25 +46,42 @@ class NonFiniteTrainingError(DiffdissectError):
 @dataclass
 class TrainConfig:
     layer: str
+    """the store layer the SAE reads"""
     t: int
-    tokens: bool = False                 # every spatial location is a token (else pooled rows)
-    expansion: int | None = 8            # n_latents = expansion * d_in, unless n_latents is given
+    """the stored timestep the SAE reads"""
+    tokens: bool = False
+    """every spatial location is a token (needs a --pooling none capture); else pooled rows"""
+    expansion: int | None = 8
+    """n_latents = expansion x d_in, unless n_latents is given"""
     n_latents: int | None = None
+    """dictionary size (instead of expansion)"""
     k: int = 32
-    variant: str = "topk"
+    """active latents per token"""
+    variant: Literal["topk", "batchtopk"] = "topk"
+    """topk: k latents per token; batchtopk: k per token on average over a batch"""
     lr: float | None = None
+    """learning rate [2e-4 / sqrt(n_latents / 2^14)]"""
     batch_size: int = 4096
-    steps: int | None = None             # or epochs
+    """tokens per step"""
+    steps: int | None = None
+    """optimiser steps (instead of epochs)"""
     epochs: float | None = None
+    """passes over the training tokens [10]"""
     aux_alpha: float = 1 / 32
-    dead_window: int | None = None       # tokens without firing that make a latent dead [min(10M, 1 epoch)]
+    """weight of the auxiliary loss that revives dead latents"""
+    dead_window: int | None = None
+    """tokens without firing that make a latent dead [min(10M, 1 epoch)]"""
     heldout_fraction: float = 0.1
+    """fraction of the data held out for the metrics"""
     normalise: str = "scale"
+    """input normalisation: scale (E||x||^2 = d_in) or none"""
     seed: int = 0
+    """seed of the initialisation and the batch order"""
     checkpoint_every: int = 250
+    """optimiser steps between checkpoints"""
     device: str = "cpu"
     """where the SAE trains: cpu, cuda, cuda:N, mps (a checkpoint resumes on any device)"""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the dense encoder matmul (float32, bfloat16, float16); weights and optimiser stay float32"""
     mix_shards: int = 4
     """the shuffle buffer, in shards: each batch mixes tokens from row ranges of every shard in a pool this big"""
