@@ -15,6 +15,7 @@ from diffdissect.runtime import quiet_libraries, version
 def build_parser() -> argparse.ArgumentParser:
     from diffdissect.invert.train import InvertTrainConfig
     from diffdissect.capture.spec import CaptureSpec, TrajectorySpec
+    from diffdissect.directions import DirectionsConfig
     from diffdissect.options import add_config_arguments
     from diffdissect.probe import ProbeConfig, SplitSpec
     from diffdissect.sae.sweep import SWEPT as SAE_SWEPT
@@ -115,11 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "transformers image-to-text directory [none]")
     p.add_argument("--family", nargs="+", default=None, help="descriptor families: NAME=word1,word2 ...")
     p.add_argument("--subjects", nargs="+", default=None, help="subject prompts whose defaults to measure")
-    p.add_argument("--cluster-by", default=None, help="a template slot whose grouping the clustering is scored on")
-    p.add_argument("--cluster-remove", nargs="+", default=[], metavar="FAMILY",
-                   help="--family names whose directions are projected out first (several: every nuisance family)")
-    p.add_argument("--cluster-pooling", choices=("none", "mean"), default="none",
-                   help="per-sample summary before a prompt's mean: none (the map) or mean (position-free)")
+    add_config_arguments(p, DirectionsConfig, only=["cluster_by", "cluster_remove", "cluster_pooling"])
     p.set_defaults(func=cmd_directions_run)
     p = directions.add_parser("world", help="the analysis on the shapes world, checked against the planted defaults")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
@@ -272,17 +269,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _directions_args(p: argparse.ArgumentParser, world: bool = False) -> None:
     p.add_argument("--n-seeds", dest="seeds", type=int, default=256 if world else 32, help="seeds per prompt (0..N-1)")
-    p.add_argument("--layers", nargs="+", default=["mid_block"], help="layers to record [mid_block: h-space]")
-    p.add_argument("--steps", type=int, default=10, help="sampler steps [10]")
-    if not world:
-        p.add_argument("--guidance", type=float, default=7.5, help="guidance scale [7.5]")
-    p.add_argument("--batch-size", type=int, default=64, help="trajectories per sampler call and per committed shard [64]")
-    p.add_argument("--method", choices=["mean_difference", "ridge"], default="mean_difference")
+    from diffdissect.directions import DirectionsConfig
+    from diffdissect.options import add_config_arguments
+
+    add_config_arguments(p, DirectionsConfig, only=["layers", "steps", "batch_size", "method", "permutations",
+                                                    "resamples"] + ([] if world else ["guidance_scale"]),
+                         flags={"guidance_scale": "--guidance"})
     p.add_argument("--source", choices=["captions", "prompts"], default=None,
                    help="texts the directions come from [captions with a captioner, else prompts]")
     p.add_argument("--headline-step", default="last", help="timestep of the headline figures [last]")
-    p.add_argument("--permutations", type=int, default=2000)
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--out", required=True, help="run directory (resumed if interrupted)")
     p.add_argument("--quiet", action="store_true")
 
@@ -642,7 +637,7 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
     captioner = (None if args.captioner == "none" else _shapes_world(args).captioner() if args.captioner == "world"
                  else load_captioner(args.captioner))
     source = args.source or ("captions" if captioner else "prompts")
-    config = DirectionsConfig(prompts=prompts, guidance_scale=args.guidance, text_source=source,
+    config = DirectionsConfig(prompts=prompts, guidance_scale=args.guidance_scale, text_source=source,
                               bias=[BiasSpec(name, words, list(args.subjects)) for name, words in families.items()],
                               cluster_by=args.cluster_by, cluster_remove=args.cluster_remove,
                               cluster_pooling=args.cluster_pooling, **_directions_options(args))

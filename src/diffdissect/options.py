@@ -124,7 +124,7 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         kwargs = _argparse_kwargs(hints[f.name], default)
         if f.name in several and "nargs" not in kwargs and "action" not in kwargs:
             kwargs["nargs"] = "+"
-        hidden = default in (None, dataclasses.MISSING) or kwargs.get("action") or f.name in needed
+        hidden = default in (None, dataclasses.MISSING, [], ()) or kwargs.get("action") or f.name in needed
         shown = "" if hidden else f" [{_show(default)}]"
         if f.name in needed or (default is dataclasses.MISSING and not unset):
             kwargs["required"] = True

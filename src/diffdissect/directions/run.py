@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -61,31 +61,51 @@ class BiasSpec:
 @dataclass
 class DirectionsConfig:
     prompts: list[Prompt]
+    """the prompts sampled (each with its template slots, if any)"""
     seeds: list[int] = field(default_factory=lambda: list(range(32)))
+    """noise seeds per prompt"""
     layers: list[str] = field(default_factory=lambda: ["mid_block"])
+    """layers to record (mid_block: h-space)"""
     steps: int = 10
+    """sampler steps"""
     guidance_scale: float = 7.5
+    """guidance scale"""
     batch_size: int = 64
-    shard_size: int | None = None             # trajectories per committed shard (the unit of resume) [batch_size]
+    """trajectories per sampler call and per committed shard"""
+    shard_size: int | None = None
+    """trajectories per committed shard (the unit of resume) [batch_size]"""
     dtype: str = "float16"
-    method: str = "mean_difference"          # or "ridge"
-    text_source: str = "captions"             # the texts directions come from: captions or prompts
+    """stored dtype of the recorded activations"""
+    method: Literal["mean_difference", "ridge"] = "mean_difference"
+    """how a word's direction is estimated: mean difference (with / without the word) or ridge regression"""
+    text_source: str = "captions"
+    """the texts directions come from: captions or prompts"""
     ridge_alpha: float = 1.0
-    max_words: int = 2                        # words and two-word phrases
+    """ridge regression's L2 strength"""
+    max_words: int = 2
+    """longest phrase a direction is made for (2: words and two-word phrases)"""
     min_count: int = 2
+    """a term needs at least this many samples with it and this many without it to get a direction"""
     bias: list[BiasSpec] = field(default_factory=list)
-    cluster_by: str | None = None             # a slot of the templates, e.g. "shape"
+    """descriptor families and the subjects whose defaults are measured over them"""
+    cluster_by: str | None = None
+    """a template slot whose grouping the clustering is scored on, e.g. shape"""
     cluster_remove: list[str] = field(default_factory=list)
     """bias families whose directions are all projected out before clustering (e.g. colour and size)"""
-    cluster_pooling: str = "none"
+    cluster_pooling: Literal["none", "mean"] = "none"
     """each sample's summary before the prompt mean: none (the flattened map) or mean (over positions)"""
     cross_fit: bool = True
     """score bias on directions estimated on the other half of the seeds (else in-sample, the old statistic)"""
-    headline_step: str | int = "last"         # "last" (the cleanest latent) or a timestep t
+    headline_step: str | int = "last"
+    """timestep of the headline figures: last (the cleanest latent) or a timestep t"""
     resamples: int = 2000
+    """bootstrap resamples"""
     permutations: int = 2000
+    """permutations of the significance tests"""
     save_directions: bool = True
+    """write the directions to the run directory"""
     seed: int = 0
+    """seed of the seed halves, the resampling and the clustering"""
 
     def validate(self) -> None:
         if self.method not in METHODS:
