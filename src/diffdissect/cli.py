@@ -13,14 +13,14 @@ from diffdissect.runtime import quiet_libraries, version
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffdissect.invert.train import InvertTrainConfig
     from diffdissect.capture.spec import CaptureSpec, TrajectorySpec
     from diffdissect.directions import DirectionsConfig
+    from diffdissect.invert.train import InvertTrainConfig
     from diffdissect.options import add_config_arguments
     from diffdissect.probe import ProbeConfig, SplitSpec
+    from diffdissect.sae.attribution import AttributionConfig
     from diffdissect.sae.sweep import SWEPT as SAE_SWEPT
     from diffdissect.sae.train import TrainConfig as SAETrainConfig
-    from diffdissect.sae.attribution import AttributionConfig
     from diffdissect.world.demo import DemoConfig
     from diffdissect.world.evaluate import EvalConfig
 
@@ -535,12 +535,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from diffdissect.paths import safe_name
     from diffdissect.sae import train_saes
     from diffdissect.sae.sweep import sweep_configs
-
-    from dataclasses import fields
-
     from diffdissect.sae.train import TrainConfig
 
     flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
