@@ -34,21 +34,21 @@ def test_invert_train_flag_defaults_are_the_config_defaults():
 # Commands and the configs whose fields their flags set. A flag named like a field has the field's default,
 # or None (meaning "from --config" or "derived"); the exceptions below say why they differ.
 def _command_configs():
-    from diffdissect.capture.spec import CaptureSpec, TrajectorySpec
+    from diffdissect.capture.spec import CaptureConfig, TrajectoryConfig
     from diffdissect.directions import DirectionsConfig
     from diffdissect.probe import ProbeConfig
     from diffdissect.sae import TrainConfig
     from diffdissect.world.demo import DemoConfig
     from diffdissect.world.evaluate import EvalConfig
 
-    return {("capture",): [CaptureSpec, TrajectorySpec], ("probe",): [ProbeConfig], ("sae", "train"): [TrainConfig],
+    return {("capture",): [CaptureConfig, TrajectoryConfig], ("probe",): [ProbeConfig], ("sae", "train"): [TrainConfig],
             ("directions", "run"): [DirectionsConfig], ("invert", "train"): [InvertTrainConfig],
             ("demo",): [DemoConfig], ("toy", "eval"): [EvalConfig]}
 
 
 DIFFERENT_ON_PURPOSE = {
     ("directions", "run", "seeds"),      # the flag is a count (seeds 0..n-1), the field the list
-    ("probe", "split"),                  # three fractions on the command line, a SplitSpec (with its salt) in the config
+    ("probe", "split"),                  # three fractions on the command line, a SplitConfig (with its salt) in the config
 }
 
 
@@ -173,7 +173,7 @@ def test_demo_options_build_its_config():
 
 # ---- probe, capture, sae train and directions: generated from their configs ---------------------------------------
 def _generated_commands():
-    from diffdissect.capture.spec import CaptureSpec, TrajectorySpec
+    from diffdissect.capture.spec import CaptureConfig, TrajectoryConfig
     from diffdissect.directions import DirectionsConfig
     from diffdissect.probe import ProbeConfig
     from diffdissect.sae import TrainConfig
@@ -184,7 +184,7 @@ def _generated_commands():
     directions = ["layers", "steps", "batch_size", "method", "permutations", "resamples"]
     return {
         ("probe",): every(ProbeConfig, "split", "max_iter", "batch_mb"),
-        ("capture",): every(CaptureSpec) + [(TrajectorySpec, n) for n in ("steps", "guidance_scale", "branch")],
+        ("capture",): every(CaptureConfig) + [(TrajectoryConfig, n) for n in ("steps", "guidance_scale", "branch")],
         ("sae", "train"): every(TrainConfig, "aux_alpha", "dead_window", "heldout_fraction", "normalise",
                                 "checkpoint_every"),
         ("directions", "run"): [(DirectionsConfig, n) for n in directions + ["guidance_scale", "cluster_by",
@@ -205,7 +205,7 @@ def test_probe_capture_sae_and_directions_options_are_their_config_fields():
 
 
 def test_generated_list_options_keep_their_form_and_build_configs():
-    from diffdissect.probe import ProbeConfig, SplitSpec
+    from diffdissect.probe import ProbeConfig, SplitConfig
     from diffdissect.sae.sweep import sweep_configs
     from diffdissect.sae.train import TrainConfig
 
@@ -218,11 +218,11 @@ def test_generated_list_options_keep_their_form_and_build_configs():
     args = parser.parse_args(["probe", "s", "--labels", "shape", "--layers", "a", "b", "--timesteps", "25", "200",
                               "--l2", "0.1", "1", "--split-fractions", "0.5", "0.25", "0.25", "--shuffled-control",
                               "--out", "o"])
-    config = config_from_args(ProbeConfig, args, split=SplitSpec(*args.split))
+    config = config_from_args(ProbeConfig, args, split=SplitConfig(*args.split))
     assert config == ProbeConfig(labels=["shape"], layers=["a", "b"], timesteps=[25, 200], l2_grid=(0.1, 1.0),
-                                 split=SplitSpec(0.5, 0.25, 0.25), shuffled_control=True)
+                                 split=SplitConfig(0.5, 0.25, 0.25), shuffled_control=True)
     default = parser.parse_args(["probe", "s", "--labels", "shape", "--out", "o"])
-    assert config_from_args(ProbeConfig, default, split=SplitSpec(*default.split)) == ProbeConfig(labels=["shape"])
+    assert config_from_args(ProbeConfig, default, split=SplitConfig(*default.split)) == ProbeConfig(labels=["shape"])
 
     args = parser.parse_args(["sae", "train", "s", "--layers", "a", "b", "--timesteps", "25", "200", "--k", "16",
                               "32", "--train-steps", "5", "--out", "o"])

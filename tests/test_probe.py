@@ -9,7 +9,7 @@ import torch
 
 from diffdissect.cli import main
 from diffdissect.errors import DataError, StoreError
-from diffdissect.probe import ProbeConfig, SplitSpec, fit_linear_probes, fit_sklearn_probe, run_probes, split_images
+from diffdissect.probe import ProbeConfig, SplitConfig, fit_linear_probes, fit_sklearn_probe, run_probes, split_images
 from diffdissect.probe.head import fit_attentive_head
 from diffdissect.stats import bootstrap_mean_ci
 from diffdissect.store import write_array_store
@@ -82,13 +82,13 @@ def test_bootstrap_ci_known_answers():
 
 def test_split_is_by_image_deterministic_and_order_free():
     ids = [f"im{i}" for i in range(100) for _ in range(3)]          # 3 seeds per image
-    split = split_images(ids, SplitSpec(0.6, 0.2, 0.2))
+    split = split_images(ids, SplitConfig(0.6, 0.2, 0.2))
     assert split.counts() == {"train": 60, "val": 20, "test": 20}
     for i in range(100):
         assert len(set(split.row_split[3 * i:3 * i + 3])) == 1      # seeds of an image stay together
     reordered = split_images(list(reversed(ids)))
     assert reordered.by_image == split.by_image
-    other_salt = split_images(ids, SplitSpec(salt="other"))
+    other_salt = split_images(ids, SplitConfig(salt="other"))
     assert other_salt.by_image != split.by_image
 
 
@@ -182,7 +182,7 @@ def test_split_smaller_than_the_class_count_is_refused(tmp_path):
     features, rows = synthetic(n_images=12)
     write_array_store(tmp_path / "s", features, rows)
     with pytest.raises(DataError, match=r"the val split has \d images .* 4 classes"):
-        run_probes(str(tmp_path / "s"), ProbeConfig(labels=["label"], split=SplitSpec(0.8, 0.1, 0.1)), progress=False)
+        run_probes(str(tmp_path / "s"), ProbeConfig(labels=["label"], split=SplitConfig(0.8, 0.1, 0.1)), progress=False)
 
 
 def test_missing_cell_is_an_error_naming_what_is_stored(store):
@@ -212,7 +212,7 @@ def test_control_store_of_other_inputs_is_refused(store, tmp_path):
 
 def test_bad_split_fractions_are_refused(store):
     with pytest.raises(DataError, match="sum to 1"):
-        run_probes(str(store), ProbeConfig(labels=["label"], split=SplitSpec(0.5, 0.2, 0.2)), progress=False)
+        run_probes(str(store), ProbeConfig(labels=["label"], split=SplitConfig(0.5, 0.2, 0.2)), progress=False)
 
 
 def _fake_results(cells: list[tuple[str, int, float, float]], condition: str = "trained") -> dict:

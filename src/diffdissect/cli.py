@@ -13,11 +13,11 @@ from diffdissect.runtime import quiet_libraries, version
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffdissect.capture.spec import CaptureSpec, TrajectorySpec
+    from diffdissect.capture.spec import CaptureConfig, TrajectoryConfig
     from diffdissect.directions import DirectionsConfig
     from diffdissect.invert.train import InvertTrainConfig
     from diffdissect.options import add_config_arguments
-    from diffdissect.probe import ProbeConfig, SplitSpec
+    from diffdissect.probe import ProbeConfig, SplitConfig
     from diffdissect.sae.attribution import AttributionConfig
     from diffdissect.sae.sweep import SWEPT as SAE_SWEPT
     from diffdissect.sae.train import TrainConfig as SAETrainConfig
@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--caption-column", default=None, help="caption column (CSV: [caption])")
     src.add_argument("--prompts", nargs="+", help="trajectory mode: sample these prompts (DiT: class ids/names)")
     src.add_argument("--prompt-file", help="trajectory mode: one prompt per line")
-    add_config_arguments(p, CaptureSpec, required=["layers"])
-    add_config_arguments(p, TrajectorySpec, only=["steps", "guidance_scale", "branch"],
+    add_config_arguments(p, CaptureConfig, required=["layers"])
+    add_config_arguments(p, TrajectoryConfig, only=["steps", "guidance_scale", "branch"],
                          flags={"guidance_scale": "--guidance"})
     p.add_argument("--out", required=True, help="store directory (resumed if it holds the same capture)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="a probe per (layer, t) cell of a store, with splits, controls and CIs")
     p.add_argument("store", help="activation store directory")
     add_config_arguments(p, ProbeConfig, exclude=["split", "max_iter", "batch_mb"], flags={"l2_grid": "--l2"})
-    p.add_argument("--split-fractions", dest="split", nargs=3, type=float, default=[SplitSpec().train, SplitSpec().val, SplitSpec().test],
+    p.add_argument("--split-fractions", dest="split", nargs=3, type=float, default=[SplitConfig().train, SplitConfig().val, SplitConfig().test],
                    metavar=("TRAIN", "VAL", "TEST"), help="image fractions per split [0.6 0.2 0.2]")
     p.add_argument("--out", required=True, help="output directory (probes.json/.csv, splits.csv, heatmaps, report)")
     p.set_defaults(func=cmd_probe)
@@ -423,7 +423,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
-    from diffdissect.capture import CaptureSpec, TrajectorySpec, capture, capture_trajectories
+    from diffdissect.capture import CaptureConfig, TrajectoryConfig, capture, capture_trajectories
     from diffdissect.distributed import from_env
 
     dist = from_env()                       # torchrun / accelerate launch: this rank's share; else one process
@@ -437,11 +437,11 @@ def cmd_capture(args: argparse.Namespace) -> int:
         if dist.enabled:
             raise DiffdissectError("trajectory capture (--prompts) runs in one process; launch it without "
                                    "torchrun/accelerate, or capture images.")
-        trajectory_spec = TrajectorySpec(prompts=prompts, steps=args.steps, guidance_scale=args.guidance,
+        trajectory_spec = TrajectoryConfig(prompts=prompts, steps=args.steps, guidance_scale=args.guidance,
                                          branch=args.branch, shard_size=args.shard_size or 64, **common)
         manifest = capture_trajectories(target, trajectory_spec, args.out, progress=not args.quiet)
     else:
-        spec = CaptureSpec(timesteps=args.timesteps, prompt=args.prompt, use_captions=args.use_captions,
+        spec = CaptureConfig(timesteps=args.timesteps, prompt=args.prompt, use_captions=args.use_captions,
                            class_label=args.class_label, labels_as_classes=args.labels_as_classes,
                            shard_size=args.shard_size, shard_mb=args.shard_mb, limit=args.limit,
                            early_exit=args.early_exit, sigmas=args.sigmas,
@@ -515,10 +515,10 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from diffdissect.options import config_from_args
-    from diffdissect.probe import ProbeConfig, SplitSpec, probe_section, run_probes, summary_rows, write_probe_outputs
+    from diffdissect.probe import ProbeConfig, SplitConfig, probe_section, run_probes, summary_rows, write_probe_outputs
     from diffdissect.report import Report
 
-    config = config_from_args(ProbeConfig, args, split=SplitSpec(*args.split))
+    config = config_from_args(ProbeConfig, args, split=SplitConfig(*args.split))
     weights: dict[str, Any] = {}
     results = run_probes(args.store, config, weights=weights)
     paths = write_probe_outputs(results, args.out, weights=weights)
@@ -620,7 +620,7 @@ def _held_out_captioner(args: argparse.Namespace):
 def cmd_directions_run(args: argparse.Namespace) -> int:
     from diffdissect.data.prompts import read_prompt_file
     from diffdissect.directions import (
-        BiasSpec,
+        BiasConfig,
         DirectionsConfig,
         load_captioner,
         run_directions,
@@ -637,7 +637,7 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
                  else load_captioner(args.captioner))
     source = args.source or ("captions" if captioner else "prompts")
     config = DirectionsConfig(prompts=prompts, guidance_scale=args.guidance_scale, text_source=source,
-                              bias=[BiasSpec(name, words, list(args.subjects)) for name, words in families.items()],
+                              bias=[BiasConfig(name, words, list(args.subjects)) for name, words in families.items()],
                               cluster_by=args.cluster_by, cluster_remove=args.cluster_remove,
                               cluster_pooling=args.cluster_pooling, **_directions_options(args))
     results = run_directions(_target(args), config, args.out, captioner, progress=not args.quiet)
@@ -812,9 +812,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_toy_build(args: argparse.Namespace) -> int:
-    from diffdissect.world.build import DEFAULT_WEIGHTS, BuildRecipe, build_toy
+    from diffdissect.world.build import DEFAULT_WEIGHTS, BuildConfig, build_toy
 
-    recipe = BuildRecipe(seed=args.seed, threads=args.threads)
+    recipe = BuildConfig(seed=args.seed, threads=args.threads)
     if args.scale != 1.0:
         recipe = recipe.scaled(args.scale)
     from diffdissect.world.generator import WorldConfig

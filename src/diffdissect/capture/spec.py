@@ -35,7 +35,7 @@ class OutputOptions:
 
 
 @dataclass
-class CaptureSpec(OutputOptions):
+class CaptureConfig(OutputOptions):
     """Capture from images noised at training timesteps t (larger = noisier), one or more noise seeds.
 
     Conditioning: the empty prompt (default); a fixed `prompt`; each input's caption
@@ -109,7 +109,7 @@ class CaptureSpec(OutputOptions):
 
 
 @dataclass
-class TrajectorySpec(OutputOptions):
+class TrajectoryConfig(OutputOptions):
     """Sample prompts with the pipeline's own sampler and capture layers at every denoising step.
 
     For DiT-like pipelines the prompts are class ids or class names.
@@ -147,3 +147,9 @@ class TrajectorySpec(OutputOptions):
 
     def data_fields(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def __getattr__(name: str) -> object:       # the names before "one word for configs" (deprecated)
+    from diffdissect.runtime import deprecated_alias
+
+    return deprecated_alias(__name__, name, {"CaptureSpec": CaptureConfig, "TrajectorySpec": TrajectoryConfig})

@@ -21,7 +21,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from diffdissect.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
-from diffdissect.capture.spec import TrajectorySpec
+from diffdissect.capture.spec import TrajectoryConfig
 from diffdissect.capture.trajectory import capture_trajectories
 from diffdissect.directions.bias import (
     cross_fitted_profile,
@@ -52,7 +52,7 @@ HEADLINE_RULE = ("fixed in advance, not chosen on any score: the first layer at 
 
 
 @dataclass
-class BiasSpec:
+class BiasConfig:
     family_name: str                  # e.g. "colour"
     family: list[str]                 # e.g. ["red", "green", "blue", "yellow"]
     subjects: list[str]               # prompts of the set, e.g. ["a square", "a circle"]
@@ -86,7 +86,7 @@ class DirectionsConfig:
     """longest phrase a direction is made for (2: words and two-word phrases)"""
     min_count: int = 2
     """a term needs at least this many samples with it and this many without it to get a direction"""
-    bias: list[BiasSpec] = field(default_factory=list)
+    bias: list[BiasConfig] = field(default_factory=list)
     """descriptor families and the subjects whose defaults are measured over them"""
     cluster_by: str | None = None
     """a template slot whose grouping the clustering is scored on, e.g. shape"""
@@ -235,7 +235,7 @@ def _headline(timesteps: list[int], headline: str | int) -> int:
 
 def _sample(target: Target, config: DirectionsConfig, out: Path, progress: bool) -> dict[str, Any]:
     """One trajectory per prompt x seed, every layer and step in that pass; counts the denoiser calls."""
-    spec = TrajectorySpec(prompts=[p.text for p in config.prompts], layers=list(config.layers),
+    spec = TrajectoryConfig(prompts=[p.text for p in config.prompts], layers=list(config.layers),
                           seeds=list(config.seeds), steps=config.steps, guidance_scale=config.guidance_scale,
                           batch_size=config.batch_size, pooling="none", dtype=config.dtype,
                           shard_size=config.shard_size or config.batch_size)     # progress is committed every batch
@@ -396,3 +396,9 @@ def summarise(results: dict[str, Any], config: DirectionsConfig) -> dict[str, An
                                   "mean_over_steps": float(np.mean([v[kind]["ari"] for v in per_t.values()]))}
                            for kind in ("raw", "removed") if kind in per_t[t]}
     return out
+
+
+def __getattr__(name: str) -> object:       # the names before "one word for configs" (deprecated)
+    from diffdissect.runtime import deprecated_alias
+
+    return deprecated_alias(__name__, name, {"BiasSpec": BiasConfig})

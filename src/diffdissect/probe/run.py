@@ -18,7 +18,7 @@ from diffdissect.errors import DataError
 from diffdissect.probe.head import fit_attentive_head
 from diffdissect.probe.labels import EncodedLabels, encode_labels
 from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_probe_tasks
-from diffdissect.probe.splits import SPLITS, Split, SplitSpec, split_from_column, split_images
+from diffdissect.probe.splits import SPLITS, Split, SplitConfig, split_from_column, split_images
 from diffdissect.stats import bootstrap_mean_ci
 from diffdissect.store import StoreReader, open_store
 
@@ -33,7 +33,7 @@ class ProbeConfig:
     """timesteps to probe [every stored t]"""
     head: Literal["linear", "attentive"] = "linear"
     """linear: logistic regression on pooled features; attentive: a small head on spatial maps"""
-    split: SplitSpec = field(default_factory=SplitSpec)
+    split: SplitConfig = field(default_factory=SplitConfig)
     """image fractions per split (train, val, test) and the salt of the split's hash"""
     split_column: str | None = None
     """use this store column's train/val/test values as the split"""
