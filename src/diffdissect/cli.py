@@ -578,7 +578,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                          l2_grid=tuple(args.l2 or DEFAULT_L2_GRID), shuffled_control=args.shuffled_control,
                          random_init_store=args.random_init_store, drop_missing=args.drop_missing,
                          bootstrap=args.bootstrap, seed=args.seed, device=args.device, solver=args.solver)
-    weights: dict[str, Any] = {}
+    weights: dict[Any, Any] = {}
     results = run_probes(args.store, config, weights=weights)
     paths = write_probe_outputs(results, args.out, weights=weights)
     report = Report(f"diffdissect probe: {args.store}")
