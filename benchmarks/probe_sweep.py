@@ -1,6 +1,6 @@
 """Probe sweep cost (issue 5): the same as `diffdissect bench probe`.
 
-    python benchmarks/probe_sweep.py [--images N] [--json FILE]
+    python benchmarks/probe_sweep.py [--n-images N] [--json FILE]
 """
 from __future__ import annotations
 

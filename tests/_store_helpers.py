@@ -238,7 +238,7 @@ def assert_same_store(got: Path, want: Path) -> None:
 def capture_args(images: Path, out: Path, *extra: str, model: str = TINY_FACTORY) -> list[str]:
     """`diffdissect capture` arguments (without the program name) for a small capture of `images`
     (+ its labels.csv): 2 layers x 2 timesteps x 2 seeds, 2 images per shard. `extra` may override options."""
-    return ["capture", "--model", model, "--images", str(images), "--labels", str(Path(images) / "labels.csv"),
+    return ["capture", "--model", model, "--images", str(images), "--labels-csv", str(Path(images) / "labels.csv"),
             "--layers", "blocks.0", "mid", "--timesteps", "10", "600", "--seeds", "0", "1",
             "--shard-size", "2", "--batch-size", "2", "--quiet", "--out", str(out), *extra]
 

@@ -207,7 +207,7 @@ def test_corrupt_images_are_skipped_with_a_warning_and_counted(tmp_path, capsys)
     assert reader.num_rows == 4 * 2 and [r["source_index"] for r in reader.rows()] == [0, 0, 1, 1, 3, 3, 5, 5]
     assert main(["store", "info", str(out)]) == 0
     assert "skipped     2 unreadable inputs" in capsys.readouterr().out
-    assert main(["store", "info", str(out), "--json"]) == 0
+    assert main(["store", "info", str(out), "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == 2
     assert verify_store(out).ok
 

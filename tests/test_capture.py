@@ -482,7 +482,7 @@ def test_cli_capture_exact_user_form(tmp_path, sd_dir, image_folder, capsys):
 
 def test_cli_capture_with_labels_csv_and_captions(tmp_path, sd_dir, image_folder, image_csv, capsys):
     out = tmp_path / "acts"
-    code = main(["capture", "--model", str(sd_dir), "--images", str(image_folder), "--labels", str(image_csv),
+    code = main(["capture", "--model", str(sd_dir), "--images", str(image_folder), "--labels-csv", str(image_csv),
                  "--use-captions", "--layers", "down_blocks.1", "--timesteps", "50", "--pooling", "none",
                  "--dtype", "float32", "--batch-size", "2", "--limit", "3", "--quiet", "--out", str(out)])
     assert code == 0

@@ -31,6 +31,51 @@ def test_invert_train_flag_defaults_are_the_config_defaults():
     assert checked >= 6 and flags["lr"] == 3e-4          # the learning rate the library (and FeatInv) uses
 
 
+# Commands and the configs whose fields their flags set. A flag named like a field has the field's default,
+# or None (meaning "from --config" or "derived"); the exceptions below say why they differ.
+def _command_configs():
+    from diffdissect.capture.spec import CaptureSpec, TrajectorySpec
+    from diffdissect.directions import DirectionsConfig
+    from diffdissect.probe import ProbeConfig
+    from diffdissect.sae import TrainConfig
+    from diffdissect.world.demo import DemoConfig
+    from diffdissect.world.evaluate import EvalConfig
+
+    return {("capture",): [CaptureSpec, TrajectorySpec], ("probe",): [ProbeConfig], ("sae", "train"): [TrainConfig],
+            ("directions", "run"): [DirectionsConfig], ("invert", "train"): [InvertTrainConfig],
+            ("demo",): [DemoConfig], ("toy", "eval"): [EvalConfig]}
+
+
+DIFFERENT_ON_PURPOSE = {
+    ("directions", "run", "seeds"),      # the flag is a count (seeds 0..n-1), the field the list
+    ("probe", "split"),                  # three fractions on the command line, a SplitSpec (with its salt) in the config
+}
+
+
+def _field_default(f):
+    from dataclasses import MISSING
+
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else MISSING
+
+
+def test_no_flag_default_drifts_from_its_config_field():
+    parser = build_parser()
+    drifted = []
+    for path, classes in _command_configs().items():
+        flags = {a.dest: a.default for a in _subparser(parser, *path)._actions}
+        for cls in classes:
+            for f in fields(cls):
+                if f.name not in flags or flags[f.name] is None or (*path, f.name) in DIFFERENT_ON_PURPOSE:
+                    continue
+                default = _field_default(f)
+                if flags[f.name] != default and not (isinstance(default, tuple) and list(default) == flags[f.name]):
+                    drifted.append(f"{' '.join(path)} --{f.name.replace('_', '-')}: flag {flags[f.name]!r}, "
+                                   f"{cls.__name__}.{f.name} {default!r}")
+    assert not drifted, "\n".join(drifted)
+
+
 # ---- the builder: options from a config dataclass -------------------------------------------------------------
 @dataclass
 class _Example:
@@ -68,3 +113,59 @@ def test_a_field_without_a_docstring_is_refused():
 
     with pytest.raises(TypeError, match="Undocumented.steps has no docstring"):
         add_config_arguments(argparse.ArgumentParser(), Undocumented)
+
+
+# ---- one meaning per flag name across commands --------------------------------------------------------------------
+SAMPLING_COMMANDS = {"capture", "invert sample", "invert eval", "toy eval", "directions run", "directions world", "steer"}
+
+
+def _every_option():
+    import argparse
+
+    def walk(parser, path=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, (*path, name))
+            elif action.option_strings:
+                yield " ".join(path), action
+
+    return list(walk(build_parser()))
+
+
+def _value_type(action) -> str:
+    if action.nargs == 0:
+        return "switch"
+    return getattr(action.type, "__name__", "str") if action.type else "str"
+
+
+def test_a_flag_name_means_one_thing_in_every_command():
+    kinds: dict[str, set[tuple[str, str]]] = {}
+    for command, action in _every_option():
+        for option in action.option_strings:
+            kinds.setdefault(option, set()).add((_value_type(action), command))
+    mixed = {o: sorted(k) for o, k in kinds.items() if len({t for t, _ in k}) > 1}
+    assert not mixed, f"flags whose values differ in kind between commands: {mixed}"
+    assert {t for t, _ in kinds["--images"]} == {"str"}            # a folder; a count is --n-images
+    assert {t for t, _ in kinds["--json"]} == {"str"}              # always a path
+    counts = {o for o in kinds if o.startswith("--n-")}
+    assert counts and all({t for t, _ in kinds[o]} == {"int"} for o in counts)
+    training = {c for t, c in kinds["--steps"]} - SAMPLING_COMMANDS
+    assert not training, f"--steps is sampler steps; use --train-steps in {training}"
+
+
+def test_toy_eval_options_build_its_config():
+    from diffdissect.world.evaluate import EvalConfig
+
+    args = build_parser().parse_args(["toy", "eval", "--samples", "8", "--steps", "3", "--guidance", "2"])
+    assert config_from_args(EvalConfig, args) == EvalConfig(samples=8, steps=3, guidance_full=2.0)
+
+
+def test_demo_options_build_its_config():
+    from diffdissect.world.demo import DemoConfig
+
+    args = build_parser().parse_args(["demo", "--n-images", "64", "--sae-layers", "mid_block", "down_blocks.1",
+                                      "--sae-timesteps", "25", "800", "--direction-seeds", "0"])
+    assert config_from_args(DemoConfig, args) == DemoConfig(images=64, sae_layers=["mid_block", "down_blocks.1"],
+                                                            sae_timesteps=[25, 800], direction_seeds=0)
+    assert config_from_args(DemoConfig, build_parser().parse_args(["demo"])) == DemoConfig()

@@ -13,7 +13,7 @@ from diffdissect.world.demo import DemoConfig, run_demo
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    assert main(["demo", "--out", str(out), "--images", "256", "--sae-epochs", "3", "--direction-seeds", "16",
+    assert main(["demo", "--out", str(out), "--n-images", "256", "--sae-epochs", "3", "--direction-seeds", "16",
                  "--inversion-images", "16", "--quiet"]) == 0
     return out
 

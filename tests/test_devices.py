@@ -121,7 +121,7 @@ def test_device_cuda_without_cuda_is_a_clear_error(tokens_store, tmp_path, capsy
     with pytest.raises(SpecError, match="no CUDA device"):
         train_sae(tokens_store, small_config(device="cuda"), tmp_path / "sae", progress=False)
     code = main(["sae", "train", str(tokens_store), "--layers", "blk", "--timesteps", "10", "--tokens", "--k", "4",
-                 "--n-latents", "32", "--steps", "2", "--device", "cuda", "--out", str(tmp_path / "runs")])
+                 "--n-latents", "32", "--train-steps", "2", "--device", "cuda", "--out", str(tmp_path / "runs")])
     assert code == 2 and "diffdissect: error:" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffdissect.cli import main
+from diffdissect.data.prompts import read_prompt_file
 from diffdissect.directions import (
     BiasSpec,
     DirectionsConfig,
@@ -23,7 +24,7 @@ from diffdissect.directions.bias import find_references, holm, image_rates, late
 from diffdissect.directions.captioners import TransformersCaptioner
 from diffdissect.directions.cluster import ari_with_null, cluster_prompts, project_out
 from diffdissect.directions.compute import cosine_to_directions
-from diffdissect.directions.prompts import expand_template, parse_slot_args, read_prompt_file
+from diffdissect.directions.prompts import expand_template, parse_slot_args
 from diffdissect.directions.text import term_indicators, terms_of
 from diffdissect.errors import DataError, DiffdissectError, ModelLoadError, SpecError
 from diffdissect.models import load_target
@@ -468,7 +469,7 @@ def test_run_refuses_a_family_word_that_never_occurs(tmp_path, sd_dir):
 def test_cli_directions_run(tmp_path, sd_dir, capsys):
     out = tmp_path / "cli"
     code = main(["directions", "run", "--model", str(sd_dir), "--template", "a {colour} square", "a square",
-                 "--slot", "colour=red,blue", "--seeds", "3", "--steps", "2", "--guidance", "1",
+                 "--slot", "colour=red,blue", "--n-seeds", "3", "--steps", "2", "--guidance", "1",
                  "--family", "colour=red,blue", "--subjects", "a square", "--permutations", "50", "--resamples", "50",
                  "--method", "ridge",
                  "--out", str(out), "--quiet"])
@@ -485,7 +486,7 @@ def test_cli_directions_run(tmp_path, sd_dir, capsys):
     saved = load_file(out / "directions" / "mid_block.safetensors")
     terms = json.loads((out / "directions" / "terms.json").read_text())["terms"]
     assert set(saved) == {f"t={t}" for t in results["timesteps"]} and saved[f"t={results['timesteps'][0]}"].shape[0] == len(terms)
-    code = main(["directions", "run", "--model", str(sd_dir), "--template", "a {colour} square", "--seeds", "2",
+    code = main(["directions", "run", "--model", str(sd_dir), "--template", "a {colour} square", "--n-seeds", "2",
                  "--out", str(tmp_path / "bad"), "--quiet"])
     assert code == 2 and "without values" in capsys.readouterr().err
 

@@ -287,7 +287,7 @@ WORKFLOW_LAYER = {"sdxl": "mid_block", "sd3": "transformer_blocks.0", "flux": "s
 def test_the_whole_workflow_runs_on_every_family(name, family_dirs, image_folder, image_csv, tmp_path, capsys):
     model = model_args(name, family_dirs)
     layer = WORKFLOW_LAYER[name]
-    assert main(["layers", *model, "--json"]) == 0
+    assert main(["layers", *model, "--json", "-"]) == 0
     listed = {entry["path"]: entry for entry in json.loads(capsys.readouterr().out)}
     assert layer.split(".")[0] in listed or layer in listed
     if name in ("sd3", "flux"):
@@ -295,22 +295,22 @@ def test_the_whole_workflow_runs_on_every_family(name, family_dirs, image_folder
     assert main(["layers", *model, "--random-init", "--depth", "1"]) == 0
     capsys.readouterr()
     pooled, spatial = tmp_path / "pooled", tmp_path / "spatial"
-    common = ["--images", str(image_folder), "--labels", str(image_csv), "--prompt", PROMPT, "--quiet"]
+    common = ["--images", str(image_folder), "--labels-csv", str(image_csv), "--prompt", PROMPT, "--quiet"]
     assert main(["capture", *model, *common, "--layers", layer, f"{layer}@update", "--timesteps", "100", "600",
                  "--seeds", "0", "1", "2", "--out", str(pooled)]) == 0
     assert main(["capture", *model, *common, "--layers", layer, "--timesteps", "600", "--pooling", "none",
                  "--limit", "2", "--out", str(spatial)]) == 0
     assert main(["store", "verify", str(pooled)]) == 0 and main(["store", "verify", str(spatial)]) == 0
-    assert main(["probe", str(pooled), "--labels", "label", "--bootstrap", "50", "--split", "0.34", "0.33", "0.33",
+    assert main(["probe", str(pooled), "--labels", "label", "--bootstrap", "50", "--split-fractions", "0.34", "0.33", "0.33",
                  "--out", str(tmp_path / "probe")]) == 0
     assert main(["sae", "train", str(pooled), "--layers", f"{layer}@update", "--timesteps", "600", "--k", "2",
-                 "--expansion", "2", "--steps", "5", "--batch-size", "8", "--out", str(tmp_path / "sae"), "--quiet"]) == 0
+                 "--expansion", "2", "--train-steps", "5", "--batch-size", "8", "--out", str(tmp_path / "sae"), "--quiet"]) == 0
     trajectories = tmp_path / "trajectories"
     assert main(["capture", *model, "--prompts", "a red cat", "a blue dog", "--layers", layer, "--steps", "2",
                  "--guidance", "2", "--out", str(trajectories), "--quiet"]) == 0
     assert main(["store", "verify", str(trajectories)]) == 0
     assert main(["directions", "run", *model, "--template", "a {colour} square", "--slot", "colour=red,blue",
-                 "--seeds", "2", "--steps", "2", "--guidance", "1", "--layers", layer, "--permutations", "20",
+                 "--n-seeds", "2", "--steps", "2", "--guidance", "1", "--layers", layer, "--permutations", "20",
                  "--resamples", "20", "--out", str(tmp_path / "directions"), "--quiet"]) == 0
 
 

@@ -711,7 +711,7 @@ def test_disk_full_while_writing_the_manifest(tmp_path, reference, unet2d_dir, i
     out = tmp_path / "store"
     with monkeypatch.context() as mp:
         enospc_on(mp, 5)          # new manifest (file, dir), shard 0 (file, dir), then the manifest
-        err = cli_error(capsys, ["capture", "--model", unet2d_dir, "--images", images, "--labels",
+        err = cli_error(capsys, ["capture", "--model", unet2d_dir, "--images", images, "--labels-csv",
                                  images / "labels.csv", "--layers", "mid_block", "--timesteps", "10", "500",
                                  "--seeds", "0", "1", "--shard-size", "2", "--batch-size", "2", "--out", out,
                                  "--quiet"])

@@ -326,12 +326,12 @@ def test_cli_invert_train_and_sample(tmp_path, sd_dir, capsys):
     out = tmp_path / "inv"
     factory = "test_invert:tiny_cnn"
     assert main(["invert", "train", "--model", str(sd_dir), "--classifier", factory, "--layer", "body",
-                 "--images", str(folder), "--steps", "2", "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
+                 "--images", str(folder), "--train-steps", "2", "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / "config.json").read_text())["layer"] == "body"
     assert main(["invert", "sample", "--model", str(sd_dir), "--inverter", str(out), "--classifier", factory,
                  "--images", str(folder), "--seeds", "0", "1", "--steps", "2", "--out", str(tmp_path / "rec")]) == 0
     assert len(list((tmp_path / "rec").glob("input*-seed*.png"))) == 12 and (tmp_path / "rec" / "grid.png").is_file()
     capsys.readouterr()
     code = main(["invert", "train", "--model", str(sd_dir), "--classifier", factory, "--layer", "head",
-                 "--images", str(folder), "--steps", "2", "--out", str(tmp_path / "bad"), "--quiet"])
+                 "--images", str(folder), "--train-steps", "2", "--out", str(tmp_path / "bad"), "--quiet"])
     assert code == 2 and "pooled" in capsys.readouterr().err and not (tmp_path / "bad" / "data").exists()

@@ -144,14 +144,14 @@ def test_cli_layers_table(sd_dir, capsys):
 
 
 def test_cli_layers_json_and_filter(dit_dir, capsys):
-    assert main(["layers", "--model", str(dit_dir), "--json", "--filter", "transformer_blocks"]) == 0
+    assert main(["layers", "--model", str(dit_dir), "--json", "-", "--filter", "transformer_blocks"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [d["path"] for d in data] == ["transformer_blocks.0", "transformer_blocks.1"]
     assert all(d["shape"] == [16, 16] and d["class"] == "BasicTransformerBlock" for d in data)
 
 
 def test_cli_layers_factory_all_depths(capsys):
-    assert main(["layers", "--model", TINY_FACTORY, "--depth", "0", "--json"]) == 0
+    assert main(["layers", "--model", TINY_FACTORY, "--depth", "0", "--json", "-"]) == 0
     paths = {d["path"]: d["shape"] for d in json.loads(capsys.readouterr().out)}
     assert paths["blocks.0.conv"] == [16, 16, 16] and paths["out.2"] == [3, 16, 16]
 

@@ -280,7 +280,7 @@ def test_cli_sweep_trains_every_combination_and_writes_features(sae_store, tmp_p
 
     config = tmp_path / "sweep.json"
     config.write_text(json.dumps({"layers": ["pooled"], "timesteps": [10, 90], "n_latents": 32, "batch_size": 100}))
-    assert main(["sae", "train", str(sae_store / "store"), "--config", str(config), "--k", "2", "4", "--steps", "20",
+    assert main(["sae", "train", str(sae_store / "store"), "--config", str(config), "--k", "2", "4", "--train-steps", "20",
                  "--out", str(tmp_path / "runs"), "--quiet"]) == 0
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == ["pooled@t=10-pool-topk-k2-n32", "pooled@t=10-pool-topk-k4-n32",

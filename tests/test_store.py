@@ -269,7 +269,7 @@ def test_store_info(store, capsys):
         assert re.search(rf"^\s+{t} \| {ab:.4f} \| {(1 - ab) ** 0.5:.4f} \|\s+(-|{t}\.0000)$", out, re.M), out
     assert re.search(r"inp: 3$", out, re.M) and re.search(r"mid: 4$", out, re.M)
 
-    assert main(["store", "info", str(store), "--json"]) == 0
+    assert main(["store", "info", str(store), "--json", "-"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["rows"], info["shards"], info["skipped"], info["complete"]) == (N_ROWS, 4, 1, True)
     assert [e["t"] for e in info["timesteps"]] == TIMESTEPS

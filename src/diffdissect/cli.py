@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     from diffdissect.invert.train import InvertTrainConfig
     from diffdissect.options import add_config_arguments
     from diffdissect.sae.attribution import AttributionConfig
+    from diffdissect.world.demo import DemoConfig
+    from diffdissect.world.evaluate import EvalConfig
 
     parser = argparse.ArgumentParser(prog="diffdissect", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -25,14 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--depth", type=int, default=2, help="max dotted parts of a path (0: all) [2]")
     p.add_argument("--filter", default=None, help="only paths containing this text")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the layers as JSON here ('-': print it)")
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("capture", help="capture activations into a store (images, or prompts: trajectories)")
     _model_args(p)
     src = p.add_argument_group("inputs (one of --images, --dataset, --prompts/--prompt-file)")
     src.add_argument("--images", help="folder of images (recursive)")
-    src.add_argument("--labels", help="CSV beside --images with file/label/caption columns")
+    src.add_argument("--labels-csv", help="CSV beside --images with file/label/caption columns")
     src.add_argument("--id-column", default="file", help="CSV column naming the image file [file]")
     src.add_argument("--dataset", help="Hugging Face dataset: a save_to_disk folder or a cached name")
     src.add_argument("--split", default=None)
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     store = sub.add_parser("store", help="inspect an activation store").add_subparsers(dest="store_command")
     p = store.add_parser("info", help="summarise a store")
     p.add_argument("directory")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the summary as JSON here ('-': print it)")
     p.set_defaults(func=cmd_store_info)
     p = store.add_parser("verify", help="check every shard's size, checksum and contents")
     p.add_argument("directory")
@@ -86,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", nargs="+", type=int, default=None, help="timesteps to probe [every stored t]")
     p.add_argument("--head", choices=["linear", "attentive"], default="linear",
                    help="linear: logistic regression on pooled features; attentive: a small head on spatial maps")
-    p.add_argument("--split", nargs=3, type=float, default=[0.6, 0.2, 0.2], metavar=("TRAIN", "VAL", "TEST"),
+    p.add_argument("--split-fractions", dest="split", nargs=3, type=float, default=[0.6, 0.2, 0.2],
+                   metavar=("TRAIN", "VAL", "TEST"),
                    help="image fractions per split [0.6 0.2 0.2]")
     p.add_argument("--split-column", default=None, help="use this column's train/val/test values as the split")
     p.add_argument("--l2", nargs="+", type=float, default=None, help="L2 strengths to choose from on validation")
@@ -117,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every spatial location is a token (needs a --pooling none capture)")
     p.add_argument("--lr", type=float, default=None, help="[2e-4 / sqrt(n_latents / 2^14)]")
     p.add_argument("--batch-size", type=int, default=None, help="tokens per step [4096]")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--train-steps", dest="steps", type=int, default=None, help="optimiser steps (instead of --epochs)")
     p.add_argument("--epochs", type=float, default=None, help="passes over the training tokens [10]")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="where the SAE trains: cpu, cuda, cuda:N, mps [cpu]")
@@ -182,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spatial map, or the pooled vector broadcast over the grid (the baseline) [spatial]")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of training images")
-    src.add_argument("--world-images", type=int, help="this many balanced shapes-world images")
+    src.add_argument("--n-world-images", dest="world_images", type=int, help="this many balanced shapes-world images")
     add_config_arguments(p, InvertTrainConfig, only=["steps", "batch_size", "lr", "cond_dropout", "checkpoint_every",
-                                                     "seed"])
+                                                     "seed"], flags={"steps": "--train-steps"})
     p.add_argument("--out", required=True, help="inverter directory (resumed if it holds this run)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_invert_train)
@@ -194,26 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", required=True, help="the classifier the inverter was trained on")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of images whose features to invert")
-    src.add_argument("--world-images", type=int, help="this many held-out shapes-world images")
+    src.add_argument("--n-world-images", dest="world_images", type=int, help="this many held-out shapes-world images")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance on the features [3]")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="sampler steps [20]")
     p.add_argument("--out", required=True, help="output folder: PNGs and grid.png")
     p.set_defaults(func=cmd_invert_sample)
     p = invert.add_parser("eval", help="the shapes world's inverters: spatial vs pooled, CNN and ViT, steering, "
                           "composites, robustness")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
-    p.add_argument("--images", type=int, default=256, help="held-out images [256]")
+    p.add_argument("--n-images", dest="images", type=int, default=256, help="held-out images [256]")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="sampler steps [20]")
     p.add_argument("--out", required=True, help="folder for results.json and report.html")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_invert_eval)
     p = invert.add_parser("build-world", help="train the shapes world's inverters (CNN spatial and pooled, ViT) "
                           "into the weights directory")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
-    p.add_argument("--images", type=int, default=16384, help="training images [16384]")
+    p.add_argument("--n-images", dest="images", type=int, default=16384, help="training images [16384]")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every inverter's training steps")
     p.add_argument("--only", nargs="+", default=None, help="e.g. cnn-spatial vit-spatial")
     p.add_argument("--threads", type=int, default=None)
@@ -229,12 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main job on the embedded default (the shapes world)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
-    p.add_argument("--images", type=int, default=1024, help="held-out world images to capture [1024]")
-    p.add_argument("--sae-epochs", type=float, default=30.0, help="SAE training epochs [30]")
-    p.add_argument("--direction-seeds", type=int, default=128,
-                   help="seeds per prompt for the Decoding-Diffusion section (0: skip it) [128]")
-    p.add_argument("--inversion-images", type=int, default=48,
-                   help="held-out images for the feature-inversion section (0: skip it) [48]")
+    add_config_arguments(p, DemoConfig, flags={"images": "--n-images"})
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -249,9 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_toy_build)
     p = toy.add_parser("eval", help="measure the toy pipeline, judged by the attribute captioner")
     p.add_argument("--weights", default=None, help="weights directory [the committed ones]")
-    p.add_argument("--samples", type=int, default=256, help="samples per check (>= 200 for the targets) [256]")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.0, help="guidance for prompts naming every factor [4]")
+    add_config_arguments(p, EvalConfig, only=["samples", "steps", "guidance_full"], flags={"guidance_full": "--guidance"})
     p.add_argument("--save", action="store_true", help="write eval.json beside the weights (the demo shows it)")
     p.add_argument("--doc", default=None, help="write the figures as markdown here (e.g. docs/toy-world.md)")
     p.add_argument("--json", default=None, help="write the full results as JSON here")
@@ -260,10 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (ratios against a baseline run side by side)")
     bench_commands = bench.add_subparsers(dest="bench_command")
     p = bench_commands.add_parser("world", help="shapes-world generation throughput")
-    p.add_argument("--images", type=int, default=50_000)
+    p.add_argument("--n-images", dest="images", type=int, default=50_000)
     p.set_defaults(func=cmd_bench_world)
     p = bench_commands.add_parser("probe", help="the probe sweep: batched fit vs scikit-learn, passes per (image, t)")
-    p.add_argument("--images", type=int, default=1024, help="shapes-world images to capture [1024]")
+    p.add_argument("--n-images", dest="images", type=int, default=1024, help="shapes-world images to capture [1024]")
     p.add_argument("--store", default=None, help="use this store instead of capturing the shapes world")
     p.add_argument("--revelio-scale", action="store_true",
                    help="synthetic features at Revelio's scale (d 1280, 5,000 images, 8 cells) instead")
@@ -275,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expansion", type=int, default=16)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=8, help="steps per timed round [8]")
+    p.add_argument("--train-steps", dest="steps", type=int, default=8, help="training steps per timed round [8]")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quality-steps", type=int, default=100, help="untimed steps before comparing FVU [100]")
     p.add_argument("--no-install", action="store_true", help="do not pip-install the peer if it is missing")
@@ -292,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_datapath)
     p = bench_commands.add_parser("invert", help="inverter training: precomputed features vs per sample (FeatInv)")
-    p.add_argument("--images", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=40, help="steps per variant per round")
+    p.add_argument("--n-images", dest="images", type=int, default=4096)
+    p.add_argument("--train-steps", dest="steps", type=int, default=40, help="training steps per variant per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_bench_invert)
@@ -324,7 +320,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _directions_args(p: argparse.ArgumentParser, world: bool = False) -> None:
-    p.add_argument("--seeds", type=int, default=256 if world else 32, help="seeds per prompt (0..N-1)")
+    p.add_argument("--n-seeds", dest="seeds", type=int, default=256 if world else 32, help="seeds per prompt (0..N-1)")
     p.add_argument("--layers", nargs="+", default=["mid_block"], help="layers to record [mid_block: h-space]")
     p.add_argument("--steps", type=int, default=10, help="sampler steps [10]")
     if not world:
@@ -346,6 +342,16 @@ def _directions_options(args: argparse.Namespace) -> dict[str, Any]:
     headline = args.headline_step if args.headline_step == "last" else int(args.headline_step)
     return dict(seeds=list(range(args.seeds)), layers=args.layers, steps=args.steps, batch_size=args.batch_size,
                 method=args.method, headline_step=headline, permutations=args.permutations, resamples=args.resamples)
+
+
+def _write_json(path: str, value: Any) -> None:
+    """`--json PATH`: write JSON there ('-': print it)."""
+    from diffdissect.atomic import atomic_write_json
+
+    if path == "-":
+        print(json.dumps(value, indent=2))
+    else:
+        atomic_write_json(Path(path), value)
 
 
 def _target(args: argparse.Namespace):
@@ -419,7 +425,7 @@ def _causal_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
-    from diffdissect.directions.prompts import read_prompt_file
+    from diffdissect.data.prompts import read_prompt_file
     from diffdissect.intervene import SteerConfig, run_steer
     from diffdissect.options import config_from_args
 
@@ -435,7 +441,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
         atomic_write_json(Path(args.json), [e.to_json() for e in result.effects])
     for e in result.effects:
-        target = "" if e.target_rate is None else f"  {e.target} {e.target_rate:.2f} [{e.target_ci[0]:.2f}, {e.target_ci[1]:.2f}]"
+        target = "" if e.target_rate is None or e.target_ci is None else f"  {e.target} {e.target_rate:.2f} [{e.target_ci[0]:.2f}, {e.target_ci[1]:.2f}]"
         keeps = " ".join(f"{a} {v['rate']:.2f}" for a, v in e.keep.items() if v["rate"] is not None)
         print(f"{e.edit}  alpha={e.alpha}{target}  keep: {keeps or '-'}  pixel {e.pixel_distance:.3f}  "
               f"identical {e.identical}/{e.n}")
@@ -459,7 +465,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     target = _target(args)
     infos = list_layers(target, max_depth=args.depth or None, contains=args.filter)
     if args.json:
-        print(json.dumps([i.to_json() for i in infos], indent=2))
+        _write_json(args.json, [i.to_json() for i in infos])
         return 0
     print(f"# {target.source} ({type(target.denoiser).__name__}, {target.kind}); input "
           f"{target.resolution}px -> sample {target.sample_shape()}; shapes per sample")
@@ -477,17 +483,17 @@ def cmd_capture(args: argparse.Namespace) -> int:
     dist = from_env()                       # torchrun / accelerate launch: this rank's share; else one process
     if dist.enabled and args.device.startswith("cuda"):
         args.device = f"cuda:{dist.local_rank}"          # one GPU per rank
+    prompts = _prompts(args)                # a bad prompt file fails before the model is loaded
     target = _target(args)
     common = {"layers": args.layers, "seeds": args.seeds, "pooling": args.pooling, "dtype": args.dtype,
               "tokens_to_grid": args.tokens_to_grid, "batch_size": args.batch_size}
-    prompts = _prompts(args)
     if prompts is not None:
         if dist.enabled:
             raise DiffdissectError("trajectory capture (--prompts) runs in one process; launch it without "
                                    "torchrun/accelerate, or capture images.")
-        spec = TrajectorySpec(prompts=prompts, steps=args.steps, guidance_scale=args.guidance,
-                              branch=args.branch, shard_size=args.shard_size or 64, **common)
-        manifest = capture_trajectories(target, spec, args.out, progress=not args.quiet)
+        trajectory_spec = TrajectorySpec(prompts=prompts, steps=args.steps, guidance_scale=args.guidance,
+                                         branch=args.branch, shard_size=args.shard_size or 64, **common)
+        manifest = capture_trajectories(target, trajectory_spec, args.out, progress=not args.quiet)
     else:
         spec = CaptureSpec(timesteps=args.timesteps, prompt=args.prompt, use_captions=args.use_captions,
                            class_label=args.class_label, labels_as_classes=args.labels_as_classes,
@@ -504,10 +510,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def _prompts(args: argparse.Namespace) -> list[str] | None:
-    if args.prompt_file:
-        lines = Path(args.prompt_file).read_text().splitlines()
-        return [line.strip() for line in lines if line.strip()]
-    return args.prompts
+    from diffdissect.data.prompts import read_prompt_file
+
+    return read_prompt_file(args.prompt_file) if args.prompt_file else args.prompts
 
 
 def _source(args: argparse.Namespace):
@@ -516,7 +521,7 @@ def _source(args: argparse.Namespace):
     if bool(args.images) == bool(args.dataset):
         raise DiffdissectError("give exactly one input: --images DIR, --dataset PATH_OR_NAME, or --prompts.")
     if args.images:
-        return FolderSource(args.images, args.labels, id_column=args.id_column,
+        return FolderSource(args.images, args.labels_csv, id_column=args.id_column,
                             label_column=args.label_column or "label", caption_column=args.caption_column or "caption")
     return HFDatasetSource(args.dataset, split=args.split, image_column=args.image_column,
                            label_column=args.label_column, caption_column=args.caption_column)
@@ -524,10 +529,11 @@ def _source(args: argparse.Namespace):
 
 def cmd_store_info(args: argparse.Namespace) -> int:
     from diffdissect.store import open_store
+    from diffdissect.store.summary import store_summary
 
     info = store_summary(open_store(args.directory))
     if args.json:
-        print(json.dumps(info, indent=2))
+        _write_json(args.json, info)
         return 0
     print(f"store       {args.directory}  ({'complete' if info['complete'] else 'INCOMPLETE: rerun the capture to resume'})")
     print(f"mode        {info['mode']}")
@@ -547,13 +553,6 @@ def cmd_store_info(args: argparse.Namespace) -> int:
 
 def _maybe(value: float | None) -> str:
     return "     -" if value is None else f"{value:.4f}"
-
-
-def store_summary(reader) -> dict[str, Any]:
-    m = reader.manifest
-    return {"mode": m.mode, "complete": m.complete, "rows": m.rows, "shards": len(m.shards),
-            "bytes": sum(s.bytes for s in m.shards), "dtype": m.dtype, "skipped": len(m.skipped),
-            "model": m.model, "timesteps": m.timesteps, "layers": m.layers}
 
 
 def cmd_store_verify(args: argparse.Namespace) -> int:
@@ -677,6 +676,7 @@ def _held_out_captioner(args: argparse.Namespace):
 
 
 def cmd_directions_run(args: argparse.Namespace) -> int:
+    from diffdissect.data.prompts import read_prompt_file
     from diffdissect.directions import (
         BiasSpec,
         DirectionsConfig,
@@ -684,7 +684,7 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
         run_directions,
         write_directions_report,
     )
-    from diffdissect.directions.prompts import build_prompt_set, parse_slot_args, read_prompt_file
+    from diffdissect.directions.prompts import build_prompt_set, parse_slot_args
 
     plain = list(args.prompts or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     prompts = build_prompt_set(plain, args.template, parse_slot_args(args.slot))
@@ -775,15 +775,13 @@ def cmd_invert_train(args: argparse.Namespace) -> int:
 
 
 def cmd_invert_sample(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
-    from PIL import Image
 
     from diffdissect.invert.data import images_to_pixels
     from diffdissect.invert.features import FeatureExtractor
     from diffdissect.invert.model import load_inverter
+    from diffdissect.invert.report import write_reconstructions
     from diffdissect.invert.sample import invert
-    from diffdissect.report.figures import image_grid
     from diffdissect.world.invert import EVAL_SEED, classifier_spec
 
     target = _target(args)
@@ -794,13 +792,7 @@ def cmd_invert_sample(args: argparse.Namespace) -> int:
     with torch.no_grad():
         features = extractor(images_to_pixels(images))
     recs = invert(target, inverter, features, seeds=tuple(args.seeds), guidance=args.guidance, steps=args.steps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, per_seed in enumerate(recs):
-        for s, image in zip(args.seeds, per_seed):
-            Image.fromarray(image).save(out / f"input{i:05d}-seed{s}.png")
-    rows = [images[:8]] + [recs[:8, k] for k in range(len(args.seeds))]
-    (out / "grid.png").write_bytes(image_grid(np.concatenate(rows), columns=min(8, len(images)), scale=3))
+    out = write_reconstructions(args.out, images, recs, args.seeds)
     print(f"{len(images)} inputs x {len(args.seeds)} seeds -> {out} (grid.png: originals, then one row per seed)")
     return 0
 
@@ -869,10 +861,10 @@ def cmd_bench_distributed(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from diffdissect.options import config_from_args
     from diffdissect.world.demo import DemoConfig, run_demo
 
-    config = DemoConfig(images=args.images, sae_epochs=args.sae_epochs, direction_seeds=args.direction_seeds,
-                        inversion_images=args.inversion_images)
+    config = config_from_args(DemoConfig, args)
     run_demo(Path(args.out), shapes_world=_shapes_world(args), config=config, progress=not args.quiet)
     return 0
 
@@ -901,9 +893,10 @@ def cmd_toy_eval(args: argparse.Namespace) -> int:
     import datetime
     import platform
 
+    from diffdissect.options import config_from_args
     from diffdissect.world.evaluate import EvalConfig, evaluate_toy, summary, write_toy_world_doc
 
-    config = EvalConfig(samples=args.samples, steps=args.steps, guidance_full=args.guidance)
+    config = config_from_args(EvalConfig, args)
     shapes_world = _shapes_world(args)
     results = evaluate_toy(shapes_world, config)
     plain = summary(results)

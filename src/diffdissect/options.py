@@ -99,10 +99,12 @@ def _scalar(annotation: Any) -> Any:
 
 def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
                          exclude: Iterable[str] = (), only: Iterable[str] | None = None,
-                         required: Iterable[str] = ()) -> list[str]:
+                         required: Iterable[str] = (), flags: dict[str, str] | None = None) -> list[str]:
     """Add one option per field of the dataclass `cls` (its docstring as help, its default as default).
 
-    Returns the field names added. A field without a docstring is refused: the help must say what it is."""
+    `flags` names a field's option where the field name would give a flag with another meaning elsewhere
+    (e.g. {"steps": "--train-steps"}: `--steps` is sampler steps in every command). Returns the field names
+    added. A field without a docstring is refused: the help must say what it is."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     skip, keep, needed = set(exclude), None if only is None else list(only), set(required)
@@ -120,7 +122,8 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
             kwargs["required"] = True
         else:
             kwargs["default"] = list(default) if isinstance(default, tuple) else default
-        parser.add_argument(flag_name(f.name), dest=f.name, help=docs[f.name] + shown, **kwargs)
+        option = (flags or {}).get(f.name, flag_name(f.name))
+        parser.add_argument(option, dest=f.name, help=docs[f.name] + shown, **kwargs)
         added.append(f.name)
     return added
 

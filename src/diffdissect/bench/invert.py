@@ -14,7 +14,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -33,6 +33,7 @@ def bench_invert(*, images: int = 4096, steps: int = 40, rounds: int = 3, batch_
     batch = world_images(world, images, TRAIN_SEED)
     started = time.perf_counter()
     latents, features = encode_batchwise(target, extractor, batch.images)
+    feature_shape = cast(tuple[int, int, int], tuple(features.shape[1:]))
     precompute_s = time.perf_counter() - started
     info = {"classifier": "cnn", "layer": extractor.layer, "mode": "spatial"}
     rates: dict[str, list[float]] = {"precomputed": [], "per_sample": []}
@@ -44,7 +45,7 @@ def bench_invert(*, images: int = 4096, steps: int = 40, rounds: int = 3, batch_
                 out = Path(tmp) / f"{name}-{r}"
                 if name == "precomputed":
                     summary = train_inverter(target, lambda idx: (latents[idx], features[idx]), len(latents),
-                                             tuple(features.shape[1:]), config, out, info, progress=False)
+                                             feature_shape, config, out, info, progress=False)
                 else:
                     summary = train_per_sample(target, extractor, "cnn", batch.images, out, config)
                 rates[name].append(summary["steps_per_s"])

@@ -25,6 +25,7 @@ from diffdissect.capture.hooks import LayerRecorder
 from diffdissect.capture.layers import resolve_layers
 from diffdissect.capture.rows import cast_checked
 from diffdissect.capture.spec import TrajectorySpec
+from diffdissect.data.transforms import unit_to_uint8
 from diffdissect.errors import SpecError
 from diffdissect.lock import DirectoryLock
 from diffdissect.models.identity import comparable
@@ -198,5 +199,5 @@ def _png(image: np.ndarray) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(unit_to_uint8(image)).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -1,9 +1,28 @@
-"""Resize and centre-crop images to a model's pixel resolution, as tensors in [-1, 1]."""
+"""Pixel conversions (the one place they live) and resizing to a model's pixel resolution.
+
+uint8 images are (N, H, W, 3) in [0, 255]; model pixels are (N, 3, H, W) float32 in [-1, 1]; a diffusers
+pipeline's `output_type="np"` images are floats in [0, 1].
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from PIL import Image
+
+
+def uint8_to_pixels(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]. Its inverse is `pixels_to_uint8`."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] (clamped) -> (N, H, W, 3) uint8, rounded to the nearest level, on the CPU."""
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def unit_to_uint8(images: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] (clipped) -> uint8, rounded to the nearest level."""
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def to_pil(image: Image.Image | np.ndarray) -> Image.Image:
@@ -13,7 +32,7 @@ def to_pil(image: Image.Image | np.ndarray) -> Image.Image:
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
     if array.dtype != np.uint8:
-        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+        array = unit_to_uint8(array)
     return Image.fromarray(array[..., :3])
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import string
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from diffdissect.errors import SpecError
 
@@ -71,28 +70,14 @@ def build_prompt_set(prompts: list[str] | None = None, templates: list[str] | No
         raise SpecError("no prompts: give prompts, a prompt file or templates with slot values.")
     seen: dict[str, int] = {}
     duplicates = []
-    for p in out:
-        if p.text in seen:
-            duplicates.append(p.text)
-        seen[p.text] = 1
+    for prompt in out:
+        if prompt.text in seen:
+            duplicates.append(prompt.text)
+        seen[prompt.text] = 1
     if duplicates:
         raise SpecError(f"duplicate prompt(s) {sorted(set(duplicates))[:5]}; each prompt must appear once "
                         "(use more seeds for more samples of one prompt).")
     return out
-
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt per line; a blank line is an error (it would be sampled as the empty prompt)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"prompt file {path} does not exist.")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            raise SpecError(f"{path}:{number} is an empty prompt; remove the blank line.")
-    return lines
 
 
 def parse_slot_args(items: list[str] | None) -> dict[str, list[str]]:

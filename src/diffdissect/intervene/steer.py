@@ -32,6 +32,7 @@ from PIL import Image
 
 from diffdissect.atomic import atomic_write_bytes, atomic_write_json
 from diffdissect.capture.trajectory import _condition
+from diffdissect.data.transforms import unit_to_uint8
 from diffdissect.errors import SpecError
 from diffdissect.intervene.apply import (
     BRANCHES,
@@ -306,7 +307,7 @@ def _judge_all(judge: Judge, base: np.ndarray, images: dict[tuple[int, float | N
 def _uint8(images: np.ndarray) -> np.ndarray:
     if images.dtype == np.uint8:
         return images
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    return unit_to_uint8(images)
 
 
 def _compare(base: np.ndarray, edited: np.ndarray) -> tuple[np.ndarray, int]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffdissect.data.transforms import pixels_to_uint8
 from diffdissect.invert.data import images_to_pixels
 from diffdissect.invert.evaluate import rate
 
@@ -109,7 +110,7 @@ CORRUPTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return pixels_to_uint8(pixels)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffdissect.data.transforms import uint8_to_pixels
 from diffdissect.invert.features import FeatureExtractor
 from diffdissect.models.target import Target
 from diffdissect.store import open_store
@@ -24,7 +25,7 @@ LATENT, FEATURES = "latent", "features"
 
 def images_to_pixels(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return uint8_to_pixels(images)
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
 """The FeatInv report section, from `evaluate_world` results (plain data plus a few image grids)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,3 +90,17 @@ def invert_section(report: Report, results: dict[str, Any]) -> Section:
             s.image(image_grid(np.concatenate([inputs, recs]), columns=len(inputs), scale=2),
                     f"{name}: input (top) and the inversion of its features (bottom)")
     return s
+
+
+def write_reconstructions(out: str | Path, originals: np.ndarray, recs: np.ndarray, seeds: Sequence[int]) -> Path:
+    """`invert sample`'s files: one PNG per (input, seed), and grid.png (originals, then one row per seed)."""
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, per_seed in enumerate(recs):
+        for s, image in zip(seeds, per_seed):
+            Image.fromarray(image).save(out / f"input{i:05d}-seed{s}.png")
+    rows = [originals[:8]] + [recs[:8, k] for k in range(len(seeds))]
+    (out / "grid.png").write_bytes(image_grid(np.concatenate(rows), columns=min(8, len(originals)), scale=3))
+    return out

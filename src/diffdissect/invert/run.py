@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffdissect.data.transforms import pixels_to_uint8
 from diffdissect.errors import DiffdissectError
 from diffdissect.invert.data import FEATURES, LATENT, images_to_pixels, prepare_inversion_data
 from diffdissect.invert.features import FeatureExtractor
@@ -91,7 +92,7 @@ def folder_images(folder: str | Path, resolution: int, limit: int | None = None)
             pixels = to_model_pixels(source.load(i).image, resolution)
         except UnreadableInput:
             continue
-        out.append(((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+        out.append(pixels_to_uint8(pixels[None])[0])
     if not out:
         raise DiffdissectError(f"no readable images in {folder}.")
     return np.stack(out)

@@ -12,6 +12,7 @@ import copy
 import numpy as np
 import torch
 
+from diffdissect.data.transforms import pixels_to_uint8
 from diffdissect.errors import DiffdissectError
 from diffdissect.invert.model import Inverter, controlled_prediction
 from diffdissect.models.target import Target
@@ -69,7 +70,4 @@ def _sample_batch(target: Target, inverter: Inverter, feats: torch.Tensor, noise
 
 @torch.no_grad()
 def decode(target: Target, latents: torch.Tensor) -> np.ndarray:
-    vae = target.vae
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    pixels = vae.decode(latents / vae.config.scaling_factor + shift).sample
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return pixels_to_uint8(target.decode_latents(latents))

@@ -28,9 +28,9 @@ from diffdissect.atomic import atomic_write_json, remove_stale_temporaries
 from diffdissect.errors import DiffdissectError
 from diffdissect.invert.model import Inverter, build_controlnet, controlled_prediction, load_inverter, save_inverter
 from diffdissect.lock import DirectoryLock
-from diffdissect.models.noising import alphas_cumprod, denoiser_target
+from diffdissect.models.noising import add_noise, alphas_cumprod, denoiser_target
 from diffdissect.models.target import Target
-from diffdissect.optim_state import optimizer_tensors, restore_optimizer
+from diffdissect.optim_state import lr_factor, optimizer_tensors, restore_optimizer
 
 PREVIOUS = "previous"          # the checkpoint before the current one, kept until the next one is complete
 CHECKPOINT_FILES = ("inverter.safetensors", "optimizer.safetensors", "config.json")
@@ -91,7 +91,7 @@ def _train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sh
     device = target.device
     inverter.to(device)
     text_states = target.text_embeddings([""])           # the empty prompt: features are the only condition
-    ab = alphas_cumprod(target.scheduler).float().to(device)
+    n_timesteps = len(alphas_cumprod(target.scheduler))
     started = time.perf_counter()
     first = step
     inverter.train()
@@ -102,11 +102,10 @@ def _train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sh
             x0, feats = batch_of(idx)
             # drawn on the CPU (the same draws on every device), then moved
             keep = (torch.rand(config.batch_size, generator=g, device="cpu") >= config.cond_dropout).float()[:, None, None, None]
-            t = torch.randint(0, len(ab), (config.batch_size,), generator=g, device="cpu")
+            t = torch.randint(0, n_timesteps, (config.batch_size,), generator=g, device="cpu")
             noise = torch.randn(x0.shape, generator=g, device="cpu")
             x0, feats, keep, t, noise = (v.to(device) for v in (x0, feats, keep, t, noise))
-            a = ab[t][:, None, None, None]
-            noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            noisy = add_noise(target.scheduler, x0, noise, t)
             pred = controlled_prediction(unet, inverter, noisy, t, text_states.expand(config.batch_size, -1, -1), feats * keep)
             loss = F.mse_loss(pred, denoiser_target(target.scheduler, x0, noise, t))
             for group in optimiser.param_groups:
@@ -136,9 +135,7 @@ def _train_inverter(target: Target, batch_of: Batch, n_examples: int, feature_sh
 
 
 def _lr_factor(step: int, config: InvertTrainConfig) -> float:
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - config.warmup) / max(1, config.steps - config.warmup)))
+    return lr_factor(step, config.steps, config.warmup)
 
 
 def _start_or_resume(out: Path, unet, target: Target, feature_shape, latent_grid, config: InvertTrainConfig,

@@ -48,14 +48,22 @@ def noise_for(input_ids: list[str], seed: int, shape: tuple[int, ...]) -> torch.
     return out
 
 
-def add_noise(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+def add_noise(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise: the forward process the denoiser was trained on.
+
+    `t` is one training index for the whole batch (capture: alpha_bar in float64, then the product in x0's
+    dtype), or a tensor with one index per batch item (training: alpha_bar in x0's dtype, as diffusers'
+    `DDPMScheduler.add_noise` computes it, bit for bit).
 
     Computed from the training schedule's alphas_cumprod, never through `scheduler.add_noise`: sampling
     schedulers (DPMSolver, Euler, UniPC, ...) index their sigmas by position in the *inference* schedule,
     which runs from noisy to clean, so their add_noise at a training index t noises at the wrong level
     (t=1 comes out almost pure noise), and Euler-style ones return the unscaled x0 + sigma * noise.
     """
+    if isinstance(t, torch.Tensor) and t.ndim > 0:
+        table = torch.as_tensor(alphas_cumprod(scheduler), device=x0.device).to(x0.dtype)[t.to(x0.device)]
+        table = table.reshape(-1, *[1] * (x0.ndim - 1))
+        return table ** 0.5 * x0 + (1 - table) ** 0.5 * noise.to(x0.device, x0.dtype)
     alpha_bar = float(alphas_cumprod(scheduler)[int(t)])
     noise = noise.to(x0.device, x0.dtype)
     return alpha_bar ** 0.5 * x0 + (1.0 - alpha_bar) ** 0.5 * noise

@@ -124,6 +124,14 @@ class Target:
         return (latents - shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of `encode_images`: the denoiser's x0 -> pixels (B, 3, H, W), [-1, 1] up to VAE overshoot."""
+        if self.vae is None:
+            return latents
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return self.vae.decode(latents / self.vae.config.scaling_factor + shift).sample
+
+    @torch.no_grad()
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """Encoder hidden states for prompts (cached per prompt). The empty prompt is SD's unconditional."""
         if self.family is not None:

@@ -25,8 +25,8 @@ def _word_merges(words: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         vocab_size=100_000, min_frequency=0, show_progress=False, end_of_word_suffix="</w>",
         initial_alphabet=list(CHARS)))
     model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return list(model["vocab"]), merges
+    pairs = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model["merges"]]
+    return list(model["vocab"]), [(a, b) for a, b in pairs]
 
 
 def build_clip_tokenizer(words: Iterable[str], max_length: int) -> CLIPTokenizer:

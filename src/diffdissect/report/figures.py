@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from diffdissect.data.transforms import unit_to_uint8
+
 
 def _pyplot():
     import matplotlib
@@ -29,7 +31,7 @@ def image_grid(images: np.ndarray, columns: int = 8, scale: int = 3, pad: int = 
 
     images = np.asarray(images)
     if images.dtype != np.uint8:
-        images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        images = unit_to_uint8(images)
     n, h, w = images.shape[:3]
     rows = max(1, -(-n // columns))
     cols = min(columns, n)
@@ -70,12 +72,12 @@ def bar_chart(groups: Sequence[str], series: dict[str, Sequence[float]], title: 
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))
     for k, (name, values) in enumerate(series.items()):
-        values = np.asarray(values, float)
+        heights = np.asarray(values, float)
         yerr = None
         if errors and name in errors:
             lo, hi = np.asarray(errors[name], float).T
-            yerr = np.vstack([values - lo, hi - values])
-        ax.bar(x + (k - (len(series) - 1) / 2) * width, values, width, label=name, yerr=yerr, capsize=3)
+            yerr = np.vstack([heights - lo, hi - heights])
+        ax.bar(x + (k - (len(series) - 1) / 2) * width, heights, width, label=name, yerr=yerr, capsize=3)
     ax.set_xticks(x, groups)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from diffdissect.atomic import atomic_write_bytes
+from diffdissect.data.transforms import unit_to_uint8
 from diffdissect.sae.features import ImageActivations
 
 THUMB = 64
@@ -29,7 +30,7 @@ def _rgb(image: Any) -> Image.Image:
         return image.convert("RGB")
     array = np.asarray(image)
     if array.dtype != np.uint8:
-        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+        array = unit_to_uint8(array)
     return Image.fromarray(array).convert("RGB")
 
 

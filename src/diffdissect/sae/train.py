@@ -28,7 +28,7 @@ from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import DiffdissectError, SpecError, StoreError
 from diffdissect.lock import DirectoryLock
 from diffdissect.models.identity import comparable
-from diffdissect.optim_state import optimizer_tensors, restore_optimizer
+from diffdissect.optim_state import lr_factor, optimizer_tensors, restore_optimizer
 from diffdissect.paths import safe_name
 from diffdissect.sae.checkpoint import has_checkpoint, is_legacy, load_sae, load_state, read_config, save_checkpoint
 from diffdissect.sae.data import SliceData
@@ -256,13 +256,8 @@ def sae_loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, aux_alpha
 
 
 def _lr_factor(step: int, steps: int) -> float:
-    warmup = max(1, min(1000, steps // 20))
-    decay_from = int(steps * 0.8)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step >= decay_from:
-        return max(0.0, (steps - step) / max(1, steps - decay_from))
-    return 1.0
+    """Warm-up over 5% of the steps (at most 1000), linear decay over the last fifth."""
+    return lr_factor(step, steps, max(1, min(1000, steps // 20)), decay="linear", decay_from=int(steps * 0.8))
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diffdissect.data.transforms import uint8_to_pixels
 from diffdissect.errors import DiffdissectError
 from diffdissect.runtime import seeded, version
 from diffdissect.world.generator import FACTORS, WorldConfig, sample_world
@@ -111,7 +112,7 @@ def class_labels(world: WorldConfig, factors: dict[str, np.ndarray]) -> np.ndarr
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return uint8_to_pixels(images)
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def train_classifier(model: nn.Module, world: WorldConfig, *, steps: int, batch:
         x = images_to_tensor(b.images)
         out = model(x)
         if isinstance(out, dict):
-            loss = sum(F.cross_entropy(out[f], torch.from_numpy(b.factors[f])) for f in out)
+            loss = cast(torch.Tensor, sum(F.cross_entropy(out[f], torch.from_numpy(b.factors[f])) for f in out))
         else:
             loss = F.cross_entropy(out, torch.from_numpy(class_labels(world, b.factors)))
         opt.zero_grad(set_to_none=True)

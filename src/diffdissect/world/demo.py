@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from diffdissect.data.transforms import unit_to_uint8
 from diffdissect.directions import directions_section, run_directions
 from diffdissect.invert.report import invert_section
 from diffdissect.probe import ProbeConfig, probe_section, run_probes, summary_rows, write_probe_outputs
@@ -40,15 +41,25 @@ __all__ = ["DemoConfig", "HELD_OUT_SEED", "run_demo"]
 @dataclass
 class DemoConfig:
     images: int = 1024
+    """held-out world images to capture"""
     sae_layers: list[str] = field(default_factory=lambda: ["mid_block", "up_blocks.0"])
+    """layers of the per-location SAEs"""
     sae_timesteps: list[int] = field(default_factory=lambda: [25, 200])
+    """timesteps of the per-location SAEs"""
     sae_k: int = 16
+    """active latents per token"""
     sae_expansion: int = 8
+    """n_latents = expansion x the layer's width"""
     sae_epochs: float = 30.0
+    """SAE training epochs"""
     sae_batch: int = 1024
-    direction_seeds: int = 128           # seeds per prompt of the Decoding-Diffusion run (0: skip it)
-    inversion_images: int = 48           # held-out images inverted by the committed inverters (0: skip)
-    inversion_steps: int = 10            # sampler steps per reconstruction (the eval command uses 20)
+    """SAE tokens per step"""
+    direction_seeds: int = 128
+    """seeds per prompt of the Decoding-Diffusion section (0: skip it)"""
+    inversion_images: int = 48
+    """held-out images inverted by the committed inverters (0: skip the feature-inversion section)"""
+    inversion_steps: int = 10
+    """sampler steps per reconstruction (the eval command uses 20)"""
 
 
 def run_demo(out: Path, *, shapes_world: ShapesWorld | None = None, config: DemoConfig | None = None,
@@ -196,7 +207,7 @@ def _generate(pipe: Any, prompts: list[str], per_prompt: int) -> np.ndarray:
     every = [p for p in prompts for _ in range(per_prompt)]
     gens = [torch.Generator().manual_seed(i) for i in range(len(every))]
     images = pipe(prompt=every, num_inference_steps=20, guidance_scale=4.0, generator=gens, output_type="np").images
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    return unit_to_uint8(images)
 
 
 SELECTION = {

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffdissect.data.transforms import unit_to_uint8
 from diffdissect.stats import wilson
 from diffdissect.world.classifiers import factor_accuracy, images_to_tensor
 from diffdissect.world.generator import FACTORS, WorldConfig, captions_for, sample_factors
@@ -27,12 +28,18 @@ TARGETS = {"full_prompt_match": 0.90, "colour_rate_max_error": 0.10, "captioner_
 
 @dataclass
 class EvalConfig:
-    samples: int = 256              # per check (full prompts; colour-omitted prompts per shape)
+    samples: int = 256
+    """samples per check (full prompts; colour-omitted prompts per shape); >= 200 for the targets"""
     steps: int = 20
-    guidance_full: float = 4.0      # guidance for prompts naming every factor
-    guidance_rates: float = 1.0     # no guidance for default rates: guidance sharpens towards the mode
+    """sampler steps"""
+    guidance_full: float = 4.0
+    """guidance for prompts naming every factor"""
+    guidance_rates: float = 1.0
+    """guidance for the default rates (1: none; guidance sharpens towards the mode)"""
     batch: int = 128
+    """images generated per pipeline call"""
     seed: int = 0
+    """sample i uses generator seed `seed + i`"""
 
 
 @torch.no_grad()
@@ -44,7 +51,7 @@ def generate(pipe: Any, prompts: list[str], *, steps: int, guidance: float, seed
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(part))]
         images = pipe(prompt=part, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                       output_type="np").images
-        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+        out.append(unit_to_uint8(images))
     return np.concatenate(out)
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor
 
-from diffdissect.models.noising import denoiser_target, x0_error_weights
+from diffdissect.data.transforms import uint8_to_pixels
+from diffdissect.models.noising import add_noise, denoiser_target, x0_error_weights
 from diffdissect.models.text import build_clip_text_encoder, build_clip_tokenizer
 from diffdissect.runtime import seeded
 from diffdissect.world.generator import WorldConfig, captions_for, sample_world
@@ -95,7 +96,7 @@ def build_untrained(recipe: PipelineRecipe, world: WorldConfig) -> diffusers.Sta
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return uint8_to_pixels(images)
 
 
 def train_vae(vae: diffusers.AutoencoderKL, recipe: PipelineRecipe, world: WorldConfig, *, progress: bool = True):
@@ -164,7 +165,7 @@ def train_unet(pipe: diffusers.StableDiffusionPipeline, latents: torch.Tensor, f
         x0 = latents[torch.from_numpy(idx)]
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(idx),))
-        x_t = noise_schedule.add_noise(x0, noise, t)
+        x_t = add_noise(noise_schedule, x0, noise, t)
         pred = unet(x_t, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         per_sample = (pred - denoiser_target(noise_schedule, x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
         loss = (x0_error_weights(noise_schedule, t, recipe.x0_weight) * per_sample).mean()
@@ -179,7 +180,7 @@ def train_unet(pipe: diffusers.StableDiffusionPipeline, latents: torch.Tensor, f
 
     with seeded(recipe.seed + 2):
         history = run_steps(recipe.unet_steps, step, desc="unet", progress=progress)
-    ema_unet.shadow.set_default_attn_processor()
+    ema_unet.shadow.set_default_attn_processor()  # type: ignore[operator]  # a diffusers method, not a tensor
     pipe.unet, pipe.text_encoder = ema_unet.shadow, ema_text.shadow
     pipe.register_modules(unet=ema_unet.shadow, text_encoder=ema_text.shadow)
     return history

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffdissect.optim_state import lr_factor
+
 
 class EMA:
     """Exponential moving average of a module's parameters (sampling uses the average)."""
@@ -21,8 +23,8 @@ class EMA:
         decay = min(self.decay, (1 + step) / (10 + step))      # warm-up: follow closely at first
         for avg, p in zip(self.shadow.parameters(), module.parameters()):
             avg.lerp_(p.detach(), 1 - decay)
-        for avg, b in zip(self.shadow.buffers(), module.buffers()):
-            avg.copy_(b)
+        for avg_buffer, b in zip(self.shadow.buffers(), module.buffers()):
+            avg_buffer.copy_(b)
 
 
 def run_steps(steps: int, step_fn: Callable[[int], dict[str, float]], *, desc: str, progress: bool = True,
@@ -40,11 +42,5 @@ def run_steps(steps: int, step_fn: Callable[[int], dict[str, float]], *, desc: s
 
 
 def cosine_lr(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
-    import math
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup)))) * 0.95 + 0.05
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """Warm-up, then a cosine down to 5% of the rate (`optim_state.lr_factor`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup, floor=0.05))
