@@ -283,3 +283,37 @@ def test_probe_cli_writes_weights_that_steer_reads(store, tmp_path):
         width *= s
     direction = load_direction(f"probe:{out}#colour={cell['classes'][0]}", cell["layer"], (width,))
     assert direction.at(10).shape == (width,) and torch.isfinite(direction.at(10)).all()
+
+
+def test_probe_labels_with_a_slash_round_trip_through_the_weights(tmp_path):
+    """A label such as size/cm is written and read back by the index, never parsed out of a tensor key."""
+    from diffdissect.intervene.sources import load_direction
+
+    features, rows = synthetic(seeds=1)
+    for row in rows:
+        row["size/cm"] = row.pop("colour")
+    write_array_store(tmp_path / "store", features, rows, shard_rows=100)
+    out = tmp_path / "probe"
+    assert main(["probe", str(tmp_path / "store"), "--labels", "size/cm", "--timesteps", "10", "--bootstrap", "20",
+                 "--out", str(out)]) == 0
+    cell = json.loads((out / "probe_weights.json").read_text())["cells"][0]
+    assert (cell["label"], cell["layer"], cell["t"]) == ("size/cm", "enc", 10)
+    direction = load_direction(f"probe:{out}#size/cm=red", "enc", (12,))
+    assert direction.at(10).shape == (12,) and torch.isfinite(direction.at(10)).all() and direction.at(10).any()
+
+
+def test_a_probe_rerun_without_linear_weights_leaves_no_stale_weights(store, tmp_path):
+    from diffdissect.errors import DiffdissectError
+    from diffdissect.intervene.sources import load_direction
+
+    out = tmp_path / "probe"
+    assert main(["probe", str(store), "--labels", "colour", "--timesteps", "10", "--bootstrap", "20",
+                 "--out", str(out)]) == 0
+    assert load_direction(f"probe:{out}#colour=red", "enc", (12,)).at(10).any()
+    from diffdissect.probe import write_probe_outputs
+
+    results = run_probes(str(store), ProbeConfig(labels=["colour"], timesteps=[10], bootstrap=20), progress=False)
+    write_probe_outputs(results, out)                  # a rerun that saves no linear weights (as the attentive head)
+    assert not (out / "probe_weights.json").exists() and not (out / "probe_weights.safetensors").exists()
+    with pytest.raises(DiffdissectError, match="holds no probe weights"):
+        load_direction(f"probe:{out}#colour=red", "enc", (12,))

@@ -519,7 +519,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from diffdissect.report import Report
 
     config = config_from_args(ProbeConfig, args, split=SplitConfig(*args.split))
-    weights: dict[str, Any] = {}
+    weights: dict[Any, Any] = {}
     results = run_probes(args.store, config, weights=weights)
     paths = write_probe_outputs(results, args.out, weights=weights)
     report = Report(f"diffdissect probe: {args.store}")

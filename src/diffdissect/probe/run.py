@@ -15,6 +15,7 @@ import torch
 
 from diffdissect.devices import resolve_device
 from diffdissect.errors import DataError
+from diffdissect.models.identity import comparable
 from diffdissect.probe.head import fit_attentive_head
 from diffdissect.probe.labels import EncodedLabels, encode_labels
 from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_probe_tasks
@@ -86,11 +87,11 @@ class ProbeTask:
 
 
 def run_probes(store: str, config: ProbeConfig, *, progress: bool = True,
-               weights: dict[str, Any] | None = None) -> dict[str, Any]:
+               weights: dict[Any, Any] | None = None) -> dict[str, Any]:
     """Probe every requested cell for every label (plus the requested controls). Returns plain data.
 
     `weights` (a dict), when given, receives the trained linear probes' weights on the raw features, per
-    cell: {"<label>/<layer>/t=<t>": {"coef": (classes, d), "intercept": (classes,), "classes": [...]}}
+    cell: {(label, layer, t): {"coef": (classes, d), "intercept": (classes,), "classes": [...]}}
     (`write_probe_outputs(..., weights=)` saves them; `steer` reads them as `probe:DIR#label=value`)."""
     config.validate()
     device = resolve_device(config.device)
@@ -123,12 +124,13 @@ def run_probes(store: str, config: ProbeConfig, *, progress: bool = True,
                 for cell, scores in zip(group, per_cell):
                     found = scores.pop("_weights", None)
                     if weights is not None and found is not None and condition == "trained":
-                        weights[f"{name}/{cell[0]}/t={cell[1]}"] = {**found, "classes": tasks[name].labels.classes}
+                        weights[(name, cell[0], int(cell[1]))] = {**found, "classes": tasks[name].labels.classes}
                     results.append({"label": name, "layer": cell[0], "t": cell[1], "condition": condition,
                                     "head": config.head, **scores})
             if progress:
                 print(f"  fitted {len(group)} cells x {len(batch_tasks)} label tasks")
-    return {"store": str(store), "config": _config_json(config), "cells": [list(c) for c in cells],
+    return {"store": str(store), "model": comparable(reader.manifest.model or {}),
+            "config": _config_json(config), "cells": [list(c) for c in cells],
             "labels": {n: {"classes": t.labels.classes, "missing_rows": t.labels.missing} for n, t in tasks.items()},
             "split": {"by": config.split_column or "hash", "salt": split.spec.salt, "images": split.counts()},
             "split_by_image": split.by_image, "results": results, "skipped": skipped,

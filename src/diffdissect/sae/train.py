@@ -27,6 +27,7 @@ from diffdissect.devices import resolve_device, resolve_dtype
 from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import DiffdissectError, SpecError, StoreError
 from diffdissect.lock import DirectoryLock
+from diffdissect.models.identity import comparable
 from diffdissect.optim_state import lr_factor, optimizer_tensors, restore_optimizer
 from diffdissect.paths import safe_name
 from diffdissect.sae.checkpoint import has_checkpoint, is_legacy, load_sae, load_state, read_config, save_checkpoint
@@ -148,7 +149,8 @@ def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool
     dead_window = config.dead_window or min(10_000_000, train_tokens)
     lr = config.lr or 2e-4 / math.sqrt(sae_cfg.n_latents / 2 ** 14)
     info = {"name": config.run_name(), "sae": sae_cfg.to_json(), "train": asdict(config),
-            "slice": {"store": str(store), "store_identity": reader.manifest.content_identity(), "layer": config.layer,
+            "slice": {"store": str(store), "store_identity": reader.manifest.content_identity(),
+                      "model": comparable(reader.manifest.model or {}), "layer": config.layer,
                       "t": config.t, "d_in": data.d_in, "train_tokens": train_tokens},
             "resolved": {"steps": steps, "batch_size": batch_size, "lr": lr, "dead_window": dead_window}}
 
