@@ -437,7 +437,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         if dist.enabled:
             raise DiffdissectError("trajectory capture (--prompts) runs in one process; launch it without "
                                    "torchrun/accelerate, or capture images.")
-        trajectory_spec = TrajectoryConfig(prompts=prompts, steps=args.steps, guidance_scale=args.guidance,
+        trajectory_spec = TrajectoryConfig(prompts=prompts, steps=args.steps, guidance_scale=args.guidance_scale,
                                          branch=args.branch, shard_size=args.shard_size or 64, **common)
         manifest = capture_trajectories(target, trajectory_spec, args.out, progress=not args.quiet)
     else:
