@@ -139,7 +139,7 @@ def noop_sae(target, out: Path, args) -> dict:
 def removal(target, judge, out: Path, args) -> dict:
     """SAeUron's concept removal on the shapes world: an SAE on the layer's per-location activations of
     captioned world images, the latents chosen for shape=square by held-out AUROC, ablated at every step."""
-    from diffdissect.capture import CaptureSpec, capture
+    from diffdissect.capture import CaptureConfig, capture
     from diffdissect.sae import TrainConfig, train_sae
     from diffdissect.sae.features import analyse_features
 
@@ -147,7 +147,7 @@ def removal(target, judge, out: Path, args) -> dict:
     layer, t = args.removal_layer, args.removal_t
     if not (work / "store" / "manifest.json").is_file() or "complete" not in (work / "store" / "manifest.json").read_text():
         source, _ = args.world.source(args.removal_images)
-        spec = CaptureSpec(layers=[layer], timesteps=[t], seeds=[0], batch_size=128, pooling="none", dtype="float32",
+        spec = CaptureConfig(layers=[layer], timesteps=[t], seeds=[0], batch_size=128, pooling="none", dtype="float32",
                            use_captions=True)
         capture(target, source, spec, work / "store", progress=False)
     train = TrainConfig(layer=layer, t=t, tokens=True, k=args.removal_k, expansion=8, epochs=args.removal_epochs,

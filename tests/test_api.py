@@ -1,6 +1,7 @@
 """The package face: the names a user imports from `diffdissect`, and the ground floor's helpers."""
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import types
 
@@ -31,3 +32,19 @@ def test_the_one_factory_loader_names_what_went_wrong():
         load_factory("no-colon", what="--classifier")
     with pytest.raises(DiffdissectError, match="failed when called with no arguments"):
         load_factory("os.path:join", what="--classifier")
+
+
+def test_configs_have_one_word_and_the_old_names_still_import_with_a_warning():
+    from diffdissect.capture import CaptureConfig, TrajectoryConfig
+    from diffdissect.directions import BiasConfig
+    from diffdissect.probe import SplitConfig
+
+    for module, old, new in [(diffdissect, "CaptureSpec", CaptureConfig), (diffdissect, "TrajectorySpec", TrajectoryConfig),
+                             (diffdissect.capture, "CaptureSpec", CaptureConfig),
+                             (importlib.import_module("diffdissect.probe"), "SplitSpec", SplitConfig),
+                             (importlib.import_module("diffdissect.directions"), "BiasSpec", BiasConfig)]:
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated; use {new.__name__}"):
+            assert getattr(module, old) is new
+    with pytest.raises(AttributeError):
+        diffdissect.NoSuchSpec  # noqa: B018
+    assert not any(n.endswith(("Spec", "Recipe")) for n in diffdissect.__all__)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_FACTORY
-from diffdissect import ArraySource, CaptureSpec, FolderSource, load_target, open_store
+from diffdissect import ArraySource, CaptureConfig, FolderSource, load_target, open_store
 from diffdissect.capture import capture
 from diffdissect.errors import DataError
 
@@ -19,7 +19,7 @@ def _images(n: int) -> np.ndarray:
 def test_array_attributes_reach_rows_and_index_csv(tmp_path):
     shapes, sizes = ["circle", "square", "circle"], ["small", "large", "large"]
     source = ArraySource(_images(3), labels=[0, 1, 0], attributes={"shape": shapes, "size": sizes})
-    capture(load_target(TINY_FACTORY), source, CaptureSpec(layers=["mid"], seeds=[0, 1]), tmp_path / "s", progress=False)
+    capture(load_target(TINY_FACTORY), source, CaptureConfig(layers=["mid"], seeds=[0, 1]), tmp_path / "s", progress=False)
     store = open_store(tmp_path / "s")
     assert store.column("shape") == [s for s in shapes for _ in range(2)]
     assert store.column("size") == [s for s in sizes for _ in range(2)]
@@ -36,7 +36,7 @@ def test_extra_csv_columns_become_attributes(tmp_path):
     for i, img in enumerate(_images(2)):
         Image.fromarray(img).save(folder / f"{i}.png")
     (folder / "meta.csv").write_text("file,label,caption,colour,split\n0.png,a,x,red,train\n1.png,b,y,blue,test\n")
-    capture(load_target(TINY_FACTORY), FolderSource(folder, folder / "meta.csv"), CaptureSpec(layers=["mid"]),
+    capture(load_target(TINY_FACTORY), FolderSource(folder, folder / "meta.csv"), CaptureConfig(layers=["mid"]),
             tmp_path / "s", progress=False)
     store = open_store(tmp_path / "s")
     assert store.column("colour") == ["red", "blue"] and store.column("split") == ["train", "test"]

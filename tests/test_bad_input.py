@@ -141,9 +141,9 @@ def test_unknown_layer_lists_the_closest_valid_names(images, tmp_path, capsys):
     assert "Closest valid names:" in err and "blocks.0" in err and "blocks.1" in err
     assert not out.exists()
     with pytest.raises(LayerNotFoundError, match="'midd'.*Closest valid names: mid"):
-        from diffdissect import CaptureSpec, FolderSource, load_target
+        from diffdissect import CaptureConfig, FolderSource, load_target
         from diffdissect.capture import capture
-        capture(load_target(TINY_FACTORY), FolderSource(images), CaptureSpec(layers=["midd"]), out, progress=False)
+        capture(load_target(TINY_FACTORY), FolderSource(images), CaptureConfig(layers=["midd"]), out, progress=False)
 
 
 @pytest.mark.parametrize("timesteps", [["1000"], ["-1"], ["10", "5000"]])
@@ -156,12 +156,12 @@ def test_timestep_out_of_range(images, tmp_path, capsys, timesteps):
 
 
 def test_timestep_out_of_range_api(images, tmp_path):
-    from diffdissect import CaptureSpec, FolderSource, load_target
+    from diffdissect import CaptureConfig, FolderSource, load_target
     from diffdissect.capture import capture
 
     for t in (-1, 1000):
         with pytest.raises(SpecError, match=rf"t={t} is out of range"):
-            capture(load_target(TINY_FACTORY), FolderSource(images), CaptureSpec(layers=["mid"], timesteps=[t]),
+            capture(load_target(TINY_FACTORY), FolderSource(images), CaptureConfig(layers=["mid"], timesteps=[t]),
                     tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -27,7 +27,7 @@ from conftest import (
     random_image,
 )
 from diffdissect import load_target, open_store
-from diffdissect.capture import CaptureSpec, TrajectorySpec, capture, capture_trajectories
+from diffdissect.capture import CaptureConfig, TrajectoryConfig, capture, capture_trajectories
 from diffdissect.cli import main
 from diffdissect.data import ArraySource, FolderSource, HFDatasetSource
 from diffdissect.data.transforms import to_model_pixels
@@ -81,7 +81,7 @@ def stored(out, layer, t, n_seeds=1) -> torch.Tensor:
 
 def run(target, source, out, **spec) -> Path:
     spec.setdefault("batch_size", 8)
-    capture(target, source, CaptureSpec(**spec), out, progress=False)
+    capture(target, source, CaptureConfig(**spec), out, progress=False)
     return out
 
 
@@ -618,7 +618,7 @@ def _check_trajectory_store(out, target, spec, prompts, seeds):
 def test_trajectories_sd(tmp_path, sd_dir):
     target = load_target(sd_dir)
     prompts, seeds = ["a red cat", "a blue dog"], [0, 1]
-    spec = TrajectorySpec(prompts=prompts, seeds=seeds, layers=["mid_block", "up_blocks.1"], steps=3,
+    spec = TrajectoryConfig(prompts=prompts, seeds=seeds, layers=["mid_block", "up_blocks.1"], steps=3,
                           guidance_scale=7.5, pooling="mean", dtype="float32")
     cond = tmp_path / "cond"
     capture_trajectories(target, spec, cond, progress=False)
@@ -656,7 +656,7 @@ def test_trajectories_sd(tmp_path, sd_dir):
 def test_trajectories_dit(tmp_path, dit_dir):
     target = load_target(dit_dir)
     prompts, seeds = ["cat", "7"], [3]
-    spec = TrajectorySpec(prompts=prompts, seeds=seeds, layers=["transformer_blocks.1"], steps=3, guidance_scale=4.0,
+    spec = TrajectoryConfig(prompts=prompts, seeds=seeds, layers=["transformer_blocks.1"], steps=3, guidance_scale=4.0,
                           pooling="none", tokens_to_grid=True)
     cond = tmp_path / "cond"
     capture_trajectories(target, spec, cond, progress=False)
@@ -701,13 +701,13 @@ class _DataDependent(torch.nn.Module):
 
 @pytest.mark.parametrize("pooling", ["mean", "none"])
 def test_shape_probe_matches_a_real_forward_without_running_one(sd_dir, pooling, monkeypatch):
-    from diffdissect.capture import CaptureSpec
+    from diffdissect.capture import CaptureConfig
     from diffdissect.capture.engine import probe_row_shapes
     from diffdissect.capture.rows import to_rows
 
     target = load_target(sd_dir)
     layers = ["down_blocks.0", "mid_block", "up_blocks.1"]
-    spec = CaptureSpec(layers=layers, pooling=pooling)
+    spec = CaptureConfig(layers=layers, pooling=pooling)
     sample, t, cond = target.dry_inputs(100)
     raw = hook_outputs(target.denoiser, layers, lambda: target.forward(sample, t, cond))
     real = {l: out[0] if isinstance(out, tuple) else out for l, out in raw.items()}   # down blocks: (h, skips)
@@ -719,9 +719,9 @@ def test_shape_probe_matches_a_real_forward_without_running_one(sd_dir, pooling,
 
 @pytest.mark.parametrize("pooling", ["mean", "none"])
 def test_shape_probe_falls_back_to_a_real_forward_off_meta(pooling):
-    from diffdissect.capture import CaptureSpec
+    from diffdissect.capture import CaptureConfig
     from diffdissect.capture.engine import probe_row_shapes
 
     target = load_target(_DataDependent())
     want = {"conv": (5,)} if pooling == "mean" else {"conv": (5, 8, 8)}
-    assert probe_row_shapes(target, ["conv"], CaptureSpec(layers=["conv"], pooling=pooling)) == want
+    assert probe_row_shapes(target, ["conv"], CaptureConfig(layers=["conv"], pooling=pooling)) == want

@@ -34,21 +34,21 @@ def test_invert_train_flag_defaults_are_the_config_defaults():
 # Commands and the configs whose fields their flags set. A flag named like a field has the field's default,
 # or None (meaning "from --config" or "derived"); the exceptions below say why they differ.
 def _command_configs():
-    from diffdissect.capture.spec import CaptureSpec, TrajectorySpec
+    from diffdissect.capture.spec import CaptureConfig, TrajectoryConfig
     from diffdissect.directions import DirectionsConfig
     from diffdissect.probe import ProbeConfig
     from diffdissect.sae import TrainConfig
     from diffdissect.world.demo import DemoConfig
     from diffdissect.world.evaluate import EvalConfig
 
-    return {("capture",): [CaptureSpec, TrajectorySpec], ("probe",): [ProbeConfig], ("sae", "train"): [TrainConfig],
+    return {("capture",): [CaptureConfig, TrajectoryConfig], ("probe",): [ProbeConfig], ("sae", "train"): [TrainConfig],
             ("directions", "run"): [DirectionsConfig], ("invert", "train"): [InvertTrainConfig],
             ("demo",): [DemoConfig], ("toy", "eval"): [EvalConfig]}
 
 
 DIFFERENT_ON_PURPOSE = {
     ("directions", "run", "seeds"),      # the flag is a count (seeds 0..n-1), the field the list
-    ("probe", "split"),                  # three fractions on the command line, a SplitSpec (with its salt) in the config
+    ("probe", "split"),                  # three fractions on the command line, a SplitConfig (with its salt) in the config
 }
 
 
@@ -169,3 +169,65 @@ def test_demo_options_build_its_config():
     assert config_from_args(DemoConfig, args) == DemoConfig(images=64, sae_layers=["mid_block", "down_blocks.1"],
                                                             sae_timesteps=[25, 800], direction_seeds=0)
     assert config_from_args(DemoConfig, build_parser().parse_args(["demo"])) == DemoConfig()
+
+
+# ---- probe, capture, sae train and directions: generated from their configs ---------------------------------------
+def _generated_commands():
+    from diffdissect.capture.spec import CaptureConfig, TrajectoryConfig
+    from diffdissect.directions import DirectionsConfig
+    from diffdissect.probe import ProbeConfig
+    from diffdissect.sae import TrainConfig
+
+    def every(cls, *left_out):
+        return [(cls, f.name) for f in fields(cls) if f.name not in left_out]
+
+    directions = ["layers", "steps", "batch_size", "method", "permutations", "resamples"]
+    return {
+        ("probe",): every(ProbeConfig, "split", "max_iter", "batch_mb"),
+        ("capture",): every(CaptureConfig) + [(TrajectoryConfig, n) for n in ("steps", "guidance_scale", "branch")],
+        ("sae", "train"): every(TrainConfig, "aux_alpha", "dead_window", "heldout_fraction", "normalise",
+                                "checkpoint_every"),
+        ("directions", "run"): [(DirectionsConfig, n) for n in directions + ["guidance_scale", "cluster_by",
+                                                                           "cluster_remove", "cluster_pooling"]],
+        ("directions", "world"): [(DirectionsConfig, n) for n in directions],
+    }
+
+
+def test_probe_capture_sae_and_directions_options_are_their_config_fields():
+    parser = build_parser()
+    for path, cls_fields in _generated_commands().items():
+        helps = {a.dest: a.help or "" for a in _subparser(parser, *path)._actions}
+        for cls, name in cls_fields:
+            doc = field_docs(cls).get(name)
+            assert doc, f"{cls.__name__}.{name} has no docstring"
+            assert helps.get(name, "").startswith(doc), f"{' '.join(path)}: option for {cls.__name__}.{name} is " \
+                                                        "not generated from the field"
+
+
+def test_generated_list_options_keep_their_form_and_build_configs():
+    from diffdissect.probe import ProbeConfig, SplitConfig
+    from diffdissect.sae.sweep import sweep_configs
+    from diffdissect.sae.train import TrainConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["capture", "-m", "m", "--images", "d", "--layers", "a", "b", "--timesteps", "25", "200",
+                              "--seeds", "0", "1", "--no-early-exit", "--out", "o"])
+    assert (args.layers, args.timesteps, args.seeds, args.early_exit) == (["a", "b"], [25, 200], [0, 1], False)
+    assert parser.parse_args(["capture", "-m", "m", "--layers", "a", "--out", "o"]).early_exit is True
+
+    args = parser.parse_args(["probe", "s", "--labels", "shape", "--layers", "a", "b", "--timesteps", "25", "200",
+                              "--l2", "0.1", "1", "--split-fractions", "0.5", "0.25", "0.25", "--shuffled-control",
+                              "--out", "o"])
+    config = config_from_args(ProbeConfig, args, split=SplitConfig(*args.split))
+    assert config == ProbeConfig(labels=["shape"], layers=["a", "b"], timesteps=[25, 200], l2_grid=(0.1, 1.0),
+                                 split=SplitConfig(0.5, 0.25, 0.25), shuffled_control=True)
+    default = parser.parse_args(["probe", "s", "--labels", "shape", "--out", "o"])
+    assert config_from_args(ProbeConfig, default, split=SplitConfig(*default.split)) == ProbeConfig(labels=["shape"])
+
+    args = parser.parse_args(["sae", "train", "s", "--layers", "a", "b", "--timesteps", "25", "200", "--k", "16",
+                              "32", "--train-steps", "5", "--out", "o"])
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    configs = sweep_configs({"batch_size": 64, "k": 8}, flags)
+    assert len(configs) == 8 and {(c.layer, c.t, c.k) for c in configs} == {
+        (layer, t, k) for layer in "ab" for t in (25, 200) for k in (16, 32)}
+    assert all(c.steps == 5 and c.batch_size == 64 for c in configs)     # unset flags leave the --config file's value

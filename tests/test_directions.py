@@ -12,7 +12,7 @@ import torch
 from diffdissect.cli import main
 from diffdissect.data.prompts import read_prompt_file
 from diffdissect.directions import (
-    BiasSpec,
+    BiasConfig,
     DirectionsConfig,
     build_prompt_set,
     caption_images,
@@ -268,7 +268,7 @@ def test_cluster_remove_takes_several_families_and_pooling_frees_position():
             prompt_index.append(i)
     latents, prompt_index = np.array(latents), np.array(prompt_index)
     config = DirectionsConfig(prompts=prompts, seeds=list(range(seeds)), cluster_by="shape", permutations=100,
-                              bias=[BiasSpec("colour", slots["colour"], []), BiasSpec("size", slots["size"], [])],
+                              bias=[BiasConfig("colour", slots["colour"], []), BiasConfig("size", slots["size"], [])],
                               cluster_remove=["colour", "size"], cluster_pooling="mean")
     config.validate()
     both = np.concatenate([colour_dirs, size_dirs])
@@ -364,7 +364,7 @@ def _config(**overrides):
                                slot_values={"colour": ["red", "blue"], "shape": ["square", "circle"]})
     options = dict(seeds=[0, 1, 2], layers=["mid_block", "up_blocks.1"], steps=2, guidance_scale=1.0, batch_size=4,
                    shard_size=4, text_source="prompts", resamples=100, permutations=100, cluster_by="shape",
-                   bias=[BiasSpec("colour", ["red", "blue"], ["a square", "a circle"])], cluster_remove="colour")
+                   bias=[BiasConfig("colour", ["red", "blue"], ["a square", "a circle"])], cluster_remove="colour")
     options.update(overrides)
     return DirectionsConfig(prompts=prompts, **options)
 
@@ -467,7 +467,7 @@ def test_captions_resume_and_failures_are_recorded(tmp_path, sd_dir):
 
 
 def test_run_refuses_a_family_word_that_never_occurs(tmp_path, sd_dir):
-    config = _config(bias=[BiasSpec("colour", ["red", "purple"], ["a square"])], cluster_remove=None)
+    config = _config(bias=[BiasConfig("colour", ["red", "purple"], ["a square"])], cluster_remove=None)
     with pytest.raises(DataError, match="'purple' never occurs in the prompts"):
         run_directions(load_target(sd_dir), config, tmp_path / "run", None, progress=False)
     with pytest.raises(SpecError, match="names no bias family"):

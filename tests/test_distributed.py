@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from diffdissect.capture import CaptureSpec, capture
+from diffdissect.capture import CaptureConfig, capture
 from diffdissect.data import FolderSource
 from diffdissect.models import load_target
 from diffdissect.store import open_store, verify_store
@@ -57,7 +57,7 @@ SPEC = dict(layers=["mid_block", "up_blocks.1"], timesteps=[50, 500], seeds=[0, 
 # ---- capture through torchrun (the CLI a user runs) ------------------------------------------------------------------
 def test_torchrun_capture_equals_a_single_process_capture(tmp_path, sd_dir, image_folder):
     single = tmp_path / "single"
-    capture(load_target(sd_dir), FolderSource(image_folder), CaptureSpec(**SPEC), single, progress=False)
+    capture(load_target(sd_dir), FolderSource(image_folder), CaptureConfig(**SPEC), single, progress=False)
     dist = tmp_path / "dist"
     args = ["capture", "--model", str(sd_dir), "--images", str(image_folder), "--layers", *SPEC["layers"],
             "--timesteps", "50", "500", "--seeds", "0", "1", "--batch-size", "2", "--shard-size", "1",
@@ -89,14 +89,14 @@ def _capture_worker(rank: int, world: int, port: int, sd_dir: str, folder: str, 
             return record
 
         store_writer.StoreWriter.write_shard = write_then_die
-    capture(load_target(sd_dir), FolderSource(folder), CaptureSpec(**SPEC), out, progress=False, dist=from_env())
+    capture(load_target(sd_dir), FolderSource(folder), CaptureConfig(**SPEC), out, progress=False, dist=from_env())
     torch.distributed.destroy_process_group()
 
 
 def _single_and_killed(tmp_path, sd_dir, image_folder, die_after: int) -> tuple[Path, Path]:
     """A single-process capture, and a 2-rank capture whose rank 1 dies after `die_after` shards."""
     single = tmp_path / "single"
-    capture(load_target(sd_dir), FolderSource(image_folder), CaptureSpec(**SPEC), single, progress=False)
+    capture(load_target(sd_dir), FolderSource(image_folder), CaptureConfig(**SPEC), single, progress=False)
     out = tmp_path / "dist"
     with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
         mp.spawn(_capture_worker, args=(2, _free_port(), str(sd_dir), str(image_folder), str(out), die_after), nprocs=2)
@@ -119,7 +119,7 @@ def test_a_killed_rank_loses_and_duplicates_nothing_after_a_restart(tmp_path, sd
 def test_a_single_process_resumes_what_ranks_left(tmp_path, sd_dir, image_folder):
     """An interrupted distributed capture can be finished by one process (the ranks' lists are merged)."""
     single, out = _single_and_killed(tmp_path, sd_dir, image_folder, die_after=2)
-    capture(load_target(sd_dir), FolderSource(image_folder), CaptureSpec(**SPEC), out, progress=False)
+    capture(load_target(sd_dir), FolderSource(image_folder), CaptureConfig(**SPEC), out, progress=False)
     _assert_same_store(out, single)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import folder_images
-from diffdissect.capture import CaptureSpec, capture
+from diffdissect.capture import CaptureConfig, capture
 from diffdissect.cli import main
 from diffdissect.data import FolderSource
 from diffdissect.data.transforms import to_model_pixels
@@ -183,7 +183,7 @@ def test_stored_tensor_equals_a_plain_hook_fed_by_hand(name, family_dirs, image_
     target = load(name, family_dirs)
     layers, timesteps = NUMERIC_LAYERS[name], [100, 700]
     out = tmp_path / "store"
-    capture(target, FolderSource(image_folder, image_csv), CaptureSpec(
+    capture(target, FolderSource(image_folder, image_csv), CaptureConfig(
         layers=layers, timesteps=timesteps, seeds=[0], prompt=PROMPT, pooling="none", dtype="float32",
         limit=N_IMAGES), out, progress=False)
     store = open_store(out)
@@ -214,7 +214,7 @@ def test_store_table_records_every_level_on_one_axis(family_dirs, image_folder, 
     for name in ("sdxl", "sd3", "flux", "sana"):
         out = tmp_path / name
         capture(load(name, family_dirs), FolderSource(image_folder, image_csv),
-                CaptureSpec(layers=["mid_block" if name == "sdxl" else "transformer_blocks.0"], timesteps=[499],
+                CaptureConfig(layers=["mid_block" if name == "sdxl" else "transformer_blocks.0"], timesteps=[499],
                             limit=1), out, progress=False)
         tables[name] = open_store(out).manifest.timesteps[0]
     sd3, flux, sana, sdxl = tables["sd3"], tables["flux"], tables["sana"], tables["sdxl"]
@@ -238,7 +238,7 @@ def test_flow_round_trip_matches_the_schedulers_scale_noise(name, family_dirs, i
 
     out = tmp_path / "store"
     capture(load(name, family_dirs), FolderSource(image_folder, image_csv),
-            CaptureSpec(layers=["transformer_blocks.0"], timesteps=[10, 400, 999], limit=1), out, progress=False)
+            CaptureConfig(layers=["transformer_blocks.0"], timesteps=[10, 400, 999], limit=1), out, progress=False)
     pipe = pipeline(name, family_dirs)
     x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -256,7 +256,7 @@ def test_flow_round_trip_matches_the_schedulers_scale_noise(name, family_dirs, i
 def test_sigmas_name_flow_levels_directly(family_dirs, image_folder, image_csv, tmp_path, capsys):
     out = tmp_path / "store"
     capture(load("sd3", family_dirs), FolderSource(image_folder, image_csv),
-            CaptureSpec(layers=["transformer_blocks.0"], sigmas=[0.25, 1.0], limit=1), out, progress=False)
+            CaptureConfig(layers=["transformer_blocks.0"], sigmas=[0.25, 1.0], limit=1), out, progress=False)
     entries = open_store(out).manifest.timesteps
     assert [e["sigma"] for e in entries] == [0.25, 1.0] and entries[1]["t"] == 999
     assert 0 <= entries[0]["t"] < 999 and entries[0]["denoiser_t"] == pytest.approx(250.0)
@@ -267,7 +267,7 @@ def test_sigmas_name_flow_levels_directly(family_dirs, image_folder, image_csv, 
 def test_flux_output_is_unpacked_to_the_latent_grid(family_dirs, image_folder, image_csv, tmp_path):
     out = tmp_path / "store"
     target = load("flux", family_dirs)
-    capture(target, FolderSource(image_folder, image_csv), CaptureSpec(
+    capture(target, FolderSource(image_folder, image_csv), CaptureConfig(
         layers=["proj_out", "transformer_blocks.0"], timesteps=[300], pooling="none", tokens_to_grid=True,
         dtype="float32", limit=1), out, progress=False)
     store = open_store(out)
@@ -316,10 +316,10 @@ def test_the_whole_workflow_runs_on_every_family(name, family_dirs, image_folder
 
 def test_flow_trajectories_are_keyed_by_the_training_index_of_sigma(family_dirs, tmp_path):
     """FLUX is handed sigma in [0, 1]: rounding that argument collapsed every step to t=0 or 1."""
-    from diffdissect.capture import TrajectorySpec, capture_trajectories
+    from diffdissect.capture import TrajectoryConfig, capture_trajectories
 
     target = load("flux", family_dirs)
-    manifest = capture_trajectories(target, TrajectorySpec(prompts=[PROMPT], layers=["transformer_blocks.0"], steps=2,
+    manifest = capture_trajectories(target, TrajectoryConfig(prompts=[PROMPT], layers=["transformer_blocks.0"], steps=2,
                                                            guidance_scale=3.5, save_images=False),
                                     tmp_path / "store", progress=False)
     # FLUX samples sigma_base = 1, 1/2 (then shifts by mu): training indices 999 and 499
@@ -330,14 +330,14 @@ def test_flow_trajectories_are_keyed_by_the_training_index_of_sigma(family_dirs,
 
 def test_sd3_guided_trajectory_keeps_the_conditional_half(family_dirs, tmp_path):
     """SD3 batches [unconditional, conditional]: the stored rows are the second half."""
-    from diffdissect.capture import TrajectorySpec, capture_trajectories
+    from diffdissect.capture import TrajectoryConfig, capture_trajectories
 
     target = load("sd3", family_dirs)
     calls: list[torch.Tensor] = []
     module = dict(target.denoiser.named_modules())["transformer_blocks.1"]
     handle = module.register_forward_hook(lambda m, a, k, o: calls.append(o[1].detach().clone()), with_kwargs=True)
     try:
-        manifest = capture_trajectories(target, TrajectorySpec(
+        manifest = capture_trajectories(target, TrajectoryConfig(
             prompts=[PROMPT], layers=["transformer_blocks.1"], steps=2, guidance_scale=3.0, pooling="none",
             dtype="float32", save_images=False), tmp_path / "store", progress=False)
     finally:
@@ -450,7 +450,7 @@ def test_guidance_embedding_only_for_guidance_distilled_flux(family_dirs, image_
     dev = load("flux", family_dirs)
     seen = []
     handle = dev.denoiser.register_forward_pre_hook(lambda m, a, k: seen.append(k["guidance"]), with_kwargs=True)
-    capture(dev, FolderSource(image_folder), CaptureSpec(layers=["transformer_blocks.0"], guidance_embedding=5.0,
+    capture(dev, FolderSource(image_folder), CaptureConfig(layers=["transformer_blocks.0"], guidance_embedding=5.0,
                                                          limit=1), tmp_path / "d", progress=False)
     handle.remove()
     real = [g for g in seen if g.device.type != "meta"]            # the shape probe runs on meta
@@ -489,7 +489,7 @@ def test_the_shape_probe_runs_on_meta(name, family_dirs):
     handle = target.denoiser.register_forward_pre_hook(
         lambda m, a, k: devices.append((a[0] if a else k["hidden_states"]).device.type), with_kwargs=True)
     try:
-        probe_row_shapes(target, [WORKFLOW_LAYER[name]], CaptureSpec(layers=[WORKFLOW_LAYER[name]]))
+        probe_row_shapes(target, [WORKFLOW_LAYER[name]], CaptureConfig(layers=[WORKFLOW_LAYER[name]]))
     finally:
         handle.remove()
     assert devices == ["meta"]
@@ -502,12 +502,12 @@ def test_per_image_captions_condition_each_image(name, family_dirs, image_folder
     layer = WORKFLOW_LAYER[name]
     source = FolderSource(image_folder, image_csv)
     common = {"layers": [layer], "timesteps": [300], "dtype": "float32", "limit": 2, "batch_size": 2}
-    capture(target, source, CaptureSpec(use_captions=True, **common), tmp_path / "captions", progress=False)
+    capture(target, source, CaptureConfig(use_captions=True, **common), tmp_path / "captions", progress=False)
     rows = open_store(tmp_path / "captions").rows()
     mixed = open_store(tmp_path / "captions").load(layer, 300, format="torch")
     for i, row in enumerate(rows):
         out = tmp_path / f"fixed{i}"
-        capture(target, source, CaptureSpec(prompt=row["caption"], **common), out, progress=False)
+        capture(target, source, CaptureConfig(prompt=row["caption"], **common), out, progress=False)
         fixed = open_store(out).load(layer, 300, format="torch")
         assert torch.allclose(mixed[i], fixed[i], atol=1e-5), (i, row["caption"])
         assert not torch.allclose(mixed[1 - i], fixed[1 - i], atol=1e-5)       # the other image's caption differs

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from _store_helpers import file_stats, snapshot
-from diffdissect.capture import CaptureSpec, capture
+from diffdissect.capture import CaptureConfig, capture
 from diffdissect.cli import main
 from diffdissect.data import FolderSource
 from diffdissect.errors import DataError, SpecError, StoreError
@@ -56,7 +56,7 @@ def cli_error(capsys, argv: list[str]) -> str:
 
 
 def job_capture(model: str, images: str, out: str) -> None:
-    capture(load_target(model), FolderSource(images, Path(images) / "labels.csv"), CaptureSpec(**SPEC), out,
+    capture(load_target(model), FolderSource(images, Path(images) / "labels.csv"), CaptureConfig(**SPEC), out,
             progress=False)
 
 
@@ -569,19 +569,19 @@ def test_truncated_prompts_are_warned_and_recorded(tmp_path, sd_dir, images):
     limit = target.tokenizer.model_max_length
     words = " ".join(["red"] * (limit + 4))
     with pytest.warns(UserWarning, match="the text encoder saw only the first"):
-        capture(target, FolderSource(images), CaptureSpec(layers=["mid_block"], timesteps=[10], prompt=words + " cat"),
+        capture(target, FolderSource(images), CaptureConfig(layers=["mid_block"], timesteps=[10], prompt=words + " cat"),
                 tmp_path / "store", progress=False)
     notes = Manifest.load(tmp_path / "store").notes["truncated_prompts"]
     assert notes[words + " cat"]["kept"] == limit and "cat" in notes[words + " cat"]["dropped_text"]
 
 
 def test_trajectory_prompts_are_checked_for_truncation(tmp_path, sd_dir):
-    from diffdissect.capture import TrajectorySpec, capture_trajectories
+    from diffdissect.capture import TrajectoryConfig, capture_trajectories
 
     target = load_target(sd_dir)
     long = " ".join(["blue"] * (target.tokenizer.model_max_length + 2))
     with pytest.warns(UserWarning, match="the text encoder saw only the first"):
-        capture_trajectories(target, TrajectorySpec(prompts=[long, "a cat"], steps=1, guidance_scale=1.0,
+        capture_trajectories(target, TrajectoryConfig(prompts=[long, "a cat"], steps=1, guidance_scale=1.0,
                                                     save_images=False), tmp_path / "t", progress=False)
     assert list(Manifest.load(tmp_path / "t").notes["truncated_prompts"]) == [long]
 

@@ -359,26 +359,186 @@ def test_an_sae_of_another_layer_or_width_is_refused(sd_target, tmp_path: Path) 
         _bind(sd_target, f"sae-zero@mid_block={tmp_path / 'ok'}#8")
 
 
-def test_a_diffdissect_sae_trained_on_another_model_is_refused(sd_target, tmp_path: Path, monkeypatch) -> None:
-    from diffdissect.sae.checkpoint import save_checkpoint
+@pytest.fixture(scope="module")
+def sd_store_and_sae(sd_target, image_folder: Path, tmp_path_factory):
+    """A store captured from the tiny SD pipeline (mid_block, pooled) and a small SAE trained on it."""
+    from diffdissect.capture import capture
+    from diffdissect.capture.spec import CaptureConfig
+    from diffdissect.data import FolderSource
+    from diffdissect.sae.train import TrainConfig, train_sae
+
+    root = tmp_path_factory.mktemp("sae17")
+    capture(sd_target, FolderSource(image_folder), CaptureConfig(layers=["mid_block"], timesteps=[100], batch_size=8),
+            root / "store", progress=False)
+    train_sae(root / "store", TrainConfig(layer="mid_block", t=100, k=2, n_latents=8, batch_size=4, steps=2,
+                                          heldout_fraction=0.25), root / "sae", progress=False)
+    return root / "store", root / "sae"
+
+
+def _bind_with(target, text: str, identity, steps: int = 4):
+    from diffdissect.intervene.apply import sampling_schedule
+
+    (spec,) = parse_edits(text)
+    shapes = layer_shapes(target, [spec.layer])
+    return bind_edit(spec, shapes[spec.layer], sampling_schedule(target, steps), target.num_train_timesteps,
+                     identity)
+
+
+def test_an_sae_is_checked_against_the_model_dtype_aware(sd_target, sd_dir: Path, sd_store_and_sae,
+                                                          recwarn) -> None:
+    """The same weights loaded in float16 are accepted (with a warning: content not comparable exactly);
+    another model is refused, in the same dtype by content and across dtypes by config."""
+    import warnings
+
+    from diffdissect.models import load_target
+
+    store, sae = sd_store_and_sae
+    text = f"sae-zero@mid_block={sae}#1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _bind_with(sd_target, text, sd_target.identity())                       # same model, same dtype: silent
+    half = load_target(str(sd_dir), dtype=torch.float16).identity()
+    assert half["content_sha256"] != sd_target.identity()["content_sha256"]     # the digest depends on the dtype
+    with pytest.warns(UserWarning, match="could not be compared exactly"):
+        _bind_with(sd_target, text, half)
+    other = load_target(str(sd_dir), random_init=True, seed=1).identity()
+    with pytest.raises(SpecError, match="another model"):
+        _bind_with(sd_target, text, other)
+    with pytest.raises(SpecError, match="another model"):                       # across dtypes: the config differs
+        _bind_with(sd_target, text, dict(half, config_sha256="0" * 16))
+
+
+def test_an_sae_without_a_recorded_model_is_checked_through_its_store(sd_target, sd_dir: Path, sd_store_and_sae,
+                                                                      tmp_path: Path) -> None:
+    """Older SAEs: the store path is found relative to the SAE, trusted only if it holds the SAE's store."""
+    import shutil
+
+    from diffdissect.models import load_target
+    from diffdissect.sae.checkpoint import load_sae, save_checkpoint
+
+    store, sae_dir = sd_store_and_sae
+    shutil.copytree(store, tmp_path / "store")
+    sae, info = load_sae(sae_dir)
+    info = dict(info, slice={k: v for k, v in info["slice"].items() if k != "model"} | {"store": "store"})
+    save_checkpoint(tmp_path / "old", sae, info)                              # "store": relative to the SAE's parent
+    text = f"sae-zero@mid_block={tmp_path / 'old'}#1"
+    other = load_target(str(sd_dir), random_init=True, seed=1).identity()
+    with pytest.raises(SpecError, match="another model"):
+        _bind_with(sd_target, text, other)
+    _bind_with(sd_target, text, sd_target.identity())
+    info["slice"]["store_identity"] = dict(info["slice"]["store_identity"], rows=-1)    # another capture there now
+    save_checkpoint(tmp_path / "moved", sae, info)
+    with pytest.warns(UserWarning, match="could not be checked"):
+        _bind_with(sd_target, f"sae-zero@mid_block={tmp_path / 'moved'}#1", other)
+    (tmp_path / "store" / "manifest.json").write_text("{")                   # a corrupt manifest is not skipped
+    with pytest.raises(DiffdissectError, match="corrupt|unreadable"):
+        _bind_with(sd_target, text, other)
+
+
+def test_mean_directions_and_probe_sources_are_checked_against_the_model(sd_target, sd_dir: Path,
+                                                                         sd_store_and_sae, tmp_path: Path) -> None:
+    import shutil
+
+    from diffdissect.models import load_target
+
+    store, _ = sd_store_and_sae
+    other = load_target(str(sd_dir), random_init=True, seed=1).identity()
+    half = load_target(str(sd_dir), dtype=torch.float16).identity()
+    _bind_with(sd_target, f"mean@mid_block=mean:{store}", sd_target.identity())
+    with pytest.warns(UserWarning, match="could not be compared exactly"):
+        _bind_with(sd_target, f"mean@mid_block=mean:{store}", half)
+    with pytest.raises(SpecError, match="store was captured from another model"):
+        _bind_with(sd_target, f"mean@mid_block=mean:{store}", other)
 
     c = layer_shapes(sd_target, ["mid_block"])["mid_block"][0]
-    store = tmp_path / "store"
-    store.mkdir()
-    identity = dict(sd_target.identity(), weights_fingerprint="0" * 16, content_sha256="0" * 64)
-    (store / "manifest.json").write_text(json.dumps({"model": identity}))
+    run = tmp_path / "run"
+    (run / "directions").mkdir(parents=True)
+    shutil.copytree(store, run / "trajectories")                              # the run's own store
+    (run / "directions" / "terms.json").write_text(json.dumps({"terms": ["red"]}))
+    save_file({"t=100": torch.ones(1, c)}, str(run / "directions" / "mid_block.safetensors"))
+    _bind_with(sd_target, f"add@mid_block=directions:{run}#red@t=100", sd_target.identity())
+    with pytest.raises(SpecError, match="directions were computed from another model"):
+        _bind_with(sd_target, f"add@mid_block=directions:{run}#red@t=100", other)
 
-    class FakeManifest:
-        model = identity
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    save_file({"cell0": torch.eye(c)[:2].contiguous()}, str(probe / "probe_weights.safetensors"))
+    (probe / "probe_weights.json").write_text(json.dumps({"model": sd_target.identity(), "cells": [
+        {"label": "colour", "layer": "mid_block", "t": 100, "key": "cell0", "classes": ["blue", "red"]}]}))
+    _bind_with(sd_target, f"add@mid_block=probe:{probe}#colour=red", sd_target.identity())
+    with pytest.raises(SpecError, match="probes were trained on activations of another model"):
+        _bind_with(sd_target, f"add@mid_block=probe:{probe}#colour=red", other)
 
-    from diffdissect.store import manifest
 
-    monkeypatch.setattr(manifest.Manifest, "load", staticmethod(lambda path: FakeManifest()))
-    save_checkpoint(tmp_path / "sae", _sae(d=c, n=8, k=2), {"slice": {"store": str(store), "layer": "mid_block"}})
-    with pytest.raises(SpecError, match="another model"):
-        _bind(sd_target, f"sae-zero@mid_block={tmp_path / 'sae'}#1")
-    monkeypatch.undo()
-    _bind(sd_target, f"sae-zero@mid_block={tmp_path / 'sae'}#1")      # no readable store: nothing to check against
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0])
+def test_non_finite_or_zero_directions_are_refused_at_bind_time(sd_target, tmp_path: Path, bad: float) -> None:
+    """Every source kind that reads numbers from a file: refused before any sampling."""
+    c = layer_shapes(sd_target, ["mid_block"])["mid_block"][0]
+    vector = np.ones(c, np.float32)
+    vector[:] = 0.0 if bad == 0.0 else 1.0
+    vector[0] = bad
+    np.save(tmp_path / "v.npy", vector)
+    save_file({"v": torch.from_numpy(vector)}, str(tmp_path / "v.safetensors"))
+    run = tmp_path / "run"
+    (run / "directions").mkdir(parents=True)
+    (run / "directions" / "terms.json").write_text(json.dumps({"terms": ["red"]}))
+    save_file({"t=100": torch.from_numpy(vector)[None]}, str(run / "directions" / "mid_block.safetensors"))
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    rows = torch.zeros(2, c)
+    rows[1] = torch.from_numpy(vector)
+    save_file({"cell0": rows}, str(probe / "probe_weights.safetensors"))
+    (probe / "probe_weights.json").write_text(json.dumps({"cells": [
+        {"label": "colour", "layer": "mid_block", "t": 100, "key": "cell0", "classes": ["blue", "red"]}]}))
+    what = "non-finite" if bad != 0.0 else "is zero"
+    for source in (f"file:{tmp_path / 'v.npy'}", f"file:{tmp_path / 'v.safetensors'}",
+                   f"directions:{run}#red@t=100", f"probe:{probe}#colour=red"):
+        for kind in ("add", "erase") + (("mean",) if bad != 0.0 else ()):
+            for scale in (";scale=raw", "") if kind == "add" else ("",):
+                with pytest.raises(SpecError, match=what):
+                    _bind(sd_target, f"{kind}@mid_block={source}{scale}")
+
+
+def test_a_per_t_direction_must_cover_the_schedule_at_bind_time(sd_target, tmp_path: Path) -> None:
+    """A word direction made with other steps is refused before sampling, naming the fix; @t=N or a window
+    that only visits its steps is accepted."""
+    from diffdissect.intervene.apply import sampling_schedule
+
+    c = layer_shapes(sd_target, ["mid_block"])["mid_block"][0]
+    schedule = sampling_schedule(sd_target, 4)
+    run = tmp_path / "run"
+    (run / "directions").mkdir(parents=True)
+    (run / "directions" / "terms.json").write_text(json.dumps({"terms": ["red"]}))
+    held = schedule[:2]                                                       # the directions run saw 2 of 4 steps
+    save_file({f"t={t}": torch.ones(1, c) for t in held}, str(run / "directions" / "mid_block.safetensors"))
+    with pytest.raises(SpecError, match=r"same --steps.*@t=N"):
+        _bind(sd_target, f"add@mid_block=directions:{run}#red")
+    with pytest.raises(SpecError, match="same --steps"):
+        _bind(sd_target, f"add@mid_block=directions:{run}#red@pool")
+    _bind(sd_target, f"add@mid_block=directions:{run}#red@t={held[0]}")
+    _bind(sd_target, f"add@mid_block=directions:{run}#red;steps=0:1")
+
+
+def test_steer_refuses_an_uncovered_direction_before_sampling(sd_dir: Path, tmp_path: Path, capsys,
+                                                               monkeypatch) -> None:
+    from diffdissect.cli import main
+    from diffdissect.intervene import steer
+
+    run = tmp_path / "run"
+    (run / "directions").mkdir(parents=True)
+    (run / "directions" / "terms.json").write_text(json.dumps({"terms": ["red"]}))
+    from diffdissect.models import load_target
+
+    c = layer_shapes(load_target(str(sd_dir)), ["mid_block"])["mid_block"][0]
+    save_file({"t=1": torch.ones(1, c)}, str(run / "directions" / "mid_block.safetensors"))
+    sampled = []
+    monkeypatch.setattr(steer, "_sample_all", lambda *a, **k: sampled.append(1))
+    code = main(["steer", "--model", str(sd_dir), "--prompts", "a red cat", "--edits",
+                 f"add@mid_block=directions:{run}#red", "--steps", "2", "--out", str(tmp_path / "o")])
+    assert code == 2 and not sampled
+    err = capsys.readouterr().err
+    assert err.startswith("diffdissect: error:") and "same --steps" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_bad_input_is_a_clear_error(sd_dir: Path, tmp_path: Path, capsys) -> None:

@@ -293,7 +293,8 @@ def test_short_training_run_resumes_to_the_same_weights(tmp_path, sd_target):
                           InvertTrainConfig(steps=6, batch_size=4, checkpoint_every=2, warmup=1), progress=False)
 
 
-def test_bad_features_and_checkpoints_from_another_pipeline_are_refused(tmp_path, sd_target):
+def test_bad_features_and_checkpoints_from_another_pipeline_are_refused(tmp_path, sd_target, sd_dir):
+    from diffdissect.models import load_target
     from diffdissect.world import ShapesWorld
 
     extractor = FeatureExtractor(TinyCNN(), "body")
@@ -306,6 +307,11 @@ def test_bad_features_and_checkpoints_from_another_pipeline_are_refused(tmp_path
         invert(sd_target, inverter, torch.zeros(1, 8, 4, 4))
     with pytest.raises(DiffdissectError, match="trained on another diffusion pipeline"):
         load_inverter(tmp_path / "inv", pipeline_identity=ShapesWorld.load().target().identity())
+    half = load_target(str(sd_dir), dtype=torch.float16).identity()     # the same weights in float16: accepted
+    with pytest.warns(UserWarning, match="could not be compared exactly"):
+        load_inverter(tmp_path / "inv", pipeline_identity=half)
+    with pytest.raises(DiffdissectError, match="trained on another diffusion pipeline"):
+        load_inverter(tmp_path / "inv", pipeline_identity=dict(half, num_parameters=1))
     with pytest.raises(DiffdissectError, match="no inverter at"):
         load_inverter(tmp_path / "nothing")
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY_FACTORY
 from diffdissect import list_layers, load_target
-from diffdissect.capture import CaptureSpec, capture, resolve_layers
+from diffdissect.capture import CaptureConfig, capture, resolve_layers
 from diffdissect.cli import main
 from diffdissect.data import ArraySource
 from diffdissect.errors import LayerNotFoundError
@@ -126,7 +126,7 @@ def test_capture_with_a_misspelt_layer_writes_nothing(tmp_path):
     target = load_target(TINY_FACTORY)
     images = ArraySource(torch.zeros(2, 16, 16, 3, dtype=torch.uint8).numpy())
     with pytest.raises(LayerNotFoundError, match="blocks.1"):
-        capture(target, images, CaptureSpec(layers=["blocks.1", "blocks.7"]), tmp_path / "store", progress=False)
+        capture(target, images, CaptureConfig(layers=["blocks.1", "blocks.7"]), tmp_path / "store", progress=False)
     assert not (tmp_path / "store").exists()
 
 

@@ -9,7 +9,7 @@ import torch
 
 from diffdissect.cli import main
 from diffdissect.errors import DataError, StoreError
-from diffdissect.probe import ProbeConfig, SplitSpec, fit_linear_probes, fit_sklearn_probe, run_probes, split_images
+from diffdissect.probe import ProbeConfig, SplitConfig, fit_linear_probes, fit_sklearn_probe, run_probes, split_images
 from diffdissect.probe.head import fit_attentive_head
 from diffdissect.probe.results import LabelInfo, ProbeCell, ProbeResults, SplitInfo
 from diffdissect.stats import bootstrap_mean_ci
@@ -83,13 +83,13 @@ def test_bootstrap_ci_known_answers():
 
 def test_split_is_by_image_deterministic_and_order_free():
     ids = [f"im{i}" for i in range(100) for _ in range(3)]          # 3 seeds per image
-    split = split_images(ids, SplitSpec(0.6, 0.2, 0.2))
+    split = split_images(ids, SplitConfig(0.6, 0.2, 0.2))
     assert split.counts() == {"train": 60, "val": 20, "test": 20}
     for i in range(100):
         assert len(set(split.row_split[3 * i:3 * i + 3])) == 1      # seeds of an image stay together
     reordered = split_images(list(reversed(ids)))
     assert reordered.by_image == split.by_image
-    other_salt = split_images(ids, SplitSpec(salt="other"))
+    other_salt = split_images(ids, SplitConfig(salt="other"))
     assert other_salt.by_image != split.by_image
 
 
@@ -186,7 +186,7 @@ def test_split_smaller_than_the_class_count_is_refused(tmp_path):
     features, rows = synthetic(n_images=12)
     write_array_store(tmp_path / "s", features, rows)
     with pytest.raises(DataError, match=r"the val split has \d images .* 4 classes"):
-        run_probes(str(tmp_path / "s"), ProbeConfig(labels=["label"], split=SplitSpec(0.8, 0.1, 0.1)), progress=False)
+        run_probes(str(tmp_path / "s"), ProbeConfig(labels=["label"], split=SplitConfig(0.8, 0.1, 0.1)), progress=False)
 
 
 def test_missing_cell_is_an_error_naming_what_is_stored(store):
@@ -216,7 +216,7 @@ def test_control_store_of_other_inputs_is_refused(store, tmp_path):
 
 def test_bad_split_fractions_are_refused(store):
     with pytest.raises(DataError, match="sum to 1"):
-        run_probes(str(store), ProbeConfig(labels=["label"], split=SplitSpec(0.5, 0.2, 0.2)), progress=False)
+        run_probes(str(store), ProbeConfig(labels=["label"], split=SplitConfig(0.5, 0.2, 0.2)), progress=False)
 
 
 def _fake_cells(cells: list[tuple[str, int, float, float]], condition: str = "trained") -> list[ProbeCell]:
@@ -228,7 +228,7 @@ def _fake_cells(cells: list[tuple[str, int, float, float]], condition: str = "tr
 
 
 def _fake_results(cells: list[tuple[str, int, float, float]], controls: list[ProbeCell] = ()) -> ProbeResults:
-    return ProbeResults(store="s", config={}, cells=[(layer, t) for layer, t, _, _ in cells],
+    return ProbeResults(store="s", model={}, config={}, cells=[(layer, t) for layer, t, _, _ in cells],
                         labels={"shape": LabelInfo(["a", "b", "c", "d"], 0)}, split=SplitInfo("hash", "salt", {}),
                         split_by_image={}, results=_fake_cells(cells) + list(controls))
 
@@ -296,3 +296,37 @@ def test_probe_cli_writes_weights_that_steer_reads(store, tmp_path):
         width *= s
     direction = load_direction(f"probe:{out}#colour={cell['classes'][0]}", cell["layer"], (width,))
     assert direction.at(10).shape == (width,) and torch.isfinite(direction.at(10)).all()
+
+
+def test_probe_labels_with_a_slash_round_trip_through_the_weights(tmp_path):
+    """A label such as size/cm is written and read back by the index, never parsed out of a tensor key."""
+    from diffdissect.intervene.sources import load_direction
+
+    features, rows = synthetic(seeds=1)
+    for row in rows:
+        row["size/cm"] = row.pop("colour")
+    write_array_store(tmp_path / "store", features, rows, shard_rows=100)
+    out = tmp_path / "probe"
+    assert main(["probe", str(tmp_path / "store"), "--labels", "size/cm", "--timesteps", "10", "--bootstrap", "20",
+                 "--out", str(out)]) == 0
+    cell = json.loads((out / "probe_weights.json").read_text())["cells"][0]
+    assert (cell["label"], cell["layer"], cell["t"]) == ("size/cm", "enc", 10)
+    direction = load_direction(f"probe:{out}#size/cm=red", "enc", (12,))
+    assert direction.at(10).shape == (12,) and torch.isfinite(direction.at(10)).all() and direction.at(10).any()
+
+
+def test_a_probe_rerun_without_linear_weights_leaves_no_stale_weights(store, tmp_path):
+    from diffdissect.errors import DiffdissectError
+    from diffdissect.intervene.sources import load_direction
+
+    out = tmp_path / "probe"
+    assert main(["probe", str(store), "--labels", "colour", "--timesteps", "10", "--bootstrap", "20",
+                 "--out", str(out)]) == 0
+    assert load_direction(f"probe:{out}#colour=red", "enc", (12,)).at(10).any()
+    from diffdissect.probe import write_probe_outputs
+
+    results = run_probes(str(store), ProbeConfig(labels=["colour"], timesteps=[10], bootstrap=20), progress=False)
+    write_probe_outputs(results, out)                  # a rerun that saves no linear weights (as the attentive head)
+    assert not (out / "probe_weights.json").exists() and not (out / "probe_weights.safetensors").exists()
+    with pytest.raises(DiffdissectError, match="holds no probe weights"):
+        load_direction(f"probe:{out}#colour=red", "enc", (12,))

@@ -47,10 +47,10 @@ def _one_thread():
 
 def api_capture(images: Path, out: Path, target=None, **changes):
     """The same capture as `capture_args` through the Python API (a target and spec may be changed)."""
-    from diffdissect import CaptureSpec, FolderSource, load_target
+    from diffdissect import CaptureConfig, FolderSource, load_target
     from diffdissect.capture import capture
 
-    spec = CaptureSpec(**{"layers": ["blocks.0", "mid"], "timesteps": [10, 600], "seeds": [0, 1], "shard_size": 2,
+    spec = CaptureConfig(**{"layers": ["blocks.0", "mid"], "timesteps": [10, 600], "seeds": [0, 1], "shard_size": 2,
                           "batch_size": 2, **changes})
     target = target or load_target(TINY_FACTORY)
     with one_thread():

@@ -181,3 +181,30 @@ def test_unsupported_variants_are_refused(tmp_path: Path) -> None:
     sae = TopKSAE(SAEConfig(d_in=D, n_latents=N, k=K, variant="batchtopk"))
     with pytest.raises(StoreError, match="batchtopk"):
         export_sparsify(sae, tmp_path / "c", "unet.mid_block")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_time(tmp_path: Path, bad: float) -> None:
+    """sparsify, SAELens and diffdissect SAEs with a NaN/inf weight: refused by name, before any use."""
+    from diffdissect.sae.checkpoint import save_checkpoint
+
+    enc_w, enc_b, w_dec, b_dec = _weights()
+    w_dec[3, 2] = bad
+    _write_sparsify(tmp_path / "sp", enc_w, enc_b, w_dec, b_dec)
+    with pytest.raises(StoreError, match="W_dec holds 1 non-finite"):
+        load_any_sae(tmp_path / "sp")
+    sae = _trained_like()
+    export_saelens(sae, tmp_path / "sl", hook_name="unet.mid_block")
+    weights = tmp_path / "sl" / "sae_weights.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(weights)
+    tensors["b_enc"][0] = bad
+    save_file(tensors, str(weights))
+    with pytest.raises(StoreError, match="b_enc holds 1 non-finite"):
+        load_any_sae(tmp_path / "sl")
+    with torch.no_grad():
+        sae.b_dec[1] = bad
+    save_checkpoint(tmp_path / "dd", sae, {"slice": {"layer": "mid_block"}})
+    with pytest.raises(StoreError, match="b_dec holds 1 non-finite"):
+        load_any_sae(tmp_path / "dd")

@@ -36,10 +36,10 @@ def _one_thread():
 
 
 def capture_probe(images: Path, out: Path, **spec_kwargs):
-    from diffdissect import CaptureSpec, FolderSource, load_target
+    from diffdissect import CaptureConfig, FolderSource, load_target
     from diffdissect.capture import capture
 
-    spec = CaptureSpec(**{"layers": LAYERS, "timesteps": TIMESTEPS, "seeds": SEEDS, "shard_size": SHARD_SIZE,
+    spec = CaptureConfig(**{"layers": LAYERS, "timesteps": TIMESTEPS, "seeds": SEEDS, "shard_size": SHARD_SIZE,
                           "batch_size": 2, **spec_kwargs})
     with one_thread(), pytest.warns(UserWarning, match=f"img_{CORRUPT:04d}.png"):
         return capture(load_target(probe_denoiser()), FolderSource(images, images / "labels.csv"), spec, out,

@@ -10,7 +10,7 @@ import torch
 
 from diffdissect.errors import DiffdissectError
 from diffdissect.world import ShapesWorld
-from diffdissect.world.build import DEFAULT_WEIGHTS, BuildRecipe, build_toy, check_weights
+from diffdissect.world.build import DEFAULT_WEIGHTS, BuildConfig, build_toy, check_weights
 from diffdissect.world.classifiers import class_accuracy, factor_accuracy
 from diffdissect.world.generator import FACTORS, WorldConfig
 
@@ -94,7 +94,7 @@ def test_demo_cli_with_missing_weights_is_a_clear_error(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def smoke_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "weights"
-    info = build_toy(out, BuildRecipe().scaled(0.0005), progress=False)
+    info = build_toy(out, BuildConfig().scaled(0.0005), progress=False)
     return out, info
 
 
@@ -114,7 +114,7 @@ def test_smoke_build_writes_loadable_weights(smoke_build):
 def test_smoke_build_is_reproducible_from_its_seed(smoke_build, tmp_path):
     out, _ = smoke_build
     again = tmp_path / "again"
-    build_toy(again, BuildRecipe().scaled(0.0005), progress=False)
+    build_toy(again, BuildConfig().scaled(0.0005), progress=False)
     for path in sorted(out.rglob("*.safetensors")):
         twin = again / path.relative_to(out)
         assert path.read_bytes() == twin.read_bytes(), path.relative_to(out)
@@ -144,5 +144,5 @@ def test_a_failing_build_leaves_existing_weights_untouched(smoke_build, monkeypa
 
     monkeypatch.setattr(build_module, "train_classifier", broken)
     with pytest.raises(RuntimeError, match="diverged"):
-        build_toy(out, BuildRecipe().scaled(0.0005), progress=False)
+        build_toy(out, BuildConfig().scaled(0.0005), progress=False)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 # The capture function is exported as `capture_images` (a top-level `capture` would hide the subpackage).
-from diffdissect.capture import CaptureSpec, TrajectorySpec, capture_images, capture_trajectories, list_layers
+from diffdissect.capture import CaptureConfig, TrajectoryConfig, capture_images, capture_trajectories, list_layers
 from diffdissect.data import ArraySource, FolderSource, HFDatasetSource
 from diffdissect.errors import DiffdissectError
 from diffdissect.models import Target, load_target
@@ -13,7 +13,13 @@ __version__ = _version()
 
 __all__ = [
     "__version__", "DiffdissectError", "Target", "load_target", "list_layers",
-    "CaptureSpec", "TrajectorySpec", "capture_images", "capture_trajectories",
+    "CaptureConfig", "TrajectoryConfig", "capture_images", "capture_trajectories",
     "StoreReader", "open_store", "verify_store",
     "ArraySource", "FolderSource", "HFDatasetSource",
 ]
+
+
+def __getattr__(name: str) -> object:       # the names before "one word for configs" (deprecated)
+    from diffdissect.runtime import deprecated_alias
+
+    return deprecated_alias(__name__, name, {"CaptureSpec": CaptureConfig, "TrajectorySpec": TrajectoryConfig})

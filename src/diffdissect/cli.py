@@ -13,9 +13,14 @@ from diffdissect.runtime import quiet_libraries, version
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffdissect.capture.spec import CaptureConfig, TrajectoryConfig
+    from diffdissect.directions import DirectionsConfig
     from diffdissect.invert.train import InvertTrainConfig
     from diffdissect.options import add_config_arguments
+    from diffdissect.probe import ProbeConfig, SplitConfig
     from diffdissect.sae.attribution import AttributionConfig
+    from diffdissect.sae.sweep import SWEPT as SAE_SWEPT
+    from diffdissect.sae.train import TrainConfig as SAETrainConfig
     from diffdissect.world.demo import DemoConfig
     from diffdissect.world.evaluate import EvalConfig
 
@@ -43,31 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--caption-column", default=None, help="caption column (CSV: [caption])")
     src.add_argument("--prompts", nargs="+", help="trajectory mode: sample these prompts (DiT: class ids/names)")
     src.add_argument("--prompt-file", help="trajectory mode: one prompt per line")
-    p.add_argument("--layers", nargs="+", required=True,
-                   help="module paths, e.g. mid_block up_blocks.1; suffix @input, @update (output - input), "
-                   "@text (a joint block's text stream)")
-    p.add_argument("--timesteps", nargs="+", type=int, default=[100],
-                   help="training-schedule indices in [0, T), larger = noisier [100]")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="noise seeds per input [0]")
-    p.add_argument("--sigmas", nargs="+", type=float, default=None,
-                   help="flow-matching models: noise levels as sigma in (0, 1] instead of --timesteps")
-    p.add_argument("--guidance-embedding", type=float, default=None,
-                   help="guidance-distilled FLUX (dev): the guidance embedding's value [the pipeline's, 3.5]")
-    p.add_argument("--prompt", default=None, help="fixed prompt for every image (default: empty prompt)")
-    p.add_argument("--use-captions", action="store_true", help="condition each image on its caption")
-    p.add_argument("--class-label", type=int, default=None, help="class-conditional: fixed class id")
-    p.add_argument("--labels-as-classes", action="store_true", help="class-conditional: each image's label")
-    p.add_argument("--pooling", choices=["mean", "none"], default="mean")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="stored dtype")
-    p.add_argument("--tokens-to-grid", action="store_true", help="reshape (B, N, D) tokens to (B, D, h, w)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--shard-size", type=int, default=None, help="inputs per shard [auto from --shard-mb]")
-    p.add_argument("--shard-mb", type=float, default=256.0)
-    p.add_argument("--limit", type=int, default=None, help="capture only the first N inputs")
-    p.add_argument("--no-early-exit", action="store_true", help="run the full forward even when not needed")
-    p.add_argument("--steps", type=int, default=10, help="trajectory mode: sampler steps [10]")
-    p.add_argument("--guidance", type=float, default=7.5, help="trajectory mode: guidance scale [7.5]")
-    p.add_argument("--branch", choices=["cond", "uncond"], default="cond", help="trajectory mode: CFG half")
+    add_config_arguments(p, CaptureConfig, required=["layers"])
+    add_config_arguments(p, TrajectoryConfig, only=["steps", "guidance_scale", "branch"],
+                         flags={"guidance_scale": "--guidance"})
     p.add_argument("--out", required=True, help="store directory (resumed if it holds the same capture)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_capture)
@@ -83,26 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("probe", help="a probe per (layer, t) cell of a store, with splits, controls and CIs")
     p.add_argument("store", help="activation store directory")
-    p.add_argument("--labels", nargs="+", required=True, help="label columns to probe, e.g. label shape colour")
-    p.add_argument("--layers", nargs="+", default=None, help="layers to probe [every stored layer]")
-    p.add_argument("--timesteps", nargs="+", type=int, default=None, help="timesteps to probe [every stored t]")
-    p.add_argument("--head", choices=["linear", "attentive"], default="linear",
-                   help="linear: logistic regression on pooled features; attentive: a small head on spatial maps")
-    p.add_argument("--split-fractions", dest="split", nargs=3, type=float, default=[0.6, 0.2, 0.2],
-                   metavar=("TRAIN", "VAL", "TEST"),
-                   help="image fractions per split [0.6 0.2 0.2]")
-    p.add_argument("--split-column", default=None, help="use this column's train/val/test values as the split")
-    p.add_argument("--l2", nargs="+", type=float, default=None, help="L2 strengths to choose from on validation")
-    p.add_argument("--shuffled-control", action="store_true", help="control: labels shuffled across images")
-    p.add_argument("--random-init-store", default=None,
-                   help="control: the same capture from `diffdissect capture --random-init`")
-    p.add_argument("--drop-missing", action="store_true", help="probe without rows whose label is missing")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs [2000]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="where the probes are fitted: cpu, cuda, cuda:N, mps [cpu]")
-    p.add_argument("--solver", choices=["auto", "batched", "lbfgsb"], default="auto",
-                   help="linear probes: lbfgsb (scipy per problem), batched (all cells at once), auto (lbfgsb on "
-                        "the CPU, batched elsewhere) [auto]")
+    add_config_arguments(p, ProbeConfig, exclude=["split", "max_iter", "batch_mb"], flags={"l2_grid": "--l2"})
+    p.add_argument("--split-fractions", dest="split", nargs=3, type=float, default=[SplitConfig().train, SplitConfig().val, SplitConfig().test],
+                   metavar=("TRAIN", "VAL", "TEST"), help="image fractions per split [0.6 0.2 0.2]")
     p.add_argument("--out", required=True, help="output directory (probes.json/.csv, splits.csv, heatmaps, report)")
     p.set_defaults(func=cmd_probe)
 
@@ -110,23 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sae.add_parser("train", help="train TopK SAEs: every combination of --layers x --timesteps x --k x --expansion")
     p.add_argument("store", help="activation store directory")
     p.add_argument("--config", default=None, help="JSON file of training options (flags given here override it)")
-    p.add_argument("--layers", nargs="+", default=None, help="layers [from --config]")
-    p.add_argument("--timesteps", nargs="+", type=int, default=None, help="timesteps [from --config]")
-    p.add_argument("--k", nargs="+", type=int, default=None, help="active latents per token [32]")
-    p.add_argument("--expansion", nargs="+", type=int, default=None, help="n_latents = expansion x d_in [8]")
-    p.add_argument("--n-latents", type=int, default=None, help="dictionary size (instead of --expansion)")
-    p.add_argument("--variant", choices=["topk", "batchtopk"], default=None)
-    p.add_argument("--tokens", action="store_true", default=None,
-                   help="every spatial location is a token (needs a --pooling none capture)")
-    p.add_argument("--lr", type=float, default=None, help="[2e-4 / sqrt(n_latents / 2^14)]")
-    p.add_argument("--batch-size", type=int, default=None, help="tokens per step [4096]")
-    p.add_argument("--train-steps", dest="steps", type=int, default=None, help="optimiser steps (instead of --epochs)")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the training tokens [10]")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="where the SAE trains: cpu, cuda, cuda:N, mps [cpu]")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the dense encoder matmul; weights stay float32 [float32]")
-    p.add_argument("--mix-shards", type=int, default=None, help="shuffle buffer, in shards [4]")
+    add_config_arguments(p, SAETrainConfig, unset=True, several=SAE_SWEPT,
+                         exclude=["aux_alpha", "dead_window", "heldout_fraction", "normalise", "checkpoint_every"],
+                         flags={"layer": "--layers", "t": "--timesteps", "steps": "--train-steps"})
     p.add_argument("--out", required=True, help="runs directory: one sub-directory per SAE (resumed if present)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sae_train)
@@ -164,11 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "transformers image-to-text directory [none]")
     p.add_argument("--family", nargs="+", default=None, help="descriptor families: NAME=word1,word2 ...")
     p.add_argument("--subjects", nargs="+", default=None, help="subject prompts whose defaults to measure")
-    p.add_argument("--cluster-by", default=None, help="a template slot whose grouping the clustering is scored on")
-    p.add_argument("--cluster-remove", nargs="+", default=[], metavar="FAMILY",
-                   help="--family names whose directions are projected out first (several: every nuisance family)")
-    p.add_argument("--cluster-pooling", choices=("none", "mean"), default="none",
-                   help="per-sample summary before a prompt's mean: none (the map) or mean (position-free)")
+    add_config_arguments(p, DirectionsConfig, only=["cluster_by", "cluster_remove", "cluster_pooling"])
     p.set_defaults(func=cmd_directions_run)
     p = directions.add_parser("world", help="the analysis on the shapes world, checked against the planted defaults")
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
@@ -321,17 +269,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _directions_args(p: argparse.ArgumentParser, world: bool = False) -> None:
     p.add_argument("--n-seeds", dest="seeds", type=int, default=256 if world else 32, help="seeds per prompt (0..N-1)")
-    p.add_argument("--layers", nargs="+", default=["mid_block"], help="layers to record [mid_block: h-space]")
-    p.add_argument("--steps", type=int, default=10, help="sampler steps [10]")
-    if not world:
-        p.add_argument("--guidance", type=float, default=7.5, help="guidance scale [7.5]")
-    p.add_argument("--batch-size", type=int, default=64, help="trajectories per sampler call and per committed shard [64]")
-    p.add_argument("--method", choices=["mean_difference", "ridge"], default="mean_difference")
+    from diffdissect.directions import DirectionsConfig
+    from diffdissect.options import add_config_arguments
+
+    add_config_arguments(p, DirectionsConfig, only=["layers", "steps", "batch_size", "method", "permutations",
+                                                    "resamples"] + ([] if world else ["guidance_scale"]),
+                         flags={"guidance_scale": "--guidance"})
     p.add_argument("--source", choices=["captions", "prompts"], default=None,
                    help="texts the directions come from [captions with a captioner, else prompts]")
     p.add_argument("--headline-step", default="last", help="timestep of the headline figures [last]")
-    p.add_argument("--permutations", type=int, default=2000)
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--out", required=True, help="run directory (resumed if interrupted)")
     p.add_argument("--quiet", action="store_true")
 
@@ -477,7 +423,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
-    from diffdissect.capture import CaptureSpec, TrajectorySpec, capture, capture_trajectories
+    from diffdissect.capture import CaptureConfig, TrajectoryConfig, capture, capture_trajectories
     from diffdissect.distributed import from_env
 
     dist = from_env()                       # torchrun / accelerate launch: this rank's share; else one process
@@ -491,21 +437,21 @@ def cmd_capture(args: argparse.Namespace) -> int:
         if dist.enabled:
             raise DiffdissectError("trajectory capture (--prompts) runs in one process; launch it without "
                                    "torchrun/accelerate, or capture images.")
-        trajectory_spec = TrajectorySpec(prompts=prompts, steps=args.steps, guidance_scale=args.guidance,
+        trajectory_spec = TrajectoryConfig(prompts=prompts, steps=args.steps, guidance_scale=args.guidance_scale,
                                          branch=args.branch, shard_size=args.shard_size or 64, **common)
         manifest = capture_trajectories(target, trajectory_spec, args.out, progress=not args.quiet)
     else:
-        spec = CaptureSpec(timesteps=args.timesteps, prompt=args.prompt, use_captions=args.use_captions,
+        spec = CaptureConfig(timesteps=args.timesteps, prompt=args.prompt, use_captions=args.use_captions,
                            class_label=args.class_label, labels_as_classes=args.labels_as_classes,
                            shard_size=args.shard_size, shard_mb=args.shard_mb, limit=args.limit,
-                           early_exit=not args.no_early_exit, sigmas=args.sigmas,
+                           early_exit=args.early_exit, sigmas=args.sigmas,
                            guidance_embedding=args.guidance_embedding, **common)
         manifest = capture(target, _source(args), spec, args.out, progress=not args.quiet, dist=dist)
     if dist.is_main:
         skipped = len(manifest.skipped)
         print(f"wrote {manifest.rows} rows x {len(manifest.layers)} layers x {len(manifest.timesteps)} timesteps "
               f"to {args.out}" + (f" ({skipped} unreadable inputs skipped; see `diffdissect store info`)" if skipped else "")
-              + (f" with {dist.world} ranks" if dist.enabled else ""))
+              + (f" with {dist.world_size} ranks" if dist.enabled else ""))
     return 0
 
 
@@ -568,16 +514,12 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from diffdissect.probe import ProbeConfig, SplitSpec, probe_section, run_probes, summary_rows, write_probe_outputs
-    from diffdissect.probe.linear import DEFAULT_L2_GRID
+    from diffdissect.options import config_from_args
+    from diffdissect.probe import ProbeConfig, SplitConfig, probe_section, run_probes, summary_rows, write_probe_outputs
     from diffdissect.report import Report
 
-    config = ProbeConfig(labels=args.labels, layers=args.layers, timesteps=args.timesteps, head=args.head,
-                         split=SplitSpec(*args.split), split_column=args.split_column,
-                         l2_grid=tuple(args.l2 or DEFAULT_L2_GRID), shuffled_control=args.shuffled_control,
-                         random_init_store=args.random_init_store, drop_missing=args.drop_missing,
-                         bootstrap=args.bootstrap, seed=args.seed, device=args.device, solver=args.solver)
-    weights: dict[str, Any] = {}
+    config = config_from_args(ProbeConfig, args, split=SplitConfig(*args.split))
+    weights: dict[Any, Any] = {}
     results = run_probes(args.store, config, weights=weights)
     paths = write_probe_outputs(results, args.out, weights=weights)
     report = Report(f"diffdissect probe: {args.store}")
@@ -593,14 +535,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_sae_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from diffdissect.paths import safe_name
     from diffdissect.sae import train_saes
     from diffdissect.sae.sweep import sweep_configs
+    from diffdissect.sae.train import TrainConfig
 
-    flags = {"layer": args.layers, "t": args.timesteps, "k": args.k, "expansion": args.expansion,
-             "n_latents": args.n_latents, "variant": args.variant, "tokens": args.tokens, "lr": args.lr,
-             "batch_size": args.batch_size, "steps": args.steps, "epochs": args.epochs, "seed": args.seed,
-             "device": args.device, "dtype": args.dtype, "mix_shards": args.mix_shards}
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     file_options = json.loads(Path(args.config).read_text()) if args.config else {}
     from diffdissect.distributed import from_env
 
@@ -678,7 +620,7 @@ def _held_out_captioner(args: argparse.Namespace):
 def cmd_directions_run(args: argparse.Namespace) -> int:
     from diffdissect.data.prompts import read_prompt_file
     from diffdissect.directions import (
-        BiasSpec,
+        BiasConfig,
         DirectionsConfig,
         load_captioner,
         run_directions,
@@ -694,8 +636,8 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
     captioner = (None if args.captioner == "none" else _shapes_world(args).captioner() if args.captioner == "world"
                  else load_captioner(args.captioner))
     source = args.source or ("captions" if captioner else "prompts")
-    config = DirectionsConfig(prompts=prompts, guidance_scale=args.guidance, text_source=source,
-                              bias=[BiasSpec(name, words, list(args.subjects)) for name, words in families.items()],
+    config = DirectionsConfig(prompts=prompts, guidance_scale=args.guidance_scale, text_source=source,
+                              bias=[BiasConfig(name, words, list(args.subjects)) for name, words in families.items()],
                               cluster_by=args.cluster_by, cluster_remove=args.cluster_remove,
                               cluster_pooling=args.cluster_pooling, **_directions_options(args))
     results = run_directions(_target(args), config, args.out, captioner, progress=not args.quiet)
@@ -870,9 +812,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_toy_build(args: argparse.Namespace) -> int:
-    from diffdissect.world.build import DEFAULT_WEIGHTS, BuildRecipe, build_toy
+    from diffdissect.world.build import DEFAULT_WEIGHTS, BuildConfig, build_toy
 
-    recipe = BuildRecipe(seed=args.seed, threads=args.threads)
+    recipe = BuildConfig(seed=args.seed, threads=args.threads)
     if args.scale != 1.0:
         recipe = recipe.scaled(args.scale)
     from diffdissect.world.generator import WorldConfig

@@ -18,20 +18,21 @@ from diffdissect.errors import DiffdissectError
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
-    world: int = 1
+    world_size: int = 1
+    """processes in the group (WORLD_SIZE)"""
     local_rank: int = 0
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def owns(self, chunk: int) -> bool:
-        """Chunk k of the inputs belongs to rank k mod world: disjoint, deterministic, balanced."""
-        return chunk % self.world == self.rank
+        """Chunk k of the inputs belongs to rank k mod world_size: disjoint, deterministic, balanced."""
+        return chunk % self.world_size == self.rank
 
     def barrier(self) -> None:
         if self.enabled:
@@ -71,4 +72,4 @@ def from_env(backend: str | None = None) -> Dist:
         except (RuntimeError, ValueError) as err:
             raise DiffdissectError(f"rank {rank} could not join the process group ({backend}, MASTER_ADDR="
                                    f"{os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): {err}") from None
-    return Dist(rank=rank, world=world, local_rank=local_rank)
+    return Dist(rank=rank, world_size=world, local_rank=local_rank)

@@ -99,12 +99,17 @@ def _scalar(annotation: Any) -> Any:
 
 def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
                          exclude: Iterable[str] = (), only: Iterable[str] | None = None,
-                         required: Iterable[str] = (), flags: dict[str, str] | None = None) -> list[str]:
+                         required: Iterable[str] = (), flags: dict[str, str] | None = None,
+                         several: Iterable[str] = (), unset: bool = False) -> list[str]:
     """Add one option per field of the dataclass `cls` (its docstring as help, its default as default).
 
     `flags` names a field's option where the field name would give a flag with another meaning elsewhere
     (e.g. {"steps": "--train-steps"}: `--steps` is sampler steps in every command). Returns the field names
-    added. A field without a docstring is refused: the help must say what it is."""
+    added. A field without a docstring is refused: the help must say what it is.
+
+    `several` names scalar fields that take one or more values (a sweep: `--k 16 32` runs both); `unset` leaves
+    every option's value None unless given (the help still shows the field's default), for commands whose
+    options override another source such as a config file."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     skip, keep, needed = set(exclude), None if only is None else list(only), set(required)
@@ -117,9 +122,14 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                             "option's help).")
         default = _default(f)
         kwargs = _argparse_kwargs(hints[f.name], default)
-        shown = "" if default in (None, dataclasses.MISSING) or kwargs.get("action") else f" [{_show(default)}]"
-        if f.name in needed or default is dataclasses.MISSING:
+        if f.name in several and "nargs" not in kwargs and "action" not in kwargs:
+            kwargs["nargs"] = "+"
+        hidden = default in (None, dataclasses.MISSING, [], ()) or kwargs.get("action") or f.name in needed
+        shown = "" if hidden else f" [{_show(default)}]"
+        if f.name in needed or (default is dataclasses.MISSING and not unset):
             kwargs["required"] = True
+        elif unset:
+            kwargs["default"] = None
         else:
             kwargs["default"] = list(default) if isinstance(default, tuple) else default
         option = (flags or {}).get(f.name, flag_name(f.name))

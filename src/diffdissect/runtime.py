@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,3 +75,12 @@ def load_factory(spec: str, *, what: str, error: type[DiffdissectError] = Diffdi
     except Exception as exc:
         raise error(f"{spec} failed when called with no arguments: {exc!r}; the factory must "
                     "build the model without arguments.") from exc
+
+
+def deprecated_alias(module: str, name: str, renamed: dict[str, Any]) -> Any:
+    """A module's `__getattr__` for renamed public names: the new object, with a DeprecationWarning."""
+    if name in renamed:
+        new = renamed[name]
+        warnings.warn(f"{module}.{name} is deprecated; use {new.__name__}", DeprecationWarning, stacklevel=3)
+        return new
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")

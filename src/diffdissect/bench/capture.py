@@ -42,7 +42,7 @@ import torch
 
 from diffdissect.capture.engine import capture, probe_row_shapes
 from diffdissect.capture.hooks import LayerRecorder
-from diffdissect.capture.spec import CaptureSpec
+from diffdissect.capture.spec import CaptureConfig
 from diffdissect.data.sources import ArraySource, ImageRecord
 from diffdissect.data.transforms import to_model_pixels
 from diffdissect.models.load import load_target
@@ -145,8 +145,8 @@ class Case:
     last_layer: str
     repeats: int
 
-    def spec(self, layer: str) -> CaptureSpec:
-        return CaptureSpec(layers=[layer], timesteps=list(self.timesteps), seeds=list(self.seeds),
+    def spec(self, layer: str) -> CaptureConfig:
+        return CaptureConfig(layers=[layer], timesteps=list(self.timesteps), seeds=list(self.seeds),
                            batch_size=self.batch_size, pooling="none", dtype="float16")
 
     def describe(self) -> dict[str, Any]:
@@ -518,7 +518,7 @@ def rss_child(images: int, out: Path, threads: int) -> dict[str, Any]:
     target = tiny_target()
     rss_ready = proc_status_kib("VmRSS")
     source = SyntheticSource(images, target.resolution)
-    spec = CaptureSpec(layers=list(MEMORY["layers"]), timesteps=list(MEMORY["timesteps"]),
+    spec = CaptureConfig(layers=list(MEMORY["layers"]), timesteps=list(MEMORY["timesteps"]),
                        seeds=list(MEMORY["seeds"]), batch_size=MEMORY["batch_size"],
                        shard_size=MEMORY["shard_size"], pooling="none", dtype="float32")
     start = time.perf_counter()

@@ -28,7 +28,7 @@ TIMESTEPS = [50, 250, 500, 750]
 def _worker(args: argparse.Namespace) -> None:
     import torch
 
-    from diffdissect.capture import CaptureSpec, capture
+    from diffdissect.capture import CaptureConfig, capture
     from diffdissect.distributed import from_env
     from diffdissect.world.shapes import ShapesWorld
 
@@ -36,7 +36,7 @@ def _worker(args: argparse.Namespace) -> None:
     dist = from_env()
     world = ShapesWorld.load()
     source, _ = world.source(args.images)
-    spec = CaptureSpec(layers=LAYERS, timesteps=TIMESTEPS, seeds=[0], batch_size=32, shard_size=64, pooling="mean")
+    spec = CaptureConfig(layers=LAYERS, timesteps=TIMESTEPS, seeds=[0], batch_size=32, shard_size=64, pooling="mean")
     started = time.perf_counter()
     capture(world.target(), source, spec, args.out, progress=False, dist=dist)
     elapsed = time.perf_counter() - started

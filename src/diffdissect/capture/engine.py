@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from diffdissect.capture.hooks import LayerRecorder
 from diffdissect.capture.layers import resolve_layers
 from diffdissect.capture.rows import cast_checked, to_rows
-from diffdissect.capture.spec import CaptureSpec
+from diffdissect.capture.spec import CaptureConfig
 from diffdissect.data.sources import ImageRecord, ImageSource, UnreadableInput
 from diffdissect.data.transforms import to_model_pixels
 from diffdissect.distributed import SINGLE, Dist
@@ -53,7 +53,7 @@ def record_truncations(target: Target, writer: StoreWriter) -> None:
                       f"{info['kept']} (recorded in manifest.json notes.truncated_prompts)", stacklevel=3)
 
 
-def capture(target: Target, source: ImageSource, spec: CaptureSpec, out: str | Path, *,
+def capture(target: Target, source: ImageSource, spec: CaptureConfig, out: str | Path, *,
             progress: bool = True, dist: Dist = SINGLE) -> Manifest:
     """Capture `spec.layers` x `spec.timesteps` x `spec.seeds` for every input into the store `out`.
 
@@ -89,11 +89,11 @@ def capture(target: Target, source: ImageSource, spec: CaptureSpec, out: str | P
                                levels)
 
 
-def _capture_chunks(target: Target, source: ImageSource, spec: CaptureSpec, layers: list[str],
+def _capture_chunks(target: Target, source: ImageSource, spec: CaptureConfig, layers: list[str],
                     shapes: dict[str, tuple[int, ...]], shard_size: int, count: int, writer: StoreWriter,
                     out: str | Path, progress: bool, dist: Dist, levels: Any) -> Manifest:
     recorder = LayerRecorder(target.denoiser, layers, early_exit=spec.early_exit)
-    desc = f"capture (rank {dist.rank}/{dist.world})" if dist.enabled else "capture"
+    desc = f"capture (rank {dist.rank}/{dist.world_size})" if dist.enabled else "capture"
     with recorder, tqdm(total=count, unit="img", desc=desc, disable=not progress or not dist.is_main) as bar:
         for chunk, start in enumerate(range(0, count, shard_size)):
             stop = min(start + shard_size, count)
@@ -119,7 +119,7 @@ def _check_any_rows(manifest: Manifest, count: int, out: str | Path) -> None:
 
 capture_images = capture   # the exported name, beside capture_trajectories (`diffdissect.capture_images`)
 
-def capture_chunk(target: Target, source: ImageSource, indices: range, spec: CaptureSpec, layers: list[str],
+def capture_chunk(target: Target, source: ImageSource, indices: range, spec: CaptureConfig, layers: list[str],
                   shapes: dict[str, tuple[int, ...]], recorder: LayerRecorder, levels: list[Any] | None = None):
     """Capture one shard's worth of inputs. Returns (tensors by slice key, rows, skipped inputs)."""
     levels = levels if levels is not None else target.noise_levels(spec.timesteps)
@@ -170,7 +170,7 @@ def load_records(source: ImageSource, indices: range) -> tuple[list[ImageRecord]
 
 
 @torch.no_grad()
-def probe_row_shapes(target: Target, layers: list[str], spec: CaptureSpec,
+def probe_row_shapes(target: Target, layers: list[str], spec: CaptureConfig,
                      t: int | None = None) -> dict[str, tuple[int, ...]]:
     """Per-row stored shape of each layer, from one dry forward of a single sample.
 
@@ -223,7 +223,7 @@ def _meta_forward(target: Target, sample: torch.Tensor, t: torch.Tensor, cond: d
     return torch.func.functional_call(target.denoiser, state, args, kwargs)
 
 
-def auto_shard_size(shapes: dict[str, tuple[int, ...]], spec: CaptureSpec, n_levels: int | None = None) -> int:
+def auto_shard_size(shapes: dict[str, tuple[int, ...]], spec: CaptureConfig, n_levels: int | None = None) -> int:
     """Inputs per shard so that one shard holds about `spec.shard_mb` megabytes."""
     n_levels = len(spec.timesteps) if n_levels is None else n_levels
     per_input = sum(math.prod(s) for s in shapes.values()) * n_levels * len(spec.seeds)
@@ -231,14 +231,14 @@ def auto_shard_size(shapes: dict[str, tuple[int, ...]], spec: CaptureSpec, n_lev
     return max(1, int(spec.shard_mb * 2**20 // max(per_input, 1)))
 
 
-def _check_conditioning(target: Target, spec: CaptureSpec) -> None:
+def _check_conditioning(target: Target, spec: CaptureConfig) -> None:
     if (spec.prompt is not None or spec.use_captions) and not target.takes_text:
         raise SpecError(f"{target.source} is not text-conditioned; drop --prompt/--use-captions.")
     if (spec.class_label is not None or spec.labels_as_classes) and not target.takes_class:
         raise SpecError(f"{target.source} is not class-conditional; drop --class-label/--labels-as-classes.")
 
 
-def _conditioning_inputs(target: Target, records: list[ImageRecord], spec: CaptureSpec):
+def _conditioning_inputs(target: Target, records: list[ImageRecord], spec: CaptureConfig):
     prompts = classes = None
     if spec.prompt is not None:
         prompts = [spec.prompt] * len(records)

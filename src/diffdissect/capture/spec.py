@@ -16,9 +16,12 @@ Pooling = Literal["mean", "none"]
 class OutputOptions:
     """How a captured tensor is turned into a stored row."""
 
-    pooling: Pooling = "mean"            # mean: one vector per input; none: full maps / tokens
-    dtype: str = "float16"               # stored dtype
-    tokens_to_grid: bool = False         # (B, N, D) token outputs -> (B, D, h, w)
+    pooling: Pooling = "mean"
+    """mean: one vector per input; none: full maps / tokens"""
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """stored dtype"""
+    tokens_to_grid: bool = False
+    """reshape (B, N, D) tokens to (B, D, h, w)"""
 
     def validate(self) -> None:
         if self.pooling not in ("mean", "none"):
@@ -32,7 +35,7 @@ class OutputOptions:
 
 
 @dataclass
-class CaptureSpec(OutputOptions):
+class CaptureConfig(OutputOptions):
     """Capture from images noised at training timesteps t (larger = noisier), one or more noise seeds.
 
     Conditioning: the empty prompt (default); a fixed `prompt`; each input's caption
@@ -41,17 +44,30 @@ class CaptureSpec(OutputOptions):
     """
 
     layers: list[str] = field(default_factory=list)
+    """module paths, e.g. mid_block up_blocks.1; suffix @input, @update (output - input), @text (a joint
+    block's text stream)"""
     timesteps: list[int] = field(default_factory=lambda: [100])
+    """training-schedule indices in [0, T), larger = noisier"""
     seeds: list[int] = field(default_factory=lambda: [0])
+    """noise seeds per input"""
     prompt: str | None = None
+    """fixed prompt for every image (default: empty prompt)"""
     use_captions: bool = False
+    """condition each image on its caption"""
     class_label: int | None = None
+    """class-conditional: fixed class id"""
     labels_as_classes: bool = False
+    """class-conditional: each image's label"""
     batch_size: int = 8
-    shard_size: int | None = None        # inputs per shard; None: from shard_mb
+    """inputs per forward"""
+    shard_size: int | None = None
+    """inputs per shard [auto from --shard-mb]"""
     shard_mb: float = 256.0
+    """target shard size in MB"""
     limit: int | None = None
+    """capture only the first N inputs"""
     early_exit: bool = True
+    """stop the forward after the last hooked layer (--no-early-exit: run the full forward)"""
     sigmas: list[float] | None = None
     """Flow-matching models: noise levels named by sigma in (0, 1] instead of --timesteps; each is stored
     under its nearest training index, with the exact sigma in the timestep table."""
@@ -93,7 +109,7 @@ class CaptureSpec(OutputOptions):
 
 
 @dataclass
-class TrajectorySpec(OutputOptions):
+class TrajectoryConfig(OutputOptions):
     """Sample prompts with the pipeline's own sampler and capture layers at every denoising step.
 
     For DiT-like pipelines the prompts are class ids or class names.
@@ -103,8 +119,11 @@ class TrajectorySpec(OutputOptions):
     layers: list[str] = field(default_factory=lambda: ["mid_block"])
     seeds: list[int] = field(default_factory=lambda: [0])
     steps: int = 10
+    """trajectory mode: sampler steps"""
     guidance_scale: float = 7.5
-    branch: Literal["cond", "uncond"] = "cond"   # which half of a guided batch to keep
+    """trajectory mode: guidance scale"""
+    branch: Literal["cond", "uncond"] = "cond"
+    """trajectory mode: which half of a guided batch to keep (CFG half)"""
     batch_size: int = 8
     shard_size: int = 64                 # (prompt, seed) pairs per shard
     save_images: bool = True
@@ -128,3 +147,9 @@ class TrajectorySpec(OutputOptions):
 
     def data_fields(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def __getattr__(name: str) -> object:       # the names before "one word for configs" (deprecated)
+    from diffdissect.runtime import deprecated_alias
+
+    return deprecated_alias(__name__, name, {"CaptureSpec": CaptureConfig, "TrajectorySpec": TrajectoryConfig})

@@ -24,7 +24,7 @@ from diffdissect.capture.engine import layer_rows, record_truncations, recorded_
 from diffdissect.capture.hooks import LayerRecorder
 from diffdissect.capture.layers import resolve_layers
 from diffdissect.capture.rows import cast_checked
-from diffdissect.capture.spec import TrajectorySpec
+from diffdissect.capture.spec import TrajectoryConfig
 from diffdissect.data.transforms import unit_to_uint8
 from diffdissect.errors import SpecError
 from diffdissect.lock import DirectoryLock
@@ -35,7 +35,7 @@ from diffdissect.store.manifest import IMAGES_DIR, Manifest, slice_key, spec_dig
 from diffdissect.store.writer import StoreWriter, check_store_directory
 
 
-def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, *, progress: bool = True) -> Manifest:
+def capture_trajectories(target: Target, spec: TrajectoryConfig, out: str | Path, *, progress: bool = True) -> Manifest:
     """Sample every prompt x seed and store the chosen layers at every denoising step (resumable)."""
     spec.validate()
     if target.pipeline is None:
@@ -64,7 +64,7 @@ def capture_trajectories(target: Target, spec: TrajectorySpec, out: str | Path, 
         return _sample_all(target, spec, layers, conditions, pairs, probe, writer, Path(out), progress)
 
 
-def _sample_all(target: Target, spec: TrajectorySpec, layers: list[str], conditions: list[Any],
+def _sample_all(target: Target, spec: TrajectoryConfig, layers: list[str], conditions: list[Any],
                 pairs: list[tuple[int, int]], probe: dict[str, Any], writer: StoreWriter, out: Path,
                 progress: bool) -> Manifest:
     images_dir = out / IMAGES_DIR
@@ -110,7 +110,7 @@ def _condition(target: Target, prompt: str) -> Any:
 
 
 @torch.no_grad()
-def _sample(target: Target, spec: TrajectorySpec, layers: list[str], conditions: list[Any], seeds: list[int],
+def _sample(target: Target, spec: TrajectoryConfig, layers: list[str], conditions: list[Any], seeds: list[int],
             steps_only: bool = False) -> dict[str, Any]:
     """One pipeline call for a batch; returns per-(layer, t) tensors, images, the schedule and shapes."""
     pipe = target.pipeline

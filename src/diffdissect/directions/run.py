@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from diffdissect.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
-from diffdissect.capture.spec import TrajectorySpec
+from diffdissect.capture.spec import TrajectoryConfig
 from diffdissect.capture.trajectory import capture_trajectories
 from diffdissect.directions.bias import (
     cross_fitted_profile,
@@ -61,7 +61,7 @@ HEADLINE_RULE = ("fixed in advance, not chosen on any score: the first layer at 
 
 
 @dataclass
-class BiasSpec:
+class BiasConfig:
     family_name: str                  # e.g. "colour"
     family: list[str]                 # e.g. ["red", "green", "blue", "yellow"]
     subjects: list[str]               # prompts of the set, e.g. ["a square", "a circle"]
@@ -70,31 +70,51 @@ class BiasSpec:
 @dataclass
 class DirectionsConfig:
     prompts: list[Prompt]
+    """the prompts sampled (each with its template slots, if any)"""
     seeds: list[int] = field(default_factory=lambda: list(range(32)))
+    """noise seeds per prompt"""
     layers: list[str] = field(default_factory=lambda: ["mid_block"])
+    """layers to record (mid_block: h-space)"""
     steps: int = 10
+    """sampler steps"""
     guidance_scale: float = 7.5
+    """guidance scale"""
     batch_size: int = 64
-    shard_size: int | None = None             # trajectories per committed shard (the unit of resume) [batch_size]
+    """trajectories per sampler call and per committed shard"""
+    shard_size: int | None = None
+    """trajectories per committed shard (the unit of resume) [batch_size]"""
     dtype: str = "float16"
-    method: str = "mean_difference"          # or "ridge"
-    text_source: str = "captions"             # the texts directions come from: captions or prompts
+    """stored dtype of the recorded activations"""
+    method: Literal["mean_difference", "ridge"] = "mean_difference"
+    """how a word's direction is estimated: mean difference (with / without the word) or ridge regression"""
+    text_source: str = "captions"
+    """the texts directions come from: captions or prompts"""
     ridge_alpha: float = 1.0
-    max_words: int = 2                        # words and two-word phrases
+    """ridge regression's L2 strength"""
+    max_words: int = 2
+    """longest phrase a direction is made for (2: words and two-word phrases)"""
     min_count: int = 2
-    bias: list[BiasSpec] = field(default_factory=list)
-    cluster_by: str | None = None             # a slot of the templates, e.g. "shape"
+    """a term needs at least this many samples with it and this many without it to get a direction"""
+    bias: list[BiasConfig] = field(default_factory=list)
+    """descriptor families and the subjects whose defaults are measured over them"""
+    cluster_by: str | None = None
+    """a template slot whose grouping the clustering is scored on, e.g. shape"""
     cluster_remove: list[str] = field(default_factory=list)
     """bias families whose directions are all projected out before clustering (e.g. colour and size)"""
-    cluster_pooling: str = "none"
+    cluster_pooling: Literal["none", "mean"] = "none"
     """each sample's summary before the prompt mean: none (the flattened map) or mean (over positions)"""
     cross_fit: bool = True
     """score bias on directions estimated on the other half of the seeds (else in-sample, the old statistic)"""
-    headline_step: str | int = "last"         # "last" (the cleanest latent) or a timestep t
+    headline_step: str | int = "last"
+    """timestep of the headline figures: last (the cleanest latent) or a timestep t"""
     resamples: int = 2000
+    """bootstrap resamples"""
     permutations: int = 2000
+    """permutations of the significance tests"""
     save_directions: bool = True
+    """write the directions to the run directory"""
     seed: int = 0
+    """seed of the seed halves, the resampling and the clustering"""
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -224,7 +244,7 @@ def _headline(timesteps: list[int], headline: str | int) -> int:
 
 def _sample(target: Target, config: DirectionsConfig, out: Path, progress: bool) -> dict[str, Any]:
     """One trajectory per prompt x seed, every layer and step in that pass; counts the denoiser calls."""
-    spec = TrajectorySpec(prompts=[p.text for p in config.prompts], layers=list(config.layers),
+    spec = TrajectoryConfig(prompts=[p.text for p in config.prompts], layers=list(config.layers),
                           seeds=list(config.seeds), steps=config.steps, guidance_scale=config.guidance_scale,
                           batch_size=config.batch_size, pooling="none", dtype=config.dtype,
                           shard_size=config.shard_size or config.batch_size)     # progress is committed every batch
@@ -386,3 +406,9 @@ def summarise(results: dict[str, Any], config: DirectionsConfig) -> dict[str, An
                                   "mean_over_steps": float(np.mean([v.fits()[kind].ari for v in per_t.values()]))}
                            for kind, fit in per_t[t].fits().items()}
     return out
+
+
+def __getattr__(name: str) -> object:       # the names before "one word for configs" (deprecated)
+    from diffdissect.runtime import deprecated_alias
+
+    return deprecated_alias(__name__, name, {"BiasSpec": BiasConfig})

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from diffdissect.intervene.edits import (
     layer_grid,
     locations_and_width,
 )
+from diffdissect.models.identity import check_same_model
 
 SOURCE_KINDS = ("directions", "probe", "sae", "file", "random", "mean")
 EDIT_KINDS = ("add", "erase", "mean", *(f"sae-{op}" for op in SAE_OPS))
@@ -137,15 +139,29 @@ def _pinned(selector: str | None) -> tuple[str | None, int | None]:
     return selector, None
 
 
-def load_direction(text: str, layer: str, out_shape: Sequence[int]) -> Direction:
-    """The direction `text` names for `layer` (per-sample output shape `out_shape`), checked for width."""
+# the target's identity: a dict, or a callable given the recorded identity (so that the target reuses its recorded
+# digest when its files are unchanged, and hashes only when a check needs it); None: no model check
+ModelIdentity = dict[str, Any] | Callable[[dict[str, Any] | None], dict[str, Any]] | None
+
+
+def check_model(text: str, recorded: dict[str, Any] | None, model_identity: ModelIdentity, what: str) -> None:
+    """Refuse a source made from another model than the target (dtype-aware: see `models.identity.model_mismatch`)."""
+    if model_identity is None or not recorded:
+        return
+    current = model_identity(recorded) if callable(model_identity) else model_identity
+    check_same_model(recorded, current, f"{text}: {what}", "use one made from this model.", SpecError)
+
+
+def load_direction(text: str, layer: str, out_shape: Sequence[int], model_identity: ModelIdentity = None) -> Direction:
+    """The direction `text` names for `layer` (per-sample output shape `out_shape`), checked for width, finite
+    values and (given `model_identity`) the model its run or store recorded."""
     kind, path, selector = split_source(text)
     if kind == "directions":
-        return _word_direction(text, Path(path), selector, layer, out_shape)
+        return _word_direction(text, Path(path), selector, layer, out_shape, model_identity)
     if kind == "probe":
-        return _probe_direction(text, Path(path), selector, layer, out_shape)
+        return _probe_direction(text, Path(path), selector, layer, out_shape, model_identity)
     if kind == "sae":
-        loaded, latents = load_sae_source(text, layer, out_shape)
+        loaded, latents = load_sae_source(text, layer, out_shape, model_identity)
         if len(latents) != 1:
             raise SpecError(f"{text}: a direction is one decoder row; name one latent (#J).")
         row = loaded.sae.W_dec.detach()[latents[0]].float()
@@ -155,16 +171,19 @@ def load_direction(text: str, layer: str, out_shape: Sequence[int]) -> Direction
     if kind == "random":
         return _random(text, path, selector, layer, out_shape)
     if kind == "mean":
-        return _store_mean(text, Path(path), layer, out_shape)
+        return _store_mean(text, Path(path), layer, out_shape, model_identity)
     raise SpecError(f"unknown direction source {text!r}.")
 
 
-def _word_direction(text: str, run: Path, selector: str | None, layer: str, shape: Sequence[int]) -> Direction:
+def _word_direction(text: str, run: Path, selector: str | None, layer: str, shape: Sequence[int],
+                    model_identity: ModelIdentity = None) -> Direction:
     term, pinned = _pinned(selector)
     terms_path, file = run / "directions" / "terms.json", run / "directions" / f"{layer}.safetensors"
     if not terms_path.is_file():
         raise DataError(f"{text}: {run} holds no directions ({terms_path} missing); run `diffdissect directions run` "
                         "with saved directions first.")
+    check_model(text, _recorded_model(text, run / "trajectories", model_identity), model_identity,
+                "the directions were computed from")
     if not file.is_file():
         have = sorted(p.stem for p in (run / "directions").glob("*.safetensors"))
         raise SpecError(f"{text}: the directions run has no directions for layer {layer!r}; it has {have}.")
@@ -184,7 +203,8 @@ def _word_direction(text: str, run: Path, selector: str | None, layer: str, shap
     return Direction(text, by_t={t: fit_to_layer(text, v, layer, shape) for t, v in by_t.items()})
 
 
-def _probe_direction(text: str, run: Path, selector: str | None, layer: str, shape: Sequence[int]) -> Direction:
+def _probe_direction(text: str, run: Path, selector: str | None, layer: str, shape: Sequence[int],
+                     model_identity: ModelIdentity = None) -> Direction:
     choice, pinned = _pinned(selector)
     if not choice or "=" not in choice:
         raise SpecError(f"{text}: name the probe's label and class as #LABEL=VALUE (e.g. #colour=red).")
@@ -194,6 +214,10 @@ def _probe_direction(text: str, run: Path, selector: str | None, layer: str, sha
         raise DataError(f"{text}: {run} holds no probe weights (probe_weights.json/.safetensors); run "
                         "`diffdissect probe` again with this version to save them.")
     index = json.loads(index_path.read_text())
+    if model_identity is not None and "model" not in index:
+        warnings.warn(f"{text}: the probe weights record no model (written before this check existed); "
+                      "they could not be checked against the model being steered.", stacklevel=2)
+    check_model(text, index.get("model"), model_identity, "the probes were trained on activations of")
     cells = [c for c in index["cells"] if c["label"] == label and c["layer"] == layer]
     if not cells:
         raise SpecError(f"{text}: no probe of label {label!r} at layer {layer!r}; probes: "
@@ -250,10 +274,12 @@ def _random(text: str, seed: str, selector: str | None, layer: str, shape: Seque
     return Direction(text, vector=vector)
 
 
-def _store_mean(text: str, store_dir: Path, layer: str, shape: Sequence[int]) -> Direction:
+def _store_mean(text: str, store_dir: Path, layer: str, shape: Sequence[int],
+                model_identity: ModelIdentity = None) -> Direction:
     from diffdissect.store import open_store
 
     reader = open_store(store_dir)
+    check_model(text, reader.manifest.model, model_identity, "the store was captured from")
     if layer not in reader.manifest.layers:
         raise SpecError(f"{text}: the store has no layer {layer!r}; it has {sorted(reader.manifest.layers)}.")
     by_t = {}
@@ -265,7 +291,7 @@ def _store_mean(text: str, store_dir: Path, layer: str, shape: Sequence[int]) ->
     return Direction(text, by_t=by_t)
 
 
-def load_sae_source(text: str, layer: str, out_shape: Sequence[int], model_identity: dict[str, Any] | None = None):
+def load_sae_source(text: str, layer: str, out_shape: Sequence[int], model_identity: ModelIdentity = None):
     """(LoadedSAE, latents) for `sae:DIR#J[,J...]` (or a bare DIR#J), checked against the layer (and model)."""
     from diffdissect.sae.foreign import load_any_sae
 
@@ -285,35 +311,95 @@ def load_sae_source(text: str, layer: str, out_shape: Sequence[int], model_ident
         raise SpecError(f"{text}: the SAE takes inputs of width {loaded.sae.config.d_in}, but layer {layer!r} has "
                         f"width {width} per location; it was trained on another layer or model.")
     if model_identity is not None and loaded.format == "diffdissect":
-        _check_sae_model(text, loaded.info, model_identity)
+        _check_sae_model(text, loaded.info, model_identity, Path(path))
     bad = [j for j in latents if not 0 <= j < loaded.sae.config.n_latents]
     if bad:
         raise SpecError(f"{text}: latent(s) {bad} out of range; the SAE has {loaded.sae.config.n_latents} latents.")
     return loaded, latents
 
 
-def _check_sae_model(text: str, info: dict[str, Any], identity: dict[str, Any]) -> None:
-    """Refuse an SAE whose training store was captured from another model (when the store is still there)."""
+def _check_sae_model(text: str, info: dict[str, Any], model_identity: ModelIdentity, directory: Path) -> None:
+    """Refuse an SAE whose training store was captured from another model.
+
+    SAEs trained since this check record the model in their slice; older ones name their store, which is trusted
+    only when it still holds what the SAE was trained on (its `store_identity`); otherwise the check cannot be
+    made, and a warning says so."""
+    slice_ = info.get("slice", {})
+    recorded = slice_.get("model")
+    if recorded is None:
+        recorded = _sae_store_model(text, slice_, directory)
+    check_model(text, recorded, model_identity, "the SAE was trained on activations of")
+
+
+def _sae_store_model(text: str, slice_: dict[str, Any], directory: Path) -> dict[str, Any] | None:
     from diffdissect.store.manifest import Manifest
 
-    store = Path(info.get("slice", {}).get("store", ""))
+    named = Path(slice_.get("store", ""))
+    candidates = [named] if named.is_absolute() else [named, directory / named, directory.parent / named]
+    for store in candidates:
+        if not (store / "manifest.json").is_file():
+            continue
+        manifest = Manifest.load(store)           # a corrupt manifest is an error, not a skipped check
+        if slice_.get("store_identity") and manifest.content_identity() != slice_["store_identity"]:
+            continue                              # another capture now lives there: not the SAE's store
+        return manifest.model
+    warnings.warn(f"{text}: the SAE records no model and its store ({named}) is not found (or holds another "
+                  "capture now); it could not be checked against the model being steered.", stacklevel=3)
+    return None
+
+
+def _recorded_model(text: str, store: Path, model_identity: ModelIdentity) -> dict[str, Any] | None:
+    """The model a run's store recorded (None, with a warning, when the store is gone)."""
+    from diffdissect.store.manifest import Manifest
+
+    if model_identity is None:
+        return None
     if not (store / "manifest.json").is_file():
+        warnings.warn(f"{text}: {store} is gone, so the model these directions came from could not be checked "
+                      "against the model being steered.", stacklevel=3)
+        return None
+    return Manifest.load(store).model
+
+
+def check_direction(text: str, direction: Direction, *, zero_ok: bool = False) -> None:
+    """Refuse non-finite values (and zero vectors, unless `zero_ok`) before any sampling."""
+    entries = [(None, direction.vector)] if direction.vector is not None else list(direction.by_t.items())
+    for t, vector in entries:
+        where = "" if t is None else f" at t={t}"
+        if not bool(torch.isfinite(vector).all()):
+            raise SpecError(f"{text}: the direction {direction.name} holds non-finite values (NaN or inf){where}; "
+                            "recompute it or use another source.")
+        if not zero_ok and not bool(vector.any()):
+            raise SpecError(f"{text}: the direction {direction.name} is zero{where}, so it has no direction; "
+                            "use a nonzero one.")
+
+
+def check_coverage(text: str, direction: Direction, window: Window, schedule: list[int]) -> None:
+    """A per-t direction must hold every t the edit acts at on this schedule (checked before any sampling)."""
+    if direction.vector is not None:
         return
-    try:
-        recorded = Manifest.load(store).model
-    except Exception:           # noqa: BLE001 - an unreadable store only means the check cannot be made
-        return
-    keys = ("content_sha256",) if "content_sha256" in recorded and "content_sha256" in identity else (
-        "class", "num_parameters", "weights_fingerprint")                  # older manifests: no content digest
-    for key in keys:
-        if key in recorded and key in identity and recorded[key] != identity[key]:
-            raise SpecError(f"{text}: the SAE was trained on activations of another model ({key} "
-                            f"{recorded[key]} in {store}, this model has {identity[key]}); use an SAE of this model.")
+    missing = [t for step, t in enumerate(schedule) if window.active(step, t) and t not in direction.by_t]
+    if missing:
+        raise SpecError(f"{text}: the direction {direction.name} holds t in {sorted(direction.by_t)}, but this "
+                        f"sampling visits t {missing} where the edit acts (schedule {schedule}); sample with the "
+                        "same --steps as the run that made it, pin one of its steps with @t=N, or narrow the edit "
+                        "with ;t=LO:HI or ;steps=A:B.")
+
+
+def edit_directions(edit: Any) -> list[Direction]:
+    """The directions an edit object holds (none for SAE edits)."""
+    if isinstance(edit, AddEdit):
+        return [edit.direction]
+    if isinstance(edit, EraseEdit):
+        return list(edit.directions)
+    if isinstance(edit, MeanEdit):
+        return [edit.mean]
+    return []
 
 
 # ---- binding ------------------------------------------------------------------------------------------------
 def bind_edit(spec: EditSpec, out_shape: Sequence[int], schedule: list[int] | None, num_train_timesteps: int,
-              model_identity: dict[str, Any] | None = None) -> Edit:
+              model_identity: ModelIdentity = None) -> Edit:
     """The edit object of `spec` at its layer, with every check that needs the model: widths, the SAE's
     layer and model, the mask's grid, the step window against the schedule."""
     window = _window(spec, out_shape, schedule, num_train_timesteps)
@@ -321,16 +407,24 @@ def bind_edit(spec: EditSpec, out_shape: Sequence[int], schedule: list[int] | No
     if scale not in ("norm", "raw") or (scale == "raw" and spec.kind != "add"):
         raise SpecError(f"{spec.text}: scale=norm (alpha in units of the layer's typical norm) or scale=raw "
                         "(alpha times the stored direction, add only).")
+
+    def direction(source: str, zero_ok: bool = False) -> Direction:
+        found = load_direction(source, spec.layer, out_shape, model_identity)
+        check_direction(spec.text, found, zero_ok=zero_ok)
+        if schedule is not None:
+            check_coverage(spec.text, found, window, schedule)
+        return found
+
     if spec.kind == "add":
         if len(spec.sources) != 1:
             raise SpecError(f"{spec.text}: add takes one direction.")
-        return AddEdit(spec.layer, load_direction(spec.sources[0], spec.layer, out_shape), window, raw=scale == "raw")
+        return AddEdit(spec.layer, direction(spec.sources[0]), window, raw=scale == "raw")
     if spec.kind == "erase":
-        return EraseEdit(spec.layer, [load_direction(s, spec.layer, out_shape) for s in _expand(spec.sources)], window)
+        return EraseEdit(spec.layer, [direction(s) for s in _expand(spec.sources)], window)
     if spec.kind == "mean":
         if len(spec.sources) != 1:
             raise SpecError(f"{spec.text}: mean takes one source (mean:STORE or a vector file).")
-        return MeanEdit(spec.layer, load_direction(spec.sources[0], spec.layer, out_shape), window)
+        return MeanEdit(spec.layer, direction(spec.sources[0], zero_ok=True), window)
     op = spec.kind.split("-", 1)[1]
     if len(spec.sources) != 1:
         raise SpecError(f"{spec.text}: an SAE edit takes one SAE with its latents (DIR#J,K,...).")

@@ -41,7 +41,7 @@ from diffdissect.intervene.apply import (
     sampling_schedule,
 )
 from diffdissect.intervene.edits import Edit
-from diffdissect.intervene.sources import bind_edit, parse_edits
+from diffdissect.intervene.sources import bind_edit, check_coverage, edit_directions, parse_edits
 from diffdissect.models.target import Target
 from diffdissect.stats import bootstrap_mean_ci, wilson
 
@@ -182,7 +182,11 @@ def prepare_edits(target: Target, config: SteerConfig) -> tuple[list[list[Edit]]
     layers = list(dict.fromkeys(s.layer for group in specs for s in group))
     shapes = layer_shapes(target, layers)
     schedule = sampling_schedule(target, config.steps)
-    identity = target.identity()
+
+    def identity(known: dict[str, Any] | None = None) -> dict[str, Any]:
+        # only when a source records a model; `known` lets the target reuse that digest if its files are unchanged
+        return target.identity(known=known)
+
     bound = [[bind_edit(s, shapes[s.layer], schedule, target.num_train_timesteps, identity) for s in group]
              for group in specs]
     return bound, schedule, shapes
@@ -210,6 +214,13 @@ def run_steer(target: Target, config: SteerConfig, out: str | Path, judge: Judge
         raise SpecError(f"the sampler visited t {seen}, not the schedule {schedule} the edits were checked against.")
     schedule = seen
     _check_windows(edits, config.edits, schedule)        # flow models: their schedule is known from this pass
+    for group, text in zip(edits, config.edits):                # per-t directions, before any edited sampling
+        for edit in group:
+            window = getattr(edit, "window", None)
+            if window is None:
+                continue
+            for direction in edit_directions(edit):
+                check_coverage(text, direction, window, schedule)
     baseline_seconds = time.perf_counter() - started
 
     images: dict[tuple[int, float | None], np.ndarray] = {}          # uint8: the float samples are compared at once

@@ -21,6 +21,7 @@ from torch import nn
 from diffdissect.atomic import atomic_write_bytes, atomic_write_json
 from diffdissect.errors import DiffdissectError
 from diffdissect.invert.features import FeatureError
+from diffdissect.models.identity import check_same_model
 
 FORMAT = "diffdissect-inverter"
 FORMAT_VERSION = 1
@@ -118,18 +119,13 @@ def load_inverter(directory: str | Path, *, pipeline_identity: dict[str, Any] | 
         raise DiffdissectError(f"{directory} is not an inverter this diffdissect reads (format {config.get('format')!r} "
                                f"v{config.get('format_version')}).")
     if pipeline_identity is not None:
+        # the content digest (or, for older inverters, the weights fingerprint), never the config digest alone;
+        # the same weights loaded in another dtype are compared by class, config and parameter count (a warning)
         trained = config["pipeline"]
-        # the weights fingerprint (names, shapes, values), not the config digest: a config records the
-        # directory it was loaded from, so the same pipeline moved or cloned elsewhere digests differently
-        keys = ["weights_fingerprint", "num_parameters"]
-        if trained.get("content_sha256") and pipeline_identity.get("content_sha256"):
-            keys.append("content_sha256")           # the full content (inverters trained since store format 2)
-        for key in keys:
-            if trained.get(key) != pipeline_identity.get(key):
-                raise DiffdissectError(
-                    f"the inverter at {directory} was trained on another diffusion pipeline ({trained.get('source')}, "
-                    f"{key} {trained.get(key)}) than the one given ({pipeline_identity.get('source')}, "
-                    f"{pipeline_identity.get(key)}); invert with the pipeline it was trained on, or train a new one.")
+        check_same_model(trained, pipeline_identity, f"the inverter at {directory} was trained on",
+                         f"it was trained on {trained.get('source')}, the one given is "
+                         f"{pipeline_identity.get('source')}; invert with the pipeline it was trained on, or train "
+                         "a new one.", noun="diffusion pipeline")
     controlnet = ControlNetModel.from_config(config["controlnet_config"])
     c, h, w = config["feature_shape"]
     controlnet.controlnet_cond_embedding = HintBlock(c, controlnet.config.block_out_channels[0],

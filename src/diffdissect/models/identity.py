@@ -94,3 +94,46 @@ def content_digest(components: list[tuple[str, nn.Module | None]], tokenizers: l
 def comparable(identity: dict[str, Any]) -> dict[str, Any]:
     """The parts of an identity that must agree (not where the model lives)."""
     return {k: v for k, v in identity.items() if k not in WHERE_KEYS}
+
+
+# identity keys that do not change when the same weights are loaded in another dtype
+DTYPE_FREE_KEYS = ("class", "config_sha256", "num_parameters")
+
+
+def model_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> tuple[str | None, bool]:
+    """(the first key on which two model identities disagree, or None; whether the content was compared exactly).
+
+    The content digest hashes every tensor's bytes in the dtype it was loaded in, so the same weights loaded in
+    float16 and float32 digest differently: when the recorded dtype differs from the current one, only what does
+    not depend on the dtype is compared (class, denoiser config, parameter count) and the answer is not exact.
+    Identities without a content digest (older records) compare class, parameter count and weights fingerprint.
+    """
+    same_dtype = recorded.get("dtype") is None or current.get("dtype") is None or recorded["dtype"] == current["dtype"]
+    if not same_dtype:
+        keys: tuple[str, ...] = DTYPE_FREE_KEYS
+    elif recorded.get("content_sha256") and current.get("content_sha256"):
+        keys = ("content_sha256",)
+    else:
+        keys = ("class", "num_parameters", "weights_fingerprint")
+    for key in keys:
+        if key in recorded and key in current and recorded[key] != current[key]:
+            return key, same_dtype
+    return None, same_dtype
+
+
+def check_same_model(recorded: dict[str, Any], current: dict[str, Any], what: str, fix: str,
+                     error: type[Exception] | None = None, noun: str = "model") -> None:
+    """Raise `error` (DiffdissectError by default) when `recorded` is another model than `current`; warn when
+    the dtypes differ, so that the weights could be compared only by class, config and parameter count.
+    `what` names the thing recorded (e.g. "the SAE at DIR was trained on activations of"); `fix` says what to do."""
+    import warnings
+
+    from diffdissect.errors import DiffdissectError
+
+    key, exact = model_mismatch(recorded, current)
+    if key is not None:
+        raise (error or DiffdissectError)(f"{what} another {noun} ({key} {recorded[key]}, this model has {current[key]}); {fix}")
+    if not exact:
+        warnings.warn(f"{what} a model loaded as {recorded.get('dtype')}, this one is {current.get('dtype')}: its "
+                      "class, config and parameter count agree, but its weights could not be compared exactly.",
+                      stacklevel=3)

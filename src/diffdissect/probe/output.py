@@ -82,7 +82,7 @@ def summary_rows(results: ProbeResults) -> list[ProbeSummary]:
 
 
 def write_probe_outputs(results: ProbeResults, out: str | Path, *,
-                        weights: dict[str, Any] | None = None) -> dict[str, Path]:
+                        weights: dict[Any, Any] | None = None) -> dict[str, Path]:
     """probes.json (everything), probes.csv (one row per label x condition x cell), splits.csv, heatmaps."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,19 +96,24 @@ def write_probe_outputs(results: ProbeResults, out: str | Path, *,
         for condition in results.conditions():
             paths[f"heatmap_{label}_{condition}"] = out / safe_name(f"heatmap_{label}_{condition}.png")
             atomic_write_bytes(paths[f"heatmap_{label}_{condition}"], _heatmap_png(results, label, condition))
-    if weights:
-        paths["weights"], paths["weights_index"] = out / WEIGHTS_FILE, out / WEIGHTS_INDEX
-        tensors, cells = {}, []
-        for key, entry in weights.items():
-            label, layer, t = key.split("/")[0], "/".join(key.split("/")[1:-1]), int(key.rsplit("=", 1)[1])
-            tensors[key] = torch.from_numpy(np.ascontiguousarray(entry["coef"], dtype=np.float32))
-            tensors[key + "/intercept"] = torch.from_numpy(np.ascontiguousarray(entry["intercept"], dtype=np.float32))
-            cells.append({"label": label, "layer": layer, "t": t, "key": key, "classes": list(entry["classes"])})
-        atomic_write_bytes(paths["weights"], safetensors_bytes(tensors))
-        atomic_write_bytes(paths["weights_index"], json.dumps({
-            "cells": cells, "space": "the store's rows as stored (pooled rows: one vector per location)",
-            "rows": "one per class: the trained probe's logit weights on the raw features (standardisation "
-                    "folded in); a class's direction is its row minus the mean row"}, indent=1).encode())
+    weight_paths = (out / WEIGHTS_FILE, out / WEIGHTS_INDEX)
+    if not weights:             # a rerun without linear probes: no earlier run's weights may stay beside it
+        for path in weight_paths:
+            path.unlink(missing_ok=True)
+        return paths
+    paths["weights"], paths["weights_index"] = weight_paths
+    tensors, cells = {}, []
+    for i, ((label, layer, t), entry) in enumerate(weights.items()):
+        key = f"cell{i}"        # labels and layers may hold "/" (size/cm): the index names them, never the key
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(entry["coef"], dtype=np.float32))
+        tensors[key + ".intercept"] = torch.from_numpy(np.ascontiguousarray(entry["intercept"], dtype=np.float32))
+        cells.append({"label": label, "layer": layer, "t": int(t), "key": key, "classes": list(entry["classes"])})
+    atomic_write_bytes(paths["weights"], safetensors_bytes(tensors))
+    atomic_write_bytes(paths["weights_index"], json.dumps({
+        "cells": cells, "model": results.model,
+        "space": "the store's rows as stored (pooled rows: one vector per location)",
+        "rows": "one per class: the trained probe's logit weights on the raw features (standardisation "
+                "folded in); a class's direction is its row minus the mean row"}, indent=1).encode())
     return paths
 
 

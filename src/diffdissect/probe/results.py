@@ -67,6 +67,7 @@ class ProbeResults(Result):
     """A probe sweep: every cell's scores, with the labels, the split and the cells skipped."""
 
     store: str
+    model: dict[str, Any]             # the store's model identity (`models.identity.comparable`)
     config: dict[str, Any]            # the ProbeConfig as JSON
     cells: list[tuple[str, int]]
     labels: dict[str, LabelInfo]
@@ -92,7 +93,7 @@ class ProbeResults(Result):
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProbeResults:
-        return cls(store=data["store"], config=data["config"], cells=[(str(c[0]), int(c[1])) for c in data["cells"]],
+        return cls(store=data["store"], model=data.get("model", {}), config=data["config"], cells=[(str(c[0]), int(c[1])) for c in data["cells"]],
                    labels={k: LabelInfo.from_json(v) for k, v in data["labels"].items()},
                    split=SplitInfo.from_json(data["split"]), split_by_image=data.get("split_by_image", {}),
                    results=[ProbeCell.from_json(r) for r in data["results"]],

@@ -8,18 +8,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from diffdissect.devices import resolve_device
 from diffdissect.errors import DataError
+from diffdissect.models.identity import comparable
 from diffdissect.probe.head import fit_attentive_head
 from diffdissect.probe.labels import EncodedLabels, encode_labels
 from diffdissect.probe.linear import DEFAULT_L2_GRID, fit_probe_tasks
 from diffdissect.probe.results import LabelInfo, ProbeCell, ProbeResults, SkippedCell, SplitInfo
-from diffdissect.probe.splits import SPLITS, Split, SplitSpec, split_from_column, split_images
+from diffdissect.probe.splits import SPLITS, Split, SplitConfig, split_from_column, split_images
 from diffdissect.stats import bootstrap_mean_ci
 from diffdissect.store import StoreReader, open_store
 
@@ -27,22 +28,36 @@ from diffdissect.store import StoreReader, open_store
 @dataclass
 class ProbeConfig:
     labels: list[str]
-    layers: list[str] | None = None          # [every stored layer]
-    timesteps: list[int] | None = None       # [every stored t]
-    head: str = "linear"                     # or "attentive" (spatial stores)
-    split: SplitSpec = field(default_factory=SplitSpec)
-    split_column: str | None = None          # a store column with train / val / test instead
+    """label columns to probe, e.g. label shape colour"""
+    layers: list[str] | None = None
+    """layers to probe [every stored layer]"""
+    timesteps: list[int] | None = None
+    """timesteps to probe [every stored t]"""
+    head: Literal["linear", "attentive"] = "linear"
+    """linear: logistic regression on pooled features; attentive: a small head on spatial maps"""
+    split: SplitConfig = field(default_factory=SplitConfig)
+    """image fractions per split (train, val, test) and the salt of the split's hash"""
+    split_column: str | None = None
+    """use this store column's train/val/test values as the split"""
     l2_grid: tuple[float, ...] = DEFAULT_L2_GRID
+    """L2 strengths to choose from on validation"""
     shuffled_control: bool = False
-    random_init_store: str | None = None     # the same capture from a randomly initialised model
+    """control: labels shuffled across images"""
+    random_init_store: str | None = None
+    """control: the same capture from `diffdissect capture --random-init`"""
     drop_missing: bool = False
+    """probe without rows whose label is missing"""
     bootstrap: int = 2000
+    """bootstrap resamples for the CIs"""
     seed: int = 0
+    """seed of the shuffled control and the bootstrap"""
     max_iter: int = 500
-    batch_mb: float = 1024.0                 # feature memory per batched fit
+    """optimiser iterations per linear probe"""
+    batch_mb: float = 1024.0
+    """feature memory per batched fit, in MB"""
     device: str = "cpu"
     """where the probes are fitted: cpu, cuda, cuda:N, mps"""
-    solver: str = "auto"
+    solver: Literal["auto", "batched", "lbfgsb"] = "auto"
     """linear probes: lbfgsb (scipy per problem, warm-started down the L2 grid), batched (every cell at once),
     or auto (lbfgsb on the CPU, batched on an accelerator)"""
 
@@ -73,11 +88,11 @@ class ProbeTask:
 
 
 def run_probes(store: str, config: ProbeConfig, *, progress: bool = True,
-               weights: dict[str, Any] | None = None) -> ProbeResults:
+               weights: dict[Any, Any] | None = None) -> ProbeResults:
     """Probe every requested cell for every label (plus the requested controls).
 
     `weights` (a dict), when given, receives the trained linear probes' weights on the raw features, per
-    cell: {"<label>/<layer>/t=<t>": {"coef": (classes, d), "intercept": (classes,), "classes": [...]}}
+    cell: {(label, layer, t): {"coef": (classes, d), "intercept": (classes,), "classes": [...]}}
     (`write_probe_outputs(..., weights=)` saves them; `steer` reads them as `probe:DIR#label=value`)."""
     config.validate()
     device = resolve_device(config.device)
@@ -110,13 +125,13 @@ def run_probes(store: str, config: ProbeConfig, *, progress: bool = True,
                 for cell, scores in zip(group, per_cell):
                     found = scores.pop("_weights", None)
                     if weights is not None and found is not None and condition == "trained":
-                        weights[f"{name}/{cell[0]}/t={cell[1]}"] = {**found, "classes": tasks[name].labels.classes}
+                        weights[(name, cell[0], int(cell[1]))] = {**found, "classes": tasks[name].labels.classes}
                     results.append(ProbeCell(label=name, layer=cell[0], t=cell[1], condition=condition,
                                              head=config.head, **scores))
             if progress:
                 print(f"  fitted {len(group)} cells x {len(batch_tasks)} label tasks")
     return ProbeResults(
-        store=str(store), config=_config_json(config), cells=cells,
+        store=str(store), model=comparable(reader.manifest.model or {}), config=_config_json(config), cells=cells,
         labels={n: LabelInfo(t.labels.classes, t.labels.missing) for n, t in tasks.items()},
         split=SplitInfo(config.split_column or "hash", split.spec.salt, split.counts()),
         split_by_image=split.by_image, results=results, skipped=skipped, seconds=round(time.perf_counter() - start, 2))

@@ -13,7 +13,7 @@ SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
-class SplitSpec:
+class SplitConfig:
     """Fractions of images per split, and the salt of the hash that orders the images."""
 
     train: float = 0.6
@@ -32,7 +32,7 @@ class SplitSpec:
 class Split:
     """Which split each row falls in (rows of one image always share it)."""
 
-    spec: SplitSpec
+    spec: SplitConfig
     by_image: dict[str, str]
     row_split: np.ndarray = field(repr=False)        # (rows,) of "train" / "val" / "test"
 
@@ -45,13 +45,13 @@ class Split:
         return {name: values.count(name) for name in SPLITS}
 
 
-def split_images(input_ids: Sequence[str], spec: SplitSpec | None = None) -> Split:
+def split_images(input_ids: Sequence[str], spec: SplitConfig | None = None) -> Split:
     """Split rows by image id: images are ordered by a salted SHA-256 of their id and cut at the fractions.
 
     The assignment depends only on the set of ids and the salt: not on row order, batch, shard or
     noise seed, so two stores of the same images (a trained and a random-init model) split alike.
     """
-    spec = spec or SplitSpec()
+    spec = spec or SplitConfig()
     spec.validate()
     ids = np.asarray([str(i) for i in input_ids])
     unique = sorted(set(ids.tolist()), key=lambda i: hashlib.sha256(f"{spec.salt}:{i}".encode()).hexdigest())
@@ -75,4 +75,10 @@ def split_from_column(input_ids: Sequence[str], values: Sequence[object], column
         if by_image.setdefault(image, name) != name:
             raise DataError(f"split column {column!r} puts rows of image {image} in two splits; "
                             "every noise seed of an image must be in the same split")
-    return Split(SplitSpec(salt=f"column:{column}"), by_image, np.array([by_image[i] for i in ids]))
+    return Split(SplitConfig(salt=f"column:{column}"), by_image, np.array([by_image[i] for i in ids]))
+
+
+def __getattr__(name: str) -> object:       # the names before "one word for configs" (deprecated)
+    from diffdissect.runtime import deprecated_alias
+
+    return deprecated_alias(__name__, name, {"SplitSpec": SplitConfig})

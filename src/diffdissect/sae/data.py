@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffdissect.probe.splits import SplitSpec, split_images
+from diffdissect.probe.splits import SplitConfig, split_images
 from diffdissect.store import StoreReader
 from diffdissect.store.stream import MixingStream
 
@@ -36,7 +36,7 @@ class SliceData:
         self.reader.manifest.check_slice(self.layer, self.t)
         fraction = self.heldout_fraction
         ids = self.reader.column("input_id")
-        split = split_images(ids, SplitSpec(train=1 - fraction, val=fraction / 2, test=fraction / 2, salt=self.salt))
+        split = split_images(ids, SplitConfig(train=1 - fraction, val=fraction / 2, test=fraction / 2, salt=self.salt))
         self.train_rows = split.mask("train")
         self.heldout_rows = ~self.train_rows
         rank, world = self.part

@@ -100,6 +100,8 @@ def load_any_sae(path: str | Path, layer: str | None = None) -> LoadedSAE:
     from diffdissect.sae.checkpoint import load_sae
 
     sae, info = load_sae(path)
+    for key, tensor in sae.state_dict().items():
+        _check_finite(path, key, tensor)
     return LoadedSAE(sae, "diffdissect", path, info.get("slice", {}).get("layer"), None, info)
 
 
@@ -126,7 +128,15 @@ def _read_tensors(path: Path, needed: dict[str, int]) -> dict[str, torch.Tensor]
     for key, ndim in needed.items():
         if tensors[key].ndim != ndim:
             raise StoreError(f"{path}: {key} has shape {list(tensors[key].shape)}, expected {ndim} dimensions.")
+        _check_finite(path, key, tensors[key])
     return {k: v.float() for k, v in tensors.items()}
+
+
+def _check_finite(path: Path, key: str, tensor: torch.Tensor) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise StoreError(f"{path}: {key} holds {bad} non-finite value(s) (NaN or inf); the SAE's weights are "
+                         "corrupt or diverged in training: use another SAE.")
 
 
 def _need(cfg: dict[str, Any], keys: list[str], path: Path) -> None:

@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +27,7 @@ from diffdissect.devices import resolve_device, resolve_dtype
 from diffdissect.distributed import SINGLE, Dist
 from diffdissect.errors import DiffdissectError, SpecError, StoreError
 from diffdissect.lock import DirectoryLock
+from diffdissect.models.identity import comparable
 from diffdissect.optim_state import lr_factor, optimizer_tensors, restore_optimizer
 from diffdissect.paths import safe_name
 from diffdissect.sae.checkpoint import has_checkpoint, is_legacy, load_sae, load_state, read_config, save_checkpoint
@@ -46,25 +47,42 @@ class NonFiniteTrainingError(DiffdissectError):
 @dataclass
 class TrainConfig:
     layer: str
+    """the store layer the SAE reads"""
     t: int
-    tokens: bool = False                 # every spatial location is a token (else pooled rows)
-    expansion: int | None = 8            # n_latents = expansion * d_in, unless n_latents is given
+    """the stored timestep the SAE reads"""
+    tokens: bool = False
+    """every spatial location is a token (needs a --pooling none capture); else pooled rows"""
+    expansion: int | None = 8
+    """n_latents = expansion x d_in, unless n_latents is given"""
     n_latents: int | None = None
+    """dictionary size (instead of expansion)"""
     k: int = 32
-    variant: str = "topk"
+    """active latents per token"""
+    variant: Literal["topk", "batchtopk"] = "topk"
+    """topk: k latents per token; batchtopk: k per token on average over a batch"""
     lr: float | None = None
+    """learning rate [2e-4 / sqrt(n_latents / 2^14)]"""
     batch_size: int = 4096
-    steps: int | None = None             # or epochs
+    """tokens per step"""
+    steps: int | None = None
+    """optimiser steps (instead of epochs)"""
     epochs: float | None = None
+    """passes over the training tokens [10]"""
     aux_alpha: float = 1 / 32
-    dead_window: int | None = None       # tokens without firing that make a latent dead [min(10M, 1 epoch)]
+    """weight of the auxiliary loss that revives dead latents"""
+    dead_window: int | None = None
+    """tokens without firing that make a latent dead [min(10M, 1 epoch)]"""
     heldout_fraction: float = 0.1
+    """fraction of the data held out for the metrics"""
     normalise: str = "scale"
+    """input normalisation: scale (E||x||^2 = d_in) or none"""
     seed: int = 0
+    """seed of the initialisation and the batch order"""
     checkpoint_every: int = 250
+    """optimiser steps between checkpoints"""
     device: str = "cpu"
     """where the SAE trains: cpu, cuda, cuda:N, mps (a checkpoint resumes on any device)"""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the dense encoder matmul (float32, bfloat16, float16); weights and optimiser stay float32"""
     mix_shards: int = 4
     """the shuffle buffer, in shards: each batch mixes tokens from row ranges of every shard in a pool this big"""
@@ -115,33 +133,34 @@ def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool
         raise StoreError(f"the store has no slice {config.layer} @ t={config.t}; stored layers: {reader.layers}, "
                          f"timesteps: {reader.timesteps}")
     data = SliceData(reader, config.layer, config.t, config.tokens, config.heldout_fraction,
-                     part=(dist.rank, dist.world))
+                     part=(dist.rank, dist.world_size))
     sae_cfg = sae_config(config, data.d_in)
     sae_cfg.validate()
     train_tokens = int(dist.all_reduce_(torch.tensor([data.train_tokens], dtype=torch.float64, device="cpu")).item())
-    if config.batch_size % dist.world:
-        raise SpecError(f"batch_size {config.batch_size} does not split evenly over {dist.world} ranks; use a "
-                        f"multiple of {dist.world}.")
+    if config.batch_size % dist.world_size:
+        raise SpecError(f"batch_size {config.batch_size} does not split evenly over {dist.world_size} ranks; use a "
+                        f"multiple of {dist.world_size}.")
     fewest = -int(dist.all_reduce_(torch.tensor([-data.train_tokens], dtype=torch.float64, device="cpu"), "max").item())
     if fewest < 1:
-        raise SpecError(f"a rank has no training tokens: {train_tokens} tokens over {dist.world} ranks; use fewer ranks.")
-    batch_size = min(config.batch_size, dist.world * fewest)        # every rank can fill its share of a batch
-    rank_batch = batch_size // dist.world
+        raise SpecError(f"a rank has no training tokens: {train_tokens} tokens over {dist.world_size} ranks; use fewer ranks.")
+    batch_size = min(config.batch_size, dist.world_size * fewest)        # every rank can fill its share of a batch
+    rank_batch = batch_size // dist.world_size
     steps = config.steps or max(1, math.ceil((config.epochs or 10) * train_tokens / batch_size))
     dead_window = config.dead_window or min(10_000_000, train_tokens)
     lr = config.lr or 2e-4 / math.sqrt(sae_cfg.n_latents / 2 ** 14)
     info = {"name": config.run_name(), "sae": sae_cfg.to_json(), "train": asdict(config),
-            "slice": {"store": str(store), "store_identity": reader.manifest.content_identity(), "layer": config.layer,
+            "slice": {"store": str(store), "store_identity": reader.manifest.content_identity(),
+                      "model": comparable(reader.manifest.model or {}), "layer": config.layer,
                       "t": config.t, "d_in": data.d_in, "train_tokens": train_tokens},
             "resolved": {"steps": steps, "batch_size": batch_size, "lr": lr, "dead_window": dead_window}}
 
     if dist.enabled:
-        info["ranks"] = dist.world
+        info["ranks"] = dist.world_size
     sae, state, start = _start_or_resume(out, config, sae_cfg, info, data, device)
     sae.compute_dtype = compute_dtype
-    if start and state.get("_info", {}).get("ranks", 1) != dist.world:
+    if start and state.get("_info", {}).get("ranks", 1) != dist.world_size:
         raise SpecError(f"{out} was trained with {state['_info'].get('ranks', 1)} rank(s); resume it with the same "
-                        f"number (now {dist.world}), or use another --out.")
+                        f"number (now {dist.world_size}), or use another --out.")
     if start >= steps and "metrics" in state.get("_info", {}):
         return state["_info"]
     if dist.enabled and not start:                      # one initialisation for all ranks: rank 0's
@@ -181,7 +200,7 @@ def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool
                 if sae_cfg.variant == "batchtopk":
                     _update_threshold(sae, codes)
                     if dist.enabled:
-                        sae.threshold.copy_(dist.all_reduce_(sae.threshold.detach().clone()) / dist.world)
+                        sae.threshold.copy_(dist.all_reduce_(sae.threshold.detach().clone()) / dist.world_size)
                 last = {"fvu": float(fvu), "l0": float((codes.values > 0).sum(1).float().mean()),
                         "dead": float(dead.double().mean()), "auxk": float(auxk)}
                 bar.set_postfix(fvu=f"{last['fvu']:.3f}", l0=f"{last['l0']:.1f}", dead=f"{100 * last['dead']:.1f}%")
@@ -198,7 +217,7 @@ def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool
         calibration = data.sample(min(data.train_tokens, CALIBRATION_TOKENS))
         sae.calibrate_threshold(calibration)
         if dist.enabled:
-            sae.threshold.copy_(dist.all_reduce_(sae.threshold.detach().clone()) / dist.world)
+            sae.threshold.copy_(dist.all_reduce_(sae.threshold.detach().clone()) / dist.world_size)
         inference = {"form": "jumprelu", "threshold": float(sae.threshold), "threshold_running_average": running,
                      "calibration_tokens": len(calibration)}
     heldout = data.heldout()
@@ -232,7 +251,7 @@ def apply_update(sae: TopKSAE, optimiser: torch.optim.Optimizer, loss: torch.Ten
     if dist.enabled:
         for p in sae.parameters():
             if p.grad is not None:
-                dist.all_reduce_(p.grad).div_(dist.world)
+                dist.all_reduce_(p.grad).div_(dist.world_size)
     sae.remove_parallel_gradient()
     optimiser.step()
     sae.normalise_decoder()

@@ -35,31 +35,31 @@ from diffdissect.world.classifiers import (
     train_classifier,
 )
 from diffdissect.world.generator import FACTORS, WorldConfig
-from diffdissect.world.pipeline import PipelineRecipe, build_pipeline
+from diffdissect.world.pipeline import PipelineConfig, build_pipeline
 
 WEIGHTS_FORMAT = 1
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights"
 
 
 @dataclass
-class BuildRecipe:
+class BuildConfig:
     seed: int = 0
-    pipeline: PipelineRecipe = field(default_factory=PipelineRecipe)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     cnn_steps: int = 600
     vit_steps: int = 1200
     captioner_steps: int = 600
     threads: int | None = None
 
-    def scaled(self, factor: float) -> BuildRecipe:
-        return BuildRecipe(seed=self.seed, pipeline=self.pipeline.scaled(factor), threads=self.threads,
+    def scaled(self, factor: float) -> BuildConfig:
+        return BuildConfig(seed=self.seed, pipeline=self.pipeline.scaled(factor), threads=self.threads,
                            cnn_steps=max(2, int(self.cnn_steps * factor)), vit_steps=max(2, int(self.vit_steps * factor)),
                            captioner_steps=max(2, int(self.captioner_steps * factor)))
 
 
-def build_toy(out: str | Path = DEFAULT_WEIGHTS, recipe: BuildRecipe | None = None, world: WorldConfig | None = None,
+def build_toy(out: str | Path = DEFAULT_WEIGHTS, recipe: BuildConfig | None = None, world: WorldConfig | None = None,
               *, progress: bool = True) -> dict[str, Any]:
     """Train everything and write the weights directory `out` (atomically replaced). Returns build.json."""
-    recipe, world = recipe or BuildRecipe(), world or WorldConfig()
+    recipe, world = recipe or BuildConfig(), world or WorldConfig()
     recipe = replace(recipe, pipeline=replace(recipe.pipeline, seed=recipe.seed))   # never mutate the caller's
     if recipe.threads:
         torch.set_num_threads(recipe.threads)

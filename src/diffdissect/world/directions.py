@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from diffdissect.directions.prompts import build_prompt_set
-from diffdissect.directions.run import BiasSpec, DirectionsConfig
+from diffdissect.directions.run import BiasConfig, DirectionsConfig
 from diffdissect.world.generator import WorldConfig
 
 TEMPLATES = ["a {colour} {shape}", "a {shape}", "a {size} {shape}"]
@@ -23,8 +23,8 @@ def world_directions_config(world: WorldConfig, seeds: int = 256, **overrides: A
         "colour": list(world.colours), "shape": list(world.shapes), "size": list(world.sizes)})
     options: dict[str, Any] = dict(
         seeds=list(range(seeds)), guidance_scale=1.0, batch_size=64,
-        bias=[BiasSpec("colour", list(world.colours), [f"a {s}" for s in world.shapes]),
-              BiasSpec("size", list(world.sizes), [f"a {s}" for s in world.shapes])],
+        bias=[BiasConfig("colour", list(world.colours), [f"a {s}" for s in world.shapes]),
+              BiasConfig("size", list(world.sizes), [f"a {s}" for s in world.shapes])],
         cluster_by="shape", cluster_remove=["colour", "size"], cluster_pooling="mean")
     options.update(overrides)
     return DirectionsConfig(prompts=prompts, **options)

@@ -24,7 +24,7 @@ from diffdissect.world.training import EMA, cosine_lr, run_steps
 
 
 @dataclass
-class PipelineRecipe:
+class PipelineConfig:
     """Sizes and schedule of the toy pipeline build (the source of truth for the committed weights)."""
 
     seed: int = 0
@@ -47,9 +47,9 @@ class PipelineRecipe:
     x0_weight: float = 0.1             # loss per unit x0 error = SNR + x0_weight (0: epsilon's weighting, 1: v's)
     threads: int | None = None
 
-    def scaled(self, factor: float) -> PipelineRecipe:
+    def scaled(self, factor: float) -> PipelineConfig:
         """The same recipe with step counts multiplied by `factor` (smoke builds use tiny factors)."""
-        out = PipelineRecipe(**asdict(self))
+        out = PipelineConfig(**asdict(self))
         out.vae_steps = max(2, int(self.vae_steps * factor))
         out.unet_steps = max(2, int(self.unet_steps * factor))
         out.latent_pool = max(out.unet_batch, int(self.latent_pool * factor))
@@ -73,7 +73,7 @@ def check_caption_length(tokenizer, world: WorldConfig, max_tokens: int) -> None
                          f"start and end); set the recipe's max_tokens to at least {needed}")
 
 
-def build_untrained(recipe: PipelineRecipe, world: WorldConfig) -> diffusers.StableDiffusionPipeline:
+def build_untrained(recipe: PipelineConfig, world: WorldConfig) -> diffusers.StableDiffusionPipeline:
     tokenizer = build_clip_tokenizer(world.vocabulary(), recipe.max_tokens)
     check_caption_length(tokenizer, world, recipe.max_tokens)
     with seeded(recipe.seed):
@@ -99,7 +99,7 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
     return uint8_to_pixels(images)
 
 
-def train_vae(vae: diffusers.AutoencoderKL, recipe: PipelineRecipe, world: WorldConfig, *, progress: bool = True):
+def train_vae(vae: diffusers.AutoencoderKL, recipe: PipelineConfig, world: WorldConfig, *, progress: bool = True):
     """Reconstruction (L1 + MSE) + a tiny KL, on fresh world images every step."""
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
@@ -124,7 +124,7 @@ def train_vae(vae: diffusers.AutoencoderKL, recipe: PipelineRecipe, world: World
 
 
 @torch.no_grad()
-def encode_pool(vae: diffusers.AutoencoderKL, recipe: PipelineRecipe, world: WorldConfig):
+def encode_pool(vae: diffusers.AutoencoderKL, recipe: PipelineConfig, world: WorldConfig):
     """Encode a pool of world images once: latent means, their factors; sets the VAE's scaling_factor."""
     batch = sample_world(recipe.latent_pool, seed=20_000_000 + recipe.seed, config=world)
     latents = torch.cat([vae.encode(to_pixels(batch.images[i:i + 512])).latent_dist.mean
@@ -135,7 +135,7 @@ def encode_pool(vae: diffusers.AutoencoderKL, recipe: PipelineRecipe, world: Wor
 
 
 def train_unet(pipe: diffusers.StableDiffusionPipeline, latents: torch.Tensor, factors: dict[str, np.ndarray],
-               recipe: PipelineRecipe, world: WorldConfig, *, progress: bool = True):
+               recipe: PipelineConfig, world: WorldConfig, *, progress: bool = True):
     """The recipe's prediction target (v by default) on SD's schedule, each sample's error weighted so that
     the implied x0 error costs SNR_t + x0_weight (docs/toy-world.md); UNet and text encoder trained
     jointly; EMA weights kept.
@@ -186,7 +186,7 @@ def train_unet(pipe: diffusers.StableDiffusionPipeline, latents: torch.Tensor, f
     return history
 
 
-def build_pipeline(recipe: PipelineRecipe, world: WorldConfig, *, progress: bool = True):
+def build_pipeline(recipe: PipelineConfig, world: WorldConfig, *, progress: bool = True):
     """Train the whole pipeline from scratch. Returns (pipeline, training log)."""
     if recipe.threads:
         torch.set_num_threads(recipe.threads)

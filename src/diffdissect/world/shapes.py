@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from diffdissect.capture import CaptureSpec, capture
+from diffdissect.capture import CaptureConfig, capture
 from diffdissect.data import ArraySource
 from diffdissect.models import Target, load_target
 from diffdissect.store import Manifest
@@ -100,6 +100,6 @@ class ShapesWorld:
         if replace and (out / "manifest.json").is_file():
             shutil.rmtree(out)
         target = target or self.target(random_init=random_init)
-        spec = CaptureSpec(layers=list(layers), timesteps=list(timesteps), seeds=[0], batch_size=batch_size,
+        spec = CaptureConfig(layers=list(layers), timesteps=list(timesteps), seeds=[0], batch_size=batch_size,
                            pooling=pooling, dtype="float32")
         return capture(target, source, spec, out, progress=progress)
