@@ -45,7 +45,7 @@ def model_path(kind, sd_dir, dit_dir, unet2d_dir):
 def denoiser_call(target, x_t, steps, prompts=None, classes=None):
     """A direct call of the denoiser with the conditioning a capture should use, built independently."""
     model, n = target.denoiser, x_t.shape[0]
-    if target.kind == "sd":
+    if target.kind == "text_unet":
         emb = target.pipeline.encode_prompt(prompts or [""] * n, "cpu", 1, False)[0]
         return lambda: model(x_t, steps, encoder_hidden_states=emb)
     if target.kind == "dit":

@@ -24,7 +24,7 @@ def _plain_forward(target, batch: int):
     sample = torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(0))
     t = torch.full((batch,), 300, dtype=torch.long)
     model = target.denoiser
-    if target.kind == "sd":
+    if target.kind == "text_unet":
         emb = target.pipeline.encode_prompt([""] * batch, "cpu", 1, False)[0]
         return lambda: model(sample, t, encoder_hidden_states=emb)
     if target.kind == "dit":

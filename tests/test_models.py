@@ -27,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` arg
 # ---- each kind from its saved directory ----------------------------------------------------------------
 def test_load_sd_pipeline_dir(sd_dir):
     target = load_target(sd_dir)
-    assert target.kind == "sd"
+    assert target.kind == "text_unet"
     assert type(target.denoiser).__name__ == "UNet2DConditionModel"
     assert target.resolution == 32 and target.vae_scale_factor == 4
     assert target.sample_shape() == (4, 8, 8)
@@ -142,7 +142,7 @@ def hf_cache(tmp_path_factory, sd_dir, dit_dir, unet2d_dir):
 
 def test_load_hub_pipeline_from_cache(hf_cache):
     target = load_target("tiny-org/tiny-sd", cache_dir=str(hf_cache), local_files_only=True)
-    assert target.kind == "sd"
+    assert target.kind == "text_unet"
     assert target.source == "tiny-org/tiny-sd"
     assert target.sample_shape() == (4, 8, 8)
     assert state_dicts_equal(target.denoiser, tiny_sd_pipeline(0).unet)
@@ -339,3 +339,19 @@ def test_random_init_reinitialises_parameters_without_reset_parameters():
     control = load_target(_WithBareParameter(), random_init=True, seed=0)
     offset = control.denoiser.offset.detach()
     assert not torch.all(offset == 5.0) and offset.abs().max() < 0.2
+
+
+def test_target_kinds_have_one_meaning_and_old_records_read_under_the_new_names(sd_dir, tmp_path):
+    import json
+
+    from diffdissect.models.identity import comparable
+    from diffdissect.store.manifest import MANIFEST, Manifest
+
+    target = load_target(sd_dir)
+    assert target.kind == "text_unet"                      # a conditional UNet with a text encoder, not "SD"
+    identity = target.identity()
+    assert identity["kind"] == "text_unet" and comparable(identity)["kind"] == "sd"   # spec hashes stay as before
+    old = Manifest(mode="images", spec={}, spec_hash="x", model={**identity, "kind": "sd"}, timesteps=[], layers={},
+                   dtype="float16")
+    (tmp_path / MANIFEST).write_text(json.dumps(old.to_json()))
+    assert Manifest.load(tmp_path).model["kind"] == "text_unet"

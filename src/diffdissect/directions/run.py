@@ -263,7 +263,7 @@ def _sample(target: Target, config: DirectionsConfig, out: Path, progress: bool)
     sampled = manifest.rows - committed_before
     steps = len(manifest.timesteps)
     # the first pipeline call samples one prompt to learn the schedule and shapes (stored nowhere)
-    halves = target.kind == "sd" or (target.family is not None and target.family.cfg_halves())
+    halves = target.kind == "text_unet" or (target.family is not None and target.family.cfg_halves())
     guided = 2 if config.guidance_scale > 1 and halves else 1
     probe = (steps + manifest.notes.get("dropped_duplicate_calls", 0)) * guided
     # accumulated over resumed runs, so the figure covers every trajectory in the store

@@ -91,9 +91,24 @@ def content_digest(components: list[tuple[str, nn.Module | None]], tokenizers: l
     return h.hexdigest()
 
 
+# Target kinds renamed for one meaning each (old -> new): "sd" meant any conditional UNet with a text encoder.
+KIND_RENAMES = {"sd": "text_unet"}
+_KIND_AS_HASHED = {new: old for old, new in KIND_RENAMES.items()}
+
+
+def current_kind(identity: dict[str, Any]) -> dict[str, Any]:
+    """A recorded identity with its kind under today's name (old manifests and run records say "sd")."""
+    kind = identity.get("kind")
+    return {**identity, "kind": KIND_RENAMES[kind]} if kind in KIND_RENAMES else identity
+
+
 def comparable(identity: dict[str, Any]) -> dict[str, Any]:
-    """The parts of an identity that must agree (not where the model lives)."""
-    return {k: v for k, v in identity.items() if k not in WHERE_KEYS}
+    """The parts of an identity that must agree (not where the model lives). The kind is compared under its
+    name from before the renames, so stores and runs recorded before them keep their spec hashes and resume."""
+    out = {k: v for k, v in identity.items() if k not in WHERE_KEYS}
+    if out.get("kind") in _KIND_AS_HASHED:
+        out["kind"] = _KIND_AS_HASHED[out["kind"]]
+    return out
 
 
 # identity keys that do not change when the same weights are loaded in another dtype

@@ -233,7 +233,7 @@ def from_pipeline(pipe: Any, source: str) -> Target:
     if components.get("unet") is not None:
         unet = components["unet"]
         _refuse_added_conditioning(unet, f"{source}: {type(pipe).__name__}")
-        kind = "sd" if components.get("text_encoder") is not None else "unet2d_condition"
+        kind = "text_unet" if components.get("text_encoder") is not None else "unet2d_condition"
         if type(unet).__name__ == "UNet2DModel":
             kind = "unet2d"
         return Target(denoiser=unet, scheduler=pipe.scheduler, kind=kind, source=source,

@@ -11,7 +11,7 @@ from torch import nn
 from diffdissect.errors import SpecError
 from diffdissect.models.identity import config_digest, content_digest, file_stats, scheduler_identity
 
-TargetKind = Literal["sd", "dit", "unet2d", "unet2d_condition", "transformer2d", "module",
+TargetKind = Literal["text_unet", "dit", "unet2d", "unet2d_condition", "transformer2d", "module",
                      "sdxl", "sd3", "flux", "pixart", "sana"]
 
 
@@ -68,7 +68,7 @@ class Target:
 
     @property
     def takes_text(self) -> bool:
-        return self.kind in ("sd", "unet2d_condition") or self.family is not None
+        return self.kind in ("text_unet", "unet2d_condition") or self.family is not None
 
     @property
     def takes_class(self) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from diffdissect.errors import StoreError
+from diffdissect.models.identity import current_kind
 
 FORMAT = "diffdissect-store"
 FORMAT_VERSION = 2          # 2: full-content model identity, image-content input identity, path-free spec
@@ -111,6 +112,8 @@ class Manifest:
                              "corrupt or from another tool.")
         try:
             data["shards"] = [ShardRecord(**s) for s in data.get("shards", [])]
+            if isinstance(data.get("model"), dict):
+                data["model"] = current_kind(data["model"])
             manifest = cls(**data)
         except TypeError as exc:
             raise StoreError(f"manifest.json is malformed ({exc}); the store is corrupt.") from None
