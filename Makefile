@@ -36,6 +36,7 @@ test: $(VENV)/.installed-test
 # ruff (config in pyproject.toml; line length 120) and mypy over src/ (lenient config in pyproject.toml).
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check src tests
+	$(BIN)/python -m ruff format --check src tests
 	$(BIN)/python -m mypy src
 
 clean:

@@ -13,6 +13,7 @@ load as ``--model _store_helpers:<factory>`` (the tests put this folder on PYTHO
 
 Every factory builds its weights under a fixed seed, so every process gets bit-identical models.
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,7 +51,7 @@ class SlowDenoiser(TinyDenoiser):
         self.calls += 1
         hang_after = int(os.environ.get(HANG_ENV) or 0)
         if hang_after and self.calls > hang_after:
-            while True:            # wait here to be killed
+            while True:  # wait here to be killed
                 time.sleep(0.05)
         time.sleep(float(os.environ.get(SLEEP_ENV) or 0))
         return super().forward(sample, timestep)
@@ -125,8 +126,15 @@ def flat_colour(i: int) -> tuple[int, int, int]:
     return (8 * i, 120 - 3 * i, (37 * i) % 120)
 
 
-def write_images(folder: Path, n: int, *, size: int = 12, corrupt: tuple[int, ...] = (),
-                 bright: tuple[int, ...] = (), csv_name: str | None = "labels.csv") -> Path:
+def write_images(
+    folder: Path,
+    n: int,
+    *,
+    size: int = 12,
+    corrupt: tuple[int, ...] = (),
+    bright: tuple[int, ...] = (),
+    csv_name: str | None = "labels.csv",
+) -> Path:
     """PNGs img_0000.png ... of flat colours (`flat_colour`), some corrupt (garbage bytes), some white;
     and a CSV (file, label, caption) naming every file."""
     folder = Path(folder)
@@ -157,8 +165,11 @@ def write_labels_csv(path: Path, rows: list[dict]) -> None:
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under `directory` (relative path -> bytes), except the writer's lock file (not data)."""
     directory = Path(directory)
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.name != LOCK_NAME}
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != LOCK_NAME
+    }
 
 
 def file_stats(directory: Path) -> dict[str, tuple[int, int, int]]:
@@ -183,8 +194,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.pop(SLEEP_ENV, None)
     env.pop(HANG_ENV, None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               PYTHONDONTWRITEBYTECODE="1")
+    env.update(
+        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1"
+    )
     env.update(extra)
     return env
 
@@ -202,6 +214,7 @@ def one_thread():
             yield
         finally:
             torch.set_num_threads(before)
+
     return ctx()
 
 
@@ -210,8 +223,11 @@ def tensors_of(directory: Path) -> dict[tuple[str, int], np.ndarray]:
     from diffdissect.store import open_store
 
     reader = open_store(directory)
-    return {(layer, t): reader.load(layer, t, format="torch").float().numpy()
-            for layer in reader.layers for t in reader.timesteps}
+    return {
+        (layer, t): reader.load(layer, t, format="torch").float().numpy()
+        for layer in reader.layers
+        for t in reader.timesteps
+    }
 
 
 def assert_same_store(got: Path, want: Path) -> None:
@@ -229,7 +245,7 @@ def assert_same_store(got: Path, want: Path) -> None:
     for key in t_want:
         np.testing.assert_array_equal(t_got[key], t_want[key], err_msg=str(key))
     assert (got / "index.csv").read_text() == (want / "index.csv").read_text()
-    assert snapshot(got) == snapshot(want)                     # and no leftover or extra file anywhere
+    assert snapshot(got) == snapshot(want)  # and no leftover or extra file anywhere
     report = verify_store(got)
     assert report.ok and not report.warnings, report
 
@@ -238,9 +254,32 @@ def assert_same_store(got: Path, want: Path) -> None:
 def capture_args(images: Path, out: Path, *extra: str, model: str = TINY_FACTORY) -> list[str]:
     """`diffdissect capture` arguments (without the program name) for a small capture of `images`
     (+ its labels.csv): 2 layers x 2 timesteps x 2 seeds, 2 images per shard. `extra` may override options."""
-    return ["capture", "--model", model, "--images", str(images), "--labels-csv", str(Path(images) / "labels.csv"),
-            "--layers", "blocks.0", "mid", "--timesteps", "10", "600", "--seeds", "0", "1",
-            "--shard-size", "2", "--batch-size", "2", "--quiet", "--out", str(out), *extra]
+    return [
+        "capture",
+        "--model",
+        model,
+        "--images",
+        str(images),
+        "--labels-csv",
+        str(Path(images) / "labels.csv"),
+        "--layers",
+        "blocks.0",
+        "mid",
+        "--timesteps",
+        "10",
+        "600",
+        "--seeds",
+        "0",
+        "1",
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "2",
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def run_cli(images: Path, out: Path, *extra: str, model: str = TINY_FACTORY) -> int:

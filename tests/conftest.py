@@ -12,6 +12,7 @@ Models (see `diffdissect.models.tiny`):
   unet2d_cond_dir bare UNet2DConditionModel, 4x8x8 inputs, cross_attention_dim 16
   TINY_FACTORY    "diffdissect.models.tiny:tiny_denoiser": a plain nn.Module, 3x16x16
 """
+
 from __future__ import annotations
 
 import os
@@ -41,10 +42,9 @@ TINY_FACTORY = "diffdissect.models.tiny:tiny_denoiser"
 # The image folder fixture: sizes differ from every model's resolution (16 and 32 px), so that every
 # capture exercises resize + centre crop; labels are DiT class names (cat = 3, dog = 5) and captions use
 # words the tiny CLIP tokenizer knows, each one different.
-IMAGE_SIZES = [(40, 36), (24, 50), (64, 64), (33, 20), (50, 40), (20, 20)]   # (width, height)
+IMAGE_SIZES = [(40, 36), (24, 50), (64, 64), (33, 20), (50, 40), (20, 20)]  # (width, height)
 IMAGE_LABELS = ["cat", "dog", "cat", "dog", "cat", "dog"]
-IMAGE_CAPTIONS = ["a red cat", "a blue dog", "a green cat", "the photo of a dog", "a red square",
-                  "a blue circle"]
+IMAGE_CAPTIONS = ["a red cat", "a blue dog", "a green cat", "the photo of a dog", "a red square", "a blue circle"]
 
 
 @pytest.fixture(autouse=True)
@@ -114,8 +114,14 @@ def random_image(width: int, height: int, rng: np.random.Generator) -> Image.Ima
     return Image.fromarray(pixels)
 
 
-def make_image_folder(folder: Path, sizes=IMAGE_SIZES, labels=IMAGE_LABELS, captions=IMAGE_CAPTIONS,
-                      seed: int = 0, csv_name: str = "labels.csv") -> Path:
+def make_image_folder(
+    folder: Path,
+    sizes=IMAGE_SIZES,
+    labels=IMAGE_LABELS,
+    captions=IMAGE_CAPTIONS,
+    seed: int = 0,
+    csv_name: str = "labels.csv",
+) -> Path:
     """Write PNGs img000.png, img001.png, ... of the given (width, height) sizes and a CSV
     (file, label, caption) named `csv_name` into `folder`. Returns the folder."""
     folder = Path(folder)
@@ -178,8 +184,9 @@ def encode_pixels(target, pixels: torch.Tensor) -> torch.Tensor:
         return target.vae.encode(pixels).latent_dist.mode() * target.vae.config.scaling_factor
 
 
-def noised_inputs(target, images, ids: list[str], seed: int, t: int,
-                  batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def noised_inputs(
+    target, images, ids: list[str], seed: int, t: int, batch_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The denoiser input a capture feeds for `images` at training timestep t and noise seed `seed`,
     rebuilt from the parts: resize/crop -> VAE encode (per batch of `batch_size`, then concatenated, as
     capture does: the memory layout of x0 changes float rounding in the last bit) -> noise_for ->
@@ -189,11 +196,11 @@ def noised_inputs(target, images, ids: list[str], seed: int, t: int,
 
     pixels = torch.stack([to_model_pixels(image, target.resolution) for image in images])
     step = batch_size or len(images)
-    x0 = torch.cat([encode_pixels(target, pixels[b:b + step]) for b in range(0, len(images), step)])
+    x0 = torch.cat([encode_pixels(target, pixels[b : b + step]) for b in range(0, len(images), step)])
     noise = noise_for(ids, seed, tuple(x0.shape[1:]))
     steps = torch.full((len(ids),), t, dtype=torch.long)
     alpha_bar = float(target.scheduler.alphas_cumprod[t])
-    return alpha_bar ** 0.5 * x0 + (1.0 - alpha_bar) ** 0.5 * noise, steps
+    return alpha_bar**0.5 * x0 + (1.0 - alpha_bar) ** 0.5 * noise, steps
 
 
 def hook_outputs(model: torch.nn.Module, paths: list[str], call) -> dict[str, object]:
@@ -203,8 +210,9 @@ def hook_outputs(model: torch.nn.Module, paths: list[str], call) -> dict[str, ob
     outputs: dict[str, object] = {}
 
     def keeper(path: str):
-        def hook(module, args, out) -> None:   # returns None: a hook's return value would replace the output
+        def hook(module, args, out) -> None:  # returns None: a hook's return value would replace the output
             outputs.setdefault(path, out)
+
         return hook
 
     handles = [modules[p].register_forward_hook(keeper(p)) for p in paths]

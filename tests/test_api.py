@@ -1,4 +1,5 @@
 """The package face: the names a user imports from `diffdissect`, and the ground floor's helpers."""
+
 from __future__ import annotations
 
 import importlib
@@ -17,7 +18,7 @@ def test_capture_images_is_exported_beside_capture_trajectories():
     from diffdissect.capture.engine import capture
 
     assert capture_images is capture and callable(capture_trajectories)
-    assert isinstance(diffdissect.capture, types.ModuleType)         # the subpackage is not hidden
+    assert isinstance(diffdissect.capture, types.ModuleType)  # the subpackage is not hidden
 
 
 def test_version_comes_from_the_package_metadata():
@@ -39,10 +40,13 @@ def test_configs_have_one_word_and_the_old_names_still_import_with_a_warning():
     from diffdissect.directions import BiasConfig
     from diffdissect.probe import SplitConfig
 
-    for module, old, new in [(diffdissect, "CaptureSpec", CaptureConfig), (diffdissect, "TrajectorySpec", TrajectoryConfig),
-                             (diffdissect.capture, "CaptureSpec", CaptureConfig),
-                             (importlib.import_module("diffdissect.probe"), "SplitSpec", SplitConfig),
-                             (importlib.import_module("diffdissect.directions"), "BiasSpec", BiasConfig)]:
+    for module, old, new in [
+        (diffdissect, "CaptureSpec", CaptureConfig),
+        (diffdissect, "TrajectorySpec", TrajectoryConfig),
+        (diffdissect.capture, "CaptureSpec", CaptureConfig),
+        (importlib.import_module("diffdissect.probe"), "SplitSpec", SplitConfig),
+        (importlib.import_module("diffdissect.directions"), "BiasSpec", BiasConfig),
+    ]:
         with pytest.warns(DeprecationWarning, match=f"{old} is deprecated; use {new.__name__}"):
             assert getattr(module, old) is new
     with pytest.raises(AttributeError):

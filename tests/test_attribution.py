@@ -1,6 +1,7 @@
 """Held-out latent attribution (issue 18): selection on one half, a null for the max, per-location AUROC and
 localisation against object masks, caption-word enrichment with BH q-values; checked against scikit-learn and
 exact combinatorics."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ from diffdissect.stats import benjamini_hochberg
 
 def test_auroc_per_image_and_per_location_match_scikit_learn():
     rng = np.random.default_rng(0)
-    values = np.where(rng.random((40, 6)) < 0.5, 0.0, rng.random((40, 6)))          # sparse, with ties at 0
+    values = np.where(rng.random((40, 6)) < 0.5, 0.0, rng.random((40, 6)))  # sparse, with ties at 0
     labels = rng.choice(["red", "blue", "green"], 40)
     table = auroc_per_value(values, labels)
     for v in ("red", "blue"):
@@ -33,7 +34,7 @@ def test_auroc_per_image_and_per_location_match_scikit_learn():
     maps = np.where(rng.random((40, 6, 3, 3)) < 0.6, 0.0, rng.random((40, 6, 3, 3)))
     cells = rng.random((40, 3, 3)) < 0.3
     per_location = auroc_per_value(maps, labels, cells)
-    truth = (cells & (labels == "red")[:, None, None]).ravel()            # inside a red image's object
+    truth = (cells & (labels == "red")[:, None, None]).ravel()  # inside a red image's object
     for j in range(6):
         assert per_location["red"][j] == pytest.approx(roc_auc_score(truth, maps[:, j].ravel()))
 
@@ -46,7 +47,7 @@ def test_best_latent_is_chosen_on_one_half_and_the_max_gets_a_null():
     n, n_latents = 80, 300
     labels = rng.choice(["a", "b"], n)
     values = rng.random((n, n_latents))
-    values[:, 7] = (labels == "a") + 0.3 * rng.random(n)                   # the one real feature of "a"
+    values[:, 7] = (labels == "a") + 0.3 * rng.random(n)  # the one real feature of "a"
     halves = split_halves(n, seed=0)
     assert halves.sum() == n // 2 and np.array_equal(halves, split_halves(n, seed=0))
     out = best_latents(values, labels, halves, permutations=200, seed=0)
@@ -56,7 +57,7 @@ def test_best_latent_is_chosen_on_one_half_and_the_max_gets_a_null():
     noise = rng.random((n, n_latents))
     out = best_latents(noise, labels, halves, permutations=200, seed=0)
     old = out["a"]["max_over_latents"]
-    assert old["auroc"] > 0.65                                            # what the old table would have reported
+    assert old["auroc"] > 0.65  # what the old table would have reported
     assert old["null_q95"] > old["auroc"] - 0.05 and old["p_value"] > 0.05
     assert abs(out["a"]["auroc"] - 0.5) < 0.2 and out["a"]["auroc"] < old["auroc"]
     assert coverage({"f": out}, 0.65)["heldout"] <= coverage({"f": out}, 0.65)["max_over_latents"]
@@ -69,13 +70,13 @@ def test_per_location_scores_and_localisation_see_where_the_object_is():
     colours = rng.choice(["red", "blue"], n)
     for i in range(n):
         y, x = rng.integers(0, 3, 2) * 4
-        masks[i, y:y + 8, x:x + 8] = 1.0                                  # a 2x2-cell object
+        masks[i, y : y + 8, x : x + 8] = 1.0  # a 2x2-cell object
     cells = grid_masks(masks, grid)
     assert cells.shape == (n, 4, 4) and (cells.sum((1, 2)) == 4).all()
     maps = np.zeros((n, 5, 4, 4), np.float32)
-    maps[:, 0] = cells * (colours == "red")[:, None, None]                # fires on red objects, exactly there
-    maps[:, 1] = cells                                                    # fires on every object
-    maps[:, 2] = rng.random((n, 4, 4)) * (rng.random((n, 4, 4)) < 0.2)    # fires anywhere
+    maps[:, 0] = cells * (colours == "red")[:, None, None]  # fires on red objects, exactly there
+    maps[:, 1] = cells  # fires on every object
+    maps[:, 2] = rng.random((n, 4, 4)) * (rng.random((n, 4, 4)) < 0.2)  # fires anywhere
     halves = split_halves(n, 3)
     out = best_latents(maps, colours, halves, cells=cells, permutations=50)
     assert out["red"]["latent"] == 0 and out["red"]["auroc"] == pytest.approx(1.0)
@@ -83,7 +84,7 @@ def test_per_location_scores_and_localisation_see_where_the_object_is():
     assert places["iou"][0] == pytest.approx(1.0) and places["iou"][1] == pytest.approx(1.0)
     assert places["iou"][2] < 0.5 and places["inside_share"][0] == pytest.approx(1.0)
     tiny = np.zeros((1, 16, 16), np.float32)
-    tiny[0, 3:5, 3:6] = 1.0                                              # under half of any cell: keeps its best cell
+    tiny[0, 3:5, 3:6] = 1.0  # under half of any cell: keeps its best cell
     assert grid_masks(tiny, grid).sum() == 1 and grid_masks(tiny, grid)[0, 0, 1]
     with pytest.raises(ValueError, match="do not tile"):
         grid_masks(np.zeros((1, 10, 10)), grid)
@@ -91,8 +92,13 @@ def test_per_location_scores_and_localisation_see_where_the_object_is():
 
 def _hypergeom_sf_exact(k: int, population: int, successes: int, draws: int) -> float:
     total = math.comb(population, draws)
-    return sum(math.comb(successes, i) * math.comb(population - successes, draws - i)
-               for i in range(k, min(successes, draws) + 1)) / total
+    return (
+        sum(
+            math.comb(successes, i) * math.comb(population - successes, draws - i)
+            for i in range(k, min(successes, draws) + 1)
+        )
+        / total
+    )
 
 
 def test_caption_words_enriched_in_top_images_with_exact_p_and_bh_q():
@@ -100,10 +106,10 @@ def test_caption_words_enriched_in_top_images_with_exact_p_and_bh_q():
     colours = rng.choice(["red", "blue", "green", "yellow"], 60)
     shapes = rng.choice(["square", "circle"], 60)
     captions = [f"a {c} {s}" if rng.random() < 0.8 else f"a {s}" for c, s in zip(colours, shapes)]
-    captions[5] = None                                                    # a failed caption is left out
+    captions[5] = None  # a failed caption is left out
     values = np.zeros((60, 3))
-    values[:, 0] = (colours == "red") * rng.uniform(1, 2, 60)             # a red latent
-    values[:, 1] = rng.random(60)                                         # noise
+    values[:, 0] = (colours == "red") * rng.uniform(1, 2, 60)  # a red latent
+    values[:, 1] = rng.random(60)  # noise
     out = word_enrichment(values, captions, top_n=10, fdr=0.05)
     red = out["latents"][0]
     assert red and red[0]["word"] == "red" and red[0]["q"] < 0.01
@@ -111,8 +117,8 @@ def test_caption_words_enriched_in_top_images_with_exact_p_and_bh_q():
     n_red = sum("red" in c for c in kept)
     assert red[0]["in_all"] == n_red and out["images"] == 59
     assert red[0]["p"] == pytest.approx(_hypergeom_sf_exact(red[0]["in_top"], 59, n_red, red[0]["top"]), rel=1e-9)
-    assert all(w["word"] not in ("a",) for ws in out["latents"] for w in ws)        # stop words left out
-    assert out["latents"][2] == []                                        # never fires: no label
+    assert all(w["word"] not in ("a",) for ws in out["latents"] for w in ws)  # stop words left out
+    assert out["latents"][2] == []  # never fires: no label
     best = {"colour": {"red": {"latent": 0}, "blue": {"latent": 1}}}
     named = labels_named(best, out["latents"])
     assert named["values"]["colour=red"]["top_word_names_it"] and named["top_word_names_it"] >= 1
@@ -139,13 +145,19 @@ def test_features_report_heldout_choice_null_places_and_words(tmp_path, capsys):
     maps = 0.05 * rng.normal(size=(n, 6, 4, 4)).astype(np.float32)
     for i in range(n):
         y, x = rng.integers(0, 3, 2)
-        masks[i, 2 * y:2 * y + 4, 2 * x:2 * x + 4] = 1.0
-        maps[i, colour[i], y:y + 2, x:x + 2] += 2.0
-        maps[i, 5, y:y + 2, x:x + 2] += 1.0
+        masks[i, 2 * y : 2 * y + 4, 2 * x : 2 * x + 4] = 1.0
+        maps[i, colour[i], y : y + 2, x : x + 2] += 2.0
+        maps[i, 5, y : y + 2, x : x + 2] += 1.0
     rows = [{"input_id": f"im{i}", "colour": names[c], "caption": f"a {names[c]} blob"} for i, c in enumerate(colour)]
     write_array_store(tmp_path / "store", {("maps", 10): maps}, rows)
-    train_sae(tmp_path / "store", TrainConfig(layer="maps", t=10, tokens=True, k=2, n_latents=12, batch_size=256,
-                                              steps=150, heldout_fraction=0.4), tmp_path / "sae", progress=False)
+    train_sae(
+        tmp_path / "store",
+        TrainConfig(
+            layer="maps", t=10, tokens=True, k=2, n_latents=12, batch_size=256, steps=150, heldout_fraction=0.4
+        ),
+        tmp_path / "sae",
+        progress=False,
+    )
     results, acts, held = analyse_features(tmp_path / "sae", masks=masks)
     heldout = results["heldout"]["best_latent_per_value"]["colour"]
     assert set(heldout) == set(names) and results["heldout"]["values_total"] == 3
@@ -153,7 +165,7 @@ def test_features_report_heldout_choice_null_places_and_words(tmp_path, capsys):
         assert {"latent", "auroc", "p_value", "max_over_latents"} <= set(heldout[value])
     per_location = results["per_location"]
     assert per_location["grid"] == [4, 4] and per_location["values_total"] == 3
-    assert per_location["heldout"] >= 2                                   # colours sit on the object: found there
+    assert per_location["heldout"] >= 2  # colours sit on the object: found there
     red = per_location["best_latent_per_value"]["colour"]["red"]["latent"]
     assert results["latents"][red]["iou"] > 0.5
     labels = results["caption_labels"]
@@ -161,8 +173,26 @@ def test_features_report_heldout_choice_null_places_and_words(tmp_path, capsys):
     assert "selection" in results["attribution"] and results["words"]["tests"] > 0
     from diffdissect.cli import main
 
-    assert main(["sae", "features", str(tmp_path / "sae"), "--top", "8", "--out", str(tmp_path / "feats"),
-                 "--permutations", "20", "--split-seed", "3", "--word-top-n", "10"]) == 0
+    assert (
+        main(
+            [
+                "sae",
+                "features",
+                str(tmp_path / "sae"),
+                "--top",
+                "8",
+                "--out",
+                str(tmp_path / "feats"),
+                "--permutations",
+                "20",
+                "--split-seed",
+                "3",
+                "--word-top-n",
+                "10",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     import json
 
@@ -178,8 +208,15 @@ def test_per_location_scoring_is_skipped_with_a_note_beyond_the_memory_bound():
 
     rng = np.random.default_rng(0)
     acts = features.ImageActivations(np.arange(8), rng.random((8, 3)), np.zeros((3, 2), int), None, None, (2, 2))
-    out = features._attribution(acts, {"c": np.array(["a", "b"] * 4, dtype=object)}, [{}] * 8, list(range(8)),
-                                np.ones((8, 4, 4)), features.AttributionConfig(permutations=10), [])
+    out = features._attribution(
+        acts,
+        {"c": np.array(["a", "b"] * 4, dtype=object)},
+        [{}] * 8,
+        list(range(8)),
+        np.ones((8, 4, 4)),
+        features.AttributionConfig(permutations=10),
+        [],
+    )
     assert "max_map_values" in out["per_location"]["skipped"] and out["heldout"]["values_total"] == 2
 
 
@@ -196,8 +233,12 @@ def test_a_captioner_labels_latents_of_a_store_without_captions(tmp_path, capsys
     x = rng.normal(0, 0.1, (n, 6)).astype(np.float32)
     x[np.arange(n), colour] += 3.0
     write_array_store(tmp_path / "store", {("pooled", 10): x}, [{"input_id": f"im{i}"} for i in range(n)])
-    train_sae(tmp_path / "store", TrainConfig(layer="pooled", t=10, k=1, n_latents=4, batch_size=100, steps=100,
-                                              heldout_fraction=0.5), tmp_path / "sae", progress=False)
+    train_sae(
+        tmp_path / "store",
+        TrainConfig(layer="pooled", t=10, k=1, n_latents=4, batch_size=100, steps=100, heldout_fraction=0.5),
+        tmp_path / "sae",
+        progress=False,
+    )
     asked = []
 
     def captioner(indices):

@@ -5,6 +5,7 @@ Unknown model path or format; unknown layer; t out of range; empty image folder;
 documented decision: skipped with a warning and counted; only corrupt images is an error); resuming with a
 different spec; NaN/inf in activations; float16 overflow; running out of disk; --out in the way.
 """
+
 from __future__ import annotations
 
 import errno
@@ -91,8 +92,9 @@ def _config_with_unknown_class(tmp: Path) -> str:
 
 def _broken_pipeline(tmp: Path) -> str:
     (tmp / "p").mkdir()
-    (tmp / "p" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
-                                                            "unet": ["diffusers", "UNet2DConditionModel"]}))
+    (tmp / "p" / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]})
+    )
     return str(tmp / "p")
 
 
@@ -110,23 +112,29 @@ BAD_MODELS = {
 
 @pytest.mark.parametrize("case", BAD_MODELS)
 def test_bad_model_is_a_clear_error(images, tmp_path, monkeypatch, capsys, case):
-    monkeypatch.chdir(tmp_path)                       # a hub id must not resolve to a local folder
+    monkeypatch.chdir(tmp_path)  # a hub id must not resolve to a local folder
     make, expected = BAD_MODELS[case]
     model = make(tmp_path)
     out = tmp_path / "out"
     err = cli_error(capsys, capture_args(images, out, model=model))
     assert expected in err
-    assert not out.exists()                            # nothing was created
+    assert not out.exists()  # nothing was created
     err = cli_error(capsys, ["layers", "--model", model])
     assert expected in err
     from diffdissect import load_target
+
     with pytest.raises(ModelLoadError, match="."):
         load_target(model)
 
 
-@pytest.mark.parametrize("factory,expected", [("_store_helpers:not_a_model", "returned a str, not an nn.Module"),
-                                               ("_store_helpers:write_images", "failed when called with no arguments"),
-                                               ("_store_helpers:no_such_factory", "cannot import")])
+@pytest.mark.parametrize(
+    "factory,expected",
+    [
+        ("_store_helpers:not_a_model", "returned a str, not an nn.Module"),
+        ("_store_helpers:write_images", "failed when called with no arguments"),
+        ("_store_helpers:no_such_factory", "cannot import"),
+    ],
+)
 def test_bad_factory_is_a_clear_error(images, tmp_path, capsys, factory, expected):
     err = cli_error(capsys, capture_args(images, tmp_path / "out", model=factory))
     assert expected in err and factory.split(":")[1] in err
@@ -143,6 +151,7 @@ def test_unknown_layer_lists_the_closest_valid_names(images, tmp_path, capsys):
     with pytest.raises(LayerNotFoundError, match="'midd'.*Closest valid names: mid"):
         from diffdissect import CaptureConfig, FolderSource, load_target
         from diffdissect.capture import capture
+
         capture(load_target(TINY_FACTORY), FolderSource(images), CaptureConfig(layers=["midd"]), out, progress=False)
 
 
@@ -161,8 +170,13 @@ def test_timestep_out_of_range_api(images, tmp_path):
 
     for t in (-1, 1000):
         with pytest.raises(SpecError, match=rf"t={t} is out of range"):
-            capture(load_target(TINY_FACTORY), FolderSource(images), CaptureConfig(layers=["mid"], timesteps=[t]),
-                    tmp_path / "out", progress=False)
+            capture(
+                load_target(TINY_FACTORY),
+                FolderSource(images),
+                CaptureConfig(layers=["mid"], timesteps=[t]),
+                tmp_path / "out",
+                progress=False,
+            )
     assert not (tmp_path / "out").exists()
 
 
@@ -172,14 +186,30 @@ def test_empty_image_folder(tmp_path, capsys):
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    err = cli_error(capsys, ["capture", "--model", TINY_FACTORY, "--images", str(empty), "--layers", "mid",
-                             "--out", str(out), "--quiet"])
+    err = cli_error(
+        capsys,
+        ["capture", "--model", TINY_FACTORY, "--images", str(empty), "--layers", "mid", "--out", str(out), "--quiet"],
+    )
     assert f"no images found in {empty}" in err
     assert not out.exists()
-    err = cli_error(capsys, ["capture", "--model", TINY_FACTORY, "--images", str(tmp_path / "missing"),
-                             "--layers", "mid", "--out", str(out), "--quiet"])
+    err = cli_error(
+        capsys,
+        [
+            "capture",
+            "--model",
+            TINY_FACTORY,
+            "--images",
+            str(tmp_path / "missing"),
+            "--layers",
+            "mid",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert "does not exist" in err and "missing" in err
     from diffdissect import FolderSource
+
     with pytest.raises(DataError, match="no images found"):
         FolderSource(empty)
 
@@ -191,7 +221,7 @@ def _truncate_png(path: Path) -> None:
 
 def test_corrupt_images_are_skipped_with_a_warning_and_counted(tmp_path, capsys):
     folder = write_images(tmp_path / "imgs", 6, corrupt=(2,))
-    _truncate_png(folder / "img_0004.png")                            # a real PNG, cut short
+    _truncate_png(folder / "img_0004.png")  # a real PNG, cut short
     out = tmp_path / "store"
     with pytest.warns(UserWarning, match="skipping unreadable input") as caught:
         with one_thread():
@@ -220,10 +250,15 @@ def test_only_corrupt_images_is_an_error(tmp_path, capsys):
 
 
 # ---- resuming with a different spec --------------------------------------------------------------------------
-@pytest.mark.parametrize("change,field", [(("--timesteps", "10", "700"), "capture.timesteps"),
-                                          (("--layers", "mid"), "capture.layers"),
-                                          (("--seeds", "0"), "capture.seeds"),
-                                          (("--random-init", "--init-seed", "3"), "model.weights_fingerprint")])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (("--timesteps", "10", "700"), "capture.timesteps"),
+        (("--layers", "mid"), "capture.layers"),
+        (("--seeds", "0"), "capture.seeds"),
+        (("--random-init", "--init-seed", "3"), "model.weights_fingerprint"),
+    ],
+)
 def test_resume_with_a_different_spec_is_refused(images, reference, tmp_path, capsys, change, field):
     store = copy_store(reference, tmp_path / "store")
     before, stats = snapshot(store), file_stats(store)
@@ -234,14 +269,15 @@ def test_resume_with_a_different_spec_is_refused(images, reference, tmp_path, ca
 
 # ---- NaN / inf, float16 overflow ----------------------------------------------------------------------------
 def test_nan_activations_are_reported_with_layer_and_t_and_committed_shards_survive(tmp_path, capsys):
-    folder = write_images(tmp_path / "imgs", 8, bright=(6,))        # nan_denoiser: layer `bad` is NaN for it
+    folder = write_images(tmp_path / "imgs", 8, bright=(6,))  # nan_denoiser: layer `bad` is NaN for it
     out = tmp_path / "store"
-    argv = capture_args(folder, out, "--layers", "good", "bad", "--timesteps", "600", "10",
-                        model="_store_helpers:nan_denoiser")
+    argv = capture_args(
+        folder, out, "--layers", "good", "bad", "--timesteps", "600", "10", model="_store_helpers:nan_denoiser"
+    )
     err = cli_error(capsys, argv)
     assert "layer 'bad' at t=10 produced NaN/inf activations" in err and "img_0006.png" in err
     assert "'good'" not in err and "t=600" not in err
-    manifest = Manifest.load(out)                                    # images 0..5 were captured and kept
+    manifest = Manifest.load(out)  # images 0..5 were captured and kept
     assert not manifest.complete
     assert [s.name for s in manifest.shards] == [f"shard-{i:06d}.safetensors" for i in range(3)]
     assert sorted(p.name for p in (out / "shards").iterdir()) == [s.name for s in manifest.shards]
@@ -252,12 +288,12 @@ def test_nan_activations_are_reported_with_layer_and_t_and_committed_shards_surv
 
 
 def test_float16_overflow_suggests_a_wider_dtype(images, tmp_path, capsys):
-    model = "_store_helpers:huge_denoiser"                           # layer `huge` outputs 1e6
+    model = "_store_helpers:huge_denoiser"  # layer `huge` outputs 1e6
     out16 = tmp_path / "f16"
     err = cli_error(capsys, capture_args(images, out16, "--layers", "good", "huge", model=model))
     assert "layer 'huge' at t=10" in err and "1e+06" in err and "float16" in err
     assert "--dtype bfloat16 or float32" in err
-    assert Manifest.load(out16).shards == []                         # nothing half-written
+    assert Manifest.load(out16).shards == []  # nothing half-written
     out32 = tmp_path / "f32"
     assert run_cli(images, out32, "--layers", "good", "huge", "--dtype", "float32", model=model) == 0
     values = open_store(out32).load("huge", 10)
@@ -268,7 +304,7 @@ def test_a_capture_that_failed_before_its_first_shard_can_be_rerun_corrected_in_
     model = "_store_helpers:huge_denoiser"
     out = tmp_path / "acts"
     cli_error(capsys, capture_args(images, out, "--layers", "good", "huge", model=model))
-    assert Manifest.load(out).shards == []                           # the failed run held no data
+    assert Manifest.load(out).shards == []  # the failed run held no data
     assert run_cli(images, out, "--layers", "good", "huge", "--dtype", "float32", model=model) == 0
     assert Manifest.load(out).complete and open_store(out).load("huge", 10).dtype == np.float32
     # once a store holds data, a different spec is refused again
@@ -320,16 +356,17 @@ def test_out_of_disk_leaves_no_partial_shard_and_resumes(images, reference, tmp_
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(atomic, "open", open_on_a_full_disk, raising=False)
         err = cli_error(capsys, capture_args(images, out))
-    assert record["partial_bytes"] > 0                               # a partial file really was on disk
+    assert record["partial_bytes"] > 0  # a partial file really was on disk
     assert "ran out of disk space while writing shard-000003.safetensors" in err and "resume" in err
     assert not record["partial"].exists()
     assert sorted(p.name for p in (out / "shards").iterdir()) == [f"shard-{i:06d}.safetensors" for i in range(3)]
     manifest = Manifest.load(out)
-    assert not manifest.complete and [s.name for s in manifest.shards] == [f"shard-{i:06d}.safetensors"
-                                                                           for i in range(3)]
+    assert not manifest.complete and [s.name for s in manifest.shards] == [
+        f"shard-{i:06d}.safetensors" for i in range(3)
+    ]
     report = verify_store(out)
     assert report.ok and report.shards_checked == 3
-    for i in range(3):                                               # committed shards are intact
+    for i in range(3):  # committed shards are intact
         name = f"shards/shard-{i:06d}.safetensors"
         assert (out / name).read_bytes() == (reference / name).read_bytes()
     assert main(["store", "verify", str(out)]) == 0
@@ -360,8 +397,10 @@ def test_out_is_a_file(images, tmp_path, capsys):
     assert out.read_text() == "precious"
 
 
-@pytest.mark.parametrize("content,expected", [('{"name": "someone else\'s"}', "not a diffdissect store manifest"),
-                                              ('{"format": "diffdissect-st', "unreadable")])
+@pytest.mark.parametrize(
+    "content,expected",
+    [('{"name": "someone else\'s"}', "not a diffdissect store manifest"), ('{"format": "diffdissect-st', "unreadable")],
+)
 def test_out_holds_a_foreign_or_broken_manifest(images, tmp_path, capsys, content, expected):
     out = tmp_path / "other"
     out.mkdir()

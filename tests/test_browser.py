@@ -2,6 +2,7 @@
 
 The set-up installs Chromium with apt-get when it is missing (root, as on CI machines).
 """
+
 from __future__ import annotations
 
 import os
@@ -38,9 +39,17 @@ def browser():
     webdriver = pytest.importorskip("selenium.webdriver", reason="pip install -e .[test] installs selenium")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
     yield driver
@@ -60,11 +69,19 @@ def page(tmp_path_factory):
     images = np.zeros((n, 8, 8, 3), np.uint8)
     images[..., 0] = (colour * 60)[:, None, None]
     names = ["red", "green", "blue", "grey"]
-    rows = [{"input_id": f"im{i:03d}", "colour": names[c], "source_index": i, "caption": f"a {names[c]} patch"}
-            for i, c in enumerate(colour)]
+    rows = [
+        {"input_id": f"im{i:03d}", "colour": names[c], "source_index": i, "caption": f"a {names[c]} patch"}
+        for i, c in enumerate(colour)
+    ]
     write_array_store(tmp / "store", {("maps", 10): maps}, rows)
-    train_sae(tmp / "store", TrainConfig(layer="maps", t=10, tokens=True, k=2, n_latents=16, batch_size=200,
-                                         steps=150, heldout_fraction=0.3), tmp / "sae", progress=False)
+    train_sae(
+        tmp / "store",
+        TrainConfig(
+            layer="maps", t=10, tokens=True, k=2, n_latents=16, batch_size=200, steps=150, heldout_fraction=0.3
+        ),
+        tmp / "sae",
+        progress=False,
+    )
     results, acts, held = analyse_features(tmp / "sae")
     data = browser_data(results, acts, held, ArraySource(images))
     return write_browser(tmp / "browser.html", data), data
@@ -81,15 +98,15 @@ def test_browser_loads_sorts_filters_and_opens_a_detail_view(browser, page):
     listed = rows(browser)
     assert len(listed) == len(data["latents"]) > 0
     frequencies = [float(r.find_elements("tag name", "td")[1].text) for r in listed]
-    assert frequencies == sorted(frequencies, reverse=True)                 # default: most frequent first
+    assert frequencies == sorted(frequencies, reverse=True)  # default: most frequent first
 
-    browser.find_element("css selector", "th[data-key='latent']").click()   # sort by latent id
+    browser.find_element("css selector", "th[data-key='latent']").click()  # sort by latent id
     ids = [int(r.find_element("tag name", "td").text) for r in rows(browser)]
     assert ids == sorted(ids, reverse=True)
 
     minimum = browser.find_element("id", "minfreq")
     minimum.clear()
-    minimum.send_keys("2")                                                 # no latent fires on >100% of images
+    minimum.send_keys("2")  # no latent fires on >100% of images
     assert rows(browser) == []
     minimum.clear()
     minimum.send_keys("0")
@@ -100,7 +117,7 @@ def test_browser_loads_sorts_filters_and_opens_a_detail_view(browser, page):
     assert browser.find_element("id", "detail-title").text == f"latent {latent}"
     tiles = browser.find_elements("css selector", "#top-images .top-image")
     assert len(tiles) >= 1
-    assert browser.find_elements("css selector", "#top-images img.heatmap")   # per-location: where it fires
+    assert browser.find_elements("css selector", "#top-images img.heatmap")  # per-location: where it fires
     assert browser.execute_script("return document.querySelector('#top-images img.image').naturalWidth") == 64
 
 

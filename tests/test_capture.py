@@ -5,6 +5,7 @@ The reference path in these tests is written out by hand: images are resized/cro
 denoiser is called directly (kind-specific conditioning built here, SD prompts via the pipeline's own
 `encode_prompt`), and a forward hook registered by the test reads the module output.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,7 +35,7 @@ from diffdissect.data.transforms import to_model_pixels
 from diffdissect.errors import SpecError
 from diffdissect.models.noising import denoiser_target, noise_for, x0_error_weights
 
-N = 4   # images per capture (the first four of the image folder)
+N = 4  # images per capture (the first four of the image folder)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -54,8 +55,9 @@ def denoiser_call(target, x_t, steps, prompts=None, classes=None):
     return lambda: model(x_t, steps)
 
 
-def reference(target, images, ids, layers, t, seed, prompts=None, classes=None,
-              batch_size: int | None = None) -> dict[str, torch.Tensor]:
+def reference(
+    target, images, ids, layers, t, seed, prompts=None, classes=None, batch_size: int | None = None
+) -> dict[str, torch.Tensor]:
     """{layer: float32 output} from plain forward hooks, one denoiser call per batch of `batch_size`
     (the capture's batching, so that float rounding matches bit for bit)."""
     x_t, steps = noised_inputs(target, images, ids, seed, t, batch_size)
@@ -63,10 +65,11 @@ def reference(target, images, ids, layers, t, seed, prompts=None, classes=None,
     parts: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
     for b in range(0, len(images), step):
         sl = slice(b, b + step)
-        call = denoiser_call(target, x_t[sl], steps[sl], prompts[sl] if prompts else None,
-                             classes[sl] if classes else None)
+        call = denoiser_call(
+            target, x_t[sl], steps[sl], prompts[sl] if prompts else None, classes[sl] if classes else None
+        )
         for layer, value in hook_outputs(target.denoiser, layers, call).items():
-            if isinstance(value, tuple):      # down blocks: (hidden_states, residuals)
+            if isinstance(value, tuple):  # down blocks: (hidden_states, residuals)
                 value = value[0]
             assert isinstance(value, torch.Tensor) and value.abs().sum() > 0
             parts[layer].append(value.float())
@@ -102,8 +105,17 @@ CASES = {
 def test_stored_tensor_equals_plain_forward_hook(kind, tmp_path, sd_dir, dit_dir, unet2d_dir, image_folder, image_csv):
     target = load_target(model_path(kind, sd_dir, dit_dir, unet2d_dir))
     layers, timesteps, seeds = CASES[kind], [25, 600], [0, 1]
-    out = run(target, FolderSource(image_folder, image_csv), tmp_path / "store", layers=layers,
-              timesteps=timesteps, seeds=seeds, pooling="none", batch_size=N, limit=N)
+    out = run(
+        target,
+        FolderSource(image_folder, image_csv),
+        tmp_path / "store",
+        layers=layers,
+        timesteps=timesteps,
+        seeds=seeds,
+        pooling="none",
+        batch_size=N,
+        limit=N,
+    )
     ids, images = folder_images(image_folder, N)
     reader = open_store(out)
     assert reader.num_rows == N * len(seeds) and reader.layers == layers and reader.timesteps == timesteps
@@ -128,13 +140,21 @@ def test_tuple_output_stores_the_hidden_states(tmp_path, sd_dir, image_folder):
     ids, images = folder_images(image_folder, 2)
     x_t, steps = noised_inputs(target, images, ids, 0, 300)
     raw = hook_outputs(target.denoiser, ["down_blocks.0"], denoiser_call(target, x_t, steps))["down_blocks.0"]
-    assert isinstance(raw, tuple) and isinstance(raw[1], tuple)      # (hidden_states, residuals)
-    out = run(target, FolderSource(image_folder), tmp_path / "s", layers=["down_blocks.0"], timesteps=[300],
-              pooling="none", dtype="float32", limit=2)
+    assert isinstance(raw, tuple) and isinstance(raw[1], tuple)  # (hidden_states, residuals)
+    out = run(
+        target,
+        FolderSource(image_folder),
+        tmp_path / "s",
+        layers=["down_blocks.0"],
+        timesteps=[300],
+        pooling="none",
+        dtype="float32",
+        limit=2,
+    )
     got = stored(out, "down_blocks.0", 300)[:, 0]
     assert got.shape == (2, 16, 4, 4)
     assert torch.equal(got, raw[0])
-    assert not torch.equal(got, raw[1][0])     # not the first residual (same shape family, other values)
+    assert not torch.equal(got, raw[1][0])  # not the first residual (same shape family, other values)
 
 
 # ---- one forward pass per batch, early exit ------------------------------------------------------------------
@@ -153,7 +173,9 @@ def _count_fires(target, paths):
         def fire(module, args, output):
             if output_batch(output) == 2:
                 counts[path] += 1
+
         return fire
+
     handles = [modules[p].register_forward_hook(hook(p)) for p in paths]
     return counts, handles
 
@@ -168,8 +190,16 @@ def test_all_layers_in_one_forward_pass_per_batch(tmp_path, unet2d_dir, image_fo
     sizes, handle = _count_calls(target)
     fires, handles = _count_fires(target, layers)
     try:
-        out = run(target, FolderSource(image_folder), tmp_path / "s", layers=layers, timesteps=[10, 500],
-                  seeds=[0], batch_size=2, limit=4)
+        out = run(
+            target,
+            FolderSource(image_folder),
+            tmp_path / "s",
+            layers=layers,
+            timesteps=[10, 500],
+            seeds=[0],
+            batch_size=2,
+            limit=4,
+        )
     finally:
         for h in [handle, *handles]:
             h.remove()
@@ -187,8 +217,15 @@ def test_early_exit_skips_the_rest_of_the_network(layers, tmp_path, unet2d_dir, 
     later = ["mid_block", "up_blocks.0", "up_blocks.1", "conv_out"]
     fires_on, handles = _count_fires(target, later)
     try:
-        early = run(target, FolderSource(image_folder), tmp_path / "early", layers=layers, timesteps=[100],
-                    batch_size=2, limit=4)
+        early = run(
+            target,
+            FolderSource(image_folder),
+            tmp_path / "early",
+            layers=layers,
+            timesteps=[100],
+            batch_size=2,
+            limit=4,
+        )
     finally:
         for h in handles:
             h.remove()
@@ -197,8 +234,16 @@ def test_early_exit_skips_the_rest_of_the_network(layers, tmp_path, unet2d_dir, 
     # the same capture without early exit runs the whole network and stores the same bytes
     fires_off, handles = _count_fires(target, later)
     try:
-        full = run(target, FolderSource(image_folder), tmp_path / "full", layers=layers, timesteps=[100],
-                   batch_size=2, limit=4, early_exit=False)
+        full = run(
+            target,
+            FolderSource(image_folder),
+            tmp_path / "full",
+            layers=layers,
+            timesteps=[100],
+            batch_size=2,
+            limit=4,
+            early_exit=False,
+        )
     finally:
         for h in handles:
             h.remove()
@@ -212,14 +257,16 @@ def test_dit_tokens_to_grid_and_pooling(tmp_path, dit_dir, image_folder):
     target = load_target(dit_dir)
     layer, t = "transformer_blocks.1", 250
     ids, images = folder_images(image_folder, 3)
-    tokens = reference(target, images, ids, [layer], t, 0)[layer]          # (B, N=16, D=16)
+    tokens = reference(target, images, ids, [layer], t, 0)[layer]  # (B, N=16, D=16)
     assert tokens.shape == (3, 16, 16)
-    grid = tokens.transpose(1, 2).reshape(3, 16, 4, 4)                       # (B, D, h, w)
+    grid = tokens.transpose(1, 2).reshape(3, 16, 4, 4)  # (B, D, h, w)
     source = FolderSource(image_folder)
     common = dict(layers=[layer], timesteps=[t], limit=3, dtype="float32")
     cases = {
-        ("none", True): grid, ("none", False): tokens,
-        ("mean", True): grid.mean(dim=(2, 3)), ("mean", False): tokens.mean(dim=1),
+        ("none", True): grid,
+        ("none", False): tokens,
+        ("mean", True): grid.mean(dim=(2, 3)),
+        ("mean", False): tokens.mean(dim=1),
     }
     for (pooling, to_grid), expected in cases.items():
         out = run(target, source, tmp_path / f"{pooling}-{to_grid}", pooling=pooling, tokens_to_grid=to_grid, **common)
@@ -249,8 +296,17 @@ def test_stored_dtypes(dtype, tmp_path, image_folder):
     target = load_target(TINY_FACTORY)
     ids, images = folder_images(image_folder, N)
     ref = reference(target, images, ids, ["blocks.1"], 700, 3)["blocks.1"]
-    out = run(target, FolderSource(image_folder), tmp_path / "s", layers=["blocks.1"], timesteps=[700], seeds=[3],
-              pooling="none", dtype=dtype, limit=N)
+    out = run(
+        target,
+        FolderSource(image_folder),
+        tmp_path / "s",
+        layers=["blocks.1"],
+        timesteps=[700],
+        seeds=[3],
+        pooling="none",
+        dtype=dtype,
+        limit=N,
+    )
     reader = open_store(out)
     assert reader.manifest.dtype == dtype and reader.manifest.layers["blocks.1"]["dtype"] == dtype
     got = stored(out, "blocks.1", 700)[:, 0]
@@ -269,8 +325,16 @@ def test_sd_fixed_prompt_vs_empty_prompt(tmp_path, sd_dir, image_folder):
     ids, images = folder_images(image_folder, N)
     source = FolderSource(image_folder)
     empty = run(target, source, tmp_path / "empty", layers=["mid_block"], timesteps=[300], pooling="none", limit=N)
-    fixed = run(target, source, tmp_path / "fixed", layers=["mid_block"], timesteps=[300], pooling="none", limit=N,
-                prompt="a red cat")
+    fixed = run(
+        target,
+        source,
+        tmp_path / "fixed",
+        layers=["mid_block"],
+        timesteps=[300],
+        pooling="none",
+        limit=N,
+        prompt="a red cat",
+    )
     a, b = stored(empty, "mid_block", 300)[:, 0], stored(fixed, "mid_block", 300)[:, 0]
     assert all(not torch.equal(a[i], b[i]) for i in range(N))
     ref = reference(target, images, ids, ["mid_block"], 300, 0, prompts=["a red cat"] * N)["mid_block"]
@@ -283,10 +347,26 @@ def test_sd_per_image_captions(tmp_path, sd_dir, image_folder, image_csv):
     target = load_target(sd_dir)
     ids, images = folder_images(image_folder, N)
     source = FolderSource(image_folder, image_csv)
-    captions = run(target, source, tmp_path / "captions", layers=["mid_block"], timesteps=[300], pooling="none",
-                   limit=N, use_captions=True)
-    first = run(target, source, tmp_path / "first", layers=["mid_block"], timesteps=[300], pooling="none",
-                limit=N, prompt=IMAGE_CAPTIONS[0])
+    captions = run(
+        target,
+        source,
+        tmp_path / "captions",
+        layers=["mid_block"],
+        timesteps=[300],
+        pooling="none",
+        limit=N,
+        use_captions=True,
+    )
+    first = run(
+        target,
+        source,
+        tmp_path / "first",
+        layers=["mid_block"],
+        timesteps=[300],
+        pooling="none",
+        limit=N,
+        prompt=IMAGE_CAPTIONS[0],
+    )
     a, b = stored(captions, "mid_block", 300)[:, 0], stored(first, "mid_block", 300)[:, 0]
     # image 0's caption is the fixed prompt: same activations; the others have other captions
     assert torch.equal(a[0], b[0])
@@ -317,10 +397,10 @@ def test_dit_class_label_vs_null_class(tmp_path, dit_dir, image_folder, image_cs
 # ---- seeds, timesteps, determinism ------------------------------------------------------------------------------
 def test_noise_for_is_seeded_per_input():
     a = noise_for(["x", "y"], 0, (3, 4, 4))
-    assert torch.equal(a, noise_for(["x", "y"], 0, (3, 4, 4)))           # reproducible
-    assert not torch.equal(a, noise_for(["x", "y"], 1, (3, 4, 4)))       # another seed: other noise
-    assert not torch.equal(a[0], a[1])                                   # other input: other noise
-    assert torch.equal(a[1], noise_for(["y"], 0, (3, 4, 4))[0])          # independent of the batch
+    assert torch.equal(a, noise_for(["x", "y"], 0, (3, 4, 4)))  # reproducible
+    assert not torch.equal(a, noise_for(["x", "y"], 1, (3, 4, 4)))  # another seed: other noise
+    assert not torch.equal(a[0], a[1])  # other input: other noise
+    assert torch.equal(a[1], noise_for(["y"], 0, (3, 4, 4))[0])  # independent of the batch
     assert abs(float(a.std()) - 1.0) < 0.35
 
 
@@ -336,7 +416,7 @@ def test_denoiser_target_matches_diffusers(kind):
     t = torch.tensor([0, 500, 999])
     expected = {"epsilon": noise, "sample": x0, "v_prediction": scheduler.get_velocity(x0, noise, t)}[kind]
     assert torch.allclose(denoiser_target(scheduler, x0, noise, t), expected, atol=1e-6)
-    if kind == "v_prediction":      # at t=999 v is almost -x0, at t=0 almost the noise
+    if kind == "v_prediction":  # at t=999 v is almost -x0, at t=0 almost the noise
         v = denoiser_target(scheduler, x0, noise, t)
         cos = torch.nn.functional.cosine_similarity
         assert cos(v[2].flatten(), -x0[2].flatten(), dim=0) > 0.99
@@ -351,18 +431,20 @@ def test_x0_error_weights_price_an_x0_error_the_same_under_every_prediction_type
 
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
-    x0_hat = x0 + 0.3 * torch.randn(4, 4, 8, 8, generator=g)            # a denoiser's (wrong) guess of x0
+    x0_hat = x0 + 0.3 * torch.randn(4, 4, 8, 8, generator=g)  # a denoiser's (wrong) guess of x0
     t = torch.tensor([3, 300, 700, 990])
     costs = {}
     for kind in ("epsilon", "v_prediction", "sample"):
         scheduler = DDPMScheduler(**sd_scheduler_config(kind))
         a = scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        noise_hat = (x_t - a.sqrt() * x0_hat) / (1 - a).sqrt()          # the same guess in this output type
-        pred = {"epsilon": noise_hat, "sample": x0_hat, "v_prediction": a.sqrt() * noise_hat - (1 - a).sqrt() * x0_hat}[kind]
+        noise_hat = (x_t - a.sqrt() * x0_hat) / (1 - a).sqrt()  # the same guess in this output type
+        pred = {"epsilon": noise_hat, "sample": x0_hat, "v_prediction": a.sqrt() * noise_hat - (1 - a).sqrt() * x0_hat}[
+            kind
+        ]
         mse = (pred - denoiser_target(scheduler, x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
         costs[kind] = x0_error_weights(scheduler, t, x0_weight) * mse
-        if (kind, x0_weight) in (("epsilon", 0.0), ("v_prediction", 1.0)):     # the plain losses: weight 1
+        if (kind, x0_weight) in (("epsilon", 0.0), ("v_prediction", 1.0)):  # the plain losses: weight 1
             assert torch.allclose(x0_error_weights(scheduler, t, x0_weight), torch.ones(4), atol=1e-5)
     snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
     expected = (snr + x0_weight) * (x0_hat - x0).pow(2).mean(dim=(1, 2, 3))
@@ -389,15 +471,18 @@ def test_denoiser_target_refuses_an_unknown_prediction_type():
 def test_seeds_differ_and_reproduce(tmp_path, image_folder):
     target = load_target(TINY_FACTORY)
     source = FolderSource(image_folder)
-    both = run(target, source, tmp_path / "both", layers=["blocks.0"], timesteps=[500], seeds=[0, 1],
-               pooling="none", limit=N)
-    only1 = run(target, source, tmp_path / "only1", layers=["blocks.0"], timesteps=[500], seeds=[1],
-                pooling="none", limit=N)
-    again = run(target, source, tmp_path / "again", layers=["blocks.0"], timesteps=[500], seeds=[0, 1],
-                pooling="none", limit=N)
+    both = run(
+        target, source, tmp_path / "both", layers=["blocks.0"], timesteps=[500], seeds=[0, 1], pooling="none", limit=N
+    )
+    only1 = run(
+        target, source, tmp_path / "only1", layers=["blocks.0"], timesteps=[500], seeds=[1], pooling="none", limit=N
+    )
+    again = run(
+        target, source, tmp_path / "again", layers=["blocks.0"], timesteps=[500], seeds=[0, 1], pooling="none", limit=N
+    )
     x = stored(both, "blocks.0", 500, 2)
     assert all(not torch.equal(x[i, 0], x[i, 1]) for i in range(N))
-    assert torch.equal(x[:, 1], stored(only1, "blocks.0", 500)[:, 0])   # seed 1 is seed 1, whatever else runs
+    assert torch.equal(x[:, 1], stored(only1, "blocks.0", 500)[:, 0])  # seed 1 is seed 1, whatever else runs
     assert torch.equal(x, stored(again, "blocks.0", 500, 2))
 
 
@@ -409,8 +494,16 @@ def test_noise_follows_the_training_schedule_whatever_the_sampler(scheduler, tmp
 
     target = load_target(sd_dir)
     target.scheduler = getattr(diffusers, scheduler).from_config(target.scheduler.config)
-    out = run(target, FolderSource(image_folder, image_csv), tmp_path / "s", layers=["conv_in"], timesteps=[1, 900], limit=2,
-              pooling="none", dtype="float32")
+    out = run(
+        target,
+        FolderSource(image_folder, image_csv),
+        tmp_path / "s",
+        layers=["conv_in"],
+        timesteps=[1, 900],
+        limit=2,
+        pooling="none",
+        dtype="float32",
+    )
     ids, images = folder_images(image_folder, 2)
     for t in (1, 900):
         expected = reference(target, images, ids, ["conv_in"], t, 0)["conv_in"]
@@ -421,8 +514,16 @@ def test_noise_follows_the_training_schedule_whatever_the_sampler(scheduler, tmp
 
 def test_timestep_table_and_noise_level(tmp_path, unet2d_dir, image_folder):
     target = load_target(unet2d_dir)
-    out = run(target, FolderSource(image_folder), tmp_path / "s", layers=["conv_in"], timesteps=[0, 25, 999, 200],
-              limit=2, pooling="none", dtype="float32")
+    out = run(
+        target,
+        FolderSource(image_folder),
+        tmp_path / "s",
+        layers=["conv_in"],
+        timesteps=[0, 25, 999, 200],
+        limit=2,
+        pooling="none",
+        dtype="float32",
+    )
     table = open_store(out).manifest.timesteps
     alphas = target.scheduler.alphas_cumprod
     assert [e["t"] for e in table] == [0, 25, 999, 200]
@@ -431,7 +532,7 @@ def test_timestep_table_and_noise_level(tmp_path, unet2d_dir, image_folder):
         assert e["noise_std"] == pytest.approx(math.sqrt(1 - float(alphas[e["t"]])), rel=1e-6)
         assert e["signal_scale"] == pytest.approx(math.sqrt(float(alphas[e["t"]])), rel=1e-6)
     by_t = {e["t"]: e["alpha_bar"] for e in table}
-    assert by_t[0] > by_t[25] > by_t[200] > by_t[999]                     # larger t = noisier
+    assert by_t[0] > by_t[25] > by_t[200] > by_t[999]  # larger t = noisier
     # conv_in is linear in its input: the activation's distance from the clean image's grows with t
     ids, images = folder_images(image_folder, 2)
     clean = reference(target, images, ids, ["conv_in"], 0, 0)["conv_in"]
@@ -459,20 +560,44 @@ def test_same_spec_gives_byte_identical_shards(kind, tmp_path, sd_dir, dit_dir, 
 # ---- the CLI ----------------------------------------------------------------------------------------------------
 def test_cli_capture_exact_user_form(tmp_path, sd_dir, image_folder, capsys):
     out = tmp_path / "runs" / "acts"
-    code = main(["capture", "--model", str(sd_dir), "--images", str(image_folder), "--layers", "mid_block",
-                 "up_blocks.1", "--timesteps", "25", "200", "--seeds", "0", "1", "--out", str(out)])
+    code = main(
+        [
+            "capture",
+            "--model",
+            str(sd_dir),
+            "--images",
+            str(image_folder),
+            "--layers",
+            "mid_block",
+            "up_blocks.1",
+            "--timesteps",
+            "25",
+            "200",
+            "--seeds",
+            "0",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     assert "wrote 12 rows x 2 layers x 2 timesteps" in capsys.readouterr().out
     reader = open_store(out)
     assert reader.manifest.complete
     assert reader.layers == ["mid_block", "up_blocks.1"] and reader.timesteps == [25, 200]
-    assert reader.shape("mid_block") == (32,) and reader.shape("up_blocks.1") == (16,)   # pooled by default
+    assert reader.shape("mid_block") == (32,) and reader.shape("up_blocks.1") == (16,)  # pooled by default
     assert reader.manifest.dtype == "float16"
     assert reader.column("seed") == [0, 1] * 6
     assert reader.column("input_id") == [f"img{i:03d}.png" for i in range(6) for _ in range(2)]
     # the command writes exactly what the Python API writes for the same spec
-    api = run(load_target(sd_dir), FolderSource(image_folder), tmp_path / "api", layers=["mid_block", "up_blocks.1"],
-              timesteps=[25, 200], seeds=[0, 1])
+    api = run(
+        load_target(sd_dir),
+        FolderSource(image_folder),
+        tmp_path / "api",
+        layers=["mid_block", "up_blocks.1"],
+        timesteps=[25, 200],
+        seeds=[0, 1],
+    )
     assert [a.read_bytes() for a in shard_files(out)] == [b.read_bytes() for b in shard_files(api)]
     # and the values are the plain-hook reference, mean-pooled
     ids, images = folder_images(image_folder)
@@ -482,9 +607,33 @@ def test_cli_capture_exact_user_form(tmp_path, sd_dir, image_folder, capsys):
 
 def test_cli_capture_with_labels_csv_and_captions(tmp_path, sd_dir, image_folder, image_csv, capsys):
     out = tmp_path / "acts"
-    code = main(["capture", "--model", str(sd_dir), "--images", str(image_folder), "--labels-csv", str(image_csv),
-                 "--use-captions", "--layers", "down_blocks.1", "--timesteps", "50", "--pooling", "none",
-                 "--dtype", "float32", "--batch-size", "2", "--limit", "3", "--quiet", "--out", str(out)])
+    code = main(
+        [
+            "capture",
+            "--model",
+            str(sd_dir),
+            "--images",
+            str(image_folder),
+            "--labels-csv",
+            str(image_csv),
+            "--use-captions",
+            "--layers",
+            "down_blocks.1",
+            "--timesteps",
+            "50",
+            "--pooling",
+            "none",
+            "--dtype",
+            "float32",
+            "--batch-size",
+            "2",
+            "--limit",
+            "3",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     reader = open_store(out)
     assert reader.column("label") == IMAGE_LABELS[:3] and reader.column("caption") == IMAGE_CAPTIONS[:3]
@@ -494,21 +643,47 @@ def test_cli_capture_with_labels_csv_and_captions(tmp_path, sd_dir, image_folder
     ids, images = folder_images(image_folder, 3)
     got = stored(out, "down_blocks.1", 50)[:, 0]
     assert got.dtype == torch.float32 and got.shape == (3, 32, 4, 4)
-    ref = reference(load_target(sd_dir), images, ids, ["down_blocks.1"], 50, 0, prompts=IMAGE_CAPTIONS[:3],
-                    batch_size=2)["down_blocks.1"]
+    ref = reference(
+        load_target(sd_dir), images, ids, ["down_blocks.1"], 50, 0, prompts=IMAGE_CAPTIONS[:3], batch_size=2
+    )["down_blocks.1"]
     assert torch.equal(got, ref)
 
 
 def test_cli_capture_dit_class_label_and_tokens_to_grid(tmp_path, dit_dir, image_folder, capsys):
     out = tmp_path / "acts"
-    assert main(["capture", "--model", str(dit_dir), "--images", str(image_folder), "--layers",
-                 "transformer_blocks.1", "--timesteps", "100", "--class-label", "7", "--tokens-to-grid",
-                 "--pooling", "none", "--limit", "2", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "capture",
+                "--model",
+                str(dit_dir),
+                "--images",
+                str(image_folder),
+                "--layers",
+                "transformer_blocks.1",
+                "--timesteps",
+                "100",
+                "--class-label",
+                "7",
+                "--tokens-to-grid",
+                "--pooling",
+                "none",
+                "--limit",
+                "2",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ids, images = folder_images(image_folder, 2)
-    tokens = reference(load_target(dit_dir), images, ids, ["transformer_blocks.1"], 100, 0,
-                       classes=[7, 7])["transformer_blocks.1"]
-    assert torch.equal(stored(out, "transformer_blocks.1", 100)[:, 0],
-                       tokens.transpose(1, 2).reshape(2, 16, 4, 4).half())
+    tokens = reference(load_target(dit_dir), images, ids, ["transformer_blocks.1"], 100, 0, classes=[7, 7])[
+        "transformer_blocks.1"
+    ]
+    assert torch.equal(
+        stored(out, "transformer_blocks.1", 100)[:, 0], tokens.transpose(1, 2).reshape(2, 16, 4, 4).half()
+    )
 
 
 # ---- other inputs: Hugging Face datasets, arrays -------------------------------------------------------------------
@@ -521,17 +696,45 @@ def test_hf_dataset_input_via_cli(tmp_path, unet2d_dir, capsys):
     import datasets
 
     images = _pil_images(4)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"]),
-                                  "text": datasets.Value("string")})
-    ds = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 1, 0], "text": ["w", "x", "y", "z"]},
-                                    features=features)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["cat", "dog"]),
+            "text": datasets.Value("string"),
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {"image": images, "label": [0, 1, 1, 0], "text": ["w", "x", "y", "z"]}, features=features
+    )
     ds.save_to_disk(str(tmp_path / "ds"))
     out = tmp_path / "acts"
-    assert main(["capture", "--model", str(unet2d_dir), "--dataset", str(tmp_path / "ds"), "--label-column", "label",
-                 "--caption-column", "text", "--layers", "mid_block", "--timesteps", "300", "--pooling", "none",
-                 "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "capture",
+                "--model",
+                str(unet2d_dir),
+                "--dataset",
+                str(tmp_path / "ds"),
+                "--label-column",
+                "label",
+                "--caption-column",
+                "text",
+                "--layers",
+                "mid_block",
+                "--timesteps",
+                "300",
+                "--pooling",
+                "none",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     reader = open_store(out)
-    assert reader.column("label") == ["cat", "dog", "dog", "cat"]          # ClassLabel ids -> names
+    assert reader.column("label") == ["cat", "dog", "dog", "cat"]  # ClassLabel ids -> names
     assert reader.column("caption") == ["w", "x", "y", "z"]
     ids = reader.column("input_id")
     assert ids == [f"row{i:08d}" for i in range(4)]
@@ -547,7 +750,7 @@ def test_hf_dataset_input_via_cli(tmp_path, unet2d_dir, capsys):
 def test_array_source_inputs(tmp_path, image_folder):
     target = load_target(TINY_FACTORY)
     rng = np.random.default_rng(5)
-    arrays = rng.integers(0, 256, size=(3, 20, 28, 3), dtype=np.uint8)       # not 16x16: resized + cropped
+    arrays = rng.integers(0, 256, size=(3, 20, 28, 3), dtype=np.uint8)  # not 16x16: resized + cropped
     ids = ["a", "b", "c"]
     spec = dict(layers=["blocks.1"], timesteps=[150], pooling="none")
     uint8 = run(target, ArraySource(arrays, labels=np.array([0, 1, 2]), ids=ids), tmp_path / "u8", **spec)
@@ -601,7 +804,7 @@ def _check_trajectory_store(out, target, spec, prompts, seeds):
     assert reader.column("seed") == seeds * len(prompts)
     expected_t, dropped = _sampler_timesteps(target.scheduler, spec.steps)
     assert reader.timesteps == expected_t
-    assert reader.timesteps == sorted(reader.timesteps, reverse=True)       # sampling runs noisy -> clean
+    assert reader.timesteps == sorted(reader.timesteps, reverse=True)  # sampling runs noisy -> clean
     assert all(0 <= t < target.num_train_timesteps for t in reader.timesteps)
     for entry in m.timesteps:
         assert entry["alpha_bar"] == pytest.approx(float(target.scheduler.alphas_cumprod[entry["t"]]), rel=1e-6)
@@ -618,8 +821,15 @@ def _check_trajectory_store(out, target, spec, prompts, seeds):
 def test_trajectories_sd(tmp_path, sd_dir):
     target = load_target(sd_dir)
     prompts, seeds = ["a red cat", "a blue dog"], [0, 1]
-    spec = TrajectoryConfig(prompts=prompts, seeds=seeds, layers=["mid_block", "up_blocks.1"], steps=3,
-                          guidance_scale=7.5, pooling="mean", dtype="float32")
+    spec = TrajectoryConfig(
+        prompts=prompts,
+        seeds=seeds,
+        layers=["mid_block", "up_blocks.1"],
+        steps=3,
+        guidance_scale=7.5,
+        pooling="mean",
+        dtype="float32",
+    )
     cond = tmp_path / "cond"
     capture_trajectories(target, spec, cond, progress=False)
     reader = _check_trajectory_store(cond, target, spec, prompts, seeds)
@@ -630,7 +840,7 @@ def test_trajectories_sd(tmp_path, sd_dir):
     spec.branch = "uncond"
     capture_trajectories(target, spec, uncond, progress=False)
     t0 = reader.timesteps[0]
-    c = open_store(cond).load("mid_block", t0, format="torch")      # rows: (p0,s0) (p0,s1) (p1,s0) (p1,s1)
+    c = open_store(cond).load("mid_block", t0, format="torch")  # rows: (p0,s0) (p0,s1) (p1,s0) (p1,s1)
     u = open_store(uncond).load("mid_block", t0, format="torch")
     assert all(not torch.allclose(c[r], u[r], atol=1e-4) for r in range(4))
     # first step: same seed -> same latents; the unconditional branch sees the empty prompt for both prompts,
@@ -642,13 +852,19 @@ def test_trajectories_sd(tmp_path, sd_dir):
     latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     latents = latents * target.scheduler.init_noise_sigma
     emb = target.pipeline.encode_prompt(["a red cat"], "cpu", 1, False)[0]
-    raw = hook_outputs(target.denoiser, ["mid_block"],
-                       lambda: target.denoiser(latents, torch.tensor(t0), encoder_hidden_states=emb))
+    raw = hook_outputs(
+        target.denoiser, ["mid_block"], lambda: target.denoiser(latents, torch.tensor(t0), encoder_hidden_states=emb)
+    )
     assert torch.allclose(c[0], raw["mid_block"].mean(dim=(2, 3))[0], atol=1e-5)
 
     # the saved image is what the pipeline itself generates for that prompt and seed
-    image = target.pipeline("a red cat", num_inference_steps=3, guidance_scale=7.5, output_type="np",
-                            generator=torch.Generator().manual_seed(1)).images[0]
+    image = target.pipeline(
+        "a red cat",
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        output_type="np",
+        generator=torch.Generator().manual_seed(1),
+    ).images[0]
     saved = np.asarray(Image.open(cond / "images" / "p000000-s1.png"), dtype=np.int16)
     assert np.abs(saved - (np.clip(image, 0, 1) * 255).round().astype(np.int16)).max() <= 1
 
@@ -656,8 +872,15 @@ def test_trajectories_sd(tmp_path, sd_dir):
 def test_trajectories_dit(tmp_path, dit_dir):
     target = load_target(dit_dir)
     prompts, seeds = ["cat", "7"], [3]
-    spec = TrajectoryConfig(prompts=prompts, seeds=seeds, layers=["transformer_blocks.1"], steps=3, guidance_scale=4.0,
-                          pooling="none", tokens_to_grid=True)
+    spec = TrajectoryConfig(
+        prompts=prompts,
+        seeds=seeds,
+        layers=["transformer_blocks.1"],
+        steps=3,
+        guidance_scale=4.0,
+        pooling="none",
+        tokens_to_grid=True,
+    )
     cond = tmp_path / "cond"
     capture_trajectories(target, spec, cond, progress=False)
     reader = _check_trajectory_store(cond, target, spec, prompts, seeds)
@@ -672,13 +895,16 @@ def test_trajectories_dit(tmp_path, dit_dir):
     c = open_store(cond).load("transformer_blocks.1", t0, format="torch").float()
     u = open_store(uncond).load("transformer_blocks.1", t0, format="torch").float()
     assert not torch.allclose(c, u, atol=1e-2)
-    assert torch.allclose(u[0], u[1], atol=1e-2)          # both the null class on the same latents
-    assert not torch.allclose(c[0], c[1], atol=1e-2)      # class 3 (cat) vs class 7
+    assert torch.allclose(u[0], u[1], atol=1e-2)  # both the null class on the same latents
+    assert not torch.allclose(c[0], c[1], atol=1e-2)  # class 3 (cat) vs class 7
 
     # the conditional branch at the first step = a plain hook on the transformer with class 3
     latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
-    raw = hook_outputs(target.denoiser, ["transformer_blocks.1"],
-                       lambda: target.denoiser(latents, timestep=torch.tensor([t0]), class_labels=torch.tensor([3])))
+    raw = hook_outputs(
+        target.denoiser,
+        ["transformer_blocks.1"],
+        lambda: target.denoiser(latents, timestep=torch.tensor([t0]), class_labels=torch.tensor([3])),
+    )
     tokens = raw["transformer_blocks.1"].float()
     grid = tokens.transpose(1, 2).reshape(1, 16, 4, 4)
     assert torch.allclose(c[0], grid[0].half().float(), atol=2e-3)
@@ -710,11 +936,11 @@ def test_shape_probe_matches_a_real_forward_without_running_one(sd_dir, pooling,
     spec = CaptureConfig(layers=layers, pooling=pooling)
     sample, t, cond = target.dry_inputs(100)
     raw = hook_outputs(target.denoiser, layers, lambda: target.forward(sample, t, cond))
-    real = {l: out[0] if isinstance(out, tuple) else out for l, out in raw.items()}   # down blocks: (h, skips)
+    real = {l: out[0] if isinstance(out, tuple) else out for l, out in raw.items()}  # down blocks: (h, skips)
     real_calls = []
     monkeypatch.setattr(target, "forward", lambda *a: real_calls.append(a))
     assert probe_row_shapes(target, layers, spec) == {l: tuple(to_rows(real[l], spec).shape[1:]) for l in layers}
-    assert real_calls == []                                  # shapes came from the meta device
+    assert real_calls == []  # shapes came from the meta device
 
 
 @pytest.mark.parametrize("pooling", ["mean", "none"])

@@ -1,4 +1,5 @@
 """`diffdissect demo` on the committed shapes-world weights: report, results, store, probes, SAEs, browser."""
+
 from __future__ import annotations
 
 import json
@@ -13,17 +14,40 @@ from diffdissect.world.demo import DemoConfig, run_demo
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    assert main(["demo", "--out", str(out), "--n-images", "256", "--sae-epochs", "3", "--direction-seeds", "16",
-                 "--inversion-images", "16", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--n-images",
+                "256",
+                "--sae-epochs",
+                "3",
+                "--direction-seeds",
+                "16",
+                "--inversion-images",
+                "16",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_demo_writes_report_results_and_a_verified_store(demo, capsys):
     html = (demo / "report.html").read_text()
-    for title in ("The shapes world", "The toy text-to-image pipeline", "Capture: layers x timesteps",
-                  "Probes: layers x timesteps", "Sparse autoencoders (TopK)",
-                  "Prompt-driven directions and defaults (Decoding Diffusion)", "Feature inversion (FeatInv)",
-                  "How each headline was selected"):
+    for title in (
+        "The shapes world",
+        "The toy text-to-image pipeline",
+        "Capture: layers x timesteps",
+        "Probes: layers x timesteps",
+        "Sparse autoencoders (TopK)",
+        "Prompt-driven directions and defaults (Decoding Diffusion)",
+        "Feature inversion (FeatInv)",
+        "How each headline was selected",
+    ):
         assert title in html
     assert html.count("data:image/png;base64,") >= 8
     results = json.loads((demo / "results.json").read_text())
@@ -67,7 +91,7 @@ def test_demo_measures_prompt_defaults(demo):
     directions = results["directions"]
     rows = {r["subject"]: r for r in directions["summary"]["families"]["colour"]["subjects"]}
     assert set(rows) == {"a circle", "a square", "a triangle", "a cross"}
-    assert rows["a square"]["top"] == "red"                 # the strong planted default (85% red)
+    assert rows["a square"]["top"] == "red"  # the strong planted default (85% red)
     assert rows["a square"]["cross_fitted"] and "in_sample" in rows["a square"]
     assert set(directions["summary"]["clusters"]) == {"raw", "removed"}
     assert set(results["selection"]) == {"probes", "sae", "directions", "clustering"}
@@ -81,7 +105,7 @@ def test_demo_inverts_features_with_the_committed_inverters(demo):
     assert set(inversion["reconstruction"]) == {"cnn-spatial", "cnn-pooled", "vit-spatial"} and not inversion["missing"]
     spatial, pooled = inversion["reconstruction"]["cnn-spatial"], inversion["reconstruction"]["cnn-pooled"]
     # the planted truth: where the shape is lives in the spatial map, not in the pooled vector
-    position = lambda m: min(m["factors"]["xpos"]["rate"], m["factors"]["ypos"]["rate"])      # noqa: E731
+    position = lambda m: min(m["factors"]["xpos"]["rate"], m["factors"]["ypos"]["rate"])  # noqa: E731
     assert position(spatial) > position(pooled) + 0.2
     assert {"steering", "composites", "robustness"} <= set(inversion)
 
@@ -93,7 +117,7 @@ def test_demo_reruns_into_its_own_output_after_the_weights_changed(tmp_path):
     small = DemoConfig(images=64, sae_layers=[], sae_timesteps=[], direction_seeds=0, inversion_images=0)
     run_demo(out, config=small, progress=False)
     manifest = Manifest.load(out / "store")
-    manifest.spec["model"]["weights_fingerprint"] = "an-older-build"       # as if made by other weights
+    manifest.spec["model"]["weights_fingerprint"] = "an-older-build"  # as if made by other weights
     manifest.spec_hash = "0" * 16
     (out / "store" / "manifest.json").write_text(json.dumps(manifest.to_json()))
     run_demo(out, config=small, progress=False)
@@ -103,7 +127,9 @@ def test_demo_reruns_into_its_own_output_after_the_weights_changed(tmp_path):
 def test_toy_eval_doc_keeps_what_follows_the_generated_figures(tmp_path):
     from diffdissect.world.evaluate import GENERATED_END, write_toy_world_doc
 
-    results = json.loads((__import__("diffdissect.world.build", fromlist=["x"]).DEFAULT_WEIGHTS / "eval.json").read_text())
+    results = json.loads(
+        (__import__("diffdissect.world.build", fromlist=["x"]).DEFAULT_WEIGHTS / "eval.json").read_text()
+    )
     doc = tmp_path / "toy-world.md"
     doc.write_text("old figures\n" + GENERATED_END + "\n## Hand-written notes\nkeep me\n")
     write_toy_world_doc(results, doc, "diffdissect toy eval", "a machine", "2026-11-22")

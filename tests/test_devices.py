@@ -6,6 +6,7 @@
 - The SAE maths (initialisation, loss, sparse backward, update) and the store stream also run on `meta`.
 - Tests marked `gpu` run the same work on CUDA and compare it with the CPU; they skip without CUDA.
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,8 +30,22 @@ from diffdissect.store.from_arrays import write_array_store
 from diffdissect.store.stream import MixingStream
 
 SOURCE = str(Path(__import__("diffdissect").__file__).parent)
-FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.linspace, torch.logspace,
-             torch.randn, torch.rand, torch.randint, torch.randperm, torch.eye, torch.tensor, torch.empty_strided}
+FACTORIES = {
+    torch.zeros,
+    torch.ones,
+    torch.empty,
+    torch.full,
+    torch.arange,
+    torch.linspace,
+    torch.logspace,
+    torch.randn,
+    torch.rand,
+    torch.randint,
+    torch.randperm,
+    torch.eye,
+    torch.tensor,
+    torch.empty_strided,
+}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -68,8 +83,19 @@ def tokens_store(tmp_path_factory) -> Path:
 
 
 def small_config(**overrides) -> TrainConfig:
-    return TrainConfig(**{"layer": "blk", "t": 10, "tokens": True, "n_latents": 32, "k": 4, "batch_size": 64,
-                          "steps": 3, "checkpoint_every": 2, **overrides})
+    return TrainConfig(
+        **{
+            "layer": "blk",
+            "t": 10,
+            "tokens": True,
+            "n_latents": 32,
+            "k": 4,
+            "batch_size": 64,
+            "steps": 3,
+            "checkpoint_every": 2,
+            **overrides,
+        }
+    )
 
 
 # ---- the guard ----------------------------------------------------------------------------------------
@@ -77,7 +103,9 @@ def test_the_guard_catches_a_factory_without_device():
     """The check can fail: the sparse backward as it was (torch.arange(n) with no device) is caught."""
     guard = DeviceGuard()
     with guard:
-        exec(compile("import torch\nx = torch.arange(4)\ny = torch.zeros(2, device='cpu')", f"{SOURCE}/fake.py", "exec"))  # noqa: S102
+        exec(
+            compile("import torch\nx = torch.arange(4)\ny = torch.zeros(2, device='cpu')", f"{SOURCE}/fake.py", "exec")
+        )  # noqa: S102
     assert guard.offences == ["arange at fake.py:2"]
 
 
@@ -85,13 +113,22 @@ def test_sae_training_features_and_probes_create_every_tensor_on_a_device(tokens
     guard = DeviceGuard()
     with guard:
         train_sae(tokens_store, small_config(variant="batchtopk"), tmp_path / "sae", progress=False)
-        analyse_features(tmp_path / "sae", config=FeaturesConfig(max_map_values=0))      # the top-maps pass
-        analyse_features(tmp_path / "sae")                                                 # every map kept
+        analyse_features(tmp_path / "sae", config=FeaturesConfig(max_map_values=0))  # the top-maps pass
+        analyse_features(tmp_path / "sae")  # every map kept
         x = torch.randn(2, 60, 5, device="cpu")
         y = torch.randint(0, 3, (1, 60), device="cpu")
         for solver in ("batched", "lbfgsb"):
-            fit_probe_tasks(x[:, :30], y[:, :30], x[:, 30:45], y[:, 30:45], x[:, 45:], [3], solver=solver,
-                            l2_grid=(0.1, 1.0), max_iter=20)
+            fit_probe_tasks(
+                x[:, :30],
+                y[:, :30],
+                x[:, 30:45],
+                y[:, 30:45],
+                x[:, 45:],
+                [3],
+                solver=solver,
+                l2_grid=(0.1, 1.0),
+                max_iter=20,
+            )
     assert guard.offences == []
 
 
@@ -120,8 +157,28 @@ def test_the_store_stream_runs_on_meta(tokens_store):
 def test_device_cuda_without_cuda_is_a_clear_error(tokens_store, tmp_path, capsys):
     with pytest.raises(SpecError, match="no CUDA device"):
         train_sae(tokens_store, small_config(device="cuda"), tmp_path / "sae", progress=False)
-    code = main(["sae", "train", str(tokens_store), "--layers", "blk", "--timesteps", "10", "--tokens", "--k", "4",
-                 "--n-latents", "32", "--train-steps", "2", "--device", "cuda", "--out", str(tmp_path / "runs")])
+    code = main(
+        [
+            "sae",
+            "train",
+            str(tokens_store),
+            "--layers",
+            "blk",
+            "--timesteps",
+            "10",
+            "--tokens",
+            "--k",
+            "4",
+            "--n-latents",
+            "32",
+            "--train-steps",
+            "2",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "runs"),
+        ]
+    )
     assert code == 2 and "diffdissect: error:" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
@@ -136,10 +193,11 @@ def test_a_checkpoint_loads_on_another_device(tokens_store, tmp_path):
 def test_float16_overflow_stops_like_nan(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 8)).astype(np.float32)
-    x[::4] *= 1e6                            # rows beyond float16's range (65504)
+    x[::4] *= 1e6  # rows beyond float16's range (65504)
     write_array_store(tmp_path / "store", {("blk", 10): x}, [{"input_id": f"i{i}"} for i in range(64)])
-    config = TrainConfig(layer="blk", t=10, n_latents=16, k=2, batch_size=32, steps=4, dtype="float16",
-                         normalise="none")
+    config = TrainConfig(
+        layer="blk", t=10, n_latents=16, k=2, batch_size=32, steps=4, dtype="float16", normalise="none"
+    )
     with pytest.raises(NonFiniteTrainingError, match="float16"):
         train_sae(tmp_path / "store", config, tmp_path / "sae", progress=False)
 
@@ -164,7 +222,7 @@ def test_sae_on_cuda_matches_the_cpu(tokens_store, tmp_path):
     cpu = train_sae(tokens_store, small_config(steps=4), tmp_path / "cpu", progress=False)
     gpu = train_sae(tokens_store, small_config(steps=4, device="cuda"), tmp_path / "gpu", progress=False)
     assert abs(cpu["metrics"]["fvu"] - gpu["metrics"]["fvu"]) < 1e-3
-    sae, _ = load_sae(tmp_path / "gpu")                       # trained on CUDA, loaded on the CPU
+    sae, _ = load_sae(tmp_path / "gpu")  # trained on CUDA, loaded on the CPU
     assert sae.W_dec.device.type == "cpu"
 
 
@@ -208,7 +266,7 @@ def test_streaming_features_equal_the_dense_codes(tokens_store, tmp_path, cap):
     x = torch.from_numpy(reader.load("blk", 10)).float()[torch.from_numpy(data.heldout_rows)]
     with torch.no_grad():
         dense = sae.dense_codes(sae.encode(x.flatten(2).transpose(1, 2).reshape(-1, 8))[0])
-    dense = dense.view(len(x), 9, -1)                                         # (images, locations, latents)
+    dense = dense.view(len(x), 9, -1)  # (images, locations, latents)
     np.testing.assert_allclose(acts.values, dense.amax(1).numpy(), rtol=1e-6)
     assert (acts.maps is None) == (cap == 0)
     for j in range(sae.config.n_latents):

@@ -1,5 +1,6 @@
 """Decoding Diffusion (issue 6): prompt sets, term indicators, direction maths, bias statistics, clustering,
 captioners (the shapes-world one and a tiny transformers BLIP built here), resume, and the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,11 @@ from diffdissect.result import to_json_value
 
 # ---- prompt sets ---------------------------------------------------------------------------------------------------
 def test_templates_expand_into_a_grid_with_their_slot_values():
-    prompts = build_prompt_set(["a dog"], ["a {colour} {shape}", "a {shape}"],
-                               {"colour": ["red", "blue"], "shape": ["square", "circle", "cross"]})
+    prompts = build_prompt_set(
+        ["a dog"],
+        ["a {colour} {shape}", "a {shape}"],
+        {"colour": ["red", "blue"], "shape": ["square", "circle", "cross"]},
+    )
     texts = [p.text for p in prompts]
     assert texts[0] == "a dog" and len(texts) == 1 + 6 + 3
     assert "a blue circle" in texts and texts.count("a square") == 1
@@ -42,27 +46,31 @@ def test_templates_expand_into_a_grid_with_their_slot_values():
     assert red_cross.slots == {"colour": "red", "shape": "cross"} and red_cross.template == "a {colour} {shape}"
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: build_prompt_set(["a cat", "  "]), "prompt 2 is empty"),
-    (lambda: build_prompt_set(["a cat", "a dog", "a cat"]), "duplicate prompt"),
-    (lambda: build_prompt_set(["a square"], ["a {shape}"], {"shape": ["square"]}), "duplicate prompt"),
-    (lambda: expand_template("a {colour} {shape}", {"shape": ["square"]}), "slot(s) ['colour'] without values"),
-    (lambda: build_prompt_set(templates=["a {0}"], slot_values={}), "not names"),
-    (lambda: build_prompt_set(templates=["a {shape"], slot_values={"shape": ["x"]}), "malformed"),
-    (lambda: parse_slot_args(["colour"]), "NAME=value1,value2"),
-    (lambda: parse_slot_args(["colour=red,,blue"]), "empty value"),
-    (lambda: build_prompt_set([]), "no prompts"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: build_prompt_set(["a cat", "  "]), "prompt 2 is empty"),
+        (lambda: build_prompt_set(["a cat", "a dog", "a cat"]), "duplicate prompt"),
+        (lambda: build_prompt_set(["a square"], ["a {shape}"], {"shape": ["square"]}), "duplicate prompt"),
+        (lambda: expand_template("a {colour} {shape}", {"shape": ["square"]}), "slot(s) ['colour'] without values"),
+        (lambda: build_prompt_set(templates=["a {0}"], slot_values={}), "not names"),
+        (lambda: build_prompt_set(templates=["a {shape"], slot_values={"shape": ["x"]}), "malformed"),
+        (lambda: parse_slot_args(["colour"]), "NAME=value1,value2"),
+        (lambda: parse_slot_args(["colour=red,,blue"]), "empty value"),
+        (lambda: build_prompt_set([]), "no prompts"),
+    ],
+)
 def test_bad_prompt_sets_are_refused_with_a_fix(call, message):
-    with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
-                       .replace("]", r"\]")):
+    with pytest.raises(
+        SpecError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
         call()
 
 
 def test_prompt_file_blank_line_is_an_error_naming_the_line(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a cat\na dog\n\n")
-    assert read_prompt_file(path) == ["a cat", "a dog"]           # trailing blank lines are not prompts
+    assert read_prompt_file(path) == ["a cat", "a dog"]  # trailing blank lines are not prompts
     path.write_text("a cat\n\na dog\n")
     with pytest.raises(SpecError, match=r"prompts.txt:2 is an empty prompt"):
         read_prompt_file(path)
@@ -110,10 +118,10 @@ def test_mean_difference_recovers_independent_effects_and_ridge_disentangles_cor
 
 def test_directions_leave_out_rows_without_text_and_work_per_step_shape():
     h, x, effects = _planted_latents(n=2000)
-    h3 = h.reshape(2000, 3, 4)                                  # maps are flattened
+    h3 = h.reshape(2000, 3, 4)  # maps are flattened
     valid = np.ones(2000, bool)
     valid[:500] = False
-    h3[:500] = 1e6                                              # would ruin the estimate if used
+    h3[:500] = 1e6  # would ruin the estimate if used
     np.testing.assert_allclose(mean_difference_directions(h3, x, valid), effects, atol=0.05)
 
 
@@ -141,7 +149,7 @@ def _profiles(n_subject, k, shift, n_ref=0, seed=0, noise=1.0):
 def test_latent_bias_finds_a_planted_default_with_a_ci_covering_it(n_ref):
     profile, subject, refs = _profiles(200, 4, shift=0.8, n_ref=n_ref)
     out = latent_bias(profile, subject, refs, resamples=1000, permutations=500)
-    true_excess = 0.8 * (1 - 1 / 4)                             # raised by 0.8, then centred across 4 descriptors
+    true_excess = 0.8 * (1 - 1 / 4)  # raised by 0.8, then centred across 4 descriptors
     assert out["top"] == 0 and out["p_value"] < 0.01
     assert out["score_ci"][0] < true_excess < out["score_ci"][1]
     assert out["ci_low"][0] > 0 and out["ci_low"][1] < -0.8 / 4 < out["ci_high"][1]
@@ -150,10 +158,14 @@ def test_latent_bias_finds_a_planted_default_with_a_ci_covering_it(n_ref):
 @pytest.mark.parametrize("n_ref", [0, 40])
 def test_latent_bias_null_is_calibrated(n_ref):
     """Without a default, p < 0.05 in about 5% of repeats (here at most 12% of 80; binomial 99.9% bound)."""
-    p = [latent_bias(*_profiles(60, 4, shift=0.0, n_ref=n_ref, seed=s), resamples=50, permutations=199, seed=s)["p_value"]
-         for s in range(80)]
+    p = [
+        latent_bias(*_profiles(60, 4, shift=0.0, n_ref=n_ref, seed=s), resamples=50, permutations=199, seed=s)[
+            "p_value"
+        ]
+        for s in range(80)
+    ]
     assert np.mean(np.array(p) < 0.05) <= 0.12
-    assert 0.35 < np.mean(p) < 0.65                              # roughly uniform
+    assert 0.35 < np.mean(p) < 0.65  # roughly uniform
 
 
 def _no_bias_world(rng, n_seeds=16, d=48, k=4):
@@ -188,7 +200,7 @@ def test_cross_fitted_bias_p_values_are_uniform_without_bias():
         out = latent_bias(profile, subject, refs, halves=halves, resamples=10, permutations=199, seed=r)
         assert out["cross_fitted"] and "within each cross-fitting half" in out["null"]
         crossed.append(out["p_value"])
-    assert kstest(in_sample, "uniform").pvalue < 1e-3          # the defect: today's statistic is miscalibrated
+    assert kstest(in_sample, "uniform").pvalue < 1e-3  # the defect: today's statistic is miscalibrated
     assert kstest(crossed, "uniform").pvalue > 0.05
     assert np.mean(np.array(crossed) < 0.05) <= 0.10
 
@@ -204,8 +216,14 @@ def test_cross_fitted_bias_still_finds_a_planted_default():
     subject = np.nonzero(prompt == 4)[0]
     latents[subject] += colours[np.where(rng.random(len(subject)) < 0.85, 2, rng.integers(0, 4, len(subject)))]
     halves = seed_halves(seeds)
-    out = latent_bias(cross_fitted_profile(latents, x, None, [0, 1, 2, 3], halves), subject,
-                      [np.nonzero(prompt == c)[0] for c in range(4)], halves=halves, resamples=200, permutations=200)
+    out = latent_bias(
+        cross_fitted_profile(latents, x, None, [0, 1, 2, 3], halves),
+        subject,
+        [np.nonzero(prompt == c)[0] for c in range(4)],
+        halves=halves,
+        resamples=200,
+        permutations=200,
+    )
     assert out["top"] == 2 and out["p_value"] < 0.01 and out["score_ci"][0] > 0
     with pytest.raises(DataError, match="at least two noise seeds"):
         seed_halves(np.zeros(5))
@@ -215,7 +233,7 @@ def test_references_and_questions():
     prompts = ["a square", "a red square", "a square red", "a blue square", "a circle"]
     assert find_references("a square", ["red", "blue"], prompts) == {"red": "a red square", "blue": "a blue square"}
     qs = make_questions(["a square", "a circle"], ["red", "blue"], "colour", prompts)
-    assert qs[0].references and qs[1].references == {}          # no "a red circle": no references
+    assert qs[0].references and qs[1].references == {}  # no "a red circle": no references
     with pytest.raises(DataError, match="not in the prompt set"):
         make_questions(["a cube"], ["red", "blue"], "colour", prompts)
     with pytest.raises(DataError, match="at least two distinct descriptors"):
@@ -236,13 +254,15 @@ def test_image_rates_skip_failed_captions_and_match_phrases():
 # ---- clustering ----------------------------------------------------------------------------------------------------
 def test_clustering_recovers_groups_once_a_dominant_nuisance_family_is_projected_out():
     rng = np.random.default_rng(0)
-    groups = np.repeat(np.arange(3), 8)                          # 3 shapes x 8 prompts
-    nuisance = np.tile(np.arange(4), 6)                          # 4 colours cycling through them
+    groups = np.repeat(np.arange(3), 8)  # 3 shapes x 8 prompts
+    nuisance = np.tile(np.arange(4), 6)  # 4 colours cycling through them
     shape_dirs, colour_dirs = rng.normal(size=(3, 30)), rng.normal(size=(4, 30))
     means = shape_dirs[groups] + 6.0 * colour_dirs[nuisance] + 0.05 * rng.normal(size=(24, 30))
     labels = [str(g) for g in groups]
     raw = ari_with_null(labels, cluster_prompts(means, 3), permutations=200)
-    removed = ari_with_null(labels, cluster_prompts(project_out(means - means.mean(0), colour_dirs), 3), permutations=200)
+    removed = ari_with_null(
+        labels, cluster_prompts(project_out(means - means.mean(0), colour_dirs), 3), permutations=200
+    )
     assert removed.ari == pytest.approx(1.0) and removed.p_value < 0.01
     assert raw.ari < 0.5
 
@@ -263,13 +283,23 @@ def test_cluster_remove_takes_several_families_and_pooling_frees_position():
         for _ in range(seeds):
             m = np.zeros((c, hw, hw))
             m[:, rng.integers(hw), rng.integers(hw)] = shape_dirs[slots["shape"].index(p.slots["shape"])]
-            latents.append(m.ravel() + 5 * colour_dirs[slots["colour"].index(p.slots["colour"])]
-                           + 5 * size_dirs[slots["size"].index(p.slots["size"])] + 0.01 * rng.normal(size=c * hw * hw))
+            latents.append(
+                m.ravel()
+                + 5 * colour_dirs[slots["colour"].index(p.slots["colour"])]
+                + 5 * size_dirs[slots["size"].index(p.slots["size"])]
+                + 0.01 * rng.normal(size=c * hw * hw)
+            )
             prompt_index.append(i)
     latents, prompt_index = np.array(latents), np.array(prompt_index)
-    config = DirectionsConfig(prompts=prompts, seeds=list(range(seeds)), cluster_by="shape", permutations=100,
-                              bias=[BiasConfig("colour", slots["colour"], []), BiasConfig("size", slots["size"], [])],
-                              cluster_remove=["colour", "size"], cluster_pooling="mean")
+    config = DirectionsConfig(
+        prompts=prompts,
+        seeds=list(range(seeds)),
+        cluster_by="shape",
+        permutations=100,
+        bias=[BiasConfig("colour", slots["colour"], []), BiasConfig("size", slots["size"], [])],
+        cluster_remove=["colour", "size"],
+        cluster_pooling="mean",
+    )
     config.validate()
     both = np.concatenate([colour_dirs, size_dirs])
     pooled = _cluster_step(latents, prompt_index, config, both, (c, hw, hw))
@@ -277,7 +307,7 @@ def test_cluster_remove_takes_several_families_and_pooling_frees_position():
     assert pooled.removed.family == ["colour", "size"]
     assert _cluster_step(latents, prompt_index, config, colour_dirs, (c, hw, hw)).fits()["removed"].ari < 0.5
     assert pooled.raw.ari < 0.5 and pooled.pooling == "mean"
-    data = pooled.to_json()                  # the keys results.json has always had, and back
+    data = pooled.to_json()  # the keys results.json has always had, and back
     assert list(data) == ["k", "prompts", "groups", "pooling", "raw", "removed"]
     assert list(data["removed"]) == ["ari", "p_value", "null_q95", "clusters", "family"] and "family" not in data["raw"]
     assert type(pooled).from_json(json.loads(json.dumps(data))) == pooled
@@ -334,11 +364,28 @@ def _tiny_blip(directory, favourite: str = "red"):
     tokenizer = BertTokenizer(str(directory / "vocab.txt"), bos_token="[DEC]")
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
     config = BlipConfig(
-        text_config=dict(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, encoder_hidden_size=32, bos_token_id=5, pad_token_id=0, sep_token_id=3,
-                         max_position_embeddings=32),
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                           image_size=32, patch_size=8), projection_dim=32)
+        text_config=dict(
+            vocab_size=len(words),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            encoder_hidden_size=32,
+            bos_token_id=5,
+            pad_token_id=0,
+            sep_token_id=3,
+            max_position_embeddings=32,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=32,
+    )
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -360,11 +407,24 @@ def test_transformers_captioner_from_a_local_directory(tmp_path):
 
 # ---- end to end on the tiny SD pipeline: resume, cost, failures, CLI -----------------------------------------------
 def _config(**overrides):
-    prompts = build_prompt_set(templates=["a {colour} {shape}", "a {shape}"],
-                               slot_values={"colour": ["red", "blue"], "shape": ["square", "circle"]})
-    options = dict(seeds=[0, 1, 2], layers=["mid_block", "up_blocks.1"], steps=2, guidance_scale=1.0, batch_size=4,
-                   shard_size=4, text_source="prompts", resamples=100, permutations=100, cluster_by="shape",
-                   bias=[BiasConfig("colour", ["red", "blue"], ["a square", "a circle"])], cluster_remove="colour")
+    prompts = build_prompt_set(
+        templates=["a {colour} {shape}", "a {shape}"],
+        slot_values={"colour": ["red", "blue"], "shape": ["square", "circle"]},
+    )
+    options = dict(
+        seeds=[0, 1, 2],
+        layers=["mid_block", "up_blocks.1"],
+        steps=2,
+        guidance_scale=1.0,
+        batch_size=4,
+        shard_size=4,
+        text_source="prompts",
+        resamples=100,
+        permutations=100,
+        cluster_by="shape",
+        bias=[BiasConfig("colour", ["red", "blue"], ["a square", "a circle"])],
+        cluster_remove="colour",
+    )
     options.update(overrides)
     return DirectionsConfig(prompts=prompts, **options)
 
@@ -381,7 +441,7 @@ def test_run_end_to_end_and_resume_after_an_interruption(tmp_path, sd_dir, monke
 
     sampler = copy.deepcopy(target.scheduler)
     sampler.set_timesteps(2)
-    calls = len(sampler.timesteps)                               # PNDM calls the denoiser twice at one t
+    calls = len(sampler.timesteps)  # PNDM calls the denoiser twice at one t
     assert full["cost"]["denoiser_rows_per_trajectory_step"] == pytest.approx(calls / len(full["timesteps"]))
     q = full["bias"]["mid_block"]["colour"]["a square"]
     assert set(q) == {str(t) for t in full["timesteps"]} and q[str(full["timesteps"][0])]["references"]
@@ -410,8 +470,9 @@ def test_run_end_to_end_and_resume_after_an_interruption(tmp_path, sd_dir, monke
     resumed = run_directions(target, _config(), tmp_path / "resumed", None, progress=False)
     assert resumed["cost"]["sampled_this_run"] == 18 - 4
     for key in ("bias", "clusters", "prompt_profiles"):
-        assert json.dumps(to_json_value(resumed[key]), sort_keys=True) == json.dumps(to_json_value(full[key]),
-                                                                                     sort_keys=True)
+        assert json.dumps(to_json_value(resumed[key]), sort_keys=True) == json.dumps(
+            to_json_value(full[key]), sort_keys=True
+        )
 
 
 def test_captions_resume_and_failures_are_recorded(tmp_path, sd_dir):
@@ -433,37 +494,62 @@ def test_captions_resume_and_failures_are_recorded(tmp_path, sd_dir):
     target = load_target(sd_dir)
     out = tmp_path / "run"
     first = Counting()
-    run_directions(target, _config(text_source="captions", cluster_by=None, cluster_remove=None,
-                                   bias=[]), out, first, progress=False)
+    run_directions(
+        target,
+        _config(text_source="captions", cluster_by=None, cluster_remove=None, bias=[]),
+        out,
+        first,
+        progress=False,
+    )
     assert first.calls == 18
     again = Counting()
-    run_directions(target, _config(text_source="captions", cluster_by=None, cluster_remove=None, bias=[]), out, again,
-                   progress=False)
-    assert again.calls == 0                                     # every caption came from captions.json
+    run_directions(
+        target,
+        _config(text_source="captions", cluster_by=None, cluster_remove=None, bias=[]),
+        out,
+        again,
+        progress=False,
+    )
+    assert again.calls == 0  # every caption came from captions.json
     other = Failing()
     other.name = "another"
     with pytest.raises(DataError, match="holds captions by 'flaky'"):
-        run_directions(target, _config(text_source="captions", bias=[], cluster_by=None, cluster_remove=None), out,
-                       other, progress=False)
+        run_directions(
+            target,
+            _config(text_source="captions", bias=[], cluster_by=None, cluster_remove=None),
+            out,
+            other,
+            progress=False,
+        )
     fresh = tmp_path / "failing"
     shutil.copytree(out / "trajectories", fresh / "trajectories")
     from PIL import Image
 
     means = sorted(np.asarray(Image.open(p)).mean() for p in (fresh / "trajectories" / "images").glob("*.png"))
     failing = Failing()
-    failing.threshold = float(np.median(means))                 # the brighter half fails
-    res = run_directions(target, _config(text_source="captions", bias=[], cluster_by=None, cluster_remove=None),
-                         fresh, failing, progress=False)
+    failing.threshold = float(np.median(means))  # the brighter half fails
+    res = run_directions(
+        target,
+        _config(text_source="captions", bias=[], cluster_by=None, cluster_remove=None),
+        fresh,
+        failing,
+        progress=False,
+    )
     captions = json.loads((fresh / "captions.json").read_text())["items"]
     failed = [v for v in captions.values() if v["error"]]
     assert res["caption_failures"]["count"] == len(failed) == sum(m > failing.threshold for m in means) > 0
     assert all("too bright" in v["error"] and v["caption"] is None for v in failed)
     assert len(captions) - len(failed) > 0
-    failing.threshold = -1.0                                    # every image fails: a clear error
+    failing.threshold = -1.0  # every image fails: a clear error
     (fresh / "captions.json").unlink(missing_ok=True)
     with pytest.raises(DataError, match="failed on every image"):
-        run_directions(target, _config(text_source="captions", bias=[], cluster_by=None, cluster_remove=None),
-                       fresh, failing, progress=False)
+        run_directions(
+            target,
+            _config(text_source="captions", bias=[], cluster_by=None, cluster_remove=None),
+            fresh,
+            failing,
+            progress=False,
+        )
 
 
 def test_run_refuses_a_family_word_that_never_occurs(tmp_path, sd_dir):
@@ -478,11 +564,38 @@ def test_run_refuses_a_family_word_that_never_occurs(tmp_path, sd_dir):
 
 def test_cli_directions_run(tmp_path, sd_dir, capsys):
     out = tmp_path / "cli"
-    code = main(["directions", "run", "--model", str(sd_dir), "--template", "a {colour} square", "a square",
-                 "--slot", "colour=red,blue", "--n-seeds", "3", "--steps", "2", "--guidance", "1",
-                 "--family", "colour=red,blue", "--subjects", "a square", "--permutations", "50", "--resamples", "50",
-                 "--method", "ridge",
-                 "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "directions",
+            "run",
+            "--model",
+            str(sd_dir),
+            "--template",
+            "a {colour} square",
+            "a square",
+            "--slot",
+            "colour=red,blue",
+            "--n-seeds",
+            "3",
+            "--steps",
+            "2",
+            "--guidance",
+            "1",
+            "--family",
+            "colour=red,blue",
+            "--subjects",
+            "a square",
+            "--permutations",
+            "50",
+            "--resamples",
+            "50",
+            "--method",
+            "ridge",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "colour: 'a square' ->" in printed
     results = json.loads((out / "results.json").read_text())
@@ -495,9 +608,24 @@ def test_cli_directions_run(tmp_path, sd_dir, capsys):
 
     saved = load_file(out / "directions" / "mid_block.safetensors")
     terms = json.loads((out / "directions" / "terms.json").read_text())["terms"]
-    assert set(saved) == {f"t={t}" for t in results["timesteps"]} and saved[f"t={results['timesteps'][0]}"].shape[0] == len(terms)
-    code = main(["directions", "run", "--model", str(sd_dir), "--template", "a {colour} square", "--n-seeds", "2",
-                 "--out", str(tmp_path / "bad"), "--quiet"])
+    assert set(saved) == {f"t={t}" for t in results["timesteps"]} and saved[f"t={results['timesteps'][0]}"].shape[
+        0
+    ] == len(terms)
+    code = main(
+        [
+            "directions",
+            "run",
+            "--model",
+            str(sd_dir),
+            "--template",
+            "a {colour} square",
+            "--n-seeds",
+            "2",
+            "--out",
+            str(tmp_path / "bad"),
+            "--quiet",
+        ]
+    )
     assert code == 2 and "without values" in capsys.readouterr().err
 
 
@@ -509,8 +637,9 @@ def test_world_run_recovers_the_strong_default(tmp_path):
     shapes_world = ShapesWorld.load()
     world = shapes_world.config
     config = world_directions_config(world, seeds=24, resamples=200, permutations=200, layers=["mid_block"])
-    results = run_directions(shapes_world.target(), config, tmp_path / "world", shapes_world.captioner(),
-                             progress=False)
+    results = run_directions(
+        shapes_world.target(), config, tmp_path / "world", shapes_world.captioner(), progress=False
+    )
     rows = {r["subject"]: r for r in results["summary"]["families"]["colour"]["subjects"]}
     assert rows["a square"]["top"] == "red" and rows["a square"]["image_top"] == "red"
     assert rows["a square"]["significant"]

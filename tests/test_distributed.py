@@ -1,6 +1,7 @@
 """Scale-out (issue 8), run for real on CPU: 2 processes on the gloo backend, through torchrun (the CLI) and
 torch.multiprocessing spawn (the library), compared with a single process. A rank killed mid-capture loses
 and duplicates nothing once the job is restarted."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ from diffdissect.models import load_target
 from diffdissect.store import open_store, verify_store
 from diffdissect.store.from_arrays import write_array_store
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch.distributed with gloo is needed")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is needed",
+)
 
 
 def _free_port() -> int:
@@ -32,8 +35,14 @@ def _free_port() -> int:
 
 
 def _join(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
 
 
@@ -47,11 +56,12 @@ def _assert_same_store(a: Path, b: Path) -> None:
     ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
     assert ma["shards"] == mb["shards"] and ma["complete"] and mb["complete"]
     assert verify_store(a).ok
-    assert not (a / "ranks").exists() or not any((a / "ranks").iterdir())        # every list merged
+    assert not (a / "ranks").exists() or not any((a / "ranks").iterdir())  # every list merged
 
 
-SPEC = dict(layers=["mid_block", "up_blocks.1"], timesteps=[50, 500], seeds=[0, 1], batch_size=2, shard_size=1,
-            dtype="float32")
+SPEC = dict(
+    layers=["mid_block", "up_blocks.1"], timesteps=[50, 500], seeds=[0, 1], batch_size=2, shard_size=1, dtype="float32"
+)
 
 
 # ---- capture through torchrun (the CLI a user runs) ------------------------------------------------------------------
@@ -59,15 +69,51 @@ def test_torchrun_capture_equals_a_single_process_capture(tmp_path, sd_dir, imag
     single = tmp_path / "single"
     capture(load_target(sd_dir), FolderSource(image_folder), CaptureConfig(**SPEC), single, progress=False)
     dist = tmp_path / "dist"
-    args = ["capture", "--model", str(sd_dir), "--images", str(image_folder), "--layers", *SPEC["layers"],
-            "--timesteps", "50", "500", "--seeds", "0", "1", "--batch-size", "2", "--shard-size", "1",
-            "--dtype", "float32", "--out", str(dist), "--quiet"]
+    args = [
+        "capture",
+        "--model",
+        str(sd_dir),
+        "--images",
+        str(image_folder),
+        "--layers",
+        *SPEC["layers"],
+        "--timesteps",
+        "50",
+        "500",
+        "--seeds",
+        "0",
+        "1",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "1",
+        "--dtype",
+        "float32",
+        "--out",
+        str(dist),
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(_free_port()), "-m", "diffdissect", *args],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "diffdissect",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "with 2 ranks" in result.stdout and result.stdout.count("wrote ") == 1       # rank 0 reports, once
+    assert "with 2 ranks" in result.stdout and result.stdout.count("wrote ") == 1  # rank 0 reports, once
     _assert_same_store(dist, single)
 
 
@@ -85,7 +131,7 @@ def _capture_worker(rank: int, world: int, port: int, sd_dir: str, folder: str, 
             record = original(self, *a, **k)
             written.append(record)
             if len(written) >= die_after:
-                os._exit(17)                       # killed: no clean-up, no barrier, no manifest merge
+                os._exit(17)  # killed: no clean-up, no barrier, no manifest merge
             return record
 
         store_writer.StoreWriter.write_shard = write_then_die
@@ -108,7 +154,7 @@ def test_a_killed_rank_loses_and_duplicates_nothing_after_a_restart(tmp_path, sd
     listed = json.loads((out / "manifest.json").read_text())
     assert not listed["complete"]
     rank_files = list((out / "ranks").glob("rank-*.json"))
-    assert rank_files                                       # the dead rank's committed shard is recorded
+    assert rank_files  # the dead rank's committed shard is recorded
     mp.spawn(_capture_worker, args=(2, _free_port(), str(sd_dir), str(image_folder), str(out), 0), nprocs=2)
     _assert_same_store(out, single)
     rows = open_store(out).rows()
@@ -135,8 +181,19 @@ def _sae_store(path: Path) -> None:
 def _sae_config():
     from diffdissect.sae import TrainConfig
 
-    return TrainConfig(layer="layer", t=0, tokens=False, k=4, n_latents=64, expansion=None, batch_size=128, steps=300,
-                       lr=3e-3, checkpoint_every=100, seed=0)
+    return TrainConfig(
+        layer="layer",
+        t=0,
+        tokens=False,
+        k=4,
+        n_latents=64,
+        expansion=None,
+        batch_size=128,
+        steps=300,
+        lr=3e-3,
+        checkpoint_every=100,
+        seed=0,
+    )
 
 
 def _sae_worker(rank: int, world: int, port: int, store: str, out: str) -> None:
@@ -148,7 +205,9 @@ def _sae_worker(rank: int, world: int, port: int, store: str, out: str) -> None:
     from diffdissect.sae.checkpoint import load_sae
 
     sae, _ = load_sae(out)
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"fvu": summary["metrics"]["fvu"], "ranks": summary.get("ranks")}))
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"fvu": summary["metrics"]["fvu"], "ranks": summary.get("ranks")})
+    )
     torch.distributed.destroy_process_group()
     del sae
 
@@ -162,9 +221,9 @@ def test_data_parallel_sae_matches_single_process_training(tmp_path):
     out = tmp_path / "ddp"
     mp.spawn(_sae_worker, args=(2, _free_port(), str(store), str(out)), nprocs=2)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0] == ranks[1] and ranks[0]["ranks"] == 2           # every rank ends with the same model
+    assert ranks[0] == ranks[1] and ranks[0]["ranks"] == 2  # every rank ends with the same model
     fvu_single, fvu_ddp = single["metrics"]["fvu"], ranks[0]["fvu"]
-    assert fvu_single < 0.5                                          # it learnt something
+    assert fvu_single < 0.5  # it learnt something
     assert abs(fvu_ddp - fvu_single) < 0.03 + 0.1 * fvu_single, (fvu_single, fvu_ddp)
     saved = json.loads((out / "config.json").read_text())
     assert saved["step"] == 300 and saved["resolved"]["batch_size"] == 128

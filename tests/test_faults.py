@@ -6,6 +6,7 @@ write and its rename, between a shard and its manifest, mid-checkpoint); a full 
 the n-th fsync (no tmpfs can be mounted here). After each fault the same call must finish with exactly the bytes
 (or tensors) of an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import errno
@@ -56,8 +57,13 @@ def cli_error(capsys, argv: list[str]) -> str:
 
 
 def job_capture(model: str, images: str, out: str) -> None:
-    capture(load_target(model), FolderSource(images, Path(images) / "labels.csv"), CaptureConfig(**SPEC), out,
-            progress=False)
+    capture(
+        load_target(model),
+        FolderSource(images, Path(images) / "labels.csv"),
+        CaptureConfig(**SPEC),
+        out,
+        progress=False,
+    )
 
 
 SAE = dict(layer="x", t=10, k=4, n_latents=32, steps=24, checkpoint_every=3, batch_size=64)
@@ -72,8 +78,17 @@ def _directions_config():
     from diffdissect.directions.prompts import build_prompt_set
 
     prompts = build_prompt_set(["a red square", "a blue circle"])
-    return DirectionsConfig(prompts=prompts, seeds=[0, 1, 2], layers=["mid_block"], steps=2, guidance_scale=1.0,
-                            batch_size=2, text_source="prompts", resamples=50, permutations=50)
+    return DirectionsConfig(
+        prompts=prompts,
+        seeds=[0, 1, 2],
+        layers=["mid_block"],
+        steps=2,
+        guidance_scale=1.0,
+        batch_size=2,
+        text_source="prompts",
+        resamples=50,
+        permutations=50,
+    )
 
 
 def job_directions(model: str, out: str) -> None:
@@ -97,8 +112,15 @@ def job_invert(model: str, out: str, steps: int = 6) -> None:
     from diffdissect.invert.run import train_from_images
 
     images = np.random.default_rng(0).integers(0, 255, (12, 32, 32, 3), dtype=np.uint8)
-    train_from_images(load_target(model), FeatureExtractor(TinyCNN(), "body"), "tiny", images, out,
-                      InvertTrainConfig(steps=steps, batch_size=4, checkpoint_every=2, warmup=1), progress=False)
+    train_from_images(
+        load_target(model),
+        FeatureExtractor(TinyCNN(), "body"),
+        "tiny",
+        images,
+        out,
+        InvertTrainConfig(steps=steps, batch_size=4, checkpoint_every=2, warmup=1),
+        progress=False,
+    )
 
 
 JOBS = {"capture": job_capture, "sae": job_sae, "directions": job_directions, "invert": job_invert}
@@ -114,6 +136,7 @@ def child(job: str, kill_at: int, *args: str) -> None:
             if calls[0] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(*a, **kw)
+
         return call
 
     os.replace, os.fsync = hooked(os.replace), hooked(os.fsync)
@@ -133,14 +156,22 @@ class Commits:
             def call(*a, _real=real, **kw):
                 self.n += 1
                 return _real(*a, **kw)
+
             monkeypatch.setattr(os, name, call)
 
 
 def run_killed(job: str, kill_at: int, *args) -> int:
-    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_faults; "
-            f"test_faults.child({job!r}, {kill_at}, *{[str(a) for a in args]!r})")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_faults; "
+        f"test_faults.child({job!r}, {kill_at}, *{[str(a) for a in args]!r})"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return proc.returncode
 
 
@@ -157,6 +188,7 @@ def enospc_on(monkeypatch, n: int) -> None:
         if count[0] == n:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd)
+
     monkeypatch.setattr(os, "fsync", fsync)
 
 
@@ -202,8 +234,13 @@ def reference(tmp_path_factory, unet2d_dir, images) -> Path:
 
 def array_store(path: Path, n: int = 240, d: int = 8, dtype: str = "float32", seed: int = 0) -> Path:
     x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
-    write_array_store(path, {("x", 10): x}, [{"input_id": f"im{i}", "label": str(i % 3)} for i in range(n)],
-                      shard_rows=60, dtype=dtype)
+    write_array_store(
+        path,
+        {("x", 10): x},
+        [{"input_id": f"im{i}", "label": str(i % 3)} for i in range(n)],
+        shard_rows=60,
+        dtype=dtype,
+    )
     return path
 
 
@@ -221,7 +258,7 @@ def rewrite_shard(store: Path, name: str, edit, fix_checksum: bool = True) -> No
         meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
     edit(tensors)
     path.write_bytes(canonical_safetensors(save(tensors, metadata=meta)))
-    st = path.stat()       # as a later change would: this process's checksum cache is keyed by (path, size, mtime)
+    st = path.stat()  # as a later change would: this process's checksum cache is keyed by (path, size, mtime)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     if fix_checksum:
         manifest = json.loads((store / "manifest.json").read_text())
@@ -235,8 +272,9 @@ def rewrite_shard(store: Path, name: str, edit, fix_checksum: bool = True) -> No
 def test_a_second_writer_is_refused_naming_the_holders_pid(tmp_path, held_lock, unet2d_dir, images, capsys):
     out = tmp_path / "store"
     pid = held_lock(out)
-    err = cli_error(capsys, ["capture", "--model", unet2d_dir, "--images", images, "--layers", "mid_block",
-                             "--out", out, "--quiet"])
+    err = cli_error(
+        capsys, ["capture", "--model", unet2d_dir, "--images", images, "--layers", "mid_block", "--out", out, "--quiet"]
+    )
     assert f"PID {pid}" in err and "another process" in err
     assert not (out / "manifest.json").exists()
     store = array_store(tmp_path / "arrays")
@@ -263,7 +301,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
         DirectoryLock(tmp_path).acquire()
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(10)
-    with DirectoryLock(tmp_path):          # the kernel dropped the dead holder's lock
+    with DirectoryLock(tmp_path):  # the kernel dropped the dead holder's lock
         pass
 
 
@@ -298,7 +336,7 @@ def _edit_weights(path: Path, edit) -> None:
     save_file(tensors, path)
 
 
-def _negate_most(tensors):     # 98.5%-style: every value after the first 64 of each tensor flips sign
+def _negate_most(tensors):  # 98.5%-style: every value after the first 64 of each tensor flips sign
     for k, v in tensors.items():
         flat = v.flatten().clone()
         flat[64:] = -flat[64:]
@@ -313,8 +351,11 @@ def _beta_schedule(model: Path) -> None:
 
 
 MODEL_CHANGES = {
-    "vae": (lambda m: _edit_weights(m / "vae" / "diffusion_pytorch_model.safetensors",
-                                    lambda t: t.update({k: v * 1.01 for k, v in t.items()}))),
+    "vae": (
+        lambda m: _edit_weights(
+            m / "vae" / "diffusion_pytorch_model.safetensors", lambda t: t.update({k: v * 1.01 for k, v in t.items()})
+        )
+    ),
     "scheduler-beta-schedule": _beta_schedule,
     "unet-98pct-negated": (lambda m: _edit_weights(m / "unet" / "diffusion_pytorch_model.safetensors", _negate_most)),
 }
@@ -365,11 +406,11 @@ def test_a_resume_reuses_the_model_digest_while_the_files_are_unchanged(tmp_path
     real = target_module.content_digest
     monkeypatch.setattr(target_module, "content_digest", lambda *a: calls.append(1) or real(*a))
     job_capture(str(model), str(images), str(out))
-    assert calls == []                                  # sizes and mtimes as recorded: no rehash
+    assert calls == []  # sizes and mtimes as recorded: no rehash
     weights = model / "diffusion_pytorch_model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     job_capture(str(model), str(images), str(out))
-    assert calls == [1]                                 # touched: hashed again (same content, so accepted)
+    assert calls == [1]  # touched: hashed again (same content, so accepted)
 
 
 def test_an_old_format_store_is_read_but_not_resumed(tmp_path, reference, unet2d_dir, images):
@@ -418,14 +459,16 @@ def test_sae_disk_full_mid_checkpoint_keeps_the_previous_one(tmp_path, sae_refer
     config = tmp_path / "sae.json"
     config.write_text(json.dumps({k: v for k, v in SAE.items() if k not in ("layer", "t")}))
     with monkeypatch.context() as mp:
-        enospc_on(mp, 5)         # the 2nd checkpoint's file (each checkpoint: 2 files x (file, dir) fsyncs)
-        err = cli_error(capsys, ["sae", "train", store, "--layers", "x", "--timesteps", "10", "--config", config,
-                                 "--out", out, "--quiet"])
+        enospc_on(mp, 5)  # the 2nd checkpoint's file (each checkpoint: 2 files x (file, dir) fsyncs)
+        err = cli_error(
+            capsys,
+            ["sae", "train", store, "--layers", "x", "--timesteps", "10", "--config", config, "--out", out, "--quiet"],
+        )
     assert "disk is full" in err and "previous checkpoint (step 3) is intact" in err
     run = next(p for p in out.iterdir() if p.is_dir())
     info = json.loads((run / "config.json").read_text())
     meta_step = __import__("safetensors").safe_open(str(run / "checkpoint.safetensors"), "pt").metadata()["step"]
-    assert info["step"] == 3 and meta_step == "3"          # the previous checkpoint, whole
+    assert info["step"] == 3 and meta_step == "3"  # the previous checkpoint, whole
     job_sae(str(store), str(run))
     assert_same_checkpoint(run, reference)
 
@@ -442,6 +485,7 @@ def test_an_sae_out_reused_with_another_store_is_refused(tmp_path, sae_reference
 
     real = sae_train.save_checkpoint
     with monkeypatch.context() as mp:
+
         def save_then_stop(*a, **k):
             real(*a, **k)
             raise KeyboardInterrupt
@@ -465,7 +509,7 @@ def test_inverter_kill_mid_checkpoint_resumes_from_previous(tmp_path, sd_dir, mo
     def die_after_the_first_file_of_the_second_checkpoint(path, data):
         writes.append(Path(path).name)
         if writes.count("inverter.safetensors") == 2 and Path(path).name == "optimizer.safetensors":
-            raise KeyboardInterrupt           # as a SIGKILL here: new weights, old optimiser state and config
+            raise KeyboardInterrupt  # as a SIGKILL here: new weights, old optimiser state and config
         return real(path, data)
 
     with monkeypatch.context() as mp:
@@ -516,10 +560,13 @@ def test_directions_commits_progress_every_batch(tmp_path, sd_dir, monkeypatch):
     from diffdissect.store import writer as store_writer
 
     real, shards = store_writer.StoreWriter.write_shard, []
-    monkeypatch.setattr(store_writer.StoreWriter, "write_shard",
-                        lambda self, chunk, *a, **k: shards.append(len(a[1])) or real(self, chunk, *a, **k))
+    monkeypatch.setattr(
+        store_writer.StoreWriter,
+        "write_shard",
+        lambda self, chunk, *a, **k: shards.append(len(a[1])) or real(self, chunk, *a, **k),
+    )
     job_directions(str(sd_dir), str(tmp_path / "run"))
-    assert shards == [2, 2, 2]                     # 6 trajectories, batch 2: committed batch by batch
+    assert shards == [2, 2, 2]  # 6 trajectories, batch 2: committed batch by batch
 
 
 # ==== 4. thumbnails ===================================================================================================
@@ -530,18 +577,18 @@ def test_thumbnails_follow_the_recorded_file_and_content(tmp_path, unet2d_dir, i
     out = tmp_path / "store"
     job_capture(str(unet2d_dir), str(folder), str(out))
     rows = open_store(out).rows()
-    for name in ("a0.png", "a1.png", "a2.png"):            # sort first: every position shifts by 3
+    for name in ("a0.png", "a1.png", "a2.png"):  # sort first: every position shifts by 3
         Image.new("RGB", (20, 20), (200, 0, 0)).save(folder / name)
     source = FolderSource(folder)
     for row in rows:
         record = resolve_image(source, row)
         assert record is not None and record.input_id == row["input_id"]
         assert record.content_sha256 == row["image_sha256"]
-    Image.new("RGB", (20, 20), (0, 0, 200)).save(folder / rows[0]["input_id"])   # changed since the capture
+    Image.new("RGB", (20, 20), (0, 0, 200)).save(folder / rows[0]["input_id"])  # changed since the capture
     assert resolve_image(FolderSource(folder), rows[0]) is None
     from diffdissect.sae.report import image_source_for
 
-    assert Path(image_source_for(out).root) == folder.resolve()          # found where the manifest says
+    assert Path(image_source_for(out).root) == folder.resolve()  # found where the manifest says
 
 
 # ==== 5. readers check checksums and finiteness =======================================================================
@@ -569,8 +616,13 @@ def test_truncated_prompts_are_warned_and_recorded(tmp_path, sd_dir, images):
     limit = target.tokenizer.model_max_length
     words = " ".join(["red"] * (limit + 4))
     with pytest.warns(UserWarning, match="the text encoder saw only the first"):
-        capture(target, FolderSource(images), CaptureConfig(layers=["mid_block"], timesteps=[10], prompt=words + " cat"),
-                tmp_path / "store", progress=False)
+        capture(
+            target,
+            FolderSource(images),
+            CaptureConfig(layers=["mid_block"], timesteps=[10], prompt=words + " cat"),
+            tmp_path / "store",
+            progress=False,
+        )
     notes = Manifest.load(tmp_path / "store").notes["truncated_prompts"]
     assert notes[words + " cat"]["kept"] == limit and "cat" in notes[words + " cat"]["dropped_text"]
 
@@ -581,8 +633,12 @@ def test_trajectory_prompts_are_checked_for_truncation(tmp_path, sd_dir):
     target = load_target(sd_dir)
     long = " ".join(["blue"] * (target.tokenizer.model_max_length + 2))
     with pytest.warns(UserWarning, match="the text encoder saw only the first"):
-        capture_trajectories(target, TrajectoryConfig(prompts=[long, "a cat"], steps=1, guidance_scale=1.0,
-                                                    save_images=False), tmp_path / "t", progress=False)
+        capture_trajectories(
+            target,
+            TrajectoryConfig(prompts=[long, "a cat"], steps=1, guidance_scale=1.0, save_images=False),
+            tmp_path / "t",
+            progress=False,
+        )
     assert list(Manifest.load(tmp_path / "t").notes["truncated_prompts"]) == [long]
 
 
@@ -609,7 +665,7 @@ def test_every_pil_mode_keeps_its_brightness(tmp_path, mode):
     rgb = np.asarray(to_rgb(image), np.float64) / 255
     assert rgb.shape == (8, 8, 3)
     assert abs(rgb.mean() - brightness) < 0.02, (mode, rgb.mean(), brightness)
-    if mode in ("I;16", "P", "F"):                        # through a file too, as a capture reads it
+    if mode in ("I;16", "P", "F"):  # through a file too, as a capture reads it
         path = tmp_path / ("x.tiff" if mode == "F" else "x.png")
         image.save(path)
         (tmp_path / "folder").mkdir()
@@ -645,8 +701,12 @@ def test_names_that_become_paths_stay_inside_out(tmp_path):
     x = np.random.default_rng(0).normal(size=(120, 4)).astype(np.float32)
     write_array_store(store, {("../../../escaped", 10): x}, [{"input_id": f"i{i}"} for i in range(120)])
     out = tmp_path / "deep" / "er" / "runs"
-    train_saes(store, [TrainConfig(layer="../../../escaped", t=10, k=2, n_latents=8, steps=2, batch_size=32)], out,
-               progress=False)
+    train_saes(
+        store,
+        [TrainConfig(layer="../../../escaped", t=10, k=2, n_latents=8, steps=2, batch_size=32)],
+        out,
+        progress=False,
+    )
     outside = [p for p in tmp_path.rglob("*") if "escaped" in p.name and out not in p.parents]
     assert outside == [] and any("escaped" in p.name for p in out.iterdir())
 
@@ -658,8 +718,12 @@ def test_browser_escapes_every_context(tmp_path):
     from diffdissect.sae.browser import write_browser
 
     payload = "</title><script>alert(1)</script>__DATA__"
-    data = {"title": payload, "labels": ["<!--<script>"], "latents": [{"latent": 0, "note": "a\u2028b</script>&"}],
-            "summary": {}}
+    data = {
+        "title": payload,
+        "labels": ["<!--<script>"],
+        "latents": [{"latent": 0, "note": "a\u2028b</script>&"}],
+        "summary": {},
+    }
     page = write_browser(tmp_path / "b.html", data).read_text()
     assert f"<title>{html_module.escape(payload)}</title>" in page and f"<h1>{html_module.escape(payload)}</h1>" in page
     script = re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S).group(1)
@@ -683,8 +747,9 @@ def test_a_row_count_that_disagrees_with_the_shards_is_refused(tmp_path):
 
 # ==== clear errors ====================================================================================================
 @pytest.mark.parametrize("damage", ["truncated", "header", "deleted"])
-def test_a_damaged_shard_is_a_clear_error_and_a_rerun_repairs_exactly_it(tmp_path, reference, unet2d_dir, images,
-                                                                         damage, capsys):
+def test_a_damaged_shard_is_a_clear_error_and_a_rerun_repairs_exactly_it(
+    tmp_path, reference, unet2d_dir, images, damage, capsys
+):
     store = Path(shutil.copytree(reference, tmp_path / "store"))
     bad = store / "shards" / "shard-000001.safetensors"
     if damage == "truncated":
@@ -699,22 +764,45 @@ def test_a_damaged_shard_is_a_clear_error_and_a_rerun_repairs_exactly_it(tmp_pat
     with pytest.warns(UserWarning, match="captured again"):
         job_capture(str(unet2d_dir), str(images), str(store))
     after = {k: v for k, v in file_stats(store).items() if k.startswith("shards/") and "000001" not in k}
-    assert after == before                                   # only the bad shard was written again
+    assert after == before  # only the bad shard was written again
     data = {k: v for k, v in snapshot(store).items() if k != "manifest.json"}
     assert data == {k: v for k, v in snapshot(reference).items() if k != "manifest.json"}
     repaired = json.loads((store / "manifest.json").read_text())
-    assert repaired["notes"].pop("repaired_shards") == ["shard-000001.safetensors"]      # recorded, else the same
+    assert repaired["notes"].pop("repaired_shards") == ["shard-000001.safetensors"]  # recorded, else the same
     assert repaired == json.loads((reference / "manifest.json").read_text())
 
 
 def test_disk_full_while_writing_the_manifest(tmp_path, reference, unet2d_dir, images, monkeypatch, capsys):
     out = tmp_path / "store"
     with monkeypatch.context() as mp:
-        enospc_on(mp, 5)          # new manifest (file, dir), shard 0 (file, dir), then the manifest
-        err = cli_error(capsys, ["capture", "--model", unet2d_dir, "--images", images, "--labels-csv",
-                                 images / "labels.csv", "--layers", "mid_block", "--timesteps", "10", "500",
-                                 "--seeds", "0", "1", "--shard-size", "2", "--batch-size", "2", "--out", out,
-                                 "--quiet"])
+        enospc_on(mp, 5)  # new manifest (file, dir), shard 0 (file, dir), then the manifest
+        err = cli_error(
+            capsys,
+            [
+                "capture",
+                "--model",
+                unet2d_dir,
+                "--images",
+                images,
+                "--labels-csv",
+                images / "labels.csv",
+                "--layers",
+                "mid_block",
+                "--timesteps",
+                "10",
+                "500",
+                "--seeds",
+                "0",
+                "1",
+                "--shard-size",
+                "2",
+                "--batch-size",
+                "2",
+                "--out",
+                out,
+                "--quiet",
+            ],
+        )
     assert "disk space" in err and "manifest.json" in err
     job_capture(str(unet2d_dir), str(images), str(out))
     assert snapshot(out) == snapshot(reference)
@@ -736,8 +824,23 @@ def test_model_directory_errors_are_clear(tmp_path, unet2d_dir, sd_dir, images, 
 
 
 def test_dit_class_id_out_of_range(tmp_path, dit_dir, images, capsys):
-    err = cli_error(capsys, ["capture", "--model", dit_dir, "--images", images, "--layers", "transformer_blocks.0",
-                             "--class-label", "5000", "--out", tmp_path / "s", "--quiet"])
+    err = cli_error(
+        capsys,
+        [
+            "capture",
+            "--model",
+            dit_dir,
+            "--images",
+            images,
+            "--layers",
+            "transformer_blocks.0",
+            "--class-label",
+            "5000",
+            "--out",
+            tmp_path / "s",
+            "--quiet",
+        ],
+    )
     assert "out of range" in err and "0..9" in err
 
 
@@ -782,11 +885,39 @@ def test_csv_bom_reserved_duplicates_and_outside_rows(tmp_path, images):
 
 
 def test_negative_shard_mb_and_empty_prompts_are_refused(tmp_path, unet2d_dir, sd_dir, images, capsys):
-    err = cli_error(capsys, ["capture", "--model", unet2d_dir, "--images", images, "--layers", "mid_block",
-                             "--shard-mb", "-5", "--out", tmp_path / "a", "--quiet"])
+    err = cli_error(
+        capsys,
+        [
+            "capture",
+            "--model",
+            unet2d_dir,
+            "--images",
+            images,
+            "--layers",
+            "mid_block",
+            "--shard-mb",
+            "-5",
+            "--out",
+            tmp_path / "a",
+            "--quiet",
+        ],
+    )
     assert "shard_mb must be a positive" in err
-    err = cli_error(capsys, ["capture", "--model", sd_dir, "--prompts", "a cat", " ", "--layers", "mid_block",
-                             "--out", tmp_path / "b", "--quiet"])
+    err = cli_error(
+        capsys,
+        [
+            "capture",
+            "--model",
+            sd_dir,
+            "--prompts",
+            "a cat",
+            " ",
+            "--layers",
+            "mid_block",
+            "--out",
+            tmp_path / "b",
+            "--quiet",
+        ],
+    )
     assert "are empty" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "manifest.json").exists()
-

@@ -4,6 +4,7 @@ nothing is run). docs/architecture.md draws the same floors.
 
 A new module or package needs a line in FLOORS (the test says so); an analysis must never import the world.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,18 +18,32 @@ PACKAGE = "diffdissect"
 # Longest matching prefix wins. Ground floor first; the package face and the CLI stand on top.
 FLOORS: dict[str, int] = {
     "diffdissect.errors": 0,
-    "diffdissect.runtime": 1, "diffdissect.atomic": 1, "diffdissect.stats": 1, "diffdissect.distributed": 1,
-    "diffdissect.optim_state": 1, "diffdissect.options": 1, "diffdissect.result": 1, "diffdissect.devices": 1,
-    "diffdissect.lock": 1, "diffdissect.paths": 1,
-    "diffdissect.models": 2, "diffdissect.data": 2, "diffdissect.report": 2,
+    "diffdissect.runtime": 1,
+    "diffdissect.atomic": 1,
+    "diffdissect.stats": 1,
+    "diffdissect.distributed": 1,
+    "diffdissect.optim_state": 1,
+    "diffdissect.options": 1,
+    "diffdissect.result": 1,
+    "diffdissect.devices": 1,
+    "diffdissect.lock": 1,
+    "diffdissect.paths": 1,
+    "diffdissect.models": 2,
+    "diffdissect.data": 2,
+    "diffdissect.report": 2,
     "diffdissect.store": 3,
     "diffdissect.capture": 4,
-    "diffdissect.probe": 5, "diffdissect.sae": 5, "diffdissect.directions": 5, "diffdissect.invert": 5,
+    "diffdissect.probe": 5,
+    "diffdissect.sae": 5,
+    "diffdissect.directions": 5,
+    "diffdissect.invert": 5,
     "diffdissect.intervene": 6,
-    "diffdissect.world": 6, "diffdissect.world.demo": 7,
+    "diffdissect.world": 6,
+    "diffdissect.world.demo": 7,
     "diffdissect.bench": 7,
     "diffdissect.cli": 8,
-    "diffdissect.__main__": 9, "diffdissect": 9,      # the package face re-exports from every floor
+    "diffdissect.__main__": 9,
+    "diffdissect": 9,  # the package face re-exports from every floor
 }
 
 
@@ -52,7 +67,7 @@ def imports_of(name: str, path: Path, modules: set[str], package: str) -> set[st
             bases = [alias.name for alias in node.names]
             names: list[str] = []
         elif isinstance(node, ast.ImportFrom):
-            if node.level:      # relative: resolve against this module's package
+            if node.level:  # relative: resolve against this module's package
                 anchor = name.split(".") if is_package else name.split(".")[:-1]
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([node.module] if node.module else []))
@@ -66,7 +81,7 @@ def imports_of(name: str, path: Path, modules: set[str], package: str) -> set[st
             if base != package and not base.startswith(package + "."):
                 continue
             submodules = [f"{base}.{n}" for n in names if f"{base}.{n}" in modules]
-            if submodules:       # `from pkg import submodule`: the submodule (and the package face) is imported
+            if submodules:  # `from pkg import submodule`: the submodule (and the package face) is imported
                 found.update(submodules)
             if not submodules or len(submodules) < len(names):
                 target = base
@@ -78,8 +93,7 @@ def imports_of(name: str, path: Path, modules: set[str], package: str) -> set[st
 
 
 def floor_of(name: str, floors: dict[str, int]) -> int:
-    best = max((prefix for prefix in floors if name == prefix or name.startswith(prefix + ".")), key=len,
-               default=None)
+    best = max((prefix for prefix in floors if name == prefix or name.startswith(prefix + ".")), key=len, default=None)
     if best is None:
         raise AssertionError(f"{name} has no floor: add it (or its package) to FLOORS in tests/test_import_graph.py")
     return floors[best]
@@ -89,9 +103,12 @@ def check(src: Path, package: str, floors: dict[str, int]) -> tuple[list[str], l
     """(upward imports as 'a (floor) -> b (floor)', cycles as module lists)."""
     files = module_files(src, package)
     graph = {name: imports_of(name, path, set(files), package) for name, path in files.items()}
-    upward = [f"{a} ({floor_of(a, floors)}) -> {b} ({floor_of(b, floors)})"
-              for a, targets in sorted(graph.items()) for b in sorted(targets)
-              if floor_of(b, floors) > floor_of(a, floors)]
+    upward = [
+        f"{a} ({floor_of(a, floors)}) -> {b} ({floor_of(b, floors)})"
+        for a, targets in sorted(graph.items())
+        for b in sorted(targets)
+        if floor_of(b, floors) > floor_of(a, floors)
+    ]
     # A package's face importing its own submodules is how packages work; a submodule importing its own
     # package's face is the cycle we want to see. Cycles are searched on the module graph (Tarjan).
     return upward, strongly_connected(graph)

@@ -1,5 +1,6 @@
 """Interventions: each edit's maths against a known answer, the hooks against a plain forward hook, steer on the
 tiny SD and DiT pipelines, and every bad-input case."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,8 @@ def test_locations_round_trip_and_map_order() -> None:
     rows, back = to_locations(h)
     assert rows.shape == (2, 20, 3)
     assert torch.equal(back(rows), h)
-    assert torch.equal(rows[1, 7], h[1, :, 1, 2])          # location 7 = row 1, column 2
-    flat = h[0].reshape(-1)                                 # a stored (C, H, W) map, flattened channel-major
+    assert torch.equal(rows[1, 7], h[1, :, 1, 2])  # location 7 = row 1, column 2
+    flat = h[0].reshape(-1)  # a stored (C, H, W) map, flattened channel-major
     assert torch.equal(map_to_locations(flat, (3, 4, 5)), rows[0])
 
 
@@ -68,7 +69,7 @@ def test_add_adds_alpha_times_scale_along_a_unit_direction() -> None:
     out = edit.apply(h, Context(step=0, t=10, alpha=2.0, scale=3.0))
     expected = h + 6.0 * torch.tensor([0.6, 0.0, 0.8, 0.0])
     assert torch.allclose(out, expected, atol=1e-6)
-    assert edit.apply(h, Context(0, 10, alpha=0.0, scale=3.0)) is h           # alpha 0: the input object itself
+    assert edit.apply(h, Context(0, 10, alpha=0.0, scale=3.0)) is h  # alpha 0: the input object itself
 
 
 def test_a_map_direction_is_scaled_to_unit_rms_per_location() -> None:
@@ -146,7 +147,7 @@ def test_sae_set_in_alpha_units_adds_alpha_times_scale_along_the_decoder_row() -
     inactive = next(j for j in range(64) if j not in codes.indices.flatten().tolist())
     out = SAEEdit("x", sae, [inactive], "set").apply(h, Context(0, 0, alpha=2.0, scale=0.5))
     row = sae.W_dec.detach()[inactive]
-    assert torch.allclose(out - h, (1.0 * row)[None, None].expand_as(h), atol=1e-5)   # ||row|| = 1 in raw units
+    assert torch.allclose(out - h, (1.0 * row)[None, None].expand_as(h), atol=1e-5)  # ||row|| = 1 in raw units
 
 
 def test_composition_applies_edits_in_order() -> None:
@@ -196,8 +197,12 @@ def dit_target(dit_dir: Path):
 
 
 def _sample(target, seeds, steps=4, guidance=2.0, prompt="a red cat"):
-    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np",
-              "generator": [torch.Generator().manual_seed(s) for s in seeds]}
+    kwargs = {
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "output_type": "np",
+        "generator": [torch.Generator().manual_seed(s) for s in seeds],
+    }
     if target.kind == "dit":
         kwargs["class_labels"] = [3] * len(seeds)
     else:
@@ -228,7 +233,9 @@ def test_intervention_matches_a_plain_forward_hook(sd_target) -> None:
 
 def test_branch_edits_only_the_chosen_half(sd_target) -> None:
     seen = []
-    edit = AddEdit("mid_block", Direction("v", vector=torch.ones(layer_shapes(sd_target, ["mid_block"])["mid_block"][0])))
+    edit = AddEdit(
+        "mid_block", Direction("v", vector=torch.ones(layer_shapes(sd_target, ["mid_block"])["mid_block"][0]))
+    )
 
     class Spy:
         layer, uses_alpha = "mid_block", False
@@ -240,8 +247,8 @@ def test_branch_edits_only_the_chosen_half(sd_target) -> None:
     with Intervention(sd_target, [Spy(), edit], scales={"mid_block": 1.0}, alpha=1.0, branch="cond") as iv:
         iv.samples = 2
         _sample(sd_target, [0, 1])
-    assert seen and set(seen) == {2}          # the guided batch is 4: the spy saw one half
-    assert not sd_target.cfg_cond_first      # SD: unconditional first, so the conditional half is rows 2..3
+    assert seen and set(seen) == {2}  # the guided batch is 4: the spy saw one half
+    assert not sd_target.cfg_cond_first  # SD: unconditional first, so the conditional half is rows 2..3
 
 
 def test_steer_on_tiny_sd_alpha_zero_and_noop_sae_reproduce_the_unedited_image(sd_target, tmp_path: Path) -> None:
@@ -252,15 +259,24 @@ def test_steer_on_tiny_sd_alpha_zero_and_noop_sae_reproduce_the_unedited_image(s
     export_sparsify(sae, tmp_path / "saes", "unet.mid_block")
     vec = tmp_path / "v.npy"
     np.save(vec, np.random.default_rng(0).normal(size=c).astype(np.float32))
-    config = SteerConfig(prompts=["a red cat"], seeds=[0, 1], alphas=[0.0, 3.0], steps=4, guidance=2.0,
-                         edits=[f"add@mid_block=file:{vec}", f"sae-scale@mid_block={tmp_path / 'saes'}#0;value=1",
-                                f"add@mid_block={vec};steps=0:1 | erase@mid_block=random:1",
-                                f"sae-zero@mid_block=sae:{tmp_path / 'saes' / 'unet.mid_block'}#0,1,2"])
+    config = SteerConfig(
+        prompts=["a red cat"],
+        seeds=[0, 1],
+        alphas=[0.0, 3.0],
+        steps=4,
+        guidance=2.0,
+        edits=[
+            f"add@mid_block=file:{vec}",
+            f"sae-scale@mid_block={tmp_path / 'saes'}#0;value=1",
+            f"add@mid_block={vec};steps=0:1 | erase@mid_block=random:1",
+            f"sae-zero@mid_block=sae:{tmp_path / 'saes' / 'unet.mid_block'}#0,1,2",
+        ],
+    )
     result = run_steer(sd_target, config, tmp_path / "out")
     by = {(e.edit, e.alpha): e for e in result.effects}
     assert by[(config.edits[0], 0.0)].identical == 2
     assert by[(config.edits[0], 3.0)].identical == 0 and by[(config.edits[0], 3.0)].pixel_distance > 0
-    assert by[(config.edits[1], None)].identical == 2           # scale by 1: no latent moves
+    assert by[(config.edits[1], None)].identical == 2  # scale by 1: no latent moves
     assert by[(config.edits[2], 3.0)].identical == 0
     assert set(result.calibration) == {"mid_block"} and result.calibration["mid_block"] > 0
     assert (tmp_path / "out" / "grids" / "e0.png").is_file()
@@ -272,9 +288,15 @@ def test_steer_on_tiny_sd_alpha_zero_and_noop_sae_reproduce_the_unedited_image(s
 
 def test_steer_on_tiny_dit_edits_transformer_tokens(dit_target, tmp_path: Path) -> None:
     shapes = layer_shapes(dit_target, ["transformer_blocks.0"])
-    assert len(shapes["transformer_blocks.0"]) == 2                  # (tokens, width)
-    config = SteerConfig(prompts=["3"], seeds=[0, 1], alphas=[0.0, 2.0], steps=3, guidance=1.5,
-                         edits=["add@transformer_blocks.0=random:0", "add@transformer_blocks.0=random:0#map;box=0:2,0:2"])
+    assert len(shapes["transformer_blocks.0"]) == 2  # (tokens, width)
+    config = SteerConfig(
+        prompts=["3"],
+        seeds=[0, 1],
+        alphas=[0.0, 2.0],
+        steps=3,
+        guidance=1.5,
+        edits=["add@transformer_blocks.0=random:0", "add@transformer_blocks.0=random:0#map;box=0:2,0:2"],
+    )
     result = run_steer(dit_target, config, tmp_path / "out")
     by = {(e.edit, e.alpha): e for e in result.effects}
     assert by[(config.edits[0], 0.0)].identical == 2
@@ -287,6 +309,7 @@ def test_judge_readings_and_effect_table(sd_target, tmp_path: Path) -> None:
 
     class Fake:
         """'red' when the mean pixel is bright, else 'blue'; always 'cat'."""
+
         name = "fake"
 
         def caption(self, images):
@@ -294,12 +317,19 @@ def test_judge_readings_and_effect_table(sd_target, tmp_path: Path) -> None:
 
     base = _sample(sd_target, [0, 1, 2, 3], guidance=1.0)
     threshold = float((base * 255).mean()) + 0.5
-    config = SteerConfig(prompts=["a red cat"], seeds=[0, 1, 2, 3], alphas=[0.0], steps=4, guidance=1.0,
-                         edits=["add@mid_block=random:0"], expect=["colour=red"],
-                         attributes={"colour": ["red", "blue"], "animal": ["cat", "dog"]})
+    config = SteerConfig(
+        prompts=["a red cat"],
+        seeds=[0, 1, 2, 3],
+        alphas=[0.0],
+        steps=4,
+        guidance=1.0,
+        edits=["add@mid_block=random:0"],
+        expect=["colour=red"],
+        attributes={"colour": ["red", "blue"], "animal": ["cat", "dog"]},
+    )
     result = run_steer(sd_target, config, tmp_path / "out", Judge(Fake(), config.attributes))
     effect = result.effects[0]
-    assert effect.target_rate == effect.baseline_target_rate            # alpha 0: nothing changes
+    assert effect.target_rate == effect.baseline_target_rate  # alpha 0: nothing changes
     assert effect.keep["animal"]["rate"] == 1.0 and effect.keep["animal"]["n"] == 4
     assert effect.target_ci[0] <= effect.target_rate <= effect.target_ci[1]
     readings = json.loads((tmp_path / "out" / "readings.json").read_text())
@@ -312,8 +342,9 @@ def _bind(target, text: str, steps: int = 4):
 
     (spec,) = parse_edits(text)
     shapes = layer_shapes(target, [spec.layer])
-    return bind_edit(spec, shapes[spec.layer], sampling_schedule(target, steps), target.num_train_timesteps,
-                     target.identity())
+    return bind_edit(
+        spec, shapes[spec.layer], sampling_schedule(target, steps), target.num_train_timesteps, target.identity()
+    )
 
 
 def test_bad_width_mask_steps_and_kind(sd_target, tmp_path: Path) -> None:
@@ -368,10 +399,19 @@ def sd_store_and_sae(sd_target, image_folder: Path, tmp_path_factory):
     from diffdissect.sae.train import TrainConfig, train_sae
 
     root = tmp_path_factory.mktemp("sae17")
-    capture(sd_target, FolderSource(image_folder), CaptureConfig(layers=["mid_block"], timesteps=[100], batch_size=8),
-            root / "store", progress=False)
-    train_sae(root / "store", TrainConfig(layer="mid_block", t=100, k=2, n_latents=8, batch_size=4, steps=2,
-                                          heldout_fraction=0.25), root / "sae", progress=False)
+    capture(
+        sd_target,
+        FolderSource(image_folder),
+        CaptureConfig(layers=["mid_block"], timesteps=[100], batch_size=8),
+        root / "store",
+        progress=False,
+    )
+    train_sae(
+        root / "store",
+        TrainConfig(layer="mid_block", t=100, k=2, n_latents=8, batch_size=4, steps=2, heldout_fraction=0.25),
+        root / "sae",
+        progress=False,
+    )
     return root / "store", root / "sae"
 
 
@@ -380,12 +420,10 @@ def _bind_with(target, text: str, identity, steps: int = 4):
 
     (spec,) = parse_edits(text)
     shapes = layer_shapes(target, [spec.layer])
-    return bind_edit(spec, shapes[spec.layer], sampling_schedule(target, steps), target.num_train_timesteps,
-                     identity)
+    return bind_edit(spec, shapes[spec.layer], sampling_schedule(target, steps), target.num_train_timesteps, identity)
 
 
-def test_an_sae_is_checked_against_the_model_dtype_aware(sd_target, sd_dir: Path, sd_store_and_sae,
-                                                          recwarn) -> None:
+def test_an_sae_is_checked_against_the_model_dtype_aware(sd_target, sd_dir: Path, sd_store_and_sae, recwarn) -> None:
     """The same weights loaded in float16 are accepted (with a warning: content not comparable exactly);
     another model is refused, in the same dtype by content and across dtypes by config."""
     import warnings
@@ -396,20 +434,21 @@ def test_an_sae_is_checked_against_the_model_dtype_aware(sd_target, sd_dir: Path
     text = f"sae-zero@mid_block={sae}#1"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _bind_with(sd_target, text, sd_target.identity())                       # same model, same dtype: silent
+        _bind_with(sd_target, text, sd_target.identity())  # same model, same dtype: silent
     half = load_target(str(sd_dir), dtype=torch.float16).identity()
-    assert half["content_sha256"] != sd_target.identity()["content_sha256"]     # the digest depends on the dtype
+    assert half["content_sha256"] != sd_target.identity()["content_sha256"]  # the digest depends on the dtype
     with pytest.warns(UserWarning, match="could not be compared exactly"):
         _bind_with(sd_target, text, half)
     other = load_target(str(sd_dir), random_init=True, seed=1).identity()
     with pytest.raises(SpecError, match="another model"):
         _bind_with(sd_target, text, other)
-    with pytest.raises(SpecError, match="another model"):                       # across dtypes: the config differs
+    with pytest.raises(SpecError, match="another model"):  # across dtypes: the config differs
         _bind_with(sd_target, text, dict(half, config_sha256="0" * 16))
 
 
-def test_an_sae_without_a_recorded_model_is_checked_through_its_store(sd_target, sd_dir: Path, sd_store_and_sae,
-                                                                      tmp_path: Path) -> None:
+def test_an_sae_without_a_recorded_model_is_checked_through_its_store(
+    sd_target, sd_dir: Path, sd_store_and_sae, tmp_path: Path
+) -> None:
     """Older SAEs: the store path is found relative to the SAE, trusted only if it holds the SAE's store."""
     import shutil
 
@@ -420,23 +459,24 @@ def test_an_sae_without_a_recorded_model_is_checked_through_its_store(sd_target,
     shutil.copytree(store, tmp_path / "store")
     sae, info = load_sae(sae_dir)
     info = dict(info, slice={k: v for k, v in info["slice"].items() if k != "model"} | {"store": "store"})
-    save_checkpoint(tmp_path / "old", sae, info)                              # "store": relative to the SAE's parent
+    save_checkpoint(tmp_path / "old", sae, info)  # "store": relative to the SAE's parent
     text = f"sae-zero@mid_block={tmp_path / 'old'}#1"
     other = load_target(str(sd_dir), random_init=True, seed=1).identity()
     with pytest.raises(SpecError, match="another model"):
         _bind_with(sd_target, text, other)
     _bind_with(sd_target, text, sd_target.identity())
-    info["slice"]["store_identity"] = dict(info["slice"]["store_identity"], rows=-1)    # another capture there now
+    info["slice"]["store_identity"] = dict(info["slice"]["store_identity"], rows=-1)  # another capture there now
     save_checkpoint(tmp_path / "moved", sae, info)
     with pytest.warns(UserWarning, match="could not be checked"):
         _bind_with(sd_target, f"sae-zero@mid_block={tmp_path / 'moved'}#1", other)
-    (tmp_path / "store" / "manifest.json").write_text("{")                   # a corrupt manifest is not skipped
+    (tmp_path / "store" / "manifest.json").write_text("{")  # a corrupt manifest is not skipped
     with pytest.raises(DiffdissectError, match="corrupt|unreadable"):
         _bind_with(sd_target, text, other)
 
 
-def test_mean_directions_and_probe_sources_are_checked_against_the_model(sd_target, sd_dir: Path,
-                                                                         sd_store_and_sae, tmp_path: Path) -> None:
+def test_mean_directions_and_probe_sources_are_checked_against_the_model(
+    sd_target, sd_dir: Path, sd_store_and_sae, tmp_path: Path
+) -> None:
     import shutil
 
     from diffdissect.models import load_target
@@ -453,7 +493,7 @@ def test_mean_directions_and_probe_sources_are_checked_against_the_model(sd_targ
     c = layer_shapes(sd_target, ["mid_block"])["mid_block"][0]
     run = tmp_path / "run"
     (run / "directions").mkdir(parents=True)
-    shutil.copytree(store, run / "trajectories")                              # the run's own store
+    shutil.copytree(store, run / "trajectories")  # the run's own store
     (run / "directions" / "terms.json").write_text(json.dumps({"terms": ["red"]}))
     save_file({"t=100": torch.ones(1, c)}, str(run / "directions" / "mid_block.safetensors"))
     _bind_with(sd_target, f"add@mid_block=directions:{run}#red@t=100", sd_target.identity())
@@ -463,8 +503,16 @@ def test_mean_directions_and_probe_sources_are_checked_against_the_model(sd_targ
     probe = tmp_path / "probe"
     probe.mkdir()
     save_file({"cell0": torch.eye(c)[:2].contiguous()}, str(probe / "probe_weights.safetensors"))
-    (probe / "probe_weights.json").write_text(json.dumps({"model": sd_target.identity(), "cells": [
-        {"label": "colour", "layer": "mid_block", "t": 100, "key": "cell0", "classes": ["blue", "red"]}]}))
+    (probe / "probe_weights.json").write_text(
+        json.dumps(
+            {
+                "model": sd_target.identity(),
+                "cells": [
+                    {"label": "colour", "layer": "mid_block", "t": 100, "key": "cell0", "classes": ["blue", "red"]}
+                ],
+            }
+        )
+    )
     _bind_with(sd_target, f"add@mid_block=probe:{probe}#colour=red", sd_target.identity())
     with pytest.raises(SpecError, match="probes were trained on activations of another model"):
         _bind_with(sd_target, f"add@mid_block=probe:{probe}#colour=red", other)
@@ -488,11 +536,18 @@ def test_non_finite_or_zero_directions_are_refused_at_bind_time(sd_target, tmp_p
     rows = torch.zeros(2, c)
     rows[1] = torch.from_numpy(vector)
     save_file({"cell0": rows}, str(probe / "probe_weights.safetensors"))
-    (probe / "probe_weights.json").write_text(json.dumps({"cells": [
-        {"label": "colour", "layer": "mid_block", "t": 100, "key": "cell0", "classes": ["blue", "red"]}]}))
+    (probe / "probe_weights.json").write_text(
+        json.dumps(
+            {"cells": [{"label": "colour", "layer": "mid_block", "t": 100, "key": "cell0", "classes": ["blue", "red"]}]}
+        )
+    )
     what = "non-finite" if bad != 0.0 else "is zero"
-    for source in (f"file:{tmp_path / 'v.npy'}", f"file:{tmp_path / 'v.safetensors'}",
-                   f"directions:{run}#red@t=100", f"probe:{probe}#colour=red"):
+    for source in (
+        f"file:{tmp_path / 'v.npy'}",
+        f"file:{tmp_path / 'v.safetensors'}",
+        f"directions:{run}#red@t=100",
+        f"probe:{probe}#colour=red",
+    ):
         for kind in ("add", "erase") + (("mean",) if bad != 0.0 else ()):
             for scale in (";scale=raw", "") if kind == "add" else ("",):
                 with pytest.raises(SpecError, match=what):
@@ -509,7 +564,7 @@ def test_a_per_t_direction_must_cover_the_schedule_at_bind_time(sd_target, tmp_p
     run = tmp_path / "run"
     (run / "directions").mkdir(parents=True)
     (run / "directions" / "terms.json").write_text(json.dumps({"terms": ["red"]}))
-    held = schedule[:2]                                                       # the directions run saw 2 of 4 steps
+    held = schedule[:2]  # the directions run saw 2 of 4 steps
     save_file({f"t={t}": torch.ones(1, c) for t in held}, str(run / "directions" / "mid_block.safetensors"))
     with pytest.raises(SpecError, match=r"same --steps.*@t=N"):
         _bind(sd_target, f"add@mid_block=directions:{run}#red")
@@ -519,8 +574,9 @@ def test_a_per_t_direction_must_cover_the_schedule_at_bind_time(sd_target, tmp_p
     _bind(sd_target, f"add@mid_block=directions:{run}#red;steps=0:1")
 
 
-def test_steer_refuses_an_uncovered_direction_before_sampling(sd_dir: Path, tmp_path: Path, capsys,
-                                                               monkeypatch) -> None:
+def test_steer_refuses_an_uncovered_direction_before_sampling(
+    sd_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
     from diffdissect.cli import main
     from diffdissect.intervene import steer
 
@@ -533,8 +589,21 @@ def test_steer_refuses_an_uncovered_direction_before_sampling(sd_dir: Path, tmp_
     save_file({"t=1": torch.ones(1, c)}, str(run / "directions" / "mid_block.safetensors"))
     sampled = []
     monkeypatch.setattr(steer, "_sample_all", lambda *a, **k: sampled.append(1))
-    code = main(["steer", "--model", str(sd_dir), "--prompts", "a red cat", "--edits",
-                 f"add@mid_block=directions:{run}#red", "--steps", "2", "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "steer",
+            "--model",
+            str(sd_dir),
+            "--prompts",
+            "a red cat",
+            "--edits",
+            f"add@mid_block=directions:{run}#red",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and not sampled
     err = capsys.readouterr().err
     assert err.startswith("diffdissect: error:") and "same --steps" in err
@@ -545,14 +614,38 @@ def test_cli_bad_input_is_a_clear_error(sd_dir: Path, tmp_path: Path, capsys) ->
     from diffdissect.cli import main
 
     np.save(tmp_path / "v.npy", np.ones(5, np.float32))
-    code = main(["steer", "--model", str(sd_dir), "--prompts", "a red cat", "--edits",
-                 f"add@mid_block=file:{tmp_path / 'v.npy'}", "--steps", "2", "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "steer",
+            "--model",
+            str(sd_dir),
+            "--prompts",
+            "a red cat",
+            "--edits",
+            f"add@mid_block=file:{tmp_path / 'v.npy'}",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("diffdissect: error:") and "must have width" in err
-    assert not (tmp_path / "o").exists()                # nothing written before every check passed
-    code = main(["steer", "--model", str(sd_dir), "--prompts", "a red cat", "--edits", "boost@mid_block=random:0",
-                 "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()  # nothing written before every check passed
+    code = main(
+        [
+            "steer",
+            "--model",
+            str(sd_dir),
+            "--prompts",
+            "a red cat",
+            "--edits",
+            "boost@mid_block=random:0",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "unknown edit kind" in capsys.readouterr().err
 
 
@@ -567,7 +660,7 @@ def test_direction_sources_read_their_layouts(tmp_path: Path) -> None:
     """directions:, probe:, sae:, file: and random: give the vector the files hold, fitted to the layer."""
     from diffdissect.intervene.sources import load_direction
 
-    shape = (4, 2, 3)                                     # (C, H, W): width 4, 6 locations
+    shape = (4, 2, 3)  # (C, H, W): width 4, 6 locations
     run = tmp_path / "run"
     (run / "directions").mkdir(parents=True)
     (run / "directions" / "terms.json").write_text(json.dumps({"terms": ["blue", "red"]}))
@@ -588,9 +681,21 @@ def test_direction_sources_read_their_layouts(tmp_path: Path) -> None:
     probe = tmp_path / "probe"
     probe.mkdir()
     save_file({"colour/mid_block/t=100": torch.eye(4)[:3].contiguous()}, str(probe / "probe_weights.safetensors"))
-    (probe / "probe_weights.json").write_text(json.dumps({"cells": [
-        {"label": "colour", "layer": "mid_block", "t": 100, "key": "colour/mid_block/t=100",
-         "classes": ["blue", "green", "red"]}]}))
+    (probe / "probe_weights.json").write_text(
+        json.dumps(
+            {
+                "cells": [
+                    {
+                        "label": "colour",
+                        "layer": "mid_block",
+                        "t": 100,
+                        "key": "colour/mid_block/t=100",
+                        "classes": ["blue", "green", "red"],
+                    }
+                ]
+            }
+        )
+    )
     p = load_direction(f"probe:{probe}#colour=red", "mid_block", shape)
     assert torch.allclose(p.at(0), torch.eye(4)[2] - torch.eye(4)[:3].mean(0))
     with pytest.raises(SpecError, match="not a class"):
@@ -628,15 +733,17 @@ def test_causal_columns_measure_turning_a_latent_up_and_ablating_it(sd_target, t
     c = layer_shapes(sd_target, ["mid_block"])["mid_block"][0]
     sae = _sae(d=c, n=4 * c, k=2)
     with torch.no_grad():
-        sae.b_enc[5] = -1e6                                   # latent 5 never fires: ablating it changes nothing
+        sae.b_enc[5] = -1e6  # latent 5 never fires: ablating it changes nothing
     export_sparsify(sae, tmp_path / "s", "unet.mid_block")
-    features = {"best_latent_per_value": {"colour": {"red": {"latent": 5, "auroc": 0.9},
-                                                     "blue": {"latent": 7, "auroc": 0.95}}}}
+    features = {
+        "best_latent_per_value": {"colour": {"red": {"latent": 5, "auroc": 0.9}, "blue": {"latent": 7, "auroc": 0.95}}}
+    }
     assert top_latents(features, 8) == [7, 5] and top_latents(features, 1) == [7]
     judge = Judge(Bright(), {"colour": ["red", "blue"], "animal": ["cat"]})
     config = CausalConfig(prompts=["a red cat"], seeds=[0, 1], alpha=50.0, steps=3, guidance=1.0)
-    table = causal_effects(sd_target, tmp_path / "s" / "unet.mid_block", "mid_block", [5], judge, config,
-                           tmp_path / "c")
+    table = causal_effects(
+        sd_target, tmp_path / "s" / "unet.mid_block", "mid_block", [5], judge, config, tmp_path / "c"
+    )
     assert table[5]["ablate"]["colour"]["changed"] == 0.0 and table[5]["ablate"]["colour"]["n"] == 2
     assert set(table[5]["up"]) == {"colour", "animal"}
     cells = _causal_cells(table[5])
@@ -660,10 +767,13 @@ def test_the_edits_create_no_tensor_off_the_activations_device() -> None:
 
     sae = _sae(d=4, n=16, k=2)
     h = torch.randn(2, 6, 4)
-    edits = [AddEdit("x", Direction("d", vector=torch.ones(4)), Window(mask=torch.ones(6))),
-             EraseEdit("x", [Direction("d", vector=torch.ones(6, 4))]),
-             SAEEdit("x", sae, [1, 2], "scale", value=2.0), SAEEdit("x", sae, [3], "set"),
-             MeanEdit("x", Direction("m", by_t={7: torch.zeros(4)}))]
+    edits = [
+        AddEdit("x", Direction("d", vector=torch.ones(4)), Window(mask=torch.ones(6))),
+        EraseEdit("x", [Direction("d", vector=torch.ones(6, 4))]),
+        SAEEdit("x", sae, [1, 2], "scale", value=2.0),
+        SAEEdit("x", sae, [3], "set"),
+        MeanEdit("x", Direction("m", by_t={7: torch.zeros(4)})),
+    ]
     with DeviceGuard() as guard:
         for edit in edits:
             edit.apply(h, Context(step=0, t=7, alpha=1.0, scale=2.0))
@@ -689,9 +799,15 @@ def test_steer_on_joint_block_families(family_targets, name, tmp_path: Path) -> 
     target = family_targets[name]
     block = "transformer_blocks.0"
     shapes = layer_shapes(target, [block, f"{block}@text"])
-    assert shapes[block] != shapes[f"{block}@text"]               # image tokens vs text tokens
-    config = SteerConfig(prompts=["a red cat"], seeds=[0, 1], alphas=[0.0, 3.0], steps=3, guidance=2.0,
-                         edits=[f"add@{block}=random:0", f"add@{block}@text=random:1", f"add@{block}=random:0;steps=2:2"])
+    assert shapes[block] != shapes[f"{block}@text"]  # image tokens vs text tokens
+    config = SteerConfig(
+        prompts=["a red cat"],
+        seeds=[0, 1],
+        alphas=[0.0, 3.0],
+        steps=3,
+        guidance=2.0,
+        edits=[f"add@{block}=random:0", f"add@{block}@text=random:1", f"add@{block}=random:0;steps=2:2"],
+    )
     result = run_steer(target, config, tmp_path / "out")
     by = {(e.edit, e.alpha): e for e in result.effects}
     for edit in config.edits:
@@ -703,8 +819,14 @@ def test_steer_on_joint_block_families(family_targets, name, tmp_path: Path) -> 
 
 def test_flow_steps_outside_the_schedule_and_input_edits_are_refused(family_targets, tmp_path: Path) -> None:
     target = family_targets["sd3"]
-    config = SteerConfig(prompts=["a red cat"], seeds=[0], alphas=[1.0], steps=3, guidance=1.0,
-                         edits=["add@transformer_blocks.0=random:0;steps=0:3"])
+    config = SteerConfig(
+        prompts=["a red cat"],
+        seeds=[0],
+        alphas=[1.0],
+        steps=3,
+        guidance=1.0,
+        edits=["add@transformer_blocks.0=random:0;steps=0:3"],
+    )
     with pytest.raises(SpecError, match="outside the schedule of 3 steps"):
         run_steer(target, config, tmp_path / "a")
     config.edits = ["add@transformer_blocks.0@update=random:0"]
@@ -712,12 +834,14 @@ def test_flow_steps_outside_the_schedule_and_input_edits_are_refused(family_targ
         run_steer(target, config, tmp_path / "b")
 
 
-@pytest.mark.parametrize(("name", "layer"), [("sdxl", "mid_block"), ("pixart", "transformer_blocks.0"),
-                                             ("sana", "transformer_blocks.0")])
+@pytest.mark.parametrize(
+    ("name", "layer"), [("sdxl", "mid_block"), ("pixart", "transformer_blocks.0"), ("sana", "transformer_blocks.0")]
+)
 def test_steer_on_the_other_families(family_targets, name, layer, tmp_path: Path) -> None:
     target = family_targets[name]
-    config = SteerConfig(prompts=["a red cat"], seeds=[0, 1], alphas=[0.0, 3.0], steps=3, guidance=2.0,
-                         edits=[f"add@{layer}=random:0"])
+    config = SteerConfig(
+        prompts=["a red cat"], seeds=[0, 1], alphas=[0.0, 3.0], steps=3, guidance=2.0, edits=[f"add@{layer}=random:0"]
+    )
     result = run_steer(target, config, tmp_path / "out")
     assert [e.identical for e in result.effects] == [2, 0]
     config.edits = [f"add@{layer}@text=random:0"]

@@ -1,4 +1,5 @@
 """Layer listing (shapes from one dry forward), layer-name checking, and `diffdissect layers`."""
+
 from __future__ import annotations
 
 import json
@@ -50,10 +51,12 @@ def test_list_layers_shapes_match_a_real_forward(kind, sd_dir, dit_dir, unet2d_d
     order: list[str] = []
     handles = []
     for info in infos:
+
         def hook(module, args, output, path=info.path):
             if path not in seen:
                 seen[path] = tuple(_first_tensor(output).shape)
                 order.append(path)
+
         handles.append(modules[info.path].register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -73,10 +76,10 @@ def test_list_layers_shapes_match_a_real_forward(kind, sd_dir, dit_dir, unet2d_d
 def test_list_layers_known_shapes(sd_dir, dit_dir):
     sd = {i.path: i.shape for i in list_layers(load_target(sd_dir))}
     assert sd["conv_in"] == (16, 8, 8)
-    assert sd["down_blocks.0"] == (16, 4, 4)      # a tuple output: its hidden states
+    assert sd["down_blocks.0"] == (16, 4, 4)  # a tuple output: its hidden states
     assert sd["mid_block"] == (32, 4, 4)
     assert sd["up_blocks.1"] == (16, 8, 8)
-    assert "down_blocks" not in sd                  # a ModuleList never runs itself: not hookable
+    assert "down_blocks" not in sd  # a ModuleList never runs itself: not hookable
     dit = {i.path: i.shape for i in list_layers(load_target(dit_dir))}
     assert dit["transformer_blocks.0"] == (16, 16)  # (tokens, dim)
     assert dit["transformer_blocks.1"] == (16, 16)
@@ -93,11 +96,14 @@ def test_list_layers_depth_and_filter(unet2d_dir):
     assert filtered and all("mid_block" in p for p in filtered) and "mid_block" in filtered
 
 
-@pytest.mark.parametrize("wrong, close", [
-    ("mid_blok", "mid_block"),
-    ("up_block.1", "up_blocks.1"),
-    ("down_blocks.0.resnet.0", "down_blocks.0.resnets.0"),
-])
+@pytest.mark.parametrize(
+    "wrong, close",
+    [
+        ("mid_blok", "mid_block"),
+        ("up_block.1", "up_blocks.1"),
+        ("down_blocks.0.resnet.0", "down_blocks.0.resnets.0"),
+    ],
+)
 def test_misspelt_layer_lists_close_names(wrong, close, unet2d_dir):
     target = load_target(unet2d_dir)
     with pytest.raises(LayerNotFoundError) as err:
@@ -163,8 +169,21 @@ def test_cli_layers_bad_model(tmp_path, capsys):
 
 
 def test_cli_capture_misspelt_layer(tmp_path, image_folder, capsys):
-    code = main(["capture", "--model", TINY_FACTORY, "--images", str(image_folder), "--layers", "mid",
-                 "blocks.O", "--out", str(tmp_path / "out"), "--quiet"])
+    code = main(
+        [
+            "capture",
+            "--model",
+            TINY_FACTORY,
+            "--images",
+            str(image_folder),
+            "--layers",
+            "mid",
+            "blocks.O",
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "'blocks.O'" in err and "blocks.0" in err

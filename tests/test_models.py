@@ -1,4 +1,5 @@
 """Loading targets through `diffdissect.load_target`: the same code a user runs, on tiny saved models."""
+
 from __future__ import annotations
 
 import json
@@ -61,12 +62,12 @@ def test_load_bare_unet2d_dir(unet2d_dir):
     assert target.sample_shape() == (3, 16, 16)
     assert target.vae is None and target.pipeline is None and not target.is_latent
     assert not target.takes_text and not target.takes_class
-    assert type(target.scheduler).__name__ == "DDPMScheduler"   # nothing saved beside it: the default
+    assert type(target.scheduler).__name__ == "DDPMScheduler"  # nothing saved beside it: the default
     assert state_dicts_equal(target.denoiser, tiny_unet2d(0))
 
 
 def test_load_bare_unet2d_condition_dir(unet2d_cond_dir):
-    target = load_target(Path(unet2d_cond_dir))   # a Path works as well as a str
+    target = load_target(Path(unet2d_cond_dir))  # a Path works as well as a str
     assert target.kind == "unet2d_condition"
     assert target.resolution == 8
     assert target.sample_shape() == (4, 8, 8)
@@ -239,13 +240,16 @@ def test_broken_pipeline_dir(tmp_path, dit_dir):
         load_target(broken)
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("diffdissect.models.tiny:no_such_factory", "cannot import.*no_such_factory"),
-    ("no_such_package_xyz.models:build", "cannot import.*no_such_package_xyz"),
-    ("os.path:join", "failed when called with no arguments"),           # needs arguments
-    ("diffdissect:__version__", "returned a str, not an nn.Module"),     # not a module
-    ("torch.nn:Identity", "in_channels.*sample_size"),                  # no input size to go by
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("diffdissect.models.tiny:no_such_factory", "cannot import.*no_such_factory"),
+        ("no_such_package_xyz.models:build", "cannot import.*no_such_package_xyz"),
+        ("os.path:join", "failed when called with no arguments"),  # needs arguments
+        ("diffdissect:__version__", "returned a str, not an nn.Module"),  # not a module
+        ("torch.nn:Identity", "in_channels.*sample_size"),  # no input size to go by
+    ],
+)
 def test_bad_factory(spec, expected):
     with pytest.raises(ModelLoadError, match=expected):
         load_target(spec)
@@ -316,7 +320,7 @@ def test_random_init_leaves_the_callers_pipeline_alone():
     pipe = tiny_sd_pipeline(0)
     trained_unet = pipe.unet
     control = load_target(pipe, random_init=True, seed=1)
-    assert pipe.unet is trained_unet                       # the caller's pipeline still has its trained UNet
+    assert pipe.unet is trained_unet  # the caller's pipeline still has its trained UNet
     assert control.pipeline is not pipe and control.pipeline.unet is control.denoiser
     assert _first_differing(trained_unet, control.denoiser)
 
@@ -348,10 +352,17 @@ def test_target_kinds_have_one_meaning_and_old_records_read_under_the_new_names(
     from diffdissect.store.manifest import MANIFEST, Manifest
 
     target = load_target(sd_dir)
-    assert target.kind == "text_unet"                      # a conditional UNet with a text encoder, not "SD"
+    assert target.kind == "text_unet"  # a conditional UNet with a text encoder, not "SD"
     identity = target.identity()
-    assert identity["kind"] == "text_unet" and comparable(identity)["kind"] == "sd"   # spec hashes stay as before
-    old = Manifest(mode="images", spec={}, spec_hash="x", model={**identity, "kind": "sd"}, timesteps=[], layers={},
-                   dtype="float16")
+    assert identity["kind"] == "text_unet" and comparable(identity)["kind"] == "sd"  # spec hashes stay as before
+    old = Manifest(
+        mode="images",
+        spec={},
+        spec_hash="x",
+        model={**identity, "kind": "sd"},
+        timesteps=[],
+        layers={},
+        dtype="float16",
+    )
     (tmp_path / MANIFEST).write_text(json.dumps(old.to_json()))
     assert Manifest.load(tmp_path).model["kind"] == "text_unet"

@@ -1,4 +1,5 @@
 """The HTML report framework: escaping, embedded PNGs, sections, figures."""
+
 from __future__ import annotations
 
 import base64

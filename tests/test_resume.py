@@ -5,6 +5,7 @@ The centre piece is a real `python -m diffdissect capture` subprocess killed wit
 The other crash points are simulated in-process (a crash between a shard's rename and the manifest update,
 Ctrl-C inside a shard write, leftovers of killed atomic writes).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,7 @@ from diffdissect.errors import StoreError
 from diffdissect.store import Manifest, verify_store
 from diffdissect.store.writer import StoreWriter
 
-N_IMAGES = 10                 # shard size 2: 5 shards of 4 rows (2 seeds)
+N_IMAGES = 10  # shard size 2: 5 shards of 4 rows (2 seeds)
 N_SHARDS = 5
 
 
@@ -50,8 +51,16 @@ def api_capture(images: Path, out: Path, target=None, **changes):
     from diffdissect import CaptureConfig, FolderSource, load_target
     from diffdissect.capture import capture
 
-    spec = CaptureConfig(**{"layers": ["blocks.0", "mid"], "timesteps": [10, 600], "seeds": [0, 1], "shard_size": 2,
-                          "batch_size": 2, **changes})
+    spec = CaptureConfig(
+        **{
+            "layers": ["blocks.0", "mid"],
+            "timesteps": [10, 600],
+            "seeds": [0, 1],
+            "shard_size": 2,
+            "batch_size": 2,
+            **changes,
+        }
+    )
     target = target or load_target(TINY_FACTORY)
     with one_thread():
         return capture(target, FolderSource(str(images), str(images / "labels.csv")), spec, out, progress=False)
@@ -103,18 +112,23 @@ def interrupted(images, tmp_path) -> Path:
 # ---- simulated crashes, in-process ----------------------------------------------------------------------
 def test_resume_after_a_crash_between_shard_rename_and_manifest_update(images, reference, interrupted):
     manifest = Manifest.load(interrupted)
-    assert not manifest.complete and [s.name for s in manifest.shards] == ["shard-000000.safetensors",
-                                                                          "shard-000001.safetensors"]
-    assert (interrupted / "shards" / "shard-000002.safetensors").is_file()     # on disk, not committed
+    assert not manifest.complete and [s.name for s in manifest.shards] == [
+        "shard-000000.safetensors",
+        "shard-000001.safetensors",
+    ]
+    assert (interrupted / "shards" / "shard-000002.safetensors").is_file()  # on disk, not committed
     assert not (interrupted / "index.csv").exists()
     report = verify_store(interrupted)
     assert report.ok and any("shard-000002.safetensors" in w and "not listed" in w for w in report.warnings)
-    committed = {k: v for k, v in file_stats(interrupted).items() if k in ("shards/shard-000000.safetensors",
-                                                                            "shards/shard-000001.safetensors")}
+    committed = {
+        k: v
+        for k, v in file_stats(interrupted).items()
+        if k in ("shards/shard-000000.safetensors", "shards/shard-000001.safetensors")
+    }
     assert run_cli(images, interrupted) == 0
     assert_same_store(interrupted, reference)
     after = file_stats(interrupted)
-    assert {k: after[k] for k in committed} == committed       # committed shards were kept, not rewritten
+    assert {k: after[k] for k in committed} == committed  # committed shards were kept, not rewritten
 
 
 def test_resume_rewrites_an_uncommitted_shard_and_removes_leftover_temporaries(images, reference, interrupted):
@@ -136,7 +150,7 @@ def test_ctrl_c_inside_a_shard_write_leaves_no_partial_shard_and_resumes(images,
 
     def replace(src, dst):
         if Path(dst).name == "shard-000003.safetensors":
-            assert Path(src).stat().st_size > 0                # the temporary file was fully written
+            assert Path(src).stat().st_size > 0  # the temporary file was fully written
             raise KeyboardInterrupt
         real_replace(src, dst)
 
@@ -204,7 +218,7 @@ CHANGES = {
     "limit": ({"limit": 6}, "capture.limit"),
     "random-init": (_random_init, "model.random_init_seed"),
     "other-weights": (_other_weights, "model.weights_fingerprint"),
-    "other-images": (_other_images, "source.content"),      # what the images hold, not where
+    "other-images": (_other_images, "source.content"),  # what the images hold, not where
 }
 
 
@@ -223,15 +237,15 @@ def test_resume_with_a_different_spec_is_refused(images, reference, tmp_path, re
             api_capture(kwargs.pop("images", images), store, **kwargs)
     message = str(err.value)
     assert "different spec" in message and field in message and "Refusing to mix" in message, message
-    assert snapshot(store) == before and file_stats(store) == stats          # untouched, byte for byte
+    assert snapshot(store) == before and file_stats(store) == stats  # untouched, byte for byte
     # and the right command still resumes (or completes) it
     assert run_cli(images, store) == 0
     assert_same_store(store, reference)
 
 
 # ---- the real thing: SIGKILL ----------------------------------------------------------------------------
-KILL_IMAGES = 20              # 10 shards; 4 forwards per shard (2 timesteps x 2 seeds, batch 2)
-HANG_AFTER = 1 + 4 * 6        # the shape probe + 6 shards: the victim can never get past shard 5
+KILL_IMAGES = 20  # 10 shards; 4 forwards per shard (2 timesteps x 2 seeds, batch 2)
+HANG_AFTER = 1 + 4 * 6  # the shape probe + 6 shards: the victim can never get past shard 5
 POLL_TIMEOUT_S = 120
 
 
@@ -248,14 +262,18 @@ def test_sigkill_mid_capture_then_the_same_command_resumes_to_identical_bytes(tm
     one shard and before it finished; the same command then completes the store, which must equal, byte for
     byte, the store of an uninterrupted run of the same command (run in this process meanwhile)."""
     images = write_images(tmp_path / "images", KILL_IMAGES)
-    model = "_store_helpers:slow_denoiser"      # TinyDenoiser that sleeps in forward, and hangs at HANG_AFTER
+    model = "_store_helpers:slow_denoiser"  # TinyDenoiser that sleeps in forward, and hangs at HANG_AFTER
     victim_out, reference_out = tmp_path / "resumed", tmp_path / "reference"
     log_path = tmp_path / "victim.log"
     command = [sys.executable, "-m", "diffdissect"]
     with open(log_path, "wb") as log:
-        victim = subprocess.Popen(command + capture_args(images, victim_out, model=model), stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=tmp_path,
-                                  env=subprocess_env(**{SLEEP_ENV: "0.05", HANG_ENV: str(HANG_AFTER)}))
+        victim = subprocess.Popen(
+            command + capture_args(images, victim_out, model=model),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=subprocess_env(**{SLEEP_ENV: "0.05", HANG_ENV: str(HANG_AFTER)}),
+        )
     try:
         # the uninterrupted run, meanwhile, in this process (same command, one thread like the subprocesses)
         assert run_cli(images, reference_out, model=model) == 0
@@ -276,7 +294,7 @@ def test_sigkill_mid_capture_then_the_same_command_resumes_to_identical_bytes(tm
 
     killed = Manifest.load(victim_out)
     assert not killed.complete and 1 <= len(killed.shards) <= 6 and killed.rows < 2 * KILL_IMAGES
-    assert verify_store(victim_out).ok                          # what was committed is intact
+    assert verify_store(victim_out).ok  # what was committed is intact
     committed = {f"shards/{s.name}": file_stats(victim_out)[f"shards/{s.name}"] for s in killed.shards}
 
     # the same command again (in this process: the kill above was the real thing, a second interpreter
@@ -284,5 +302,5 @@ def test_sigkill_mid_capture_then_the_same_command_resumes_to_identical_bytes(tm
     assert run_cli(images, victim_out, model=model) == 0
     assert_same_store(victim_out, reference_out)
     after = file_stats(victim_out)
-    assert {k: after[k] for k in committed} == committed        # resumed, not redone
+    assert {k: after[k] for k in committed} == committed  # resumed, not redone
     assert Manifest.load(victim_out).rows == 2 * KILL_IMAGES

@@ -1,4 +1,5 @@
 """The k-SAE: its maths, training (AuxK, resume, NaN), metrics with known answers, and bad input."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -54,7 +55,7 @@ def test_sparse_encoder_gradients_equal_dense_autograd():
     sae.decode(codes).pow(2).sum().backward()
     sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
-    pre = (x * sae.input_scale - sae.b_dec) @ sae.W_enc.t() + sae.b_enc        # the textbook encoder
+    pre = (x * sae.input_scale - sae.b_dec) @ sae.W_enc.t() + sae.b_enc  # the textbook encoder
     values, indices = pre.topk(4, dim=-1)
     dense = torch.zeros_like(pre).scatter(1, indices, torch.relu(values))
     ((dense @ sae.W_dec + sae.b_dec) / sae.input_scale).pow(2).sum().backward()
@@ -69,9 +70,12 @@ def test_decoder_rows_stay_unit_norm_and_lose_parallel_gradient(sae_store):
     loss.backward()
     sae.remove_parallel_gradient()
     assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-6
-    summary = train_sae(sae_store / "store", TrainConfig(layer="pooled", t=10, k=4, n_latents=64, batch_size=128,
-                                                           steps=40, checkpoint_every=20), sae_store / "run",
-                        progress=False)
+    summary = train_sae(
+        sae_store / "store",
+        TrainConfig(layer="pooled", t=10, k=4, n_latents=64, batch_size=128, steps=40, checkpoint_every=20),
+        sae_store / "run",
+        progress=False,
+    )
     trained, _ = load_sae(sae_store / "run")
     torch.testing.assert_close(trained.W_dec.norm(dim=-1), torch.ones(64), atol=1e-5, rtol=0)
     assert summary["metrics"]["fvu"] < 0.5
@@ -83,7 +87,7 @@ def test_auxk_revives_planted_dead_latents():
     for alpha in (0.0, 1 / 32):
         sae = small_sae()
         sae.initialise_from(x)
-        with torch.no_grad():                      # latents 0..15: weak encoders that never win the top-k
+        with torch.no_grad():  # latents 0..15: weak encoders that never win the top-k
             sae.W_enc[:16] *= 0.01
         optimiser = torch.optim.Adam(sae.parameters(), lr=3e-3)
         dead = torch.zeros(64, dtype=torch.bool)
@@ -99,8 +103,8 @@ def test_auxk_revives_planted_dead_latents():
         fired = torch.zeros(64, dtype=torch.bool)
         fired[codes.indices[codes.values > 0]] = True
         results[alpha] = int(fired[:16].sum())
-    assert results[0.0] == 0                       # without AuxK they get no gradient at all
-    assert results[1 / 32] >= 8                    # AuxK pulls most of them back into use
+    assert results[0.0] == 0  # without AuxK they get no gradient at all
+    assert results[1 / 32] >= 8  # AuxK pulls most of them back into use
 
 
 def test_batchtopk_keeps_k_per_row_on_average():
@@ -109,7 +113,7 @@ def test_batchtopk_keeps_k_per_row_on_average():
     sae.train()
     codes, _ = sae.encode(x)
     assert (codes.values > 0).sum().item() == pytest.approx(4 * len(x), abs=4)
-    assert (codes.values > 0).sum(1).float().std() > 0     # not a fixed k per row
+    assert (codes.values > 0).sum(1).float().std() > 0  # not a fixed k per row
 
 
 def test_batchtopk_inference_is_jumprelu_at_one_threshold_over_all_latents():
@@ -122,13 +126,13 @@ def test_batchtopk_inference_is_jumprelu_at_one_threshold_over_all_latents():
     assert float(sae.threshold) == threshold > 0
     sae.eval()
     codes, _ = sae.encode(x)
-    pre = (x * sae.input_scale - sae.b_dec) @ sae.W_enc.t() + sae.b_enc          # the textbook encoder
+    pre = (x * sae.input_scale - sae.b_dec) @ sae.W_enc.t() + sae.b_enc  # the textbook encoder
     reference = torch.relu(pre) * (pre > threshold)
     torch.testing.assert_close(sae.dense_codes(codes), reference)
     per_row = (reference > 0).sum(1)
-    assert per_row.max() > 4                                  # some rows use more than k, as training allows
-    assert per_row.float().mean().item() == pytest.approx(4, abs=0.05)      # calibrated: mean L0 = k
-    sae.threshold.fill_(0.0)                                  # a row above the 4k cap: the width grows to fit
+    assert per_row.max() > 4  # some rows use more than k, as training allows
+    assert per_row.float().mean().item() == pytest.approx(4, abs=0.05)  # calibrated: mean L0 = k
+    sae.threshold.fill_(0.0)  # a row above the 4k cap: the width grows to fit
     codes, _ = sae.encode(x[:5])
     torch.testing.assert_close(sae.dense_codes(codes), torch.relu(pre[:5]))
 
@@ -144,7 +148,9 @@ def test_batchtopk_checkpoint_holds_the_calibrated_threshold_and_reports_that_mo
 
     heldout = SliceData(open_store(sae_store / "store"), "pooled", 10, False, 0.1).heldout()
     again = evaluate(sae, heldout)
-    assert summary["metrics"]["l0"] == pytest.approx(again["l0"]) and summary["metrics"]["fvu"] == pytest.approx(again["fvu"])
+    assert summary["metrics"]["l0"] == pytest.approx(again["l0"]) and summary["metrics"]["fvu"] == pytest.approx(
+        again["fvu"]
+    )
 
 
 def test_resumed_training_equals_uninterrupted(sae_store, monkeypatch):
@@ -152,6 +158,7 @@ def test_resumed_training_equals_uninterrupted(sae_store, monkeypatch):
     train_sae(sae_store / "store", config, sae_store / "whole", progress=False)
 
     from diffdissect.sae import data as sae_data
+
     original = sae_data.SliceData.batches
 
     def interrupted(self, *args, **kwargs):
@@ -194,14 +201,18 @@ def test_fvu_is_centred():
     x = torch.tensor([[10.0, 10, 10], [12, 10, 8], [8, 10, 12], [10, 12, 8]])
     with torch.no_grad():
         sae.W_enc.zero_()
-        sae.b_enc.fill_(-1.0)                       # nothing fires
+        sae.b_enc.fill_(-1.0)  # nothing fires
         sae.b_dec.copy_(x.mean(0))
     assert evaluate(sae, x)["fvu"] == pytest.approx(1.0)
 
 
 def test_per_location_tokens(sae_store):
-    summary = train_sae(sae_store / "maps", TrainConfig(layer="maps", t=10, tokens=True, k=4, n_latents=64,
-                                                          batch_size=256, steps=10), sae_store / "tok", progress=False)
+    summary = train_sae(
+        sae_store / "maps",
+        TrainConfig(layer="maps", t=10, tokens=True, k=4, n_latents=64, batch_size=256, steps=10),
+        sae_store / "tok",
+        progress=False,
+    )
     assert summary["slice"]["train_tokens"] == 540 * 4 and summary["metrics"]["tokens"] == 60 * 4
 
 
@@ -213,8 +224,9 @@ def test_missing_slice_is_refused(sae_store):
 
 def test_k_larger_than_the_dictionary_is_refused(sae_store):
     with pytest.raises(SpecError, match="k=80 must be between 1 and n_latents=64"):
-        train_sae(sae_store / "store", TrainConfig(layer="pooled", t=10, k=80, n_latents=64), sae_store / "x",
-                  progress=False)
+        train_sae(
+            sae_store / "store", TrainConfig(layer="pooled", t=10, k=80, n_latents=64), sae_store / "x", progress=False
+        )
 
 
 def test_nan_in_the_store_is_refused_before_training(tmp_path):
@@ -223,8 +235,9 @@ def test_nan_in_the_store_is_refused_before_training(tmp_path):
     write_array_store(tmp_path / "store", {("pooled", 10): x}, [{"input_id": f"im{i}"} for i in range(len(x))])
     # the store's reader refuses the slice and names the shard, before any training (issue 21)
     with pytest.raises(StoreError, match=r"shard shard-000000.safetensors: slice pooled@t=10 holds NaN"):
-        train_sae(tmp_path / "store", TrainConfig(layer="pooled", t=10, k=4, n_latents=64), tmp_path / "run",
-                  progress=False)
+        train_sae(
+            tmp_path / "store", TrainConfig(layer="pooled", t=10, k=4, n_latents=64), tmp_path / "run", progress=False
+        )
     assert not (tmp_path / "run" / "config.json").exists()
 
 
@@ -232,6 +245,7 @@ def test_nan_in_the_store_is_refused_before_training(tmp_path):
 def test_nan_mid_training_stops_and_keeps_the_last_good_checkpoint(sae_store, monkeypatch, poison):
     from diffdissect.sae import data as sae_data
     from diffdissect.sae import train as sae_train
+
     original_batches, original_loss = sae_data.SliceData.batches, sae_train.sae_loss
 
     def batches(self, *args, **kwargs):
@@ -258,18 +272,30 @@ def test_nan_mid_training_stops_and_keeps_the_last_good_checkpoint(sae_store, mo
 
 
 def test_checkpoint_with_another_d_in_is_refused(sae_store):
-    train_sae(sae_store / "store", TrainConfig(layer="pooled", t=10, k=4, n_latents=64, batch_size=100, steps=5),
-              sae_store / "run", progress=False)
+    train_sae(
+        sae_store / "store",
+        TrainConfig(layer="pooled", t=10, k=4, n_latents=64, batch_size=100, steps=5),
+        sae_store / "run",
+        progress=False,
+    )
     with pytest.raises(StoreError, match="takes d_in=16 inputs but these features have d_in=32"):
         load_sae(sae_store / "run", d_in=32)
 
 
 def test_resuming_with_other_settings_is_refused(sae_store):
-    train_sae(sae_store / "store", TrainConfig(layer="pooled", t=10, k=4, n_latents=64, batch_size=100, steps=5),
-              sae_store / "run", progress=False)
+    train_sae(
+        sae_store / "store",
+        TrainConfig(layer="pooled", t=10, k=4, n_latents=64, batch_size=100, steps=5),
+        sae_store / "run",
+        progress=False,
+    )
     with pytest.raises(SpecError, match="other settings \\(k differ"):
-        train_sae(sae_store / "store", TrainConfig(layer="pooled", t=10, k=8, n_latents=64, batch_size=100, steps=5),
-                  sae_store / "run", progress=False)
+        train_sae(
+            sae_store / "store",
+            TrainConfig(layer="pooled", t=10, k=8, n_latents=64, batch_size=100, steps=5),
+            sae_store / "run",
+            progress=False,
+        )
 
 
 # ---- the command line ---------------------------------------------------------------------------------
@@ -280,11 +306,33 @@ def test_cli_sweep_trains_every_combination_and_writes_features(sae_store, tmp_p
 
     config = tmp_path / "sweep.json"
     config.write_text(json.dumps({"layers": ["pooled"], "timesteps": [10, 90], "n_latents": 32, "batch_size": 100}))
-    assert main(["sae", "train", str(sae_store / "store"), "--config", str(config), "--k", "2", "4", "--train-steps", "20",
-                 "--out", str(tmp_path / "runs"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "sae",
+                "train",
+                str(sae_store / "store"),
+                "--config",
+                str(config),
+                "--k",
+                "2",
+                "4",
+                "--train-steps",
+                "20",
+                "--out",
+                str(tmp_path / "runs"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert runs == ["pooled@t=10-pool-topk-k2-n32", "pooled@t=10-pool-topk-k4-n32",
-                    "pooled@t=90-pool-topk-k2-n32", "pooled@t=90-pool-topk-k4-n32"]
+    assert runs == [
+        "pooled@t=10-pool-topk-k2-n32",
+        "pooled@t=10-pool-topk-k4-n32",
+        "pooled@t=90-pool-topk-k2-n32",
+        "pooled@t=90-pool-topk-k4-n32",
+    ]
     assert "held-out FVU" in capsys.readouterr().out
     assert main(["sae", "features", str(tmp_path / "runs" / runs[0]), "--top", "5"]) == 0
     features = json.loads((tmp_path / "runs" / runs[0] / "features.json").read_text())

@@ -4,6 +4,7 @@ forward maths written out independently here; round trips of diffdissect SAEs th
 
 The packages themselves are not installed (sparsify pulls in its trainer's dependencies, SAELens pulls in
 transformer-lens), so no file here was made by them."""
+
 from __future__ import annotations
 
 import json
@@ -52,16 +53,31 @@ def _saelens_forward(x, w_enc, b_enc, w_dec, b_dec, k, apply_b_dec=True, rescale
 
 def _weights(seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(N, D, generator=g), torch.randn(N, generator=g) * 0.1, torch.randn(N, D, generator=g),
-            torch.randn(D, generator=g) * 0.5)
+    return (
+        torch.randn(N, D, generator=g),
+        torch.randn(N, generator=g) * 0.1,
+        torch.randn(N, D, generator=g),
+        torch.randn(D, generator=g) * 0.5,
+    )
 
 
 def _write_sparsify(path: Path, enc_w, enc_b, w_dec, b_dec, **cfg) -> Path:
     path.mkdir(parents=True)
-    save_file({"encoder.weight": enc_w, "encoder.bias": enc_b, "W_dec": w_dec, "b_dec": b_dec},
-              str(path / "sae.safetensors"))
-    config = {"activation": "topk", "expansion_factor": N // D, "normalize_decoder": True, "num_latents": 0,
-              "k": K, "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": D, **cfg}
+    save_file(
+        {"encoder.weight": enc_w, "encoder.bias": enc_b, "W_dec": w_dec, "b_dec": b_dec}, str(path / "sae.safetensors")
+    )
+    config = {
+        "activation": "topk",
+        "expansion_factor": N // D,
+        "normalize_decoder": True,
+        "num_latents": 0,
+        "k": K,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": D,
+        **cfg,
+    }
     (path / "cfg.json").write_text(json.dumps(config))
     return path
 
@@ -70,7 +86,7 @@ def test_sparsify_fixture_loads_and_matches_sparsify_maths(tmp_path: Path) -> No
     enc_w, enc_b, w_dec, b_dec = _weights()
     root = tmp_path / "saeuron"
     _write_sparsify(root / "unet.up_blocks.1.attentions.1", enc_w, enc_b, w_dec, b_dec)
-    loaded = load_any_sae(root, "up_blocks.1.attentions.1")             # SAeUron's hookpoint naming
+    loaded = load_any_sae(root, "up_blocks.1.attentions.1")  # SAeUron's hookpoint naming
     assert loaded.format == "sparsify" and loaded.layer == "up_blocks.1.attentions.1"
     x = _x()
     dense, recon = _sparsify_forward(x, enc_w, enc_b, w_dec, b_dec, K)
@@ -81,20 +97,40 @@ def test_sparsify_fixture_loads_and_matches_sparsify_maths(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("old_config", [False, True])
 @pytest.mark.parametrize(("apply_b_dec", "rescale"), [(True, False), (False, False), (True, True)])
-def test_saelens_fixture_loads_and_matches_saelens_maths(tmp_path: Path, old_config: bool, apply_b_dec: bool,
-                                                       rescale: bool) -> None:
+def test_saelens_fixture_loads_and_matches_saelens_maths(
+    tmp_path: Path, old_config: bool, apply_b_dec: bool, rescale: bool
+) -> None:
     enc_w, b_enc, w_dec, b_dec = _weights(2)
-    w_enc = enc_w.t().contiguous()                                       # SAELens: W_enc is (d_in, d_sae)
-    save_file({"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec}, str(tmp_path / "sae_weights.safetensors"))
-    if old_config:       # SAELens < 6: flat config, activation_fn_str + activation_fn_kwargs
-        cfg = {"d_in": D, "d_sae": N, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": K},
-               "apply_b_dec_to_input": apply_b_dec, "hook_name": "unet.mid_block", "model_name": "tiny",
-               "normalize_activations": "none", "rescale_acts_by_decoder_norm": rescale}
+    w_enc = enc_w.t().contiguous()  # SAELens: W_enc is (d_in, d_sae)
+    save_file(
+        {"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec}, str(tmp_path / "sae_weights.safetensors")
+    )
+    if old_config:  # SAELens < 6: flat config, activation_fn_str + activation_fn_kwargs
+        cfg = {
+            "d_in": D,
+            "d_sae": N,
+            "activation_fn_str": "topk",
+            "activation_fn_kwargs": {"k": K},
+            "apply_b_dec_to_input": apply_b_dec,
+            "hook_name": "unet.mid_block",
+            "model_name": "tiny",
+            "normalize_activations": "none",
+            "rescale_acts_by_decoder_norm": rescale,
+        }
     else:
-        cfg = {"architecture": "topk", "d_in": D, "d_sae": N, "k": K, "dtype": "float32", "device": "cpu",
-               "apply_b_dec_to_input": apply_b_dec, "normalize_activations": "none", "reshape_activations": "none",
-               "rescale_acts_by_decoder_norm": rescale,
-               "metadata": {"hook_name": "unet.mid_block", "model_name": "tiny", "sae_lens_version": "6.18.0"}}
+        cfg = {
+            "architecture": "topk",
+            "d_in": D,
+            "d_sae": N,
+            "k": K,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": apply_b_dec,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "rescale_acts_by_decoder_norm": rescale,
+            "metadata": {"hook_name": "unet.mid_block", "model_name": "tiny", "sae_lens_version": "6.18.0"},
+        }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     loaded = load_any_sae(tmp_path)
     assert loaded.format == "saelens" and loaded.layer == "mid_block" and loaded.model == "tiny"
@@ -109,7 +145,7 @@ def _trained_like(seed: int = 0, scale: float = 0.37) -> TopKSAE:
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.2)
         sae.b_dec.normal_(0, 0.5)
-        sae.input_scale.fill_(scale)                     # a normalising SAE: the export folds the scale in
+        sae.input_scale.fill_(scale)  # a normalising SAE: the export folds the scale in
     return sae.eval()
 
 
@@ -123,7 +159,7 @@ def test_round_trip_through_sparsify_and_saelens(tmp_path: Path) -> None:
     assert sp.layer == "mid_block"
     assert torch.allclose(sp.sae(x), expected, atol=1e-5)
     sp_codes, _ = sp.sae.encode(x)
-    assert torch.equal(sp_codes.indices.sort(1).values, codes.indices.sort(1).values)   # the same latents fire
+    assert torch.equal(sp_codes.indices.sort(1).values, codes.indices.sort(1).values)  # the same latents fire
     # and what sparsify's own maths computes from the exported files
     from safetensors.torch import load_file
 
@@ -131,8 +167,17 @@ def test_round_trip_through_sparsify_and_saelens(tmp_path: Path) -> None:
     _, recon = _sparsify_forward(x, w["encoder.weight"], w["encoder.bias"], w["W_dec"], w["b_dec"], K)
     assert torch.allclose(recon, expected, atol=1e-5)
     cfg = json.loads((hook / "cfg.json").read_text())
-    assert {"activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
-            "skip_connection", "transcode", "d_in"} == set(cfg)
+    assert {
+        "activation",
+        "expansion_factor",
+        "normalize_decoder",
+        "num_latents",
+        "k",
+        "multi_topk",
+        "skip_connection",
+        "transcode",
+        "d_in",
+    } == set(cfg)
 
     out = export_saelens(sae, tmp_path / "sl", hook_name="unet.mid_block", model_name="tiny")
     sl = load_saelens(out)

@@ -5,6 +5,7 @@ noised input itself: at t=0 a mean-pooled row is the image's flat colour, so the
 row came from, independently of the row index. 11 images, one of them corrupt (skipped), 2 seeds, 3 images
 per shard: shards of 6, 4, 6 and 4 rows (20 rows).
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,7 +25,7 @@ from diffdissect.store import open_store, verify_store
 N_IMAGES, CORRUPT = 11, 4
 LAYERS, TIMESTEPS, SEEDS, SHARD_SIZE = ["inp", "mid"], [0, 500], [0, 1], 3
 READABLE = [i for i in range(N_IMAGES) if i != CORRUPT]
-N_ROWS = len(READABLE) * len(SEEDS)                       # 20
+N_ROWS = len(READABLE) * len(SEEDS)  # 20
 SHARD_ROWS = [6, 4, 6, 4]
 SLICES = [(layer, t) for layer in LAYERS for t in TIMESTEPS]
 
@@ -39,11 +40,20 @@ def capture_probe(images: Path, out: Path, **spec_kwargs):
     from diffdissect import CaptureConfig, FolderSource, load_target
     from diffdissect.capture import capture
 
-    spec = CaptureConfig(**{"layers": LAYERS, "timesteps": TIMESTEPS, "seeds": SEEDS, "shard_size": SHARD_SIZE,
-                          "batch_size": 2, **spec_kwargs})
+    spec = CaptureConfig(
+        **{
+            "layers": LAYERS,
+            "timesteps": TIMESTEPS,
+            "seeds": SEEDS,
+            "shard_size": SHARD_SIZE,
+            "batch_size": 2,
+            **spec_kwargs,
+        }
+    )
     with one_thread(), pytest.warns(UserWarning, match=f"img_{CORRUPT:04d}.png"):
-        return capture(load_target(probe_denoiser()), FolderSource(images, images / "labels.csv"), spec, out,
-                       progress=False)
+        return capture(
+            load_target(probe_denoiser()), FolderSource(images, images / "labels.csv"), spec, out, progress=False
+        )
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +126,10 @@ def test_shuffled_is_a_deterministic_permutation(store, batch_size):
 
     def shuffled(seed):
         ids, data = [], []
-        for batch, bids in reader.iter_batches("mid", 500, batch_size=batch_size, shuffle=True, seed=seed,
-                                               format="torch", with_rows=True):
-            assert torch.equal(batch, full[torch.from_numpy(bids)])     # ids name the rows they came with
+        for batch, bids in reader.iter_batches(
+            "mid", 500, batch_size=batch_size, shuffle=True, seed=seed, format="torch", with_rows=True
+        ):
+            assert torch.equal(batch, full[torch.from_numpy(bids)])  # ids name the rows they came with
             ids.extend(bids.tolist())
             data.append(batch)
         return ids, torch.cat(data)
@@ -130,8 +141,13 @@ def test_shuffled_is_a_deterministic_permutation(store, batch_size):
     ids1, _ = shuffled(1)
     assert sorted(ids1) == list(range(N_ROWS)) and ids1 != ids0
     # and a fresh reader (another process, another day) gives the same order for the same seed
-    assert [i for _, b in open_store(store).iter_batches("mid", 500, batch_size=batch_size, shuffle=True,
-                                                          seed=0, with_rows=True) for i in b.tolist()] == ids0
+    assert [
+        i
+        for _, b in open_store(store).iter_batches(
+            "mid", 500, batch_size=batch_size, shuffle=True, seed=0, with_rows=True
+        )
+        for i in b.tolist()
+    ] == ids0
 
 
 def test_bfloat16_store_reads_as_numpy(bf16_store):
@@ -139,7 +155,7 @@ def test_bfloat16_store_reads_as_numpy(bf16_store):
     assert reader.manifest.dtype == "bfloat16" and reader.shape("mid") == (4, 8, 8)
     as_torch = reader.load("mid", 500, format="torch")
     assert as_torch.dtype == torch.bfloat16 and as_torch.shape == (N_ROWS, 4, 8, 8)
-    as_numpy = reader.load("mid", 500)                         # numpy has no bfloat16: float32, exact
+    as_numpy = reader.load("mid", 500)  # numpy has no bfloat16: float32, exact
     assert as_numpy.dtype == np.float32
     np.testing.assert_array_equal(as_numpy, as_torch.float().numpy())
     batches = list(reader.iter_batches("mid", 500, batch_size=6))
@@ -183,7 +199,7 @@ def test_streaming_reads_one_shard_at_a_time(store, batch_size, dtype):
     rest = list(batches)
     assert 1 + len(rest) == -(-N_ROWS // batch_size)
     in_turn = [n for i, n in enumerate(reads) if i == 0 or reads[i - 1] != n]
-    assert in_turn == [s.name for s in reader.manifest.shards]         # every shard, in order, never revisited
+    assert in_turn == [s.name for s in reader.manifest.shards]  # every shard, in order, never revisited
     np.testing.assert_array_equal(np.concatenate([first, *rest]), reader.load("mid", 500, dtype=dtype))
 
 
@@ -223,10 +239,18 @@ def expected_rows(images: Path | None = None) -> list[dict]:
     rows = []
     for i in READABLE:
         for seed in SEEDS:
-            rows.append({"row": len(rows), "input_id": f"img_{i:04d}.png", "source_index": i, "seed": seed,
-                         "label": f"class{i % 3}", "caption": f"caption {i}",
-                         "shard": f"shard-{i // SHARD_SIZE:06d}.safetensors"})
-            if images is not None:     # each row records the bytes it was captured from (issue 21: thumbnails)
+            rows.append(
+                {
+                    "row": len(rows),
+                    "input_id": f"img_{i:04d}.png",
+                    "source_index": i,
+                    "seed": seed,
+                    "label": f"class{i % 3}",
+                    "caption": f"caption {i}",
+                    "shard": f"shard-{i // SHARD_SIZE:06d}.safetensors",
+                }
+            )
+            if images is not None:  # each row records the bytes it was captured from (issue 21: thumbnails)
                 rows[-1]["image_sha256"] = hashlib.sha256((images / f"img_{i:04d}.png").read_bytes()).hexdigest()
     return rows
 
@@ -276,7 +300,7 @@ def test_store_info(store, capsys):
     for e in info["timesteps"]:
         assert e["alpha_bar"] == pytest.approx(float(alphas[e["t"]]))
         assert e["noise_std"] == pytest.approx((1 - float(alphas[e["t"]])) ** 0.5)
-    assert info["timesteps"][0]["alpha_bar"] > info["timesteps"][1]["alpha_bar"]   # larger t = noisier
+    assert info["timesteps"][0]["alpha_bar"] > info["timesteps"][1]["alpha_bar"]  # larger t = noisier
     assert info["layers"] == {"inp": {"shape": [3], "dtype": "float16"}, "mid": {"shape": [4], "dtype": "float16"}}
 
 
@@ -301,18 +325,22 @@ def _truncate(path: Path) -> None:
 
 def _flip_bit(path: Path) -> None:
     data = bytearray(path.read_bytes())
-    data[len(data) - 3] ^= 0x01                               # inside the tensor data: same size, same header
+    data[len(data) - 3] ^= 0x01  # inside the tensor data: same size, same header
     path.write_bytes(bytes(data))
 
 
 def _flip_header_bit(path: Path) -> None:
     data = bytearray(path.read_bytes())
-    data[12] ^= 0x20                                          # inside the JSON header
+    data[12] ^= 0x20  # inside the JSON header
     path.write_bytes(bytes(data))
 
 
-DAMAGE = {"truncated": (_truncate, "truncated"), "bit-flipped": (_flip_bit, "checksum mismatch"),
-          "header-flipped": (_flip_header_bit, "checksum mismatch"), "missing": (Path.unlink, "missing")}
+DAMAGE = {
+    "truncated": (_truncate, "truncated"),
+    "bit-flipped": (_flip_bit, "checksum mismatch"),
+    "header-flipped": (_flip_header_bit, "checksum mismatch"),
+    "missing": (Path.unlink, "missing"),
+}
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -362,8 +390,8 @@ def test_verify_warns_about_uncommitted_and_leftover_files(store, tmp_path, caps
     s = copy_store(store, tmp_path / "s")
     (s / "shards" / "shard-000007.safetensors").write_bytes((s / "shards" / "shard-000000.safetensors").read_bytes())
     (s / "shards" / ".shard-000004.safetensors.4242.tmp").write_bytes(b"partial")
-    (s / ".manifest.json.4242.tmp").write_bytes(b"{\"partial")
-    assert main(["store", "verify", str(s)]) == 0              # warnings, not problems: committed data is fine
+    (s / ".manifest.json.4242.tmp").write_bytes(b'{"partial')
+    assert main(["store", "verify", str(s)]) == 0  # warnings, not problems: committed data is fine
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert any("shard-000007.safetensors" in w and "not listed" in w for w in warnings), out

@@ -1,4 +1,5 @@
 """The store stream (store/stream.py): mixing across shards, every item once, determinism, bounded memory."""
+
 from __future__ import annotations
 
 import threading
@@ -23,7 +24,7 @@ def sorted_store(tmp_path_factory) -> Path:
     n = 256
     labels = np.repeat(np.arange(CLASSES), n // CLASSES)
     x = np.random.default_rng(0).normal(size=(n, 6)).astype(np.float32)
-    x[:, 0] = labels                                      # the class can be read off a row
+    x[:, 0] = labels  # the class can be read off a row
     rows = [{"input_id": f"img{i}", "label": str(labels[i])} for i in range(n)]
     path = tmp_path_factory.mktemp("stream") / "store"
     write_array_store(path, {("blk", 5): x}, rows, shard_rows=16, dtype="float32")
@@ -54,7 +55,7 @@ def test_a_store_in_sorted_class_order_gives_batches_with_the_stores_class_mix(s
     shares = np.stack([np.bincount(b[:, 0].long().numpy(), minlength=CLASSES) / len(b) for b in out])
     deviation = np.abs(shares - 1 / CLASSES)
     assert deviation.mean() < 0.08 and deviation.max() <= 0.25, shares
-    assert (shares > 0).all()                             # every class in every batch
+    assert (shares > 0).all()  # every class in every batch
 
 
 def test_every_item_exactly_once_per_epoch_and_deterministic(sorted_store):
@@ -96,7 +97,7 @@ def test_memory_stays_at_a_few_pools_however_big_the_store(sorted_store):
     stream = MixingStream(open_store(sorted_store), "blk", 5, 8, mix_shards=1, epochs=1)
     list(stream)
     held = [b.numel() for b in stream._ring if b is not None]
-    pool_values = 16 * 6                               # one shard's rows x 6 features
+    pool_values = 16 * 6  # one shard's rows x 6 features
     assert len(held) <= 3 and max(held) <= 1.5 * pool_values and sum(held) <= 256 * 6 / 4
     stream.close()
 
@@ -106,8 +107,9 @@ def test_pools_take_row_ranges_from_every_shard():
     selected = [np.arange(16) for _ in range(16)]
     pools = plan_pools(selected, row_bytes=24, pool_rows=32, rng=rng)
     assert len(pools) == 8 and all(sorted(p.shard for p in pool) == list(range(16)) for pool in pools)
-    assert sorted(r for pool in pools for p in pool for a, b in p.runs for r in range(a + 16 * p.shard, b + 16 * p.shard)) \
-        == list(range(256))
+    assert sorted(
+        r for pool in pools for p in pool for a, b in p.runs for r in range(a + 16 * p.shard, b + 16 * p.shard)
+    ) == list(range(256))
 
 
 def test_a_read_error_reaches_the_consumer_and_the_thread_ends(sorted_store, tmp_path):

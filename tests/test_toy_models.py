@@ -1,4 +1,5 @@
 """The committed shapes-world weights: stock diffusers loading, classifiers, errors, and a smoke build."""
+
 from __future__ import annotations
 
 import json
@@ -19,13 +20,14 @@ def test_committed_pipeline_loads_with_stock_diffusers():
     import diffusers
     from transformers import CLIPTextModel
 
-    pipe = diffusers.DiffusionPipeline.from_pretrained(ShapesWorld.load().pipeline_dir)        # no custom code involved
+    pipe = diffusers.DiffusionPipeline.from_pretrained(ShapesWorld.load().pipeline_dir)  # no custom code involved
     assert type(pipe) is diffusers.StableDiffusionPipeline
     assert isinstance(pipe.vae, diffusers.AutoencoderKL) and isinstance(pipe.unet, diffusers.UNet2DConditionModel)
     assert isinstance(pipe.text_encoder, CLIPTextModel) and pipe.unet.config.cross_attention_dim > 0
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
-                 output_type="np").images
+    image = pipe(
+        "a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
@@ -35,11 +37,11 @@ def test_committed_pipeline_draws_what_the_prompt_says_and_the_planted_defaults(
 
     results = evaluate_toy(config=EvalConfig(samples=48), progress=False)
     full = results["full_prompts"]["per_factor"]
-    assert min(full[f]["rate"] for f in FACTORS) >= 0.85, {f: v["rate"] for f, v in full.items()}   # position too
+    assert min(full[f]["rate"] for f in FACTORS) >= 0.85, {f: v["rate"] for f, v in full.items()}  # position too
     defaults = results["colour_defaults"]["per_shape"]
     rates = {shape: {c: r["generated"] for c, r in v["rates"].items()} for shape, v in defaults.items()}
-    assert rates["square"]["red"] >= 0.6 and rates["triangle"]["blue"] >= 0.4, rates       # strong, medium
-    assert max(rates["cross"].values()) <= 0.5, rates                                       # unbiased
+    assert rates["square"]["red"] >= 0.6 and rates["triangle"]["blue"] >= 0.4, rates  # strong, medium
+    assert max(rates["cross"].values()) <= 0.5, rates  # unbiased
 
 
 def test_committed_weights_are_small_safetensors_and_json():
@@ -106,7 +108,7 @@ def test_smoke_build_writes_loadable_weights(smoke_build):
     assert set(info["timings_s"]) == {"pipeline", "cnn", "vit", "captioner"}
     pipe = diffusers.DiffusionPipeline.from_pretrained(out / "pipeline")
     assert pipe.vae.config.scaling_factor > 0 and WorldConfig.load(out / "world.json") == WorldConfig()
-    assert pipe.scheduler.config.prediction_type == "v_prediction"       # what the recipe trains
+    assert pipe.scheduler.config.prediction_type == "v_prediction"  # what the recipe trains
     for name in ("cnn", "vit", "captioner"):
         ShapesWorld.load(out).classifier(name)
 

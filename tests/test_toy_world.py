@@ -1,4 +1,5 @@
 """The shapes world generator: planted rates, determinism, captions, rendering, config validation."""
+
 from __future__ import annotations
 
 import json
@@ -67,7 +68,8 @@ def test_caption_templates():
     batch = sample_world(500, seed=5)
     assert captions_for(WORLD, batch.factors, batch.kept) == [
         caption(WORLD, {k: int(v[i]) for k, v in batch.factors.items()}, {k: bool(v[i]) for k, v in batch.kept.items()})
-        for i in range(500)]
+        for i in range(500)
+    ]
 
 
 def test_rendering_puts_the_right_colour_at_the_right_place():
@@ -76,14 +78,14 @@ def test_rendering_puts_the_right_colour_at_the_right_place():
     bg = np.median(batch.images.reshape(400, -1, 3), axis=1)
     for i in range(400):
         img = batch.images[i].astype(float)
-        mask = np.abs(img - bg[i]).sum(-1) > 60                      # the shape's pixels
+        mask = np.abs(img - bg[i]).sum(-1) > 60  # the shape's pixels
         ys, xs = np.nonzero(mask)
         assert len(ys) > 20
-        assert (xs.mean() > 16) == bool(batch.factors["xpos"][i]), i   # right half <=> xpos 'right'
-        assert (ys.mean() > 16) == bool(batch.factors["ypos"][i]), i   # bottom half <=> ypos 'bottom'
+        assert (xs.mean() > 16) == bool(batch.factors["xpos"][i]), i  # right half <=> xpos 'right'
+        assert (ys.mean() > 16) == bool(batch.factors["ypos"][i]), i  # bottom half <=> ypos 'bottom'
         want = np.array(list(WORLD.colours.values())[batch.factors["colour"][i]], float)
         diff = np.abs(img - bg[i]).sum(-1)
-        core = diff >= 0.95 * diff.max()                              # fully covered pixels, not blended edges
+        core = diff >= 0.95 * diff.max()  # fully covered pixels, not blended edges
         assert np.abs(np.median(img[core], axis=0) - want).max() <= WORLD.colour_jitter + 1
     small = batch.factors["size"] == 0
     areas = np.array([(np.abs(batch.images[i].astype(float) - bg[i]).sum(-1) > 60).sum() for i in range(400)])
@@ -98,21 +100,52 @@ def test_config_round_trips_through_json(tmp_path):
     assert sample_world(16, seed=1, config=again).images.tobytes() == sample_world(16, seed=1).images.tobytes()
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"colour_given_shape": {**WORLD.colour_given_shape, "hexagon": {"red": 1.0, "green": 0, "blue": 0, "yellow": 0}}},
-     "unknown shape(s) ['hexagon']"),
-    ({"colour_given_shape": {**WORLD.colour_given_shape, "cross": {"red": 0.5, "green": 0.5, "purple": 0.0, "blue": 0.0}}},
-     "unknown value(s) ['purple']"),
-    ({"colour_given_shape": {**WORLD.colour_given_shape, "cross": {"red": 1.5, "green": -0.5, "blue": 0.0, "yellow": 0.0}}},
-     "rates must lie in [0, 1]"),
-    ({"colour_given_shape": {**WORLD.colour_given_shape, "cross": {"red": 0.5, "green": 0.2, "blue": 0.2, "yellow": 0.2}}},
-     "rates must sum to 1; they sum to 1.1"),
-    ({"shape_rates": {"circle": 0.5, "square": 0.5, "triangle": 0.0}}, "missing rates for ['cross']"),
-    ({"keep": {"shape": 0.9, "texture": 0.5}}, "keep: unknown factor(s) ['texture']"),
-    ({"keep": {"shape": 1.2}}, "not a probability"),
-    ({"shapes": ["circle", "hexagon"]}, "unknown shape(s) ['hexagon']"),
-    ({"texture": "wood"}, "unknown world config field(s) ['texture']"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {
+                "colour_given_shape": {
+                    **WORLD.colour_given_shape,
+                    "hexagon": {"red": 1.0, "green": 0, "blue": 0, "yellow": 0},
+                }
+            },
+            "unknown shape(s) ['hexagon']",
+        ),
+        (
+            {
+                "colour_given_shape": {
+                    **WORLD.colour_given_shape,
+                    "cross": {"red": 0.5, "green": 0.5, "purple": 0.0, "blue": 0.0},
+                }
+            },
+            "unknown value(s) ['purple']",
+        ),
+        (
+            {
+                "colour_given_shape": {
+                    **WORLD.colour_given_shape,
+                    "cross": {"red": 1.5, "green": -0.5, "blue": 0.0, "yellow": 0.0},
+                }
+            },
+            "rates must lie in [0, 1]",
+        ),
+        (
+            {
+                "colour_given_shape": {
+                    **WORLD.colour_given_shape,
+                    "cross": {"red": 0.5, "green": 0.2, "blue": 0.2, "yellow": 0.2},
+                }
+            },
+            "rates must sum to 1; they sum to 1.1",
+        ),
+        ({"shape_rates": {"circle": 0.5, "square": 0.5, "triangle": 0.0}}, "missing rates for ['cross']"),
+        ({"keep": {"shape": 0.9, "texture": 0.5}}, "keep: unknown factor(s) ['texture']"),
+        ({"keep": {"shape": 1.2}}, "not a probability"),
+        ({"shapes": ["circle", "hexagon"]}, "unknown shape(s) ['hexagon']"),
+        ({"texture": "wood"}, "unknown world config field(s) ['texture']"),
+    ],
+)
 def test_invalid_world_configs_get_clear_errors(change, message):
     with pytest.raises(WorldConfigError) as err:
         WorldConfig.from_json({**WORLD.to_json(), **change})

@@ -1,4 +1,5 @@
 """Atomic file writes: write to a temporary file in the same directory, fsync, rename."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """The `diffdissect` command: a thin layer over the library API (argparse; lists are space-separated)."""
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts", nargs="+", help="trajectory mode: sample these prompts (DiT: class ids/names)")
     src.add_argument("--prompt-file", help="trajectory mode: one prompt per line")
     add_config_arguments(p, CaptureConfig, required=["layers"])
-    add_config_arguments(p, TrajectoryConfig, only=["steps", "guidance_scale", "branch"],
-                         flags={"guidance_scale": "--guidance"})
+    add_config_arguments(
+        p, TrajectoryConfig, only=["steps", "guidance_scale", "branch"], flags={"guidance_scale": "--guidance"}
+    )
     p.add_argument("--out", required=True, help="store directory (resumed if it holds the same capture)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_capture)
@@ -67,8 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="a probe per (layer, t) cell of a store, with splits, controls and CIs")
     p.add_argument("store", help="activation store directory")
     add_config_arguments(p, ProbeConfig, exclude=["split", "max_iter", "batch_mb"], flags={"l2_grid": "--l2"})
-    p.add_argument("--split-fractions", dest="split", nargs=3, type=float, default=[SplitConfig().train, SplitConfig().val, SplitConfig().test],
-                   metavar=("TRAIN", "VAL", "TEST"), help="image fractions per split [0.6 0.2 0.2]")
+    p.add_argument(
+        "--split-fractions",
+        dest="split",
+        nargs=3,
+        type=float,
+        default=[SplitConfig().train, SplitConfig().val, SplitConfig().test],
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="image fractions per split [0.6 0.2 0.2]",
+    )
     p.add_argument("--out", required=True, help="output directory (probes.json/.csv, splits.csv, heatmaps, report)")
     p.set_defaults(func=cmd_probe)
 
@@ -76,9 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sae.add_parser("train", help="train TopK SAEs: every combination of --layers x --timesteps x --k x --expansion")
     p.add_argument("store", help="activation store directory")
     p.add_argument("--config", default=None, help="JSON file of training options (flags given here override it)")
-    add_config_arguments(p, SAETrainConfig, unset=True, several=SAE_SWEPT,
-                         exclude=["aux_alpha", "dead_window", "heldout_fraction", "normalise", "checkpoint_every"],
-                         flags={"layer": "--layers", "t": "--timesteps", "steps": "--train-steps"})
+    add_config_arguments(
+        p,
+        SAETrainConfig,
+        unset=True,
+        several=SAE_SWEPT,
+        exclude=["aux_alpha", "dead_window", "heldout_fraction", "normalise", "checkpoint_every"],
+        flags={"layer": "--layers", "t": "--timesteps", "steps": "--train-steps"},
+    )
     p.add_argument("--out", required=True, help="runs directory: one sub-directory per SAE (resumed if present)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sae_train)
@@ -89,21 +103,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=16, help="top images per latent [16]")
     p.add_argument("--images", default=None, help="image folder of the capture (for thumbnails) [from the manifest]")
     p.add_argument("--out", default=None, help="output directory [the SAE directory]")
-    p.add_argument("--captioner", default=None, help="caption the held-out images (world, or a local transformers "
-                   "image-to-text directory) to label latents by words, when the store holds no captions")
+    p.add_argument(
+        "--captioner",
+        default=None,
+        help="caption the held-out images (world, or a local transformers "
+        "image-to-text directory) to label latents by words, when the store holds no captions",
+    )
     add_config_arguments(p.add_argument_group("held-out attribution"), AttributionConfig, exclude=["mask_threshold"])
     p.add_argument("--device", default="cpu", help="where the codes are computed: cpu, cuda, cuda:N, mps [cpu]")
-    p.add_argument("--causal-model", default=None, help="causal columns: sample this pipeline ('world': the shapes "
-                   "world's) with each top latent turned up and ablated, judged by --judge [off]")
-    p.add_argument("--judge", default="world", help="causal columns' judge: 'world' or a local transformers "
-                   "image-to-text directory [world]")
+    p.add_argument(
+        "--causal-model",
+        default=None,
+        help="causal columns: sample this pipeline ('world': the shapes "
+        "world's) with each top latent turned up and ablated, judged by --judge [off]",
+    )
+    p.add_argument(
+        "--judge",
+        default="world",
+        help="causal columns' judge: 'world' or a local transformers image-to-text directory [world]",
+    )
     _attributes_arg(p)
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
     _causal_args(p)
     p.set_defaults(func=cmd_sae_features)
 
-    directions = sub.add_parser("directions", help="prompt-driven h-space directions and what prompts default to "
-                                "(Decoding Diffusion)").add_subparsers(dest="directions_command")
+    directions = sub.add_parser(
+        "directions", help="prompt-driven h-space directions and what prompts default to (Decoding Diffusion)"
+    ).add_subparsers(dest="directions_command")
     p = directions.add_parser("run", help="sample prompts x seeds, caption, directions per word, bias and clusters")
     _model_args(p)
     src = p.add_argument_group("prompts (one or more of --prompts, --prompt-file, --template)")
@@ -112,8 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--template", nargs="+", default=None, help='templates with slots, e.g. "a {colour} {shape}"')
     src.add_argument("--slot", nargs="+", default=None, help="slot values: NAME=value1,value2 ...")
     _directions_args(p)
-    p.add_argument("--captioner", default="none", help="none, world (shapes-world captioner) or a local "
-                   "transformers image-to-text directory [none]")
+    p.add_argument(
+        "--captioner",
+        default="none",
+        help="none, world (shapes-world captioner) or a local transformers image-to-text directory [none]",
+    )
     p.add_argument("--family", nargs="+", default=None, help="descriptor families: NAME=word1,word2 ...")
     p.add_argument("--subjects", nargs="+", default=None, help="subject prompts whose defaults to measure")
     add_config_arguments(p, DirectionsConfig, only=["cluster_by", "cluster_remove", "cluster_pooling"])
@@ -123,19 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     _directions_args(p, world=True)
     p.set_defaults(func=cmd_directions_world)
 
-    invert = sub.add_parser("invert", help="feature inversion with a conditional diffusion model (FeatInv)"
-                            ).add_subparsers(dest="invert_command")
+    invert = sub.add_parser(
+        "invert", help="feature inversion with a conditional diffusion model (FeatInv)"
+    ).add_subparsers(dest="invert_command")
     p = invert.add_parser("train", help="train an inverter: classifier features at a layer -> images")
     _model_args(p)
     p.add_argument("--classifier", required=True, help="world:cnn, world:vit or package.module:factory")
     p.add_argument("--layer", required=True, help="module path of the classifier whose output is inverted")
-    p.add_argument("--mode", choices=["spatial", "pooled"], default="spatial",
-                   help="spatial map, or the pooled vector broadcast over the grid (the baseline) [spatial]")
+    p.add_argument(
+        "--mode",
+        choices=["spatial", "pooled"],
+        default="spatial",
+        help="spatial map, or the pooled vector broadcast over the grid (the baseline) [spatial]",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of training images")
     src.add_argument("--n-world-images", dest="world_images", type=int, help="this many balanced shapes-world images")
-    add_config_arguments(p, InvertTrainConfig, only=["steps", "batch_size", "lr", "cond_dropout", "checkpoint_every",
-                                                     "seed"], flags={"steps": "--train-steps"})
+    add_config_arguments(
+        p,
+        InvertTrainConfig,
+        only=["steps", "batch_size", "lr", "cond_dropout", "checkpoint_every", "seed"],
+        flags={"steps": "--train-steps"},
+    )
     p.add_argument("--out", required=True, help="inverter directory (resumed if it holds this run)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_invert_train)
@@ -151,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampler steps [20]")
     p.add_argument("--out", required=True, help="output folder: PNGs and grid.png")
     p.set_defaults(func=cmd_invert_sample)
-    p = invert.add_parser("eval", help="the shapes world's inverters: spatial vs pooled, CNN and ViT, steering, "
-                          "composites, robustness")
+    p = invert.add_parser(
+        "eval", help="the shapes world's inverters: spatial vs pooled, CNN and ViT, steering, composites, robustness"
+    )
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
     p.add_argument("--n-images", dest="images", type=int, default=256, help="held-out images [256]")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -161,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for results.json and report.html")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_invert_eval)
-    p = invert.add_parser("build-world", help="train the shapes world's inverters (CNN spatial and pooled, ViT) "
-                          "into the weights directory")
+    p = invert.add_parser(
+        "build-world",
+        help="train the shapes world's inverters (CNN spatial and pooled, ViT) into the weights directory",
+    )
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
     p.add_argument("--n-images", dest="images", type=int, default=16384, help="training images [16384]")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every inverter's training steps")
@@ -171,8 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_invert_build_world)
 
-    p = sub.add_parser("steer", help="sample with edits (add, erase, SAE latents, mean ablation) and measure the "
-                                     "effect: prompts x seeds x alphas x edits")
+    p = sub.add_parser(
+        "steer",
+        help="sample with edits (add, erase, SAE latents, mean ablation) and measure the "
+        "effect: prompts x seeds x alphas x edits",
+    )
     _model_args(p)
     _steer_args(p)
     p.set_defaults(func=cmd_steer)
@@ -184,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    toy = sub.add_parser("toy", help="the shapes world: build and evaluate its models").add_subparsers(dest="toy_command")
+    toy = sub.add_parser("toy", help="the shapes world: build and evaluate its models").add_subparsers(
+        dest="toy_command"
+    )
     p = toy.add_parser("build", help="train the toy pipeline and classifiers from scratch (reproducible)")
     p.add_argument("--out", default=None, help="weights directory [the package's committed weights]")
     p.add_argument("--seed", type=int, default=0)
@@ -195,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_toy_build)
     p = toy.add_parser("eval", help="measure the toy pipeline, judged by the attribute captioner")
     p.add_argument("--weights", default=None, help="weights directory [the committed ones]")
-    add_config_arguments(p, EvalConfig, only=["samples", "steps", "guidance_full"], flags={"guidance_full": "--guidance"})
+    add_config_arguments(
+        p, EvalConfig, only=["samples", "steps", "guidance_full"], flags={"guidance_full": "--guidance"}
+    )
     p.add_argument("--save", action="store_true", help="write eval.json beside the weights (the demo shows it)")
     p.add_argument("--doc", default=None, help="write the figures as markdown here (e.g. docs/toy-world.md)")
     p.add_argument("--json", default=None, help="write the full results as JSON here")
@@ -209,8 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_commands.add_parser("probe", help="the probe sweep: batched fit vs scikit-learn, passes per (image, t)")
     p.add_argument("--n-images", dest="images", type=int, default=1024, help="shapes-world images to capture [1024]")
     p.add_argument("--store", default=None, help="use this store instead of capturing the shapes world")
-    p.add_argument("--revelio-scale", action="store_true",
-                   help="synthetic features at Revelio's scale (d 1280, 5,000 images, 8 cells) instead")
+    p.add_argument(
+        "--revelio-scale",
+        action="store_true",
+        help="synthetic features at Revelio's scale (d 1280, 5,000 images, 8 cells) instead",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch and BLAS threads, both sides [torch's default]")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.set_defaults(func=cmd_bench_probe)
@@ -248,8 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_distributed)
     p = bench_commands.add_parser("capture", help="capture overhead and memory")
     p.add_argument("--sd15", action="store_true", help="also run the full-size SD-1.5 UNet (slow on CPU)")
-    p.add_argument("--families", nargs="+", choices=["sdxl", "flux"], default=None,
-                   help="also run SDXL- / FLUX-architecture models at real widths (slow on CPU)")
+    p.add_argument(
+        "--families",
+        nargs="+",
+        choices=["sdxl", "flux"],
+        default=None,
+        help="also run SDXL- / FLUX-architecture models at real widths (slow on CPU)",
+    )
     p.add_argument("--only-families", action="store_true", help="skip the tiny model and the memory figure")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="write results to this JSON file")
@@ -258,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", required=True,
-                   help="pipeline/model directory, hub id (org/name) or package.module:factory")
+    p.add_argument(
+        "--model", "-m", required=True, help="pipeline/model directory, hub id (org/name) or package.module:factory"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--resolution", type=int, default=None, help="override the input resolution (pixels)")
@@ -272,11 +329,19 @@ def _directions_args(p: argparse.ArgumentParser, world: bool = False) -> None:
     from diffdissect.directions import DirectionsConfig
     from diffdissect.options import add_config_arguments
 
-    add_config_arguments(p, DirectionsConfig, only=["layers", "steps", "batch_size", "method", "permutations",
-                                                    "resamples"] + ([] if world else ["guidance_scale"]),
-                         flags={"guidance_scale": "--guidance"})
-    p.add_argument("--source", choices=["captions", "prompts"], default=None,
-                   help="texts the directions come from [captions with a captioner, else prompts]")
+    add_config_arguments(
+        p,
+        DirectionsConfig,
+        only=["layers", "steps", "batch_size", "method", "permutations", "resamples"]
+        + ([] if world else ["guidance_scale"]),
+        flags={"guidance_scale": "--guidance"},
+    )
+    p.add_argument(
+        "--source",
+        choices=["captions", "prompts"],
+        default=None,
+        help="texts the directions come from [captions with a captioner, else prompts]",
+    )
     p.add_argument("--headline-step", default="last", help="timestep of the headline figures [last]")
     p.add_argument("--out", required=True, help="run directory (resumed if interrupted)")
     p.add_argument("--quiet", action="store_true")
@@ -286,8 +351,16 @@ def _directions_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.headline_step != "last" and not args.headline_step.isdigit():
         raise DiffdissectError(f"--headline-step must be 'last' or a timestep t, not {args.headline_step!r}.")
     headline = args.headline_step if args.headline_step == "last" else int(args.headline_step)
-    return dict(seeds=list(range(args.seeds)), layers=args.layers, steps=args.steps, batch_size=args.batch_size,
-                method=args.method, headline_step=headline, permutations=args.permutations, resamples=args.resamples)
+    return dict(
+        seeds=list(range(args.seeds)),
+        layers=args.layers,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        method=args.method,
+        headline_step=headline,
+        permutations=args.permutations,
+        resamples=args.resamples,
+    )
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -305,8 +378,14 @@ def _target(args: argparse.Namespace):
 
     from diffdissect.models import load_target
 
-    return load_target(args.model, device=args.device, dtype=getattr(torch, args.model_dtype),
-                       random_init=args.random_init, seed=args.init_seed, resolution=args.resolution)
+    return load_target(
+        args.model,
+        device=args.device,
+        dtype=getattr(torch, args.model_dtype),
+        random_init=args.random_init,
+        seed=args.init_seed,
+        resolution=args.resolution,
+    )
 
 
 def _steer_args(p: argparse.ArgumentParser) -> None:
@@ -315,8 +394,12 @@ def _steer_args(p: argparse.ArgumentParser) -> None:
 
     add_config_arguments(p, SteerConfig, exclude=["attributes"])
     p.add_argument("--prompt-file", default=None, help="one prompt per line (added to --prompts)")
-    p.add_argument("--judge", default="none", help="the judge: 'world' (the shapes world's captioner), a local "
-                   "transformers image-to-text model directory, or 'none' [none]")
+    p.add_argument(
+        "--judge",
+        default="none",
+        help="the judge: 'world' (the shapes world's captioner), a local "
+        "transformers image-to-text model directory, or 'none' [none]",
+    )
     _attributes_arg(p)
     p.add_argument("--weights", default=None, help="shapes-world weights directory [the committed ones]")
     p.add_argument("--out", required=True, help="output directory")
@@ -327,9 +410,13 @@ def _attributes_arg(p: argparse.ArgumentParser) -> None:
     from diffdissect.intervene.steer import SteerConfig
     from diffdissect.options import field_docs
 
-    p.add_argument("--attributes", nargs="+", default=None, metavar="ATTR=V1,V2",
-                   help=field_docs(SteerConfig)["attributes"] + " (a transformers judge needs them; 'world' knows "
-                   "its own)")
+    p.add_argument(
+        "--attributes",
+        nargs="+",
+        default=None,
+        metavar="ATTR=V1,V2",
+        help=field_docs(SteerConfig)["attributes"] + " (a transformers judge needs them; 'world' knows its own)",
+    )
 
 
 def _judge(spec: str, attributes: dict[str, list[str]], args: argparse.Namespace):
@@ -378,8 +465,9 @@ def cmd_steer(args: argparse.Namespace) -> int:
     prompts = list(args.prompts or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     judge = _judge(args.judge, _parse_attributes(args.attributes), args)
     args.model = _world_model(args.model, args)
-    config = config_from_args(SteerConfig, args, prompts=prompts,
-                              attributes=judge.attributes if judge is not None else {})
+    config = config_from_args(
+        SteerConfig, args, prompts=prompts, attributes=judge.attributes if judge is not None else {}
+    )
     config.validate()
     result = run_steer(_target(args), config, args.out, judge)
     if args.json:
@@ -387,10 +475,16 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
         atomic_write_json(Path(args.json), [e.to_json() for e in result.effects])
     for e in result.effects:
-        target = "" if e.target_rate is None or e.target_ci is None else f"  {e.target} {e.target_rate:.2f} [{e.target_ci[0]:.2f}, {e.target_ci[1]:.2f}]"
+        target = (
+            ""
+            if e.target_rate is None or e.target_ci is None
+            else f"  {e.target} {e.target_rate:.2f} [{e.target_ci[0]:.2f}, {e.target_ci[1]:.2f}]"
+        )
         keeps = " ".join(f"{a} {v['rate']:.2f}" for a, v in e.keep.items() if v["rate"] is not None)
-        print(f"{e.edit}  alpha={e.alpha}{target}  keep: {keeps or '-'}  pixel {e.pixel_distance:.3f}  "
-              f"identical {e.identical}/{e.n}")
+        print(
+            f"{e.edit}  alpha={e.alpha}{target}  keep: {keeps or '-'}  pixel {e.pixel_distance:.3f}  "
+            f"identical {e.identical}/{e.n}"
+        )
     print(f"wrote {args.out}/report.html")
     return 0
 
@@ -413,8 +507,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(args.json, [i.to_json() for i in infos])
         return 0
-    print(f"# {target.source} ({type(target.denoiser).__name__}, {target.kind}); input "
-          f"{target.resolution}px -> sample {target.sample_shape()}; shapes per sample")
+    print(
+        f"# {target.source} ({type(target.denoiser).__name__}, {target.kind}); input "
+        f"{target.resolution}px -> sample {target.sample_shape()}; shapes per sample"
+    )
     width = max(len(i.path) for i in infos)
     for info in infos:
         shape = "x".join(map(str, info.shape)) if info.shape else "(no tensor output)"
@@ -426,32 +522,58 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from diffdissect.capture import CaptureConfig, TrajectoryConfig, capture, capture_trajectories
     from diffdissect.distributed import from_env
 
-    dist = from_env()                       # torchrun / accelerate launch: this rank's share; else one process
+    dist = from_env()  # torchrun / accelerate launch: this rank's share; else one process
     if dist.enabled and args.device.startswith("cuda"):
-        args.device = f"cuda:{dist.local_rank}"          # one GPU per rank
-    prompts = _prompts(args)                # a bad prompt file fails before the model is loaded
+        args.device = f"cuda:{dist.local_rank}"  # one GPU per rank
+    prompts = _prompts(args)  # a bad prompt file fails before the model is loaded
     target = _target(args)
-    common = {"layers": args.layers, "seeds": args.seeds, "pooling": args.pooling, "dtype": args.dtype,
-              "tokens_to_grid": args.tokens_to_grid, "batch_size": args.batch_size}
+    common = {
+        "layers": args.layers,
+        "seeds": args.seeds,
+        "pooling": args.pooling,
+        "dtype": args.dtype,
+        "tokens_to_grid": args.tokens_to_grid,
+        "batch_size": args.batch_size,
+    }
     if prompts is not None:
         if dist.enabled:
-            raise DiffdissectError("trajectory capture (--prompts) runs in one process; launch it without "
-                                   "torchrun/accelerate, or capture images.")
-        trajectory_spec = TrajectoryConfig(prompts=prompts, steps=args.steps, guidance_scale=args.guidance_scale,
-                                         branch=args.branch, shard_size=args.shard_size or 64, **common)
+            raise DiffdissectError(
+                "trajectory capture (--prompts) runs in one process; launch it without "
+                "torchrun/accelerate, or capture images."
+            )
+        trajectory_spec = TrajectoryConfig(
+            prompts=prompts,
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            branch=args.branch,
+            shard_size=args.shard_size or 64,
+            **common,
+        )
         manifest = capture_trajectories(target, trajectory_spec, args.out, progress=not args.quiet)
     else:
-        spec = CaptureConfig(timesteps=args.timesteps, prompt=args.prompt, use_captions=args.use_captions,
-                           class_label=args.class_label, labels_as_classes=args.labels_as_classes,
-                           shard_size=args.shard_size, shard_mb=args.shard_mb, limit=args.limit,
-                           early_exit=args.early_exit, sigmas=args.sigmas,
-                           guidance_embedding=args.guidance_embedding, **common)
+        spec = CaptureConfig(
+            timesteps=args.timesteps,
+            prompt=args.prompt,
+            use_captions=args.use_captions,
+            class_label=args.class_label,
+            labels_as_classes=args.labels_as_classes,
+            shard_size=args.shard_size,
+            shard_mb=args.shard_mb,
+            limit=args.limit,
+            early_exit=args.early_exit,
+            sigmas=args.sigmas,
+            guidance_embedding=args.guidance_embedding,
+            **common,
+        )
         manifest = capture(target, _source(args), spec, args.out, progress=not args.quiet, dist=dist)
     if dist.is_main:
         skipped = len(manifest.skipped)
-        print(f"wrote {manifest.rows} rows x {len(manifest.layers)} layers x {len(manifest.timesteps)} timesteps "
-              f"to {args.out}" + (f" ({skipped} unreadable inputs skipped; see `diffdissect store info`)" if skipped else "")
-              + (f" with {dist.world_size} ranks" if dist.enabled else ""))
+        print(
+            f"wrote {manifest.rows} rows x {len(manifest.layers)} layers x {len(manifest.timesteps)} timesteps "
+            f"to {args.out}"
+            + (f" ({skipped} unreadable inputs skipped; see `diffdissect store info`)" if skipped else "")
+            + (f" with {dist.world_size} ranks" if dist.enabled else "")
+        )
     return 0
 
 
@@ -467,10 +589,20 @@ def _source(args: argparse.Namespace):
     if bool(args.images) == bool(args.dataset):
         raise DiffdissectError("give exactly one input: --images DIR, --dataset PATH_OR_NAME, or --prompts.")
     if args.images:
-        return FolderSource(args.images, args.labels_csv, id_column=args.id_column,
-                            label_column=args.label_column or "label", caption_column=args.caption_column or "caption")
-    return HFDatasetSource(args.dataset, split=args.split, image_column=args.image_column,
-                           label_column=args.label_column, caption_column=args.caption_column)
+        return FolderSource(
+            args.images,
+            args.labels_csv,
+            id_column=args.id_column,
+            label_column=args.label_column or "label",
+            caption_column=args.caption_column or "caption",
+        )
+    return HFDatasetSource(
+        args.dataset,
+        split=args.split,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        caption_column=args.caption_column,
+    )
 
 
 def cmd_store_info(args: argparse.Namespace) -> int:
@@ -481,11 +613,17 @@ def cmd_store_info(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(args.json, info)
         return 0
-    print(f"store       {args.directory}  ({'complete' if info['complete'] else 'INCOMPLETE: rerun the capture to resume'})")
+    print(
+        f"store       {args.directory}  ({'complete' if info['complete'] else 'INCOMPLETE: rerun the capture to resume'})"
+    )
     print(f"mode        {info['mode']}")
     model = info["model"]
-    print(f"model       {model.get('source')} ({model.get('class', '-')}, fingerprint {model.get('weights_fingerprint', '-')})")
-    print(f"rows        {info['rows']} in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB, dtype {info['dtype']}")
+    print(
+        f"model       {model.get('source')} ({model.get('class', '-')}, fingerprint {model.get('weights_fingerprint', '-')})"
+    )
+    print(
+        f"rows        {info['rows']} in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB, dtype {info['dtype']}"
+    )
     print(f"skipped     {info['skipped']} unreadable inputs")
     print("timesteps   t (larger = noisier) | alpha_bar / sigma | noise std | denoiser t")
     for e in info["timesteps"]:
@@ -526,10 +664,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
     probe_section(report, results)
     report.write(Path(args.out) / "report.html")
     for row in summary_rows(results):
-        print(f"{row.label}: cell chosen on validation {row.best_layer} @ t={row.best_t}: test "
-              f"{row.best_accuracy:.3f} [{row.ci[0]:.3f}, {row.ci[1]:.3f}] (majority class "
-              f"{row.chance_majority:.3f}; max over cells of test accuracy {row.test_max_accuracy:.3f}, "
-              "biased upwards)")
+        print(
+            f"{row.label}: cell chosen on validation {row.best_layer} @ t={row.best_t}: test "
+            f"{row.best_accuracy:.3f} [{row.ci[0]:.3f}, {row.ci[1]:.3f}] (majority class "
+            f"{row.chance_majority:.3f}; max over cells of test accuracy {row.test_max_accuracy:.3f}, "
+            "biased upwards)"
+        )
     print(f"results: {paths['csv']}, {paths['json']}; report: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -546,13 +686,14 @@ def cmd_sae_train(args: argparse.Namespace) -> int:
     file_options = json.loads(Path(args.config).read_text()) if args.config else {}
     from diffdissect.distributed import from_env
 
-    dist = from_env()                        # torchrun / accelerate launch: data-parallel training
-    summaries = train_saes(args.store, sweep_configs(file_options, flags), args.out, progress=not args.quiet,
-                           dist=dist)
+    dist = from_env()  # torchrun / accelerate launch: data-parallel training
+    summaries = train_saes(args.store, sweep_configs(file_options, flags), args.out, progress=not args.quiet, dist=dist)
     for s in summaries if dist.is_main else []:
         m = s["metrics"]
-        print(f"{Path(args.out) / safe_name(s['name'])}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {100 * m['dead_fraction']:.1f}% "
-              f"({s['tokens_per_s']:,} tokens/s)")
+        print(
+            f"{Path(args.out) / safe_name(s['name'])}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {100 * m['dead_fraction']:.1f}% "
+            f"({s['tokens_per_s']:,} tokens/s)"
+        )
     return 0
 
 
@@ -581,9 +722,18 @@ def cmd_sae_features(args: argparse.Namespace) -> int:
             return {"config": {**vars(config), "judge": judge.name}, "latents": {str(j): v for j, v in table.items()}}
 
     caption_fn = _held_out_captioner(args) if args.captioner else None
-    paths = write_feature_outputs(args.sae, store=args.store, labels=args.labels, top_n=args.top,
-                                  images=args.images, out=args.out, device=args.device, caption_fn=caption_fn,
-                                  attribution=config_from_args(AttributionConfig, args), causal=causal)
+    paths = write_feature_outputs(
+        args.sae,
+        store=args.store,
+        labels=args.labels,
+        top_n=args.top,
+        images=args.images,
+        out=args.out,
+        device=args.device,
+        caption_fn=caption_fn,
+        attribution=config_from_args(AttributionConfig, args),
+        causal=causal,
+    )
     for line in feature_summary_lines(json.loads(paths["json"].read_text())):
         print(line)
     print(f"features: {paths['json']}\nbrowser: {paths['browser']} (open it in a web browser; no server needed)")
@@ -603,8 +753,10 @@ def _held_out_captioner(args: argparse.Namespace):
     store = args.store or read_config(Path(args.sae))["slice"]["store"]
     source = image_source_for(store, args.images)
     if source is None:
-        raise DiffdissectError(f"--captioner needs the capture's images and the store {store} names none that can be "
-                               "read; pass the image folder with --images.")
+        raise DiffdissectError(
+            f"--captioner needs the capture's images and the store {store} names none that can be "
+            "read; pass the image folder with --images."
+        )
     captioner = _shapes_world(args).captioner() if args.captioner == "world" else load_captioner(args.captioner)
 
     def caption(indices: list[int]) -> list[str | None]:
@@ -633,13 +785,24 @@ def cmd_directions_run(args: argparse.Namespace) -> int:
     families = parse_slot_args(args.family)
     if families and not args.subjects:
         raise DiffdissectError("--family needs --subjects: the prompts whose defaults to measure.")
-    captioner = (None if args.captioner == "none" else _shapes_world(args).captioner() if args.captioner == "world"
-                 else load_captioner(args.captioner))
+    captioner = (
+        None
+        if args.captioner == "none"
+        else _shapes_world(args).captioner()
+        if args.captioner == "world"
+        else load_captioner(args.captioner)
+    )
     source = args.source or ("captions" if captioner else "prompts")
-    config = DirectionsConfig(prompts=prompts, guidance_scale=args.guidance_scale, text_source=source,
-                              bias=[BiasConfig(name, words, list(args.subjects)) for name, words in families.items()],
-                              cluster_by=args.cluster_by, cluster_remove=args.cluster_remove,
-                              cluster_pooling=args.cluster_pooling, **_directions_options(args))
+    config = DirectionsConfig(
+        prompts=prompts,
+        guidance_scale=args.guidance_scale,
+        text_source=source,
+        bias=[BiasConfig(name, words, list(args.subjects)) for name, words in families.items()],
+        cluster_by=args.cluster_by,
+        cluster_remove=args.cluster_remove,
+        cluster_pooling=args.cluster_pooling,
+        **_directions_options(args),
+    )
     results = run_directions(_target(args), config, args.out, captioner, progress=not args.quiet)
     _print_directions(results, write_directions_report(results, args.out))
     return 0
@@ -652,18 +815,20 @@ def cmd_directions_world(args: argparse.Namespace) -> int:
     shapes_world = _shapes_world(args)
     options = _directions_options(args)
     options.pop("seeds")
-    config = world_directions_config(shapes_world.config, seeds=args.seeds, text_source=args.source or "captions",
-                                     **options)
-    results = run_directions(shapes_world.target(), config, args.out, shapes_world.captioner(),
-                             progress=not args.quiet)
+    config = world_directions_config(
+        shapes_world.config, seeds=args.seeds, text_source=args.source or "captions", **options
+    )
+    results = run_directions(shapes_world.target(), config, args.out, shapes_world.captioner(), progress=not args.quiet)
     check = check_against_world(results, shapes_world.config)
     from diffdissect.atomic import atomic_write_json
 
     atomic_write_json(Path(args.out) / "world_check.json", check)
     _print_directions(results, write_directions_report(results, args.out, check))
-    print(f"planted order {' > '.join(check['order'])}: {'recovered' if check['latent_order_correct'] else 'NOT recovered'}; "
-          f"image rates max error {max(check['image_rate_max_error'].values()):.3f}; "
-          f"cluster ARI {check['cluster_ari']}")
+    print(
+        f"planted order {' > '.join(check['order'])}: {'recovered' if check['latent_order_correct'] else 'NOT recovered'}; "
+        f"image rates max error {max(check['image_rate_max_error'].values()):.3f}; "
+        f"cluster ARI {check['cluster_ari']}"
+    )
     return 0
 
 
@@ -671,9 +836,11 @@ def _print_directions(results: dict[str, Any], report: Path) -> None:
     summary = results["summary"]
     for family, entry in summary["families"].items():
         for r in entry["subjects"]:
-            print(f"{family}: {r['subject']!r} -> {r['top']} score {r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] "
-                  f"p(Holm) {r['p_holm']:.4f}{' *' if r['significant'] else ''}"
-                  + (f"; images: {r['image_top']} excess {r['image_score']:.3f}" if "image_top" in r else ""))
+            print(
+                f"{family}: {r['subject']!r} -> {r['top']} score {r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] "
+                f"p(Holm) {r['p_holm']:.4f}{' *' if r['significant'] else ''}"
+                + (f"; images: {r['image_top']} excess {r['image_score']:.3f}" if "image_top" in r else "")
+            )
     print(f"results: {Path(report).parent / 'results.json'}; report: {report}")
 
 
@@ -707,12 +874,15 @@ def cmd_invert_train(args: argparse.Namespace) -> int:
     classifier, name = classifier_spec(args.classifier)
     extractor = FeatureExtractor(classifier, args.layer, mode=args.mode)
     images, attributes = _invert_images(args, target, TRAIN_SEED)
-    extractor(images_to_pixels(images[:1]))           # a non-spatial layer fails here, before any data is written
+    extractor(images_to_pixels(images[:1]))  # a non-spatial layer fails here, before any data is written
     config = config_from_args(InvertTrainConfig, args)
-    summary = train_from_images(target, extractor, name, images, args.out, config, attributes=attributes,
-                                progress=not args.quiet)
-    print(f"{args.out}: {summary['steps']} steps on {summary['examples']} images, feature map "
-          f"{'x'.join(map(str, summary['feature_shape']))}, final loss {summary['final_loss']}")
+    summary = train_from_images(
+        target, extractor, name, images, args.out, config, attributes=attributes, progress=not args.quiet
+    )
+    print(
+        f"{args.out}: {summary['steps']} steps on {summary['examples']} images, feature map "
+        f"{'x'.join(map(str, summary['feature_shape']))}, final loss {summary['final_loss']}"
+    )
     return 0
 
 
@@ -746,8 +916,15 @@ def cmd_invert_eval(args: argparse.Namespace) -> int:
     from diffdissect.world.invert import evaluate_world, strip_images
 
     shapes_world = _shapes_world(args)
-    results = evaluate_world(shapes_world.target(), shapes_world, n=args.images, seeds=tuple(args.seeds),
-                             guidance=args.guidance, steps=args.steps, progress=not args.quiet)
+    results = evaluate_world(
+        shapes_world.target(),
+        shapes_world,
+        n=args.images,
+        seeds=tuple(args.seeds),
+        guidance=args.guidance,
+        steps=args.steps,
+        progress=not args.quiet,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", strip_images(results))
@@ -756,8 +933,10 @@ def cmd_invert_eval(args: argparse.Namespace) -> int:
     report.write(out / "report.html")
     for name, m in results["reconstruction"].items():
         f = m["factors"]
-        print(f"{name}: feature cos {m['feature_cosine_pooled']:.3f}; judge agreement shape {f['shape']['rate']:.3f} "
-              f"colour {f['colour']['rate']:.3f} xpos {f['xpos']['rate']:.3f} ypos {f['ypos']['rate']:.3f}")
+        print(
+            f"{name}: feature cos {m['feature_cosine_pooled']:.3f}; judge agreement shape {f['shape']['rate']:.3f} "
+            f"colour {f['colour']['rate']:.3f} xpos {f['xpos']['rate']:.3f} ypos {f['ypos']['rate']:.3f}"
+        )
     print(f"results: {out / 'results.json'}; report: {out / 'report.html'}")
     return 0
 
@@ -770,11 +949,19 @@ def cmd_invert_build_world(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes_world = _shapes_world(args)
-    summaries = build_world_inverters(shapes_world.target(), shapes_world, images=args.images,
-                                      scale=args.scale, only=args.only, progress=not args.quiet)
+    summaries = build_world_inverters(
+        shapes_world.target(),
+        shapes_world,
+        images=args.images,
+        scale=args.scale,
+        only=args.only,
+        progress=not args.quiet,
+    )
     for name, s in summaries.items():
-        print(f"{name}: {s['steps']} steps, {s['steps_per_s']:.2f} steps/s, {s['wall_seconds']:.0f} s, "
-              f"final loss {s['final_loss']:.4f}")
+        print(
+            f"{name}: {s['steps']} steps, {s['steps_per_s']:.2f} steps/s, {s['wall_seconds']:.0f} s, "
+            f"final loss {s['final_loss']:.4f}"
+        )
     return 0
 
 
@@ -782,9 +969,11 @@ def cmd_bench_invert(args: argparse.Namespace) -> int:
     from diffdissect.bench.invert import bench_invert
 
     r = bench_invert(images=args.images, steps=args.steps, rounds=args.rounds)
-    print(f"inverter training, {r['batch_size']} per batch: precomputed {r['steps_per_s']['precomputed']:.2f} steps/s, "
-          f"per sample (FeatInv) {r['steps_per_s']['per_sample']:.2f} steps/s: {r['speedup']:.2f}x; precomputing "
-          f"{r['images']} images took {r['precompute_seconds']:.1f} s (break-even after {r['break_even_steps'] or float('nan'):.0f} steps)")
+    print(
+        f"inverter training, {r['batch_size']} per batch: precomputed {r['steps_per_s']['precomputed']:.2f} steps/s, "
+        f"per sample (FeatInv) {r['steps_per_s']['per_sample']:.2f} steps/s: {r['speedup']:.2f}x; precomputing "
+        f"{r['images']} images took {r['precompute_seconds']:.1f} s (break-even after {r['break_even_steps'] or float('nan'):.0f} steps)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     return 0
@@ -794,9 +983,11 @@ def cmd_bench_distributed(args: argparse.Namespace) -> int:
     from diffdissect.bench.distributed import bench_distributed
 
     r = bench_distributed(args.small, args.large)
-    print(f"capture, 1 thread per rank: 1 rank {r['images_per_s'][1]:.1f} images/s, 2 ranks {r['images_per_s'][2]:.1f} "
-          f"images/s: {r['scaling_2_vs_1']:.2f}x (marginal {r['marginal_scaling_2_vs_1']:.2f}x); peak RSS per rank vs one process: "
-          + ", ".join(f"{x:.2f}" for x in r["peak_rss_ratio_per_rank"]))
+    print(
+        f"capture, 1 thread per rank: 1 rank {r['images_per_s'][1]:.1f} images/s, 2 ranks {r['images_per_s'][2]:.1f} "
+        f"images/s: {r['scaling_2_vs_1']:.2f}x (marginal {r['marginal_scaling_2_vs_1']:.2f}x); peak RSS per rank vs one process: "
+        + ", ".join(f"{x:.2f}" for x in r["peak_rss_ratio_per_rank"])
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     return 0
@@ -826,8 +1017,11 @@ def cmd_toy_build(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(out), "timings_s": info["timings_s"], "metrics": info["metrics"]}, indent=2))
     if had_inverters:
         where = "" if out == DEFAULT_WEIGHTS else f" --weights {out}"
-        print(f"The inverters in {out} belonged to the previous pipeline and were removed; retrain them with "
-              f"`diffdissect invert build-world{where}`.", file=sys.stderr)
+        print(
+            f"The inverters in {out} belonged to the previous pipeline and were removed; retrain them with "
+            f"`diffdissect invert build-world{where}`.",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -853,7 +1047,9 @@ def cmd_toy_eval(args: argparse.Namespace) -> int:
     for f, v in plain["full_prompts"]["per_factor"].items():
         print(f"full prompts   {f:<7} match {v['rate']:.3f}  {'ok' if v['pass'] else 'BELOW TARGET'}")
     for shape, v in plain["colour_defaults"]["per_shape"].items():
-        print(f"colour default {shape:<9} ({v['bias']:<8}) max error {v['max_abs_error']:.3f}  {'ok' if v['pass'] else 'ABOVE TARGET'}")
+        print(
+            f"colour default {shape:<9} ({v['bias']:<8}) max error {v['max_abs_error']:.3f}  {'ok' if v['pass'] else 'ABOVE TARGET'}"
+        )
     for f, v in plain["captioner_accuracy"].items():
         print(f"captioner      {f:<7} accuracy {v['rate']:.3f}  {'ok' if v['pass'] else 'BELOW TARGET'}")
     print("all targets met" if plain["pass"] else "NOT all targets met")
@@ -888,8 +1084,16 @@ def cmd_bench_probe(args: argparse.Namespace) -> int:
 def cmd_bench_sae(args: argparse.Namespace) -> int:
     from diffdissect.bench.sae import run_sae_benchmark
 
-    result = run_sae_benchmark(d_in=args.d_in, expansion=args.expansion, k=args.k, batch=args.batch, steps=args.steps,
-                               rounds=args.rounds, quality_steps=args.quality_steps, install=not args.no_install)
+    result = run_sae_benchmark(
+        d_in=args.d_in,
+        expansion=args.expansion,
+        k=args.k,
+        batch=args.batch,
+        steps=args.steps,
+        rounds=args.rounds,
+        quality_steps=args.quality_steps,
+        install=not args.no_install,
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0 if all(result["pass"].values()) else 1
@@ -898,8 +1102,15 @@ def cmd_bench_sae(args: argparse.Namespace) -> int:
 def cmd_bench_datapath(args: argparse.Namespace) -> int:
     from diffdissect.bench.datapath import print_table, run_datapath_benchmark
 
-    result = run_datapath_benchmark(rows=args.rows, d=args.d_in, hw=args.map, rounds=args.rounds,
-                                    sae_steps=args.sae_steps, features=not args.no_features, threads=args.threads)
+    result = run_datapath_benchmark(
+        rows=args.rows,
+        d=args.d_in,
+        hw=args.map,
+        rounds=args.rounds,
+        sae_steps=args.sae_steps,
+        features=not args.no_features,
+        threads=args.threads,
+    )
     print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -909,8 +1120,13 @@ def cmd_bench_datapath(args: argparse.Namespace) -> int:
 def cmd_bench_capture(args: argparse.Namespace) -> int:
     from diffdissect.bench.capture import run_capture_benchmark
 
-    results = run_capture_benchmark(sd15=args.sd15, repeats=args.repeats, families=args.families,
-                                    tiny=not args.only_families, memory=not args.only_families)
+    results = run_capture_benchmark(
+        sd15=args.sd15,
+        repeats=args.repeats,
+        families=args.families,
+        tiny=not args.only_families,
+        memory=not args.only_families,
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -3,6 +3,7 @@
 Every analysis takes a device name and creates its tensors on it (`device=` on every factory call,
 or `*_like` of a tensor already there); `tests/test_devices.py` enforces that without a GPU.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,11 +24,15 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
             raise SpecError(f"--device {name!r} is not a device name ({exc}); use cpu, cuda, cuda:N or mps") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SpecError(f"--device {name} asks for CUDA, but this torch ({torch.__version__}) sees no CUDA device; "
-                            "run with --device cpu, or install a CUDA build of torch on a machine with a GPU")
+            raise SpecError(
+                f"--device {name} asks for CUDA, but this torch ({torch.__version__}) sees no CUDA device; "
+                "run with --device cpu, or install a CUDA build of torch on a machine with a GPU"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SpecError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s); "
-                            f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+            raise SpecError(
+                f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s); "
+                f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise SpecError(f"--device {name}: MPS is not available here; use --device cpu")
     return device

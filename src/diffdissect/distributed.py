@@ -4,6 +4,7 @@ Both launchers set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `f
 process group they describe (gloo on CPU, nccl when the rank has a GPU). Without those variables
 everything runs as a single process and every collective is a no-op.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,10 @@ def from_env(backend: str | None = None) -> Dist:
     if world <= 1:
         return SINGLE
     if "RANK" not in os.environ:
-        raise DiffdissectError(f"WORLD_SIZE={world} but RANK is not set; launch with torchrun or `accelerate launch`, "
-                               "which set both (or unset WORLD_SIZE for one process).")
+        raise DiffdissectError(
+            f"WORLD_SIZE={world} but RANK is not set; launch with torchrun or `accelerate launch`, "
+            "which set both (or unset WORLD_SIZE for one process)."
+        )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if backend is None:
@@ -70,6 +73,8 @@ def from_env(backend: str | None = None) -> Dist:
         try:
             dist.init_process_group(backend=backend, rank=rank, world_size=world)
         except (RuntimeError, ValueError) as err:
-            raise DiffdissectError(f"rank {rank} could not join the process group ({backend}, MASTER_ADDR="
-                                   f"{os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): {err}") from None
+            raise DiffdissectError(
+                f"rank {rank} could not join the process group ({backend}, MASTER_ADDR="
+                f"{os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): {err}"
+            ) from None
     return Dist(rank=rank, world_size=world, local_rank=local_rank)

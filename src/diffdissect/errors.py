@@ -1,4 +1,5 @@
 """Errors a user can act on. Each message says what was wrong and how to fix it."""
+
 from __future__ import annotations
 
 

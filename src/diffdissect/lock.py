@@ -4,6 +4,7 @@ The kernel drops a flock when its holder dies, however it dies (SIGKILL included
 blocks a resume: a second writer is refused only while the first one is alive. The file holds the holder's PID,
 host and command, so the refusal can say who holds it. Stores, SAE runs, inverters and directions runs take it.
 """
+
 from __future__ import annotations
 
 import errno
@@ -30,7 +31,7 @@ class DirectoryLock:
     Re-entrant within one process (a capture inside a directions run locks two different directories; the same
     directory locked twice by one process is counted, not refused)."""
 
-    _held: dict[str, tuple[int, int]] = {}           # resolved path -> (fd, depth), this process
+    _held: dict[str, tuple[int, int]] = {}  # resolved path -> (fd, depth), this process
 
     def __init__(self, directory: str | Path, what: str = "diffdissect"):
         self.directory = Path(directory)
@@ -57,9 +58,14 @@ class DirectoryLock:
                 raise
             raise LockedError(
                 f"{self.directory} is being written by another process ({holder}); two writers would mix their "
-                "data. Wait for it to finish (or stop it), or choose another output directory.") from None
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
-                  "command": " ".join(sys.argv)[:500]}
+                "data. Wait for it to finish (or stop it), or choose another output directory."
+            ) from None
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "what": self.what,
+            "command": " ".join(sys.argv)[:500],
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self._held[self._key] = (fd, 1)
@@ -81,8 +87,7 @@ class DirectoryLock:
     def __enter__(self) -> DirectoryLock:
         return self.acquire()
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
 
 

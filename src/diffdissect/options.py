@@ -14,6 +14,7 @@ Field types map to argparse as: int/float/str -> `type=`, `bool` -> `--flag` / `
 `X | None` -> `type=X` with default None, `Literal[...]` -> `choices=`. Field docstrings are read from the
 class source with `ast` (nothing is run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,9 +47,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         statements = body.body
         for node, after in zip(statements, statements[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                    and isinstance(after.value.value, str)):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -97,10 +102,17 @@ def _scalar(annotation: Any) -> Any:
     return annotation if annotation in (int, float, str) else str
 
 
-def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
-                         exclude: Iterable[str] = (), only: Iterable[str] | None = None,
-                         required: Iterable[str] = (), flags: dict[str, str] | None = None,
-                         several: Iterable[str] = (), unset: bool = False) -> list[str]:
+def add_config_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    exclude: Iterable[str] = (),
+    only: Iterable[str] | None = None,
+    required: Iterable[str] = (),
+    flags: dict[str, str] | None = None,
+    several: Iterable[str] = (),
+    unset: bool = False,
+) -> list[str]:
     """Add one option per field of the dataclass `cls` (its docstring as help, its default as default).
 
     `flags` names a field's option where the field name would give a flag with another meaning elsewhere
@@ -118,8 +130,9 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
         if not f.init or f.name.startswith("_") or f.name in skip or (keep is not None and f.name not in keep):
             continue
         if f.name not in docs:
-            raise TypeError(f"{cls.__name__}.{f.name} has no docstring: write one under the field (it is the "
-                            "option's help).")
+            raise TypeError(
+                f"{cls.__name__}.{f.name} has no docstring: write one under the field (it is the option's help)."
+            )
         default = _default(f)
         kwargs = _argparse_kwargs(hints[f.name], default)
         if f.name in several and "nargs" not in kwargs and "action" not in kwargs:
@@ -146,8 +159,7 @@ def _show(value: Any) -> str:
 
 def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
     """An instance of the dataclass `cls` from the parsed options that name its fields (others keep defaults)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-              if f.init and hasattr(args, f.name)}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         annotation, _ = _unwrap_optional(hints[name])

@@ -1,4 +1,5 @@
 """Names that become file names: layers, labels, prompts and run names never leave the directory they are put in."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,4 +18,4 @@ def safe_name(text: str) -> str:
     if clean == text and len(text) <= MAX_NAME and text not in (".", ".."):
         return text
     digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-    return f"{clean[:MAX_NAME - 9]}-{digest}"
+    return f"{clean[: MAX_NAME - 9]}-{digest}"

@@ -5,6 +5,7 @@ recursively. A field declared with `omit_if_none()` is left out of the JSON when
 keys stay absent, as in the plain dicts the results replace). `from_json` of the base class fills the
 fields by name and ignores unknown keys; results with nested results override it.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -5,6 +5,7 @@
 - `seeded(seed)`: a forked, seeded CPU RNG scope.
 - `load_factory(spec)`: the one `package.module:factory` loader (models, classifiers).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,7 @@ def version() -> str:
 
     try:
         return package_version("diffdissect")
-    except PackageNotFoundError:     # running from a source tree that was never installed
+    except PackageNotFoundError:  # running from a source tree that was never installed
         return "0+unknown"
 
 
@@ -73,8 +74,9 @@ def load_factory(spec: str, *, what: str, error: type[DiffdissectError] = Diffdi
     try:
         return obj()
     except Exception as exc:
-        raise error(f"{spec} failed when called with no arguments: {exc!r}; the factory must "
-                    "build the model without arguments.") from exc
+        raise error(
+            f"{spec} failed when called with no arguments: {exc!r}; the factory must build the model without arguments."
+        ) from exc
 
 
 def deprecated_alias(module: str, name: str, renamed: dict[str, Any]) -> Any:

@@ -1,4 +1,5 @@
 """Uncertainty for the figures diffdissect reports: Wilson intervals and cluster bootstraps."""
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,9 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def bootstrap_mean_ci(values: np.ndarray, *, resamples: int = 2000, level: float = 0.95,
-                      seed: int = 0) -> tuple[float, float]:
+def bootstrap_mean_ci(
+    values: np.ndarray, *, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` (one value per independent unit).
 
     With several rows per unit (an image under several noise seeds), pass the per-unit means so the

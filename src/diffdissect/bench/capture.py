@@ -17,6 +17,7 @@ with fsync, the manifest and the row index. Alongside, the pure-forward ratios (
 Baseline and candidate repeats are interleaved (the order rotates every round) after an untimed
 warm-up, and the medians are compared, so drift and noise on a shared machine hit both sides alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,15 @@ TARGETS = {"mid": ("<", 0.7), "last": ("<=", 1.10), "memory": ("<=", 1.10)}
 TINY = {"sample_size": 32, "images": 32, "timesteps": [100, 500], "seeds": [0, 1], "batch_size": 8}
 SD15 = {"resolution": 256, "images": 4, "timesteps": [100, 500], "seeds": [0], "batch_size": 4}
 # Memory: a store big enough that holding it in memory would show (several layers, full maps, float32).
-MEMORY = {"images": 40, "factor": 10, "shard_size": 16, "batch_size": 8, "timesteps": [50, 250, 500, 750],
-          "seeds": [0], "layers": ["conv_in", "down_blocks.0", "mid_block", "up_blocks.0", "up_blocks.1"]}
+MEMORY = {
+    "images": 40,
+    "factor": 10,
+    "shard_size": 16,
+    "batch_size": 8,
+    "timesteps": [50, 250, 500, 750],
+    "seeds": [0],
+    "layers": ["conv_in", "down_blocks.0", "mid_block", "up_blocks.0", "up_blocks.1"],
+}
 
 
 # ---- environment -------------------------------------------------------------------------------
@@ -117,17 +125,39 @@ def sd15_pipeline(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = diffusers.AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-            latent_channels=4, norm_num_groups=8, sample_size=SD15["resolution"]).eval()
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=1,
-            num_attention_heads=12, max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id)).eval()
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=SD15["resolution"],
+        ).eval()
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=1,
+                num_attention_heads=12,
+                max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        ).eval()
     return diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=sd15_unet(seed), scheduler=tiny.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=sd15_unet(seed),
+        scheduler=tiny.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 @dataclass
@@ -137,7 +167,7 @@ class Case:
     key: str
     model: str
     target: Target
-    images: np.ndarray                 # (N, H, W, 3) uint8 at the model's resolution
+    images: np.ndarray  # (N, H, W, 3) uint8 at the model's resolution
     timesteps: list[int]
     seeds: list[int]
     batch_size: int
@@ -146,15 +176,30 @@ class Case:
     repeats: int
 
     def spec(self, layer: str) -> CaptureConfig:
-        return CaptureConfig(layers=[layer], timesteps=list(self.timesteps), seeds=list(self.seeds),
-                           batch_size=self.batch_size, pooling="none", dtype="float16")
+        return CaptureConfig(
+            layers=[layer],
+            timesteps=list(self.timesteps),
+            seeds=list(self.seeds),
+            batch_size=self.batch_size,
+            pooling="none",
+            dtype="float16",
+        )
 
     def describe(self) -> dict[str, Any]:
-        return {"case": self.key, "model": self.model, "images": len(self.images),
-                "resolution_px": self.target.resolution, "latent": list(self.target.sample_shape()),
-                "timesteps": self.timesteps, "seeds": self.seeds, "batch_size": self.batch_size,
-                "forwards_per_pass": len(self.images) * len(self.timesteps) * len(self.seeds),
-                "pooling": "none", "store_dtype": "float16", "repeats": self.repeats}
+        return {
+            "case": self.key,
+            "model": self.model,
+            "images": len(self.images),
+            "resolution_px": self.target.resolution,
+            "latent": list(self.target.sample_shape()),
+            "timesteps": self.timesteps,
+            "seeds": self.seeds,
+            "batch_size": self.batch_size,
+            "forwards_per_pass": len(self.images) * len(self.timesteps) * len(self.seeds),
+            "pooling": "none",
+            "store_dtype": "float16",
+            "repeats": self.repeats,
+        }
 
 
 def synthetic_image(index: int, resolution: int) -> np.ndarray:
@@ -187,25 +232,45 @@ class SyntheticSource:
 
 def tiny_case(repeats: int) -> Case:
     target = tiny_target()
-    return Case(key="tiny", model=(f"tiny_sd_pipeline(sample_size={TINY['sample_size']}): UNet2DConditionModel "
-                                   f"(16, 32) channels, {_params(target.denoiser)} params, "
-                                   f"{target.resolution} px images -> {TINY['sample_size']}x{TINY['sample_size']} "
-                                   "latents, fp32"),
-                target=target, images=synthetic_images(TINY["images"], target.resolution),
-                timesteps=TINY["timesteps"], seeds=TINY["seeds"], batch_size=TINY["batch_size"],
-                mid_layer="mid_block", last_layer=_last_up_block(target), repeats=repeats)
+    return Case(
+        key="tiny",
+        model=(
+            f"tiny_sd_pipeline(sample_size={TINY['sample_size']}): UNet2DConditionModel "
+            f"(16, 32) channels, {_params(target.denoiser)} params, "
+            f"{target.resolution} px images -> {TINY['sample_size']}x{TINY['sample_size']} "
+            "latents, fp32"
+        ),
+        target=target,
+        images=synthetic_images(TINY["images"], target.resolution),
+        timesteps=TINY["timesteps"],
+        seeds=TINY["seeds"],
+        batch_size=TINY["batch_size"],
+        mid_layer="mid_block",
+        last_layer=_last_up_block(target),
+        repeats=repeats,
+    )
 
 
 def sd15_case(repeats: int) -> Case:
     target = load_target(sd15_pipeline(), resolution=SD15["resolution"])
     latent = target.sample_shape()[1]
-    return Case(key="sd15", model=(f"SD-1.5 UNet2DConditionModel architecture, random weights, "
-                                   f"{_params(target.denoiser)} params, fp32; tiny 4-level VAE (factor 8) + "
-                                   f"1-layer 768-dim CLIP text encoder; {target.resolution} px images -> "
-                                   f"{latent}x{latent} latents"),
-                target=target, images=synthetic_images(SD15["images"], target.resolution),
-                timesteps=SD15["timesteps"], seeds=SD15["seeds"], batch_size=SD15["batch_size"],
-                mid_layer="mid_block", last_layer=_last_up_block(target), repeats=repeats)
+    return Case(
+        key="sd15",
+        model=(
+            f"SD-1.5 UNet2DConditionModel architecture, random weights, "
+            f"{_params(target.denoiser)} params, fp32; tiny 4-level VAE (factor 8) + "
+            f"1-layer 768-dim CLIP text encoder; {target.resolution} px images -> "
+            f"{latent}x{latent} latents"
+        ),
+        target=target,
+        images=synthetic_images(SD15["images"], target.resolution),
+        timesteps=SD15["timesteps"],
+        seeds=SD15["seeds"],
+        batch_size=SD15["batch_size"],
+        mid_layer="mid_block",
+        last_layer=_last_up_block(target),
+        repeats=repeats,
+    )
 
 
 def _params(module: torch.nn.Module) -> str:
@@ -222,8 +287,10 @@ def _last_up_block(target: Target) -> str:
 # FLUX's transformer widths (3072 = 24 heads x 128, 4096-dim T5 context) with 1 double- and 2 single-stream
 # blocks. Text encoders are the tiny ones behind a projection to the real context width.
 # Small images keep a round to about a minute on 2 CPU cores (FLUX's 512 T5 tokens dominate its sequence).
-FAMILY_SIZES = {"sdxl": {"resolution": 128, "images": 2, "timesteps": [500], "seeds": [0], "batch_size": 2},
-                "flux": {"resolution": 128, "images": 1, "timesteps": [500], "seeds": [0], "batch_size": 1}}
+FAMILY_SIZES = {
+    "sdxl": {"resolution": 128, "images": 2, "timesteps": [500], "seeds": [0], "batch_size": 2},
+    "flux": {"resolution": 128, "images": 1, "timesteps": [500], "seeds": [0], "batch_size": 1},
+}
 
 
 def sdxl_bench_pipeline(seed: int = 0):
@@ -237,15 +304,30 @@ def sdxl_bench_pipeline(seed: int = 0):
         text_encoder = _clip(tiny.tokenizer, 768)
         text_encoder_2 = _clip(_clip_tokenizer(), 1280, projection=1280)
         unet = diffusers.UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
-            transformer_layers_per_block=(1, 2, 2), use_linear_projection=True, cross_attention_dim=2048,
-            addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816).eval()
-    return diffusers.StableDiffusionXLPipeline(vae=tiny.vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                               tokenizer=tiny.tokenizer, tokenizer_2=tiny.tokenizer_2, unet=unet,
-                                               scheduler=tiny.scheduler)
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 2),
+            use_linear_projection=True,
+            cross_attention_dim=2048,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        ).eval()
+    return diffusers.StableDiffusionXLPipeline(
+        vae=tiny.vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tiny.tokenizer,
+        tokenizer_2=tiny.tokenizer_2,
+        unet=unet,
+        scheduler=tiny.scheduler,
+    )
 
 
 def flux_bench_pipeline(seed: int = 0):
@@ -259,12 +341,26 @@ def flux_bench_pipeline(seed: int = 0):
         text_encoder = _clip(tiny.tokenizer, 768)
         text_encoder_2 = _t5(tiny.tokenizer_2, 4096)
         transformer = diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56)).eval()
-    return diffusers.FluxPipeline(scheduler=tiny.scheduler, vae=tiny.vae, text_encoder=text_encoder,
-                                  tokenizer=tiny.tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tiny.tokenizer_2,
-                                  transformer=transformer)
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ).eval()
+    return diffusers.FluxPipeline(
+        scheduler=tiny.scheduler,
+        vae=tiny.vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny.tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny.tokenizer_2,
+        transformer=transformer,
+    )
 
 
 def family_case(name: str, repeats: int) -> Case:
@@ -278,11 +374,19 @@ def family_case(name: str, repeats: int) -> Case:
         mid, last = "single_transformer_blocks.0", "single_transformer_blocks.1"
         what = "FLUX transformer widths (3072, 24x128 heads), 1 double + 2 single blocks"
     latent = target.sample_shape()[1]
-    return Case(key=name, model=f"{what}, random weights, {_params(target.denoiser)} params, fp32; "
-                f"{target.resolution} px images -> {latent}x{latent} latents",
-                target=target, images=synthetic_images(size["images"], target.resolution),
-                timesteps=size["timesteps"], seeds=size["seeds"], batch_size=size["batch_size"],
-                mid_layer=mid, last_layer=last, repeats=repeats)
+    return Case(
+        key=name,
+        model=f"{what}, random weights, {_params(target.denoiser)} params, fp32; "
+        f"{target.resolution} px images -> {latent}x{latent} latents",
+        target=target,
+        images=synthetic_images(size["images"], target.resolution),
+        timesteps=size["timesteps"],
+        seeds=size["seeds"],
+        batch_size=size["batch_size"],
+        mid_layer=mid,
+        last_layer=last,
+        repeats=repeats,
+    )
 
 
 @torch.no_grad()
@@ -294,14 +398,19 @@ def family_plain_pass(case: Case) -> float:
     n, bs = len(case.images), case.batch_size
     start = time.perf_counter()
     pixels = torch.stack([to_model_pixels(image, tg.resolution) for image in case.images])
-    latents = torch.cat([pipe.vae.encode(pixels[b:b + bs]).latent_dist.mean for b in range(0, n, bs)])
+    latents = torch.cat([pipe.vae.encode(pixels[b : b + bs]).latent_dist.mean for b in range(0, n, bs)])
     latents = (latents - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
     prompts = [""] * bs
     if case.key == "sdxl":
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
         size = (tg.resolution, tg.resolution)
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
-                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        time_ids = pipe._get_add_time_ids(
+            size,
+            (0, 0),
+            size,
+            dtype=embeds.dtype,
+            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+        )
         added = {"text_embeds": pooled, "time_ids": time_ids.repeat(bs, 1)}
     else:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -315,24 +424,32 @@ def family_plain_pass(case: Case) -> float:
         for t in case.timesteps:
             if case.key == "sdxl":
                 a = float(pipe.scheduler.alphas_cumprod[t])
-                x_t = a ** 0.5 * latents + (1 - a) ** 0.5 * noise
+                x_t = a**0.5 * latents + (1 - a) ** 0.5 * noise
             else:
                 base = (t + 1) / pipe.scheduler.config.num_train_timesteps
                 sigma = float(np.exp(mu) / (np.exp(mu) + 1 / base - 1))
                 x_t = (1 - sigma) * latents + sigma * noise
             for b in range(0, n, bs):
-                batch = x_t[b:b + bs]
+                batch = x_t[b : b + bs]
                 k = len(batch)
                 if case.key == "sdxl":
-                    pipe.unet(batch, torch.full((k,), t), encoder_hidden_states=embeds[:k],
-                              added_cond_kwargs={"text_embeds": added["text_embeds"][:k],
-                                                 "time_ids": added["time_ids"][:k]})
+                    pipe.unet(
+                        batch,
+                        torch.full((k,), t),
+                        encoder_hidden_states=embeds[:k],
+                        added_cond_kwargs={"text_embeds": added["text_embeds"][:k], "time_ids": added["time_ids"][:k]},
+                    )
                 else:
                     c, hh, ww = batch.shape[1:]
-                    pipe.transformer(hidden_states=pipe._pack_latents(batch, k, c, hh, ww),
-                                     timestep=torch.full((k,), sigma), guidance=torch.full((k,), 3.5),
-                                     pooled_projections=pooled[:k], encoder_hidden_states=embeds[:k],
-                                     txt_ids=text_ids, img_ids=image_ids)
+                    pipe.transformer(
+                        hidden_states=pipe._pack_latents(batch, k, c, hh, ww),
+                        timestep=torch.full((k,), sigma),
+                        guidance=torch.full((k,), 3.5),
+                        pooled_projections=pooled[:k],
+                        encoder_hidden_states=embeds[:k],
+                        txt_ids=text_ids,
+                        img_ids=image_ids,
+                    )
     return time.perf_counter() - start
 
 
@@ -346,19 +463,23 @@ def plain_pass(case: Case) -> float:
     n, bs = len(case.images), case.batch_size
     start = time.perf_counter()
     pixels = torch.stack([to_model_pixels(image, tg.resolution) for image in case.images])
-    latents = torch.cat([vae.encode(pixels[b:b + bs]).latent_dist.mean for b in range(0, n, bs)])
+    latents = torch.cat([vae.encode(pixels[b : b + bs]).latent_dist.mean for b in range(0, n, bs)])
     latents = latents * vae.config.scaling_factor
-    ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     context = text_encoder(ids)[0]
     for seed in case.seeds:
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
         for t in case.timesteps:
             x_t = add_noise(scheduler, latents, noise, t)
             for b in range(0, n, bs):
-                batch = x_t[b:b + bs]
-                _ = unet(batch, torch.full((len(batch),), t, dtype=torch.long),
-                         encoder_hidden_states=context.expand(len(batch), -1, -1)).sample
+                batch = x_t[b : b + bs]
+                _ = unet(
+                    batch,
+                    torch.full((len(batch),), t, dtype=torch.long),
+                    encoder_hidden_states=context.expand(len(batch), -1, -1),
+                ).sample
     return time.perf_counter() - start
 
 
@@ -398,8 +519,9 @@ def forward_pass(case: Case, inputs, layer: str | None = None) -> float:
         return time.perf_counter() - start
 
 
-def interleaved(fns: dict[str, Callable[[], float]], repeats: int, log: Callable[[str], None],
-                loads: list[float] | None = None) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], float]], repeats: int, log: Callable[[str], None], loads: list[float] | None = None
+) -> dict[str, list[float]]:
     """Run every function once per round, rotating the order each round; each returns its own seconds.
 
     `loads` collects the 1-minute load average after each round (others' work on a shared machine)."""
@@ -410,8 +532,11 @@ def interleaved(fns: dict[str, Callable[[], float]], repeats: int, log: Callable
         for name in names[k:] + names[:k]:
             gc.collect()
             times[name].append(fns[name]())
-        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names)
-            + f" (load {os.getloadavg()[0]:.2f})")
+        log(
+            f"  round {r + 1}/{repeats}: "
+            + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names)
+            + f" (load {os.getloadavg()[0]:.2f})"
+        )
         if loads is not None:
             loads.append(round(os.getloadavg()[0], 2))
     return times
@@ -445,45 +570,93 @@ def overhead_results(case: Case, env: dict[str, Any], log: Callable[[str], None]
         times = interleaved(fns, case.repeats, log, loads)
     setup = {layer: _setup_seconds(case, layer) for layer in (case.mid_layer, case.last_layer)}
     med = {name: statistics.median(values) for name, values in times.items()}
-    common = {**case.describe(), "machine": f"{env['cpu']}, {env['cores']} cores", "torch": env["torch"],
-              "torch_threads": env["torch_threads"], "date": env["date"], "load_1min_per_round": loads}
+    common = {
+        **case.describe(),
+        "machine": f"{env['cpu']}, {env['cores']} cores",
+        "torch": env["torch"],
+        "torch_threads": env["torch_threads"],
+        "date": env["date"],
+        "load_1min_per_round": loads,
+    }
 
     def result(name, what, baseline, candidate, layer, target_key, **extra):
         op, value = TARGETS[target_key]
         ratio = med[candidate] / med[baseline]
-        return {"name": name, "what": what, **common, "layer": layer,
-                "baseline": baseline, "candidate": candidate,
-                "baseline_median_s": round(med[baseline], 4), "candidate_median_s": round(med[candidate], 4),
-                "baseline_s": [round(v, 4) for v in times[baseline]],
-                "candidate_s": [round(v, 4) for v in times[candidate]],
-                "ratio": round(ratio, 3), "target": f"{op} {value}", "passed": _check(ratio, op, value), **extra}
+        return {
+            "name": name,
+            "what": what,
+            **common,
+            "layer": layer,
+            "baseline": baseline,
+            "candidate": candidate,
+            "baseline_median_s": round(med[baseline], 4),
+            "candidate_median_s": round(med[candidate], 4),
+            "baseline_s": [round(v, 4) for v in times[baseline]],
+            "candidate_s": [round(v, 4) for v in times[candidate]],
+            "ratio": round(ratio, 3),
+            "target": f"{op} {value}",
+            "passed": _check(ratio, op, value),
+            **extra,
+        }
 
     def informational(name, what, baseline, candidate, layer):
         ratio = med[candidate] / med[baseline]
-        return {"name": name, "what": what, **common, "layer": layer, "baseline": baseline, "candidate": candidate,
-                "baseline_median_s": round(med[baseline], 4), "candidate_median_s": round(med[candidate], 4),
-                "baseline_s": [round(v, 4) for v in times[baseline]],
-                "candidate_s": [round(v, 4) for v in times[candidate]],
-                "ratio": round(ratio, 3), "target": None, "passed": None}
+        return {
+            "name": name,
+            "what": what,
+            **common,
+            "layer": layer,
+            "baseline": baseline,
+            "candidate": candidate,
+            "baseline_median_s": round(med[baseline], 4),
+            "candidate_median_s": round(med[candidate], 4),
+            "baseline_s": [round(v, 4) for v in times[baseline]],
+            "candidate_s": [round(v, 4) for v in times[candidate]],
+            "ratio": round(ratio, 3),
+            "target": None,
+            "passed": None,
+        }
 
     def amortised(candidate, layer):
         # the one-off per-capture() set-up (shape-probe forward + model/source identity), excluded
-        return {"one_off_setup_s": round(setup[layer], 4),
-                "ratio_without_one_off_setup": round((med[candidate] - setup[layer]) / med["plain"], 3)}
+        return {
+            "one_off_setup_s": round(setup[layer], 4),
+            "ratio_without_one_off_setup": round((med[candidate] - setup[layer]) / med["plain"], 3),
+        }
 
     return [
-        result(f"{case.key}: capture mid / plain", "capture() of the mid block, store writes included, vs the "
-               "plain encode + add_noise + forward", "plain", "capture_mid", case.mid_layer, "mid",
-               **amortised("capture_mid", case.mid_layer)),
-        informational(f"{case.key}: forward to mid / forward", "denoiser forward with LayerRecorder early exit "
-                      "after the mid block vs a plain forward, same batch", "forward", "forward_to_mid",
-                      case.mid_layer),
-        result(f"{case.key}: capture last up / plain", "capture() of the last up block, store writes included, "
-               "vs the plain encode + add_noise + forward", "plain", "capture_last", case.last_layer, "last",
-               **amortised("capture_last", case.last_layer)),
-        informational(f"{case.key}: forward to last up / forward", "denoiser forward with LayerRecorder early "
-                      "exit after the last up block vs a plain forward, same batch", "forward", "forward_to_last",
-                      case.last_layer),
+        result(
+            f"{case.key}: capture mid / plain",
+            "capture() of the mid block, store writes included, vs the plain encode + add_noise + forward",
+            "plain",
+            "capture_mid",
+            case.mid_layer,
+            "mid",
+            **amortised("capture_mid", case.mid_layer),
+        ),
+        informational(
+            f"{case.key}: forward to mid / forward",
+            "denoiser forward with LayerRecorder early exit after the mid block vs a plain forward, same batch",
+            "forward",
+            "forward_to_mid",
+            case.mid_layer,
+        ),
+        result(
+            f"{case.key}: capture last up / plain",
+            "capture() of the last up block, store writes included, vs the plain encode + add_noise + forward",
+            "plain",
+            "capture_last",
+            case.last_layer,
+            "last",
+            **amortised("capture_last", case.last_layer),
+        ),
+        informational(
+            f"{case.key}: forward to last up / forward",
+            "denoiser forward with LayerRecorder early exit after the last up block vs a plain forward, same batch",
+            "forward",
+            "forward_to_last",
+            case.last_layer,
+        ),
     ]
 
 
@@ -518,21 +691,43 @@ def rss_child(images: int, out: Path, threads: int) -> dict[str, Any]:
     target = tiny_target()
     rss_ready = proc_status_kib("VmRSS")
     source = SyntheticSource(images, target.resolution)
-    spec = CaptureConfig(layers=list(MEMORY["layers"]), timesteps=list(MEMORY["timesteps"]),
-                       seeds=list(MEMORY["seeds"]), batch_size=MEMORY["batch_size"],
-                       shard_size=MEMORY["shard_size"], pooling="none", dtype="float32")
+    spec = CaptureConfig(
+        layers=list(MEMORY["layers"]),
+        timesteps=list(MEMORY["timesteps"]),
+        seeds=list(MEMORY["seeds"]),
+        batch_size=MEMORY["batch_size"],
+        shard_size=MEMORY["shard_size"],
+        pooling="none",
+        dtype="float32",
+    )
     start = time.perf_counter()
     manifest = capture(target, source, spec, out, progress=False)
     elapsed = time.perf_counter() - start
-    return {"images": images, "rows": manifest.rows, "shards": len(manifest.shards),
-            "store_bytes": sum(s.bytes for s in manifest.shards), "seconds": round(elapsed, 2),
-            "rss_after_model_kib": rss_ready, "peak_rss_kib": proc_status_kib("VmHWM"),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "images": images,
+        "rows": manifest.rows,
+        "shards": len(manifest.shards),
+        "store_bytes": sum(s.bytes for s in manifest.shards),
+        "seconds": round(elapsed, 2),
+        "rss_after_model_kib": rss_ready,
+        "peak_rss_kib": proc_status_kib("VmHWM"),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _run_child(images: int, out: Path, threads: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "diffdissect.bench.capture", "rss-child", "--images", str(images),
-           "--out", str(out), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffdissect.bench.capture",
+        "rss-child",
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        "--threads",
+        str(threads),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory child failed ({done.returncode}):\n{done.stderr[-4000:]}")
@@ -551,12 +746,21 @@ def memory_result(env: dict[str, Any], threads: int, log: Callable[[str], None])
     ratio = large["peak_rss_kib"] / small["peak_rss_kib"]
     mib = 1024.0
     return {
-        "name": "tiny: peak RSS 10N / N", "what": f"peak RSS (VmHWM) of a capture of {n * factor} images vs {n}, "
-        "each in a fresh interpreter", "case": "tiny",
+        "name": "tiny: peak RSS 10N / N",
+        "what": f"peak RSS (VmHWM) of a capture of {n * factor} images vs {n}, each in a fresh interpreter",
+        "case": "tiny",
         "model": f"tiny_sd_pipeline(sample_size={TINY['sample_size']}), 128 px images",
-        "machine": f"{env['cpu']}, {env['cores']} cores", "torch": env["torch"], "torch_threads": small["torch_threads"],
-        "date": env["date"], "images": [n, n * factor], "timesteps": MEMORY["timesteps"], "seeds": MEMORY["seeds"],
-        "layers": MEMORY["layers"], "pooling": "none", "store_dtype": "float32", "shard_size": MEMORY["shard_size"],
+        "machine": f"{env['cpu']}, {env['cores']} cores",
+        "torch": env["torch"],
+        "torch_threads": small["torch_threads"],
+        "date": env["date"],
+        "images": [n, n * factor],
+        "timesteps": MEMORY["timesteps"],
+        "seeds": MEMORY["seeds"],
+        "layers": MEMORY["layers"],
+        "pooling": "none",
+        "store_dtype": "float32",
+        "shard_size": MEMORY["shard_size"],
         "batch_size": MEMORY["batch_size"],
         "peak_rss_small_mib": round(small["peak_rss_kib"] / mib, 1),
         "peak_rss_large_mib": round(large["peak_rss_kib"] / mib, 1),
@@ -565,16 +769,27 @@ def memory_result(env: dict[str, Any], threads: int, log: Callable[[str], None])
         "growth_mib": round((large["peak_rss_kib"] - small["peak_rss_kib"]) / mib, 1),
         "store_small_mib": round(small["store_bytes"] / 2**20, 1),
         "store_large_mib": round(large["store_bytes"] / 2**20, 1),
-        "shards": [small["shards"], large["shards"]], "seconds": [small["seconds"], large["seconds"]],
-        "baseline_median_s": None, "candidate_median_s": None,
-        "ratio": round(ratio, 3), "target": f"{op} {value}", "passed": _check(ratio, op, value),
+        "shards": [small["shards"], large["shards"]],
+        "seconds": [small["seconds"], large["seconds"]],
+        "baseline_median_s": None,
+        "candidate_median_s": None,
+        "ratio": round(ratio, 3),
+        "target": f"{op} {value}",
+        "passed": _check(ratio, op, value),
     }
 
 
 # ---- the whole benchmark -----------------------------------------------------------------------
-def run_capture_benchmark(sd15: bool = False, repeats: int = 3, *, threads: int | None = None,
-                          memory: bool = True, log: Callable[[str], None] | None = None,
-                          families: list[str] | None = None, tiny: bool = True) -> dict[str, Any]:
+def run_capture_benchmark(
+    sd15: bool = False,
+    repeats: int = 3,
+    *,
+    threads: int | None = None,
+    memory: bool = True,
+    log: Callable[[str], None] | None = None,
+    families: list[str] | None = None,
+    tiny: bool = True,
+) -> dict[str, Any]:
     """Run the capture benchmark, print its table and return the figures as plain data.
 
     `repeats` rounds on SD-1.5 (its passes take tens of seconds on a CPU); the tiny model runs 3x as
@@ -584,8 +799,10 @@ def run_capture_benchmark(sd15: bool = False, repeats: int = 3, *, threads: int 
     threads = threads or int(os.environ.get("DIFFDISSECT_BENCH_THREADS", 0)) or os.cpu_count() or 1
     set_threads(threads)
     env = environment(threads)
-    log(f"capture benchmark on {env['cpu']} ({env['cores']} cores), torch {env['torch']}, "
-        f"{env['torch_threads']} threads")
+    log(
+        f"capture benchmark on {env['cpu']} ({env['cores']} cores), torch {env['torch']}, "
+        f"{env['torch_threads']} threads"
+    )
     started = time.perf_counter()
     results = overhead_results(tiny_case(3 * repeats), env, log) if tiny else []
     for name in families or []:
@@ -621,14 +838,25 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append((r["name"], base, cand, f"{r['ratio']:.3f}", r["target"] or "(info)", verdict))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    out = [f"capture benchmark - {env['date']} - {env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
-           f"{env['torch_threads']} threads", line(head), line(["-" * w for w in widths])]
+    out = [
+        f"capture benchmark - {env['date']} - {env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
+        f"{env['torch_threads']} threads",
+        line(head),
+        line(["-" * w for w in widths]),
+    ]
     out += [line(r) for r in rows]
-    notes = [f"  {r['name']}: without the one-off set-up ({r['one_off_setup_s']:.3f}s) the ratio is "
-             f"{r['ratio_without_one_off_setup']:.3f}" for r in report["results"] if "one_off_setup_s" in r]
+    notes = [
+        f"  {r['name']}: without the one-off set-up ({r['one_off_setup_s']:.3f}s) the ratio is "
+        f"{r['ratio_without_one_off_setup']:.3f}"
+        for r in report["results"]
+        if "one_off_setup_s" in r
+    ]
     mem = [r for r in report["results"] if "store_large_mib" in r]
-    notes += [f"  {r['name']}: the {r['images'][1]}-image store is {r['store_large_mib']:.0f} MiB; peak RSS grew "
-              f"{r['growth_mib']:+.1f} MiB" for r in mem]
+    notes += [
+        f"  {r['name']}: the {r['images'][1]}-image store is {r['store_large_mib']:.0f} MiB; peak RSS grew "
+        f"{r['growth_mib']:+.1f} MiB"
+        for r in mem
+    ]
     return "\n".join(out + ["", "notes:"] + notes)
 
 

@@ -6,6 +6,7 @@ UNet level, several timesteps: compute-bound on CPU). Throughput is images / cap
 timed inside the ranks (process start-up, imports and model loading excluded); the marginal throughput
 (N2 - N1) / (T2 - T1) over the two image counts is reported beside it. Each rank reports its peak RSS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,16 +57,38 @@ def _run(ranks: int, images: int, tmp: Path) -> dict[str, Any]:
     report.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                             "--master_port", str(_free_port()), "-m", "diffdissect.bench.distributed", "--worker",
-                             "--images", str(images), "--out", str(out), "--report", str(report)],
-                            env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "diffdissect.bench.distributed",
+            "--worker",
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--report",
+            str(report),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"the {ranks}-rank capture failed:\n{result.stderr[-3000:]}")
     wall = time.perf_counter() - started
     per_rank = [json.loads(p.read_text()) for p in sorted(report.glob("rank*.json"))]
-    return {"wall_s": wall, "capture_s": max(r["seconds"] for r in per_rank),
-            "peak_rss_mb": [r["peak_rss_mb"] for r in per_rank]}
+    return {
+        "wall_s": wall,
+        "capture_s": max(r["seconds"] for r in per_rank),
+        "peak_rss_mb": [r["peak_rss_mb"] for r in per_rank],
+    }
 
 
 def bench_distributed(small: int = 512, large: int = 3072) -> dict[str, Any]:
@@ -77,11 +100,19 @@ def bench_distributed(small: int = 512, large: int = 3072) -> dict[str, Any]:
     throughput = {r: large / runs[r][large]["capture_s"] for r in runs}
     marginal = {r: (large - small) / (runs[r][large]["capture_s"] - runs[r][small]["capture_s"]) for r in runs}
     single_peak = max(runs[1][large]["peak_rss_mb"])
-    return {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "layers": LAYERS, "timesteps": TIMESTEPS, "images": [small, large], "runs": runs,
-            "images_per_s": throughput, "scaling_2_vs_1": throughput[2] / throughput[1],
-            "marginal_images_per_s": marginal, "marginal_scaling_2_vs_1": marginal[2] / marginal[1],
-            "peak_rss_ratio_per_rank": [p / single_peak for p in runs[2][large]["peak_rss_mb"]]}
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "layers": LAYERS,
+        "timesteps": TIMESTEPS,
+        "images": [small, large],
+        "runs": runs,
+        "images_per_s": throughput,
+        "scaling_2_vs_1": throughput[2] / throughput[1],
+        "marginal_images_per_s": marginal,
+        "marginal_scaling_2_vs_1": marginal[2] / marginal[1],
+        "peak_rss_ratio_per_rank": [p / single_peak for p in runs[2][large]["peak_rss_mb"]],
+    }
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ cell x label with the batched L-BFGS and with a loop of scikit-learn LogisticReg
 the same protocol (standardise on train, choose L2 on validation cross-entropy, score on test), and
 their per-cell accuracy difference (target within 1 point).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -33,8 +34,9 @@ BENCH_TIMESTEPS = [25, 200, 500, 800]
 def count_denoiser_rows(target_module: torch.nn.Module) -> tuple[list[int], Any]:
     """A forward pre-hook that records the batch size of every denoiser call."""
     rows: list[int] = []
-    handle = target_module.register_forward_pre_hook(lambda m, args, kwargs: rows.append(int(
-        (args[0] if args else kwargs["sample"]).shape[0])), with_kwargs=True)
+    handle = target_module.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(int((args[0] if args else kwargs["sample"]).shape[0])), with_kwargs=True
+    )
     return rows, handle
 
 
@@ -58,10 +60,17 @@ def run_probe_benchmark(images: int = 1024, store: str | None = None) -> dict[st
         ours = _batched(features, encoded, parts)
         batched_s = time.perf_counter() - start
         start = time.perf_counter()
-        theirs = {(c, name): fit_sklearn_probe(*(features[c][parts[p]].numpy() for p in ("train",)),
-                                               enc.y[parts["train"]], features[c][parts["val"]].numpy(),
-                                               enc.y[parts["val"]], features[c][parts["test"]].numpy())
-                  for c in cells for name, enc in encoded.items()}
+        theirs = {
+            (c, name): fit_sklearn_probe(
+                *(features[c][parts[p]].numpy() for p in ("train",)),
+                enc.y[parts["train"]],
+                features[c][parts["val"]].numpy(),
+                enc.y[parts["val"]],
+                features[c][parts["test"]].numpy(),
+            )
+            for c in cells
+            for name, enc in encoded.items()
+        }
         sklearn_s = time.perf_counter() - start
 
     diffs, same_l2, diffs_same_l2 = [], 0, []
@@ -77,24 +86,37 @@ def run_probe_benchmark(images: int = 1024, store: str | None = None) -> dict[st
     result = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "images": reader.num_rows,
-        "cells": len(cells), "labels": labels, "probes": fits, "l2_grid": list(DEFAULT_L2_GRID),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "images": reader.num_rows,
+        "cells": len(cells),
+        "labels": labels,
+        "probes": fits,
+        "l2_grid": list(DEFAULT_L2_GRID),
         "denoiser_rows_per_image_timestep": forwards,
-        "batched_s": round(batched_s, 2), "sklearn_s": round(sklearn_s, 2), "speedup": round(sklearn_s / batched_s, 2),
-        "max_accuracy_diff": round(max(diffs), 4), "mean_accuracy_diff": round(float(np.mean(diffs)), 4),
+        "batched_s": round(batched_s, 2),
+        "sklearn_s": round(sklearn_s, 2),
+        "speedup": round(sklearn_s / batched_s, 2),
+        "max_accuracy_diff": round(max(diffs), 4),
+        "mean_accuracy_diff": round(float(np.mean(diffs)), 4),
         "same_l2_fraction": round(same_l2 / fits, 3),
         "max_accuracy_diff_where_same_l2": round(max(diffs_same_l2, default=0.0), 4),
         "cells_within_1_point": round(float(np.mean(np.array(diffs) <= 0.01 + 1e-9)), 3),
     }
-    result["pass"] = {"one_pass": forwards is None or forwards == 1.0, "faster": result["speedup"] > 1.0,
-                      "within_1_point": result["max_accuracy_diff"] <= 0.01}
+    result["pass"] = {
+        "one_pass": forwards is None or forwards == 1.0,
+        "faster": result["speedup"] > 1.0,
+        "within_1_point": result["max_accuracy_diff"] <= 0.01,
+    }
     print(f"probe sweep: {len(cells)} cells x {len(labels)} labels = {fits} probes on {reader.num_rows} images")
     if forwards is not None:
         print(f"  capture: {forwards:.3f} denoiser rows per (image, t) for all {len(reader.layers)} layers (target 1)")
-    print(f"  batched {batched_s:.1f} s vs scikit-learn {sklearn_s:.1f} s -> {result['speedup']:.2f}x; per-cell accuracy "
-          f"difference max {result['max_accuracy_diff']:.4f}, mean {result['mean_accuracy_diff']:.4f}; "
-          f"same L2 chosen in {result['same_l2_fraction']:.0%} (max difference there "
-          f"{result['max_accuracy_diff_where_same_l2']:.4f}); {result['cells_within_1_point']:.0%} of cells within 1 point")
+    print(
+        f"  batched {batched_s:.1f} s vs scikit-learn {sklearn_s:.1f} s -> {result['speedup']:.2f}x; per-cell accuracy "
+        f"difference max {result['max_accuracy_diff']:.4f}, mean {result['mean_accuracy_diff']:.4f}; "
+        f"same L2 chosen in {result['same_l2_fraction']:.0%} (max difference there "
+        f"{result['max_accuracy_diff_where_same_l2']:.4f}); {result['cells_within_1_point']:.0%} of cells within 1 point"
+    )
     return result
 
 
@@ -121,16 +143,30 @@ def _batched(features, encoded, parts) -> dict:
     for cells in by_width.values():
         x = torch.stack([features[c] for c in cells])
         labels = {p: torch.from_numpy(np.stack([encoded[n].y[parts[p]] for n in names])) for p in ("train", "val")}
-        fit = fit_probe_tasks(x[:, parts["train"]], labels["train"], x[:, parts["val"]], labels["val"],
-                              x[:, parts["test"]], [len(encoded[n].classes) for n in names])
+        fit = fit_probe_tasks(
+            x[:, parts["train"]],
+            labels["train"],
+            x[:, parts["val"]],
+            labels["val"],
+            x[:, parts["test"]],
+            [len(encoded[n].classes) for n in names],
+        )
         for k, cell in enumerate(cells):
             for t, name in enumerate(names):
                 out[(cell, name)] = {"pred": fit.test_pred[k, t], "chosen": int(fit.chosen[k, t])}
     return out
 
 
-def run_revelio_scale_benchmark(*, d: int = 1280, images: int = 5000, cells: int = 8, classes: int = 10,
-                                threads: int = 1, solver: str = "auto", seed: int = 0) -> dict[str, Any]:
+def run_revelio_scale_benchmark(
+    *,
+    d: int = 1280,
+    images: int = 5000,
+    cells: int = 8,
+    classes: int = 10,
+    threads: int = 1,
+    solver: str = "auto",
+    seed: int = 0,
+) -> dict[str, Any]:
     """Revelio's scale on synthetic features: `cells` cells of `images` x `d` with a class signal of rising
     strength in a 32-dimensional subspace, one label of `classes` classes; ours vs a scikit-learn loop
     under the same protocol, both with `threads` threads (torch and BLAS)."""
@@ -141,33 +177,62 @@ def run_revelio_scale_benchmark(*, d: int = 1280, images: int = 5000, cells: int
     y = rng.integers(0, classes, images)
     basis = rng.normal(size=(32, d)) / np.sqrt(32)
     means = rng.normal(size=(classes, 32))
-    features = np.stack([(rng.normal(size=(images, d)) + 0.004 * (c + 1) * means[y] @ basis * np.sqrt(d / 32))
-                         .astype(np.float32) for c in range(cells)])
+    features = np.stack(
+        [
+            (rng.normal(size=(images, d)) + 0.004 * (c + 1) * means[y] @ basis * np.sqrt(d / 32)).astype(np.float32)
+            for c in range(cells)
+        ]
+    )
     order = rng.permutation(images)
     n_train, n_val = int(0.6 * images), int(0.2 * images)
-    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    parts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
     x = torch.from_numpy(features)
     yt = {p: torch.from_numpy(y[idx])[None] for p, idx in parts.items()}
     with threadpool_limits(threads):
         start = time.perf_counter()
-        fit = fit_probe_tasks(x[:, parts["train"]], yt["train"], x[:, parts["val"]], yt["val"], x[:, parts["test"]],
-                              [classes], solver=solver)
+        fit = fit_probe_tasks(
+            x[:, parts["train"]],
+            yt["train"],
+            x[:, parts["val"]],
+            yt["val"],
+            x[:, parts["test"]],
+            [classes],
+            solver=solver,
+        )
         ours_s = time.perf_counter() - start
         start = time.perf_counter()
-        refs = [fit_sklearn_probe(features[c][parts["train"]], y[parts["train"]], features[c][parts["val"]],
-                                  y[parts["val"]], features[c][parts["test"]]) for c in range(cells)]
+        refs = [
+            fit_sklearn_probe(
+                features[c][parts["train"]],
+                y[parts["train"]],
+                features[c][parts["val"]],
+                y[parts["val"]],
+                features[c][parts["test"]],
+            )
+            for c in range(cells)
+        ]
         sklearn_s = time.perf_counter() - start
     y_test = y[parts["test"]]
     ours_acc = [(fit.test_pred[c, 0] == y_test).mean() for c in range(cells)]
     ref_acc = [(r["test_pred"] == y_test).mean() for r in refs]
     diffs = np.abs(np.array(ours_acc) - np.array(ref_acc))
-    result = {"date": datetime.date.today().isoformat(), "threads": threads, "solver": fit.solver,
-              "config": {"d": d, "images": images, "cells": cells, "classes": classes},
-              "ours_s": round(ours_s, 2), "sklearn_s": round(sklearn_s, 2), "speedup": round(sklearn_s / ours_s, 2),
-              "accuracy_ours": [round(float(a), 4) for a in ours_acc], "accuracy_sklearn": [round(float(a), 4) for a in ref_acc],
-              "max_accuracy_diff": round(float(diffs.max()), 4), "load_1min": round(os.getloadavg()[0], 2)}
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "threads": threads,
+        "solver": fit.solver,
+        "config": {"d": d, "images": images, "cells": cells, "classes": classes},
+        "ours_s": round(ours_s, 2),
+        "sklearn_s": round(sklearn_s, 2),
+        "speedup": round(sklearn_s / ours_s, 2),
+        "accuracy_ours": [round(float(a), 4) for a in ours_acc],
+        "accuracy_sklearn": [round(float(a), 4) for a in ref_acc],
+        "max_accuracy_diff": round(float(diffs.max()), 4),
+        "load_1min": round(os.getloadavg()[0], 2),
+    }
     result["pass"] = {"faster": result["speedup"] >= 1.0, "within_1_point": result["max_accuracy_diff"] <= 0.01}
-    print(f"Revelio scale ({cells} cells x {images} images x d {d}, {classes} classes, {threads} thread(s)): "
-          f"{fit.solver} {ours_s:.1f} s vs scikit-learn {sklearn_s:.1f} s -> {result['speedup']:.2f}x; "
-          f"max accuracy difference {result['max_accuracy_diff']:.4f}")
+    print(
+        f"Revelio scale ({cells} cells x {images} images x d {d}, {classes} classes, {threads} thread(s)): "
+        f"{fit.solver} {ours_s:.1f} s vs scikit-learn {sklearn_s:.1f} s -> {result['speedup']:.2f}x; "
+        f"max accuracy difference {result['max_accuracy_diff']:.4f}"
+    )
     return result

@@ -9,6 +9,7 @@ matmuls per batch (forward x @ W_enc^T, and the two backward products a dense To
 The data are synthetic activations with known sparse structure (sparse non-negative combinations of
 a fixed dictionary of unit atoms plus noise); no model is needed.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -30,18 +31,20 @@ from diffdissect.sae.train import apply_update, sae_loss
 PEER_PACKAGE = "eai-sparsify"
 
 
-def synthetic_activations(tokens: int, d_in: int, *, atoms: int = 4096, active: int = 24, seed: int = 0,
-                          dictionary_seed: int = 12345) -> torch.Tensor:
+def synthetic_activations(
+    tokens: int, d_in: int, *, atoms: int = 4096, active: int = 24, seed: int = 0, dictionary_seed: int = 12345
+) -> torch.Tensor:
     """Sparse non-negative combinations of one fixed dictionary (`dictionary_seed`), drawn with `seed`."""
     dictionary = torch.nn.functional.normalize(
-        torch.randn(atoms, d_in, generator=torch.Generator().manual_seed(dictionary_seed)), dim=-1)
+        torch.randn(atoms, d_in, generator=torch.Generator().manual_seed(dictionary_seed)), dim=-1
+    )
     gen = torch.Generator().manual_seed(seed)
     out = torch.empty(tokens, d_in)
     for start in range(0, tokens, 8192):
         n = min(8192, tokens - start)
         idx = torch.randint(0, atoms, (n, active), generator=gen)
         coef = torch.rand(n, active, generator=gen) * 2
-        out[start:start + n] = torch.nn.functional.embedding_bag(idx, dictionary, per_sample_weights=coef, mode="sum")
+        out[start : start + n] = torch.nn.functional.embedding_bag(idx, dictionary, per_sample_weights=coef, mode="sum")
     return out + 0.05 * torch.randn(tokens, d_in, generator=gen) + 0.3
 
 
@@ -51,7 +54,9 @@ def peer_available(install: bool) -> Any:
     except ImportError:
         if not install:
             return None
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", PEER_PACKAGE], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", PEER_PACKAGE], capture_output=True, text=True
+    )
     if result.returncode != 0:
         print(f"could not install {PEER_PACKAGE} (skipping the peer): {result.stderr.strip()[-300:]}")
         return None
@@ -64,17 +69,27 @@ def dense_bound_seconds(batch: int, d_in: int, n_latents: int, repeats: int = 3)
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        _ = x @ w.t()            # forward pre-activations
-        _ = g.t() @ x            # dW_enc
-        _ = g @ w                # dx
+        _ = x @ w.t()  # forward pre-activations
+        _ = g.t() @ x  # dW_enc
+        _ = g @ w  # dx
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
 
-def run_sae_benchmark(*, d_in: int = 512, expansion: int = 16, k: int = 32, batch: int = 4096, steps: int = 8,
-                      rounds: int = 3, quality_steps: int = 100, install: bool = True, seed: int = 0) -> dict[str, Any]:
+def run_sae_benchmark(
+    *,
+    d_in: int = 512,
+    expansion: int = 16,
+    k: int = 32,
+    batch: int = 4096,
+    steps: int = 8,
+    rounds: int = 3,
+    quality_steps: int = 100,
+    install: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
     n_latents = d_in * expansion
-    lr = 2e-4 / (n_latents / 2 ** 14) ** 0.5
+    lr = 2e-4 / (n_latents / 2**14) ** 0.5
     train = synthetic_activations(batch * steps, d_in, seed=seed)
     heldout = synthetic_activations(8192, d_in, seed=seed + 1)
     batches = list(train.split(batch))
@@ -95,7 +110,7 @@ def run_sae_benchmark(*, d_in: int = 512, expansion: int = 16, k: int = 32, batc
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             peer = sparsify.SparseCoder(d_in, sparsify.SparseCoderConfig(expansion_factor=expansion, k=k), device="cpu")
-        with torch.no_grad():                   # the same starting point: our data-driven initialisation
+        with torch.no_grad():  # the same starting point: our data-driven initialisation
             peer.encoder.weight.copy_(ours.W_enc)
             peer.encoder.bias.copy_(ours.b_enc)
             peer.W_dec.copy_(ours.W_dec)
@@ -112,7 +127,7 @@ def run_sae_benchmark(*, d_in: int = 512, expansion: int = 16, k: int = 32, batc
 
     runners = {"diffdissect": ours_step} | ({"sparsify": peer_step} if peer is not None else {})
     rates: dict[str, list[float]] = {name: [] for name in runners}
-    for step in runners.values():               # warm-up: one step each
+    for step in runners.values():  # warm-up: one step each
         step(batches[0])
     for r in range(rounds):
         order = list(runners) if r % 2 == 0 else list(reversed(runners))
@@ -122,7 +137,7 @@ def run_sae_benchmark(*, d_in: int = 512, expansion: int = 16, k: int = 32, batc
                 runners[name](x)
             rates[name].append(len(batches) * batch / (time.perf_counter() - start))
     bound = batch / dense_bound_seconds(batch, d_in, n_latents)
-    for i in range(quality_steps):          # untimed: more training on fresh batches before comparing FVU
+    for i in range(quality_steps):  # untimed: more training on fresh batches before comparing FVU
         x = synthetic_activations(batch, d_in, seed=seed + 100 + i)
         for step in runners.values():
             step(x)
@@ -130,14 +145,26 @@ def run_sae_benchmark(*, d_in: int = 512, expansion: int = 16, k: int = 32, batc
     fvu = {"diffdissect": evaluate(ours, heldout)["fvu"]}
     if peer is not None:
         with torch.no_grad():
-            fvu["sparsify"] = float(sum((peer(x).sae_out - x).pow(2).sum() for x in heldout.split(batch))
-                                    / (heldout - heldout.mean(0)).pow(2).sum())
+            fvu["sparsify"] = float(
+                sum((peer(x).sae_out - x).pow(2).sum() for x in heldout.split(batch))
+                / (heldout - heldout.mean(0)).pow(2).sum()
+            )
     result = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "config": {"d_in": d_in, "expansion": expansion, "n_latents": n_latents, "k": k, "batch": batch,
-                   "steps_per_round": steps, "rounds": rounds, "lr": lr, "steps_before_fvu": trained_steps},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": {
+            "d_in": d_in,
+            "expansion": expansion,
+            "n_latents": n_latents,
+            "k": k,
+            "batch": batch,
+            "steps_per_round": steps,
+            "rounds": rounds,
+            "lr": lr,
+            "steps_before_fvu": trained_steps,
+        },
         "tokens_per_s": {name: round(statistics.median(v)) for name, v in rates.items()},
         "tokens_per_s_all": {name: [round(x) for x in v] for name, v in rates.items()},
         "dense_three_matmul_bound_tokens_per_s": round(bound),
@@ -156,6 +183,8 @@ def run_sae_benchmark(*, d_in: int = 512, expansion: int = 16, k: int = 32, batc
     if peer is not None:
         line += f", sparsify {result['tokens_per_s']['sparsify']:,} tokens/s -> {result['speedup_vs_peer']:.2f}x"
     print(line)
-    print(f"  dense 3-matmul bound {round(bound):,} tokens/s -> {100 * result['fraction_of_bound']:.0f}% of it; "
-          f"held-out FVU after {trained_steps} equal steps: {result['heldout_fvu_after_equal_steps']}")
+    print(
+        f"  dense 3-matmul bound {round(bound):,} tokens/s -> {100 * result['fraction_of_bound']:.0f}% of it; "
+        f"held-out FVU after {trained_steps} equal steps: {result['heldout_fvu_after_equal_steps']}"
+    )
     return result

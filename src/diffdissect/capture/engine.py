@@ -1,4 +1,5 @@
 """Capture from images: encode, noise at each t and seed, one forward per batch with early exit."""
+
 from __future__ import annotations
 
 import contextlib
@@ -30,15 +31,17 @@ def recorded_model(out: str | Path) -> dict[str, Any] | None:
     """The model identity a store already records (its digest is reused when the model files are unchanged)."""
     try:
         return Manifest.load(Path(out)).model if (Path(out) / MANIFEST).is_file() else None
-    except Exception:       # a damaged manifest is reported by the writer, with its reason
+    except Exception:  # a damaged manifest is reported by the writer, with its reason
         return None
 
 
 def split_location(identity: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what must agree on resume, where it was read from): paths never decide whether data may be mixed."""
     where_keys = {"path", "csv"} | ({"name"} if identity.get("fingerprint") else set())
-    return ({k: v for k, v in identity.items() if k not in where_keys},
-            {k: v for k, v in identity.items() if k in where_keys})
+    return (
+        {k: v for k, v in identity.items() if k not in where_keys},
+        {k: v for k, v in identity.items() if k in where_keys},
+    )
 
 
 def record_truncations(target: Target, writer: StoreWriter) -> None:
@@ -49,12 +52,22 @@ def record_truncations(target: Target, writer: StoreWriter) -> None:
     new = {p: v for p, v in target.truncated_prompts.items() if p not in notes}
     notes.update(new)
     for prompt, info in new.items():
-        warnings.warn(f"prompt {prompt[:60]!r}... has {info['tokens']} tokens; the text encoder saw only the first "
-                      f"{info['kept']} (recorded in manifest.json notes.truncated_prompts)", stacklevel=3)
+        warnings.warn(
+            f"prompt {prompt[:60]!r}... has {info['tokens']} tokens; the text encoder saw only the first "
+            f"{info['kept']} (recorded in manifest.json notes.truncated_prompts)",
+            stacklevel=3,
+        )
 
 
-def capture(target: Target, source: ImageSource, spec: CaptureConfig, out: str | Path, *,
-            progress: bool = True, dist: Dist = SINGLE) -> Manifest:
+def capture(
+    target: Target,
+    source: ImageSource,
+    spec: CaptureConfig,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    dist: Dist = SINGLE,
+) -> Manifest:
     """Capture `spec.layers` x `spec.timesteps` x `spec.seeds` for every input into the store `out`.
 
     Running the same call again on an interrupted store resumes it; a store made with another spec
@@ -69,8 +82,10 @@ def capture(target: Target, source: ImageSource, spec: CaptureConfig, out: str |
     levels = target.noise_levels(None if spec.sigmas else spec.timesteps, spec.sigmas)
     table = [level.to_json() for level in levels]
     if not target.is_latent and target.pixel_channels != 3:
-        raise SpecError(f"{target.source} takes {target.pixel_channels}-channel inputs and has no VAE, so it "
-                        "cannot be fed RGB images; load the full pipeline directory instead.")
+        raise SpecError(
+            f"{target.source} takes {target.pixel_channels}-channel inputs and has no VAE, so it "
+            "cannot be fed RGB images; load the full pipeline directory instead."
+        )
     count = len(source) if spec.limit is None else min(len(source), spec.limit)
     shapes = probe_row_shapes(target, layers, spec, levels[0].t)
     shard_size = spec.shard_size or auto_shard_size(shapes, spec, len(levels))
@@ -79,81 +94,129 @@ def capture(target: Target, source: ImageSource, spec: CaptureConfig, out: str |
     with lock:
         identity = target.identity(known=recorded_model(out))
         source_identity, source_where = split_location(source.identity())
-        spec_json = {"capture": spec.data_fields(), "source": source_identity, "shard_size": shard_size,
-                     "model": comparable(identity)}
-        manifest = Manifest(mode="images", spec=spec_json, spec_hash=spec_digest(spec_json), model=identity,
-                            timesteps=table, layers={l: {"shape": list(shapes[l]), "dtype": spec.dtype} for l in layers},
-                            dtype=spec.dtype, locations={"source": source_where, "model": identity.get("source")})
+        spec_json = {
+            "capture": spec.data_fields(),
+            "source": source_identity,
+            "shard_size": shard_size,
+            "model": comparable(identity),
+        }
+        manifest = Manifest(
+            mode="images",
+            spec=spec_json,
+            spec_hash=spec_digest(spec_json),
+            model=identity,
+            timesteps=table,
+            layers={l: {"shape": list(shapes[l]), "dtype": spec.dtype} for l in layers},
+            dtype=spec.dtype,
+            locations={"source": source_where, "model": identity.get("source")},
+        )
         writer = StoreWriter.open(out, manifest, dist)
-        return _capture_chunks(target, source, spec, layers, shapes, shard_size, count, writer, out, progress, dist,
-                               levels)
+        return _capture_chunks(
+            target, source, spec, layers, shapes, shard_size, count, writer, out, progress, dist, levels
+        )
 
 
-def _capture_chunks(target: Target, source: ImageSource, spec: CaptureConfig, layers: list[str],
-                    shapes: dict[str, tuple[int, ...]], shard_size: int, count: int, writer: StoreWriter,
-                    out: str | Path, progress: bool, dist: Dist, levels: Any) -> Manifest:
+def _capture_chunks(
+    target: Target,
+    source: ImageSource,
+    spec: CaptureConfig,
+    layers: list[str],
+    shapes: dict[str, tuple[int, ...]],
+    shard_size: int,
+    count: int,
+    writer: StoreWriter,
+    out: str | Path,
+    progress: bool,
+    dist: Dist,
+    levels: Any,
+) -> Manifest:
     recorder = LayerRecorder(target.denoiser, layers, early_exit=spec.early_exit)
     desc = f"capture (rank {dist.rank}/{dist.world_size})" if dist.enabled else "capture"
     with recorder, tqdm(total=count, unit="img", desc=desc, disable=not progress or not dist.is_main) as bar:
         for chunk, start in enumerate(range(0, count, shard_size)):
             stop = min(start + shard_size, count)
             if dist.owns(chunk) and not writer.is_committed(chunk):
-                tensors, rows, skipped = capture_chunk(target, source, range(start, stop), spec, layers,
-                                                       shapes, recorder, levels)
+                tensors, rows, skipped = capture_chunk(
+                    target, source, range(start, stop), spec, layers, shapes, recorder, levels
+                )
                 writer.write_shard(chunk, tensors, rows, (start, stop), skipped)
             bar.update(stop - start)
     record_truncations(target, writer)
     if not dist.enabled:
-        _check_any_rows(writer.manifest, count, out)          # before the store is marked complete
+        _check_any_rows(writer.manifest, count, out)  # before the store is marked complete
     manifest = writer.finalize(count)
-    _check_any_rows(manifest, count, out)                     # distributed: once the ranks' lists are merged
+    _check_any_rows(manifest, count, out)  # distributed: once the ranks' lists are merged
     return manifest
 
 
 def _check_any_rows(manifest: Manifest, count: int, out: str | Path) -> None:
     if manifest.rows == 0:
-        raise DataError(f"none of the {count} inputs could be read ({len(manifest.skipped)} skipped); "
-                        f"see {Path(out) / 'manifest.json'} for the reasons.")
+        raise DataError(
+            f"none of the {count} inputs could be read ({len(manifest.skipped)} skipped); "
+            f"see {Path(out) / 'manifest.json'} for the reasons."
+        )
 
 
+capture_images = capture  # the exported name, beside capture_trajectories (`diffdissect.capture_images`)
 
-capture_images = capture   # the exported name, beside capture_trajectories (`diffdissect.capture_images`)
 
-def capture_chunk(target: Target, source: ImageSource, indices: range, spec: CaptureConfig, layers: list[str],
-                  shapes: dict[str, tuple[int, ...]], recorder: LayerRecorder, levels: list[Any] | None = None):
+def capture_chunk(
+    target: Target,
+    source: ImageSource,
+    indices: range,
+    spec: CaptureConfig,
+    layers: list[str],
+    shapes: dict[str, tuple[int, ...]],
+    recorder: LayerRecorder,
+    levels: list[Any] | None = None,
+):
     """Capture one shard's worth of inputs. Returns (tensors by slice key, rows, skipped inputs)."""
     levels = levels if levels is not None else target.noise_levels(spec.timesteps)
     records, skipped = load_records(source, indices)
     n, n_seeds = len(records), len(spec.seeds)
-    tensors = {slice_key(layer, level.t): torch.empty((n, n_seeds, *shapes[layer]), dtype=spec.torch_dtype)
-               for layer in layers for level in levels}
+    tensors = {
+        slice_key(layer, level.t): torch.empty((n, n_seeds, *shapes[layer]), dtype=spec.torch_dtype)
+        for layer in layers
+        for level in levels
+    }
     if records:
         ids = [r.input_id for r in records]
         pixels = torch.stack([to_model_pixels(r.image, target.resolution) for r in records])
-        x0 = torch.cat([target.encode_images(pixels[b:b + spec.batch_size]) for b in range(0, n, spec.batch_size)])
+        x0 = torch.cat([target.encode_images(pixels[b : b + spec.batch_size]) for b in range(0, n, spec.batch_size)])
         prompts, classes = _conditioning_inputs(target, records, spec)
         for s, seed in enumerate(spec.seeds):
             noise = noise_for(ids, seed, tuple(x0.shape[1:]))
             for level in levels:
                 t = level.t
-                x_t = level.apply(x0, noise)        # the family's forward process (models.levels)
+                x_t = level.apply(x0, noise)  # the family's forward process (models.levels)
                 for b in range(0, n, spec.batch_size):
                     sl = slice(b, b + spec.batch_size)
                     batch = x_t[sl]
-                    cond = target.conditioning(prompts[sl] if prompts else None,
-                                               classes[sl] if classes else None, len(batch))
+                    cond = target.conditioning(
+                        prompts[sl] if prompts else None, classes[sl] if classes else None, len(batch)
+                    )
                     steps = target.timestep_argument(level, len(batch))
                     with torch.no_grad():
                         outputs = recorder.run(target.forward, batch, steps, cond)
                     for layer in layers:
-                        rows = cast_checked(layer_rows(target, layer, outputs[layer], spec), spec.torch_dtype,
-                                            layer, t, ids[sl])
+                        rows = cast_checked(
+                            layer_rows(target, layer, outputs[layer], spec), spec.torch_dtype, layer, t, ids[sl]
+                        )
                         tensors[slice_key(layer, t)][sl, s] = rows.cpu()
     tensors = {k: v.reshape(n * n_seeds, *v.shape[2:]) for k, v in tensors.items()}
-    rows = [{"input_id": r.input_id, "source_index": r.source_index, "seed": seed, "label": _plain(r.label),
-             "caption": r.caption, **{k: _plain(v) for k, v in r.attributes.items()},
-             **({"image_sha256": r.content_sha256} if r.content_sha256 else {})}
-            for r in records for seed in spec.seeds]
+    rows = [
+        {
+            "input_id": r.input_id,
+            "source_index": r.source_index,
+            "seed": seed,
+            "label": _plain(r.label),
+            "caption": r.caption,
+            **{k: _plain(v) for k, v in r.attributes.items()},
+            **({"image_sha256": r.content_sha256} if r.content_sha256 else {}),
+        }
+        for r in records
+        for seed in spec.seeds
+    ]
     return tensors, rows, skipped
 
 
@@ -170,8 +233,9 @@ def load_records(source: ImageSource, indices: range) -> tuple[list[ImageRecord]
 
 
 @torch.no_grad()
-def probe_row_shapes(target: Target, layers: list[str], spec: CaptureConfig,
-                     t: int | None = None) -> dict[str, tuple[int, ...]]:
+def probe_row_shapes(
+    target: Target, layers: list[str], spec: CaptureConfig, t: int | None = None
+) -> dict[str, tuple[int, ...]]:
     """Per-row stored shape of each layer, from one dry forward of a single sample.
 
     The forward runs on the meta device (shapes only, no arithmetic: free even for SD-XL); a model
@@ -181,7 +245,7 @@ def probe_row_shapes(target: Target, layers: list[str], spec: CaptureConfig,
     with LayerRecorder(target.denoiser, layers, early_exit=True) as recorder:
         try:
             outputs = recorder.run(_meta_forward, target, sample, timestep, cond)
-        except DiffdissectError:     # a wrong layer spec (no text stream, @update on a shape change)
+        except DiffdissectError:  # a wrong layer spec (no text stream, @update on a shape change)
             raise
         except Exception:  # an op without a meta kernel, a data-dependent branch, ...
             outputs = recorder.run(target.forward, sample, timestep, cond)
@@ -191,7 +255,7 @@ def probe_row_shapes(target: Target, layers: list[str], spec: CaptureConfig,
 def layer_rows(target: Target, layer: str, output: torch.Tensor, opts: Any) -> torch.Tensor:
     """Stored rows of one captured tensor: the family's own token grid first (FLUX's packed output)."""
     if opts.tokens_to_grid and output.ndim == 3 and target.family is not None:
-        grid = target.family.to_grid(target, layer, output)      # shape maths only: runs on meta too
+        grid = target.family.to_grid(target, layer, output)  # shape maths only: runs on meta too
         if grid is not None:
             output = grid
     return to_rows(output, opts)
@@ -202,23 +266,27 @@ def apply_guidance_embedding(target: Target, value: float | None) -> None:
     if value is None:
         return
     if target.family is None or target.family.name != "FLUX":
-        raise SpecError("--guidance-embedding is for guidance-distilled FLUX models only; this model's guidance is "
-                        "classifier-free (trajectories: --guidance).")
+        raise SpecError(
+            "--guidance-embedding is for guidance-distilled FLUX models only; this model's guidance is "
+            "classifier-free (trajectories: --guidance)."
+        )
     target.family.guidance_embedding = float(value)
     target._prompt_cache.clear()
-    target.family.guidance_value(target)          # refuses a model without a guidance embedding (schnell)
+    target.family.guidance_value(target)  # refuses a model without a guidance embedding (schnell)
 
 
 def _meta_forward(target: Target, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> Any:
-    def meta(x: Any) -> Any:             # nested too: SDXL's added_cond_kwargs is a dict of tensors
+    def meta(x: Any) -> Any:  # nested too: SDXL's added_cond_kwargs is a dict of tensors
         if isinstance(x, torch.Tensor):
             return x.to("meta")
         if isinstance(x, dict):
             return {k: meta(v) for k, v in x.items()}
         return x
 
-    state = {name: torch.empty_like(v, device="meta")
-             for name, v in [*target.denoiser.named_parameters(), *target.denoiser.named_buffers()]}
+    state = {
+        name: torch.empty_like(v, device="meta")
+        for name, v in [*target.denoiser.named_parameters(), *target.denoiser.named_buffers()]
+    }
     args, kwargs = target.call_arguments(meta(sample), meta(t), {k: meta(v) for k, v in cond.items()})
     return torch.func.functional_call(target.denoiser, state, args, kwargs)
 

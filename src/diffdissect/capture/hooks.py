@@ -1,5 +1,6 @@
 """Forward hooks that record module outputs (or inputs, updates, text streams: capture.streams), and stop
 the forward pass once all are recorded."""
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -24,8 +25,15 @@ class LayerRecorder:
     model through :meth:`run` (or catch it yourself).
     """
 
-    def __init__(self, model: nn.Module, layers: list[str], *, early_exit: bool = True,
-                 on_missing_tensor: Literal["raise", "skip"] = "raise", keep_all_calls: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[str],
+        *,
+        early_exit: bool = True,
+        on_missing_tensor: Literal["raise", "skip"] = "raise",
+        keep_all_calls: bool = False,
+    ):
         modules = dict(model.named_modules())
         self.specs = [parse_layer(name) for name in layers]
         self.modules = {spec.module: modules[spec.module] for spec in self.specs}
@@ -86,4 +94,5 @@ class LayerRecorder:
                     self.order.append(spec.name)
             if self.early_exit and len(self.outputs) == len(self.specs):
                 raise StopForward
+
         return hook

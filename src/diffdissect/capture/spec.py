@@ -1,4 +1,5 @@
 """What to capture: plain dataclasses, validated against a target, recorded in the manifest."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -125,7 +126,7 @@ class TrajectoryConfig(OutputOptions):
     branch: Literal["cond", "uncond"] = "cond"
     """trajectory mode: which half of a guided batch to keep (CFG half)"""
     batch_size: int = 8
-    shard_size: int = 64                 # (prompt, seed) pairs per shard
+    shard_size: int = 64  # (prompt, seed) pairs per shard
     save_images: bool = True
 
     def validate(self) -> None:
@@ -134,8 +135,10 @@ class TrajectoryConfig(OutputOptions):
             raise SpecError("no prompts given.")
         empty = [i for i, p in enumerate(self.prompts) if not str(p).strip()]
         if empty:
-            raise SpecError(f"prompts {empty[:5]} are empty; give each sample a prompt (for unconditional samples "
-                            "use a model without text conditioning, or say what you want).")
+            raise SpecError(
+                f"prompts {empty[:5]} are empty; give each sample a prompt (for unconditional samples "
+                "use a model without text conditioning, or say what you want)."
+            )
         if not self.layers:
             raise SpecError("no layers given.")
         if self.steps < 1:
@@ -149,7 +152,7 @@ class TrajectoryConfig(OutputOptions):
         return asdict(self)
 
 
-def __getattr__(name: str) -> object:       # the names before "one word for configs" (deprecated)
+def __getattr__(name: str) -> object:  # the names before "one word for configs" (deprecated)
     from diffdissect.runtime import deprecated_alias
 
     return deprecated_alias(__name__, name, {"CaptureSpec": CaptureConfig, "TrajectorySpec": TrajectoryConfig})

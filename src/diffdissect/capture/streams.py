@@ -10,6 +10,7 @@ Joint blocks (SD3's JointTransformerBlock, FLUX's double- and single-stream bloc
 `hidden_states` (image tokens) and `encoder_hidden_states` (text tokens) and return (text, image); their
 "first tensor" is the text stream, so the image stream is taken explicitly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,14 +22,20 @@ from torch import nn
 from diffdissect.errors import SpecError
 from diffdissect.models.families import JOINT_BLOCKS
 
-SUFFIXES = {"": ("image", "output"), "@input": ("image", "input"), "@update": ("image", "update"),
-            "@text": ("text", "output"), "@text@input": ("text", "input"), "@text@update": ("text", "update")}
+SUFFIXES = {
+    "": ("image", "output"),
+    "@input": ("image", "input"),
+    "@update": ("image", "update"),
+    "@text": ("text", "output"),
+    "@text@input": ("text", "input"),
+    "@text@update": ("text", "update"),
+}
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    name: str                                   # as stored, e.g. "transformer_blocks.0@text@update"
-    module: str                                 # the module path
+    name: str  # as stored, e.g. "transformer_blocks.0@text@update"
+    module: str  # the module path
     stream: Literal["image", "text"]
     what: Literal["output", "input", "update"]
 
@@ -37,8 +44,10 @@ def parse_layer(name: str) -> LayerSpec:
     module, sep, rest = name.partition("@")
     suffix = sep + rest
     if suffix not in SUFFIXES:
-        raise SpecError(f"layer {name!r}: unknown suffix {suffix!r}; take a module's output (no suffix), "
-                        f"{', '.join(repr(s) for s in SUFFIXES if s)}.")
+        raise SpecError(
+            f"layer {name!r}: unknown suffix {suffix!r}; take a module's output (no suffix), "
+            f"{', '.join(repr(s) for s in SUFFIXES if s)}."
+        )
     stream, what = SUFFIXES[suffix]
     return LayerSpec(name=name, module=module, stream=stream, what=what)  # type: ignore[arg-type]
 
@@ -62,9 +71,14 @@ def is_joint(module: nn.Module, kwargs: dict[str, Any], output: Any) -> bool:
     """A joint block: image and text streams in, (text, image) out."""
     if type(module).__name__ in JOINT_BLOCKS:
         return True
-    return (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], torch.Tensor)
-            and isinstance(kwargs.get("hidden_states"), torch.Tensor) and "encoder_hidden_states" in kwargs
-            and output[1].shape == kwargs["hidden_states"].shape)
+    return (
+        isinstance(output, tuple)
+        and len(output) == 2
+        and isinstance(output[1], torch.Tensor)
+        and isinstance(kwargs.get("hidden_states"), torch.Tensor)
+        and "encoder_hidden_states" in kwargs
+        and output[1].shape == kwargs["hidden_states"].shape
+    )
 
 
 class NoStream(SpecError):
@@ -76,13 +90,17 @@ def take(spec: LayerSpec, module: nn.Module, args: tuple, kwargs: dict[str, Any]
     joint = is_joint(module, kwargs, output)
     if spec.stream == "text":
         if not joint:
-            raise NoStream(f"layer {spec.name!r}: {type(module).__name__} has no text stream; only joint blocks "
-                           f"({', '.join(sorted(JOINT_BLOCKS))}) have one. Drop '@text'.")
+            raise NoStream(
+                f"layer {spec.name!r}: {type(module).__name__} has no text stream; only joint blocks "
+                f"({', '.join(sorted(JOINT_BLOCKS))}) have one. Drop '@text'."
+            )
         out = output[0]
         inp = kwargs.get("encoder_hidden_states")
         if out is None:
-            raise NoStream(f"layer {spec.name!r}: this {type(module).__name__} returns no text stream (the last "
-                           "block of SD3 updates only the image tokens); capture its image stream instead.")
+            raise NoStream(
+                f"layer {spec.name!r}: this {type(module).__name__} returns no text stream (the last "
+                "block of SD3 updates only the image tokens); capture its image stream instead."
+            )
     else:
         out = output[1] if joint else output_tensor(output)
         inp = kwargs.get("hidden_states")
@@ -90,8 +108,9 @@ def take(spec: LayerSpec, module: nn.Module, args: tuple, kwargs: dict[str, Any]
             inp = args[0] if args else None
     if spec.what == "output":
         if not isinstance(out, torch.Tensor):
-            raise NoStream(f"layer {spec.name!r}: {type(module).__name__} returned {type(output).__name__} "
-                           "with no tensor in it.")
+            raise NoStream(
+                f"layer {spec.name!r}: {type(module).__name__} returned {type(output).__name__} with no tensor in it."
+            )
         return out.detach()
     if not isinstance(inp, torch.Tensor):
         raise NoStream(f"layer {spec.name!r}: {type(module).__name__} was called without a tensor input to take.")
@@ -99,7 +118,9 @@ def take(spec: LayerSpec, module: nn.Module, args: tuple, kwargs: dict[str, Any]
         return inp.detach()
     if not isinstance(out, torch.Tensor) or out.shape != inp.shape:
         shape_out = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
-        raise SpecError(f"layer {spec.name!r}: '@update' (output - input) needs a module whose output has its input's "
-                        f"shape, but {spec.module} maps {tuple(inp.shape[1:])} to {shape_out}. Capture its output "
-                        "or '@input' instead, or a sub-module that keeps the shape.")
+        raise SpecError(
+            f"layer {spec.name!r}: '@update' (output - input) needs a module whose output has its input's "
+            f"shape, but {spec.module} maps {tuple(inp.shape[1:])} to {shape_out}. Capture its output "
+            "or '@input' instead, or a sub-module that keeps the shape."
+        )
     return (out - inp).detach()

@@ -9,6 +9,7 @@ SD3, PixArt, Sana; DiT: conditional first); `spec.branch` picks the conditional 
 unconditional half. FLUX has no guidance batch: its guidance is an embedding (dev) or absent (schnell). A sampler that calls the denoiser twice at the same t
 (PNDM's warm-up) keeps the first call; the manifest records how many calls were dropped.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,12 +43,14 @@ def capture_trajectories(target: Target, spec: TrajectoryConfig, out: str | Path
         raise SpecError("trajectory mode needs a full pipeline (model_index.json), not a bare denoiser.")
     layers = resolve_layers(target, spec.layers)
     if hasattr(target.pipeline, "set_progress_bar_config"):
-        target.pipeline.set_progress_bar_config(disable=True)      # one bar for the whole capture
+        target.pipeline.set_progress_bar_config(disable=True)  # one bar for the whole capture
     conditions = [_condition(target, p) for p in spec.prompts]
     pairs = [(i, seed) for i in range(len(spec.prompts)) for seed in spec.seeds]
     if spec.branch == "uncond" and target.family is not None and not target.family.cfg_halves():
-        raise SpecError(f"{target.family.name} has no unconditional branch to keep: its guidance is an embedding, "
-                        "not a classifier-free batch. Drop --branch uncond.")
+        raise SpecError(
+            f"{target.family.name} has no unconditional branch to keep: its guidance is an embedding, "
+            "not a classifier-free batch. Drop --branch uncond."
+        )
     if target.takes_text and target.tokenizer is not None:
         target.note_truncation(list(spec.prompts))
     probe = _sample(target, spec, layers, [conditions[0]], [spec.seeds[0]], steps_only=True)
@@ -56,27 +59,41 @@ def capture_trajectories(target: Target, spec: TrajectoryConfig, out: str | Path
     with DirectoryLock(out, "capture (trajectories)"):
         identity = target.identity(known=recorded_model(out))
         spec_json = {"trajectory": spec.data_fields(), "model": comparable(identity)}
-        manifest = Manifest(mode="trajectory", spec=spec_json, spec_hash=spec_digest(spec_json), model=identity,
-                            timesteps=probe["levels"] or timestep_table(target.scheduler, schedule),
-                            layers={l: {"shape": list(probe["shapes"][l]), "dtype": spec.dtype} for l in layers},
-                            dtype=spec.dtype, locations={"model": identity.get("source")})
+        manifest = Manifest(
+            mode="trajectory",
+            spec=spec_json,
+            spec_hash=spec_digest(spec_json),
+            model=identity,
+            timesteps=probe["levels"] or timestep_table(target.scheduler, schedule),
+            layers={l: {"shape": list(probe["shapes"][l]), "dtype": spec.dtype} for l in layers},
+            dtype=spec.dtype,
+            locations={"model": identity.get("source")},
+        )
         writer = StoreWriter.open(out, manifest)
         return _sample_all(target, spec, layers, conditions, pairs, probe, writer, Path(out), progress)
 
 
-def _sample_all(target: Target, spec: TrajectoryConfig, layers: list[str], conditions: list[Any],
-                pairs: list[tuple[int, int]], probe: dict[str, Any], writer: StoreWriter, out: Path,
-                progress: bool) -> Manifest:
+def _sample_all(
+    target: Target,
+    spec: TrajectoryConfig,
+    layers: list[str],
+    conditions: list[Any],
+    pairs: list[tuple[int, int]],
+    probe: dict[str, Any],
+    writer: StoreWriter,
+    out: Path,
+    progress: bool,
+) -> Manifest:
     images_dir = out / IMAGES_DIR
     images_dir.mkdir(exist_ok=True)
     with tqdm(total=len(pairs), unit="sample", desc="trajectories", disable=not progress) as bar:
         for chunk, start in enumerate(range(0, len(pairs), spec.shard_size)):
-            part = pairs[start:start + spec.shard_size]
+            part = pairs[start : start + spec.shard_size]
             if not writer.is_committed(chunk):
                 tensors: dict[str, list[torch.Tensor]] = {}
                 rows: list[dict[str, Any]] = []
                 for b in range(0, len(part), spec.batch_size):
-                    batch = part[b:b + spec.batch_size]
+                    batch = part[b : b + spec.batch_size]
                     result = _sample(target, spec, layers, [conditions[i] for i, _ in batch], [s for _, s in batch])
                     for key, value in result["tensors"].items():
                         tensors.setdefault(key, []).append(value)
@@ -84,10 +101,19 @@ def _sample_all(target: Target, spec: TrajectoryConfig, layers: list[str], condi
                         name = f"p{i:06d}-s{seed}.png"
                         if spec.save_images:
                             atomic_write_bytes(images_dir / name, _png(image))
-                        rows.append({"input_id": f"p{i:06d}", "source_index": i, "seed": seed, "label": None,
-                                     "caption": spec.prompts[i], "image": f"{IMAGES_DIR}/{name}" if spec.save_images else None})
-                writer.write_shard(chunk, {k: torch.cat(v) for k, v in tensors.items()}, rows,
-                                   (start, start + len(part)), [])
+                        rows.append(
+                            {
+                                "input_id": f"p{i:06d}",
+                                "source_index": i,
+                                "seed": seed,
+                                "label": None,
+                                "caption": spec.prompts[i],
+                                "image": f"{IMAGES_DIR}/{name}" if spec.save_images else None,
+                            }
+                        )
+                writer.write_shard(
+                    chunk, {k: torch.cat(v) for k, v in tensors.items()}, rows, (start, start + len(part)), []
+                )
             bar.update(len(part))
     writer.manifest.notes["dropped_duplicate_calls"] = probe["dropped"]
     record_truncations(target, writer)
@@ -101,8 +127,9 @@ def _condition(target: Target, prompt: str) -> Any:
             return int(prompt)
         names = {v: k for k, v in target.id2label.items()}
         if prompt not in names:
-            raise SpecError(f"{prompt!r} is not a class of this DiT pipeline; use class ids or names "
-                            f"such as {list(names)[:5]}.")
+            raise SpecError(
+                f"{prompt!r} is not a class of this DiT pipeline; use class ids or names such as {list(names)[:5]}."
+            )
         return names[prompt]
     if not target.takes_text:
         raise SpecError("trajectory mode supports text-to-image (SD-like) and DiT-like pipelines.")
@@ -110,16 +137,27 @@ def _condition(target: Target, prompt: str) -> Any:
 
 
 @torch.no_grad()
-def _sample(target: Target, spec: TrajectoryConfig, layers: list[str], conditions: list[Any], seeds: list[int],
-            steps_only: bool = False) -> dict[str, Any]:
+def _sample(
+    target: Target,
+    spec: TrajectoryConfig,
+    layers: list[str],
+    conditions: list[Any],
+    seeds: list[int],
+    steps_only: bool = False,
+) -> dict[str, Any]:
     """One pipeline call for a batch; returns per-(layer, t) tensors, images, the schedule and shapes."""
     pipe = target.pipeline
     seen_t: list[float] = []
     pre = target.denoiser.register_forward_pre_hook(
-        lambda m, args, kwargs: seen_t.append(_timestep_value(args, kwargs)), with_kwargs=True)
+        lambda m, args, kwargs: seen_t.append(_timestep_value(args, kwargs)), with_kwargs=True
+    )
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    kwargs: dict[str, Any] = {"num_inference_steps": spec.steps, "guidance_scale": spec.guidance_scale,
-                              "generator": generators, "output_type": "np"}
+    kwargs: dict[str, Any] = {
+        "num_inference_steps": spec.steps,
+        "guidance_scale": spec.guidance_scale,
+        "generator": generators,
+        "output_type": "np",
+    }
     if target.kind == "dit":
         kwargs["class_labels"] = conditions
     else:
@@ -142,11 +180,17 @@ def _sample(target: Target, spec: TrajectoryConfig, layers: list[str], condition
             shapes[layer] = tuple(rows.shape[1:])
             if not steps_only:
                 t = keys[call]
-                out[slice_key(layer, t)] = cast_checked(rows, spec.torch_dtype, layer, t,
-                                                        [str(c) for c in conditions]).cpu()
-    return {"tensors": out, "images": np.asarray(images), "timesteps": [keys[i] for i in keep],
-            "levels": [levels[i] for i in keep] if levels else None, "shapes": shapes,
-            "dropped": len(seen_t) - len(keep)}
+                out[slice_key(layer, t)] = cast_checked(
+                    rows, spec.torch_dtype, layer, t, [str(c) for c in conditions]
+                ).cpu()
+    return {
+        "tensors": out,
+        "images": np.asarray(images),
+        "timesteps": [keys[i] for i in keep],
+        "levels": [levels[i] for i in keep] if levels else None,
+        "shapes": shapes,
+        "dropped": len(seen_t) - len(keep),
+    }
 
 
 def _step_keys(target: Target, seen: list[float]) -> tuple[list[int], list[dict[str, Any]] | None]:
@@ -172,8 +216,10 @@ def _step_keys(target: Target, seen: list[float]) -> tuple[list[int], list[dict[
         levels.append(level.to_json())
     distinct = {(k, lv["sigma"]) for k, lv in zip(keys, levels)}
     if len({k for k, _ in distinct}) != len(distinct):
-        raise SpecError(f"two sampling steps fall on the same training index ({sorted(keys)}); use fewer --steps "
-                        f"(at most {flow.n}).")
+        raise SpecError(
+            f"two sampling steps fall on the same training index ({sorted(keys)}); use fewer --steps "
+            f"(at most {flow.n})."
+        )
     return keys, levels
 
 

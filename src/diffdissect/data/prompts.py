@@ -1,4 +1,5 @@
 """Prompt files: the one reader, for every command that takes `--prompt-file`."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@
 A corrupt or unreadable image raises :class:`UnreadableInput` from `load`; capture skips it with
 a warning and records it in the store's manifest (`diffdissect store info` shows the count).
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,8 +26,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 
 
 # row-index columns that an input's own attributes may not overwrite
-RESERVED_COLUMNS = frozenset({"row", "input_id", "source_index", "seed", "label", "caption", "shard", "image",
-                              "image_sha256"})
+RESERVED_COLUMNS = frozenset(
+    {"row", "input_id", "source_index", "seed", "label", "caption", "shard", "image", "image_sha256"}
+)
 
 
 class UnreadableInput(Exception):
@@ -35,12 +37,12 @@ class UnreadableInput(Exception):
 
 @dataclass
 class ImageRecord:
-    input_id: str                      # stable id (relative path, dataset row, array index)
-    source_index: int                  # position in the source
-    image: Any                         # PIL image or HxWx3 array
+    input_id: str  # stable id (relative path, dataset row, array index)
+    source_index: int  # position in the source
+    image: Any  # PIL image or HxWx3 array
     label: Any = None
     caption: str | None = None
-    attributes: dict[str, Any] = field(default_factory=dict)   # more columns for the row index (factors, ...)
+    attributes: dict[str, Any] = field(default_factory=dict)  # more columns for the row index (factors, ...)
     content_sha256: str | None = None  # sha256 of the file's bytes, for sources read from files
 
 
@@ -61,8 +63,15 @@ class FolderSource:
     the inputs and every named file must exist.
     """
 
-    def __init__(self, root: str | Path, csv_path: str | Path | None = None, *, id_column: str = "file",
-                 label_column: str | None = "label", caption_column: str | None = "caption"):
+    def __init__(
+        self,
+        root: str | Path,
+        csv_path: str | Path | None = None,
+        *,
+        id_column: str = "file",
+        label_column: str | None = "label",
+        caption_column: str | None = "caption",
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist or is not a directory.")
@@ -73,14 +82,18 @@ class FolderSource:
             self._check_rows(Path(csv_path), id_column)
             missing = [f for f in self.files if not (self.root / f).is_file()]
             if missing:
-                raise DataError(f"{len(missing)} files named in {csv_path} are not in {self.root}, "
-                                f"e.g. {missing[:3]}; fix the CSV's {id_column!r} column.")
+                raise DataError(
+                    f"{len(missing)} files named in {csv_path} are not in {self.root}, "
+                    f"e.g. {missing[:3]}; fix the CSV's {id_column!r} column."
+                )
         else:
-            self.files = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
-                                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            self.files = sorted(
+                p.relative_to(self.root).as_posix()
+                for p in self.root.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
         if not self.files:
-            raise DataError(f"no images found in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
-                            "recursively).")
+            raise DataError(f"no images found in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively).")
         self.csv_path, self.label_column, self.caption_column = csv_path, label_column, caption_column
         self.id_column = id_column
         self._position = {name: i for i, name in enumerate(self.files)}
@@ -89,8 +102,11 @@ class FolderSource:
             named = {id_column, label_column, caption_column}
             ignored = sorted((set(self.meta[0]) & RESERVED_COLUMNS) - named)
             if ignored:
-                warnings.warn(f"labels CSV {csv_path}: columns {ignored} are reserved row-index columns and were "
-                              "ignored; rename them to keep them.", stacklevel=2)
+                warnings.warn(
+                    f"labels CSV {csv_path}: columns {ignored} are reserved row-index columns and were "
+                    "ignored; rename them to keep them.",
+                    stacklevel=2,
+                )
 
     def _check_rows(self, csv_path: Path, id_column: str) -> None:
         """Every row names one file inside the folder, once."""
@@ -100,28 +116,33 @@ class FolderSource:
             if not name:
                 raise DataError(f"labels CSV {csv_path}, line {line}: the {id_column!r} column is empty.")
             if name in seen:
-                raise DataError(f"labels CSV {csv_path} names {name!r} twice (lines {seen[name]} and {line}); each "
-                                "image may appear once. Remove the duplicate row.")
+                raise DataError(
+                    f"labels CSV {csv_path} names {name!r} twice (lines {seen[name]} and {line}); each "
+                    "image may appear once. Remove the duplicate row."
+                )
             seen[name] = line
             path = Path(name)
             if path.is_absolute() or ".." in path.parts or root not in (root / path).resolve().parents:
-                raise DataError(f"labels CSV {csv_path}, line {line}: {name!r} is not a file inside {self.root}; name "
-                                "files relative to the image folder, without '..'.")
+                raise DataError(
+                    f"labels CSV {csv_path}, line {line}: {name!r} is not a file inside {self.root}; name "
+                    "files relative to the image folder, without '..'."
+                )
 
     @staticmethod
     def _read_csv(path: Path, id_column: str) -> list[dict[str, str]]:
         if not path.is_file():
             raise DataError(f"labels CSV {path} does not exist.")
         try:
-            with open(path, newline="", encoding="utf-8-sig") as fh:      # -sig: a byte-order mark is not a column
+            with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not a column
                 rows = list(csv.DictReader(fh))
         except (UnicodeDecodeError, csv.Error) as exc:
             raise DataError(f"labels CSV {path} could not be read as UTF-8 CSV ({exc}); save it as UTF-8.") from None
         if not rows:
             raise DataError(f"labels CSV {path} has no rows.")
         if id_column not in rows[0]:
-            raise DataError(f"labels CSV {path} has no {id_column!r} column (columns: {list(rows[0])}); "
-                            "pass --id-column.")
+            raise DataError(
+                f"labels CSV {path} has no {id_column!r} column (columns: {list(rows[0])}); pass --id-column."
+            )
         return rows
 
     def __len__(self) -> int:
@@ -137,9 +158,15 @@ class FolderSource:
             raise UnreadableInput(f"{name}: {exc}") from exc
         row = self.meta[index] if self.meta else {}
         named = {self.id_column, self.label_column, self.caption_column}
-        return ImageRecord(name, index, image, row.get(self.label_column or ""), row.get(self.caption_column or ""),
-                           {k: v for k, v in row.items() if k not in named and k not in RESERVED_COLUMNS},
-                           content_sha256=hashlib.sha256(data).hexdigest())
+        return ImageRecord(
+            name,
+            index,
+            image,
+            row.get(self.label_column or ""),
+            row.get(self.caption_column or ""),
+            {k: v for k, v in row.items() if k not in named and k not in RESERVED_COLUMNS},
+            content_sha256=hashlib.sha256(data).hexdigest(),
+        )
 
     def index_of(self, name: str) -> int | None:
         """The position of the file `name` (relative to the folder), or None."""
@@ -153,24 +180,41 @@ class FolderSource:
 
     def identity(self) -> dict[str, Any]:
         """What the inputs are (names, bytes, labels), plus where they are (`path`, `csv`: never compared)."""
-        return {"type": "folder", "path": str(self.root.resolve()), "count": len(self),
-                "csv": str(Path(self.csv_path).resolve()) if self.csv_path else None, "listing": _digest(self.files),
-                "content": _digest(self.content_hashes()),
-                "labels": _digest([sorted(r.items()) for r in self.meta]) if self.meta else None}
+        return {
+            "type": "folder",
+            "path": str(self.root.resolve()),
+            "count": len(self),
+            "csv": str(Path(self.csv_path).resolve()) if self.csv_path else None,
+            "listing": _digest(self.files),
+            "content": _digest(self.content_hashes()),
+            "labels": _digest([sorted(r.items()) for r in self.meta]) if self.meta else None,
+        }
 
 
 class HFDatasetSource:
     """A Hugging Face `datasets` dataset: a Dataset object, a `save_to_disk` folder, or a name (offline cache)."""
 
-    def __init__(self, dataset: Any, *, split: str | None = None, image_column: str = "image",
-                 label_column: str | None = None, caption_column: str | None = None, id_column: str | None = None):
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        split: str | None = None,
+        image_column: str = "image",
+        label_column: str | None = None,
+        caption_column: str | None = None,
+        id_column: str | None = None,
+    ):
         import datasets
 
         self.name = str(dataset) if isinstance(dataset, (str, Path)) else (dataset.info.dataset_name or "in-memory")
         if isinstance(dataset, (str, Path)):
             path = Path(dataset)
             try:
-                dataset = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(str(dataset), split=split)
+                dataset = (
+                    datasets.load_from_disk(str(path))
+                    if path.is_dir()
+                    else datasets.load_dataset(str(dataset), split=split)
+                )
             except Exception as exc:
                 raise DataError(f"could not load the dataset {str(path)!r}: {exc}") from exc
         if isinstance(dataset, datasets.DatasetDict):
@@ -205,27 +249,44 @@ class HFDatasetSource:
         return ImageRecord(input_id, index, image, label, row.get(self.caption_column) if self.caption_column else None)
 
     def identity(self) -> dict[str, Any]:
-        return {"type": "hf_dataset", "name": str(self.name), "split": self.split, "count": len(self),
-                "fingerprint": getattr(self.dataset, "_fingerprint", None)}
+        return {
+            "type": "hf_dataset",
+            "name": str(self.name),
+            "split": self.split,
+            "count": len(self),
+            "fingerprint": getattr(self.dataset, "_fingerprint", None),
+        }
 
 
 class ArraySource:
     """In-memory images: an (N, H, W, 3) uint8 array (or floats in [0, 1]) or a list of PIL images."""
 
-    def __init__(self, images: Any, labels: Sequence[Any] | None = None, captions: Sequence[str] | None = None,
-                 ids: Sequence[str] | None = None, attributes: dict[str, Sequence[Any]] | None = None):
+    def __init__(
+        self,
+        images: Any,
+        labels: Sequence[Any] | None = None,
+        captions: Sequence[str] | None = None,
+        ids: Sequence[str] | None = None,
+        attributes: dict[str, Sequence[Any]] | None = None,
+    ):
         self.images = images
         n = len(images)
         if n == 0:
             raise DataError("ArraySource got no images.")
         self.attributes = dict(attributes or {})
-        for name, seq in (("labels", labels), ("captions", captions), ("ids", ids),
-                          *((f"attributes[{k!r}]", v) for k, v in self.attributes.items())):
+        for name, seq in (
+            ("labels", labels),
+            ("captions", captions),
+            ("ids", ids),
+            *((f"attributes[{k!r}]", v) for k, v in self.attributes.items()),
+        ):
             if seq is not None and len(seq) != n:
                 raise DataError(f"ArraySource: {len(seq)} {name} for {n} images.")
         clash = RESERVED_COLUMNS & set(self.attributes)
         if clash:
-            raise DataError(f"ArraySource: attribute names {sorted(clash)} are reserved row-index columns; rename them.")
+            raise DataError(
+                f"ArraySource: attribute names {sorted(clash)} are reserved row-index columns; rename them."
+            )
         self.labels, self.captions = labels, captions
         self.ids = [str(i) for i in ids] if ids is not None else [f"img{i:08d}" for i in range(n)]
         if len(set(self.ids)) != n:
@@ -247,6 +308,16 @@ class ArraySource:
         for i in range(len(self)):
             img = self.images[i]
             h.update(np.asarray(img).tobytes())
-        return {"type": "arrays", "count": len(self), "content": h.hexdigest()[:16],
-                "meta": _digest([self.ids, self.labels, self.captions,
-                                 sorted((k, list(map(str, v))) for k, v in self.attributes.items())])}
+        return {
+            "type": "arrays",
+            "count": len(self),
+            "content": h.hexdigest()[:16],
+            "meta": _digest(
+                [
+                    self.ids,
+                    self.labels,
+                    self.captions,
+                    sorted((k, list(map(str, v))) for k, v in self.attributes.items()),
+                ]
+            ),
+        }

@@ -3,6 +3,7 @@
 uint8 images are (N, H, W, 3) in [0, 255]; model pixels are (N, 3, H, W) float32 in [-1, 1]; a diffusers
 pipeline's `output_type="np"` images are floats in [0, 1].
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,8 +43,9 @@ def to_model_pixels(image: Image.Image | np.ndarray, resolution: int) -> torch.T
     w, h = img.size
     scale = resolution / min(w, h)
     if (w, h) != (resolution, resolution):
-        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                         Image.Resampling.BICUBIC)
+        img = img.resize(
+            (max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.BICUBIC
+        )
         w, h = img.size
         left, top = (w - resolution) // 2, (h - resolution) // 2
         img = img.crop((left, top, left + resolution, top + resolution))
@@ -66,7 +68,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if mode == "F":
             scale = 255.0 if array.size and float(np.nanmax(array)) <= 1.0 else 1.0
         else:
-            scale = 1.0 / 257.0                      # 0..65535 -> 0..255 (16-bit data; also what PNG's I holds)
+            scale = 1.0 / 257.0  # 0..65535 -> 0..255 (16-bit data; also what PNG's I holds)
         gray = np.clip(np.nan_to_num(array * scale), 0, 255).round().astype(np.uint8)
         return Image.fromarray(np.stack([gray] * 3, axis=-1))
     if mode == "P" and "transparency" in image.info:

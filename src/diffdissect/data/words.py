@@ -1,4 +1,5 @@
 """Words of a text (prompts, captions): lower-case runs of letters and digits, inner hyphens/apostrophes kept."""
+
 from __future__ import annotations
 
 import re

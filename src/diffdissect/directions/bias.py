@@ -26,6 +26,7 @@ balanced by construction). The bias score is the top descriptor's excess.
 Image measure: descriptor rates in the captions of the subject's samples (Wilson CIs), minus the
 rates in the references' captions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -41,10 +42,10 @@ from diffdissect.stats import wilson
 
 @dataclass
 class BiasQuestion:
-    subject: str                         # a prompt of the set, e.g. "a square"
-    family: list[str]                    # descriptors, e.g. ["red", "green", "blue", "yellow"]
+    subject: str  # a prompt of the set, e.g. "a square"
+    family: list[str]  # descriptors, e.g. ["red", "green", "blue", "yellow"]
     family_name: str = "descriptors"
-    references: dict[str, str] = field(default_factory=dict)     # descriptor -> reference prompt
+    references: dict[str, str] = field(default_factory=dict)  # descriptor -> reference prompt
 
 
 def find_references(subject: str, family: list[str], prompts: list[str]) -> dict[str, str]:
@@ -84,15 +85,24 @@ def seed_halves(seeds: np.ndarray, seed: int = 0) -> np.ndarray:
     seeds = np.asarray(seeds)
     unique = np.unique(seeds)
     if len(unique) < 2:
-        raise DataError(f"cross-fitting needs at least two noise seeds per prompt; got {len(unique)}. Sample more "
-                        "seeds (--n-seeds) or turn cross-fitting off.")
+        raise DataError(
+            f"cross-fitting needs at least two noise seeds per prompt; got {len(unique)}. Sample more "
+            "seeds (--n-seeds) or turn cross-fitting off."
+        )
     order = np.random.default_rng(seed).permutation(len(unique))
     first = set(unique[order[: len(unique) // 2]].tolist())
     return np.array([0 if s in first else 1 for s in seeds.tolist()], dtype=np.int64)
 
 
-def cross_fitted_profile(latents: np.ndarray, indicators: np.ndarray, valid: np.ndarray | None, columns: list[int],
-                         halves: np.ndarray, method: str = "mean_difference", alpha: float = 1.0) -> np.ndarray:
+def cross_fitted_profile(
+    latents: np.ndarray,
+    indicators: np.ndarray,
+    valid: np.ndarray | None,
+    columns: list[int],
+    halves: np.ndarray,
+    method: str = "mean_difference",
+    alpha: float = 1.0,
+) -> np.ndarray:
     """(N, K) family profiles where each half's samples are measured against the directions (and the centre)
     estimated on the other half only. `columns`: the family's term columns of `indicators`."""
     h = np.asarray(latents).reshape(len(latents), -1)
@@ -109,7 +119,7 @@ def cross_fitted_profile(latents: np.ndarray, indicators: np.ndarray, valid: np.
 def _bootstrap_means(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
     n = len(values)
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples)
-    return counts @ values / n                                       # (B, K)
+    return counts @ values / n  # (B, K)
 
 
 def _permuted_excess(pool: np.ndarray, n_s: int, permutations: int, rng: np.random.Generator) -> np.ndarray:
@@ -122,9 +132,16 @@ def _permuted_excess(pool: np.ndarray, n_s: int, permutations: int, rng: np.rand
     return chosen / n_s - (total[None] - chosen) / (len(pool) - n_s)
 
 
-def latent_bias(profile: np.ndarray, subject: np.ndarray, references: list[np.ndarray] | None, *,
-                halves: np.ndarray | None = None, resamples: int = 2000, permutations: int = 2000,
-                seed: int = 0) -> dict:
+def latent_bias(
+    profile: np.ndarray,
+    subject: np.ndarray,
+    references: list[np.ndarray] | None,
+    *,
+    halves: np.ndarray | None = None,
+    resamples: int = 2000,
+    permutations: int = 2000,
+    seed: int = 0,
+) -> dict:
     """Excess alignment per descriptor with CIs, the bias score (top descriptor) and its p-value.
 
     `profile`: (N, K) family-centred alignments (cross-fitted: `cross_fitted_profile`); `subject`: row
@@ -164,13 +181,25 @@ def latent_bias(profile: np.ndarray, subject: np.ndarray, references: list[np.nd
     null = null_sum.max(axis=1)
     observed = excess.max()
     within = " within each cross-fitting half" if len(parts) > 1 else ""
-    null_kind = (f"subject vs balanced references, membership permuted{within}" if references else
-                 f"descriptors permuted within each sample (no references found){within}")
+    null_kind = (
+        f"subject vs balanced references, membership permuted{within}"
+        if references
+        else f"descriptors permuted within each sample (no references found){within}"
+    )
     p_value = float((1 + np.sum(null >= observed - 1e-12)) / (1 + permutations))
-    return {"excess": excess.tolist(), "ci_low": low.tolist(), "ci_high": high.tolist(), "top": top,
-            "score": float(excess[top]), "score_ci": [float(low[top]), float(high[top])],
-            "p_value": p_value, "null": null_kind, "null_mean": float(null.mean()),
-            "null_q95": float(np.quantile(null, 0.95)), "cross_fitted": len(parts) > 1}
+    return {
+        "excess": excess.tolist(),
+        "ci_low": low.tolist(),
+        "ci_high": high.tolist(),
+        "top": top,
+        "score": float(excess[top]),
+        "score_ci": [float(low[top]), float(high[top])],
+        "p_value": p_value,
+        "null": null_kind,
+        "null_mean": float(null.mean()),
+        "null_q95": float(np.quantile(null, 0.95)),
+        "cross_fitted": len(parts) > 1,
+    }
 
 
 def image_rates(captions: list[str | None], rows: np.ndarray, family: list[str]) -> dict:
@@ -203,5 +232,8 @@ def rank_agreement(latent: list[float], image: list[float]) -> dict:
     if len(latent) < 2:
         return {"spearman": float("nan"), "same_order": True, "same_top": True}
     rho = spearmanr(latent, image).statistic if len(set(latent)) > 1 and len(set(image)) > 1 else float("nan")
-    return {"spearman": float(rho), "same_order": list(np.argsort(latent)) == list(np.argsort(image)),
-            "same_top": int(np.argmax(latent)) == int(np.argmax(image))}
+    return {
+        "spearman": float(rho),
+        "same_order": list(np.argsort(latent)) == list(np.argsort(image)),
+        "same_top": int(np.argmax(latent)) == int(np.argmax(image)),
+    }

@@ -5,6 +5,7 @@ uint8 (the shapes world's `WorldCaptioner` is one, from `diffdissect.world`). Bu
   * `TransformersCaptioner`: an image-to-text model of transformers (BLIP-style, or a
     vision-encoder-decoder), loaded offline from a local directory.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ class Captioner(Protocol):
 
 @dataclass
 class CaptionResult:
-    captions: list[str | None]          # None where the captioner failed
-    errors: list[str | None]            # the failure, per image
+    captions: list[str | None]  # None where the captioner failed
+    errors: list[str | None]  # the failure, per image
 
     @property
     def failed(self) -> int:
@@ -38,22 +39,24 @@ def caption_images(captioner: Captioner, images: np.ndarray, batch: int = 64) ->
     captions: list[str | None] = []
     errors: list[str | None] = []
     for start in range(0, len(images), batch):
-        part = images[start:start + batch]
+        part = images[start : start + batch]
         try:
             out = list(captioner.caption(part))
             if len(out) != len(part):
-                raise DiffdissectError(f"captioner {captioner.name} returned {len(out)} captions for {len(part)} images")
+                raise DiffdissectError(
+                    f"captioner {captioner.name} returned {len(out)} captions for {len(part)} images"
+                )
             captions += out
             errors += [None] * len(out)
             continue
-        except Exception:                   # noqa: BLE001 - find the images that fail, keep the rest
+        except Exception:  # noqa: BLE001 - find the images that fail, keep the rest
             pass
         for image in part:
             try:
                 (text,) = captioner.caption(image[None])
                 captions.append(str(text))
                 errors.append(None)
-            except Exception as err:        # noqa: BLE001 - recorded per image
+            except Exception as err:  # noqa: BLE001 - recorded per image
                 captions.append(None)
                 errors.append(f"{type(err).__name__}: {err}")
     return CaptionResult(captions, errors)
@@ -67,13 +70,17 @@ class TransformersCaptioner:
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"no transformers model at {path} (config.json missing); pass a directory saved "
-                                 "with save_pretrained (model and processor), e.g. a BLIP captioning checkpoint.")
+            raise ModelLoadError(
+                f"no transformers model at {path} (config.json missing); pass a directory saved "
+                "with save_pretrained (model and processor), e.g. a BLIP captioning checkpoint."
+            )
         try:
             self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
             self.model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).to(device).eval()
         except (OSError, ValueError, KeyError) as err:
-            raise ModelLoadError(f"could not load an image-to-text model and its processor from {path}: {err}") from None
+            raise ModelLoadError(
+                f"could not load an image-to-text model and its processor from {path}: {err}"
+            ) from None
         self.device = device
         self.max_new_tokens = max_new_tokens
         self.name = f"transformers:{path.name}"

@@ -6,6 +6,7 @@ Optionally each sample's map is mean-pooled over positions before the prompt mea
 with the object's place (shape in the shapes world) is not blurred by averaging maps over seeds.
 The adjusted Rand index gets a permutation null (grouping labels shuffled across prompts).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ class ClusterScore(Result):
     """The adjusted Rand index of clusters against a known grouping, with its permutation null."""
 
     ari: float
-    p_value: float                    # grouping labels permuted across prompts
+    p_value: float  # grouping labels permuted across prompts
     null_q95: float
 
 
@@ -32,7 +33,7 @@ class ClusterFit(ClusterScore):
     """A clustering of the prompts (one cluster per prompt) and its score."""
 
     clusters: list[int] = field(default_factory=list)
-    family: list[str] | None = omit_if_none()      # the families projected out first ("removed")
+    family: list[str] | None = omit_if_none()  # the families projected out first ("removed")
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,14 @@ class ClusterStep(Result):
     @classmethod
     def from_json(cls, data: dict) -> ClusterStep:
         removed = ClusterFit.from_json(data["removed"]) if "removed" in data else None
-        return cls(k=data["k"], prompts=data["prompts"], groups=data["groups"], pooling=data["pooling"],
-                   raw=ClusterFit.from_json(data["raw"]), removed=removed)
+        return cls(
+            k=data["k"],
+            prompts=data["prompts"],
+            groups=data["groups"],
+            pooling=data["pooling"],
+            raw=ClusterFit.from_json(data["raw"]),
+            removed=removed,
+        )
 
 
 def prompt_means(latents: np.ndarray, prompt_index: np.ndarray, n_prompts: int) -> np.ndarray:
@@ -90,5 +97,8 @@ def ari_with_null(groups: list[str], clusters: np.ndarray, permutations: int = 1
     rng = np.random.default_rng(seed)
     labels = np.asarray(groups)
     null = np.array([adjusted_rand_score(rng.permutation(labels), clusters) for _ in range(permutations)])
-    return ClusterScore(ari=float(ari), p_value=float((1 + np.sum(null >= ari - 1e-12)) / (1 + permutations)),
-                        null_q95=float(np.quantile(null, 0.95)))
+    return ClusterScore(
+        ari=float(ari),
+        p_value=float((1 + np.sum(null >= ari - 1e-12)) / (1 + permutations)),
+        null_q95=float(np.quantile(null, 0.95)),
+    )

@@ -7,6 +7,7 @@ return one direction per term (V x D) from a few matrix products:
     direction is its effect with the other terms held fixed (co-occurring words are disentangled).
 Rows with `valid` False (no caption) are left out.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,9 +28,9 @@ def _as_tensors(latents, indicators, valid):
 def mean_difference_directions(latents, indicators, valid=None) -> np.ndarray:
     """(V, D): mean latent of samples with the term minus mean latent of samples without it."""
     h, x = _as_tensors(latents, indicators, valid)
-    n_with = x.sum(0)                                           # (V,)
+    n_with = x.sum(0)  # (V,)
     n_without = x.shape[0] - n_with
-    sums_with = x.T @ h                                         # (V, D)
+    sums_with = x.T @ h  # (V, D)
     total = h.sum(0, keepdim=True)
     with_mean = sums_with / n_with.clamp_min(1)[:, None]
     without_mean = (total - sums_with) / n_without.clamp_min(1)[:, None]

@@ -3,6 +3,7 @@
 Every prompt keeps the slot values it was made from ("a {colour} {shape}" -> colour=red, shape=square),
 so analyses know the grouping a prompt belongs to (e.g. to score a clustering by shape).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -31,8 +32,9 @@ def template_slots(template: str) -> list[str]:
     try:
         names = [name for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
     except ValueError as err:
-        raise SpecError(f"template {template!r} is malformed ({err}); write slots as {{name}} and a literal "
-                        "brace as {{ or }}.") from None
+        raise SpecError(
+            f"template {template!r} is malformed ({err}); write slots as {{name}} and a literal brace as {{{{ or }}}}."
+        ) from None
     bad = [n for n in names if not n.isidentifier()]
     if bad:
         raise SpecError(f"template {template!r} has slot(s) {bad} that are not names; use e.g. {{colour}}.")
@@ -44,8 +46,10 @@ def expand_template(template: str, values: dict[str, list[str]]) -> list[Prompt]
     slots = template_slots(template)
     missing = [s for s in slots if not values.get(s)]
     if missing:
-        raise SpecError(f"template {template!r} has slot(s) {missing} without values; give them with "
-                        f"--slot {missing[0]}=value1,value2 (or in the slot_values mapping).")
+        raise SpecError(
+            f"template {template!r} has slot(s) {missing} without values; give them with "
+            f"--slot {missing[0]}=value1,value2 (or in the slot_values mapping)."
+        )
     out = []
     for combo in itertools.product(*(values[s] for s in slots)):
         filled = dict(zip(slots, combo))
@@ -53,8 +57,11 @@ def expand_template(template: str, values: dict[str, list[str]]) -> list[Prompt]
     return out
 
 
-def build_prompt_set(prompts: list[str] | None = None, templates: list[str] | None = None,
-                     slot_values: dict[str, list[str]] | None = None) -> list[Prompt]:
+def build_prompt_set(
+    prompts: list[str] | None = None,
+    templates: list[str] | None = None,
+    slot_values: dict[str, list[str]] | None = None,
+) -> list[Prompt]:
     """Plain prompts and expanded templates, validated: no empty prompt, no duplicate."""
     out = [Prompt(" ".join(p.split())) for p in (prompts or [])]
     for i, p in enumerate(prompts or []):
@@ -75,8 +82,10 @@ def build_prompt_set(prompts: list[str] | None = None, templates: list[str] | No
             duplicates.append(prompt.text)
         seen[prompt.text] = 1
     if duplicates:
-        raise SpecError(f"duplicate prompt(s) {sorted(set(duplicates))[:5]}; each prompt must appear once "
-                        "(use more seeds for more samples of one prompt).")
+        raise SpecError(
+            f"duplicate prompt(s) {sorted(set(duplicates))[:5]}; each prompt must appear once "
+            "(use more seeds for more samples of one prompt)."
+        )
     return out
 
 

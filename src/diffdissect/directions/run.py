@@ -7,6 +7,7 @@ Layout of a run directory:
   directions/       every term's direction per layer and step (safetensors) + terms.json
   results.json      all figures (plain data); the report section is built from it
 """
+
 from __future__ import annotations
 
 import json
@@ -56,15 +57,16 @@ from diffdissect.store.writer import canonical_safetensors
 
 SOURCES = ("captions", "prompts")
 CLUSTER_POOLING = ("none", "mean")
-HEADLINE_RULE = ("fixed in advance, not chosen on any score: the first layer at `headline_step` (default the last, "
-                 "least noisy step)")
+HEADLINE_RULE = (
+    "fixed in advance, not chosen on any score: the first layer at `headline_step` (default the last, least noisy step)"
+)
 
 
 @dataclass
 class BiasConfig:
-    family_name: str                  # e.g. "colour"
-    family: list[str]                 # e.g. ["red", "green", "blue", "yellow"]
-    subjects: list[str]               # prompts of the set, e.g. ["a square", "a circle"]
+    family_name: str  # e.g. "colour"
+    family: list[str]  # e.g. ["red", "green", "blue", "yellow"]
+    subjects: list[str]  # prompts of the set, e.g. ["a square", "a circle"]
 
 
 @dataclass
@@ -121,12 +123,13 @@ class DirectionsConfig:
             raise SpecError(f"method must be one of {METHODS}, not {self.method!r}.")
         if self.text_source not in SOURCES:
             raise SpecError(f"text_source must be one of {SOURCES}, not {self.text_source!r}.")
-        if self.cluster_remove is None or isinstance(self.cluster_remove, str):   # older configs: one family or None
+        if self.cluster_remove is None or isinstance(self.cluster_remove, str):  # older configs: one family or None
             self.cluster_remove = [self.cluster_remove] if self.cluster_remove else []
         unknown = [f for f in self.cluster_remove if f not in [b.family_name for b in self.bias]]
         if unknown:
-            raise SpecError(f"cluster_remove names no bias family: {unknown}; families: "
-                            f"{[b.family_name for b in self.bias]}.")
+            raise SpecError(
+                f"cluster_remove names no bias family: {unknown}; families: {[b.family_name for b in self.bias]}."
+            )
         if self.cluster_pooling not in CLUSTER_POOLING:
             raise SpecError(f"cluster_pooling must be one of {CLUSTER_POOLING}, not {self.cluster_pooling!r}.")
         if self.cross_fit and len(set(self.seeds)) < 2:
@@ -135,8 +138,10 @@ class DirectionsConfig:
             slotted = [p for p in self.prompts if self.cluster_by in p.slots]
             if len({p.slots[self.cluster_by] for p in slotted}) < 2:
                 known = sorted({s for p in self.prompts for s in p.slots})
-                raise SpecError(f"cluster_by={self.cluster_by!r}: fewer than two groups among the prompts' slots "
-                                f"(slots: {known or 'none; use templates'}).")
+                raise SpecError(
+                    f"cluster_by={self.cluster_by!r}: fewer than two groups among the prompts' slots "
+                    f"(slots: {known or 'none; use templates'})."
+                )
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -144,17 +149,19 @@ class DirectionsConfig:
         return out
 
 
-def run_directions(target: Target, config: DirectionsConfig, out: str | Path, captioner: Captioner | None, *,
-                   progress: bool = True) -> dict[str, Any]:
+def run_directions(
+    target: Target, config: DirectionsConfig, out: str | Path, captioner: Captioner | None, *, progress: bool = True
+) -> dict[str, Any]:
     config.validate()
     out = Path(out)
     with DirectoryLock(out, "directions run"):
-        remove_stale_temporaries(out)                   # leftovers of a write a kill interrupted
+        remove_stale_temporaries(out)  # leftovers of a write a kill interrupted
         return _run_directions(target, config, out, captioner, progress)
 
 
-def _run_directions(target: Target, config: DirectionsConfig, out: Path, captioner: Captioner | None,
-                    progress: bool) -> dict[str, Any]:
+def _run_directions(
+    target: Target, config: DirectionsConfig, out: Path, captioner: Captioner | None, progress: bool
+) -> dict[str, Any]:
     texts = [p.text for p in config.prompts]
     questions = {b.family_name: make_questions(b.subjects, b.family, b.family_name, texts) for b in config.bias}
     if config.text_source == "captions" and captioner is None:
@@ -169,68 +176,104 @@ def _run_directions(target: Target, config: DirectionsConfig, out: Path, caption
     captions = _captions(store, rows, captioner, out / "captions.json", progress) if captioner else None
 
     keep = [w for b in config.bias for w in b.family]
-    indicators = {"prompts": term_indicators(prompt_texts, max_words=config.max_words, min_count=config.min_count,
-                                             keep=keep)}
+    indicators = {
+        "prompts": term_indicators(prompt_texts, max_words=config.max_words, min_count=config.min_count, keep=keep)
+    }
     if captions is not None:
-        indicators["captions"] = term_indicators(captions["captions"], max_words=config.max_words,
-                                                 min_count=config.min_count, keep=keep)
+        indicators["captions"] = term_indicators(
+            captions["captions"], max_words=config.max_words, min_count=config.min_count, keep=keep
+        )
     source = indicators[config.text_source]
     for b in config.bias:
         source.require(b.family, config.text_source)
 
     rows_of = {p.text: np.nonzero(prompt_index == i)[0] for i, p in enumerate(config.prompts)}
     halves = seed_halves(np.array([r["seed"] for r in rows]), config.seed) if config.cross_fit else None
-    images = ({name: _image_measures(qs, rows_of, captions) for name, qs in questions.items()}
-              if captions is not None else None)
+    images = (
+        {name: _image_measures(qs, rows_of, captions) for name, qs in questions.items()}
+        if captions is not None
+        else None
+    )
     timesteps = store.timesteps
     headline_t = _headline(timesteps, config.headline_step)
     results: dict[str, Any] = {
-        "config": config.to_json(), "captioner": getattr(captioner, "name", None), "timesteps": timesteps,
+        "config": config.to_json(),
+        "captioner": getattr(captioner, "name", None),
+        "timesteps": timesteps,
         "headline": {"layer": config.layers[0], "t": headline_t, "selected": HEADLINE_RULE},
-        "samples": len(rows), "cost": cost,
+        "samples": len(rows),
+        "cost": cost,
         "terms": {k: {"terms": v.terms, "skipped": v.skipped} for k, v in indicators.items()},
         "caption_failures": captions["failures"] if captions else None,
-        "bias": {}, "clusters": {}, "prompt_profiles": {}}
+        "bias": {},
+        "clusters": {},
+        "prompt_profiles": {},
+    }
     for layer in config.layers:
         saved: dict[str, torch.Tensor] = {}
         for t in tqdm(timesteps, desc=f"directions {layer}", disable=not progress):
             latents = store.load(layer, t, dtype="float32").reshape(len(rows), -1)
             dirs = directions(latents, source.matrix, config.method, source.valid, config.ridge_alpha)
             if config.save_directions:
-                saved[f"t={t}"] = torch.from_numpy(np.ascontiguousarray(dirs)).to(torch.float16 if config.dtype == "float16" else torch.float32)
+                saved[f"t={t}"] = torch.from_numpy(np.ascontiguousarray(dirs)).to(
+                    torch.float16 if config.dtype == "float16" else torch.float32
+                )
             centre = latents[source.valid].mean(0)
             family_dirs = {}
             for b in config.bias:
                 columns = [source.terms.index(w) for w in b.family]
                 family_dirs[b.family_name] = dirs[columns]
                 in_sample = family_profile(cosine_to_directions(latents, family_dirs[b.family_name], centre))
-                profile = (cross_fitted_profile(latents, source.matrix, source.valid, columns, halves, config.method,
-                                                config.ridge_alpha) if halves is not None else in_sample)
-                for q_result in _bias_step(questions[b.family_name], profile, rows_of,
-                                           images[b.family_name] if images else None, config, halves,
-                                           in_sample if halves is not None else None):
+                profile = (
+                    cross_fitted_profile(
+                        latents, source.matrix, source.valid, columns, halves, config.method, config.ridge_alpha
+                    )
+                    if halves is not None
+                    else in_sample
+                )
+                for q_result in _bias_step(
+                    questions[b.family_name],
+                    profile,
+                    rows_of,
+                    images[b.family_name] if images else None,
+                    config,
+                    halves,
+                    in_sample if halves is not None else None,
+                ):
                     results["bias"].setdefault(layer, {}).setdefault(b.family_name, {}).setdefault(
-                        q_result["subject"], {})[str(t)] = q_result
+                        q_result["subject"], {}
+                    )[str(t)] = q_result
                 if layer == config.layers[0] and t == headline_t:
                     results["prompt_profiles"][b.family_name] = {
-                        "prompts": texts, "descriptors": b.family,
-                        "values": prompt_means(profile, prompt_index, len(texts)).tolist()}
+                        "prompts": texts,
+                        "descriptors": b.family,
+                        "values": prompt_means(profile, prompt_index, len(texts)).tolist(),
+                    }
             if config.cluster_by:
                 nuisance = [family_dirs[f] for f in config.cluster_remove]
                 results["clusters"].setdefault(layer, {})[str(t)] = _cluster_step(
-                    latents, prompt_index, config, np.concatenate(nuisance) if nuisance else None,
-                    store.shape(layer))
+                    latents, prompt_index, config, np.concatenate(nuisance) if nuisance else None, store.shape(layer)
+                )
         if config.save_directions:
             (out / "directions").mkdir(exist_ok=True)
-            atomic_write_bytes(out / "directions" / f"{safe_name(layer)}.safetensors", canonical_safetensors(
-                safetensors_bytes(saved, metadata={"method": config.method, "source": config.text_source,
-                                                   "layer": layer})))
-            atomic_write_json(out / "directions" / "terms.json", {"terms": source.terms, "source": config.text_source,
-                                                                   "method": config.method})
+            atomic_write_bytes(
+                out / "directions" / f"{safe_name(layer)}.safetensors",
+                canonical_safetensors(
+                    safetensors_bytes(
+                        saved, metadata={"method": config.method, "source": config.text_source, "layer": layer}
+                    )
+                ),
+            )
+            atomic_write_json(
+                out / "directions" / "terms.json",
+                {"terms": source.terms, "source": config.text_source, "method": config.method},
+            )
     results["summary"] = summarise(results, config)
     # the file holds what a rerun reproduces byte for byte; how much this particular run sampled is only returned
-    atomic_write_json(out / "results.json", to_json_value({**results, "cost": {k: v for k, v in cost.items()
-                                                                              if k != "sampled_this_run"}}))
+    atomic_write_json(
+        out / "results.json",
+        to_json_value({**results, "cost": {k: v for k, v in cost.items() if k != "sampled_this_run"}}),
+    )
     return results
 
 
@@ -244,10 +287,17 @@ def _headline(timesteps: list[int], headline: str | int) -> int:
 
 def _sample(target: Target, config: DirectionsConfig, out: Path, progress: bool) -> dict[str, Any]:
     """One trajectory per prompt x seed, every layer and step in that pass; counts the denoiser calls."""
-    spec = TrajectoryConfig(prompts=[p.text for p in config.prompts], layers=list(config.layers),
-                          seeds=list(config.seeds), steps=config.steps, guidance_scale=config.guidance_scale,
-                          batch_size=config.batch_size, pooling="none", dtype=config.dtype,
-                          shard_size=config.shard_size or config.batch_size)     # progress is committed every batch
+    spec = TrajectoryConfig(
+        prompts=[p.text for p in config.prompts],
+        layers=list(config.layers),
+        seeds=list(config.seeds),
+        steps=config.steps,
+        guidance_scale=config.guidance_scale,
+        batch_size=config.batch_size,
+        pooling="none",
+        dtype=config.dtype,
+        shard_size=config.shard_size or config.batch_size,
+    )  # progress is committed every batch
     rows_seen = [0]
 
     def count(module, args, kwargs):
@@ -270,12 +320,21 @@ def _sample(target: Target, config: DirectionsConfig, out: Path, progress: bool)
     ledger_path = out.parent / "cost.json"
     ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {"sampled": 0, "denoiser_rows": 0}
     if sampled:
-        ledger = {"sampled": ledger["sampled"] + sampled, "denoiser_rows": ledger["denoiser_rows"] + rows_seen[0] - probe}
+        ledger = {
+            "sampled": ledger["sampled"] + sampled,
+            "denoiser_rows": ledger["denoiser_rows"] + rows_seen[0] - probe,
+        }
         atomic_write_json(ledger_path, ledger)
     per_step = ledger["denoiser_rows"] / (ledger["sampled"] * steps) if ledger["sampled"] else None
-    return {"trajectories": len(spec.prompts) * len(spec.seeds), "sampled_this_run": sampled, "steps": steps,
-            "layers": len(config.layers), "denoiser_rows": ledger["denoiser_rows"],
-            "denoiser_rows_per_trajectory_step": per_step, "guided_pair": guided == 2}
+    return {
+        "trajectories": len(spec.prompts) * len(spec.seeds),
+        "sampled_this_run": sampled,
+        "steps": steps,
+        "layers": len(config.layers),
+        "denoiser_rows": ledger["denoiser_rows"],
+        "denoiser_rows_per_trajectory_step": per_step,
+        "guided_pair": guided == 2,
+    }
 
 
 def _committed_rows(store_dir: Path) -> int:
@@ -289,14 +348,16 @@ def _captions(store, rows: list[dict], captioner: Captioner, path: Path, progres
     """Caption every sample once; saved after each batch, so an interrupted run keeps what it captioned."""
     saved = json.loads(path.read_text()) if path.is_file() else {"captioner": captioner.name, "items": {}}
     if saved.get("captioner") != captioner.name:
-        raise DataError(f"{path} holds captions by {saved.get('captioner')!r}, not {captioner.name!r}; use the same "
-                        "captioner to resume, or a new output directory.")
+        raise DataError(
+            f"{path} holds captions by {saved.get('captioner')!r}, not {captioner.name!r}; use the same "
+            "captioner to resume, or a new output directory."
+        )
     items: dict[str, dict] = saved["items"]
     keys = [f"{r['input_id']}/s{r['seed']}" for r in rows]
     todo = [i for i, k in enumerate(keys) if k not in items]
     with tqdm(total=len(todo), desc="captions", unit="image", disable=not progress or not todo) as bar:
         for start in range(0, len(todo), batch):
-            part = todo[start:start + batch]
+            part = todo[start : start + batch]
             images = np.stack([np.asarray(Image.open(store.directory / rows[i]["image"]).convert("RGB")) for i in part])
             result = caption_images(captioner, images)
             for i, text, err in zip(part, result.captions, result.errors):
@@ -306,8 +367,10 @@ def _captions(store, rows: list[dict], captioner: Captioner, path: Path, progres
     captions = [items[k]["caption"] for k in keys]
     failures = [{"sample": k, "error": items[k]["error"]} for k in keys if items[k]["error"]]
     if all(c is None for c in captions):
-        raise DataError(f"the captioner failed on every image (first error: {failures[0]['error']}); "
-                        "check it on one image, or use text_source='prompts'.")
+        raise DataError(
+            f"the captioner failed on every image (first error: {failures[0]['error']}); "
+            "check it on one image, or use text_source='prompts'."
+        )
     return {"captions": captions, "failures": {"count": len(failures), "examples": failures[:10]}}
 
 
@@ -329,18 +392,37 @@ def _image_measures(questions, rows_of: dict[str, np.ndarray], captions: dict) -
     return out
 
 
-def _bias_step(questions, profile: np.ndarray, rows_of: dict[str, np.ndarray], images: dict[str, dict] | None,
-               config: DirectionsConfig, halves: np.ndarray | None = None,
-               in_sample: np.ndarray | None = None) -> list[dict[str, Any]]:
+def _bias_step(
+    questions,
+    profile: np.ndarray,
+    rows_of: dict[str, np.ndarray],
+    images: dict[str, dict] | None,
+    config: DirectionsConfig,
+    halves: np.ndarray | None = None,
+    in_sample: np.ndarray | None = None,
+) -> list[dict[str, Any]]:
     out = []
     for q in questions:
         refs = [rows_of[q.references[d]] for d in q.family] if q.references else None
-        latent = latent_bias(profile, rows_of[q.subject], refs, halves=halves, resamples=config.resamples,
-                             permutations=config.permutations, seed=config.seed)
+        latent = latent_bias(
+            profile,
+            rows_of[q.subject],
+            refs,
+            halves=halves,
+            resamples=config.resamples,
+            permutations=config.permutations,
+            seed=config.seed,
+        )
         entry = {"subject": q.subject, "family": q.family, "references": q.references, "latent": latent}
-        if in_sample is not None:       # the old statistic (directions fitted on the scored samples), for comparison
-            old = latent_bias(in_sample, rows_of[q.subject], refs, resamples=min(config.resamples, 200),
-                              permutations=config.permutations, seed=config.seed)
+        if in_sample is not None:  # the old statistic (directions fitted on the scored samples), for comparison
+            old = latent_bias(
+                in_sample,
+                rows_of[q.subject],
+                refs,
+                resamples=min(config.resamples, 200),
+                permutations=config.permutations,
+                seed=config.seed,
+            )
             entry["in_sample"] = {k: old[k] for k in ("score", "score_ci", "top", "p_value")}
         if images is not None:
             entry["image"] = images[q.subject]
@@ -353,13 +435,18 @@ def _bias_step(questions, profile: np.ndarray, rows_of: dict[str, np.ndarray], i
     return out
 
 
-def _cluster_step(latents: np.ndarray, prompt_index: np.ndarray, config: DirectionsConfig,
-                  nuisance: np.ndarray | None, shape: tuple[int, ...] = ()) -> ClusterStep:
+def _cluster_step(
+    latents: np.ndarray,
+    prompt_index: np.ndarray,
+    config: DirectionsConfig,
+    nuisance: np.ndarray | None,
+    shape: tuple[int, ...] = (),
+) -> ClusterStep:
     prompts = config.prompts
     chosen = [i for i, p in enumerate(prompts) if config.cluster_by in p.slots]
     groups = [prompts[i].slots[config.cluster_by] for i in chosen]
     k = len(set(groups))
-    if config.cluster_pooling == "mean" and len(shape) > 1:        # position-free: each sample's map pooled first
+    if config.cluster_pooling == "mean" and len(shape) > 1:  # position-free: each sample's map pooled first
         latents = spatial_mean(latents, shape)
         nuisance = spatial_mean(nuisance, shape) if nuisance is not None else None
     means = prompt_means(latents, prompt_index, len(prompts))[chosen]
@@ -370,8 +457,11 @@ def _cluster_step(latents: np.ndarray, prompt_index: np.ndarray, config: Directi
         return ClusterFit(score.ari, score.p_value, score.null_q95, clusters.tolist(), family)
 
     raw = fit(cluster_prompts(means, k, config.seed))
-    removed = (fit(cluster_prompts(project_out(means - means.mean(0), nuisance), k, config.seed),
-                   list(config.cluster_remove)) if nuisance is not None else None)
+    removed = (
+        fit(cluster_prompts(project_out(means - means.mean(0), nuisance), k, config.seed), list(config.cluster_remove))
+        if nuisance is not None
+        else None
+    )
     return ClusterStep(k, [prompts[i].text for i in chosen], groups, config.cluster_pooling, raw, removed)
 
 
@@ -384,12 +474,22 @@ def summarise(results: dict[str, Any], config: DirectionsConfig) -> dict[str, An
         for subject, per_t in subjects.items():
             e = per_t[t]
             lat = e["latent"]
-            row = {"subject": subject, "top": e["family"][lat["top"]], "score": lat["score"], "ci": lat["score_ci"],
-                   "p_value": lat["p_value"], "p_holm": lat["p_holm"], "significant": lat["significant"]}
+            row = {
+                "subject": subject,
+                "top": e["family"][lat["top"]],
+                "score": lat["score"],
+                "ci": lat["score_ci"],
+                "p_value": lat["p_value"],
+                "p_holm": lat["p_holm"],
+                "significant": lat["significant"],
+            }
             if "image" in e:
-                row.update(image_top=e["family"][e["image"]["top"]], image_score=e["image"]["score"],
-                           image_rates=dict(zip(e["family"], e["image"]["rates"])),
-                           descriptor_spearman=e["agreement"]["spearman"])
+                row.update(
+                    image_top=e["family"][e["image"]["top"]],
+                    image_score=e["image"]["score"],
+                    image_rates=dict(zip(e["family"], e["image"]["rates"])),
+                    descriptor_spearman=e["agreement"]["spearman"],
+                )
             if "in_sample" in e:
                 row["in_sample"] = e["in_sample"]
             row["cross_fitted"] = lat.get("cross_fitted", False)
@@ -402,13 +502,17 @@ def summarise(results: dict[str, Any], config: DirectionsConfig) -> dict[str, An
         out["families"][family] = entry
     if results["clusters"]:
         per_t = results["clusters"][layer]
-        out["clusters"] = {kind: {"at_headline": fit.ari,
-                                  "mean_over_steps": float(np.mean([v.fits()[kind].ari for v in per_t.values()]))}
-                           for kind, fit in per_t[t].fits().items()}
+        out["clusters"] = {
+            kind: {
+                "at_headline": fit.ari,
+                "mean_over_steps": float(np.mean([v.fits()[kind].ari for v in per_t.values()])),
+            }
+            for kind, fit in per_t[t].fits().items()
+        }
     return out
 
 
-def __getattr__(name: str) -> object:       # the names before "one word for configs" (deprecated)
+def __getattr__(name: str) -> object:  # the names before "one word for configs" (deprecated)
     from diffdissect.runtime import deprecated_alias
 
     return deprecated_alias(__name__, name, {"BiasSpec": BiasConfig})

@@ -1,4 +1,5 @@
 """Texts (prompts, captions) -> term indicators: which samples' text contains each word or phrase."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ __all__ = ["TermIndicators", "term_indicators", "terms_of", "words_of"]
 def terms_of(text: str, max_words: int = 1) -> set[str]:
     """Words and phrases of up to `max_words` consecutive words."""
     words = words_of(text)
-    return {" ".join(words[i:i + n]) for n in range(1, max_words + 1) for i in range(len(words) - n + 1)}
+    return {" ".join(words[i : i + n]) for n in range(1, max_words + 1) for i in range(len(words) - n + 1)}
 
 
 @dataclass
@@ -22,8 +23,8 @@ class TermIndicators:
     """`matrix[i, j]`: sample i's text contains term j. Rows without text (`valid` False) are all zero."""
 
     terms: list[str]
-    matrix: np.ndarray                 # (N, V) float32 0/1
-    valid: np.ndarray                  # (N,) bool
+    matrix: np.ndarray  # (N, V) float32 0/1
+    valid: np.ndarray  # (N,) bool
     skipped: dict[str, str] = field(default_factory=dict)
 
     def column(self, term: str) -> np.ndarray:
@@ -35,12 +36,15 @@ class TermIndicators:
             if term in self.terms:
                 continue
             why = self.skipped.get(term, "never occurs")
-            raise DataError(f"{term!r} {why} in the {source}, so it has no direction; terms that do: "
-                            f"{self.terms[:20]}{' ...' if len(self.terms) > 20 else ''}.")
+            raise DataError(
+                f"{term!r} {why} in the {source}, so it has no direction; terms that do: "
+                f"{self.terms[:20]}{' ...' if len(self.terms) > 20 else ''}."
+            )
 
 
-def term_indicators(texts: list[str | None], *, max_words: int = 1, min_count: int = 2,
-                    keep: list[str] | None = None) -> TermIndicators:
+def term_indicators(
+    texts: list[str | None], *, max_words: int = 1, min_count: int = 2, keep: list[str] | None = None
+) -> TermIndicators:
     """Indicators of every term (word or phrase) with contrast: in at least `min_count` valid samples and
     absent from at least `min_count`. Terms in `keep` are reported even below `min_count` (if they occur).
     Terms without contrast are listed in `skipped` with the reason."""

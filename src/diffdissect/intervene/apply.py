@@ -10,6 +10,7 @@ is keyed by the training index of its sigma, as trajectories are (capture.trajec
 A layer is a module path with the stream syntax of capture.streams: a joint block (SD3, FLUX) edits its
 image stream, or its text stream with `@text`; edits act on outputs, so `@input` / `@update` are refused.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,12 +65,12 @@ def sampling_schedule(target: Target, steps: int) -> list[int] | None:
 
     if target.pipeline is None:
         raise SpecError("steering needs a full pipeline (model_index.json), not a bare denoiser.")
-    if process_of(target.scheduler) == "flow":       # steps keyed by the training index of sigma: read in the run
+    if process_of(target.scheduler) == "flow":  # steps keyed by the training index of sigma: read in the run
         return None
     scheduler = copy.deepcopy(target.pipeline.scheduler)
     try:
         scheduler.set_timesteps(steps)
-    except Exception:          # noqa: BLE001 - a flow scheduler that wants mu/sigmas: learn it from the first pass
+    except Exception:  # noqa: BLE001 - a flow scheduler that wants mu/sigmas: learn it from the first pass
         return None
     out: list[int] = []
     for t in scheduler.timesteps.tolist():
@@ -86,8 +87,16 @@ class Intervention:
     serve several alphas (`set_alpha`). `record_norms=True` also collects per-location norms (calibration).
     """
 
-    def __init__(self, target: Target, edits: Sequence[Edit], *, scales: dict[str, float] | None = None,
-                 alpha: float = 0.0, branch: str = "both", record_norms: Sequence[str] = ()):
+    def __init__(
+        self,
+        target: Target,
+        edits: Sequence[Edit],
+        *,
+        scales: dict[str, float] | None = None,
+        alpha: float = 0.0,
+        branch: str = "both",
+        record_norms: Sequence[str] = (),
+    ):
         if branch not in BRANCHES:
             raise SpecError(f"branch must be one of {BRANCHES}, not {branch!r}.")
         self.target, self.edits, self.branch = target, list(edits), branch
@@ -99,15 +108,17 @@ class Intervention:
         self.specs = [parse_layer(layer) for layer in self.layers]
         for spec in self.specs:
             if spec.what != "output":
-                raise SpecError(f"layer {spec.name!r}: edits act on a module's output; drop '@{spec.what}' (an "
-                                "edit of the output of the module before is an edit of this one's input).")
+                raise SpecError(
+                    f"layer {spec.name!r}: edits act on a module's output; drop '@{spec.what}' (an "
+                    "edit of the output of the module before is an edit of this one's input)."
+                )
         from diffdissect.models.levels import process_of
 
         self._flow = process_of(target.scheduler) == "flow"
         self.record = set(record_norms)
         self.norms: dict[str, list[torch.Tensor]] = {layer: [] for layer in record_norms}
         self.seen_t: list[int] = []
-        self.samples: int | None = None          # samples per pipeline call (set by the runner): finds the CFG halves
+        self.samples: int | None = None  # samples per pipeline call (set by the runner): finds the CFG halves
         self.calls = 0
         self._step_of: dict[int, int] = {}
         self._handles: list[Any] = []
@@ -139,7 +150,7 @@ class Intervention:
         self.seen_t.clear()
 
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        value = _timestep_value(args, kwargs)      # the argument as handed over: DDPM family t; flow: see _step_keys
+        value = _timestep_value(args, kwargs)  # the argument as handed over: DDPM family t; flow: see _step_keys
         t = _step_keys(self.target, [value])[0][0] if self._flow else int(round(value))
         self.calls += 1
         self.seen_t.append(t)
@@ -155,23 +166,30 @@ class Intervention:
                     index = 0 if spec.stream == "text" else 1
                     tensor = output[index]
                     if tensor is None:
-                        raise SpecError(f"layer {spec.name!r}: this {type(module).__name__} returns no text stream "
-                                        "(the last block of SD3 updates only the image tokens); edit its image stream.")
+                        raise SpecError(
+                            f"layer {spec.name!r}: this {type(module).__name__} returns no text stream "
+                            "(the last block of SD3 updates only the image tokens); edit its image stream."
+                        )
                 elif spec.stream == "text":
-                    raise SpecError(f"layer {spec.name!r}: {type(module).__name__} has no text stream; only joint "
-                                    "blocks have one. Drop '@text'.")
+                    raise SpecError(
+                        f"layer {spec.name!r}: {type(module).__name__} has no text stream; only joint "
+                        "blocks have one. Drop '@text'."
+                    )
                 else:
                     tensor = output_tensor(output)
                     if tensor is None:
-                        raise TypeError(f"module {spec.module!r} returned {type(output).__name__} with no tensor in it.")
+                        raise TypeError(
+                            f"module {spec.module!r} returned {type(output).__name__} with no tensor in it."
+                        )
                 new = self._edit(spec.name, tensor)
                 if new is not None:
                     if joint:
-                        output = (*output[:index], new, *output[index + 1:])
+                        output = (*output[:index], new, *output[index + 1 :])
                     else:
                         output = replace_output_tensor(output, new)
                     changed = True
             return output if changed else None
+
         return hook
 
     def _edit(self, layer: str, tensor: torch.Tensor) -> torch.Tensor | None:
@@ -204,7 +222,7 @@ class Intervention:
         """Rows of the denoiser batch to edit: None for all, False for none."""
         if self.branch == "both":
             return None
-        if self.samples is None or batch != 2 * self.samples:      # no guidance: every row is conditional
+        if self.samples is None or batch != 2 * self.samples:  # no guidance: every row is conditional
             return None if self.branch == "cond" else False
         half = batch // 2
         cond_first = self.target.cfg_cond_first

@@ -6,6 +6,7 @@ and step) and `sae-zero`. Per edit and attribute, the judge's readings are compa
 sample of the same seed: the rate at which the attribute changed, and the value it most often changed to,
 with Wilson intervals. `sae features --causal-model` merges these into features.json and the browser.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -48,14 +49,29 @@ def top_latents(features: dict[str, Any], top: int) -> list[int]:
     return sorted(best, key=lambda j: -best[j])[:top]
 
 
-def causal_effects(target: Target, sae_dir: str | Path, layer: str, latents: list[int], judge: Judge,
-                   config: CausalConfig, out: str | Path) -> dict[int, dict[str, Any]]:
+def causal_effects(
+    target: Target,
+    sae_dir: str | Path,
+    layer: str,
+    latents: list[int],
+    judge: Judge,
+    config: CausalConfig,
+    out: str | Path,
+) -> dict[int, dict[str, Any]]:
     """{latent: {"up": {attribute: {...}}, "ablate": {...}}} measured by `judge` (see the module docstring)."""
     if not latents:
         raise SpecError("no latents to measure: the feature analysis found no label values (pass --labels).")
     edits = [f"sae-set@{layer}={sae_dir}#{j}" for j in latents] + [f"sae-zero@{layer}={sae_dir}#{j}" for j in latents]
-    steer = SteerConfig(prompts=list(config.prompts), edits=edits, seeds=list(config.seeds), alphas=[config.alpha],
-                        steps=config.steps, guidance=config.guidance, attributes=judge.attributes, save_images=False)
+    steer = SteerConfig(
+        prompts=list(config.prompts),
+        edits=edits,
+        seeds=list(config.seeds),
+        alphas=[config.alpha],
+        steps=config.steps,
+        guidance=config.guidance,
+        attributes=judge.attributes,
+        save_images=False,
+    )
     out = Path(out)
     result = run_steer(target, steer, out, judge, progress=False)
     import json
@@ -80,8 +96,11 @@ def _changes(base: dict[str, dict], edited: dict[str, dict], attributes: dict[st
         pairs = [(base[n][attribute], edited[n][attribute]) for n in edited if base[n][attribute] is not None]
         changed = [b != e for b, e in pairs]
         to = Counter(e for b, e in pairs if b != e and e is not None).most_common(1)
-        out[attribute] = {"changed": sum(changed) / len(changed) if changed else None,
-                          "ci": wilson(sum(changed), len(changed)), "n": len(changed),
-                          "to": to[0][0] if to else None, "to_rate": to[0][1] / len(pairs) if to else None}
+        out[attribute] = {
+            "changed": sum(changed) / len(changed) if changed else None,
+            "ci": wilson(sum(changed), len(changed)),
+            "n": len(changed),
+            "to": to[0][0] if to else None,
+            "to_rate": to[0][1] / len(pairs) if to else None,
+        }
     return out
-

@@ -18,6 +18,7 @@ An edit that changes nothing (alpha = 0, an SAE edit that moves no latent) retur
 itself, so sampling with it is bit for bit the unedited sampling. A spatial mask m (L weights) applies
 an edit partially: h + m * (edit(h) - h). Edits compose in order: `compose([a, b])` is b after a.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,9 @@ def to_locations(h: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor]
         return h, lambda x: x
     if h.ndim == 2:
         return h[:, None], lambda x: x[:, 0]
-    raise SpecError(f"cannot edit a layer output of shape {tuple(h.shape)}; edits take (B, C, H, W), (B, N, D) "
-                    "or (B, D) outputs.")
+    raise SpecError(
+        f"cannot edit a layer output of shape {tuple(h.shape)}; edits take (B, C, H, W), (B, N, D) or (B, D) outputs."
+    )
 
 
 def layer_grid(shape: Sequence[int]) -> tuple[int, int] | None:
@@ -145,10 +147,12 @@ def masked(h: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor | None) -> 
 
 def compose(edits: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
     """The edits applied in order (the first one first)."""
+
     def run(h: torch.Tensor) -> torch.Tensor:
         for edit in edits:
             h = edit(h)
         return h
+
     return run
 
 
@@ -157,9 +161,9 @@ def compose(edits: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> Callable
 class Window:
     """When and where an edit acts: sampler step indices or a t range (inclusive), and a location mask."""
 
-    steps: tuple[int, int] | None = None        # [first, last] step index, 0 = the first (noisiest) step
-    t_range: tuple[int, int] | None = None      # [low, high] training timesteps
-    mask: torch.Tensor | None = None            # (L,) weights in [0, 1]
+    steps: tuple[int, int] | None = None  # [first, last] step index, 0 = the first (noisiest) step
+    t_range: tuple[int, int] | None = None  # [low, high] training timesteps
+    mask: torch.Tensor | None = None  # (L,) weights in [0, 1]
     mask_text: str | None = None
 
     def active(self, step: int, t: int) -> bool:
@@ -190,8 +194,10 @@ class Direction:
         if self.vector is not None:
             return self.vector
         if t not in self.by_t:
-            raise SpecError(f"direction {self.name} has no entry for t={t} (it holds t in {sorted(self.by_t)}); "
-                            "sample with the same steps as the directions run, or pin one step with @t=N.")
+            raise SpecError(
+                f"direction {self.name} has no entry for t={t} (it holds t in {sorted(self.by_t)}); "
+                "sample with the same steps as the directions run, or pin one step with @t=N."
+            )
         return self.by_t[t]
 
     def shapes(self) -> set[tuple[int, ...]]:
@@ -246,8 +252,10 @@ class EraseEdit:
             rows = [_flat_location_major(d.at(ctx.t).float()) for d in self.directions]
             widths = {r.numel() for r in rows}
             if len(widths) != 1:
-                raise SpecError(f"erase at {self.layer}: the directions mix per-location vectors and whole maps; "
-                                "erase one kind at a time.")
+                raise SpecError(
+                    f"erase at {self.layer}: the directions mix per-location vectors and whole maps; "
+                    "erase one kind at a time."
+                )
             self._bases[key] = orthonormal(torch.stack(rows)).to(h.device)
         return masked(h, erase(h, self._bases[key]), self.window.mask)
 
@@ -256,7 +264,7 @@ class EraseEdit:
 
 
 def _flat_location_major(direction: torch.Tensor) -> torch.Tensor:
-    return direction.reshape(-1)         # (D,) stays; an (L, D) map flattens location-major, as erase() reads
+    return direction.reshape(-1)  # (D,) stays; an (L, D) map flattens location-major, as erase() reads
 
 
 @dataclass
@@ -314,9 +322,9 @@ def sae_edit(h: torch.Tensor, sae: Any, latents: Sequence[int], op: str, amount:
     w_dec = sae.W_dec.detach()
     with torch.no_grad():
         codes, _ = sae.encode(rows.to(w_dec.dtype))
-    chosen = torch.as_tensor(list(dict.fromkeys(latents)), device=rows.device, dtype=torch.long)   # each once
-    match = codes.indices[:, :, None] == chosen[None, None, :]                  # (n, k, m)
-    current = (codes.values[:, :, None] * match).sum(1)                         # (n, m): z_j, 0 if inactive
+    chosen = torch.as_tensor(list(dict.fromkeys(latents)), device=rows.device, dtype=torch.long)  # each once
+    match = codes.indices[:, :, None] == chosen[None, None, :]  # (n, k, m)
+    current = (codes.values[:, :, None] * match).sum(1)  # (n, m): z_j, 0 if inactive
     if op == "zero":
         new = torch.zeros_like(current)
     elif op == "scale":
@@ -364,6 +372,8 @@ def fit_to_layer(name: str, vector: torch.Tensor, layer: str, out_shape: Sequenc
         return flat
     if flat.numel() == n_loc * width and n_loc > 1:
         return map_to_locations(flat, out_shape)
-    raise SpecError(f"{name} has {flat.numel()} values, but layer {layer!r} outputs {list(out_shape)} per sample: a "
-                    f"direction there must have width {width} (one location) or {n_loc * width} (the whole map); "
-                    "use a direction made at this layer of this model.")
+    raise SpecError(
+        f"{name} has {flat.numel()} values, but layer {layer!r} outputs {list(out_shape)} per sample: a "
+        f"direction there must have width {width} (one location) or {n_loc * width} (the whole map); "
+        "use a direction made at this layer of this model."
+    )

@@ -25,6 +25,7 @@ Options: `steps=A:B` (step indices, inclusive, 0 = first), `t=LO:HI` (training t
 on the layer's grid), `value=V` (SAE edits), `scale=raw` (add: alpha times the stored direction, not
 alpha x the layer's norm x a unit direction).
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,9 @@ def parse_edit(text: str) -> EditSpec:
     if kind not in EDIT_KINDS:
         raise SpecError(f"unknown edit kind {kind!r} in {text!r}; kinds: {', '.join(EDIT_KINDS)}.")
     if not at or not layer or not rest:
-        raise SpecError(f"malformed edit {text!r}; write KIND@LAYER=SOURCE[;option...], e.g. "
-                        "add@mid_block=directions:runs/d#red.")
+        raise SpecError(
+            f"malformed edit {text!r}; write KIND@LAYER=SOURCE[;option...], e.g. add@mid_block=directions:runs/d#red."
+        )
     source_text, *option_texts = rest.split(";")
     options: dict[str, str] = {}
     for item in option_texts:
@@ -122,8 +124,10 @@ def split_source(text: str) -> tuple[str, str, str | None]:
         if text.split("#")[0].endswith((".npy", ".safetensors")):
             kind, rest = "file", text
         else:
-            raise SpecError(f"unknown direction source {text!r}; write KIND:PATH[#SELECTOR] with KIND one of "
-                            f"{', '.join(SOURCE_KINDS)} (see `diffdissect steer --help`).")
+            raise SpecError(
+                f"unknown direction source {text!r}; write KIND:PATH[#SELECTOR] with KIND one of "
+                f"{', '.join(SOURCE_KINDS)} (see `diffdissect steer --help`)."
+            )
     path, _, selector = rest.partition("#")
     return kind, path, selector or None
 
@@ -175,15 +179,22 @@ def load_direction(text: str, layer: str, out_shape: Sequence[int], model_identi
     raise SpecError(f"unknown direction source {text!r}.")
 
 
-def _word_direction(text: str, run: Path, selector: str | None, layer: str, shape: Sequence[int],
-                    model_identity: ModelIdentity = None) -> Direction:
+def _word_direction(
+    text: str, run: Path, selector: str | None, layer: str, shape: Sequence[int], model_identity: ModelIdentity = None
+) -> Direction:
     term, pinned = _pinned(selector)
     terms_path, file = run / "directions" / "terms.json", run / "directions" / f"{layer}.safetensors"
     if not terms_path.is_file():
-        raise DataError(f"{text}: {run} holds no directions ({terms_path} missing); run `diffdissect directions run` "
-                        "with saved directions first.")
-    check_model(text, _recorded_model(text, run / "trajectories", model_identity), model_identity,
-                "the directions were computed from")
+        raise DataError(
+            f"{text}: {run} holds no directions ({terms_path} missing); run `diffdissect directions run` "
+            "with saved directions first."
+        )
+    check_model(
+        text,
+        _recorded_model(text, run / "trajectories", model_identity),
+        model_identity,
+        "the directions were computed from",
+    )
     if not file.is_file():
         have = sorted(p.stem for p in (run / "directions").glob("*.safetensors"))
         raise SpecError(f"{text}: the directions run has no directions for layer {layer!r}; it has {have}.")
@@ -193,9 +204,11 @@ def _word_direction(text: str, run: Path, selector: str | None, layer: str, shap
     row = terms.index(term)
     tensors = load_file(file)
     by_t = {int(k.split("=", 1)[1]): v[row].float() for k, v in tensors.items() if k.startswith("t=")}
-    if selector and selector.endswith("@pool"):          # the map averaged over locations: one vector everywhere
-        by_t = {t: fit_to_layer(text, v, layer, shape).reshape(-1, locations_and_width(shape)[1]).mean(0)
-                for t, v in by_t.items()}
+    if selector and selector.endswith("@pool"):  # the map averaged over locations: one vector everywhere
+        by_t = {
+            t: fit_to_layer(text, v, layer, shape).reshape(-1, locations_and_width(shape)[1]).mean(0)
+            for t, v in by_t.items()
+        }
     if pinned is not None:
         if pinned not in by_t:
             raise SpecError(f"{text}: the run has no directions at t={pinned}; its steps: {sorted(by_t)}.")
@@ -203,32 +216,40 @@ def _word_direction(text: str, run: Path, selector: str | None, layer: str, shap
     return Direction(text, by_t={t: fit_to_layer(text, v, layer, shape) for t, v in by_t.items()})
 
 
-def _probe_direction(text: str, run: Path, selector: str | None, layer: str, shape: Sequence[int],
-                     model_identity: ModelIdentity = None) -> Direction:
+def _probe_direction(
+    text: str, run: Path, selector: str | None, layer: str, shape: Sequence[int], model_identity: ModelIdentity = None
+) -> Direction:
     choice, pinned = _pinned(selector)
     if not choice or "=" not in choice:
         raise SpecError(f"{text}: name the probe's label and class as #LABEL=VALUE (e.g. #colour=red).")
     label, _, value = choice.partition("=")
     index_path, file = run / "probe_weights.json", run / "probe_weights.safetensors"
     if not index_path.is_file() or not file.is_file():
-        raise DataError(f"{text}: {run} holds no probe weights (probe_weights.json/.safetensors); run "
-                        "`diffdissect probe` again with this version to save them.")
+        raise DataError(
+            f"{text}: {run} holds no probe weights (probe_weights.json/.safetensors); run "
+            "`diffdissect probe` again with this version to save them."
+        )
     index = json.loads(index_path.read_text())
     if model_identity is not None and "model" not in index:
-        warnings.warn(f"{text}: the probe weights record no model (written before this check existed); "
-                      "they could not be checked against the model being steered.", stacklevel=2)
+        warnings.warn(
+            f"{text}: the probe weights record no model (written before this check existed); "
+            "they could not be checked against the model being steered.",
+            stacklevel=2,
+        )
     check_model(text, index.get("model"), model_identity, "the probes were trained on activations of")
     cells = [c for c in index["cells"] if c["label"] == label and c["layer"] == layer]
     if not cells:
-        raise SpecError(f"{text}: no probe of label {label!r} at layer {layer!r}; probes: "
-                        f"{sorted({(c['label'], c['layer']) for c in index['cells']})}.")
+        raise SpecError(
+            f"{text}: no probe of label {label!r} at layer {layer!r}; probes: "
+            f"{sorted({(c['label'], c['layer']) for c in index['cells']})}."
+        )
     tensors = load_file(file)
     by_t = {}
     for cell in cells:
         if value not in cell["classes"]:
             raise SpecError(f"{text}: {value!r} is not a class of probe {label!r}; classes: {cell['classes']}.")
         rows = tensors[cell["key"]].float()
-        direction = rows[cell["classes"].index(value)] - rows.mean(0)     # softmax ignores a shift shared by all
+        direction = rows[cell["classes"].index(value)] - rows.mean(0)  # softmax ignores a shift shared by all
         by_t[int(cell["t"])] = fit_to_layer(text, direction, layer, shape)
     if pinned is not None:
         if pinned not in by_t:
@@ -274,8 +295,9 @@ def _random(text: str, seed: str, selector: str | None, layer: str, shape: Seque
     return Direction(text, vector=vector)
 
 
-def _store_mean(text: str, store_dir: Path, layer: str, shape: Sequence[int],
-                model_identity: ModelIdentity = None) -> Direction:
+def _store_mean(
+    text: str, store_dir: Path, layer: str, shape: Sequence[int], model_identity: ModelIdentity = None
+) -> Direction:
     from diffdissect.store import open_store
 
     reader = open_store(store_dir)
@@ -305,11 +327,15 @@ def load_sae_source(text: str, layer: str, out_shape: Sequence[int], model_ident
     loaded = load_any_sae(path, layer)
     _, width = locations_and_width(out_shape)
     if loaded.layer is not None and loaded.layer != layer:
-        raise SpecError(f"{text}: the SAE was trained on layer {loaded.layer!r}, not {layer!r}; use an SAE of this "
-                        "layer (or edit the layer it was trained on).")
+        raise SpecError(
+            f"{text}: the SAE was trained on layer {loaded.layer!r}, not {layer!r}; use an SAE of this "
+            "layer (or edit the layer it was trained on)."
+        )
     if loaded.sae.config.d_in != width:
-        raise SpecError(f"{text}: the SAE takes inputs of width {loaded.sae.config.d_in}, but layer {layer!r} has "
-                        f"width {width} per location; it was trained on another layer or model.")
+        raise SpecError(
+            f"{text}: the SAE takes inputs of width {loaded.sae.config.d_in}, but layer {layer!r} has "
+            f"width {width} per location; it was trained on another layer or model."
+        )
     if model_identity is not None and loaded.format == "diffdissect":
         _check_sae_model(text, loaded.info, model_identity, Path(path))
     bad = [j for j in latents if not 0 <= j < loaded.sae.config.n_latents]
@@ -339,12 +365,15 @@ def _sae_store_model(text: str, slice_: dict[str, Any], directory: Path) -> dict
     for store in candidates:
         if not (store / "manifest.json").is_file():
             continue
-        manifest = Manifest.load(store)           # a corrupt manifest is an error, not a skipped check
+        manifest = Manifest.load(store)  # a corrupt manifest is an error, not a skipped check
         if slice_.get("store_identity") and manifest.content_identity() != slice_["store_identity"]:
-            continue                              # another capture now lives there: not the SAE's store
+            continue  # another capture now lives there: not the SAE's store
         return manifest.model
-    warnings.warn(f"{text}: the SAE records no model and its store ({named}) is not found (or holds another "
-                  "capture now); it could not be checked against the model being steered.", stacklevel=3)
+    warnings.warn(
+        f"{text}: the SAE records no model and its store ({named}) is not found (or holds another "
+        "capture now); it could not be checked against the model being steered.",
+        stacklevel=3,
+    )
     return None
 
 
@@ -355,8 +384,11 @@ def _recorded_model(text: str, store: Path, model_identity: ModelIdentity) -> di
     if model_identity is None:
         return None
     if not (store / "manifest.json").is_file():
-        warnings.warn(f"{text}: {store} is gone, so the model these directions came from could not be checked "
-                      "against the model being steered.", stacklevel=3)
+        warnings.warn(
+            f"{text}: {store} is gone, so the model these directions came from could not be checked "
+            "against the model being steered.",
+            stacklevel=3,
+        )
         return None
     return Manifest.load(store).model
 
@@ -367,11 +399,14 @@ def check_direction(text: str, direction: Direction, *, zero_ok: bool = False) -
     for t, vector in entries:
         where = "" if t is None else f" at t={t}"
         if not bool(torch.isfinite(vector).all()):
-            raise SpecError(f"{text}: the direction {direction.name} holds non-finite values (NaN or inf){where}; "
-                            "recompute it or use another source.")
+            raise SpecError(
+                f"{text}: the direction {direction.name} holds non-finite values (NaN or inf){where}; "
+                "recompute it or use another source."
+            )
         if not zero_ok and not bool(vector.any()):
-            raise SpecError(f"{text}: the direction {direction.name} is zero{where}, so it has no direction; "
-                            "use a nonzero one.")
+            raise SpecError(
+                f"{text}: the direction {direction.name} is zero{where}, so it has no direction; use a nonzero one."
+            )
 
 
 def check_coverage(text: str, direction: Direction, window: Window, schedule: list[int]) -> None:
@@ -380,10 +415,12 @@ def check_coverage(text: str, direction: Direction, window: Window, schedule: li
         return
     missing = [t for step, t in enumerate(schedule) if window.active(step, t) and t not in direction.by_t]
     if missing:
-        raise SpecError(f"{text}: the direction {direction.name} holds t in {sorted(direction.by_t)}, but this "
-                        f"sampling visits t {missing} where the edit acts (schedule {schedule}); sample with the "
-                        "same --steps as the run that made it, pin one of its steps with @t=N, or narrow the edit "
-                        "with ;t=LO:HI or ;steps=A:B.")
+        raise SpecError(
+            f"{text}: the direction {direction.name} holds t in {sorted(direction.by_t)}, but this "
+            f"sampling visits t {missing} where the edit acts (schedule {schedule}); sample with the "
+            "same --steps as the run that made it, pin one of its steps with @t=N, or narrow the edit "
+            "with ;t=LO:HI or ;steps=A:B."
+        )
 
 
 def edit_directions(edit: Any) -> list[Direction]:
@@ -398,15 +435,22 @@ def edit_directions(edit: Any) -> list[Direction]:
 
 
 # ---- binding ------------------------------------------------------------------------------------------------
-def bind_edit(spec: EditSpec, out_shape: Sequence[int], schedule: list[int] | None, num_train_timesteps: int,
-              model_identity: ModelIdentity = None) -> Edit:
+def bind_edit(
+    spec: EditSpec,
+    out_shape: Sequence[int],
+    schedule: list[int] | None,
+    num_train_timesteps: int,
+    model_identity: ModelIdentity = None,
+) -> Edit:
     """The edit object of `spec` at its layer, with every check that needs the model: widths, the SAE's
     layer and model, the mask's grid, the step window against the schedule."""
     window = _window(spec, out_shape, schedule, num_train_timesteps)
     scale = spec.options.get("scale", "norm")
     if scale not in ("norm", "raw") or (scale == "raw" and spec.kind != "add"):
-        raise SpecError(f"{spec.text}: scale=norm (alpha in units of the layer's typical norm) or scale=raw "
-                        "(alpha times the stored direction, add only).")
+        raise SpecError(
+            f"{spec.text}: scale=norm (alpha in units of the layer's typical norm) or scale=raw "
+            "(alpha times the stored direction, add only)."
+        )
 
     def direction(source: str, zero_ok: bool = False) -> Direction:
         found = load_direction(source, spec.layer, out_shape, model_identity)
@@ -467,8 +511,10 @@ def _window(spec: EditSpec, out_shape: Sequence[int], schedule: list[int] | None
     if "steps" in spec.options:
         window.steps = _range(spec.options["steps"], "steps", spec)
         if schedule is not None and window.steps[1] >= len(schedule):
-            raise SpecError(f"{spec.text}: steps={spec.options['steps']} is outside the schedule of {len(schedule)} "
-                            f"steps (indices 0..{len(schedule) - 1}).")
+            raise SpecError(
+                f"{spec.text}: steps={spec.options['steps']} is outside the schedule of {len(schedule)} "
+                f"steps (indices 0..{len(schedule) - 1})."
+            )
     if "t" in spec.options:
         window.t_range = _range(spec.options["t"], "t", spec)
         if window.t_range[1] >= n_train:
@@ -480,8 +526,10 @@ def _window(spec: EditSpec, out_shape: Sequence[int], schedule: list[int] | None
     if "box" in spec.options or "mask" in spec.options:
         grid = layer_grid(out_shape)
         if grid is None:
-            raise SpecError(f"{spec.text}: layer {spec.layer!r} has no spatial grid (per-sample shape "
-                            f"{list(out_shape)}), so it takes no box or mask.")
+            raise SpecError(
+                f"{spec.text}: layer {spec.layer!r} has no spatial grid (per-sample shape "
+                f"{list(out_shape)}), so it takes no box or mask."
+            )
         window.mask = _box(spec, grid) if "box" in spec.options else _mask_file(spec, grid)
         window.mask_text = f"box={spec.options['box']}" if "box" in spec.options else f"mask={spec.options['mask']}"
     return window
@@ -494,8 +542,10 @@ def _box(spec: EditSpec, grid: tuple[int, int]) -> torch.Tensor:
     y0, y1, x0, x1 = map(int, match.groups())
     h, w = grid
     if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
-        raise SpecError(f"{spec.text}: box {spec.options['box']} does not fit the layer's {h}x{w} grid "
-                        f"(rows 0..{h}, columns 0..{w}, first < last).")
+        raise SpecError(
+            f"{spec.text}: box {spec.options['box']} does not fit the layer's {h}x{w} grid "
+            f"(rows 0..{h}, columns 0..{w}, first < last)."
+        )
     mask = torch.zeros(h, w)
     mask[y0:y1, x0:x1] = 1.0
     return mask.flatten()
@@ -510,8 +560,10 @@ def _mask_file(spec: EditSpec, grid: tuple[int, int]) -> torch.Tensor:
     else:
         mask = _vector_file(path, None)
     if mask.numel() != grid[0] * grid[1] or (mask.ndim == 2 and tuple(mask.shape) != grid):
-        raise SpecError(f"{spec.text}: the mask has shape {list(mask.shape)}, but the layer's grid is "
-                        f"{grid[0]}x{grid[1]}; give one weight per grid cell.")
+        raise SpecError(
+            f"{spec.text}: the mask has shape {list(mask.shape)}, but the layer's grid is "
+            f"{grid[0]}x{grid[1]}; give one weight per grid cell."
+        )
     if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
         raise SpecError(f"{spec.text}: mask weights must lie in [0, 1].")
     return mask.flatten()
@@ -519,4 +571,3 @@ def _mask_file(spec: EditSpec, grid: tuple[int, int]) -> torch.Tensor:
 
 def uses_alpha(edits: Sequence[Edit]) -> bool:
     return any(e.uses_alpha for e in edits)
-

@@ -14,6 +14,7 @@ seeded per sample), and the unedited samples are batched the same way, so an edi
 reproduces the unedited image bit for bit. Alpha is in units of each edited layer's typical per-location
 norm, measured on the unedited samples themselves (the calibration costs no extra pass).
 """
+
 from __future__ import annotations
 
 import csv
@@ -87,14 +88,18 @@ class SteerConfig:
         if self.branch not in BRANCHES:
             raise SpecError(f"branch must be one of {BRANCHES}, not {self.branch!r}.")
         if self.expect and len(self.expect) != len(self.edits):
-            raise SpecError(f"give one expect per edit ({len(self.edits)} edits, {len(self.expect)} expects); "
-                            "use '-' for an edit without a target.")
+            raise SpecError(
+                f"give one expect per edit ({len(self.edits)} edits, {len(self.expect)} expects); "
+                "use '-' for an edit without a target."
+            )
         for e in self.expect:
             if e != "-":
                 attribute, eq, value = e.partition("=")
                 if not eq or attribute not in self.attributes or value not in self.attributes[attribute]:
-                    raise SpecError(f"expect {e!r} must be ATTRIBUTE=VALUE with a judged attribute and value; "
-                                    f"attributes: {self.attributes or 'none (no judge)'}.")
+                    raise SpecError(
+                        f"expect {e!r} must be ATTRIBUTE=VALUE with a judged attribute and value; "
+                        f"attributes: {self.attributes or 'none (no judge)'}."
+                    )
 
 
 # ---- the judge ----------------------------------------------------------------------------------------------
@@ -146,10 +151,10 @@ class Effect:
     target_rate: float | None
     target_ci: tuple[float, float] | None
     baseline_target_rate: float | None
-    keep: dict[str, dict[str, Any]]             # attribute -> {"rate", "ci", "n"} (unreadable pairs excluded)
+    keep: dict[str, dict[str, Any]]  # attribute -> {"rate", "ci", "n"} (unreadable pairs excluded)
     pixel_distance: float
     pixel_distance_ci: tuple[float, float]
-    identical: int                              # samples equal to the unedited sample bit for bit
+    identical: int  # samples equal to the unedited sample bit for bit
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,8 +180,9 @@ class SteerResult:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
-def prepare_edits(target: Target, config: SteerConfig) -> tuple[list[list[Edit]], list[int] | None,
-                                                                   dict[str, tuple[int, ...]]]:
+def prepare_edits(
+    target: Target, config: SteerConfig
+) -> tuple[list[list[Edit]], list[int] | None, dict[str, tuple[int, ...]]]:
     """Parse and bind every edit (all checks before any sampling). Returns (edits, schedule, layer shapes)."""
     specs = [parse_edits(text) for text in config.edits]
     layers = list(dict.fromkeys(s.layer for group in specs for s in group))
@@ -187,13 +193,16 @@ def prepare_edits(target: Target, config: SteerConfig) -> tuple[list[list[Edit]]
         # only when a source records a model; `known` lets the target reuse that digest if its files are unchanged
         return target.identity(known=known)
 
-    bound = [[bind_edit(s, shapes[s.layer], schedule, target.num_train_timesteps, identity) for s in group]
-             for group in specs]
+    bound = [
+        [bind_edit(s, shapes[s.layer], schedule, target.num_train_timesteps, identity) for s in group]
+        for group in specs
+    ]
     return bound, schedule, shapes
 
 
-def run_steer(target: Target, config: SteerConfig, out: str | Path, judge: Judge | None = None, *,
-              progress: bool = True) -> SteerResult:
+def run_steer(
+    target: Target, config: SteerConfig, out: str | Path, judge: Judge | None = None, *, progress: bool = True
+) -> SteerResult:
     """Sample the unedited and the edited images, judge them, write the effect tables, grids and report."""
     config.validate()
     if config.expect and any(e != "-" for e in config.expect) and judge is None:
@@ -213,8 +222,8 @@ def run_steer(target: Target, config: SteerConfig, out: str | Path, judge: Judge
     if schedule is not None and seen != schedule:
         raise SpecError(f"the sampler visited t {seen}, not the schedule {schedule} the edits were checked against.")
     schedule = seen
-    _check_windows(edits, config.edits, schedule)        # flow models: their schedule is known from this pass
-    for group, text in zip(edits, config.edits):                # per-t directions, before any edited sampling
+    _check_windows(edits, config.edits, schedule)  # flow models: their schedule is known from this pass
+    for group, text in zip(edits, config.edits):  # per-t directions, before any edited sampling
         for edit in group:
             window = getattr(edit, "window", None)
             if window is None:
@@ -223,7 +232,7 @@ def run_steer(target: Target, config: SteerConfig, out: str | Path, judge: Judge
                 check_coverage(text, direction, window, schedule)
     baseline_seconds = time.perf_counter() - started
 
-    images: dict[tuple[int, float | None], np.ndarray] = {}          # uint8: the float samples are compared at once
+    images: dict[tuple[int, float | None], np.ndarray] = {}  # uint8: the float samples are compared at once
     compared: dict[tuple[int, float | None], tuple[np.ndarray, int]] = {}
     calls = 0
     for k, group in enumerate(edits):
@@ -239,15 +248,28 @@ def run_steer(target: Target, config: SteerConfig, out: str | Path, judge: Judge
     edited_seconds = time.perf_counter() - started - baseline_seconds
 
     readings = _judge_all(judge, base, images) if judge is not None else None
-    effects = [_effect(config.edits[k], alpha, _expect(config, k), *compared[(k, alpha)], readings, k)
-               for (k, alpha) in images]
+    effects = [
+        _effect(config.edits[k], alpha, _expect(config, k), *compared[(k, alpha)], readings, k) for (k, alpha) in images
+    ]
     n_samples = len(conditions) * len(config.seeds)
-    cost = {"pipeline_calls_per_prompt_edit_alpha": 1, "samples": n_samples,
-            "edited_runs": len(images), "baseline_seconds": round(baseline_seconds, 3),
-            "edited_seconds": round(edited_seconds, 3),
-            "seconds_per_run_ratio": round(edited_seconds / max(len(images), 1) / max(baseline_seconds, 1e-9), 3)}
-    result = SteerResult(config=asdict(config), edits=list(config.edits), calibration=calibration, schedule=schedule,
-                         judge=judge.name if judge else None, effects=effects, cost=cost, out=str(out))
+    cost = {
+        "pipeline_calls_per_prompt_edit_alpha": 1,
+        "samples": n_samples,
+        "edited_runs": len(images),
+        "baseline_seconds": round(baseline_seconds, 3),
+        "edited_seconds": round(edited_seconds, 3),
+        "seconds_per_run_ratio": round(edited_seconds / max(len(images), 1) / max(baseline_seconds, 1e-9), 3),
+    }
+    result = SteerResult(
+        config=asdict(config),
+        edits=list(config.edits),
+        calibration=calibration,
+        schedule=schedule,
+        judge=judge.name if judge else None,
+        effects=effects,
+        cost=cost,
+        out=str(out),
+    )
     write_outputs(result, out, base, images, readings, config)
     return result
 
@@ -259,11 +281,15 @@ def _check_windows(edits: list[list[Edit]], texts: list[str], schedule: list[int
             if window is None:
                 continue
             if window.steps is not None and window.steps[1] >= len(schedule):
-                raise SpecError(f"{text}: steps {window.steps[0]}:{window.steps[1]} is outside the schedule of "
-                                f"{len(schedule)} steps (indices 0..{len(schedule) - 1}).")
+                raise SpecError(
+                    f"{text}: steps {window.steps[0]}:{window.steps[1]} is outside the schedule of "
+                    f"{len(schedule)} steps (indices 0..{len(schedule) - 1})."
+                )
             if window.t_range is not None and not any(window.t_range[0] <= t <= window.t_range[1] for t in schedule):
-                raise SpecError(f"{text}: no sampler step has t in {window.t_range[0]}:{window.t_range[1]}; the "
-                                f"schedule's t: {schedule}.")
+                raise SpecError(
+                    f"{text}: no sampler step has t in {window.t_range[0]}:{window.t_range[1]}; the "
+                    f"schedule's t: {schedule}."
+                )
 
 
 def _distinct(ts: Sequence[int]) -> list[int]:
@@ -281,12 +307,15 @@ def _sample_all(target: Target, intervention: Intervention, conditions: list[Any
     for condition in conditions:
         parts = []
         for start in range(0, len(config.seeds), config.batch_size):
-            seeds = config.seeds[start:start + config.batch_size]
+            seeds = config.seeds[start : start + config.batch_size]
             intervention.reset()
             intervention.samples = len(seeds)
-            kwargs: dict[str, Any] = {"num_inference_steps": config.steps, "guidance_scale": config.guidance,
-                                      "generator": [torch.Generator().manual_seed(s) for s in seeds],
-                                      "output_type": "np"}
+            kwargs: dict[str, Any] = {
+                "num_inference_steps": config.steps,
+                "guidance_scale": config.guidance,
+                "generator": [torch.Generator().manual_seed(s) for s in seeds],
+                "output_type": "np",
+            }
             kwargs["class_labels" if target.kind == "dit" else "prompt"] = [condition] * len(seeds)
             if target.family is not None:
                 kwargs.update(target.family.pipeline_kwargs(target))
@@ -297,11 +326,12 @@ def _sample_all(target: Target, intervention: Intervention, conditions: list[Any
 
 def _judge_all(judge: Judge, base: np.ndarray, images: dict[tuple[int, float | None], np.ndarray]):
     keys = [("base", None), *images]
-    stacked = np.concatenate([_uint8(base).reshape(-1, *base.shape[2:])] +
-                             [_uint8(images[k]).reshape(-1, *base.shape[2:]) for k in images])
+    stacked = np.concatenate(
+        [_uint8(base).reshape(-1, *base.shape[2:])] + [_uint8(images[k]).reshape(-1, *base.shape[2:]) for k in images]
+    )
     readings = judge.read(stacked)
     per = base.shape[0] * base.shape[1]
-    return {key: readings[i * per:(i + 1) * per] for i, key in enumerate(keys)}
+    return {key: readings[i * per : (i + 1) * per] for i, key in enumerate(keys)}
 
 
 def _uint8(images: np.ndarray) -> np.ndarray:
@@ -319,8 +349,15 @@ def _compare(base: np.ndarray, edited: np.ndarray) -> tuple[np.ndarray, int]:
     return distance, int(sum(np.array_equal(a, b) for a, b in zip(flat, flat_base)))
 
 
-def _effect(edit: str, alpha: float | None, expect: str | None, distance: np.ndarray, identical: int,
-            readings: dict | None, k: int) -> Effect:
+def _effect(
+    edit: str,
+    alpha: float | None,
+    expect: str | None,
+    distance: np.ndarray,
+    identical: int,
+    readings: dict | None,
+    k: int,
+) -> Effect:
     n = len(distance)
     target_rate = target_ci = baseline_rate = None
     keep: dict[str, dict[str, Any]] = {}
@@ -337,9 +374,19 @@ def _effect(edit: str, alpha: float | None, expect: str | None, distance: np.nda
             pairs = [(a.values[name], b.values[name]) for a, b in zip(edited, unedited) if b.values[name] is not None]
             kept = sum(a == b for a, b in pairs)
             keep[name] = {"rate": kept / len(pairs) if pairs else None, "ci": wilson(kept, len(pairs)), "n": len(pairs)}
-    return Effect(edit=edit, alpha=alpha, n=n, target=expect, target_rate=target_rate, target_ci=target_ci,
-                  baseline_target_rate=baseline_rate, keep=keep, pixel_distance=float(distance.mean()),
-                  pixel_distance_ci=bootstrap_mean_ci(distance, resamples=1000), identical=identical)
+    return Effect(
+        edit=edit,
+        alpha=alpha,
+        n=n,
+        target=expect,
+        target_rate=target_rate,
+        target_ci=target_ci,
+        baseline_target_rate=baseline_rate,
+        keep=keep,
+        pixel_distance=float(distance.mean()),
+        pixel_distance_ci=bootstrap_mean_ci(distance, resamples=1000),
+        identical=identical,
+    )
 
 
 # ---- outputs ----------------------------------------------------------------------------------------------------
@@ -353,8 +400,9 @@ def _alpha_name(alpha: float | None) -> str:
     return "a-" if alpha is None else f"a{alpha:g}"
 
 
-def write_outputs(result: SteerResult, out: Path, base: np.ndarray, images: dict, readings: dict | None,
-                  config: SteerConfig) -> None:
+def write_outputs(
+    result: SteerResult, out: Path, base: np.ndarray, images: dict, readings: dict | None, config: SteerConfig
+) -> None:
     from diffdissect.report.figures import image_grid
 
     out.mkdir(parents=True, exist_ok=True)
@@ -373,11 +421,21 @@ def write_outputs(result: SteerResult, out: Path, base: np.ndarray, images: dict
         grids[k] = image_grid(stacked, columns=n_prompts * n_seeds)
         atomic_write_bytes(out / "grids" / f"e{k}.png", grids[k])
     if readings is not None:
-        atomic_write_json(out / "readings.json", {
-            "judge": result.judge, "images": [
-                {"image": f"{'base' if key[0] == 'base' else f'e{key[0]}/{_alpha_name(key[1])}'}/{name}",
-                 "caption": r.caption, "values": r.values}
-                for key, rs in readings.items() for name, r in zip(names, rs)]})
+        atomic_write_json(
+            out / "readings.json",
+            {
+                "judge": result.judge,
+                "images": [
+                    {
+                        "image": f"{'base' if key[0] == 'base' else f'e{key[0]}/{_alpha_name(key[1])}'}/{name}",
+                        "caption": r.caption,
+                        "values": r.values,
+                    }
+                    for key, rs in readings.items()
+                    for name, r in zip(names, rs)
+                ],
+            },
+        )
     atomic_write_json(out / "effects.json", [e.to_json() for e in result.effects])
     atomic_write_bytes(out / "effects.csv", _effects_csv(result.effects))
     atomic_write_json(out / "steer.json", result.to_json())
@@ -392,40 +450,96 @@ def _effects_csv(effects: list[Effect]) -> bytes:
     attributes = sorted({a for e in effects for a in e.keep})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["edit", "alpha", "n", "target", "target_rate", "target_ci_low", "target_ci_high",
-                     "baseline_target_rate", *[f"keep_{a}" for a in attributes], "pixel_distance", "identical"])
+    writer.writerow(
+        [
+            "edit",
+            "alpha",
+            "n",
+            "target",
+            "target_rate",
+            "target_ci_low",
+            "target_ci_high",
+            "baseline_target_rate",
+            *[f"keep_{a}" for a in attributes],
+            "pixel_distance",
+            "identical",
+        ]
+    )
     for e in effects:
         ci = e.target_ci or (None, None)
-        writer.writerow([e.edit, e.alpha, e.n, e.target, e.target_rate, ci[0], ci[1], e.baseline_target_rate,
-                         *[e.keep.get(a, {}).get("rate") for a in attributes], e.pixel_distance, e.identical])
+        writer.writerow(
+            [
+                e.edit,
+                e.alpha,
+                e.n,
+                e.target,
+                e.target_rate,
+                ci[0],
+                ci[1],
+                e.baseline_target_rate,
+                *[e.keep.get(a, {}).get("rate") for a in attributes],
+                e.pixel_distance,
+                e.identical,
+            ]
+        )
     return buffer.getvalue().encode()
 
 
 def steer_section(report: Any, result: SteerResult, grids: dict[int, bytes] | None = None) -> Any:
     """The report section: per edit, the effect table (rates with 95% Wilson intervals) and its grid."""
     s = report.section("Interventions: steering while sampling")
-    s.paragraph(f"Each edit is applied by hooks inside the pipeline's own sampler ({result.config['steps']} steps, "
-                f"guidance {result.config['guidance']}, branch {result.config['branch']}); alpha is in units of "
-                f"the layer's typical per-location norm (calibration: "
-                f"{', '.join(f'{k} {v:.3g}' for k, v in result.calibration.items())}). Judge: "
-                f"{result.judge or 'none'}. Keep rates compare each attribute with the unedited sample of the same "
-                "seed; pixel distance is the RMS difference in [0, 1]; 'identical' counts samples equal to the "
-                "unedited one bit for bit.")
+    s.paragraph(
+        f"Each edit is applied by hooks inside the pipeline's own sampler ({result.config['steps']} steps, "
+        f"guidance {result.config['guidance']}, branch {result.config['branch']}); alpha is in units of "
+        f"the layer's typical per-location norm (calibration: "
+        f"{', '.join(f'{k} {v:.3g}' for k, v in result.calibration.items())}). Judge: "
+        f"{result.judge or 'none'}. Keep rates compare each attribute with the unedited sample of the same "
+        "seed; pixel distance is the RMS difference in [0, 1]; 'identical' counts samples equal to the "
+        "unedited one bit for bit."
+    )
     attributes = sorted({a for e in result.effects for a in e.keep})
     for k, edit in enumerate(result.edits):
         rows = []
         for e in (e for e in result.effects if e.edit == edit):
-            target = ("-" if e.target_rate is None or e.target_ci is None else
-                      f"{e.target_rate:.2f} [{e.target_ci[0]:.2f}, {e.target_ci[1]:.2f}] (base "
-                      f"{e.baseline_target_rate:.2f})")
-            keeps = [("-" if e.keep[a]["rate"] is None else f"{e.keep[a]['rate']:.2f} [{e.keep[a]['ci'][0]:.2f}, "
-                      f"{e.keep[a]['ci'][1]:.2f}]") if a in e.keep else "-" for a in attributes]
-            rows.append(["-" if e.alpha is None else e.alpha, e.n, target, *keeps,
-                         f"{e.pixel_distance:.3f} [{e.pixel_distance_ci[0]:.3f}, {e.pixel_distance_ci[1]:.3f}]",
-                         e.identical])
+            target = (
+                "-"
+                if e.target_rate is None or e.target_ci is None
+                else f"{e.target_rate:.2f} [{e.target_ci[0]:.2f}, {e.target_ci[1]:.2f}] (base "
+                f"{e.baseline_target_rate:.2f})"
+            )
+            keeps = [
+                (
+                    "-"
+                    if e.keep[a]["rate"] is None
+                    else f"{e.keep[a]['rate']:.2f} [{e.keep[a]['ci'][0]:.2f}, {e.keep[a]['ci'][1]:.2f}]"
+                )
+                if a in e.keep
+                else "-"
+                for a in attributes
+            ]
+            rows.append(
+                [
+                    "-" if e.alpha is None else e.alpha,
+                    e.n,
+                    target,
+                    *keeps,
+                    f"{e.pixel_distance:.3f} [{e.pixel_distance_ci[0]:.3f}, {e.pixel_distance_ci[1]:.3f}]",
+                    e.identical,
+                ]
+            )
         target_name = next((e.target for e in result.effects if e.edit == edit and e.target), None)
-        s.table(["alpha", "n", f"target {target_name or ''}".strip(), *[f"keep {a}" for a in attributes],
-                 "pixel distance", "identical"], rows, caption=edit)
+        s.table(
+            [
+                "alpha",
+                "n",
+                f"target {target_name or ''}".strip(),
+                *[f"keep {a}" for a in attributes],
+                "pixel distance",
+                "identical",
+            ],
+            rows,
+            caption=edit,
+        )
         if grids and k in grids:
             s.image(grids[k], caption=f"{edit}: rows unedited, then each alpha; columns prompt x seed")
     return s

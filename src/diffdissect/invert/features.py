@@ -5,6 +5,7 @@ are; token sequences (B, N, D) become a grid when N is a square, or a square plu
 first, is dropped). `pooled=True` averages the map over the grid and broadcasts it back: the pooled
 baseline, which sees what is present but not where.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,14 +35,18 @@ def to_grid(output: Any, layer: str) -> torch.Tensor:
         if side * side == n:
             tokens = output
         elif math.isqrt(n - 1) ** 2 == n - 1:
-            tokens, side = output[:, 1:], math.isqrt(n - 1)          # drop the CLS token
+            tokens, side = output[:, 1:], math.isqrt(n - 1)  # drop the CLS token
         else:
-            raise FeatureError(f"layer {layer!r} gives {n} tokens, neither a square grid nor a grid plus a CLS "
-                               "token; pick a layer whose tokens cover the image in a square grid.")
+            raise FeatureError(
+                f"layer {layer!r} gives {n} tokens, neither a square grid nor a grid plus a CLS "
+                "token; pick a layer whose tokens cover the image in a square grid."
+            )
         return tokens.transpose(1, 2).reshape(len(output), output.shape[2], side, side)
-    raise FeatureError(f"layer {layer!r} outputs shape {tuple(output.shape)}: one vector per image, not a spatial map. "
-                       "Spatial inversion needs a (B, C, H, W) map or (B, N, D) tokens; pick an earlier layer, or "
-                       "train the pooled baseline (--mode pooled), which broadcasts a vector over the grid.")
+    raise FeatureError(
+        f"layer {layer!r} outputs shape {tuple(output.shape)}: one vector per image, not a spatial map. "
+        "Spatial inversion needs a (B, C, H, W) map or (B, N, D) tokens; pick an earlier layer, or "
+        "train the pooled baseline (--mode pooled), which broadcasts a vector over the grid."
+    )
 
 
 class FeatureExtractor:
@@ -66,7 +71,7 @@ class FeatureExtractor:
         finally:
             handle.remove()
         if self.mode == "pooled" and isinstance(kept[0], torch.Tensor) and kept[0].ndim == 2:
-            return kept[0][:, :, None, None]                           # a vector layer: a 1x1 "grid"
+            return kept[0][:, :, None, None]  # a vector layer: a 1x1 "grid"
         grid = to_grid(kept[0], self.layer).float()
         return pool(grid) if self.mode == "pooled" else grid
 

@@ -1,4 +1,5 @@
 """The FeatInv report section, from `evaluate_world` results (plain data plus a few image grids)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,28 +22,56 @@ def metrics_rows(results: dict[str, Any]) -> list[list[Any]]:
     for name, m in results["reconstruction"].items():
         f = m.get("factors", {})
         fd = m.get("frechet", {})
-        rows.append([name, f"{m['feature_cosine_pooled']:.3f}", f"{m['feature_cosine_per_location']:.3f}",
-                     _pct(m["classifier_top1"]), _pct(m["classifier_top5"]), _pct(m.get("judge_top1")),
-                     _pct(m.get("judge_top5")), *[_pct(f.get(k)) for k in ("shape", "colour", "size", "xpos", "ypos")],
-                     (f"{fd['originals_vs_reconstructions']:.1f}" + (f" ({fd['originals_vs_independent_real']:.1f})"
-                      if "originals_vs_independent_real" in fd else "")) if fd else "",
-                     _pct(m.get("inputs_whose_seeds_disagree"))])
+        rows.append(
+            [
+                name,
+                f"{m['feature_cosine_pooled']:.3f}",
+                f"{m['feature_cosine_per_location']:.3f}",
+                _pct(m["classifier_top1"]),
+                _pct(m["classifier_top5"]),
+                _pct(m.get("judge_top1")),
+                _pct(m.get("judge_top5")),
+                *[_pct(f.get(k)) for k in ("shape", "colour", "size", "xpos", "ypos")],
+                (
+                    f"{fd['originals_vs_reconstructions']:.1f}"
+                    + (f" ({fd['originals_vs_independent_real']:.1f})" if "originals_vs_independent_real" in fd else "")
+                )
+                if fd
+                else "",
+                _pct(m.get("inputs_whose_seeds_disagree")),
+            ]
+        )
     return rows
 
 
-METRIC_HEADER = ["inverter", "feature cos (pooled)", "feature cos (per location)", "classifier top-1", "classifier top-5",
-                 "judge top-1", "judge top-5", "shape", "colour", "size", "xpos", "ypos",
-                 "Frechet (real vs real)", "inputs whose seeds disagree"]
+METRIC_HEADER = [
+    "inverter",
+    "feature cos (pooled)",
+    "feature cos (per location)",
+    "classifier top-1",
+    "classifier top-5",
+    "judge top-1",
+    "judge top-5",
+    "shape",
+    "colour",
+    "size",
+    "xpos",
+    "ypos",
+    "Frechet (real vs real)",
+    "inputs whose seeds disagree",
+]
 
 
 def invert_section(report: Report, results: dict[str, Any]) -> Section:
     s = report.section("Feature inversion (FeatInv)")
-    s.paragraph(f"A ControlNet copied from the frozen toy UNet, with FeatInv's hint block, maps a classifier's feature "
-                f"map back to an image. {results['n']} held-out balanced-world images; {len(results['seeds'])} seeds per "
-                f"input, guidance {results['guidance']} on the features (vs the all-zero map), {results['steps']} "
-                "sampler steps. Agreement is the attribute captioner's (an independent network's) reading of the "
-                "reconstruction vs the original, with Wilson 95% CIs; 'spatial' conditions on the map, 'pooled' on its "
-                "mean vector broadcast over the grid (the baseline).")
+    s.paragraph(
+        f"A ControlNet copied from the frozen toy UNet, with FeatInv's hint block, maps a classifier's feature "
+        f"map back to an image. {results['n']} held-out balanced-world images; {len(results['seeds'])} seeds per "
+        f"input, guidance {results['guidance']} on the features (vs the all-zero map), {results['steps']} "
+        "sampler steps. Agreement is the attribute captioner's (an independent network's) reading of the "
+        "reconstruction vs the original, with Wilson 95% CIs; 'spatial' conditions on the map, 'pooled' on its "
+        "mean vector broadcast over the grid (the baseline)."
+    )
     if results.get("missing"):
         s.note(f"Not trained (no weights): {', '.join(results['missing'])}; run `diffdissect invert build-world`.")
     s.table(METRIC_HEADER, metrics_rows(results), "reconstruction metrics (seed 0)")
@@ -50,45 +79,86 @@ def invert_section(report: Report, results: dict[str, Any]) -> Section:
     names = [k for k in grids if k != "originals"]
     if names:
         rows = np.concatenate([grids["originals"], *[grids[k][:, 0] for k in names]])
-        s.image(image_grid(rows, columns=len(grids["originals"]), scale=3),
-                "rows: original | " + " | ".join(names) + " (seed 0)")
+        s.image(
+            image_grid(rows, columns=len(grids["originals"]), scale=3),
+            "rows: original | " + " | ".join(names) + " (seed 0)",
+        )
         first = names[0]
         seeds = grids[first].shape[1]
-        s.image(image_grid(grids[first][:, :].transpose(1, 0, 2, 3, 4).reshape(-1, *grids[first].shape[2:]),
-                           columns=len(grids[first]), scale=3),
-                f"{first}: one row per seed: what the features leave open varies across seeds ({seeds} seeds)")
+        s.image(
+            image_grid(
+                grids[first][:, :].transpose(1, 0, 2, 3, 4).reshape(-1, *grids[first].shape[2:]),
+                columns=len(grids[first]),
+                scale=3,
+            ),
+            f"{first}: one row per seed: what the features leave open varies across seeds ({seeds} seeds)",
+        )
     for name in ("steering", "composites"):
         if (results.get(name) or {}).get("skipped"):
             s.note(f"{name}: {results[name]['skipped']}")
     steering = results.get("steering")
     if steering and not steering.get("skipped"):
-        rows = [[a, _pct(v["flipped"]), _pct(v["others_kept"]), _pct(v["flipped_and_kept"])]
-                for a, v in steering["alphas"].items()]
-        s.table(["alpha", f"{steering['factor']} flipped to {steering['to']}", "other factors kept", "both"], rows,
-                f"concept steering ({steering['from']} -> {steering['to']}: the mean feature difference added at every "
-                f"location), {steering['n']} {steering['from']} images")
+        rows = [
+            [a, _pct(v["flipped"]), _pct(v["others_kept"]), _pct(v["flipped_and_kept"])]
+            for a, v in steering["alphas"].items()
+        ]
+        s.table(
+            ["alpha", f"{steering['factor']} flipped to {steering['to']}", "other factors kept", "both"],
+            rows,
+            f"concept steering ({steering['from']} -> {steering['to']}: the mean feature difference added at every "
+            f"location), {steering['n']} {steering['from']} images",
+        )
         grid = np.concatenate([steering["originals"], *[steering["grids"][a] for a in steering["grids"]]])
-        s.image(image_grid(grid, columns=len(steering["originals"]), scale=3),
-                "rows: original, then alpha = " + ", ".join(steering["grids"]))
+        s.image(
+            image_grid(grid, columns=len(steering["originals"]), scale=3),
+            "rows: original, then alpha = " + ", ".join(steering["grids"]),
+        )
     composites = results.get("composites")
     if composites and not composites.get("skipped"):
-        s.table(["check", "rate"], [["left half shows the left source's colour", _pct(composites["left_region_matches_left_source"])],
-                                    ["right half shows the right source's colour", _pct(composites["right_region_matches_right_source"])],
-                                    ["both", _pct(composites["both_regions"])]],
-                f"composites: left half of one feature map + right half of another ({composites['pairs']} pairs)")
+        s.table(
+            ["check", "rate"],
+            [
+                ["left half shows the left source's colour", _pct(composites["left_region_matches_left_source"])],
+                ["right half shows the right source's colour", _pct(composites["right_region_matches_right_source"])],
+                ["both", _pct(composites["both_regions"])],
+            ],
+            f"composites: left half of one feature map + right half of another ({composites['pairs']} pairs)",
+        )
         g = composites["grids"]
-        s.image(image_grid(np.concatenate([g["left_sources"], g["right_sources"], g["composites"]]),
-                           columns=len(g["composites"]), scale=3), "rows: left source, right source, composite inversion")
+        s.image(
+            image_grid(
+                np.concatenate([g["left_sources"], g["right_sources"], g["composites"]]),
+                columns=len(g["composites"]),
+                scale=3,
+            ),
+            "rows: left source, right source, composite inversion",
+        )
     robustness = results.get("robustness")
     if robustness:
-        rows = [[name, _pct(v["classifier_accuracy_on_input"]), _pct(v["reconstruction_shows_prediction"]),
-                 _pct(v["reconstruction_shows_truth"])] for name, v in robustness["cases"].items()]
-        s.table(["input", "classifier accuracy", "reconstruction shows the classifier's prediction",
-                 "reconstruction shows the truth"], rows,
-                f"what the classifier sees under corruption and attack ({robustness['n']} images; classes = colour x shape)")
+        rows = [
+            [
+                name,
+                _pct(v["classifier_accuracy_on_input"]),
+                _pct(v["reconstruction_shows_prediction"]),
+                _pct(v["reconstruction_shows_truth"]),
+            ]
+            for name, v in robustness["cases"].items()
+        ]
+        s.table(
+            [
+                "input",
+                "classifier accuracy",
+                "reconstruction shows the classifier's prediction",
+                "reconstruction shows the truth",
+            ],
+            rows,
+            f"what the classifier sees under corruption and attack ({robustness['n']} images; classes = colour x shape)",
+        )
         for name, (inputs, recs) in robustness["grids"].items():
-            s.image(image_grid(np.concatenate([inputs, recs]), columns=len(inputs), scale=2),
-                    f"{name}: input (top) and the inversion of its features (bottom)")
+            s.image(
+                image_grid(np.concatenate([inputs, recs]), columns=len(inputs), scale=2),
+                f"{name}: input (top) and the inversion of its features (bottom)",
+            )
     return s
 
 

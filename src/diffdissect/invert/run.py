@@ -4,6 +4,7 @@
 `OUT/data` once and trains from it; `train_per_sample` is FeatInv's way (the classifier and the VAE
 run on every batch), kept for the side-by-side cost benchmark.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,33 +29,70 @@ def _info(extractor: FeatureExtractor, classifier_name: str) -> dict[str, Any]:
     return {"classifier": classifier_name, "layer": extractor.layer, "mode": extractor.mode}
 
 
-def train_from_images(target: Target, extractor: FeatureExtractor, classifier_name: str, images: np.ndarray,
-                      out: str | Path, config: InvertTrainConfig, *,
-                      attributes: dict[str, Sequence[Any]] | None = None, data_dir: str | Path | None = None,
-                      progress: bool = True) -> dict[str, Any]:
+def train_from_images(
+    target: Target,
+    extractor: FeatureExtractor,
+    classifier_name: str,
+    images: np.ndarray,
+    out: str | Path,
+    config: InvertTrainConfig,
+    *,
+    attributes: dict[str, Sequence[Any]] | None = None,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     out = Path(out)
     data_dir = Path(data_dir) if data_dir is not None else out / "data"
     digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
     if (data_dir / "manifest.json").is_file():
         store = open_store(data_dir)
         model = store.manifest.model
-        if (model.get("images_sha256") != digest or model.get("classifier") != classifier_name
-                or model.get("weights_fingerprint") != target.identity()["weights_fingerprint"]
-                or model.get("classifier_layer") != extractor.layer or model.get("feature_mode") != extractor.mode):
-            raise DiffdissectError(f"{data_dir} holds training data for other images, another pipeline or another "
-                                   "classifier layer; use a new --out.")
+        if (
+            model.get("images_sha256") != digest
+            or model.get("classifier") != classifier_name
+            or model.get("weights_fingerprint") != target.identity()["weights_fingerprint"]
+            or model.get("classifier_layer") != extractor.layer
+            or model.get("feature_mode") != extractor.mode
+        ):
+            raise DiffdissectError(
+                f"{data_dir} holds training data for other images, another pipeline or another "
+                "classifier layer; use a new --out."
+            )
     else:
-        store = prepare_inversion_data(data_dir, target, extractor, images, attributes, progress=progress,
-                                       extra={"images_sha256": digest, "classifier": classifier_name})
+        store = prepare_inversion_data(
+            data_dir,
+            target,
+            extractor,
+            images,
+            attributes,
+            progress=progress,
+            extra={"images_sha256": digest, "classifier": classifier_name},
+        )
     latents = store.load(LATENT, 0, format="torch", dtype="float32")
     features = store.load(FEATURES, 0, format="torch", dtype="float32")
-    summary = train_inverter(target, lambda idx: (latents[idx], features[idx]), len(latents),
-                             tuple(features.shape[1:]), config, out, _info(extractor, classifier_name), progress=progress)
+    summary = train_inverter(
+        target,
+        lambda idx: (latents[idx], features[idx]),
+        len(latents),
+        tuple(features.shape[1:]),
+        config,
+        out,
+        _info(extractor, classifier_name),
+        progress=progress,
+    )
     return {**summary, "examples": len(latents), "feature_shape": list(features.shape[1:])}
 
 
-def train_per_sample(target: Target, extractor: FeatureExtractor, classifier_name: str, images: np.ndarray,
-                     out: str | Path, config: InvertTrainConfig, *, progress: bool = False) -> dict[str, Any]:
+def train_per_sample(
+    target: Target,
+    extractor: FeatureExtractor,
+    classifier_name: str,
+    images: np.ndarray,
+    out: str | Path,
+    config: InvertTrainConfig,
+    *,
+    progress: bool = False,
+) -> dict[str, Any]:
     """The baseline: VAE and classifier run on every training batch, as FeatInv's data loader does."""
     pixels = images_to_pixels(images)
 
@@ -64,8 +102,9 @@ def train_per_sample(target: Target, extractor: FeatureExtractor, classifier_nam
 
     with torch.no_grad():
         shape = tuple(extractor(pixels[:1]).shape[1:])
-    return train_inverter(target, batch_of, len(pixels), shape, config, out, _info(extractor, classifier_name),
-                          progress=progress)
+    return train_inverter(
+        target, batch_of, len(pixels), shape, config, out, _info(extractor, classifier_name), progress=progress
+    )
 
 
 def load_classifier_spec(spec: str) -> tuple[torch.nn.Module, str]:

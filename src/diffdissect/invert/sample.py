@@ -5,6 +5,7 @@ in training): out = out(0) + s * (out(f) - out(0)), where out is the denoiser's 
 prediction. Several seeds per input show the posterior's spread: what the features leave open.
 Noise for (input i, seed s) comes from its own generator, so results do not depend on the batch layout.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,17 @@ from diffdissect.models.target import Target
 
 
 @torch.no_grad()
-def invert(target: Target, inverter: Inverter, features: torch.Tensor, *, seeds: tuple[int, ...] = (0,),
-           guidance: float = 3.0, steps: int = 20, batch: int = 128, ids: list[int] | None = None) -> np.ndarray:
+def invert(
+    target: Target,
+    inverter: Inverter,
+    features: torch.Tensor,
+    *,
+    seeds: tuple[int, ...] = (0,),
+    guidance: float = 3.0,
+    steps: int = 20,
+    batch: int = 128,
+    ids: list[int] | None = None,
+) -> np.ndarray:
     """(N, S, H, W, 3) uint8: S = len(seeds) reconstructions of each of the N feature maps."""
     inverter.check_features(features)
     if target.vae is None:
@@ -32,10 +42,18 @@ def invert(target: Target, inverter: Inverter, features: torch.Tensor, *, seeds:
     jobs = [(i, s) for i in range(len(features)) for s in seeds]
     out = []
     for start in range(0, len(jobs), batch):
-        part = jobs[start:start + batch]
+        part = jobs[start : start + batch]
         feats = features[[i for i, _ in part]].float()
-        noise = torch.stack([torch.randn(target_latent_shape(target), device="cpu", generator=torch.Generator(
-            device="cpu").manual_seed(int(s) * 1_000_003 + int(ids[i]))) for i, s in part])
+        noise = torch.stack(
+            [
+                torch.randn(
+                    target_latent_shape(target),
+                    device="cpu",
+                    generator=torch.Generator(device="cpu").manual_seed(int(s) * 1_000_003 + int(ids[i])),
+                )
+                for i, s in part
+            ]
+        )
         out.append(_sample_batch(target, inverter, feats.to(target.device), noise.to(target.device), guidance, steps))
     images = np.concatenate(out)
     return images.reshape(len(features), len(seeds), *images.shape[1:])
@@ -47,8 +65,9 @@ def target_latent_shape(target: Target) -> tuple[int, int, int]:
     return (cfg.in_channels, *size)
 
 
-def _sample_batch(target: Target, inverter: Inverter, feats: torch.Tensor, noise: torch.Tensor, guidance: float,
-                  steps: int) -> np.ndarray:
+def _sample_batch(
+    target: Target, inverter: Inverter, feats: torch.Tensor, noise: torch.Tensor, guidance: float, steps: int
+) -> np.ndarray:
     scheduler = copy.deepcopy(target.scheduler)
     scheduler.set_timesteps(steps)
     unet = target.denoiser
@@ -59,9 +78,11 @@ def _sample_batch(target: Target, inverter: Inverter, feats: torch.Tensor, noise
         x = scheduler.scale_model_input(latents, t)
         tt = torch.full((len(text),), int(t), device=latents.device)
         if guidance == 1.0:
-            pred = controlled_prediction(unet, inverter, x, tt, text, feats)   # noise, v or x0: the scheduler knows
+            pred = controlled_prediction(unet, inverter, x, tt, text, feats)  # noise, v or x0: the scheduler knows
         else:
-            both = controlled_prediction(unet, inverter, torch.cat([x, x]), tt, text, torch.cat([torch.zeros_like(feats), feats]))
+            both = controlled_prediction(
+                unet, inverter, torch.cat([x, x]), tt, text, torch.cat([torch.zeros_like(feats), feats])
+            )
             uncond, cond = both.chunk(2)
             pred = uncond + guidance * (cond - uncond)
         latents = scheduler.step(pred, t, latents).prev_sample

@@ -1,4 +1,5 @@
 """Loading diffusion targets (pipelines, bare denoisers, plain modules) and their noise schedules."""
+
 from diffdissect.models.load import load_target
 from diffdissect.models.target import Target
 

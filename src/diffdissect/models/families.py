@@ -5,6 +5,7 @@ Each family says how its denoiser is really called: the conditioning comes from 
 convention, FLUX's latents are packed 2x2 with image/text ids, and the noise levels are DDPM or flow
 matching with the scheduler's (dynamic) shift. `Target` delegates to the family when it has one.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -33,8 +34,8 @@ class Family:
     """How one pipeline family runs its denoiser. Subclasses fill in the family-specific parts."""
 
     name: str = ""
-    required: tuple[str, ...] = ()            # pipeline components the family cannot run without
-    timestep_scale: float = 1.0               # denoiser argument = sigma * N * timestep_scale (flow)
+    required: tuple[str, ...] = ()  # pipeline components the family cannot run without
+    timestep_scale: float = 1.0  # denoiser argument = sigma * N * timestep_scale (flow)
 
     def __init__(self, guidance_embedding: float | None = None) -> None:
         self.guidance_embedding = guidance_embedding  # FLUX-dev: the guidance the model is conditioned on
@@ -47,8 +48,10 @@ class Family:
     def check_components(self, pipe: Any, source: str) -> None:
         missing = [c for c in self.required if getattr(pipe, c, None) is None]
         if missing:
-            raise ModelLoadError(f"{source}: this {self.name} pipeline has no {', '.join(missing)}; {self.name} "
-                                 f"needs {', '.join(self.required)}. Save the complete pipeline with save_pretrained.")
+            raise ModelLoadError(
+                f"{source}: this {self.name} pipeline has no {', '.join(missing)}; {self.name} "
+                f"needs {', '.join(self.required)}. Save the complete pipeline with save_pretrained."
+            )
 
     # ---- shapes ----------------------------------------------------------------------------------
     def latent_channels(self, target: Target) -> int:
@@ -75,8 +78,9 @@ class Family:
     def conditioning(self, target: Target, prompts: list[str]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def call_arguments(self, target: Target, sample: torch.Tensor, t: torch.Tensor,
-                       cond: dict[str, Any]) -> tuple[tuple, dict]:
+    def call_arguments(
+        self, target: Target, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]
+    ) -> tuple[tuple, dict]:
         return (sample,), {"timestep": t, **cond}
 
     def to_grid(self, target: Target, layer: str, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -100,17 +104,26 @@ class SDXL(Family):
     name = "SDXL"
     required = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
-
     def conditioning(self, target: Target, prompts: list[str]) -> dict[str, Any]:
         pipe = target.pipeline
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=_device(target), num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompts, device=_device(target), num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
         size = (target.resolution, target.resolution)
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
-                                          text_encoder_projection_dim=int(pipe.text_encoder_2.config.projection_dim))
-        return {"encoder_hidden_states": embeds.to(target.dtype),
-                "added_cond_kwargs": {"text_embeds": pooled.to(target.dtype),
-                                      "time_ids": time_ids.to(target.device).repeat(len(prompts), 1)}}
+        time_ids = pipe._get_add_time_ids(
+            size,
+            (0, 0),
+            size,
+            dtype=embeds.dtype,
+            text_encoder_projection_dim=int(pipe.text_encoder_2.config.projection_dim),
+        )
+        return {
+            "encoder_hidden_states": embeds.to(target.dtype),
+            "added_cond_kwargs": {
+                "text_embeds": pooled.to(target.dtype),
+                "time_ids": time_ids.to(target.device).repeat(len(prompts), 1),
+            },
+        }
 
     def call_arguments(self, target, sample, t, cond):
         return (sample, t), dict(cond)
@@ -119,8 +132,7 @@ class SDXL(Family):
 class SD3(Family):
     name = "SD3"
     required = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-    timestep_scale = 1.0                              # the transformer takes sigma * 1000
-
+    timestep_scale = 1.0  # the transformer takes sigma * 1000
 
     def mu(self, target: Target) -> float | None:
         config = target.scheduler.config
@@ -130,15 +142,27 @@ class SD3(Family):
             calculate_shift,
         )
 
-        return float(calculate_shift(self.image_seq_len(target), config.get("base_image_seq_len", 256),
-                                     config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                     config.get("max_shift", 1.16)))
+        return float(
+            calculate_shift(
+                self.image_seq_len(target),
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
+        )
 
     def conditioning(self, target: Target, prompts: list[str]) -> dict[str, Any]:
         pipe = target.pipeline
         embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=_device(target), num_images_per_prompt=1,
-            do_classifier_free_guidance=False, max_sequence_length=_call_default(pipe, "max_sequence_length", 256))
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=_device(target),
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            max_sequence_length=_call_default(pipe, "max_sequence_length", 256),
+        )
         return {"encoder_hidden_states": embeds.to(target.dtype), "pooled_projections": pooled.to(target.dtype)}
 
     def call_arguments(self, target, sample, t, cond):
@@ -148,8 +172,7 @@ class SD3(Family):
 class Flux(Family):
     name = "FLUX"
     required = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-    timestep_scale = 1.0 / 1000                       # the pipeline hands the transformer timestep / 1000
-
+    timestep_scale = 1.0 / 1000  # the pipeline hands the transformer timestep / 1000
 
     def latent_channels(self, target: Target) -> int:
         return int(target.denoiser.config.in_channels) // 4
@@ -162,9 +185,15 @@ class Flux(Family):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         config = target.scheduler.config
-        return float(calculate_shift(self.image_seq_len(target), config.get("base_image_seq_len", 256),
-                                     config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                     config.get("max_shift", 1.15)))
+        return float(
+            calculate_shift(
+                self.image_seq_len(target),
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+        )
 
     @property
     def guided(self) -> bool:
@@ -173,8 +202,10 @@ class Flux(Family):
     def guidance_value(self, target: Target) -> float | None:
         if not target.denoiser.config.guidance_embeds:
             if self.guidance_embedding is not None:
-                raise SpecError("--guidance-embedding was given, but this FLUX model has no guidance embedding "
-                                "(a timestep-distilled model such as FLUX.1-schnell); drop it.")
+                raise SpecError(
+                    "--guidance-embedding was given, but this FLUX model has no guidance embedding "
+                    "(a timestep-distilled model such as FLUX.1-schnell); drop it."
+                )
             return None
         if self.guidance_embedding is not None:
             return float(self.guidance_embedding)
@@ -183,16 +214,24 @@ class Flux(Family):
     def conditioning(self, target: Target, prompts: list[str]) -> dict[str, Any]:
         pipe = target.pipeline
         embeds, pooled, text_ids = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, device=_device(target), num_images_per_prompt=1,
-            max_sequence_length=_call_default(pipe, "max_sequence_length", 512))
+            prompt=prompts,
+            prompt_2=None,
+            device=_device(target),
+            num_images_per_prompt=1,
+            max_sequence_length=_call_default(pipe, "max_sequence_length", 512),
+        )
         _, h, w = target.sample_shape()
         image_ids = pipe._prepare_latent_image_ids(len(prompts), h // 2, w // 2, target.device, target.dtype)
-        cond: dict[str, Any] = {"encoder_hidden_states": embeds.to(target.dtype),
-                                "pooled_projections": pooled.to(target.dtype),
-                                "txt_ids": text_ids.to(target.dtype), "img_ids": image_ids}
+        cond: dict[str, Any] = {
+            "encoder_hidden_states": embeds.to(target.dtype),
+            "pooled_projections": pooled.to(target.dtype),
+            "txt_ids": text_ids.to(target.dtype),
+            "img_ids": image_ids,
+        }
         g = self.guidance_value(target)
-        cond["guidance"] = (None if g is None
-                            else torch.full((len(prompts),), g, device=target.device, dtype=torch.float32))
+        cond["guidance"] = (
+            None if g is None else torch.full((len(prompts),), g, device=target.device, dtype=torch.float32)
+        )
         return cond
 
     def pack(self, target: Target, sample: torch.Tensor) -> torch.Tensor:
@@ -212,33 +251,41 @@ class Flux(Family):
         """The transformer's packed output (proj_out: 2x2 patches of latent channels) -> the latent grid."""
         if tokens.shape[-1] != int(target.denoiser.config.in_channels) or layer.split("@")[0] != "proj_out":
             return None
-        return target.pipeline._unpack_latents(tokens, target.resolution, target.resolution,
-                                               target.vae_scale_factor)
+        return target.pipeline._unpack_latents(tokens, target.resolution, target.resolution, target.vae_scale_factor)
 
     def pipeline_kwargs(self, target: Target) -> dict[str, Any]:
         return {"height": target.resolution, "width": target.resolution}
 
     def cfg_halves(self) -> bool:
-        return False                          # guidance is an embedding (dev) or absent (schnell)
+        return False  # guidance is an embedding (dev) or absent (schnell)
 
 
 class PixArt(Family):
     name = "PixArt"
     required = ("text_encoder", "tokenizer")
 
-
     def conditioning(self, target: Target, prompts: list[str]) -> dict[str, Any]:
         pipe = target.pipeline
         embeds, mask, _, _ = pipe.encode_prompt(
-            prompts, do_classifier_free_guidance=False, num_images_per_prompt=1, device=_device(target),
-            clean_caption=False, max_sequence_length=_call_default(pipe, "max_sequence_length", 120))
+            prompts,
+            do_classifier_free_guidance=False,
+            num_images_per_prompt=1,
+            device=_device(target),
+            clean_caption=False,
+            max_sequence_length=_call_default(pipe, "max_sequence_length", 120),
+        )
         added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
         if target.denoiser.config.sample_size == 128:  # the pipeline's own test for micro-conditions
             r = float(target.resolution)
-            added = {"resolution": torch.tensor([[r, r]], device=target.device, dtype=target.dtype).repeat(len(prompts), 1),
-                     "aspect_ratio": torch.ones(len(prompts), 1, device=target.device, dtype=target.dtype)}
-        return {"encoder_hidden_states": embeds.to(target.dtype), "encoder_attention_mask": mask,
-                "added_cond_kwargs": added}
+            added = {
+                "resolution": torch.tensor([[r, r]], device=target.device, dtype=target.dtype).repeat(len(prompts), 1),
+                "aspect_ratio": torch.ones(len(prompts), 1, device=target.device, dtype=target.dtype),
+            }
+        return {
+            "encoder_hidden_states": embeds.to(target.dtype),
+            "encoder_attention_mask": mask,
+            "added_cond_kwargs": added,
+        }
 
     def call_arguments(self, target, sample, t, cond):
         return (sample,), {"timestep": t, **cond}
@@ -251,16 +298,20 @@ class Sana(Family):
     name = "Sana"
     required = ("text_encoder", "tokenizer")
 
-
     def timestep_scale_of(self, target: Target) -> float:
         return float(getattr(target.denoiser.config, "timestep_scale", 1.0) or 1.0)
 
     def conditioning(self, target: Target, prompts: list[str]) -> dict[str, Any]:
         pipe = target.pipeline
         embeds, mask, _, _ = pipe.encode_prompt(
-            prompts, do_classifier_free_guidance=False, num_images_per_prompt=1, device=_device(target),
-            clean_caption=False, max_sequence_length=_call_default(pipe, "max_sequence_length", 300),
-            complex_human_instruction=_call_default(pipe, "complex_human_instruction", None))
+            prompts,
+            do_classifier_free_guidance=False,
+            num_images_per_prompt=1,
+            device=_device(target),
+            clean_caption=False,
+            max_sequence_length=_call_default(pipe, "max_sequence_length", 300),
+            complex_human_instruction=_call_default(pipe, "complex_human_instruction", None),
+        )
         return {"encoder_hidden_states": embeds.to(target.dtype), "encoder_attention_mask": mask}
 
     def call_arguments(self, target, sample, t, cond):
@@ -271,15 +322,41 @@ class Sana(Family):
 
 
 PIPELINE_FAMILIES: dict[str, type[Family]] = {
-    "StableDiffusionXLPipeline": SDXL, "StableDiffusion3Pipeline": SD3, "FluxPipeline": Flux,
-    "PixArtAlphaPipeline": PixArt, "PixArtSigmaPipeline": PixArt, "SanaPipeline": Sana,
+    "StableDiffusionXLPipeline": SDXL,
+    "StableDiffusion3Pipeline": SD3,
+    "FluxPipeline": Flux,
+    "PixArtAlphaPipeline": PixArt,
+    "PixArtSigmaPipeline": PixArt,
+    "SanaPipeline": Sana,
 }
 # Denoisers that only run inside their pipeline (text encoders, packing, a flow scheduler).
-PIPELINE_ONLY_DENOISERS = {"SD3Transformer2DModel": "SD3", "FluxTransformer2DModel": "FLUX",
-                           "SanaTransformer2DModel": "Sana", "PixArtTransformer2DModel": "PixArt"}
+PIPELINE_ONLY_DENOISERS = {
+    "SD3Transformer2DModel": "SD3",
+    "FluxTransformer2DModel": "FLUX",
+    "SanaTransformer2DModel": "Sana",
+    "PixArtTransformer2DModel": "PixArt",
+}
 # Text-conditioned transformer pipelines diffdissect does not model yet: a clear refusal naming them.
-UNSUPPORTED = ("AuraFlow", "Lumina", "HunyuanDiT", "CogView", "Kolors", "StableCascade", "Kandinsky", "Wuerstchen",
-               "LuminaText2Img", "Chroma", "HiDream", "CogVideoX", "Wan", "LTX", "Mochi", "Allegro", "Latte", "Qwen")
+UNSUPPORTED = (
+    "AuraFlow",
+    "Lumina",
+    "HunyuanDiT",
+    "CogView",
+    "Kolors",
+    "StableCascade",
+    "Kandinsky",
+    "Wuerstchen",
+    "LuminaText2Img",
+    "Chroma",
+    "HiDream",
+    "CogVideoX",
+    "Wan",
+    "LTX",
+    "Mochi",
+    "Allegro",
+    "Latte",
+    "Qwen",
+)
 
 
 def family_of(pipe: Any, source: str, guidance_embedding: float | None = None) -> Family | None:
@@ -297,6 +374,8 @@ def family_of(pipe: Any, source: str, guidance_embedding: float | None = None) -
     family = cls(guidance_embedding) if cls is Flux else cls()
     family.check_components(pipe, source)
     if guidance_embedding is not None and cls is not Flux:
-        raise SpecError(f"--guidance-embedding is for guidance-distilled FLUX models; {source} is {family.name}. "
-                        "Its guidance is classifier-free (trajectories: --guidance).")
+        raise SpecError(
+            f"--guidance-embedding is for guidance-distilled FLUX models; {source} is {family.name}. "
+            "Its guidance is classifier-free (trajectories: --guidance)."
+        )
     return family

@@ -7,6 +7,7 @@ config, all without the keys that only say where a file was loaded from (`_name_
 ...). Hashing runs at about 1 GB/s; a resume does not pay it again when the model directory's files still have
 the sizes and modification times recorded beside the digest (`files`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,16 @@ import torch
 from torch import nn
 
 # config keys that record where or with what a file was saved, not what the model computes
-LOCATION_KEYS = frozenset({"_name_or_path", "name_or_path", "_diffusers_version", "transformers_version",
-                           "_commit_hash", "_use_default_values"})
+LOCATION_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "name_or_path",
+        "_diffusers_version",
+        "transformers_version",
+        "_commit_hash",
+        "_use_default_values",
+    }
+)
 # identity keys that describe where the model lives: recorded, but never compared
 WHERE_KEYS = frozenset({"source", "files"})
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".txt", ".model")
@@ -57,7 +66,7 @@ def tokenizer_digest(tokenizer: Any) -> str | None:
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     h.update(json.dumps(sorted(vocab.items()), default=str).encode())
     h.update(str(getattr(tokenizer, "model_max_length", None)).encode())
-    merges = getattr(tokenizer, "bpe_ranks", None)        # CLIP's BPE merges shape the token ids too
+    merges = getattr(tokenizer, "bpe_ranks", None)  # CLIP's BPE merges shape the token ids too
     if merges:
         h.update(json.dumps(sorted((" ".join(k), v) for k, v in merges.items())).encode())
     return h.hexdigest()[:16]
@@ -136,8 +145,14 @@ def model_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> tuple[s
     return None, same_dtype
 
 
-def check_same_model(recorded: dict[str, Any], current: dict[str, Any], what: str, fix: str,
-                     error: type[Exception] | None = None, noun: str = "model") -> None:
+def check_same_model(
+    recorded: dict[str, Any],
+    current: dict[str, Any],
+    what: str,
+    fix: str,
+    error: type[Exception] | None = None,
+    noun: str = "model",
+) -> None:
     """Raise `error` (DiffdissectError by default) when `recorded` is another model than `current`; warn when
     the dtypes differ, so that the weights could be compared only by class, config and parameter count.
     `what` names the thing recorded (e.g. "the SAE at DIR was trained on activations of"); `fix` says what to do."""
@@ -147,8 +162,12 @@ def check_same_model(recorded: dict[str, Any], current: dict[str, Any], what: st
 
     key, exact = model_mismatch(recorded, current)
     if key is not None:
-        raise (error or DiffdissectError)(f"{what} another {noun} ({key} {recorded[key]}, this model has {current[key]}); {fix}")
+        raise (error or DiffdissectError)(
+            f"{what} another {noun} ({key} {recorded[key]}, this model has {current[key]}); {fix}"
+        )
     if not exact:
-        warnings.warn(f"{what} a model loaded as {recorded.get('dtype')}, this one is {current.get('dtype')}: its "
-                      "class, config and parameter count agree, but its weights could not be compared exactly.",
-                      stacklevel=3)
+        warnings.warn(
+            f"{what} a model loaded as {recorded.get('dtype')}, this one is {current.get('dtype')}: its "
+            "class, config and parameter count agree, but its weights could not be compared exactly.",
+            stacklevel=3,
+        )

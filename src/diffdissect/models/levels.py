@@ -15,6 +15,7 @@ Users name a level by its training index t in [0, N), larger = noisier, for ever
 Every stored level records t, the exact value handed to the denoiser, the process, alpha_bar or sigma,
 signal scale, noise std, log-SNR and the shift, so stores of different families compare on one axis.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,16 +30,35 @@ Process = Literal["ddpm", "flow"]
 
 # What a scheduler *is* decides the forward process, never whether it happens to have an attribute:
 # Sana's DPMSolverMultistepScheduler(use_flow_sigmas=True) has an alphas_cumprod, and it is meaningless.
-DDPM_SCHEDULERS = frozenset({
-    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
-    "DPMSolverSDEScheduler", "DPMSolverMultistepInverseScheduler", "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler",
-    "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
-    "SASolverScheduler", "DDIMInverseScheduler", "DDPMWuerstchenScheduler",
-})
-FLOW_SCHEDULERS = frozenset({"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
-                             "FlowMatchLCMScheduler"})
+DDPM_SCHEDULERS = frozenset(
+    {
+        "DDPMScheduler",
+        "DDIMScheduler",
+        "PNDMScheduler",
+        "LMSDiscreteScheduler",
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler",
+        "DPMSolverSDEScheduler",
+        "DPMSolverMultistepInverseScheduler",
+        "KDPM2DiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "UniPCMultistepScheduler",
+        "DEISMultistepScheduler",
+        "LCMScheduler",
+        "TCDScheduler",
+        "DDIMParallelScheduler",
+        "DDPMParallelScheduler",
+        "SASolverScheduler",
+        "DDIMInverseScheduler",
+        "DDPMWuerstchenScheduler",
+    }
+)
+FLOW_SCHEDULERS = frozenset(
+    {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler"}
+)
 
 
 def process_of(scheduler: Any) -> Process:
@@ -49,25 +69,27 @@ def process_of(scheduler: Any) -> Process:
         return "flow"
     if names & DDPM_SCHEDULERS:
         return "ddpm"
-    raise SpecError(f"{type(scheduler).__name__} is neither a DDPM-family scheduler ({', '.join(sorted(DDPM_SCHEDULERS)[:4])}, "
-                    f"...) nor a flow-matching one ({', '.join(sorted(FLOW_SCHEDULERS))}); diffdissect cannot tell "
-                    "which forward process the model was trained on. Give the model one of those schedulers.")
+    raise SpecError(
+        f"{type(scheduler).__name__} is neither a DDPM-family scheduler ({', '.join(sorted(DDPM_SCHEDULERS)[:4])}, "
+        f"...) nor a flow-matching one ({', '.join(sorted(FLOW_SCHEDULERS))}); diffdissect cannot tell "
+        "which forward process the model was trained on. Give the model one of those schedulers."
+    )
 
 
 @dataclass(frozen=True)
 class NoiseLevel:
     """One noise level: x_t = signal_scale * x0 + noise_std * eps, and what the denoiser is handed."""
 
-    t: int                         # training index in [0, N), larger = noisier
-    denoiser_t: float              # the exact timestep value handed to the denoiser
+    t: int  # training index in [0, N), larger = noisier
+    denoiser_t: float  # the exact timestep value handed to the denoiser
     process: Process
-    alpha_bar: float | None        # DDPM family
-    sigma: float | None            # flow matching
+    alpha_bar: float | None  # DDPM family
+    sigma: float | None  # flow matching
     signal_scale: float
     noise_std: float
-    log_snr: float                 # log(signal_scale^2 / noise_std^2)
-    shift: float | None = None     # flow: the static shift (None with a dynamic mu)
-    mu: float | None = None        # flow: FLUX's resolution-dependent shift
+    log_snr: float  # log(signal_scale^2 / noise_std^2)
+    shift: float | None = None  # flow: the static shift (None with a dynamic mu)
+    mu: float | None = None  # flow: FLUX's resolution-dependent shift
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,8 +110,10 @@ def _log_snr(signal: float, noise: float) -> float:
 def alphas_cumprod(scheduler: Any) -> Any:
     """The training schedule's alpha_bar_t table (DDPM-family schedulers only)."""
     if process_of(scheduler) != "ddpm":
-        raise SpecError(f"{type(scheduler).__name__} is a flow-matching scheduler: it has no alpha_bar schedule. "
-                        "This step supports DDPM-family models only (SD 1.x/2.x, SDXL, PixArt, DiT).")
+        raise SpecError(
+            f"{type(scheduler).__name__} is a flow-matching scheduler: it has no alpha_bar schedule. "
+            "This step supports DDPM-family models only (SD 1.x/2.x, SDXL, PixArt, DiT)."
+        )
     return scheduler.alphas_cumprod
 
 
@@ -98,11 +122,11 @@ class FlowSchedule:
     """The training-time sigma grid of a flow-matching model (see the module docstring)."""
 
     n: int
-    shift: float | None            # static shift; None when mu is used
+    shift: float | None  # static shift; None when mu is used
     mu: float | None
     time_shift: str = "exponential"
-    scale: float = 1.0             # denoiser argument = sigma * n * scale
-    integer: bool = False          # the scheduler's timesteps are integers (DPMSolver with flow sigmas)
+    scale: float = 1.0  # denoiser argument = sigma * n * scale
+    integer: bool = False  # the scheduler's timesteps are integers (DPMSolver with flow sigmas)
 
     def shifted(self, base: float) -> float:
         if self.mu is not None:
@@ -131,15 +155,23 @@ class FlowSchedule:
     def denoiser_t(self, sigma: float) -> float:
         value = sigma * self.n
         if self.integer:
-            value = float(math.floor(value))          # the int64 cast of DPMSolver's timesteps
+            value = float(math.floor(value))  # the int64 cast of DPMSolver's timesteps
         return value * self.scale
 
     def level(self, t: int, sigma: float | None = None, denoiser_t: float | None = None) -> NoiseLevel:
         sigma = self.sigma(t) if sigma is None else sigma
-        return NoiseLevel(t=t, denoiser_t=self.denoiser_t(sigma) if denoiser_t is None else denoiser_t,
-                          process="flow", alpha_bar=None, sigma=sigma, signal_scale=1.0 - sigma, noise_std=sigma,
-                          log_snr=_log_snr(1.0 - sigma, sigma), shift=self.shift if self.mu is None else None,
-                          mu=self.mu)
+        return NoiseLevel(
+            t=t,
+            denoiser_t=self.denoiser_t(sigma) if denoiser_t is None else denoiser_t,
+            process="flow",
+            alpha_bar=None,
+            sigma=sigma,
+            signal_scale=1.0 - sigma,
+            noise_std=sigma,
+            log_snr=_log_snr(1.0 - sigma, sigma),
+            shift=self.shift if self.mu is None else None,
+            mu=self.mu,
+        )
 
 
 def flow_schedule(scheduler: Any, *, mu: float | None = None, scale: float = 1.0) -> FlowSchedule:
@@ -149,19 +181,34 @@ def flow_schedule(scheduler: Any, *, mu: float | None = None, scale: float = 1.0
     names = {cls.__name__ for cls in type(scheduler).__mro__}
     dynamic = bool(config.get("use_dynamic_shifting", False))
     if dynamic and mu is None:
-        raise SpecError(f"{type(scheduler).__name__} uses dynamic shifting, but no image sequence length is known "
-                        "to compute its mu; load the model through its pipeline.")
+        raise SpecError(
+            f"{type(scheduler).__name__} uses dynamic shifting, but no image sequence length is known "
+            "to compute its mu; load the model through its pipeline."
+        )
     shift = float(config.get("shift", config.get("flow_shift", 1.0)) or 1.0)
-    return FlowSchedule(n=n, shift=None if dynamic else shift, mu=mu if dynamic else None,
-                        time_shift=str(config.get("time_shift_type", "exponential")), scale=scale,
-                        integer=not (names & FLOW_SCHEDULERS))
+    return FlowSchedule(
+        n=n,
+        shift=None if dynamic else shift,
+        mu=mu if dynamic else None,
+        time_shift=str(config.get("time_shift_type", "exponential")),
+        scale=scale,
+        integer=not (names & FLOW_SCHEDULERS),
+    )
 
 
 def ddpm_level(scheduler: Any, t: int) -> NoiseLevel:
     a = float(alphas_cumprod(scheduler)[int(t)])
-    signal, noise = a ** 0.5, (1.0 - a) ** 0.5
-    return NoiseLevel(t=int(t), denoiser_t=float(t), process="ddpm", alpha_bar=a, sigma=None, signal_scale=signal,
-                      noise_std=noise, log_snr=_log_snr(signal, noise))
+    signal, noise = a**0.5, (1.0 - a) ** 0.5
+    return NoiseLevel(
+        t=int(t),
+        denoiser_t=float(t),
+        process="ddpm",
+        alpha_bar=a,
+        sigma=None,
+        signal_scale=signal,
+        noise_std=noise,
+        log_snr=_log_snr(signal, noise),
+    )
 
 
 def check_timesteps(timesteps: list[int], n: int) -> None:
@@ -169,31 +216,40 @@ def check_timesteps(timesteps: list[int], n: int) -> None:
         if not isinstance(t, int) or isinstance(t, bool):
             raise SpecError(f"timestep {t!r} is not an integer; timesteps are training indices in [0, {n}).")
         if not 0 <= t < n:
-            raise SpecError(f"timestep t={t} is out of range: timesteps are training-schedule indices in "
-                            f"[0, {n}), larger = noisier (t=0 is almost clean, t={n - 1} pure noise).")
+            raise SpecError(
+                f"timestep t={t} is out of range: timesteps are training-schedule indices in "
+                f"[0, {n}), larger = noisier (t=0 is almost clean, t={n - 1} pure noise)."
+            )
     if len(set(timesteps)) != len(timesteps):
         raise SpecError(f"timesteps are listed more than once: {timesteps}")
 
 
-def levels_for(scheduler: Any, timesteps: list[int] | None, sigmas: list[float] | None = None, *,
-               flow: FlowSchedule | None = None) -> list[NoiseLevel]:
+def levels_for(
+    scheduler: Any, timesteps: list[int] | None, sigmas: list[float] | None = None, *, flow: FlowSchedule | None = None
+) -> list[NoiseLevel]:
     """Levels at training indices `timesteps`, or (flow models) at `sigmas` given directly."""
     n = int(scheduler.config.num_train_timesteps)
     process = process_of(scheduler)
     if sigmas:
         if process != "flow":
-            raise SpecError(f"--sigmas names flow-matching noise levels, but {type(scheduler).__name__} is a "
-                            "DDPM-family scheduler; name its levels with --timesteps.")
+            raise SpecError(
+                f"--sigmas names flow-matching noise levels, but {type(scheduler).__name__} is a "
+                "DDPM-family scheduler; name its levels with --timesteps."
+            )
         assert flow is not None
         bad = [s for s in sigmas if not (isinstance(s, (int, float)) and 0.0 < s <= 1.0)]
         if bad:
-            raise SpecError(f"sigma {bad[0]!r} is outside (0, 1]: flow-matching noise levels run from 0 (clean, "
-                            "excluded) to 1 (pure noise).")
+            raise SpecError(
+                f"sigma {bad[0]!r} is outside (0, 1]: flow-matching noise levels run from 0 (clean, "
+                "excluded) to 1 (pure noise)."
+            )
         levels = [flow.level(flow.index_of(float(s)), sigma=float(s)) for s in sigmas]
         seen = [lv.t for lv in levels]
         if len(set(seen)) != len(seen):
-            raise SpecError(f"sigmas {sigmas} fall on the same training index more than once ({seen}); the store "
-                            "keys slices by training index, so give sigmas at least 1/N apart.")
+            raise SpecError(
+                f"sigmas {sigmas} fall on the same training index more than once ({seen}); the store "
+                "keys slices by training index, so give sigmas at least 1/N apart."
+            )
         return levels
     check_timesteps(list(timesteps or []), n)
     if process == "flow":

@@ -9,6 +9,7 @@ Accepted sources:
     `forward(sample, timestep, ...)` contract (or a diffusers pipeline);
   * in Python, an nn.Module or a DiffusionPipeline object.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,13 +27,21 @@ from diffdissect.errors import ModelLoadError
 from diffdissect.models.target import Target
 from diffdissect.runtime import load_factory
 
-_HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")   # "./x" or "../x" is a path, never a hub id
+_HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")  # "./x" or "../x" is a path, never a hub id
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def load_target(source: Any, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                random_init: bool = False, seed: int = 0, resolution: int | None = None,
-                cache_dir: str | None = None, local_files_only: bool | None = None) -> Target:
+def load_target(
+    source: Any,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    random_init: bool = False,
+    seed: int = 0,
+    resolution: int | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool | None = None,
+) -> Target:
     """Load what `source` names and return a :class:`Target` on `device`.
 
     `random_init=True` re-initialises the denoiser's weights (seeded) with the same architecture:
@@ -65,25 +74,33 @@ def _load(source: Any, *, dtype, cache_dir, local_files_only) -> Target:
     if isinstance(source, Path):
         source = str(source)
     if not isinstance(source, str):
-        raise ModelLoadError(f"cannot load a model from a {type(source).__name__}; pass a directory, "
-                             "a hub id, 'package.module:factory', an nn.Module or a DiffusionPipeline.")
+        raise ModelLoadError(
+            f"cannot load a model from a {type(source).__name__}; pass a directory, "
+            "a hub id, 'package.module:factory', an nn.Module or a DiffusionPipeline."
+        )
     path = Path(source).expanduser()
     if path.is_dir():
         target = _load_dir(path, dtype=dtype)
         target.model_dir = str(path.resolve())
         return target
     if path.exists():
-        raise ModelLoadError(f"{source} is a file; pass the directory that holds model_index.json "
-                             "(a pipeline) or config.json (a single model).")
+        raise ModelLoadError(
+            f"{source} is a file; pass the directory that holds model_index.json "
+            "(a pipeline) or config.json (a single model)."
+        )
     if _FACTORY.match(source):
         return _load_factory(source)
     if _looks_local(source):
-        raise ModelLoadError(f"unknown model {source!r}: no such directory (a local path is never looked "
-                             "up on the hub); check the spelling, or pass a hub id 'org/name'.")
+        raise ModelLoadError(
+            f"unknown model {source!r}: no such directory (a local path is never looked "
+            "up on the hub); check the spelling, or pass a hub id 'org/name'."
+        )
     if _HUB_ID.match(source):
         return _load_hub(source, dtype=dtype, cache_dir=cache_dir, local_files_only=local_files_only)
-    raise ModelLoadError(f"unknown model {source!r}: no such directory, and it is neither a hub id "
-                         "('org/name') nor 'package.module:factory'.")
+    raise ModelLoadError(
+        f"unknown model {source!r}: no such directory, and it is neither a hub id "
+        "('org/name') nor 'package.module:factory'."
+    )
 
 
 def _looks_local(source: str) -> bool:
@@ -98,8 +115,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON ({exc}); restore it from the model's source "
-                             "(or save the model again with `save_pretrained`).") from None
+        raise ModelLoadError(
+            f"{path} is not valid JSON ({exc}); restore it from the model's source "
+            "(or save the model again with `save_pretrained`)."
+        ) from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} holds a JSON {type(data).__name__}, not an object; it is not a diffusers config.")
     return data
@@ -119,16 +138,20 @@ def _load_dir(path: Path, *, dtype) -> Target:
     if config.is_file():
         class_name = _read_json(config).get("_class_name")
         if not class_name:
-            raise ModelLoadError(f"{config} has no '_class_name'; it is not a diffusers model directory "
-                                 "(transformers models such as classifiers are not diffusion targets).")
+            raise ModelLoadError(
+                f"{config} has no '_class_name'; it is not a diffusers model directory "
+                "(transformers models such as classifiers are not diffusion targets)."
+            )
         cls = _model_class(class_name, path)
         try:
             model = cls.from_pretrained(path).to(dtype=dtype)
         except Exception as exc:
             raise ModelLoadError(f"diffusers could not load the {class_name} in {path}: {exc}") from exc
         return from_module(model, str(path), scheduler=_scheduler_beside(path))
-    raise ModelLoadError(f"{path} holds neither model_index.json (a diffusers pipeline) nor config.json "
-                         "(a diffusers model); save models with `save_pretrained`.")
+    raise ModelLoadError(
+        f"{path} holds neither model_index.json (a diffusers pipeline) nor config.json "
+        "(a diffusers model); save models with `save_pretrained`."
+    )
 
 
 def _check_pipeline_dir(path: Path) -> None:
@@ -136,16 +159,27 @@ def _check_pipeline_dir(path: Path) -> None:
     try:
         index = json.loads((path / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path / 'model_index.json'} is unreadable ({exc}); it is not a diffusers pipeline.") from exc
+        raise ModelLoadError(
+            f"{path / 'model_index.json'} is unreadable ({exc}); it is not a diffusers pipeline."
+        ) from exc
     if not isinstance(index, dict):
         raise ModelLoadError(f"{path / 'model_index.json'} is not a JSON object; it is not a diffusers pipeline.")
-    missing = [name for name, value in index.items()
-               if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is not None
-               and value[1] is not None and not (path / name).is_dir()]
+    missing = [
+        name
+        for name, value in index.items()
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and len(value) == 2
+        and value[0] is not None
+        and value[1] is not None
+        and not (path / name).is_dir()
+    ]
     if missing:
-        raise ModelLoadError(f"{path}: model_index.json lists {', '.join(missing)}, but the folder"
-                             f"{'s are' if len(missing) > 1 else ' is'} missing; copy the complete pipeline "
-                             "(every component folder), or save it again with save_pretrained.")
+        raise ModelLoadError(
+            f"{path}: model_index.json lists {', '.join(missing)}, but the folder"
+            f"{'s are' if len(missing) > 1 else ' is'} missing; copy the complete pipeline "
+            "(every component folder), or save it again with save_pretrained."
+        )
 
 
 def _load_hub(repo_id: str, *, dtype, cache_dir, local_files_only) -> Target:
@@ -153,8 +187,10 @@ def _load_hub(repo_id: str, *, dtype, cache_dir, local_files_only) -> Target:
     from huggingface_hub import hf_hub_download
 
     kwargs = {"cache_dir": cache_dir, "local_files_only": local_files_only}
-    hint = (" Offline: put the model in the Hugging Face cache first (or pass a local directory); "
-            "HF_HUB_OFFLINE=1 makes diffdissect read the cache only.")
+    hint = (
+        " Offline: put the model in the Hugging Face cache first (or pass a local directory); "
+        "HF_HUB_OFFLINE=1 makes diffdissect read the cache only."
+    )
     try:
         hf_hub_download(repo_id, "model_index.json", **kwargs)
         is_pipeline = True
@@ -167,15 +203,18 @@ def _load_hub(repo_id: str, *, dtype, cache_dir, local_files_only) -> Target:
             return target
         config_path = hf_hub_download(repo_id, "config.json", **kwargs)
     except Exception as exc:
-        raise ModelLoadError(f"could not load {repo_id!r}: there is no such local directory, and it could not be "
-                             f"loaded from the hub or its cache: {exc}{hint}") from exc
+        raise ModelLoadError(
+            f"could not load {repo_id!r}: there is no such local directory, and it could not be "
+            f"loaded from the hub or its cache: {exc}{hint}"
+        ) from exc
     class_name = json.loads(Path(config_path).read_text()).get("_class_name", "")
     cls = _model_class(class_name, repo_id)
     try:
         model = cls.from_pretrained(repo_id, **kwargs).to(dtype=dtype)
     except Exception as exc:
-        raise ModelLoadError(f"could not load the {class_name} {repo_id!r} from the hub or its cache: {exc}"
-                             f"{hint}") from exc
+        raise ModelLoadError(
+            f"could not load the {class_name} {repo_id!r} from the hub or its cache: {exc}{hint}"
+        ) from exc
     target = from_module(model, repo_id, scheduler=_scheduler_beside(Path(config_path).parent))
     target.model_dir = str(Path(config_path).parent)
     return target
@@ -211,8 +250,10 @@ def _scheduler_beside(path: Path):
             name = _read_json(candidate).get("_class_name")
             cls = getattr(__import__("diffusers"), str(name), None)
             if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-                raise ModelLoadError(f"{candidate}: {name!r} is not a diffusers scheduler class; name one such as "
-                                     "DDPMScheduler or DDIMScheduler in its '_class_name'.")
+                raise ModelLoadError(
+                    f"{candidate}: {name!r} is not a diffusers scheduler class; name one such as "
+                    "DDPMScheduler or DDIMScheduler in its '_class_name'."
+                )
             try:
                 return cls.from_pretrained(candidate.parent)
             except Exception as exc:
@@ -236,20 +277,38 @@ def from_pipeline(pipe: Any, source: str) -> Target:
         kind = "text_unet" if components.get("text_encoder") is not None else "unet2d_condition"
         if type(unet).__name__ == "UNet2DModel":
             kind = "unet2d"
-        return Target(denoiser=unet, scheduler=pipe.scheduler, kind=kind, source=source,
-                      resolution=_size(unet) * scale, vae=vae, text_encoder=components.get("text_encoder"),
-                      tokenizer=components.get("tokenizer"), pipeline=pipe)
+        return Target(
+            denoiser=unet,
+            scheduler=pipe.scheduler,
+            kind=kind,
+            source=source,
+            resolution=_size(unet) * scale,
+            vae=vae,
+            text_encoder=components.get("text_encoder"),
+            tokenizer=components.get("tokenizer"),
+            pipeline=pipe,
+        )
     if components.get("transformer") is not None:
         transformer = components["transformer"]
         if components.get("text_encoder") is not None:
-            raise ModelLoadError(f"{source}: {type(pipe).__name__} is not supported yet; the text-conditioned "
-                                 "transformer families diffdissect models are SD3/SD3.5, FLUX.1, PixArt-alpha/Sigma "
-                                 "and Sana (and the DiT-like class-conditional pipelines).")
-        labels = getattr(pipe, "labels", None) or {}   # DiTPipeline keeps name -> id (names may be "a, b")
+            raise ModelLoadError(
+                f"{source}: {type(pipe).__name__} is not supported yet; the text-conditioned "
+                "transformer families diffdissect models are SD3/SD3.5, FLUX.1, PixArt-alpha/Sigma "
+                "and Sana (and the DiT-like class-conditional pipelines)."
+            )
+        labels = getattr(pipe, "labels", None) or {}  # DiTPipeline keeps name -> id (names may be "a, b")
         id2label = {int(i): name for name, i in labels.items()}
-        return Target(denoiser=transformer, scheduler=pipe.scheduler, kind="dit", source=source,
-                      resolution=_size(transformer) * scale, vae=vae, pipeline=pipe,
-                      null_class=_null_class(transformer), id2label=id2label)
+        return Target(
+            denoiser=transformer,
+            scheduler=pipe.scheduler,
+            kind="dit",
+            source=source,
+            resolution=_size(transformer) * scale,
+            vae=vae,
+            pipeline=pipe,
+            null_class=_null_class(transformer),
+            id2label=id2label,
+        )
     raise ModelLoadError(f"{source}: the pipeline has neither a 'unet' nor a 'transformer' component.")
 
 
@@ -257,9 +316,11 @@ def _refuse_added_conditioning(unet: nn.Module, where: str) -> None:
     """A UNet with an added embedding (SDXL's text_time, Kolors, ...) cannot run on plain text states."""
     added = getattr(getattr(unet, "config", None), "addition_embed_type", None)
     if added is not None:
-        raise ModelLoadError(f"{where} has a UNet with an added '{added}' embedding, which needs its pipeline's "
-                             "extra conditioning (SDXL: pooled text embeddings and time ids). diffdissect supports it "
-                             "through a StableDiffusionXLPipeline directory; this one is not supported yet.")
+        raise ModelLoadError(
+            f"{where} has a UNet with an added '{added}' embedding, which needs its pipeline's "
+            "extra conditioning (SDXL: pooled text embeddings and time ids). diffdissect supports it "
+            "through a StableDiffusionXLPipeline directory; this one is not supported yet."
+        )
 
 
 def _vae_scale(pipe: Any, vae: Any) -> int:
@@ -270,8 +331,10 @@ def _vae_scale(pipe: Any, vae: Any) -> int:
         return 1
     blocks = vae.config.get("block_out_channels") or vae.config.get("encoder_block_out_channels")
     if not blocks:
-        raise ModelLoadError(f"cannot tell the compression of the {type(vae).__name__}; its config names no "
-                             "block_out_channels or encoder_block_out_channels.")
+        raise ModelLoadError(
+            f"cannot tell the compression of the {type(vae).__name__}; its config names no "
+            "block_out_channels or encoder_block_out_channels."
+        )
     return 2 ** (len(blocks) - 1)
 
 
@@ -287,13 +350,22 @@ def _family_target(pipe: Any, source: str, family: Any, scale: int) -> Target:
     except Exception as exc:
         raise ModelLoadError(f"{source}: {exc}") from exc
     size = getattr(denoiser.config, "sample_size", None)
-    if size is None:                 # FLUX's transformer names no size: the pipeline's default one
+    if size is None:  # FLUX's transformer names no size: the pipeline's default one
         size = getattr(pipe, "default_sample_size", 128)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     kind = {"SDXL": "sdxl", "SD3": "sd3", "FLUX": "flux", "PixArt": "pixart", "Sana": "sana"}[family.name]
-    return Target(denoiser=denoiser, scheduler=pipe.scheduler, kind=kind, source=source,  # type: ignore[arg-type]
-                  resolution=size * scale, vae=components.get("vae"), text_encoder=components.get("text_encoder"),
-                  tokenizer=components.get("tokenizer"), pipeline=pipe, family=family)
+    return Target(
+        denoiser=denoiser,
+        scheduler=pipe.scheduler,
+        kind=kind,
+        source=source,  # type: ignore[arg-type]
+        resolution=size * scale,
+        vae=components.get("vae"),
+        text_encoder=components.get("text_encoder"),
+        tokenizer=components.get("tokenizer"),
+        pipeline=pipe,
+        family=family,
+    )
 
 
 def from_module(model: nn.Module, source: str, scheduler: Any = None) -> Target:
@@ -310,28 +382,48 @@ def from_module(model: nn.Module, source: str, scheduler: Any = None) -> Target:
     name = type(model).__name__
     if name in PIPELINE_ONLY_DENOISERS:
         family = PIPELINE_ONLY_DENOISERS[name]
-        flow = " It is a flow-matching model, so it must not be noised with a DDPM default either." \
-            if family in ("SD3", "FLUX", "Sana") else ""
-        raise ModelLoadError(f"{source}: a bare {name} is the denoiser of a {family} pipeline; it runs only with "
-                             f"that pipeline's text encoders, conditioning and scheduler. Load the pipeline directory "
-                             f"(model_index.json) or a factory returning the pipeline.{flow}")
+        flow = (
+            " It is a flow-matching model, so it must not be noised with a DDPM default either."
+            if family in ("SD3", "FLUX", "Sana")
+            else ""
+        )
+        raise ModelLoadError(
+            f"{source}: a bare {name} is the denoiser of a {family} pipeline; it runs only with "
+            f"that pipeline's text encoders, conditioning and scheduler. Load the pipeline directory "
+            f"(model_index.json) or a factory returning the pipeline.{flow}"
+        )
     _refuse_added_conditioning(model, f"{source}: a bare {name}")
     if scheduler is None and getattr(getattr(model, "config", None), "prediction_type", None) == "flow":
-        raise ModelLoadError(f"{source}: {name} is a flow-matching model but came without a scheduler; give the "
-                             "module a `scheduler` attribute (e.g. FlowMatchEulerDiscreteScheduler) or return a "
-                             "pipeline, so it is not noised the DDPM way.")
+        raise ModelLoadError(
+            f"{source}: {name} is a flow-matching model but came without a scheduler; give the "
+            "module a `scheduler` attribute (e.g. FlowMatchEulerDiscreteScheduler) or return a "
+            "pipeline, so it is not noised the DDPM way."
+        )
     scheduler = scheduler or DDPMScheduler(num_train_timesteps=1000)
-    kinds = {"UNet2DConditionModel": "unet2d_condition", "UNet2DModel": "unet2d",
-             "DiTTransformer2DModel": "transformer2d", "Transformer2DModel": "transformer2d"}
+    kinds = {
+        "UNet2DConditionModel": "unet2d_condition",
+        "UNet2DModel": "unet2d",
+        "DiTTransformer2DModel": "transformer2d",
+        "Transformer2DModel": "transformer2d",
+    }
     kind = kinds.get(name, "module")
     try:
         size = _size(model)
         channels = int(getattr(getattr(model, "config", None), "in_channels", None) or model.in_channels)
     except (AttributeError, TypeError) as exc:
-        raise ModelLoadError(f"{source}: cannot tell the input size of {name}; give the module "
-                             "attributes `in_channels` and `sample_size` (or a diffusers config).") from exc
-    return Target(denoiser=model, scheduler=scheduler, kind=kind, source=source, resolution=size,
-                  pixel_channels=channels, null_class=_null_class(model) if kind == "transformer2d" else None)
+        raise ModelLoadError(
+            f"{source}: cannot tell the input size of {name}; give the module "
+            "attributes `in_channels` and `sample_size` (or a diffusers config)."
+        ) from exc
+    return Target(
+        denoiser=model,
+        scheduler=scheduler,
+        kind=kind,
+        source=source,
+        resolution=size,
+        pixel_channels=channels,
+        null_class=_null_class(model) if kind == "transformer2d" else None,
+    )
 
 
 def _size(model: nn.Module) -> int:

@@ -3,6 +3,7 @@
 (`scheduler.timesteps` after `set_timesteps` runs from noisy to clean, i.e. descending; diffdissect
 never indexes into it, it takes t as the training index and records alpha_bar_t beside it.)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,10 +64,10 @@ def add_noise(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: int | to
     if isinstance(t, torch.Tensor) and t.ndim > 0:
         table = torch.as_tensor(alphas_cumprod(scheduler), device=x0.device).to(x0.dtype)[t.to(x0.device)]
         table = table.reshape(-1, *[1] * (x0.ndim - 1))
-        return table ** 0.5 * x0 + (1 - table) ** 0.5 * noise.to(x0.device, x0.dtype)
+        return table**0.5 * x0 + (1 - table) ** 0.5 * noise.to(x0.device, x0.dtype)
     alpha_bar = float(alphas_cumprod(scheduler)[int(t)])
     noise = noise.to(x0.device, x0.dtype)
-    return alpha_bar ** 0.5 * x0 + (1.0 - alpha_bar) ** 0.5 * noise
+    return alpha_bar**0.5 * x0 + (1.0 - alpha_bar) ** 0.5 * noise
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -76,8 +77,10 @@ def prediction_type(scheduler: Any) -> str:
     """The scheduler's `prediction_type` (epsilon when it names none), refused unless diffdissect can train it."""
     kind = getattr(scheduler.config, "prediction_type", "epsilon")
     if kind not in PREDICTION_TYPES:
-        raise SpecError(f"the scheduler's prediction_type {kind!r} is not supported; diffdissect trains denoisers "
-                        f"for {', '.join(PREDICTION_TYPES)}.")
+        raise SpecError(
+            f"the scheduler's prediction_type {kind!r} is not supported; diffdissect trains denoisers "
+            f"for {', '.join(PREDICTION_TYPES)}."
+        )
     return kind
 
 
@@ -92,7 +95,7 @@ def denoiser_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: to
         return noise
     if kind == "sample":
         return x0
-    alpha_bar = _alpha_bar_per_item(scheduler, t).to(x0.device, x0.dtype)                     # v_prediction
+    alpha_bar = _alpha_bar_per_item(scheduler, t).to(x0.device, x0.dtype)  # v_prediction
     alpha_bar = alpha_bar.reshape(-1, *([1] * (x0.dim() - 1)))
     return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
 

@@ -1,4 +1,5 @@
 """A loaded diffusion target: the denoiser to dissect plus what it needs to be run on images."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,11 +12,12 @@ from torch import nn
 from diffdissect.errors import SpecError
 from diffdissect.models.identity import config_digest, content_digest, file_stats, scheduler_identity
 
-TargetKind = Literal["text_unet", "dit", "unet2d", "unet2d_condition", "transformer2d", "module",
-                     "sdxl", "sd3", "flux", "pixart", "sana"]
+TargetKind = Literal[
+    "text_unet", "dit", "unet2d", "unet2d_condition", "transformer2d", "module", "sdxl", "sd3", "flux", "pixart", "sana"
+]
 
 
-FAMILY_CACHE_BATCHES = 64      # conditioning of this many batches of prompts is kept (SDXL/SD3/FLUX/PixArt/Sana)
+FAMILY_CACHE_BATCHES = 64  # conditioning of this many batches of prompts is kept (SDXL/SD3/FLUX/PixArt/Sana)
 
 
 @dataclass
@@ -30,21 +32,21 @@ class Target:
       sdxl, sd3, flux, pixart, sana: as their pipelines call them (`family`, models/families.py)
     """
 
-    denoiser: Any                            # an nn.Module; diffusers models carry .config and more
+    denoiser: Any  # an nn.Module; diffusers models carry .config and more
     scheduler: Any
     kind: TargetKind
     source: str
-    resolution: int                          # pixel resolution of image inputs
+    resolution: int  # pixel resolution of image inputs
     pixel_channels: int = 3
-    vae: Any = None                          # AutoencoderKL (or None: pixel-space denoiser)
+    vae: Any = None  # AutoencoderKL (or None: pixel-space denoiser)
     text_encoder: Any = None
     tokenizer: Any = None
     pipeline: Any = None
-    null_class: int | None = None            # class id meaning "unconditional" (DiT), if any
+    null_class: int | None = None  # class id meaning "unconditional" (DiT), if any
     id2label: dict[int, str] = field(default_factory=dict)
-    random_init_seed: int | None = None      # set when the denoiser was re-initialised (control)
-    model_dir: str | None = None             # the directory it was loaded from (its files key the digest cache)
-    family: Any = None                       # SDXL/SD3/FLUX/PixArt/Sana: a models.families.Family
+    random_init_seed: int | None = None  # set when the denoiser was re-initialised (control)
+    model_dir: str | None = None  # the directory it was loaded from (its files key the digest cache)
+    family: Any = None  # SDXL/SD3/FLUX/PixArt/Sana: a models.families.Family
     _prompt_cache: dict[Any, Any] = field(default_factory=dict, repr=False)
     _identity_memo: dict[str, Any] = field(default_factory=dict, repr=False)
     truncated_prompts: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
@@ -105,7 +107,7 @@ class Target:
         for module in (self.denoiser, self.vae, self.text_encoder):
             if module is not None:
                 module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
-        if self.family is not None:   # the other text encoders: conditioning is cast to the denoiser's dtype
+        if self.family is not None:  # the other text encoders: conditioning is cast to the denoiser's dtype
             self.pipeline.to(device)
         self._prompt_cache.clear()
         return self
@@ -119,7 +121,7 @@ class Target:
             return pixels
         encoded = self.vae.encode(pixels)
         dist = getattr(encoded, "latent_dist", None)
-        latents = dist.mean if dist is not None else encoded.latent   # AutoencoderDC (Sana) is deterministic
+        latents = dist.mean if dist is not None else encoded.latent  # AutoencoderDC (Sana) is deterministic
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
@@ -135,22 +137,31 @@ class Target:
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """Encoder hidden states for prompts (cached per prompt). The empty prompt is SD's unconditional."""
         if self.family is not None:
-            raise SpecError(f"{self.family.name} is conditioned through its pipeline's encode_prompt (several encoders, "
-                            "pooled embeddings); this step supports single-encoder models (SD 1.x/2.x) only.")
+            raise SpecError(
+                f"{self.family.name} is conditioned through its pipeline's encode_prompt (several encoders, "
+                "pooled embeddings); this step supports single-encoder models (SD 1.x/2.x) only."
+            )
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             if self.text_encoder is None or self.tokenizer is None:
                 dim = int(self.denoiser.config.cross_attention_dim)
                 for p in missing:
                     if p:
-                        raise SpecError("this model has no text encoder, so prompts cannot be encoded; "
-                                        "load a full pipeline directory, or capture without prompts.")
+                        raise SpecError(
+                            "this model has no text encoder, so prompts cannot be encoded; "
+                            "load a full pipeline directory, or capture without prompts."
+                        )
                     # bare conditional UNet: the 'empty' context is a single zero token
                     self._prompt_cache[p] = torch.zeros(1, dim, device=self.device, dtype=self.dtype)
             else:
                 self.note_truncation(missing)
-                ids = self.tokenizer(missing, padding="max_length", truncation=True,
-                                     max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+                ids = self.tokenizer(
+                    missing,
+                    padding="max_length",
+                    truncation=True,
+                    max_length=self.tokenizer.model_max_length,
+                    return_tensors="pt",
+                ).input_ids
                 hidden = self.text_encoder(ids.to(self.device))[0].to(self.dtype)
                 for p, h in zip(missing, hidden):
                     self._prompt_cache[p] = h
@@ -162,7 +173,7 @@ class Target:
         for prompt in prompts:
             ids = self.tokenizer(prompt, truncation=False).input_ids
             if len(ids) > limit:
-                dropped = self.tokenizer.decode(ids[limit - 1:], skip_special_tokens=True)
+                dropped = self.tokenizer.decode(ids[limit - 1 :], skip_special_tokens=True)
                 self.truncated_prompts[prompt] = {"tokens": len(ids), "kept": limit, "dropped_text": dropped}
 
     def conditioning(self, prompts: list[str] | None, class_labels: list[int] | None, batch: int) -> dict[str, Any]:
@@ -184,8 +195,10 @@ class Target:
         if self.takes_class:
             if class_labels is None:
                 if self.null_class is None:
-                    raise SpecError("this class-conditional model has no null (unconditional) class; "
-                                    "pass --class-label N or --labels-as-classes.")
+                    raise SpecError(
+                        "this class-conditional model has no null (unconditional) class; "
+                        "pass --class-label N or --labels-as-classes."
+                    )
                 class_labels = [self.null_class] * batch
             self.check_class_ids(class_labels)
             return {"class_labels": torch.tensor(class_labels, device=self.device, dtype=torch.long)}
@@ -200,9 +213,11 @@ class Target:
         allowed = int(n) + (1 if self.null_class is not None else 0)
         bad = sorted({int(c) for c in class_labels if not 0 <= int(c) < allowed})
         if bad:
-            raise SpecError(f"class ids {bad[:5]} are out of range: this model has classes 0..{int(n) - 1}"
-                            + (f" (and the null class {self.null_class})" if self.null_class is not None else "")
-                            + "; pass a class id in that range.")
+            raise SpecError(
+                f"class ids {bad[:5]} are out of range: this model has classes 0..{int(n) - 1}"
+                + (f" (and the null class {self.null_class})" if self.null_class is not None else "")
+                + "; pass a class id in that range."
+            )
 
     def call_arguments(self, sample: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> tuple[tuple, dict]:
         """(args, kwargs) of one denoiser call, in the calling convention of this kind."""
@@ -256,8 +271,14 @@ class Target:
         key = repr(([id(m) for _, m in modules], self.random_init_seed, dtype))
         if self._identity_memo.get("key") == key:
             content = self._identity_memo["content"]
-        elif (known and files and known.get("files") == files and known.get("dtype") == dtype
-              and known.get("random_init_seed") == self.random_init_seed and known.get("content_sha256")):
+        elif (
+            known
+            and files
+            and known.get("files") == files
+            and known.get("dtype") == dtype
+            and known.get("random_init_seed") == self.random_init_seed
+            and known.get("content_sha256")
+        ):
             content = known["content_sha256"]
         else:
             content = content_digest(modules, tokenizers, self.scheduler)
@@ -268,8 +289,9 @@ class Target:
             "kind": self.kind,
             "class": type(self.denoiser).__name__,
             "content_sha256": content,
-            "config_sha256": config_digest(getattr(self.denoiser, "config", None)
-                                           or {"repr": repr(self.denoiser)[:2000]}),
+            "config_sha256": config_digest(
+                getattr(self.denoiser, "config", None) or {"repr": repr(self.denoiser)[:2000]}
+            ),
             "weights_fingerprint": weights_fingerprint(self.denoiser),
             "num_parameters": sum(p.numel() for p in self.denoiser.parameters()),
             "scheduler": type(self.scheduler).__name__,
@@ -284,8 +306,11 @@ class Target:
 
     def _components(self) -> tuple[list[tuple[str, nn.Module | None]], list[Any]]:
         """Every module and tokenizer that shapes stored numbers, in a fixed order."""
-        modules: list[tuple[str, nn.Module | None]] = [("denoiser", self.denoiser), ("vae", self.vae),
-                                                        ("text_encoder", self.text_encoder)]
+        modules: list[tuple[str, nn.Module | None]] = [
+            ("denoiser", self.denoiser),
+            ("vae", self.vae),
+            ("text_encoder", self.text_encoder),
+        ]
         tokenizers = [self.tokenizer]
         seen = {id(m) for _, m in modules if m is not None}
         components = getattr(self.pipeline, "components", None) or {}

@@ -1,4 +1,5 @@
 """Offline CLIP tokenizers and text encoders built from a word list (no hub download)."""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,16 @@ def _word_merges(words: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    bpe.train_from_iterator(words, trainers.BpeTrainer(
-        vocab_size=100_000, min_frequency=0, show_progress=False, end_of_word_suffix="</w>",
-        initial_alphabet=list(CHARS)))
+    bpe.train_from_iterator(
+        words,
+        trainers.BpeTrainer(
+            vocab_size=100_000,
+            min_frequency=0,
+            show_progress=False,
+            end_of_word_suffix="</w>",
+            initial_alphabet=list(CHARS),
+        ),
+    )
     model = json.loads(bpe.to_str())["model"]
     pairs = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model["merges"]]
     return list(model["vocab"]), [(a, b) for a, b in pairs]
@@ -53,7 +61,16 @@ def build_clip_tokenizer(words: Iterable[str], max_length: int) -> CLIPTokenizer
 
 def build_clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, layers: int, heads: int) -> CLIPTextModel:
     """A randomly initialised CLIPTextModel sized for `tokenizer` (seed the RNG before calling)."""
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )

@@ -6,6 +6,7 @@ Sizes: 32x32-pixel images; the AutoencoderKL (SDXL, SD3, FLUX, PixArt) and the A
 compress 4x, to 4x8x8 latents. FLUX packs them 2x2 into 16 tokens of 16 channels; its transformer names
 no sample size, so load it with `resolution=32` (its pipeline's default is 1024 px).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 WORDS = ("a", "an", "the", "of", "photo", "red", "green", "blue", "circle", "square", "cat", "dog")
-CLIP_TOKENS = 16           # short CLIP context: fast tests (real models: 77)
+CLIP_TOKENS = 16  # short CLIP context: fast tests (real models: 77)
 T5_TOKENS = 32
 
 
@@ -48,10 +49,18 @@ def _clip_tokenizer() -> CLIPTokenizer:
 
 
 def _clip(tokenizer: CLIPTokenizer, hidden: int, projection: int | None = None):
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=2, num_attention_heads=2, projection_dim=projection or hidden,
-                            max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=projection or hidden,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
     return model.eval()
 
@@ -64,9 +73,20 @@ def _t5_tokenizer() -> T5Tokenizer:
 
 
 def _t5(tokenizer: T5Tokenizer, d_model: int = 32) -> T5EncoderModel:
-    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=2 * d_model, d_kv=8, num_layers=1,
-                                   num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
-                                   eos_token_id=1, decoder_start_token_id=0)).eval()
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_ff=2 * d_model,
+            d_kv=8,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
 
 
 def _gemma_tokenizer(texts: list[str]) -> GemmaTokenizer:
@@ -88,10 +108,20 @@ def _shifted_vae(seed: int) -> diffusers.AutoencoderKL:
     """The tiny AutoencoderKL with a latent shift, as SD3's and FLUX's VAEs have."""
     with _seeded(seed):
         return diffusers.AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
-            latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.1159, scaling_factor=0.3611,
-            use_quant_conv=False, use_post_quant_conv=False).eval()
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(8, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ).eval()
 
 
 def tiny_sdxl_pipeline(seed: int = 0) -> diffusers.StableDiffusionXLPipeline:
@@ -101,16 +131,34 @@ def tiny_sdxl_pipeline(seed: int = 0) -> diffusers.StableDiffusionXLPipeline:
         text_encoder = _clip(tokenizer, 16)
         text_encoder_2 = _clip(tokenizer_2, 16, projection=16)
         unet = diffusers.UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=6 * 8 + 16, cross_attention_dim=32, norm_num_groups=8).eval()
-    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                 timestep_spacing="leading", steps_offset=1)
-    return diffusers.StableDiffusionXLPipeline(vae=_tiny_vae(seed), text_encoder=text_encoder,
-                                               text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                                               tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=6 * 8 + 16,
+            cross_attention_dim=32,
+            norm_num_groups=8,
+        ).eval()
+    scheduler = diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
+    return diffusers.StableDiffusionXLPipeline(
+        vae=_tiny_vae(seed),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
 
 
 def tiny_sd3_pipeline(seed: int = 0) -> diffusers.StableDiffusion3Pipeline:
@@ -121,14 +169,30 @@ def tiny_sd3_pipeline(seed: int = 0) -> diffusers.StableDiffusion3Pipeline:
         text_encoder_2 = _clip(tokenizer_2, 16, projection=16)
         text_encoder_3 = _t5(tokenizer_3, 32)
         transformer = diffusers.SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
-            pos_embed_max_size=8).eval()
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=16,
+            pooled_projection_dim=32,
+            pos_embed_max_size=8,
+        ).eval()
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     return diffusers.StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=scheduler, vae=_shifted_vae(seed), text_encoder=text_encoder,
-        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
-        tokenizer_3=tokenizer_3)
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=_shifted_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
 
 
 def tiny_flux_pipeline(seed: int = 0, guidance: bool = True) -> diffusers.FluxPipeline:
@@ -141,14 +205,34 @@ def tiny_flux_pipeline(seed: int = 0, guidance: bool = True) -> diffusers.FluxPi
         text_encoder = _clip(tokenizer, 16)
         text_encoder_2 = _t5(tokenizer_2, 32)
         transformer = diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance,
-            axes_dims_rope=(2, 2, 4)).eval()
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=16,
+            guidance_embeds=guidance,
+            axes_dims_rope=(2, 2, 4),
+        ).eval()
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-        max_image_seq_len=4096)
-    return diffusers.FluxPipeline(scheduler=scheduler, vae=_shifted_vae(seed), text_encoder=text_encoder, tokenizer=tokenizer,
-                                  text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return diffusers.FluxPipeline(
+        scheduler=scheduler,
+        vae=_shifted_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
 
 
 def tiny_pixart_pipeline(seed: int = 0) -> diffusers.PixArtAlphaPipeline:
@@ -157,12 +241,29 @@ def tiny_pixart_pipeline(seed: int = 0) -> diffusers.PixArtAlphaPipeline:
     with _seeded(seed):
         text_encoder = _t5(tokenizer, 32)
         transformer = diffusers.PixArtTransformer2DModel(
-            sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2,
-            caption_channels=32, in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True,
-            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-            norm_elementwise_affine=False, norm_eps=1e-6).eval()
-    return diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=_tiny_vae(seed),
-                                         transformer=transformer, scheduler=diffusers.DPMSolverMultistepScheduler())
+            sample_size=8,
+            num_layers=2,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            caption_channels=32,
+            in_channels=4,
+            cross_attention_dim=16,
+            out_channels=8,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+        ).eval()
+    return diffusers.PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=_tiny_vae(seed),
+        transformer=transformer,
+        scheduler=diffusers.DPMSolverMultistepScheduler(),
+    )
 
 
 def tiny_sana_pipeline(seed: int = 0) -> diffusers.SanaPipeline:
@@ -172,28 +273,64 @@ def tiny_sana_pipeline(seed: int = 0) -> diffusers.SanaPipeline:
     instruction = inspect.signature(diffusers.SanaPipeline.__call__).parameters["complex_human_instruction"].default
     tokenizer = _gemma_tokenizer([*instruction, *WORDS])
     with _seeded(seed):
-        text_encoder = Gemma2Model(Gemma2Config(
-            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
-            pad_token_id=0, eos_token_id=1, bos_token_id=2)).eval()
+        text_encoder = Gemma2Model(
+            Gemma2Config(
+                vocab_size=len(tokenizer),
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=8,
+                max_position_embeddings=2048,
+                pad_token_id=0,
+                eos_token_id=1,
+                bos_token_id=2,
+            )
+        ).eval()
         transformer = diffusers.SanaTransformer2DModel(
-            patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
-            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
-            sample_size=8).eval()
+            patch_size=1,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=8,
+            cross_attention_dim=16,
+            caption_channels=16,
+            sample_size=8,
+        ).eval()
         vae = diffusers.AutoencoderDC(
-            in_channels=3, latent_channels=4, attention_head_dim=2,
+            in_channels=3,
+            latent_channels=4,
+            attention_head_dim=2,
             encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
             decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-            encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
-            encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
-            encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1), downsample_block_type="conv",
-            upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
-            scaling_factor=0.41407).eval()
-    scheduler = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
-                                                      flow_shift=3.0)
-    return diffusers.SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                                  scheduler=scheduler)
+            encoder_block_out_channels=(8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8),
+            encoder_qkv_multiscales=((), (), (5,)),
+            decoder_qkv_multiscales=((), (), (5,)),
+            encoder_layers_per_block=(1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1),
+            downsample_block_type="conv",
+            upsample_block_type="interpolate",
+            decoder_norm_types="rms_norm",
+            decoder_act_fns="silu",
+            scaling_factor=0.41407,
+        ).eval()
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0
+    )
+    return diffusers.SanaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
 
 
-FAMILY_BUILDERS = {"sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline,
-                   "pixart": tiny_pixart_pipeline, "sana": tiny_sana_pipeline}
+FAMILY_BUILDERS = {
+    "sdxl": tiny_sdxl_pipeline,
+    "sd3": tiny_sd3_pipeline,
+    "flux": tiny_flux_pipeline,
+    "pixart": tiny_pixart_pipeline,
+    "sana": tiny_sana_pipeline,
+}

@@ -1,4 +1,5 @@
 """Label columns of a store turned into class indices, with the checks a probe needs."""
+
 from __future__ import annotations
 
 import math
@@ -10,15 +11,15 @@ import numpy as np
 
 from diffdissect.errors import DataError
 
-STORE_COLUMNS = ("row", "input_id", "source_index", "seed", "shard")   # bookkeeping, never labels
+STORE_COLUMNS = ("row", "input_id", "source_index", "seed", "shard")  # bookkeeping, never labels
 
 
 @dataclass
 class EncodedLabels:
     name: str
     classes: list[str]
-    y: np.ndarray               # (rows,) int64 class index; -1 where missing (rows dropped)
-    missing: int                # rows without a value
+    y: np.ndarray  # (rows,) int64 class index; -1 where missing (rows dropped)
+    missing: int  # rows without a value
 
     @property
     def present(self) -> np.ndarray:
@@ -26,7 +27,11 @@ class EncodedLabels:
 
 
 def is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+    return (
+        value is None
+        or (isinstance(value, float) and math.isnan(value))
+        or (isinstance(value, str) and not value.strip())
+    )
 
 
 def label_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -40,19 +45,25 @@ def label_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
 def encode_labels(rows: Sequence[dict[str, Any]], column: str, *, drop_missing: bool = False) -> EncodedLabels:
     """Class indices of `column` for every row (classes sorted by their text)."""
     if rows and column not in label_columns(rows):
-        raise DataError(f"the store has no label column {column!r}; its columns are {label_columns(rows)}. "
-                        "Label columns come from the capture's --labels CSV, dataset columns or attributes.")
+        raise DataError(
+            f"the store has no label column {column!r}; its columns are {label_columns(rows)}. "
+            "Label columns come from the capture's --labels CSV, dataset columns or attributes."
+        )
     values = [r.get(column) for r in rows]
     missing = np.array([is_missing(v) for v in values], dtype=bool)
     if missing.any() and not drop_missing:
         examples = [rows[i].get("input_id") for i in np.nonzero(missing)[0][:5]]
-        raise DataError(f"label column {column!r} is missing a value in {int(missing.sum())} of {len(rows)} rows "
-                        f"(e.g. inputs {examples}); fill them in, or pass --drop-missing to probe without those rows")
+        raise DataError(
+            f"label column {column!r} is missing a value in {int(missing.sum())} of {len(rows)} rows "
+            f"(e.g. inputs {examples}); fill them in, or pass --drop-missing to probe without those rows"
+        )
     text = np.array(["" if m else str(v) for v, m in zip(values, missing)], dtype=object)
     classes = sorted(set(text[~missing].tolist()))
     if len(classes) < 2:
-        raise DataError(f"label column {column!r} has {len(classes)} class{'es' if len(classes) != 1 else ''} "
-                        f"({classes}); a probe needs at least 2. Pick another column or capture more varied inputs")
+        raise DataError(
+            f"label column {column!r} has {len(classes)} class{'es' if len(classes) != 1 else ''} "
+            f"({classes}); a probe needs at least 2. Pick another column or capture more varied inputs"
+        )
     index = {c: k for k, c in enumerate(classes)}
     y = np.array([-1 if m else index[t] for t, m in zip(text, missing)], dtype=np.int64)
     return EncodedLabels(column, classes, y, int(missing.sum()))

@@ -15,6 +15,7 @@ Features are standardised with the training rows' mean and std. The L2 strength 
 Objective per problem: mean cross-entropy + l2/2 * ||W||^2 (intercept unpenalised), which is
 scikit-learn's LogisticRegression with C = 1 / (l2 * n_train).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,18 +30,18 @@ DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 class LinearProbeFit:
     """Per (cell, task): chosen L2 and the chosen model's predictions; per (cell, l2, task): validation scores."""
 
-    l2_grid: np.ndarray          # (R,)
-    val_accuracy: np.ndarray     # (C, R, T)
-    val_loss: np.ndarray         # (C, R, T)
-    chosen: np.ndarray           # (C, T) index into l2_grid
-    train_accuracy: np.ndarray   # (C, T) of the chosen model
-    test_pred: np.ndarray        # (C, T, n_test) class indices from the chosen model
+    l2_grid: np.ndarray  # (R,)
+    val_accuracy: np.ndarray  # (C, R, T)
+    val_loss: np.ndarray  # (C, R, T)
+    chosen: np.ndarray  # (C, T) index into l2_grid
+    train_accuracy: np.ndarray  # (C, T) of the chosen model
+    test_pred: np.ndarray  # (C, T, n_test) class indices from the chosen model
     iterations: int
     converged: bool
     max_grad: float
     solver: str = "batched"
-    coef: np.ndarray | None = None        # (C, T, K, d) the chosen model's class weights on the raw features
-    intercept: np.ndarray | None = None   # (C, T, K) and intercepts (standardisation folded in)
+    coef: np.ndarray | None = None  # (C, T, K, d) the chosen model's class weights on the raw features
+    intercept: np.ndarray | None = None  # (C, T, K) and intercepts (standardisation folded in)
 
     @property
     def chosen_l2(self) -> np.ndarray:
@@ -54,10 +55,21 @@ def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor
     return [(x - mean) / std for x in (train, *others)]
 
 
-def fit_probe_tasks(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-                    x_test: torch.Tensor, n_classes: list[int], *, train_mask: torch.Tensor | None = None,
-                    val_mask: torch.Tensor | None = None, l2_grid=DEFAULT_L2_GRID, max_iter: int = 500,
-                    tol: float = 1e-4, solver: str = "auto") -> LinearProbeFit:
+def fit_probe_tasks(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    x_test: torch.Tensor,
+    n_classes: list[int],
+    *,
+    train_mask: torch.Tensor | None = None,
+    val_mask: torch.Tensor | None = None,
+    l2_grid=DEFAULT_L2_GRID,
+    max_iter: int = 500,
+    tol: float = 1e-4,
+    solver: str = "auto",
+) -> LinearProbeFit:
     """Fit C cells x T label tasks x R L2 strengths in one batched run.
 
     x_*: (C, n_split, d) features (standardised here); y_*: (T, n_split) int64 class indices; task t has
@@ -85,28 +97,28 @@ def fit_probe_tasks(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.T
         absent[t, :n] = 0.0
     n_w = d * k
 
-    def unpack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:      # x: (C, R, T, (d + 1) K)
+    def unpack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x: (C, R, T, (d + 1) K)
         weight = x[..., :n_w].reshape(cells, r, tasks, d, k).permute(0, 3, 1, 2, 4).reshape(cells, d, r * tasks * k)
         bias = x[..., n_w:].reshape(cells, 1, r * tasks * k)
         return weight, bias
 
-    def logits_of(x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:   # (C, n, R, T, K)
+    def logits_of(x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:  # (C, n, R, T, K)
         weight, bias = unpack(x)
         return (torch.bmm(features, weight) + bias).view(cells, features.shape[1], r, tasks, k) + absent
 
-    def losses(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:   # (C, R, T)
+    def losses(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (C, R, T)
         logp = torch.log_softmax(logits, dim=-1)
         target = y.t()[None, :, None, :, None].expand(cells, -1, r, -1, 1)
-        nll = -logp.gather(-1, target).squeeze(-1)                  # (C, n, R, T)
+        nll = -logp.gather(-1, target).squeeze(-1)  # (C, n, R, T)
         weights = mask.t()[None, :, None, :]
         return (nll * weights).sum(1) / weights.sum(1).clamp_min(1)
 
     def value_and_grad(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             x = flat.detach().view(cells, r, tasks, -1).requires_grad_(True)
-            squares = x[..., :n_w].pow(2).sum(-1)                      # (C, R, T), intercepts unpenalised
+            squares = x[..., :n_w].pow(2).sum(-1)  # (C, R, T), intercepts unpenalised
             values = losses(logits_of(x, x_train), y_train, m_train) + 0.5 * grid[None, :, None] * squares
-            (grad,) = torch.autograd.grad(values.sum(), x)             # independent problems: one backward
+            (grad,) = torch.autograd.grad(values.sum(), x)  # independent problems: one backward
         return values.detach().reshape(-1), grad.reshape(len(flat), -1)
 
     if solver == "batched":
@@ -114,26 +126,28 @@ def fit_probe_tasks(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.T
         solution, iterations, converged, max_grad = batched_lbfgs(value_and_grad, start, max_iter=max_iter, tol=tol)
         solution = solution.view(cells, r, tasks, -1)
     else:
-        solution, iterations, converged, max_grad = _lbfgsb_all(x_train, y_train, m_train, n_classes, k, grid,
-                                                                max_iter=max_iter, tol=tol)
+        solution, iterations, converged, max_grad = _lbfgsb_all(
+            x_train, y_train, m_train, n_classes, k, grid, max_iter=max_iter, tol=tol
+        )
 
     def logits(features: torch.Tensor) -> torch.Tensor:
         return logits_of(solution, features)
 
     with torch.no_grad():
-        val_acc = ((logits(x_val).argmax(-1) == y_val.t()[None, :, None, :]).float()
-                   * m_val.t()[None, :, None, :]).sum(1) / m_val.t()[None, :, None, :].sum(1).clamp_min(1)
+        val_acc = ((logits(x_val).argmax(-1) == y_val.t()[None, :, None, :]).float() * m_val.t()[None, :, None, :]).sum(
+            1
+        ) / m_val.t()[None, :, None, :].sum(1).clamp_min(1)
         val_loss = losses(logits(x_val), y_val, m_val)
-        chosen = val_loss.argmin(1)                                  # (C, T): validation cross-entropy
+        chosen = val_loss.argmin(1)  # (C, T): validation cross-entropy
 
-        def predict(x: torch.Tensor) -> torch.Tensor:               # (C, T, n) at the chosen strength
-            pred = logits(x).argmax(-1)                              # (C, n, R, T)
+        def predict(x: torch.Tensor) -> torch.Tensor:  # (C, T, n) at the chosen strength
+            pred = logits(x).argmax(-1)  # (C, n, R, T)
             pick = chosen[:, None, None, :].expand(-1, x.shape[1], 1, -1)
             return pred.gather(2, pick).squeeze(2).transpose(1, 2)
 
         # the chosen model on the raw features: x W / std + (b - (mean / std) W)
-        pick = chosen[:, :, None, None].expand(-1, -1, 1, solution.shape[-1])           # (C, T, 1, (d + 1) K)
-        best = solution.view(cells, r, tasks, -1).transpose(1, 2).gather(2, pick).squeeze(2)   # (C, T, (d + 1) K)
+        pick = chosen[:, :, None, None].expand(-1, -1, 1, solution.shape[-1])  # (C, T, 1, (d + 1) K)
+        best = solution.view(cells, r, tasks, -1).transpose(1, 2).gather(2, pick).squeeze(2)  # (C, T, (d + 1) K)
         weight_std = best[..., :n_w].reshape(cells, tasks, d, k)
         coef = weight_std / raw_std.reshape(cells, 1, d, 1)
         intercept = best[..., n_w:] - (raw_mean.reshape(cells, 1, d, 1) * coef).sum(2)
@@ -141,14 +155,32 @@ def fit_probe_tasks(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.T
         train_acc = ((train_pred == y_train[None]).float() * m_train[None]).sum(-1) / m_train.sum(-1).clamp_min(1)
         test_pred = predict(x_test)
     return LinearProbeFit(
-        l2_grid=grid.cpu().numpy().astype(np.float64), val_accuracy=val_acc.cpu().numpy(),
-        val_loss=val_loss.cpu().numpy(), chosen=chosen.cpu().numpy(), train_accuracy=train_acc.cpu().numpy(),
-        test_pred=test_pred.cpu().numpy(), iterations=iterations, converged=converged, max_grad=max_grad,
-        solver=solver, coef=coef.transpose(2, 3).cpu().numpy(), intercept=intercept.cpu().numpy())
+        l2_grid=grid.cpu().numpy().astype(np.float64),
+        val_accuracy=val_acc.cpu().numpy(),
+        val_loss=val_loss.cpu().numpy(),
+        chosen=chosen.cpu().numpy(),
+        train_accuracy=train_acc.cpu().numpy(),
+        test_pred=test_pred.cpu().numpy(),
+        iterations=iterations,
+        converged=converged,
+        max_grad=max_grad,
+        solver=solver,
+        coef=coef.transpose(2, 3).cpu().numpy(),
+        intercept=intercept.cpu().numpy(),
+    )
 
 
-def _lbfgsb_all(x_train: torch.Tensor, y_train: torch.Tensor, m_train: torch.Tensor, n_classes: list[int], k: int,
-                grid: torch.Tensor, *, max_iter: int, tol: float) -> tuple[torch.Tensor, int, bool, float]:
+def _lbfgsb_all(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    m_train: torch.Tensor,
+    n_classes: list[int],
+    k: int,
+    grid: torch.Tensor,
+    *,
+    max_iter: int,
+    tol: float,
+) -> tuple[torch.Tensor, int, bool, float]:
     """Every (cell, task) with scipy's L-BFGS-B, down the L2 grid from the strongest (warm starts); returns the
     solutions in the batched layout (C, R, T, (d + 1) K) with the absent classes' entries zero."""
     from scipy.optimize import minimize
@@ -168,9 +200,11 @@ def _lbfgsb_all(x_train: torch.Tensor, y_train: torch.Tensor, m_train: torch.Ten
             for i in sorted(range(r), key=lambda i: -float(grid[i])):
                 l2 = float(grid[i])
 
-                def fun(flat: np.ndarray, l2: float = l2, x=x, onehot=onehot, n_k=n_k, scale=scale) -> tuple[float, np.ndarray]:
+                def fun(
+                    flat: np.ndarray, l2: float = l2, x=x, onehot=onehot, n_k=n_k, scale=scale
+                ) -> tuple[float, np.ndarray]:
                     theta = torch.from_numpy(flat).to(torch.float32)
-                    w, b = theta[:d * n_k].view(d, n_k), theta[d * n_k:]
+                    w, b = theta[: d * n_k].view(d, n_k), theta[d * n_k :]
                     logits = torch.addmm(b, x, w)
                     logp = torch.log_softmax(logits, dim=-1)
                     loss = -(logp * onehot).sum() * scale + 0.5 * l2 * float(w.pow(2).sum())
@@ -178,15 +212,16 @@ def _lbfgsb_all(x_train: torch.Tensor, y_train: torch.Tensor, m_train: torch.Ten
                     grad = torch.cat([(x.t() @ g + l2 * w).flatten(), g.sum(0)])
                     return float(loss), grad.double().numpy()
 
-                result = minimize(fun, start, jac=True, method="L-BFGS-B",
-                                  options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-12})
+                result = minimize(
+                    fun, start, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-12}
+                )
                 start = result.x
                 most = max(most, int(result.nit))
                 grad_max = float(np.abs(result.jac).max())
                 worst = max(worst, grad_max)
                 converged &= grad_max <= tol * 10 or bool(result.success)
                 theta = torch.from_numpy(result.x).to(torch.float32)
-                w, b = theta[:d * n_k].view(d, n_k), theta[d * n_k:]
+                w, b = theta[: d * n_k].view(d, n_k), theta[d * n_k :]
                 block = torch.zeros(d + 1, k, dtype=torch.float32, device=x.device)
                 block[:d, :n_k], block[d, :n_k] = w, b
                 out[c, i, t] = torch.cat([block[:d].flatten(), block[d]])
@@ -194,8 +229,15 @@ def _lbfgsb_all(x_train: torch.Tensor, y_train: torch.Tensor, m_train: torch.Ten
 
 
 @torch.no_grad()
-def batched_lbfgs(value_and_grad, x0: torch.Tensor, *, max_iter: int = 500, tol: float = 1e-5, history: int = 10,
-                  max_backtracks: int = 20):
+def batched_lbfgs(
+    value_and_grad,
+    x0: torch.Tensor,
+    *,
+    max_iter: int = 500,
+    tol: float = 1e-5,
+    history: int = 10,
+    max_backtracks: int = 20,
+):
     """Minimise P independent smooth functions at once. value_and_grad(x (P, D)) -> (f (P,), g (P, D)).
 
     Every problem keeps its own curvature pairs, search direction (two-loop recursion) and Armijo
@@ -206,7 +248,7 @@ def batched_lbfgs(value_and_grad, x0: torch.Tensor, *, max_iter: int = 500, tol:
     x = x0.clone()
     f, g = value_and_grad(x)
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    stalled = torch.zeros(len(x), dtype=torch.bool, device=x.device)   # line search found no decrease
+    stalled = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # line search found no decrease
     iterations = 0
     for iterations in range(1, max_iter + 1):
         active = (g.abs().amax(1) > tol) & ~stalled
@@ -230,7 +272,7 @@ def batched_lbfgs(value_and_grad, x0: torch.Tensor, *, max_iter: int = 500, tol:
             q += (a - rho * (y * q).sum(1))[:, None] * s
         direction = -q
         slope = (g * direction).sum(1)
-        uphill = slope >= 0                                  # a bad curvature estimate: fall back to -g
+        uphill = slope >= 0  # a bad curvature estimate: fall back to -g
         direction[uphill] = -g[uphill]
         slope = torch.where(uphill, -(g * g).sum(1), slope)
         direction[~active] = 0
@@ -255,8 +297,15 @@ def batched_lbfgs(value_and_grad, x0: torch.Tensor, *, max_iter: int = 500, tol:
     return x, iterations, bool(max_grad <= tol), max_grad
 
 
-def fit_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-                      x_test: torch.Tensor, n_classes: int, **kwargs) -> LinearProbeFit:
+def fit_linear_probes(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    x_test: torch.Tensor,
+    n_classes: int,
+    **kwargs,
+) -> LinearProbeFit:
     """One label: y_* (n_split,). Returns arrays without the task axis: chosen (C,), test_pred (C, n_test)."""
     fit = fit_probe_tasks(x_train, y_train[None], x_val, y_val[None], x_test, [n_classes], **kwargs)
     fit.val_accuracy, fit.val_loss = fit.val_accuracy[..., 0], fit.val_loss[..., 0]
@@ -266,8 +315,16 @@ def fit_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch
     return fit
 
 
-def fit_sklearn_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                      x_test: np.ndarray, *, l2_grid=DEFAULT_L2_GRID, max_iter: int = 1000) -> dict:
+def fit_sklearn_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    x_test: np.ndarray,
+    *,
+    l2_grid=DEFAULT_L2_GRID,
+    max_iter: int = 1000,
+) -> dict:
     """The same protocol for one cell with scikit-learn (the reference the batched fit is checked against)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss

@@ -1,5 +1,6 @@
 """The typed results of a probe sweep: one `ProbeCell` per (label, condition, layer, t), a `ProbeResults`
 for the sweep, and the per-label `ProbeSummary` (the cell chosen on validation, with its controls)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ class ProbeCell(Result):
     label: str
     layer: str
     t: int
-    condition: str                    # trained, shuffled or random_init
+    condition: str  # trained, shuffled or random_init
     head: str
     accuracy: float
     ci_low: float
@@ -31,9 +32,9 @@ class ProbeCell(Result):
     l2: float | None
     val_accuracy: float
     train_accuracy: float
-    converged: bool | None = omit_if_none()      # linear probes
-    solver: str | None = omit_if_none()          # linear probes
-    best_epoch: int | None = omit_if_none()      # attentive heads
+    converged: bool | None = omit_if_none()  # linear probes
+    solver: str | None = omit_if_none()  # linear probes
+    best_epoch: int | None = omit_if_none()  # attentive heads
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProbeCell:
@@ -49,9 +50,9 @@ class LabelInfo(Result):
 
 @dataclass(frozen=True)
 class SplitInfo(Result):
-    by: str                           # "hash" or the split column's name
+    by: str  # "hash" or the split column's name
     salt: str
-    images: dict[str, int]            # images per split
+    images: dict[str, int]  # images per split
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ class ProbeResults(Result):
     """A probe sweep: every cell's scores, with the labels, the split and the cells skipped."""
 
     store: str
-    model: dict[str, Any]             # the store's model identity (`models.identity.comparable`)
-    config: dict[str, Any]            # the ProbeConfig as JSON
+    model: dict[str, Any]  # the store's model identity (`models.identity.comparable`)
+    config: dict[str, Any]  # the ProbeConfig as JSON
     cells: list[tuple[str, int]]
     labels: dict[str, LabelInfo]
     split: SplitInfo
@@ -93,25 +94,31 @@ class ProbeResults(Result):
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProbeResults:
-        return cls(store=data["store"], model=data.get("model", {}), config=data["config"], cells=[(str(c[0]), int(c[1])) for c in data["cells"]],
-                   labels={k: LabelInfo.from_json(v) for k, v in data["labels"].items()},
-                   split=SplitInfo.from_json(data["split"]), split_by_image=data.get("split_by_image", {}),
-                   results=[ProbeCell.from_json(r) for r in data["results"]],
-                   skipped=[SkippedCell.from_json(s) for s in data.get("skipped", [])],
-                   seconds=data.get("seconds", 0.0))
+        return cls(
+            store=data["store"],
+            model=data.get("model", {}),
+            config=data["config"],
+            cells=[(str(c[0]), int(c[1])) for c in data["cells"]],
+            labels={k: LabelInfo.from_json(v) for k, v in data["labels"].items()},
+            split=SplitInfo.from_json(data["split"]),
+            split_by_image=data.get("split_by_image", {}),
+            results=[ProbeCell.from_json(r) for r in data["results"]],
+            skipped=[SkippedCell.from_json(s) for s in data.get("skipped", [])],
+            seconds=data.get("seconds", 0.0),
+        )
 
 
 @dataclass(frozen=True)
 class ControlSummary(Result):
     """A control at its own validation-chosen cell (JSON keys prefixed with the control's name)."""
 
-    best_accuracy: float              # chosen on validation, scored on test
+    best_accuracy: float  # chosen on validation, scored on test
     best_cell: str
     ci: list[float]
-    test_max_accuracy: float          # max over cells: biased upwards
+    test_max_accuracy: float  # max over cells: biased upwards
     mean_accuracy: float
     chance_constant: float
-    at_best_cell: float | None = omit_if_none()    # the control at the trained probe's chosen cell
+    at_best_cell: float | None = omit_if_none()  # the control at the trained probe's chosen cell
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,7 @@ class ProbeSummary(Result):
     best_accuracy: float
     ci: list[float]
     chance_majority: float
-    test_max_accuracy: float          # the old headline: max over cells of test accuracy (biased upwards)
+    test_max_accuracy: float  # the old headline: max over cells of test accuracy (biased upwards)
     test_max_cell: str
     controls: dict[str, ControlSummary] = field(default_factory=dict)
 
@@ -148,6 +155,7 @@ class ProbeSummary(Result):
             prefix = f"{name}_"
             if f"{prefix}best_accuracy" in data:
                 controls[name] = ControlSummary.from_json(
-                    {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)})
+                    {k[len(prefix) :]: v for k, v in data.items() if k.startswith(prefix)}
+                )
         base = super().from_json({k: v for k, v in data.items() if k != "controls"})
         return cls(**{**{f: getattr(base, f) for f in base.__dataclass_fields__}, "controls": controls})

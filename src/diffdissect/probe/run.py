@@ -3,6 +3,7 @@
 Features are read once from the store (one capture: one denoiser pass per image, seed and t covers
 every layer). Cells with the same feature width are fitted together in one batched run.
 """
+
 from __future__ import annotations
 
 import time
@@ -77,18 +78,19 @@ class ProbeTask:
     """One label on one store: its rows, classes and split, ready to fit."""
 
     labels: EncodedLabels
-    y: np.ndarray                   # (rows,) class per row (shuffled for the shuffled control)
+    y: np.ndarray  # (rows,) class per row (shuffled for the shuffled control)
     split: Split
-    rows: np.ndarray                # indices of rows with a label
-    image_of_row: np.ndarray        # (rows,) image index, for the bootstrap over images
+    rows: np.ndarray  # indices of rows with a label
+    image_of_row: np.ndarray  # (rows,) image index, for the bootstrap over images
     seed_of_row: np.ndarray
 
     def part(self, name: str) -> np.ndarray:
         return self.rows[self.split.mask(name)[self.rows]]
 
 
-def run_probes(store: str, config: ProbeConfig, *, progress: bool = True,
-               weights: dict[Any, Any] | None = None) -> ProbeResults:
+def run_probes(
+    store: str, config: ProbeConfig, *, progress: bool = True, weights: dict[Any, Any] | None = None
+) -> ProbeResults:
     """Probe every requested cell for every label (plus the requested controls).
 
     `weights` (a dict), when given, receives the trained linear probes' weights on the raw features, per
@@ -100,8 +102,11 @@ def run_probes(store: str, config: ProbeConfig, *, progress: bool = True,
     reader = open_store(store)
     cells = _cells(reader, config)
     rows = reader.rows()
-    split = (split_from_column(reader.column("input_id"), reader.column(config.split_column), config.split_column)
-             if config.split_column else split_images(reader.column("input_id"), config.split))
+    split = (
+        split_from_column(reader.column("input_id"), reader.column(config.split_column), config.split_column)
+        if config.split_column
+        else split_images(reader.column("input_id"), config.split)
+    )
     images = {image: k for k, image in enumerate(dict.fromkeys(str(r["input_id"]) for r in rows))}
     image_of_row = np.array([images[str(r["input_id"])] for r in rows])
     seed_of_row = np.array([r.get("seed", 0) for r in rows])
@@ -109,7 +114,9 @@ def run_probes(store: str, config: ProbeConfig, *, progress: bool = True,
     results: list[ProbeCell] = []
     skipped: list[SkippedCell] = []
     # tasks fitted together share features: the trained labels and their shuffled copies in one batched run
-    batches: list[tuple[StoreReader, dict[tuple[str, str], ProbeTask]]] = [(reader, {("trained", n): t for n, t in tasks.items()})]
+    batches: list[tuple[StoreReader, dict[tuple[str, str], ProbeTask]]] = [
+        (reader, {("trained", n): t for n, t in tasks.items()})
+    ]
     if config.shuffled_control:
         batches[0][1].update({("shuffled", n): _shuffled(t, config.seed) for n, t in tasks.items()})
     if config.random_init_store:
@@ -118,23 +125,34 @@ def run_probes(store: str, config: ProbeConfig, *, progress: bool = True,
     for source, batch_tasks in batches:
         available = [c for c in cells if _has_cell(source, *c)]
         for condition in dict.fromkeys(c for c, _ in batch_tasks):
-            skipped += [SkippedCell(condition, l, t, "cell not in the control store")
-                        for l, t in cells if (l, t) not in available]
+            skipped += [
+                SkippedCell(condition, l, t, "cell not in the control store")
+                for l, t in cells
+                if (l, t) not in available
+            ]
         for group, features in _feature_groups(source, available, config):
             for (condition, name), per_cell in _fit(features.to(device), batch_tasks, config).items():
                 for cell, scores in zip(group, per_cell):
                     found = scores.pop("_weights", None)
                     if weights is not None and found is not None and condition == "trained":
                         weights[(name, cell[0], int(cell[1]))] = {**found, "classes": tasks[name].labels.classes}
-                    results.append(ProbeCell(label=name, layer=cell[0], t=cell[1], condition=condition,
-                                             head=config.head, **scores))
+                    results.append(
+                        ProbeCell(label=name, layer=cell[0], t=cell[1], condition=condition, head=config.head, **scores)
+                    )
             if progress:
                 print(f"  fitted {len(group)} cells x {len(batch_tasks)} label tasks")
     return ProbeResults(
-        store=str(store), model=comparable(reader.manifest.model or {}), config=_config_json(config), cells=cells,
+        store=str(store),
+        model=comparable(reader.manifest.model or {}),
+        config=_config_json(config),
+        cells=cells,
         labels={n: LabelInfo(t.labels.classes, t.labels.missing) for n, t in tasks.items()},
         split=SplitInfo(config.split_column or "hash", split.spec.salt, split.counts()),
-        split_by_image=split.by_image, results=results, skipped=skipped, seconds=round(time.perf_counter() - start, 2))
+        split_by_image=split.by_image,
+        results=results,
+        skipped=skipped,
+        seconds=round(time.perf_counter() - start, 2),
+    )
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -143,7 +161,7 @@ def _cells(reader: StoreReader, config: ProbeConfig) -> list[tuple[str, int]]:
     timesteps = config.timesteps or reader.timesteps
     for layer in layers:
         for t in timesteps:
-            reader.manifest.check_slice(layer, t)      # a missing cell is an error naming what is stored
+            reader.manifest.check_slice(layer, t)  # a missing cell is an error naming what is stored
     return [(layer, int(t)) for layer in layers for t in timesteps]
 
 
@@ -151,17 +169,25 @@ def _has_cell(reader: StoreReader, layer: str, t: int) -> bool:
     return layer in reader.layers and t in reader.timesteps
 
 
-def _task(rows: list[dict[str, Any]], name: str, split: Split, image_of_row: np.ndarray, seed_of_row: np.ndarray,
-          config: ProbeConfig) -> ProbeTask:
+def _task(
+    rows: list[dict[str, Any]],
+    name: str,
+    split: Split,
+    image_of_row: np.ndarray,
+    seed_of_row: np.ndarray,
+    config: ProbeConfig,
+) -> ProbeTask:
     labels = encode_labels(rows, name, drop_missing=config.drop_missing)
     task = ProbeTask(labels, labels.y.copy(), split, np.nonzero(labels.present)[0], image_of_row, seed_of_row)
     classes = len(labels.classes)
     for part in SPLITS:
         n_images = len(np.unique(task.image_of_row[task.part(part)]))
         if n_images < classes:
-            raise DataError(f"the {part} split has {n_images} images with a {name!r} label but {name!r} has "
-                            f"{classes} classes; a probe split needs at least one image per class. Capture more "
-                            "images or change the split fractions (--split)")
+            raise DataError(
+                f"the {part} split has {n_images} images with a {name!r} label but {name!r} has "
+                f"{classes} classes; a probe split needs at least one image per class. Capture more "
+                "images or change the split fractions (--split)"
+            )
     return task
 
 
@@ -185,8 +211,10 @@ def _aligned(task: ProbeTask, reader: StoreReader, control: StoreReader) -> Prob
     ours = reader.rows()
     missing = [key(ours[i]) for i in task.rows if key(ours[i]) not in position]
     if missing:
-        raise DataError(f"the random-init store {control.directory} lacks {len(missing)} of the probed (input, seed) "
-                        f"rows (e.g. {missing[:3]}); capture the same inputs, seeds and --limit with --random-init")
+        raise DataError(
+            f"the random-init store {control.directory} lacks {len(missing)} of the probed (input, seed) "
+            f"rows (e.g. {missing[:3]}); capture the same inputs, seeds and --limit with --random-init"
+        )
     n = control.num_rows
     order = np.array([position[key(ours[i])] for i in task.rows])
 
@@ -196,12 +224,14 @@ def _aligned(task: ProbeTask, reader: StoreReader, control: StoreReader) -> Prob
         return out
 
     split = Split(task.split.spec, task.split.by_image, moved(task.split.row_split, "none"))
-    return ProbeTask(task.labels, moved(task.y, -1), split, np.sort(order), moved(task.image_of_row, -1),
-                     moved(task.seed_of_row, -1))
+    return ProbeTask(
+        task.labels, moved(task.y, -1), split, np.sort(order), moved(task.image_of_row, -1), moved(task.seed_of_row, -1)
+    )
 
 
-def _feature_groups(reader: StoreReader, cells: list[tuple[str, int]], config: ProbeConfig
-                    ) -> Iterator[tuple[list[tuple[str, int]], torch.Tensor]]:
+def _feature_groups(
+    reader: StoreReader, cells: list[tuple[str, int]], config: ProbeConfig
+) -> Iterator[tuple[list[tuple[str, int]], torch.Tensor]]:
     """Yield (cells, features) with features (C, rows, d) pooled, or (C, rows, ch, h, w) for the head."""
     by_width: dict[tuple[int, ...], list[tuple[str, int]]] = {}
     for layer, t in cells:
@@ -209,15 +239,15 @@ def _feature_groups(reader: StoreReader, cells: list[tuple[str, int]], config: P
         width = shape if config.head == "attentive" else shape[:1]
         by_width.setdefault(tuple(width), []).append((layer, t))
     for width, group in by_width.items():
-        per_cell_mb = reader.num_rows * int(np.prod(width)) * 4 / 2 ** 20
+        per_cell_mb = reader.num_rows * int(np.prod(width)) * 4 / 2**20
         step = max(1, int(config.batch_mb // max(per_cell_mb, 1e-9)))
         for i in range(0, len(group), step):
-            part = group[i:i + step]
+            part = group[i : i + step]
             blocks = []
             for layer, t in part:
                 x = reader.load(layer, t, format="torch", dtype="float32")
                 if config.head == "linear" and x.dim() > 2:
-                    x = x.flatten(2).mean(-1)           # spatial maps are mean-pooled for the linear probe
+                    x = x.flatten(2).mean(-1)  # spatial maps are mean-pooled for the linear probe
                 blocks.append(x)
             yield part, torch.stack(blocks)
 
@@ -227,7 +257,7 @@ def _fit(features: torch.Tensor, tasks: dict[Any, ProbeTask], config: ProbeConfi
     """Scores per task, one per cell. Linear probes: every cell x task x L2 strength in one batched fit."""
     if config.head == "attentive":
         return {name: _fit_heads(features, task, config) for name, task in tasks.items()}
-    split = next(iter(tasks.values())).split                 # tasks fitted together share one split
+    split = next(iter(tasks.values())).split  # tasks fitted together share one split
     parts = {p: np.nonzero(split.mask(p))[0] for p in SPLITS}
     present = {name: {p: np.isin(rows, task.rows) for p, rows in parts.items()} for name, task in tasks.items()}
     names = list(tasks)
@@ -238,19 +268,35 @@ def _fit(features: torch.Tensor, tasks: dict[Any, ProbeTask], config: ProbeConfi
     def masks(part: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([present[n][part] for n in names]))
 
-    fit = fit_probe_tasks(features[:, parts["train"]], labels("train"), features[:, parts["val"]], labels("val"),
-                          features[:, parts["test"]], [len(tasks[n].labels.classes) for n in names],
-                          train_mask=masks("train"), val_mask=masks("val"), l2_grid=config.l2_grid,
-                          max_iter=config.max_iter, solver=config.solver)
+    fit = fit_probe_tasks(
+        features[:, parts["train"]],
+        labels("train"),
+        features[:, parts["val"]],
+        labels("val"),
+        features[:, parts["test"]],
+        [len(tasks[n].labels.classes) for n in names],
+        train_mask=masks("train"),
+        val_mask=masks("val"),
+        l2_grid=config.l2_grid,
+        max_iter=config.max_iter,
+        solver=config.solver,
+    )
     out: dict[Any, list[dict[str, Any]]] = {}
     for t, name in enumerate(names):
         task, keep = tasks[name], present[name]["test"]
         n_classes = len(task.labels.classes)
-        out[name] = [{**_score(fit.test_pred[c, t][keep], task, task.part("test"), n_classes, config),
-                      "l2": float(fit.chosen_l2[c, t]), "val_accuracy": float(fit.val_accuracy[c, fit.chosen[c, t], t]),
-                      "train_accuracy": float(fit.train_accuracy[c, t]), "converged": fit.converged,
-                      "solver": fit.solver, "_weights": _cell_weights(fit, c, t, n_classes)}
-                     for c in range(len(features))]
+        out[name] = [
+            {
+                **_score(fit.test_pred[c, t][keep], task, task.part("test"), n_classes, config),
+                "l2": float(fit.chosen_l2[c, t]),
+                "val_accuracy": float(fit.val_accuracy[c, fit.chosen[c, t], t]),
+                "train_accuracy": float(fit.train_accuracy[c, t]),
+                "converged": fit.converged,
+                "solver": fit.solver,
+                "_weights": _cell_weights(fit, c, t, n_classes),
+            }
+            for c in range(len(features))
+        ]
     return out
 
 
@@ -266,10 +312,18 @@ def _fit_heads(features: torch.Tensor, task: ProbeTask, config: ProbeConfig) -> 
     n_classes = len(task.labels.classes)
     out = []
     for c in range(len(features)):
-        fit = fit_attentive_head(features[c, train], y[train], features[c, val], y[val], features[c, test], n_classes,
-                                 seed=config.seed)
-        out.append({**_score(fit.test_pred, task, test, n_classes, config), "l2": None,
-                    "val_accuracy": fit.val_accuracy, "train_accuracy": fit.train_accuracy, "best_epoch": fit.best_epoch})
+        fit = fit_attentive_head(
+            features[c, train], y[train], features[c, val], y[val], features[c, test], n_classes, seed=config.seed
+        )
+        out.append(
+            {
+                **_score(fit.test_pred, task, test, n_classes, config),
+                "l2": None,
+                "val_accuracy": fit.val_accuracy,
+                "train_accuracy": fit.train_accuracy,
+                "best_epoch": fit.best_epoch,
+            }
+        )
     return out
 
 
@@ -282,13 +336,20 @@ def _score(pred: np.ndarray, task: ProbeTask, test: np.ndarray, n_classes: int, 
     per_seed = {int(s): float(correct[seeds == s].mean()) for s in np.unique(seeds)}
     counts = np.bincount(task.y[test], minlength=n_classes)
     train_majority = np.bincount(task.y[task.part("train")], minlength=n_classes).argmax()
-    return {"accuracy": float(per_image.mean()), "ci_low": low, "ci_high": high,
-            "seed_accuracy": per_seed, "seed_std": float(np.std(list(per_seed.values()))) if len(per_seed) > 1 else None,
-            "chance_uniform": 1.0 / n_classes, "chance_majority": float(counts.max() / counts.sum()),
-            # a constant predictor of the training split's majority class, scored on this test split
-            "chance_constant": float(counts[train_majority] / counts.sum()),
-            "n_train_images": _images(task, "train"), "n_val_images": _images(task, "val"),
-            "n_test_images": int(len(images))}
+    return {
+        "accuracy": float(per_image.mean()),
+        "ci_low": low,
+        "ci_high": high,
+        "seed_accuracy": per_seed,
+        "seed_std": float(np.std(list(per_seed.values()))) if len(per_seed) > 1 else None,
+        "chance_uniform": 1.0 / n_classes,
+        "chance_majority": float(counts.max() / counts.sum()),
+        # a constant predictor of the training split's majority class, scored on this test split
+        "chance_constant": float(counts[train_majority] / counts.sum()),
+        "n_train_images": _images(task, "train"),
+        "n_val_images": _images(task, "val"),
+        "n_test_images": int(len(images)),
+    }
 
 
 def _images(task: ProbeTask, part: str) -> int:

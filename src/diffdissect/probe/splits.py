@@ -1,4 +1,5 @@
 """Deterministic train / validation / test splits by image id (every noise seed of an image together)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,10 @@ class SplitConfig:
     def validate(self) -> None:
         fractions = (self.train, self.val, self.test)
         if min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
-            raise DataError(f"split fractions must be positive and sum to 1; got train={self.train}, "
-                            f"val={self.val}, test={self.test}")
+            raise DataError(
+                f"split fractions must be positive and sum to 1; got train={self.train}, "
+                f"val={self.val}, test={self.test}"
+            )
 
 
 @dataclass
@@ -34,7 +37,7 @@ class Split:
 
     spec: SplitConfig
     by_image: dict[str, str]
-    row_split: np.ndarray = field(repr=False)        # (rows,) of "train" / "val" / "test"
+    row_split: np.ndarray = field(repr=False)  # (rows,) of "train" / "val" / "test"
 
     def mask(self, name: str) -> np.ndarray:
         return self.row_split == name
@@ -58,8 +61,9 @@ def split_images(input_ids: Sequence[str], spec: SplitConfig | None = None) -> S
     n = len(unique)
     cut_train = int(round(spec.train * n))
     cut_val = cut_train + int(round(spec.val * n))
-    by_image = {image: ("train" if k < cut_train else "val" if k < cut_val else "test")
-                for k, image in enumerate(unique)}
+    by_image = {
+        image: ("train" if k < cut_train else "val" if k < cut_val else "test") for k, image in enumerate(unique)
+    }
     return Split(spec, by_image, np.array([by_image[i] for i in ids]))
 
 
@@ -70,15 +74,19 @@ def split_from_column(input_ids: Sequence[str], values: Sequence[object], column
     for image, value in zip(ids, values):
         name = {"validation": "val", "valid": "val", "dev": "val"}.get(str(value).lower(), str(value).lower())
         if name not in SPLITS:
-            raise DataError(f"split column {column!r} has the value {value!r} for image {image}; "
-                            f"use only train, val (validation) or test")
+            raise DataError(
+                f"split column {column!r} has the value {value!r} for image {image}; "
+                f"use only train, val (validation) or test"
+            )
         if by_image.setdefault(image, name) != name:
-            raise DataError(f"split column {column!r} puts rows of image {image} in two splits; "
-                            "every noise seed of an image must be in the same split")
+            raise DataError(
+                f"split column {column!r} puts rows of image {image} in two splits; "
+                "every noise seed of an image must be in the same split"
+            )
     return Split(SplitConfig(salt=f"column:{column}"), by_image, np.array([by_image[i] for i in ids]))
 
 
-def __getattr__(name: str) -> object:       # the names before "one word for configs" (deprecated)
+def __getattr__(name: str) -> object:  # the names before "one word for configs" (deprecated)
     from diffdissect.runtime import deprecated_alias
 
     return deprecated_alias(__name__, name, {"SplitSpec": SplitConfig})

@@ -1,4 +1,5 @@
 """Reports: an HTML page assembled from sections; plots and image grids embedded as PNG."""
+
 from diffdissect.report.figures import bar_chart, heatmap, image_grid, png_bytes
 from diffdissect.report.html import Report, Section
 

@@ -1,4 +1,5 @@
 """Figures as PNG bytes, made from plain data (matplotlib, Agg backend; image grids with PIL)."""
+
 from __future__ import annotations
 
 import io
@@ -38,7 +39,9 @@ def image_grid(images: np.ndarray, columns: int = 8, scale: int = 3, pad: int = 
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
     for i, img in enumerate(images):
         r, c = divmod(i, columns)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img[..., :3]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img[
+            ..., :3
+        ]
     picture = Image.fromarray(grid)
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     buffer = io.BytesIO()
@@ -46,8 +49,16 @@ def image_grid(images: np.ndarray, columns: int = 8, scale: int = 3, pad: int = 
     return buffer.getvalue()
 
 
-def heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str = "",
-            fmt: str = "{:.2f}", cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None) -> bytes:
+def heatmap(
+    values: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str = "",
+    fmt: str = "{:.2f}",
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> bytes:
     plt = _pyplot()
     values = np.asarray(values, float)
     fig, ax = plt.subplots(figsize=(1.1 + 0.75 * len(col_labels), 0.9 + 0.45 * len(row_labels)))
@@ -56,16 +67,28 @@ def heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
     ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
     for (i, j), v in np.ndenumerate(values):
         if np.isfinite(v):
-            r, g, b, _ = im.cmap(im.norm(v))                      # dark cell -> white text, light -> black
-            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
-                    color="white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
+            r, g, b, _ = im.cmap(im.norm(v))  # dark cell -> white text, light -> black
+            ax.text(
+                j,
+                i,
+                fmt.format(v),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black",
+            )
     fig.colorbar(im, ax=ax, fraction=0.04)
     ax.set_title(title)
     return png_bytes(fig)
 
 
-def bar_chart(groups: Sequence[str], series: dict[str, Sequence[float]], title: str = "", ylabel: str = "",
-              errors: dict[str, Sequence[tuple[float, float]]] | None = None) -> bytes:
+def bar_chart(
+    groups: Sequence[str],
+    series: dict[str, Sequence[float]],
+    title: str = "",
+    ylabel: str = "",
+    errors: dict[str, Sequence[tuple[float, float]]] | None = None,
+) -> bytes:
     """Grouped bars; `errors[name][i]` is a (low, high) interval drawn as an error bar."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(groups), 3.2))

@@ -3,6 +3,7 @@
 Each analysis contributes a :class:`Section` built from its plain-data results; the report only lays
 them out. Nothing here computes statistics.
 """
+
 from __future__ import annotations
 
 import base64
@@ -54,8 +55,10 @@ class Section:
     def image(self, png: bytes, caption: str = "", width: int | None = None) -> Section:
         src = "data:image/png;base64," + base64.b64encode(png).decode()
         size = f' width="{int(width)}"' if width else ""
-        self.blocks.append(f'<figure><img src="{src}"{size} alt="{html.escape(caption, quote=True)}">'
-                           f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        self.blocks.append(
+            f'<figure><img src="{src}"{size} alt="{html.escape(caption, quote=True)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
         return self
 
 
@@ -71,11 +74,14 @@ class Report:
 
     def render(self) -> str:
         toc = "".join(f'<li><a href="#s{i}">{html.escape(s.title)}</a></li>' for i, s in enumerate(self.sections))
-        body = "".join(f'<h2 id="s{i}">{html.escape(s.title)}</h2>' + "".join(s.blocks)
-                       for i, s in enumerate(self.sections))
-        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
-                f"<style>{_STYLE}</style></head><body><h1>{html.escape(self.title)}</h1><ul>{toc}</ul>{body}"
-                "</body></html>")
+        body = "".join(
+            f'<h2 id="s{i}">{html.escape(s.title)}</h2>' + "".join(s.blocks) for i, s in enumerate(self.sections)
+        )
+        return (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(self.title)}</h1><ul>{toc}</ul>{body}"
+            "</body></html>"
+        )
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)

@@ -20,6 +20,7 @@ pass that produces them (today's `image_activations`, a streaming pass) can feed
 AUROC is Mann-Whitney with mid-ranks for ties (a latent that never fires scores 0.5); ranks are taken
 once per image set and labels only pick rows, so each permutation is one matrix product.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -100,7 +101,7 @@ class _Scorer:
             self.rows = self.n
         else:
             n, n_latents = values.shape[:2]
-            flat = values.reshape(n, n_latents, -1).transpose(0, 2, 1).reshape(-1, n_latents)   # (n*hw, L)
+            flat = values.reshape(n, n_latents, -1).transpose(0, 2, 1).reshape(-1, n_latents)  # (n*hw, L)
             ranks = rankdata(flat, axis=0).reshape(n, -1, n_latents)
             inside = cells.reshape(n, -1).astype(np.float64)
             self.sums = np.einsum("nc,ncl->nl", inside, ranks)
@@ -118,15 +119,23 @@ def auroc_per_value(values: np.ndarray, labels: np.ndarray, cells: np.ndarray | 
     return {str(v): scorer.auroc(labels == v) for v in np.unique(labels)}
 
 
-def _null_of_max(scorer: _Scorer, labels: np.ndarray, values: list[str], permutations: int,
-                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _null_of_max(
+    scorer: _Scorer, labels: np.ndarray, values: list[str], permutations: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Per value, the max over latents of the AUROC with labels permuted across images: (permutations,)."""
-    perms = np.stack([rng.permutation(labels) for _ in range(permutations)])          # (P, n)
+    perms = np.stack([rng.permutation(labels) for _ in range(permutations)])  # (P, n)
     return {v: np.nanmax(scorer.auroc(perms == v), axis=-1) for v in values}
 
 
-def best_latents(values: np.ndarray, labels: np.ndarray, halves: np.ndarray, *, cells: np.ndarray | None = None,
-                 permutations: int = 200, seed: int = 0) -> dict[str, dict[str, Any]]:
+def best_latents(
+    values: np.ndarray,
+    labels: np.ndarray,
+    halves: np.ndarray,
+    *,
+    cells: np.ndarray | None = None,
+    permutations: int = 200,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
     """Per factor value: the latent chosen on half A, its AUROC on half B (the figure to report) with a
     permutation p-value; and the old figure, the max over latents on all images, with its permutation null."""
     labels = np.asarray(labels).astype(str)
@@ -144,27 +153,37 @@ def best_latents(values: np.ndarray, labels: np.ndarray, halves: np.ndarray, *, 
         on_a = split["A"][0].auroc(split["A"][1] == v)
         on_b = scorer_b.auroc(labels_b == v)
         if np.all(np.isnan(on_a)) or np.all(np.isnan(on_b)):
-            continue                           # the value is missing from a half: nothing to choose or report
+            continue  # the value is missing from a half: nothing to choose or report
         chosen = int(np.nanargmax(on_a))
         null_b = scorer_b.auroc(perms_b == v)[:, chosen]
         observed = float(on_b[chosen])
         everywhere = whole.auroc(labels == v)
         top = float(np.nanmax(everywhere))
-        out[v] = {"latent": chosen, "auroc_chosen_on": float(on_a[chosen]), "auroc": observed,
-                  "p_value": float((1 + np.sum(null_b >= observed - 1e-12)) / (1 + permutations)),
-                  "n_positive_images_b": int((labels_b == v).sum()),
-                  "max_over_latents": {"latent": int(np.nanargmax(everywhere)), "auroc": top,
-                                       "null_mean": float(null_max[v].mean()),
-                                       "null_q95": float(np.quantile(null_max[v], 0.95)),
-                                       "p_value": float((1 + np.sum(null_max[v] >= top - 1e-12)) / (1 + permutations))}}
+        out[v] = {
+            "latent": chosen,
+            "auroc_chosen_on": float(on_a[chosen]),
+            "auroc": observed,
+            "p_value": float((1 + np.sum(null_b >= observed - 1e-12)) / (1 + permutations)),
+            "n_positive_images_b": int((labels_b == v).sum()),
+            "max_over_latents": {
+                "latent": int(np.nanargmax(everywhere)),
+                "auroc": top,
+                "null_mean": float(null_max[v].mean()),
+                "null_q95": float(np.quantile(null_max[v], 0.95)),
+                "p_value": float((1 + np.sum(null_max[v] >= top - 1e-12)) / (1 + permutations)),
+            },
+        }
     return out
 
 
 def coverage(best: dict[str, dict[str, dict[str, Any]]], target: float) -> dict[str, int]:
     """How many factor values reach `target`: held out (chosen on A, scored on B) and as the max (biased)."""
     entries = [e for table in best.values() for e in table.values()]
-    return {"values_total": len(entries), "heldout": sum(e["auroc"] >= target for e in entries),
-            "max_over_latents": sum(e["max_over_latents"]["auroc"] >= target for e in entries)}
+    return {
+        "values_total": len(entries),
+        "heldout": sum(e["auroc"] >= target for e in entries),
+        "max_over_latents": sum(e["max_over_latents"]["auroc"] >= target for e in entries),
+    }
 
 
 # ---- places -----------------------------------------------------------------------------------------
@@ -192,7 +211,7 @@ def localisation(maps: np.ndarray, cells: np.ndarray, *, level: float = 0.5) -> 
     peak = maps.max(axis=(0, 2, 3))[None, :, None, None]
     fires = (maps > 0) & (maps >= level * peak)
     inside = cells[:, None]
-    fired_images = fires.reshape(*fires.shape[:2], -1).any(-1)                       # (n, L)
+    fired_images = fires.reshape(*fires.shape[:2], -1).any(-1)  # (n, L)
     intersection = (fires & inside).sum((2, 3))
     union = ((fires | inside) & fired_images[..., None, None]).sum((2, 3))
     total = maps.astype(np.float64).clip(min=0).sum((0, 2, 3))
@@ -215,8 +234,9 @@ def caption_words(captions: Sequence[str | None]) -> tuple[list[str], np.ndarray
     return vocabulary, matrix
 
 
-def word_enrichment(values: np.ndarray, captions: Sequence[str | None], *, top_n: int = 16, fdr: float = 0.05,
-                    max_words: int = 5) -> dict[str, Any]:
+def word_enrichment(
+    values: np.ndarray, captions: Sequence[str | None], *, top_n: int = 16, fdr: float = 0.05, max_words: int = 5
+) -> dict[str, Any]:
     """Per latent (column of `values`, (n, L) per-image activations): the words enriched in the captions of its
     top-n firing images against all captioned images; hypergeometric p, BH q over the whole (latent, word) table."""
     has = np.array([c is not None and c != "" for c in captions])
@@ -226,13 +246,13 @@ def word_enrichment(values: np.ndarray, captions: Sequence[str | None], *, top_n
     n_images, n_latents = values.shape
     if not vocabulary or n_images == 0:
         return {"vocabulary": vocabulary, "tests": 0, "latents": [[] for _ in range(n_latents)]}
-    order = np.argsort(-values, axis=0, kind="stable")[:top_n]                        # (top_n, L)
+    order = np.argsort(-values, axis=0, kind="stable")[:top_n]  # (top_n, L)
     fired = np.take_along_axis(values, order, 0) > 0
-    n_top = fired.sum(0)                                                               # (L,)
+    n_top = fired.sum(0)  # (L,)
     hits = np.zeros((n_latents, len(vocabulary)))
     for j in range(n_latents):
         hits[j] = words[order[fired[:, j], j]].sum(0)
-    totals = words.sum(0)                                                              # (V,)
+    totals = words.sum(0)  # (V,)
     p = hypergeom.sf(hits - 1, n_images, totals[None], n_top[:, None])
     p = np.where(n_top[:, None] > 0, p, 1.0)
     q = benjamini_hochberg(p)
@@ -242,11 +262,28 @@ def word_enrichment(values: np.ndarray, captions: Sequence[str | None], *, top_n
     for j in range(n_latents):
         keep = np.nonzero((q[j] < fdr) & (hits[j] > 0))[0]
         keep = keep[np.lexsort((-enrichment[j, keep], q[j, keep]))][:max_words]
-        latents.append([{"word": vocabulary[w], "in_top": int(hits[j, w]), "top": int(n_top[j]),
-                         "in_all": int(totals[w]), "enrichment": round(float(enrichment[j, w]), 3),
-                         "p": float(p[j, w]), "q": float(q[j, w])} for w in keep])
-    return {"vocabulary": vocabulary, "tests": int(p.size), "images": int(n_images), "top_n": top_n, "fdr": fdr,
-            "latents": latents}
+        latents.append(
+            [
+                {
+                    "word": vocabulary[w],
+                    "in_top": int(hits[j, w]),
+                    "top": int(n_top[j]),
+                    "in_all": int(totals[w]),
+                    "enrichment": round(float(enrichment[j, w]), 3),
+                    "p": float(p[j, w]),
+                    "q": float(q[j, w]),
+                }
+                for w in keep
+            ]
+        )
+    return {
+        "vocabulary": vocabulary,
+        "tests": int(p.size),
+        "images": int(n_images),
+        "top_n": top_n,
+        "fdr": fdr,
+        "latents": latents,
+    }
 
 
 def labels_named(best: dict[str, dict[str, dict[str, Any]]], words: list[list[dict[str, Any]]]) -> dict[str, Any]:
@@ -255,8 +292,15 @@ def labels_named(best: dict[str, dict[str, dict[str, Any]]], words: list[list[di
     for factor, table in best.items():
         for value, entry in table.items():
             label = [w["word"] for w in words[entry["latent"]]]
-            per_value[f"{factor}={value}"] = {"latent": entry["latent"], "label": label[:3],
-                                              "top_word_names_it": bool(label) and label[0] == value.lower(),
-                                              "named_in_label": value.lower() in label}
-    return {"values": per_value, "top_word_names_it": sum(v["top_word_names_it"] for v in per_value.values()),
-            "named_in_label": sum(v["named_in_label"] for v in per_value.values()), "values_total": len(per_value)}
+            per_value[f"{factor}={value}"] = {
+                "latent": entry["latent"],
+                "label": label[:3],
+                "top_word_names_it": bool(label) and label[0] == value.lower(),
+                "named_in_label": value.lower() in label,
+            }
+    return {
+        "values": per_value,
+        "top_word_names_it": sum(v["top_word_names_it"] for v in per_value.values()),
+        "named_in_label": sum(v["named_in_label"] for v in per_value.values()),
+        "values_total": len(per_value),
+    }

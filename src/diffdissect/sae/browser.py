@@ -5,6 +5,7 @@ enriched among its top images with their BH q-values, IoU with the object mask) 
 column and filters by text and by frequency; a click opens the latent's top images and, for
 per-location SAEs, where it fires on each of them.
 """
+
 from __future__ import annotations
 
 import base64
@@ -50,7 +51,7 @@ def resolve_image(images: Any, row: dict[str, Any]) -> Any:
         if str(record.input_id) != str(row["input_id"]) and hasattr(images, "index_of"):
             index = images.index_of(str(row["input_id"]))
             record = images.load(index) if index is not None else None
-    except Exception:          # an unreadable or missing file: no thumbnail, the tables still stand
+    except Exception:  # an unreadable or missing file: no thumbnail, the tables still stand
         return None
     if record is None or (hasattr(images, "index_of") and str(record.input_id) != str(row["input_id"])):
         return None
@@ -64,14 +65,25 @@ def overlay(image: Image.Image, activation: np.ndarray, peak: float) -> Image.Im
     """The image with the activation map (scaled by the latent's peak) laid over it in red."""
     base = image.resize((THUMB, THUMB), Image.Resampling.BILINEAR)
     heat = np.clip(np.asarray(activation, np.float32) / max(peak, 1e-12), 0, 1)
-    heat = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((THUMB, THUMB), Image.Resampling.BILINEAR),
-                      np.float32) / 255
+    heat = (
+        np.asarray(
+            Image.fromarray((heat * 255).astype(np.uint8)).resize((THUMB, THUMB), Image.Resampling.BILINEAR), np.float32
+        )
+        / 255
+    )
     pixels = np.asarray(base, np.float32) * (1 - 0.6 * heat[..., None]) + np.array([255, 0, 0]) * 0.6 * heat[..., None]
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dict[str, Any]], images=None,
-                 *, per_latent: int = 8, max_latents: int | None = None) -> dict[str, Any]:
+def browser_data(
+    results: dict[str, Any],
+    acts: ImageActivations,
+    rows: list[dict[str, Any]],
+    images=None,
+    *,
+    per_latent: int = 8,
+    max_latents: int | None = None,
+) -> dict[str, Any]:
     """The page's data: one entry per latent that fired, its top images (and heatmaps) as data URIs."""
     latents = [l for l in results["latents"] if l["top"]]
     latents.sort(key=lambda l: -l["image_frequency"])
@@ -95,8 +107,11 @@ def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dic
         j = latent["latent"]
         shown = []
         for position in latent["top"][:per_latent]:
-            item = {"input_id": str(rows[position]["input_id"]), "activation": round(float(acts.values[position, j]), 4),
-                    "labels": {c: str(rows[position].get(c)) for c in results["labels"]}}
+            item = {
+                "input_id": str(rows[position]["input_id"]),
+                "activation": round(float(acts.values[position, j]), 4),
+                "labels": {c: str(rows[position].get(c)) for c in results["labels"]},
+            }
             image = picture(position)
             if image is not None:
                 item["image"] = _png(image.resize((THUMB, THUMB), Image.Resampling.NEAREST))
@@ -104,36 +119,73 @@ def browser_data(results: dict[str, Any], acts: ImageActivations, rows: list[dic
                 if heat is not None:
                     item["heatmap"] = _png(overlay(image, heat, latent["max_activation"]))
             shown.append(item)
-        best = max(((c, v, a) for c, table in latent["auroc"].items() for v, a in table.items()),
-                   key=lambda x: x[2], default=(None, None, None))
-        entries.append({"latent": j, "frequency": round(latent["image_frequency"], 4),
-                        "max_activation": round(latent["max_activation"], 4),
-                        "purity": {c: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()}
-                                   for c, p in latent["purity"].items()},
-                        "best_auroc": None if best[0] is None else {"label": best[0], "value": best[1], "auroc": round(best[2], 4)},
-                        "words": [{"word": w["word"], "enrichment": w["enrichment"], "q": float(f"{w['q']:.3g}"),
-                                   "in_top": w["in_top"], "top": w["top"]} for w in latent.get("words", [])],
-                        "iou": round(latent["iou"], 4) if "iou" in latent else None,
-                        "causal": _causal_cells(results.get("causal", {}).get("latents", {}).get(str(j))),
-                        "top": shown})
-    return {"title": f"SAE features: {results['slice']['layer']} @ t={results['slice']['t']}",
-            "image_warning": (f"{len(set(changed))} images changed or went missing since the capture (e.g. "
-                              f"{sorted(set(changed))[:3]}); they are shown without a thumbnail.") if changed else None,
-            "summary": {"n_latents": results["config"]["n_latents"], "k": results["config"]["k"],
-                        "heldout_images": results["heldout_images"], "top_n": results["top_n"],
-                        "metrics": results.get("metrics"), "baselines": results["baselines"],
-                        "values_with_auroc_ge_0.95": results["values_with_auroc_ge_0.95"],
-                        "heldout_values_with_auroc_ge_target": results.get("heldout", {}).get("heldout"),
-                        "per_location_values": results.get("per_location", {}).get("heldout"),
-                        "values_total": results["values_total"]},
-            "labels": results["labels"], "latents": entries}
+        best = max(
+            ((c, v, a) for c, table in latent["auroc"].items() for v, a in table.items()),
+            key=lambda x: x[2],
+            default=(None, None, None),
+        )
+        entries.append(
+            {
+                "latent": j,
+                "frequency": round(latent["image_frequency"], 4),
+                "max_activation": round(latent["max_activation"], 4),
+                "purity": {
+                    c: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()}
+                    for c, p in latent["purity"].items()
+                },
+                "best_auroc": None
+                if best[0] is None
+                else {"label": best[0], "value": best[1], "auroc": round(best[2], 4)},
+                "words": [
+                    {
+                        "word": w["word"],
+                        "enrichment": w["enrichment"],
+                        "q": float(f"{w['q']:.3g}"),
+                        "in_top": w["in_top"],
+                        "top": w["top"],
+                    }
+                    for w in latent.get("words", [])
+                ],
+                "iou": round(latent["iou"], 4) if "iou" in latent else None,
+                "causal": _causal_cells(results.get("causal", {}).get("latents", {}).get(str(j))),
+                "top": shown,
+            }
+        )
+    return {
+        "title": f"SAE features: {results['slice']['layer']} @ t={results['slice']['t']}",
+        "image_warning": (
+            f"{len(set(changed))} images changed or went missing since the capture (e.g. "
+            f"{sorted(set(changed))[:3]}); they are shown without a thumbnail."
+        )
+        if changed
+        else None,
+        "summary": {
+            "n_latents": results["config"]["n_latents"],
+            "k": results["config"]["k"],
+            "heldout_images": results["heldout_images"],
+            "top_n": results["top_n"],
+            "metrics": results.get("metrics"),
+            "baselines": results["baselines"],
+            "values_with_auroc_ge_0.95": results["values_with_auroc_ge_0.95"],
+            "heldout_values_with_auroc_ge_target": results.get("heldout", {}).get("heldout"),
+            "per_location_values": results.get("per_location", {}).get("heldout"),
+            "values_total": results["values_total"],
+        },
+        "labels": results["labels"],
+        "latents": entries,
+    }
 
 
 def script_json(data: Any) -> str:
     """JSON safe inside <script>: no `<`, `>` or `&` (so no `</script>` or `<!--`), no U+2028/2029 line breaks."""
     text = json.dumps(data, ensure_ascii=False)
-    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
-                         ("\u2029", "\\u2029")):
+    for char, escape in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(char, escape)
     return text
 
@@ -152,8 +204,9 @@ def _causal_cells(entry: dict[str, Any] | None) -> dict[str, str] | None:
 def write_browser(path: str | Path, data: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    page = re.sub(r"__(TITLE|DATA)__", lambda m: html.escape(data["title"]) if m.group(1) == "TITLE"
-                  else script_json(data), _PAGE)       # one pass: a title holding "__DATA__" stays text
+    page = re.sub(
+        r"__(TITLE|DATA)__", lambda m: html.escape(data["title"]) if m.group(1) == "TITLE" else script_json(data), _PAGE
+    )  # one pass: a title holding "__DATA__" stays text
     atomic_write_bytes(path, page.encode())
     return path
 

@@ -1,4 +1,5 @@
 """SAE inputs from a store slice: pooled rows, or every spatial location as a token; a held-out split by image."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ class SliceData:
     tokens: bool
     heldout_fraction: float = 0.1
     salt: str = "diffdissect-sae-v1"
-    part: tuple[int, int] = (0, 1)          # (rank, world): this rank trains on its own images only
+    part: tuple[int, int] = (0, 1)  # (rank, world): this rank trains on its own images only
 
     def __post_init__(self) -> None:
         self.reader.manifest.check_slice(self.layer, self.t)
@@ -40,7 +41,7 @@ class SliceData:
         self.train_rows = split.mask("train")
         self.heldout_rows = ~self.train_rows
         rank, world = self.part
-        if world > 1:      # disjoint shares by image: the j-th training image (in id order) -> rank j mod world
+        if world > 1:  # disjoint shares by image: the j-th training image (in id order) -> rank j mod world
             _, image = np.unique(np.asarray(ids), return_inverse=True)
             train_images = np.unique(image[self.train_rows])
             position = np.full(image.max() + 1, -1)
@@ -51,8 +52,9 @@ class SliceData:
         self.d_in = int(shape[0])
         self.locations = int(np.prod(shape[1:])) if (tokens_ok := len(shape) > 1) and self.tokens else 1
         if self.tokens and not tokens_ok:
-            raise ValueError(f"{self.layer} is stored pooled (shape {shape}); per-location tokens need a capture "
-                             "with --pooling none")
+            raise ValueError(
+                f"{self.layer} is stored pooled (shape {shape}); per-location tokens need a capture with --pooling none"
+            )
 
     @property
     def train_tokens(self) -> int:
@@ -60,9 +62,12 @@ class SliceData:
 
     def heldout(self, max_tokens: int = 65536) -> torch.Tensor:
         """Held-out tokens (every location of held-out images), at most `max_tokens` (evenly spaced)."""
-        parts = [to_tokens(block, self.tokens)
-                 for block in self.reader.iter_batches(self.layer, self.t, 1024, format="torch", dtype="float32",
-                                                       select=self.heldout_rows)]
+        parts = [
+            to_tokens(block, self.tokens)
+            for block in self.reader.iter_batches(
+                self.layer, self.t, 1024, format="torch", dtype="float32", select=self.heldout_rows
+            )
+        ]
         x = torch.cat(parts) if parts else torch.empty(0, self.d_in, device="cpu")
         if len(x) > max_tokens:
             x = x[torch.linspace(0, len(x) - 1, max_tokens, device="cpu").long()]
@@ -76,12 +81,35 @@ class SliceData:
         finally:
             stream.close()
 
-    def batches(self, batch_size: int, seed: int, start_epoch: int = 0, *, device: str | torch.device = "cpu",
-                mix_shards: int = 4, skip: int = 0, prefetch: int = 1) -> MixingStream:
+    def batches(
+        self,
+        batch_size: int,
+        seed: int,
+        start_epoch: int = 0,
+        *,
+        device: str | torch.device = "cpu",
+        mix_shards: int = 4,
+        skip: int = 0,
+        prefetch: int = 1,
+    ) -> MixingStream:
         """Endless float32 batches of training tokens on `device`; epoch e is shuffled with (seed, e), mixing
         row ranges of every shard in pools of about `mix_shards` shards (`store.stream`). Deterministic.
         The first `skip` batches are passed over without being read out (a resumed run). `close()` it."""
-        return MixingStream(self.reader, self.layer, self.t, batch_size, seed=seed, select=self.train_rows,
-                            tokens=self.tokens, pool_locations=not self.tokens, mix_shards=mix_shards,
-                            dtype=torch.float32, device=device, epochs=None, start_epoch=start_epoch,
-                            drop_last=True, skip=skip, prefetch=prefetch)
+        return MixingStream(
+            self.reader,
+            self.layer,
+            self.t,
+            batch_size,
+            seed=seed,
+            select=self.train_rows,
+            tokens=self.tokens,
+            pool_locations=not self.tokens,
+            mix_shards=mix_shards,
+            dtype=torch.float32,
+            device=device,
+            epochs=None,
+            start_epoch=start_epoch,
+            drop_last=True,
+            skip=skip,
+            prefetch=prefetch,
+        )

@@ -24,6 +24,7 @@ Both map exactly onto :class:`TopKSAE` (input_scale 1, variant topk): the encode
 A diffdissect SAE exports with its input scale folded in: codes divided by the scale (TopK picks the same
 latents), b_enc and b_dec divided by it, decoder rows kept; the exported SAE reconstructs the same x_hat.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,10 +50,10 @@ class LoadedSAE:
     """An SAE from any supported layout, with what it says about where it was trained."""
 
     sae: TopKSAE
-    format: str                  # "diffdissect", "sparsify" or "saelens"
+    format: str  # "diffdissect", "sparsify" or "saelens"
     path: Path
-    layer: str | None            # the module path it reads (hookpoint prefix "unet." etc. removed)
-    model: str | None            # the model it names, if it names one
+    layer: str | None  # the module path it reads (hookpoint prefix "unet." etc. removed)
+    model: str | None  # the model it names, if it names one
     info: dict[str, Any]
 
 
@@ -62,20 +63,23 @@ def layer_of_hookpoint(name: str | None) -> str | None:
         return None
     for prefix in HOOK_PREFIXES:
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
     return name
 
 
 def detect_format(path: Path) -> str:
-    if (path / "checkpoint.safetensors").is_file() or ((path / "config.json").is_file()
-                                                        and (path / "sae.safetensors").is_file()):
-        return "diffdissect"                     # format 2 (one checkpoint unit), or format 1
+    if (path / "checkpoint.safetensors").is_file() or (
+        (path / "config.json").is_file() and (path / "sae.safetensors").is_file()
+    ):
+        return "diffdissect"  # format 2 (one checkpoint unit), or format 1
     if (path / SPARSIFY_CONFIG).is_file() and (path / SPARSIFY_WEIGHTS).is_file():
         return "sparsify"
     if (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
         return "saelens"
-    raise StoreError(f"{path} holds no SAE: expected checkpoint.safetensors (diffdissect), cfg.json + "
-                     "sae.safetensors (sparsify) or cfg.json + sae_weights.safetensors (SAELens).")
+    raise StoreError(
+        f"{path} holds no SAE: expected checkpoint.safetensors (diffdissect), cfg.json + "
+        "sae.safetensors (sparsify) or cfg.json + sae_weights.safetensors (SAELens)."
+    )
 
 
 def load_any_sae(path: str | Path, layer: str | None = None) -> LoadedSAE:
@@ -84,14 +88,17 @@ def load_any_sae(path: str | Path, layer: str | None = None) -> LoadedSAE:
     path = Path(path)
     if not path.is_dir():
         raise StoreError(f"no SAE directory at {path}.")
-    if layer is not None and not any((path / n).is_file() for n in ("config.json", "cfg.json",
-                                                                    "checkpoint.safetensors")):
+    if layer is not None and not any(
+        (path / n).is_file() for n in ("config.json", "cfg.json", "checkpoint.safetensors")
+    ):
         for name in (layer, *(p + layer for p in HOOK_PREFIXES)):
             if (path / name).is_dir():
                 return load_any_sae(path / name)
         found = sorted(p.name for p in path.iterdir() if p.is_dir())
-        raise StoreError(f"{path} has no SAE for layer {layer!r} (looked for {layer} and unet.{layer}); "
-                         f"hookpoints there: {found[:10]}.")
+        raise StoreError(
+            f"{path} has no SAE for layer {layer!r} (looked for {layer} and unet.{layer}); "
+            f"hookpoints there: {found[:10]}."
+        )
     kind = detect_format(path)
     if kind == "sparsify":
         return load_sparsify(path)
@@ -123,8 +130,10 @@ def _read_tensors(path: Path, needed: dict[str, int]) -> dict[str, torch.Tensor]
         raise StoreError(f"cannot read {path}: {err}") from None
     missing = [k for k in needed if k not in tensors]
     if missing:
-        raise StoreError(f"{path} lacks the tensor(s) {missing} (it holds {sorted(tensors)}); it is not a complete "
-                         "SAE in this layout.")
+        raise StoreError(
+            f"{path} lacks the tensor(s) {missing} (it holds {sorted(tensors)}); it is not a complete "
+            "SAE in this layout."
+        )
     for key, ndim in needed.items():
         if tensors[key].ndim != ndim:
             raise StoreError(f"{path}: {key} has shape {list(tensors[key].shape)}, expected {ndim} dimensions.")
@@ -135,8 +144,10 @@ def _read_tensors(path: Path, needed: dict[str, int]) -> dict[str, torch.Tensor]
 def _check_finite(path: Path, key: str, tensor: torch.Tensor) -> None:
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
-        raise StoreError(f"{path}: {key} holds {bad} non-finite value(s) (NaN or inf); the SAE's weights are "
-                         "corrupt or diverged in training: use another SAE.")
+        raise StoreError(
+            f"{path}: {key} holds {bad} non-finite value(s) (NaN or inf); the SAE's weights are "
+            "corrupt or diverged in training: use another SAE."
+        )
 
 
 def _need(cfg: dict[str, Any], keys: list[str], path: Path) -> None:
@@ -145,13 +156,27 @@ def _need(cfg: dict[str, Any], keys: list[str], path: Path) -> None:
         raise StoreError(f"{path} lacks the field(s) {missing}; it is not a complete config in this layout.")
 
 
-def _build(d_in: int, n: int, k: int, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: torch.Tensor,
-           b_dec: torch.Tensor, path: Path) -> TopKSAE:
-    for name, tensor, shape in (("encoder weight", w_enc, (n, d_in)), ("encoder bias", b_enc, (n,)),
-                                ("decoder weight", w_dec, (n, d_in)), ("decoder bias", b_dec, (d_in,))):
+def _build(
+    d_in: int,
+    n: int,
+    k: int,
+    w_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    w_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    path: Path,
+) -> TopKSAE:
+    for name, tensor, shape in (
+        ("encoder weight", w_enc, (n, d_in)),
+        ("encoder bias", b_enc, (n,)),
+        ("decoder weight", w_dec, (n, d_in)),
+        ("decoder bias", b_dec, (d_in,)),
+    ):
         if tuple(tensor.shape) != shape:
-            raise StoreError(f"{path}: the {name} has shape {list(tensor.shape)}, but the config (d_in={d_in}, "
-                             f"{n} latents) needs {list(shape)}.")
+            raise StoreError(
+                f"{path}: the {name} has shape {list(tensor.shape)}, but the config (d_in={d_in}, "
+                f"{n} latents) needs {list(shape)}."
+            )
     if not 1 <= k <= n:
         raise StoreError(f"{path}: k={k} is not between 1 and the {n} latents.")
     sae = TopKSAE(SAEConfig(d_in=d_in, n_latents=n, k=k, variant="topk", normalise="none"))
@@ -172,8 +197,9 @@ def load_sparsify(path: str | Path) -> LoadedSAE:
         raise StoreError(f"{path}: activation {cfg['activation']!r} is not supported (only topk SAEs load).")
     for flag in ("transcode", "skip_connection"):
         if cfg.get(flag):
-            raise StoreError(f"{path}: a sparsify coder with {flag}=true is not an SAE of one layer; it cannot "
-                             "be loaded for edits.")
+            raise StoreError(
+                f"{path}: a sparsify coder with {flag}=true is not an SAE of one layer; it cannot be loaded for edits."
+            )
     tensors = _read_tensors(path / SPARSIFY_WEIGHTS, {"encoder.weight": 2, "encoder.bias": 1, "W_dec": 2, "b_dec": 1})
     d_in = int(cfg["d_in"])
     n = int(cfg.get("num_latents") or 0) or d_in * int(cfg.get("expansion_factor", 32))
@@ -189,13 +215,24 @@ def export_sparsify(sae: TopKSAE, root: str | Path, hookpoint: str) -> Path:
     w_enc, b_enc, w_dec, b_dec = _folded(sae)
     out = Path(root) / hookpoint
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / SPARSIFY_WEIGHTS, save({"encoder.weight": w_enc, "encoder.bias": b_enc,
-                                                     "W_dec": w_dec, "b_dec": b_dec}))
+    atomic_write_bytes(
+        out / SPARSIFY_WEIGHTS, save({"encoder.weight": w_enc, "encoder.bias": b_enc, "W_dec": w_dec, "b_dec": b_dec})
+    )
     c = sae.config
-    atomic_write_json(out / SPARSIFY_CONFIG, {
-        "activation": "topk", "expansion_factor": max(1, c.n_latents // c.d_in), "normalize_decoder": True,
-        "num_latents": c.n_latents, "k": c.k, "multi_topk": False, "skip_connection": False, "transcode": False,
-        "d_in": c.d_in})
+    atomic_write_json(
+        out / SPARSIFY_CONFIG,
+        {
+            "activation": "topk",
+            "expansion_factor": max(1, c.n_latents // c.d_in),
+            "normalize_decoder": True,
+            "num_latents": c.n_latents,
+            "k": c.k,
+            "multi_topk": False,
+            "skip_connection": False,
+            "transcode": False,
+            "d_in": c.d_in,
+        },
+    )
     return out
 
 
@@ -205,16 +242,20 @@ def load_saelens(path: str | Path) -> LoadedSAE:
     cfg = _read_json(path / SAELENS_CONFIG)
     _need(cfg, ["d_in", "d_sae"], path / SAELENS_CONFIG)
     architecture = cfg.get("architecture")
-    if architecture is None:                                   # before SAELens 6.0
+    if architecture is None:  # before SAELens 6.0
         architecture = "topk" if cfg.get("activation_fn_str", cfg.get("activation_fn")) == "topk" else "standard"
     k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
     if architecture != "topk" or k is None:
-        raise StoreError(f"{path}: SAELens architecture {architecture!r} is not supported; only topk SAEs (with k "
-                         "in cfg.json) load for edits.")
+        raise StoreError(
+            f"{path}: SAELens architecture {architecture!r} is not supported; only topk SAEs (with k "
+            "in cfg.json) load for edits."
+        )
     normalise = cfg.get("normalize_activations", "none")
     if normalise not in ("none", None, False):
-        raise StoreError(f"{path}: normalize_activations={normalise!r} rescales inputs at run time; only 'none' "
-                         "is supported (fold the scaling factor into the weights first).")
+        raise StoreError(
+            f"{path}: normalize_activations={normalise!r} rescales inputs at run time; only 'none' "
+            "is supported (fold the scaling factor into the weights first)."
+        )
     if cfg.get("reshape_activations", "none") != "none":
         raise StoreError(f"{path}: reshape_activations={cfg['reshape_activations']!r} is not supported.")
     tensors = _read_tensors(path / SAELENS_WEIGHTS, {"W_enc": 2, "b_enc": 1, "W_dec": 2, "b_dec": 1})
@@ -227,7 +268,7 @@ def load_saelens(path: str | Path) -> LoadedSAE:
         norms = w_dec.norm(dim=-1)
         w_enc, b_enc, w_dec = w_enc * norms[:, None], b_enc * norms, w_dec / norms[:, None]
     if not cfg.get("apply_b_dec_to_input", True):
-        b_enc = b_enc + w_enc @ b_dec                           # TopKSAE always subtracts b_dec before encoding
+        b_enc = b_enc + w_enc @ b_dec  # TopKSAE always subtracts b_dec before encoding
     sae = _build(d_in, n, int(k), w_enc, b_enc, w_dec, b_dec, path / SAELENS_WEIGHTS)
     meta = cfg.get("metadata") or {}
     hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
@@ -240,24 +281,47 @@ def export_saelens(sae: TopKSAE, out: str | Path, *, hook_name: str, model_name:
     w_enc, b_enc, w_dec, b_dec = _folded(sae)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / SAELENS_WEIGHTS, save({"W_enc": w_enc.t().contiguous(), "b_enc": b_enc, "W_dec": w_dec,
-                                                    "b_dec": b_dec}))
+    atomic_write_bytes(
+        out / SAELENS_WEIGHTS, save({"W_enc": w_enc.t().contiguous(), "b_enc": b_enc, "W_dec": w_dec, "b_dec": b_dec})
+    )
     c = sae.config
-    atomic_write_json(out / SAELENS_CONFIG, {
-        "architecture": "topk", "d_in": c.d_in, "d_sae": c.n_latents, "k": c.k, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-        "rescale_acts_by_decoder_norm": False,
-        "metadata": {"hook_name": hook_name, "model_name": model_name, "sae_lens_version": "6.18.0",
-                     "sae_lens_training_version": "6.18.0", "exported_by": "diffdissect"}})
+    atomic_write_json(
+        out / SAELENS_CONFIG,
+        {
+            "architecture": "topk",
+            "d_in": c.d_in,
+            "d_sae": c.n_latents,
+            "k": c.k,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "rescale_acts_by_decoder_norm": False,
+            "metadata": {
+                "hook_name": hook_name,
+                "model_name": model_name,
+                "sae_lens_version": "6.18.0",
+                "sae_lens_training_version": "6.18.0",
+                "exported_by": "diffdissect",
+            },
+        },
+    )
     return out
 
 
 def _folded(sae: TopKSAE) -> tuple[torch.Tensor, ...]:
     """(W_enc (n, d), b_enc, W_dec (n, d), b_dec) of an input-scale-1 SAE with the same reconstructions."""
     if sae.config.variant != "topk":
-        raise StoreError(f"a {sae.config.variant} SAE has no exact topk form in these layouts (its inference "
-                         "threshold has no field there); export a topk SAE.")
+        raise StoreError(
+            f"a {sae.config.variant} SAE has no exact topk form in these layouts (its inference "
+            "threshold has no field there); export a topk SAE."
+        )
     s = float(sae.input_scale)
     w_enc = sae.W_enc.detach().float().contiguous()
-    return (w_enc, (sae.b_enc.detach().float() / s).contiguous(), sae.W_dec.detach().float().contiguous(),
-            (sae.b_dec.detach().float() / s).contiguous())
+    return (
+        w_enc,
+        (sae.b_enc.detach().float() / s).contiguous(),
+        sae.W_dec.detach().float().contiguous(),
+        (sae.b_dec.detach().float() / s).contiguous(),
+    )

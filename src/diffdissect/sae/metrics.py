@@ -1,4 +1,5 @@
 """SAE quality on held-out tokens: centred FVU, L0, dead fraction and per-latent firing frequency."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,7 +21,7 @@ def evaluate(sae, x: torch.Tensor, *, batch_size: int = 8192) -> dict[str, Any]:
     fired = torch.zeros(sae.config.n_latents, dtype=torch.float64, device=device)
     error, nonzero = 0.0, 0.0
     for start in range(0, n, batch_size):
-        batch = x[start:start + batch_size].to(device, torch.float32)
+        batch = x[start : start + batch_size].to(device, torch.float32)
         codes, _ = sae.encode(batch)
         error += float((sae.decode(codes) - batch).double().pow(2).sum())
         active = codes.values > 0
@@ -30,5 +31,10 @@ def evaluate(sae, x: torch.Tensor, *, batch_size: int = 8192) -> dict[str, Any]:
     total = float((x64 - x64.mean(0)).pow(2).sum())
     sae.train(was_training)
     frequency = fired / max(n, 1)
-    return {"tokens": n, "fvu": error / total if total > 0 else float("nan"), "l0": nonzero / max(n, 1),
-            "dead_fraction": float((fired == 0).double().mean()), "frequency": frequency.cpu().tolist()}
+    return {
+        "tokens": n,
+        "fvu": error / total if total > 0 else float("nan"),
+        "l0": nonzero / max(n, 1),
+        "dead_fraction": float((fired == 0).double().mean()),
+        "frequency": frequency.cpu().tolist(),
+    }

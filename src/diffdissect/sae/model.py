@@ -14,6 +14,7 @@ Decoder rows have unit norm. The encoder is an autograd Function whose backward 
 k active latents per row (a sparse matmul for the weight gradient, an embedding_bag for the input
 gradient), and the decoder is an embedding_bag gather of the active rows, never a dense scatter.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -31,16 +32,18 @@ class SAEConfig:
     d_in: int
     n_latents: int
     k: int
-    variant: str = "topk"                 # "topk" or "batchtopk"
-    normalise: str = "scale"              # "scale": E||x||^2 = d_in; "none"
-    k_aux: int | None = None              # AuxK latents per row [d_in // 2]
+    variant: str = "topk"  # "topk" or "batchtopk"
+    normalise: str = "scale"  # "scale": E||x||^2 = d_in; "none"
+    k_aux: int | None = None  # AuxK latents per row [d_in // 2]
 
     def validate(self) -> None:
         if self.d_in < 1 or self.n_latents < 1:
             raise SpecError(f"d_in and n_latents must be positive; got d_in={self.d_in}, n_latents={self.n_latents}")
         if not 1 <= self.k <= self.n_latents:
-            raise SpecError(f"k={self.k} must be between 1 and n_latents={self.n_latents}; lower k or raise the "
-                            "expansion (n_latents = expansion x d_in)")
+            raise SpecError(
+                f"k={self.k} must be between 1 and n_latents={self.n_latents}; lower k or raise the "
+                "expansion (n_latents = expansion x d_in)"
+            )
         if self.variant not in ("topk", "batchtopk"):
             raise SpecError(f"variant must be 'topk' or 'batchtopk', not {self.variant!r}")
         if self.normalise not in ("scale", "none"):
@@ -57,8 +60,8 @@ class SAEConfig:
 class Codes(NamedTuple):
     """Sparse codes: `values[i, j]` is latent `indices[i, j]` of row i (zeros where a slot is unused)."""
 
-    values: torch.Tensor     # (n, k) float
-    indices: torch.Tensor    # (n, k) int64
+    values: torch.Tensor  # (n, k) float
+    indices: torch.Tensor  # (n, k) int64
 
 
 class _SparseEncode(torch.autograd.Function):
@@ -69,8 +72,9 @@ class _SparseEncode(torch.autograd.Function):
         # the bias rides in the matmul as an extra input column: addmm would first copy it into all n x n_latents.
         # The dense matmul (the cost) runs in `compute_dtype`; the sparse backward stays in the weights' dtype.
         ones = torch.ones(len(x), 1, dtype=compute_dtype, device=x.device)
-        pre = torch.mm(torch.cat([x.to(compute_dtype), ones], 1),
-                       torch.cat([weight, bias[:, None]], 1).to(compute_dtype).t())
+        pre = torch.mm(
+            torch.cat([x.to(compute_dtype), ones], 1), torch.cat([weight, bias[:, None]], 1).to(compute_dtype).t()
+        )
         values, indices = pre.topk(k, dim=-1, sorted=False)
         values = values.to(weight.dtype)
         aux = None
@@ -109,8 +113,9 @@ def _weight_grad(g: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, n_latents:
     n = len(x)
     if x.device.type in ("cpu", "cuda"):
         rows = torch.arange(n, device=x.device).repeat_interleave(idx.shape[1])
-        sparse = torch.sparse_coo_tensor(torch.stack([idx.flatten(), rows]), g.flatten(), (n_latents, n),
-                                         check_invariants=False).coalesce()
+        sparse = torch.sparse_coo_tensor(
+            torch.stack([idx.flatten(), rows]), g.flatten(), (n_latents, n), check_invariants=False
+        ).coalesce()
         return torch.sparse.mm(sparse, x)
     dense = torch.zeros(n, n_latents, dtype=g.dtype, device=g.device).scatter_add_(1, idx, g)
     return dense.t() @ x
@@ -126,12 +131,12 @@ class TopKSAE(nn.Module):
         self.config = config
         d, n = config.d_in, config.n_latents
         self.W_dec = nn.Parameter(F.normalize(torch.randn(n, d, device=device), dim=-1))
-        self.W_enc = nn.Parameter(self.W_dec.detach().clone())          # rows: latents (W_enc = W_dec^T)
+        self.W_enc = nn.Parameter(self.W_dec.detach().clone())  # rows: latents (W_enc = W_dec^T)
         self.b_enc = nn.Parameter(torch.zeros(n, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d, device=device))
-        self.register_buffer("input_scale", torch.ones((), device=device))   # x_n = x * input_scale
-        self.register_buffer("threshold", torch.zeros((), device=device))    # BatchTopK's inference threshold
-        self.compute_dtype: torch.dtype | None = None                     # the encoder matmul's dtype [the weights']
+        self.register_buffer("input_scale", torch.ones((), device=device))  # x_n = x * input_scale
+        self.register_buffer("threshold", torch.zeros((), device=device))  # BatchTopK's inference threshold
+        self.compute_dtype: torch.dtype | None = None  # the encoder matmul's dtype [the weights']
 
     # ---- set-up from data ------------------------------------------------------------------------
     @torch.no_grad()
@@ -149,7 +154,7 @@ class TopKSAE(nn.Module):
             median = (weights[:, None] * x).sum(0) / weights.sum()
         self.b_dec.copy_(median)
         was_training, self.training = self.training, False
-        codes, _ = self.encode(sample, per_row_topk=True)          # no threshold is learned yet
+        codes, _ = self.encode(sample, per_row_topk=True)  # no threshold is learned yet
         self.training = was_training
         reconstruction = (self.decode(codes, bias=False) * self.input_scale).norm(dim=-1).mean()
         target = (x - median).norm(dim=-1).mean()
@@ -160,22 +165,23 @@ class TopKSAE(nn.Module):
         """Codes of raw inputs x (n, d_in). With `aux_mask` (dead latents) also the AuxK codes. BatchTopK in eval
         mode is JumpReLU at the learned threshold; `per_row_topk` asks for the plain k per row instead."""
         xn = x.to(self.W_enc.dtype) * self.input_scale
-        bias = self.b_enc - self.W_enc @ self.b_dec               # (x - b_dec) W^T + b = x W^T + (b - W b_dec)
+        bias = self.b_enc - self.W_enc @ self.b_dec  # (x - b_dec) W^T + b = x W^T + (b - W b_dec)
         k = self.config.k
         aux_k = min(self.config.aux_k, int(aux_mask.sum())) if aux_mask is not None else 0
         mask = aux_mask[None] if aux_k else None
         dtype = self.compute_dtype or self.W_enc.dtype
         if self.config.variant == "batchtopk" and self.training:
-            values, indices, aux_v, aux_i = _SparseEncode.apply(xn, self.W_enc, bias, min(self.config.n_latents, 4 * k),
-                                                                mask, aux_k, dtype)
+            values, indices, aux_v, aux_i = _SparseEncode.apply(
+                xn, self.W_enc, bias, min(self.config.n_latents, 4 * k), mask, aux_k, dtype
+            )
             values = _batch_topk(values, k * len(x))
-        elif self.config.variant == "batchtopk" and not per_row_topk:    # inference: JumpReLU at one threshold
+        elif self.config.variant == "batchtopk" and not per_row_topk:  # inference: JumpReLU at one threshold
             width = min(self.config.n_latents, 4 * k)
             while True:
                 values, indices, aux_v, aux_i = _SparseEncode.apply(xn, self.W_enc, bias, width, mask, aux_k, dtype)
-                if width == self.config.n_latents or values.device.type == "meta":   # meta: shapes only
+                if width == self.config.n_latents or values.device.type == "meta":  # meta: shapes only
                     break
-                if not bool((values > self.threshold).all(1).any()):   # no row may have more above it
+                if not bool((values > self.threshold).all(1).any()):  # no row may have more above it
                     break
                 width = min(self.config.n_latents, 2 * width)
             values = values * (values > self.threshold)
@@ -194,7 +200,7 @@ class TopKSAE(nn.Module):
         bias = self.b_enc - self.W_enc @ self.b_dec
         candidates = []
         for start in range(0, len(x), batch_size):
-            xn = x[start:start + batch_size].to(device=self.W_enc.device, dtype=torch.float32) * self.input_scale
+            xn = x[start : start + batch_size].to(device=self.W_enc.device, dtype=torch.float32) * self.input_scale
             pre = torch.mm(xn, self.W_enc.t()) + bias
             candidates.append(pre.topk(width, dim=-1, sorted=False).values.flatten())
         flat = torch.cat(candidates)
@@ -215,8 +221,9 @@ class TopKSAE(nn.Module):
         return (dense_codes @ self.W_dec + self.b_dec) / self.input_scale
 
     def dense_codes(self, codes: Codes) -> torch.Tensor:
-        out = torch.zeros(codes.values.shape[0], self.config.n_latents, dtype=codes.values.dtype,
-                          device=codes.values.device)
+        out = torch.zeros(
+            codes.values.shape[0], self.config.n_latents, dtype=codes.values.dtype, device=codes.values.device
+        )
         return out.scatter_add_(1, codes.indices, codes.values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

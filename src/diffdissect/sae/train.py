@@ -10,6 +10,7 @@ latents (no firing for `dead_window` tokens), scaled by min(1, dead / k_aux). Th
 defaults to 2e-4 / sqrt(n_latents / 2^14), the scaling fitted in Gao et al.; Adam with warm-up and a
 linear decay over the last fifth of training.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,7 @@ from diffdissect.sae.model import SAEConfig, TopKSAE
 from diffdissect.store import open_store
 from diffdissect.store.manifest import Manifest
 
-CALIBRATION_TOKENS = 65536      # training tokens that set BatchTopK's inference threshold on the final weights
+CALIBRATION_TOKENS = 65536  # training tokens that set BatchTopK's inference threshold on the final weights
 
 
 class NonFiniteTrainingError(DiffdissectError):
@@ -107,8 +108,9 @@ def sae_config(config: TrainConfig, d_in: int) -> SAEConfig:
     return SAEConfig(d_in=d_in, n_latents=n_latents, k=config.k, variant=config.variant, normalise=config.normalise)
 
 
-def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progress: bool = True,
-              dist: Dist = SINGLE) -> dict[str, Any]:
+def train_sae(
+    store: str | Path, config: TrainConfig, out: str | Path, *, progress: bool = True, dist: Dist = SINGLE
+) -> dict[str, Any]:
     """Train (or resume, or return the finished) SAE for one slice into `out`. Returns its summary.
 
     Distributed (`dist` from torchrun/accelerate): data parallel. Each rank trains on its own images
@@ -116,11 +118,11 @@ def train_sae(store: str | Path, config: TrainConfig, out: str | Path, *, progre
     across ranks (all-reduce), dead-latent counters and the BatchTopK threshold are combined, so all
     ranks hold the same weights. Rank 0 writes the checkpoints; it holds `out`'s write lock while it trains."""
     out = Path(out)
-    resolve_device(config.device), resolve_dtype(config.dtype)       # bad options fail before `out` is created
+    resolve_device(config.device), resolve_dtype(config.dtype)  # bad options fail before `out` is created
     Manifest.load(Path(store))
     with DirectoryLock(out, "sae train") if dist.is_main else contextlib.nullcontext():
         if dist.is_main:
-            remove_stale_temporaries(out)               # leftovers of a write a kill interrupted
+            remove_stale_temporaries(out)  # leftovers of a write a kill interrupted
         return _train_sae(store, config, out, progress, dist)
 
 
@@ -130,40 +132,59 @@ def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool
         raise SpecError(f"mix_shards must be at least 1, not {config.mix_shards}")
     reader = open_store(store)
     if config.layer not in reader.layers or config.t not in reader.timesteps:
-        raise StoreError(f"the store has no slice {config.layer} @ t={config.t}; stored layers: {reader.layers}, "
-                         f"timesteps: {reader.timesteps}")
-    data = SliceData(reader, config.layer, config.t, config.tokens, config.heldout_fraction,
-                     part=(dist.rank, dist.world_size))
+        raise StoreError(
+            f"the store has no slice {config.layer} @ t={config.t}; stored layers: {reader.layers}, "
+            f"timesteps: {reader.timesteps}"
+        )
+    data = SliceData(
+        reader, config.layer, config.t, config.tokens, config.heldout_fraction, part=(dist.rank, dist.world_size)
+    )
     sae_cfg = sae_config(config, data.d_in)
     sae_cfg.validate()
     train_tokens = int(dist.all_reduce_(torch.tensor([data.train_tokens], dtype=torch.float64, device="cpu")).item())
     if config.batch_size % dist.world_size:
-        raise SpecError(f"batch_size {config.batch_size} does not split evenly over {dist.world_size} ranks; use a "
-                        f"multiple of {dist.world_size}.")
+        raise SpecError(
+            f"batch_size {config.batch_size} does not split evenly over {dist.world_size} ranks; use a "
+            f"multiple of {dist.world_size}."
+        )
     fewest = -int(dist.all_reduce_(torch.tensor([-data.train_tokens], dtype=torch.float64, device="cpu"), "max").item())
     if fewest < 1:
-        raise SpecError(f"a rank has no training tokens: {train_tokens} tokens over {dist.world_size} ranks; use fewer ranks.")
-    batch_size = min(config.batch_size, dist.world_size * fewest)        # every rank can fill its share of a batch
+        raise SpecError(
+            f"a rank has no training tokens: {train_tokens} tokens over {dist.world_size} ranks; use fewer ranks."
+        )
+    batch_size = min(config.batch_size, dist.world_size * fewest)  # every rank can fill its share of a batch
     rank_batch = batch_size // dist.world_size
     steps = config.steps or max(1, math.ceil((config.epochs or 10) * train_tokens / batch_size))
     dead_window = config.dead_window or min(10_000_000, train_tokens)
-    lr = config.lr or 2e-4 / math.sqrt(sae_cfg.n_latents / 2 ** 14)
-    info = {"name": config.run_name(), "sae": sae_cfg.to_json(), "train": asdict(config),
-            "slice": {"store": str(store), "store_identity": reader.manifest.content_identity(),
-                      "model": comparable(reader.manifest.model or {}), "layer": config.layer,
-                      "t": config.t, "d_in": data.d_in, "train_tokens": train_tokens},
-            "resolved": {"steps": steps, "batch_size": batch_size, "lr": lr, "dead_window": dead_window}}
+    lr = config.lr or 2e-4 / math.sqrt(sae_cfg.n_latents / 2**14)
+    info = {
+        "name": config.run_name(),
+        "sae": sae_cfg.to_json(),
+        "train": asdict(config),
+        "slice": {
+            "store": str(store),
+            "store_identity": reader.manifest.content_identity(),
+            "model": comparable(reader.manifest.model or {}),
+            "layer": config.layer,
+            "t": config.t,
+            "d_in": data.d_in,
+            "train_tokens": train_tokens,
+        },
+        "resolved": {"steps": steps, "batch_size": batch_size, "lr": lr, "dead_window": dead_window},
+    }
 
     if dist.enabled:
         info["ranks"] = dist.world_size
     sae, state, start = _start_or_resume(out, config, sae_cfg, info, data, device)
     sae.compute_dtype = compute_dtype
     if start and state.get("_info", {}).get("ranks", 1) != dist.world_size:
-        raise SpecError(f"{out} was trained with {state['_info'].get('ranks', 1)} rank(s); resume it with the same "
-                        f"number (now {dist.world_size}), or use another --out.")
+        raise SpecError(
+            f"{out} was trained with {state['_info'].get('ranks', 1)} rank(s); resume it with the same "
+            f"number (now {dist.world_size}), or use another --out."
+        )
     if start >= steps and "metrics" in state.get("_info", {}):
         return state["_info"]
-    if dist.enabled and not start:                      # one initialisation for all ranks: rank 0's
+    if dist.enabled and not start:  # one initialisation for all ranks: rank 0's
         for tensor in [*sae.parameters(), *sae.buffers()]:
             dist.broadcast_(tensor.data)
     optimiser = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
@@ -175,20 +196,36 @@ def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool
     last = {}
     began = time.perf_counter()
     try:
-        with tqdm(total=steps, initial=start, desc=config.run_name(), disable=not progress or not dist.is_main,
-                  unit="step") as bar:
+        with tqdm(
+            total=steps, initial=start, desc=config.run_name(), disable=not progress or not dist.is_main, unit="step"
+        ) as bar:
             for step in range(start, steps):
                 x = next(stream)
                 if not torch.isfinite(x).all():
-                    _stop(out, step, "the input batch holds NaN or inf values (check the capture: `diffdissect store verify`)")
-                if compute_dtype == torch.float16 and (x * sae.input_scale).abs().amax() > torch.finfo(torch.float16).max:
-                    _stop(out, step, "the input batch overflows float16 (values beyond 65504 after scaling); train with "
-                                     "--dtype bfloat16 or float32")
+                    _stop(
+                        out,
+                        step,
+                        "the input batch holds NaN or inf values (check the capture: `diffdissect store verify`)",
+                    )
+                if (
+                    compute_dtype == torch.float16
+                    and (x * sae.input_scale).abs().amax() > torch.finfo(torch.float16).max
+                ):
+                    _stop(
+                        out,
+                        step,
+                        "the input batch overflows float16 (values beyond 65504 after scaling); train with "
+                        "--dtype bfloat16 or float32",
+                    )
                 dead = since_fired >= dead_window
                 loss, fvu, auxk, codes = sae_loss(sae, x, dead if dead.any() else None, config.aux_alpha)
                 if not torch.isfinite(loss):
                     hint = " or use --dtype bfloat16: float16 overflowed" if compute_dtype == torch.float16 else ""
-                    _stop(out, step, f"the loss became {float(loss.detach())} (lower the learning rate, now {lr:.2e}{hint})")
+                    _stop(
+                        out,
+                        step,
+                        f"the loss became {float(loss.detach())} (lower the learning rate, now {lr:.2e}{hint})",
+                    )
                 for group in optimiser.param_groups:
                     group["lr"] = lr * _lr_factor(step, steps)
                 apply_update(sae, optimiser, loss, dist)
@@ -201,8 +238,12 @@ def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool
                     _update_threshold(sae, codes)
                     if dist.enabled:
                         sae.threshold.copy_(dist.all_reduce_(sae.threshold.detach().clone()) / dist.world_size)
-                last = {"fvu": float(fvu), "l0": float((codes.values > 0).sum(1).float().mean()),
-                        "dead": float(dead.double().mean()), "auxk": float(auxk)}
+                last = {
+                    "fvu": float(fvu),
+                    "l0": float((codes.values > 0).sum(1).float().mean()),
+                    "dead": float(dead.double().mean()),
+                    "auxk": float(auxk),
+                }
                 bar.set_postfix(fvu=f"{last['fvu']:.3f}", l0=f"{last['l0']:.1f}", dead=f"{100 * last['dead']:.1f}%")
                 bar.update(1)
                 done = step + 1
@@ -212,30 +253,42 @@ def _train_sae(store: str | Path, config: TrainConfig, out: Path, progress: bool
         stream.close()
     seconds = time.perf_counter() - began
     inference = {"form": "topk"}
-    if sae_cfg.variant == "batchtopk":         # JumpReLU at one threshold, set on the final weights
+    if sae_cfg.variant == "batchtopk":  # JumpReLU at one threshold, set on the final weights
         running = float(sae.threshold)
         calibration = data.sample(min(data.train_tokens, CALIBRATION_TOKENS))
         sae.calibrate_threshold(calibration)
         if dist.enabled:
             sae.threshold.copy_(dist.all_reduce_(sae.threshold.detach().clone()) / dist.world_size)
-        inference = {"form": "jumprelu", "threshold": float(sae.threshold), "threshold_running_average": running,
-                     "calibration_tokens": len(calibration)}
+        inference = {
+            "form": "jumprelu",
+            "threshold": float(sae.threshold),
+            "threshold_running_average": running,
+            "calibration_tokens": len(calibration),
+        }
     heldout = data.heldout()
     metrics = evaluate(sae, heldout)
     metrics["heldout_unfired_fraction"] = metrics.pop("dead_fraction")
-    metrics["dead_fraction"] = float((since_fired >= dead_window).double().mean())   # the training window's view
-    summary = {**info, "step": steps, "last_batch": last, "inference": inference,
-               "metrics": {k: v for k, v in metrics.items() if k != "frequency"},
-               "train_seconds": round(seconds, 2), "tokens_per_s": round((steps - start) * batch_size / max(seconds, 1e-9))}
+    metrics["dead_fraction"] = float((since_fired >= dead_window).double().mean())  # the training window's view
+    summary = {
+        **info,
+        "step": steps,
+        "last_batch": last,
+        "inference": inference,
+        "metrics": {k: v for k, v in metrics.items() if k != "frequency"},
+        "train_seconds": round(seconds, 2),
+        "tokens_per_s": round((steps - start) * batch_size / max(seconds, 1e-9)),
+    }
     if dist.is_main:
-        _checkpoint(out, sae, optimiser, since_fired, summary,
-                    frequency=torch.tensor(metrics["frequency"], device="cpu"))
+        _checkpoint(
+            out, sae, optimiser, since_fired, summary, frequency=torch.tensor(metrics["frequency"], device="cpu")
+        )
     dist.barrier()
     return summary
 
 
-def train_saes(store: str | Path, configs: list[TrainConfig], out: str | Path, *, progress: bool = True,
-               dist: Dist = SINGLE) -> list[dict]:
+def train_saes(
+    store: str | Path, configs: list[TrainConfig], out: str | Path, *, progress: bool = True, dist: Dist = SINGLE
+) -> list[dict]:
     """A sweep: each config trains into out/<run name>."""
     names = [safe_name(c.run_name()) for c in configs]
     if len(set(names)) != len(names):
@@ -268,7 +321,7 @@ def sae_loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor | None, aux_alpha
     if aux is not None:
         e_hat = sae.decode(aux, bias=False) * scale
         weight = min(1.0, float(dead.sum()) / sae.config.aux_k)
-        auxk = weight * (e_hat + error.detach()).pow(2).sum() / total      # e_hat should predict -error = x - x_hat
+        auxk = weight * (e_hat + error.detach()).pow(2).sum() / total  # e_hat should predict -error = x - x_hat
     return fvu + aux_alpha * auxk, fvu.detach(), auxk.detach(), codes
 
 
@@ -288,47 +341,67 @@ def _update_threshold(sae: TopKSAE, codes) -> None:
 RESUMABLE_ACROSS = ("device", "checkpoint_every")
 
 
-def _start_or_resume(out: Path, config: TrainConfig, sae_cfg: SAEConfig, info: dict, data: SliceData,
-                     device: torch.device):
+def _start_or_resume(
+    out: Path, config: TrainConfig, sae_cfg: SAEConfig, info: dict, data: SliceData, device: torch.device
+):
     if has_checkpoint(out):
         saved = read_config(out)
         defaults = asdict(TrainConfig(layer=config.layer, t=config.t))
-        was = {**defaults, **saved.get("train", {})}          # older checkpoints lack newer options: their defaults
+        was = {**defaults, **saved.get("train", {})}  # older checkpoints lack newer options: their defaults
         differ = [k for k in asdict(config) if k not in RESUMABLE_ACROSS and was.get(k) != asdict(config)[k]]
         if differ or saved.get("sae") != sae_cfg.to_json():
-            raise SpecError(f"{out} holds an SAE trained with other settings ({', '.join(differ) or 'sae'} differ); "
-                            "use another --out or delete it to start over")
+            raise SpecError(
+                f"{out} holds an SAE trained with other settings ({', '.join(differ) or 'sae'} differ); "
+                "use another --out or delete it to start over"
+            )
         old, new = saved.get("slice", {}), info["slice"]
-        differ = [f"slice.{k}" for k in ("store_identity", "layer", "t", "d_in", "train_tokens") if old.get(k) != new[k]]
-        differ += [f"slice.store_identity.{k}" for k in new["store_identity"]
-                   if (old.get("store_identity") or {}).get(k) != new["store_identity"][k]]
+        differ = [
+            f"slice.{k}" for k in ("store_identity", "layer", "t", "d_in", "train_tokens") if old.get(k) != new[k]
+        ]
+        differ += [
+            f"slice.store_identity.{k}"
+            for k in new["store_identity"]
+            if (old.get("store_identity") or {}).get(k) != new["store_identity"][k]
+        ]
         if differ:
-            raise SpecError(f"{out} holds an SAE trained on another store ({old.get('store')}; differs in: "
-                            f"{', '.join(differ)}). Refusing to report or continue it as this store's: use another "
-                            "--out, or delete it to start over.")
+            raise SpecError(
+                f"{out} holds an SAE trained on another store ({old.get('store')}; differs in: "
+                f"{', '.join(differ)}). Refusing to report or continue it as this store's: use another "
+                "--out, or delete it to start over."
+            )
         if is_legacy(out) and "metrics" not in saved:
-            raise SpecError(f"{out} holds an unfinished SAE written by an older diffdissect, whose weights, optimiser "
-                            "state and config were separate files that an interruption could leave at different steps; "
-                            "it cannot be resumed safely. Delete it or use another --out.")
+            raise SpecError(
+                f"{out} holds an unfinished SAE written by an older diffdissect, whose weights, optimiser "
+                "state and config were separate files that an interruption could leave at different steps; "
+                "it cannot be resumed safely. Delete it or use another --out."
+            )
         sae, _ = load_sae(out, d_in=data.d_in, device=device)
         state = dict(load_state(out, device))
         state["_info"] = saved
         return sae, state, int(saved.get("step", 0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        sae = TopKSAE(sae_cfg, device="cpu").to(device)        # the same initial weights on every device
+        sae = TopKSAE(sae_cfg, device="cpu").to(device)  # the same initial weights on every device
     sample = data.sample(min(data.train_tokens, 16384), device=device)
     bad = int((~torch.isfinite(sample).all(1)).sum())
     if bad:
-        raise NonFiniteTrainingError(f"training stopped at step 0 (initialisation): {bad} of {len(sample)} sampled "
-                                     f"{config.layer} @ t={config.t} inputs hold NaN or inf; check the capture with "
-                                     "`diffdissect store verify`; no checkpoint was written yet")
+        raise NonFiniteTrainingError(
+            f"training stopped at step 0 (initialisation): {bad} of {len(sample)} sampled "
+            f"{config.layer} @ t={config.t} inputs hold NaN or inf; check the capture with "
+            "`diffdissect store verify`; no checkpoint was written yet"
+        )
     sae.initialise_from(sample)
     return sae, {}, 0
 
 
-def _checkpoint(out: Path, sae: TopKSAE, optimiser: torch.optim.Optimizer, since_fired: torch.Tensor,
-                info: dict, frequency: torch.Tensor | None = None) -> None:
+def _checkpoint(
+    out: Path,
+    sae: TopKSAE,
+    optimiser: torch.optim.Optimizer,
+    since_fired: torch.Tensor,
+    info: dict,
+    frequency: torch.Tensor | None = None,
+) -> None:
     if not all(torch.isfinite(p).all() for p in sae.parameters()):
         _stop(out, info.get("step", 0), "the weights became NaN or inf after an update")
     state = {"since_fired": since_fired.clone(), **optimizer_tensors(optimiser, sae)}
@@ -339,5 +412,9 @@ def _checkpoint(out: Path, sae: TopKSAE, optimiser: torch.optim.Optimizer, since
 
 def _stop(out: Path, step: int, why: str) -> None:
     kept = read_config(out).get("step") if has_checkpoint(out) else None
-    where = f"the last good checkpoint (step {kept}) is kept in {out}" if kept is not None else "no checkpoint was written yet"
+    where = (
+        f"the last good checkpoint (step {kept}) is kept in {out}"
+        if kept is not None
+        else "no checkpoint was written yet"
+    )
     raise NonFiniteTrainingError(f"training stopped at step {step}: {why}; {where}")

@@ -1,4 +1,5 @@
 """A store from features computed elsewhere (another tool, a synthetic benchmark): the same format as a capture."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -14,9 +15,15 @@ from diffdissect.store.manifest import Manifest, slice_key, spec_digest
 from diffdissect.store.writer import StoreWriter
 
 
-def write_array_store(out: str | Path, features: Mapping[tuple[str, int], np.ndarray | torch.Tensor],
-                      rows: Sequence[Mapping[str, Any]], *, shard_rows: int = 4096, dtype: str = "float32",
-                      model: Mapping[str, Any] | None = None) -> Manifest:
+def write_array_store(
+    out: str | Path,
+    features: Mapping[tuple[str, int], np.ndarray | torch.Tensor],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    shard_rows: int = 4096,
+    dtype: str = "float32",
+    model: Mapping[str, Any] | None = None,
+) -> Manifest:
     """Write `features[(layer, t)]` (rows first, same row count everywhere) with one row-index entry per row.
 
     Each row needs an ``input_id``; ``seed`` defaults to 0. Other keys (labels, attributes) become
@@ -37,18 +44,32 @@ def write_array_store(out: str | Path, features: Mapping[tuple[str, int], np.nda
     if any("input_id" not in r for r in rows):
         raise DataError("every row needs an 'input_id'")
     torch_dtype = getattr(torch, dtype)
-    spec = {"capture": {"from_arrays": True, "layers": layers, "timesteps": timesteps}, "rows": n,
-            "shard_rows": shard_rows}
-    manifest = Manifest(mode="arrays", spec=spec, spec_hash=spec_digest(spec), model=dict(model or {"source": "arrays"}),
-                        timesteps=[{"t": t} for t in timesteps],
-                        layers={l: {"shape": list(blocks[(l, timesteps[0])].shape[1:]), "dtype": dtype} for l in layers},
-                        dtype=dtype)
+    spec = {
+        "capture": {"from_arrays": True, "layers": layers, "timesteps": timesteps},
+        "rows": n,
+        "shard_rows": shard_rows,
+    }
+    manifest = Manifest(
+        mode="arrays",
+        spec=spec,
+        spec_hash=spec_digest(spec),
+        model=dict(model or {"source": "arrays"}),
+        timesteps=[{"t": t} for t in timesteps],
+        layers={l: {"shape": list(blocks[(l, timesteps[0])].shape[1:]), "dtype": dtype} for l in layers},
+        dtype=dtype,
+    )
     with DirectoryLock(out, "write_array_store"):
         return _write(StoreWriter.open(out, manifest), blocks, rows, n, shard_rows, torch_dtype)
 
 
-def _write(writer: StoreWriter, blocks: dict, rows: Sequence[Mapping[str, Any]], n: int, shard_rows: int,
-           torch_dtype: torch.dtype) -> Manifest:
+def _write(
+    writer: StoreWriter,
+    blocks: dict,
+    rows: Sequence[Mapping[str, Any]],
+    n: int,
+    shard_rows: int,
+    torch_dtype: torch.dtype,
+) -> Manifest:
     for chunk, start in enumerate(range(0, n, shard_rows)):
         stop = min(n, start + shard_rows)
         tensors = {slice_key(l, t): blocks[(l, t)][start:stop].to(torch_dtype).contiguous() for l, t in blocks}

@@ -6,6 +6,7 @@
 * checksum: a shard's sha256 matches the manifest's, checked once per file version (size, mtime) per process;
 * finiteness: every block handed to an analysis is finite; a bad one names its shard and slice.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,7 +24,7 @@ ShardRecord = Any
 Manifest = Any
 SHARDS_DIR = "shards"
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_verified: dict[tuple[str, int, int], str] = {}      # (real path, size, mtime_ns) -> sha256 seen to match
+_verified: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> sha256 seen to match
 _lock = threading.Lock()
 
 
@@ -36,17 +37,23 @@ def check_manifest_fields(manifest: Manifest, stated_rows: Any = None) -> None:
             raise StoreError(f"manifest.json lists the shard {shard.name} twice; the store is corrupt.")
         names.add(shard.name)
         if not isinstance(shard.rows, int) or shard.rows < 0 or not isinstance(shard.bytes, int) or shard.bytes < 0:
-            raise StoreError(f"manifest.json gives shard {shard.name} {shard.rows!r} rows and {shard.bytes!r} bytes; "
-                             "the store is corrupt.")
+            raise StoreError(
+                f"manifest.json gives shard {shard.name} {shard.rows!r} rows and {shard.bytes!r} bytes; "
+                "the store is corrupt."
+            )
     if stated_rows is not None and stated_rows != manifest.rows:
-        raise StoreError(f"manifest.json states {stated_rows} rows but its shards hold {manifest.rows}; the store is "
-                         "corrupt (run `diffdissect store verify`).")
+        raise StoreError(
+            f"manifest.json states {stated_rows} rows but its shards hold {manifest.rows}; the store is "
+            "corrupt (run `diffdissect store verify`)."
+        )
 
 
 def check_shard_name(name: Any) -> None:
     if not isinstance(name, str) or not _PLAIN.match(name) or ".." in name:
-        raise StoreError(f"manifest.json names a shard {name!r}, which is not a plain file name inside {SHARDS_DIR}/; "
-                         "refusing to read outside the store (the manifest is corrupt or hostile).")
+        raise StoreError(
+            f"manifest.json names a shard {name!r}, which is not a plain file name inside {SHARDS_DIR}/; "
+            "refusing to read outside the store (the manifest is corrupt or hostile)."
+        )
 
 
 def shard_path(directory: str | Path, name: str) -> Path:
@@ -58,27 +65,35 @@ def shard_path(directory: str | Path, name: str) -> Path:
         root = directory.resolve()
         real = path.resolve()
         if root not in real.parents:
-            raise StoreError(f"shard {name} is a symlink to {real}, outside the store {root}; refusing to read it. "
-                             "Copy the file into the store instead.")
+            raise StoreError(
+                f"shard {name} is a symlink to {real}, outside the store {root}; refusing to read it. "
+                "Copy the file into the store instead."
+            )
     return path
 
 
 def check_checksum(path: Path, shard: ShardRecord) -> None:
     """The shard's size and sha256 against the manifest; a file version seen to match is not hashed again."""
     if not path.is_file():
-        raise StoreError(f"shard {shard.name} is listed in the manifest but missing from {path.parent}; run the same "
-                         "capture again to rewrite it (`diffdissect store verify` lists every bad shard).")
+        raise StoreError(
+            f"shard {shard.name} is listed in the manifest but missing from {path.parent}; run the same "
+            "capture again to rewrite it (`diffdissect store verify` lists every bad shard)."
+        )
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     with _lock:
         if _verified.get(key) == shard.sha256:
             return
     if st.st_size != shard.bytes:
-        raise StoreError(f"shard {shard.name} has {st.st_size} bytes, the manifest says {shard.bytes}: it is truncated "
-                         "or altered. Run the same capture again to rewrite it.")
+        raise StoreError(
+            f"shard {shard.name} has {st.st_size} bytes, the manifest says {shard.bytes}: it is truncated "
+            "or altered. Run the same capture again to rewrite it."
+        )
     if sha256_file(path) != shard.sha256:
-        raise StoreError(f"shard {shard.name} fails its checksum: its content was corrupted after it was written. Run "
-                         "the same capture again to rewrite it.")
+        raise StoreError(
+            f"shard {shard.name} fails its checksum: its content was corrupted after it was written. Run "
+            "the same capture again to rewrite it."
+        )
     with _lock:
         _verified[key] = shard.sha256
 
@@ -111,8 +126,10 @@ def shard_problem(path: Path, shard: ShardRecord) -> str | None:
 def check_block(block: torch.Tensor, shard: ShardRecord, key: str) -> None:
     """A whole slice read from a shard: as many rows as the manifest says, and finite."""
     if block.shape[0] != shard.rows:
-        raise StoreError(f"shard {shard.name}: slice {key} has {block.shape[0]} rows, the manifest says {shard.rows}; "
-                         "the store is corrupt (run `diffdissect store verify`).")
+        raise StoreError(
+            f"shard {shard.name}: slice {key} has {block.shape[0]} rows, the manifest says {shard.rows}; "
+            "the store is corrupt (run `diffdissect store verify`)."
+        )
     check_finite(block, shard, key)
 
 
@@ -121,17 +138,20 @@ def check_finite(block: torch.Tensor, shard: ShardRecord, key: str) -> None:
     if not block.is_floating_point():
         return
     finite = torch.isfinite(block)
-    if block.dtype == torch.float16:     # capture refuses values beyond float16; its maximum means saturation
+    if block.dtype == torch.float16:  # capture refuses values beyond float16; its maximum means saturation
         finite &= block.abs() < torch.finfo(torch.float16).max
     if not bool(finite.all()):
         bad = int((~finite).reshape(block.shape[0], -1).any(1).sum())
-        raise StoreError(f"shard {shard.name}: slice {key} holds NaN, inf or saturated values in {bad} of {shard.rows} "
-                         "rows; an analysis would report numbers computed from them. Capture again into a new --out "
-                         "(with --dtype bfloat16 or float32 if the model overflows float16).")
+        raise StoreError(
+            f"shard {shard.name}: slice {key} holds NaN, inf or saturated values in {bad} of {shard.rows} "
+            "rows; an analysis would report numbers computed from them. Capture again into a new --out "
+            "(with --dtype bfloat16 or float32 if the model overflows float16)."
+        )
 
 
 def check_rows(rows: list[Any], shard: ShardRecord) -> None:
     if len(rows) != shard.rows:
-        raise StoreError(f"shard {shard.name} lists {len(rows)} rows, the manifest says {shard.rows}; the store is "
-                         "corrupt (run `diffdissect store verify`).")
-
+        raise StoreError(
+            f"shard {shard.name} lists {len(rows)} rows, the manifest says {shard.rows}; the store is "
+            "corrupt (run `diffdissect store verify`)."
+        )

@@ -11,6 +11,7 @@ Layout of a store directory::
 Every (layer, t) slice of a store has the same rows in the same order; t lives in the slice key,
 not in the row. A row is one (input, seed) pair.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,7 @@ from diffdissect.errors import StoreError
 from diffdissect.models.identity import current_kind
 
 FORMAT = "diffdissect-store"
-FORMAT_VERSION = 2          # 2: full-content model identity, image-content input identity, path-free spec
+FORMAT_VERSION = 2  # 2: full-content model identity, image-content input identity, path-free spec
 MANIFEST = "manifest.json"
 INDEX = "index.csv"
 SHARDS_DIR = "shards"
@@ -52,7 +53,7 @@ class ShardRecord:
     rows: int
     bytes: int
     sha256: str
-    inputs: list[int]          # [start, stop) positions of the inputs this shard covers
+    inputs: list[int]  # [start, stop) positions of the inputs this shard covers
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -60,17 +61,17 @@ class ShardRecord:
 class Manifest:
     """Everything a reader needs to interpret a store, as plain JSON."""
 
-    mode: str                                   # "images" or "trajectory"
-    spec: dict[str, Any]                        # the capture spec (what changes the data)
+    mode: str  # "images" or "trajectory"
+    spec: dict[str, Any]  # the capture spec (what changes the data)
     spec_hash: str
-    model: dict[str, Any]                       # source, class, kind, config digest, weights fingerprint
-    timesteps: list[dict[str, Any]]             # t, alpha_bar, signal_scale, noise_std (per stored t)
-    layers: dict[str, dict[str, Any]]           # path -> {"shape": [...per row], "dtype": str}
+    model: dict[str, Any]  # source, class, kind, config digest, weights fingerprint
+    timesteps: list[dict[str, Any]]  # t, alpha_bar, signal_scale, noise_std (per stored t)
+    layers: dict[str, dict[str, Any]]  # path -> {"shape": [...per row], "dtype": str}
     dtype: str
     shards: list[ShardRecord] = field(default_factory=list)
     complete: bool = False
     input_count: int | None = None
-    notes: dict[str, Any] = field(default_factory=dict)   # facts learnt while capturing (not part of the spec)
+    notes: dict[str, Any] = field(default_factory=dict)  # facts learnt while capturing (not part of the spec)
     locations: dict[str, Any] = field(default_factory=dict)  # where model and inputs were read from (never compared)
     diffdissect_version: str = ""
     format: str = FORMAT
@@ -100,7 +101,8 @@ class Manifest:
         if int(data.get("format_version", -1)) > FORMAT_VERSION:
             raise StoreError(
                 f"this store has format version {data['format_version']}, newer than this diffdissect "
-                f"understands ({FORMAT_VERSION}); upgrade diffdissect to read it.")
+                f"understands ({FORMAT_VERSION}); upgrade diffdissect to read it."
+            )
         from diffdissect.store.integrity import check_manifest_fields
 
         stated_rows = data.get("rows")
@@ -108,8 +110,10 @@ class Manifest:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise StoreError(f"manifest.json has fields this diffdissect does not know ({unknown}); the store is "
-                             "corrupt or from another tool.")
+            raise StoreError(
+                f"manifest.json has fields this diffdissect does not know ({unknown}); the store is "
+                "corrupt or from another tool."
+            )
         try:
             data["shards"] = [ShardRecord(**s) for s in data.get("shards", [])]
             if isinstance(data.get("model"), dict):
@@ -124,8 +128,10 @@ class Manifest:
     def load(cls, directory: Path) -> Manifest:
         path = Path(directory) / MANIFEST
         if not path.is_file():
-            raise StoreError(f"{directory} is not an activation store: {MANIFEST} is missing. "
-                             "Create one with `diffdissect capture ... --out DIR`.")
+            raise StoreError(
+                f"{directory} is not an activation store: {MANIFEST} is missing. "
+                "Create one with `diffdissect capture ... --out DIR`."
+            )
         try:
             return cls.from_json(json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError) as exc:

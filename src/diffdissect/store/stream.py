@@ -22,6 +22,7 @@
 Everything random comes from `seed` (and the epoch): the batches are the same bytes on every run and
 every device, whatever the thread timing.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,9 +50,10 @@ class SliceSource(Protocol):
 
     def read_into(self, shard: ShardRecord, key: str, start: int, stop: int, out: torch.Tensor) -> None: ...
 
-MIN_PIECE_BYTES = 256 * 1024        # row ranges are at least this big (when a shard allows), so reads stay large
-MIN_PIECES = 8                      # ... but a shard is always cut into up to this many pieces, however small
-POOL_RING = 3                       # pool buffers reused in turn: consumed, ready, being built
+
+MIN_PIECE_BYTES = 256 * 1024  # row ranges are at least this big (when a shard allows), so reads stay large
+MIN_PIECES = 8  # ... but a shard is always cut into up to this many pieces, however small
+POOL_RING = 3  # pool buffers reused in turn: consumed, ready, being built
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,9 @@ def _runs(rows: np.ndarray) -> tuple[tuple[int, int], ...]:
     return tuple((int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops))
 
 
-def plan_pools(selected: list[np.ndarray], row_bytes: int, pool_rows: int, rng: np.random.Generator) -> list[list[Piece]]:
+def plan_pools(
+    selected: list[np.ndarray], row_bytes: int, pool_rows: int, rng: np.random.Generator
+) -> list[list[Piece]]:
     """Deal every shard's selected rows (local row numbers per shard) over pools of about `pool_rows` rows.
 
     Each shard is cut into up to one piece per pool (fewer when pieces would fall under MIN_PIECE_BYTES,
@@ -169,11 +173,27 @@ class MixingStream:
     are passed over without being gathered (a resumed run). Iterate it once; `close()` it when done.
     """
 
-    def __init__(self, reader: SliceSource, layer: str, t: int, batch_size: int, *, seed: int = 0,
-                 select: np.ndarray | None = None, tokens: bool = False, pool_locations: bool = False,
-                 mix_shards: int = 4, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                 epochs: int | None = 1, start_epoch: int = 0, drop_last: bool = True, with_rows: bool = False,
-                 skip: int = 0, prefetch: int = 1):
+    def __init__(
+        self,
+        reader: SliceSource,
+        layer: str,
+        t: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        select: np.ndarray | None = None,
+        tokens: bool = False,
+        pool_locations: bool = False,
+        mix_shards: int = 4,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        epochs: int | None = 1,
+        start_epoch: int = 0,
+        drop_last: bool = True,
+        with_rows: bool = False,
+        skip: int = 0,
+        prefetch: int = 1,
+    ):
         reader.manifest.check_slice(layer, t)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, not {batch_size}")
@@ -192,7 +212,7 @@ class MixingStream:
         offsets = np.cumsum([0] + [s.rows for s in shards])
         mask = np.ones(int(offsets[-1]), dtype=bool) if select is None else np.asarray(select, dtype=bool)
         self.offsets = offsets
-        self.selected = [np.flatnonzero(mask[offsets[i]:offsets[i + 1]]) for i in range(len(shards))]
+        self.selected = [np.flatnonzero(mask[offsets[i] : offsets[i + 1]]) for i in range(len(shards))]
         self.row_bytes = int(np.prod(self.shape)) * torch.empty((), dtype=stored, device="meta").element_size()
         self.pool_rows = max(1, mix_shards * int(np.mean([s.rows for s in shards])) if shards else 1)
         self.epochs, self.start_epoch, self.drop_last = epochs, start_epoch, drop_last
@@ -216,29 +236,33 @@ class MixingStream:
         self._batches.close()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):       # a half-built stream, or interpreter shutdown
+        with contextlib.suppress(Exception):  # a half-built stream, or interpreter shutdown
             self.close()
 
     def _iterate(self) -> Generator[Any, None, None]:
         size, to_skip = self.batch_size, self.skip
-        carry: list[tuple[torch.Tensor, torch.Tensor | None]] = []     # materialised items of a straddling batch
+        carry: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # materialised items of a straddling batch
         carried = 0
         epoch = None
         pools = iter(self._prefetch) if self._prefetch is not None else self._pools()
         for pool_epoch, pool in pools:
-            if pool_epoch != epoch:                  # a new epoch: the last one's partial batch
+            if pool_epoch != epoch:  # a new epoch: the last one's partial batch
                 if carried and not self.drop_last:
                     yield self._emit(carry)
                 carry, carried, epoch = [], 0, pool_epoch
             n, pos = len(pool.order), 0
             while pos < n:
                 take = min(size - carried, n - pos)
-                part = pool.order[pos:pos + take]
+                part = pool.order[pos : pos + take]
                 pos += take
                 carried += take
                 if to_skip == 0:
-                    carry.append((pool.items.index_select(0, part),
-                                  pool.ids.index_select(0, part) if pool.ids is not None else None))
+                    carry.append(
+                        (
+                            pool.items.index_select(0, part),
+                            pool.ids.index_select(0, part) if pool.ids is not None else None,
+                        )
+                    )
                 if carried == size:
                     if to_skip:
                         to_skip -= 1
@@ -253,7 +277,7 @@ class MixingStream:
         if not self.with_rows:
             return items
         ids = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts if p[1] is not None])
-        assert ids is not None                    # with_rows: every part carries its row ids
+        assert ids is not None  # with_rows: every part carries its row ids
         return items, ids.cpu().numpy()
 
     # ---- the producer (runs in the prefetch thread) -------------------------------------------------------
@@ -263,7 +287,7 @@ class MixingStream:
             rng = np.random.default_rng([self.seed & 0xFFFFFFFFFFFF, epoch])
             for pieces in plan_pools(self.selected, self.row_bytes, self.pool_rows, rng):
                 items, ids = self._build(pieces, built % POOL_RING)
-                generator = torch.Generator(device="cpu").manual_seed(int(rng.integers(2 ** 62)))
+                generator = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**62)))
                 order = torch.randperm(len(items), generator=generator, device="cpu").to(self.device)
                 built += 1
                 yield epoch, _Pool(items, ids, order)
@@ -276,8 +300,9 @@ class MixingStream:
         n_items, d = rows * self.locations, self.width
         ids = None
         if self.with_rows:
-            ids = torch.from_numpy(np.concatenate([np.arange(a, b) + self.offsets[p.shard]
-                                                   for p in pieces for a, b in p.runs]))
+            ids = torch.from_numpy(
+                np.concatenate([np.arange(a, b) + self.offsets[p.shard] for p in pieces for a, b in p.runs])
+            )
             if self.tokens:
                 ids = ids.repeat_interleave(self.locations)
             ids = ids.to(self.device)
@@ -286,22 +311,22 @@ class MixingStream:
         if self.device.type == "cpu":
             out = self._buffer(slot, n_items, d)
             at = 0
-            if plain:                             # rows as stored: a file read straight into the pool
+            if plain:  # rows as stored: a file read straight into the pool
                 for piece in pieces:
                     for a, b in piece.runs:
-                        self.reader.read_into(shards[piece.shard], self.key, a, b, out[at:at + b - a])
+                        self.reader.read_into(shards[piece.shard], self.key, a, b, out[at : at + b - a])
                         at += b - a
                 return out, ids
             views = {s: self.reader.view(shards[s], self.key) for s in {p.shard for p in pieces}}
-            for piece in pieces:                  # one copy: mapped file -> items in the output dtype
+            for piece in pieces:  # one copy: mapped file -> items in the output dtype
                 for a, b in piece.runs:
                     at += self._copy_items(views[piece.shard][a:b], out, at)
             return out, ids
-        staging = self._staging(rows)             # stored dtype, stored layout, pinned for a non-blocking copy
+        staging = self._staging(rows)  # stored dtype, stored layout, pinned for a non-blocking copy
         at = 0
         for piece in pieces:
             for a, b in piece.runs:
-                self.reader.read_into(shards[piece.shard], self.key, a, b, staging[at:at + b - a])
+                self.reader.read_into(shards[piece.shard], self.key, a, b, staging[at : at + b - a])
                 at += b - a
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         with torch.cuda.stream(side) if side is not None else _nothing():
@@ -309,31 +334,32 @@ class MixingStream:
             out = torch.empty(n_items, d, dtype=self.dtype, device=self.device)
             self._copy_items(moved, out, 0)
         if side is not None:
-            side.synchronize()                    # the pool is complete before the consumer sees it
+            side.synchronize()  # the pool is complete before the consumer sees it
         return out, ids
 
     def _copy_items(self, block: torch.Tensor, out: torch.Tensor, at: int) -> int:
         """Copy rows `block` (n, d, *spatial) into `out[at:]` as items, converting the dtype; returns the count."""
         n = len(block)
         if self.tokens:
-            out[at:at + n * self.locations].view(n, self.locations, -1).copy_(block.flatten(2).transpose(1, 2))
+            out[at : at + n * self.locations].view(n, self.locations, -1).copy_(block.flatten(2).transpose(1, 2))
             return n * self.locations
         if self.pool_locations:
-            out[at:at + n].copy_(block.flatten(2).mean(-1, dtype=torch.float32))
+            out[at : at + n].copy_(block.flatten(2).mean(-1, dtype=torch.float32))
         else:
-            out[at:at + n].copy_(block.reshape(n, -1))
+            out[at : at + n].copy_(block.reshape(n, -1))
         return n
 
     def _buffer(self, slot: int, n: int, d: int) -> torch.Tensor:
         buffer = self._ring[slot]
         if buffer is None or buffer.numel() < n * d:
             buffer = self._ring[slot] = torch.empty(n * d, dtype=self.dtype, device="cpu")
-        return buffer[:n * d].view(n, d)
+        return buffer[: n * d].view(n, d)
 
     def _staging(self, rows: int) -> torch.Tensor:
         if self._pinned is None or len(self._pinned) < rows:
-            self._pinned = torch.empty((rows, *self.shape), dtype=self.stored,
-                                       device="cpu", pin_memory=pins(self.device))
+            self._pinned = torch.empty(
+                (rows, *self.shape), dtype=self.stored, device="cpu", pin_memory=pins(self.device)
+            )
         return self._pinned
 
 

@@ -1,4 +1,5 @@
 """Integrity check of a store: every committed shard present, complete, unaltered and well-formed."""
+
 from __future__ import annotations
 
 import csv
@@ -20,7 +21,7 @@ _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "
 class VerifyReport:
     directory: str
     shards_checked: int = 0
-    problems: list[str] = field(default_factory=list)       # each names the shard and what is wrong
+    problems: list[str] = field(default_factory=list)  # each names the shard and what is wrong
     bad_shards: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     complete: bool = False
@@ -41,7 +42,7 @@ def verify_store(directory: Path | str) -> VerifyReport:
         listed.add(shard.name)
         report.shards_checked += 1
         try:
-            path = shard_path(directory, shard.name)          # plain names only; no symlink out of the store
+            path = shard_path(directory, shard.name)  # plain names only; no symlink out of the store
         except StoreError as exc:
             report.problems.append(str(exc))
             report.bad_shards.append(shard.name)
@@ -54,8 +55,10 @@ def verify_store(directory: Path | str) -> VerifyReport:
         if path.name.endswith(TMP_SUFFIX):
             report.warnings.append(f"{path.name}: leftover of an interrupted write (removed on resume)")
         elif path.name not in listed:
-            report.warnings.append(f"{path.name}: not listed in the manifest (uncommitted: readers ignore it; a resume rewrites it if its chunk is still missing)")
-    for path in sorted(directory.glob(f".*{TMP_SUFFIX}")):   # manifest.json / index.csv temporaries
+            report.warnings.append(
+                f"{path.name}: not listed in the manifest (uncommitted: readers ignore it; a resume rewrites it if its chunk is still missing)"
+            )
+    for path in sorted(directory.glob(f".*{TMP_SUFFIX}")):  # manifest.json / index.csv temporaries
         report.warnings.append(f"{path.name}: leftover of an interrupted write (removed on resume)")
     root = directory.resolve()
     for path in sorted(directory.rglob("*")):

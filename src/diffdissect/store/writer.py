@@ -5,6 +5,7 @@ manifest (also written atomically) updated to list it. A shard file that the man
 was never committed and is rewritten on resume. Because capture is deterministic, a resumed store
 holds exactly the bytes an uninterrupted run writes.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,14 +30,17 @@ from diffdissect.store.integrity import remember_verified, shard_problem
 from diffdissect.store.manifest import FORMAT_VERSION, INDEX, MANIFEST, SHARDS_DIR, Manifest, ShardRecord
 
 INDEX_COLUMNS = ("row", "input_id", "source_index", "seed", "label", "caption", "shard")
-RANKS_DIR = "ranks"          # distributed runs: each rank lists the shards it committed in its own file
+RANKS_DIR = "ranks"  # distributed runs: each rank lists the shards it committed in its own file
 
 
 def _spec_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted names of the spec fields that differ, e.g. ``capture.timesteps``, ``model.weights_fingerprint``."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [name for key in sorted(set(old) | set(new), key=str)
-                for name in _spec_diff(old.get(key), new.get(key), f"{prefix}{key}.")]
+        return [
+            name
+            for key in sorted(set(old) | set(new), key=str)
+            for name in _spec_diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
     return [] if old == new else [prefix.rstrip(".")]
 
 
@@ -48,9 +52,9 @@ def canonical_safetensors(data: bytes) -> bytes:
     of the header, so only the header changes; it stays padded with spaces to 8-byte alignment.
     """
     n = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     header += b" " * (-len(header) % 8)
-    return len(header).to_bytes(8, "little") + header + data[8 + n:]
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
 
 
 def check_store_directory(directory: Path | str) -> None:
@@ -63,7 +67,8 @@ def check_store_directory(directory: Path | str) -> None:
     if directory.exists() and any(p.name != LOCK_NAME for p in directory.iterdir()):
         raise StoreError(
             f"{directory} exists, is not empty and is not an activation store; refusing to write "
-            "into it. Choose a new --out directory.")
+            "into it. Choose a new --out directory."
+        )
 
 
 def shard_name(chunk: int) -> str:
@@ -95,7 +100,7 @@ class StoreWriter:
             try:
                 writer = cls._open_main(directory, manifest, dist)
                 status += 1
-            except Exception as exc:          # noqa: BLE001 - tell the other ranks, then raise here
+            except Exception as exc:  # noqa: BLE001 - tell the other ranks, then raise here
                 error = exc
         dist.broadcast_(status)
         if error is not None:
@@ -119,9 +124,13 @@ class StoreWriter:
                 raise StoreError(
                     f"{directory} was written by an older diffdissect (store format {existing.format_version}; this "
                     f"one writes {FORMAT_VERSION}), whose model and input identities were weaker: a resume could not "
-                    "prove it continues the same capture. The store can still be read; capture into a new --out.")
-            holds_data = existing.shards or existing.complete or any(
-                not p.name.endswith(TMP_SUFFIX) for p in (directory / SHARDS_DIR).glob("*"))
+                    "prove it continues the same capture. The store can still be read; capture into a new --out."
+                )
+            holds_data = (
+                existing.shards
+                or existing.complete
+                or any(not p.name.endswith(TMP_SUFFIX) for p in (directory / SHARDS_DIR).glob("*"))
+            )
             if not holds_data:
                 # a capture that failed before its first shard (e.g. float16 overflow): nothing to lose,
                 # so the corrected command may start over here
@@ -134,7 +143,8 @@ class StoreWriter:
                 raise StoreError(
                     f"{directory} holds a capture made with a different spec (differs in: "
                     f"{', '.join(diff) or 'mode'}). Refusing to mix data: choose a new --out "
-                    "directory, or delete this one to start over.")
+                    "directory, or delete this one to start over."
+                )
             remove_stale_temporaries(directory)
             existing.locations = manifest.locations or existing.locations
             writer = cls(directory, existing)
@@ -171,14 +181,25 @@ class StoreWriter:
     def is_committed(self, chunk: int) -> bool:
         return shard_name(chunk) in self.committed
 
-    def write_shard(self, chunk: int, tensors: Mapping[str, torch.Tensor], rows: list[dict[str, Any]],
-                    inputs: tuple[int, int], skipped: list[dict[str, Any]]) -> ShardRecord:
+    def write_shard(
+        self,
+        chunk: int,
+        tensors: Mapping[str, torch.Tensor],
+        rows: list[dict[str, Any]],
+        inputs: tuple[int, int],
+        skipped: list[dict[str, Any]],
+    ) -> ShardRecord:
         """Commit one shard: all (layer, t) tensors for the rows of input chunk `chunk`."""
         name = shard_name(chunk)
-        metadata = {"rows": json.dumps(rows), "inputs": json.dumps(list(inputs)),
-                    "skipped": json.dumps(skipped), "format": "diffdissect-shard"}
-        data = canonical_safetensors(safetensors_bytes({k: v.contiguous() for k, v in tensors.items()},
-                                                       metadata=metadata))
+        metadata = {
+            "rows": json.dumps(rows),
+            "inputs": json.dumps(list(inputs)),
+            "skipped": json.dumps(skipped),
+            "format": "diffdissect-shard",
+        }
+        data = canonical_safetensors(
+            safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+        )
         path = self.directory / SHARDS_DIR / name
         try:
             digest = atomic_write_bytes(path, data)
@@ -187,14 +208,16 @@ class StoreWriter:
                 raise StoreError(
                     f"ran out of disk space while writing {name} ({len(data)} bytes). The partial shard "
                     f"was removed and the {len(self.manifest.shards)} committed shards are intact; "
-                    "free space and run the same command again to resume.") from exc
+                    "free space and run the same command again to resume."
+                ) from exc
             raise
         remember_verified(path, digest)
-        record = ShardRecord(name=name, rows=len(rows), bytes=len(data), sha256=digest,
-                             inputs=list(inputs), skipped=skipped)
+        record = ShardRecord(
+            name=name, rows=len(rows), bytes=len(data), sha256=digest, inputs=list(inputs), skipped=skipped
+        )
         self.manifest.shards = [s for s in self.manifest.shards if s.name != name] + [record]
         self.manifest.shards.sort(key=lambda s: s.name)
-        if self.dist.enabled:           # only rank 0 writes the manifest, when every rank has finished
+        if self.dist.enabled:  # only rank 0 writes the manifest, when every rank has finished
             self._rank_records = [s for s in self._rank_records if s.name != name] + [record]
             (self.directory / RANKS_DIR).mkdir(exist_ok=True)
             atomic_write_json(self._rank_file(self.dist.rank), [asdict(r) for r in self._rank_records])
@@ -207,7 +230,9 @@ class StoreWriter:
 
     def _merge_rank_records(self) -> None:
         """Fold the shard lists written by ranks into the manifest (committed shards only), then drop them."""
-        files = sorted((self.directory / RANKS_DIR).glob("rank-*.json")) if (self.directory / RANKS_DIR).is_dir() else []
+        files = (
+            sorted((self.directory / RANKS_DIR).glob("rank-*.json")) if (self.directory / RANKS_DIR).is_dir() else []
+        )
         if not files:
             return
         records = {s.name: s for s in self.manifest.shards}
@@ -218,7 +243,7 @@ class StoreWriter:
                 if shard.is_file() and shard.stat().st_size == record.bytes:
                     records[record.name] = record
         self.manifest.shards = sorted(records.values(), key=lambda s: s.name)
-        self._write_manifest()                  # first the manifest, then the lists it now contains
+        self._write_manifest()  # first the manifest, then the lists it now contains
         for path in files:
             path.unlink()
 
@@ -228,7 +253,7 @@ class StoreWriter:
             self.dist.barrier()
             if self.dist.is_main:
                 self._merge_rank_records()
-                if self.manifest.rows:                # an empty store is refused by the caller, never completed
+                if self.manifest.rows:  # an empty store is refused by the caller, never completed
                     self._finalize(input_count)
             self.dist.barrier()
             self.manifest = Manifest.load(self.directory)
@@ -241,7 +266,7 @@ class StoreWriter:
         self.manifest.input_count = input_count
         rows = StoreReader(self.directory, self.manifest).rows()
         buffer = io.StringIO()
-        extra = sorted({k for row in rows for k in row} - set(INDEX_COLUMNS))   # per-input attributes
+        extra = sorted({k for row in rows for k in row} - set(INDEX_COLUMNS))  # per-input attributes
         columns = [*INDEX_COLUMNS, *extra]
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
@@ -251,8 +276,10 @@ class StoreWriter:
             atomic_write_bytes(self.directory / INDEX, buffer.getvalue().encode())
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreError(f"ran out of disk space while writing {self.directory / INDEX}; every shard is "
-                                 "committed: free space and run the same command again to finish.") from exc
+                raise StoreError(
+                    f"ran out of disk space while writing {self.directory / INDEX}; every shard is "
+                    "committed: free space and run the same command again to finish."
+                ) from exc
             raise
         self.manifest.complete = True
         self._write_manifest()
@@ -265,5 +292,6 @@ class StoreWriter:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreError(
                     f"ran out of disk space while writing {self.directory / MANIFEST}. The previous manifest and the "
-                    "shards it lists are intact; free space and run the same command again to resume.") from exc
+                    "shards it lists are intact; free space and run the same command again to resume."
+                ) from exc
             raise

@@ -4,6 +4,7 @@ store helpers, directions preset, the demo). The analyses never import this pack
 
 Start from `ShapesWorld.load()`.
 """
+
 from diffdissect.world.shapes import HELD_OUT_SEED, ShapesWorld
 
 __all__ = ["HELD_OUT_SEED", "ShapesWorld"]

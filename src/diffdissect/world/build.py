@@ -10,6 +10,7 @@ The result is a weights directory (committed under diffdissect/world/weights, a 
 The build writes into a temporary sibling directory and swaps it in only when everything succeeded,
 so a failed or interrupted build never damages existing weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,16 +52,26 @@ class BuildConfig:
     threads: int | None = None
 
     def scaled(self, factor: float) -> BuildConfig:
-        return BuildConfig(seed=self.seed, pipeline=self.pipeline.scaled(factor), threads=self.threads,
-                           cnn_steps=max(2, int(self.cnn_steps * factor)), vit_steps=max(2, int(self.vit_steps * factor)),
-                           captioner_steps=max(2, int(self.captioner_steps * factor)))
+        return BuildConfig(
+            seed=self.seed,
+            pipeline=self.pipeline.scaled(factor),
+            threads=self.threads,
+            cnn_steps=max(2, int(self.cnn_steps * factor)),
+            vit_steps=max(2, int(self.vit_steps * factor)),
+            captioner_steps=max(2, int(self.captioner_steps * factor)),
+        )
 
 
-def build_toy(out: str | Path = DEFAULT_WEIGHTS, recipe: BuildConfig | None = None, world: WorldConfig | None = None,
-              *, progress: bool = True) -> dict[str, Any]:
+def build_toy(
+    out: str | Path = DEFAULT_WEIGHTS,
+    recipe: BuildConfig | None = None,
+    world: WorldConfig | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train everything and write the weights directory `out` (atomically replaced). Returns build.json."""
     recipe, world = recipe or BuildConfig(), world or WorldConfig()
-    recipe = replace(recipe, pipeline=replace(recipe.pipeline, seed=recipe.seed))   # never mutate the caller's
+    recipe = replace(recipe, pipeline=replace(recipe.pipeline, seed=recipe.seed))  # never mutate the caller's
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     out = Path(out)
@@ -81,21 +92,42 @@ def build_toy(out: str | Path = DEFAULT_WEIGHTS, recipe: BuildConfig | None = No
     pipe.save_pretrained(staging / "pipeline", safe_serialization=True)
     names = class_names(world)
     factor_sizes = {f: len(world.values(f)) for f in FACTORS}
-    jobs = [("cnn", lambda: ShapesCNN(len(names)), recipe.cnn_steps, 1),
-            ("vit", lambda: ShapesViT(len(names)), recipe.vit_steps, 2),
-            ("captioner", lambda: AttributeCaptioner(factor_sizes), recipe.captioner_steps, 3)]
+    jobs = [
+        ("cnn", lambda: ShapesCNN(len(names)), recipe.cnn_steps, 1),
+        ("vit", lambda: ShapesViT(len(names)), recipe.vit_steps, 2),
+        ("captioner", lambda: AttributeCaptioner(factor_sizes), recipe.captioner_steps, 3),
+    ]
     for name, make, steps, offset in jobs:
         torch.manual_seed(recipe.seed * 10 + offset)
         model = make()
-        timed(name, train_classifier, model, world, steps=steps, seed=recipe.seed * 10 + offset, progress=progress,
-              desc=name, lr=1e-3 if name == "vit" else 2e-3)
+        timed(
+            name,
+            train_classifier,
+            model,
+            world,
+            steps=steps,
+            seed=recipe.seed * 10 + offset,
+            progress=progress,
+            desc=name,
+            lr=1e-3 if name == "vit" else 2e-3,
+        )
         extra = {"labels": names} if name != "captioner" else {"factor_values": {f: world.values(f) for f in FACTORS}}
         save_classifier(model, staging / name, extra)
-        metrics[name] = (factor_accuracy(model, world) if isinstance(model, AttributeCaptioner)
-                         else {"class_accuracy": class_accuracy(model, world)})
-    info = {"weights_format": WEIGHTS_FORMAT, "diffdissect_version": _version(), "recipe": asdict(recipe),
-            "timings_s": timings, "metrics": metrics, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine()}
+        metrics[name] = (
+            factor_accuracy(model, world)
+            if isinstance(model, AttributeCaptioner)
+            else {"class_accuracy": class_accuracy(model, world)}
+        )
+    info = {
+        "weights_format": WEIGHTS_FORMAT,
+        "diffdissect_version": _version(),
+        "recipe": asdict(recipe),
+        "timings_s": timings,
+        "metrics": metrics,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
     (staging / "build.json").write_text(json.dumps(info, indent=2))
     if out.exists():
         old = out.with_name(f".{out.name}.old")
@@ -117,16 +149,27 @@ def check_weights(directory: str | Path | None = None) -> Path:
     """The weights directory, after checking it exists and was built in a format this version reads."""
     directory = Path(directory) if directory is not None else DEFAULT_WEIGHTS
     info_path = directory / "build.json"
-    rebuild = "Rebuild with `diffdissect toy build" + ("" if directory == DEFAULT_WEIGHTS else f" --out {directory}") + "`."
+    rebuild = (
+        "Rebuild with `diffdissect toy build" + ("" if directory == DEFAULT_WEIGHTS else f" --out {directory}") + "`."
+    )
     if not info_path.is_file():
         raise DiffdissectError(f"no shapes-world weights at {directory} (build.json missing). {rebuild}")
     info = json.loads(info_path.read_text())
     if info.get("weights_format") != WEIGHTS_FORMAT:
-        raise DiffdissectError(f"the shapes-world weights at {directory} are format {info.get('weights_format')!r} "
-                               f"(built by diffdissect {info.get('diffdissect_version')}); this version reads format "
-                               f"{WEIGHTS_FORMAT}. {rebuild}")
-    for part in ("pipeline/model_index.json", "world.json", "cnn/config.json", "vit/config.json", "captioner/config.json"):
+        raise DiffdissectError(
+            f"the shapes-world weights at {directory} are format {info.get('weights_format')!r} "
+            f"(built by diffdissect {info.get('diffdissect_version')}); this version reads format "
+            f"{WEIGHTS_FORMAT}. {rebuild}"
+        )
+    for part in (
+        "pipeline/model_index.json",
+        "world.json",
+        "cnn/config.json",
+        "vit/config.json",
+        "captioner/config.json",
+    ):
         if not (directory / part).is_file():
-            raise DiffdissectError(f"the shapes-world weights at {directory} are incomplete ({part} missing). {rebuild}")
+            raise DiffdissectError(
+                f"the shapes-world weights at {directory} are incomplete ({part} missing). {rebuild}"
+            )
     return directory
-

@@ -1,4 +1,5 @@
 """The shapes world's captioner: its attribute captioner network, writing the world's full caption."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,9 @@ class WorldCaptioner:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise DiffdissectError(f"expected (N, H, W, 3) images, got shape {images.shape}")
         if images.shape[1:3] != (self.world.image_size, self.world.image_size):
-            raise DiffdissectError(f"the world captioner reads {self.world.image_size}x{self.world.image_size} images, "
-                                   f"got {images.shape[1]}x{images.shape[2]}")
+            raise DiffdissectError(
+                f"the world captioner reads {self.world.image_size}x{self.world.image_size} images, "
+                f"got {images.shape[1]}x{images.shape[2]}"
+            )
         pred = self.model.predict(images_to_tensor(images))
         return [full_caption(self.world, {f: int(v[i]) for f, v in pred.items()}) for i in range(len(images))]

@@ -4,6 +4,7 @@ attribute captioner that predicts every factor and writes a caption (it judges g
 Each is a plain nn.Module saved as safetensors + config.json (never pickle) and loaded with
 :func:`load_classifier`. Inputs are (B, 3, 32, 32) tensors in [-1, 1].
 """
+
 from __future__ import annotations
 
 import json
@@ -33,10 +34,22 @@ class ShapesCNN(nn.Module):
         self.config = {"num_classes": num_classes, "width": width}
         w = width
         self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU())
-        self.block1 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
-                                    nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU())
-        self.block2 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU(),
-                                    nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU())
+        self.block1 = nn.Sequential(
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 2 * w),
+            nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.GroupNorm(8, 2 * w),
+            nn.SiLU(),
+        )
+        self.block2 = nn.Sequential(
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 4 * w),
+            nn.SiLU(),
+            nn.Conv2d(4 * w, 4 * w, 3, padding=1),
+            nn.GroupNorm(8, 4 * w),
+            nn.SiLU(),
+        )
         self.head = nn.Linear(4 * w, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,17 +62,29 @@ class ShapesCNN(nn.Module):
 class ShapesViT(nn.Module):
     """A small ViT: 4x4 patches (8x8 = 64 tokens) + CLS; `blocks.N` output (B, 65, dim)."""
 
-    def __init__(self, num_classes: int, dim: int = 64, depth: int = 4, heads: int = 4, patch: int = 4,
-                 image_size: int = 32):
+    def __init__(
+        self, num_classes: int, dim: int = 64, depth: int = 4, heads: int = 4, patch: int = 4, image_size: int = 32
+    ):
         super().__init__()
-        self.config = {"num_classes": num_classes, "dim": dim, "depth": depth, "heads": heads, "patch": patch,
-                       "image_size": image_size}
+        self.config = {
+            "num_classes": num_classes,
+            "dim": dim,
+            "depth": depth,
+            "heads": heads,
+            "patch": patch,
+            "image_size": image_size,
+        }
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + (image_size // patch) ** 2, dim) * 0.02)
-        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu",
-                                                                batch_first=True, norm_first=True)
-                                     for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                nn.TransformerEncoderLayer(
+                    dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+                )
+                for _ in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -86,10 +111,19 @@ class AttributeCaptioner(nn.Module):
         self.config = {"factor_sizes": dict(factor_sizes), "width": width}
         w = width
         self.body = nn.Sequential(
-            nn.Conv2d(3, w, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(4 * w * 16, 128), nn.ReLU())
+            nn.Conv2d(3, w, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4 * w * 16, 128),
+            nn.ReLU(),
+        )
         self.heads = nn.ModuleDict({f: nn.Linear(128, n) for f, n in factor_sizes.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -116,8 +150,17 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 # ---- training ---------------------------------------------------------------------------------------
-def train_classifier(model: nn.Module, world: WorldConfig, *, steps: int, batch: int = 128, lr: float = 2e-3,
-                     seed: int = 0, progress: bool = True, desc: str = "classifier") -> list[dict[str, float]]:
+def train_classifier(
+    model: nn.Module,
+    world: WorldConfig,
+    *,
+    steps: int,
+    batch: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "classifier",
+) -> list[dict[str, float]]:
     """Train on fresh world images every step (uniform shape/colour so every class is seen)."""
     balanced = balanced_world(world)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -151,7 +194,9 @@ def balanced_world(world: WorldConfig) -> WorldConfig:
 
 
 @torch.no_grad()
-def factor_accuracy(captioner: AttributeCaptioner, world: WorldConfig, n: int = 2000, seed: int = 99) -> dict[str, float]:
+def factor_accuracy(
+    captioner: AttributeCaptioner, world: WorldConfig, n: int = 2000, seed: int = 99
+) -> dict[str, float]:
     """Held-out accuracy of the captioner per factor (balanced world, unseen seed)."""
     b = sample_world(n, seed=50_000_000 + seed, config=balanced_world(world))
     pred = captioner.predict(images_to_tensor(b.images))
@@ -172,8 +217,13 @@ MODEL_CLASSES = {cls.__name__: cls for cls in (ShapesCNN, ShapesViT, AttributeCa
 def save_classifier(model: nn.Module, directory: Path, extra: dict[str, Any] | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
-    config = {"class": type(model).__name__, "kwargs": model.config, "weights_format": WEIGHTS_FORMAT,
-              "diffdissect_version": version(), **(extra or {})}
+    config = {
+        "class": type(model).__name__,
+        "kwargs": model.config,
+        "weights_format": WEIGHTS_FORMAT,
+        "diffdissect_version": version(),
+        **(extra or {}),
+    }
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -182,13 +232,17 @@ def load_classifier(directory: str | Path) -> nn.Module:
     directory = Path(directory)
     config_path, weights = directory / "config.json", directory / "model.safetensors"
     if not config_path.is_file() or not weights.is_file():
-        raise DiffdissectError(f"no classifier at {directory} (config.json + model.safetensors expected); "
-                               "rebuild the shapes world with `diffdissect toy build`.")
+        raise DiffdissectError(
+            f"no classifier at {directory} (config.json + model.safetensors expected); "
+            "rebuild the shapes world with `diffdissect toy build`."
+        )
     config = json.loads(config_path.read_text())
     if config.get("weights_format") != WEIGHTS_FORMAT or config.get("class") not in MODEL_CLASSES:
-        raise DiffdissectError(f"{directory} holds weights in format {config.get('weights_format')!r} "
-                               f"({config.get('class')!r}); this diffdissect reads format {WEIGHTS_FORMAT}. "
-                               "Rebuild them with `diffdissect toy build`.")
+        raise DiffdissectError(
+            f"{directory} holds weights in format {config.get('weights_format')!r} "
+            f"({config.get('class')!r}); this diffdissect reads format {WEIGHTS_FORMAT}. "
+            "Rebuild them with `diffdissect toy build`."
+        )
     model = MODEL_CLASSES[config["class"]](**config["kwargs"])
     model.load_state_dict(load_file(weights))
     return model.eval().requires_grad_(False)

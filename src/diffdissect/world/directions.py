@@ -1,4 +1,5 @@
 """The Decoding-Diffusion analysis on the shapes world, and its check against the planted truth."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,13 +20,22 @@ def world_directions_config(world: WorldConfig, seeds: int = 256, **overrides: A
     each sample's map mean-pooled over positions first (position-free; docs/benchmarks.md compares it with the
     maps). No guidance: guidance sharpens samples towards the mode, and the question is what the model
     defaults to."""
-    prompts = build_prompt_set(templates=TEMPLATES, slot_values={
-        "colour": list(world.colours), "shape": list(world.shapes), "size": list(world.sizes)})
+    prompts = build_prompt_set(
+        templates=TEMPLATES,
+        slot_values={"colour": list(world.colours), "shape": list(world.shapes), "size": list(world.sizes)},
+    )
     options: dict[str, Any] = dict(
-        seeds=list(range(seeds)), guidance_scale=1.0, batch_size=64,
-        bias=[BiasConfig("colour", list(world.colours), [f"a {s}" for s in world.shapes]),
-              BiasConfig("size", list(world.sizes), [f"a {s}" for s in world.shapes])],
-        cluster_by="shape", cluster_remove=["colour", "size"], cluster_pooling="mean")
+        seeds=list(range(seeds)),
+        guidance_scale=1.0,
+        batch_size=64,
+        bias=[
+            BiasConfig("colour", list(world.colours), [f"a {s}" for s in world.shapes]),
+            BiasConfig("size", list(world.sizes), [f"a {s}" for s in world.shapes]),
+        ],
+        cluster_by="shape",
+        cluster_remove=["colour", "size"],
+        cluster_pooling="mean",
+    )
     options.update(overrides)
     return DirectionsConfig(prompts=prompts, **options)
 
@@ -39,8 +49,11 @@ def check_against_world(results: dict[str, Any], world: WorldConfig) -> dict[str
     by_strength = {strength[s]: r for s, r in rows.items()}
     ordered = [s for s in ORDER if s in by_strength]
     scores = [by_strength[s]["score"] for s in ordered]
-    out: dict[str, Any] = {"order": ordered, "scores": scores,
-                           "latent_order_correct": bool(np.all(np.diff(scores) < 0))}
+    out: dict[str, Any] = {
+        "order": ordered,
+        "scores": scores,
+        "latent_order_correct": bool(np.all(np.diff(scores) < 0)),
+    }
     if "strong" in by_strength and "unbiased" in by_strength:
         strong, unbiased = by_strength["strong"], by_strength["unbiased"]
         out["strong_unbiased_cis_apart"] = bool(strong["ci"][0] > unbiased["ci"][1])
@@ -58,8 +71,10 @@ def check_against_world(results: dict[str, Any], world: WorldConfig) -> dict[str
     steps = results["bias"][summary["layer"]]["colour"]
     per_t = {}
     for tt in results["timesteps"]:
-        vals = [steps[f"a {shape}"][str(tt)]["latent"]["score"] for shape in
-                [next(sh for sh in world.shapes if world.bias_strength.get(sh) == b) for b in ordered]]
+        vals = [
+            steps[f"a {shape}"][str(tt)]["latent"]["score"]
+            for shape in [next(sh for sh in world.shapes if world.bias_strength.get(sh) == b) for b in ordered]
+        ]
         per_t[tt] = bool(np.all(np.diff(vals) < 0))
     out["order_correct_by_t"] = per_t
     clusters = summary.get("clusters", {})

@@ -6,6 +6,7 @@ weak, one unbiased). Captions name each factor with a probability (`keep`), so c
 the colour still come from the skewed joint distribution: that is what a model learns as a default.
 Everything is deterministic from a seed and vectorised (numpy), so generation is fast.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,25 +45,27 @@ class WorldConfig:
     image_size: int = 32
     colours: dict[str, tuple[int, int, int]] = field(default_factory=lambda: dict(_COLOURS))
     shapes: list[str] = field(default_factory=lambda: list(_SHAPES))
-    sizes: dict[str, float] = field(default_factory=lambda: {"small": 5.0, "large": 8.5})       # half-extent px
-    xpos: dict[str, float] = field(default_factory=lambda: {"left": 0.31, "right": 0.69})         # centre / width
-    ypos: dict[str, float] = field(default_factory=lambda: {"top": 0.32, "bottom": 0.69})         # centre / height
+    sizes: dict[str, float] = field(default_factory=lambda: {"small": 5.0, "large": 8.5})  # half-extent px
+    xpos: dict[str, float] = field(default_factory=lambda: {"left": 0.31, "right": 0.69})  # centre / width
+    ypos: dict[str, float] = field(default_factory=lambda: {"top": 0.32, "bottom": 0.69})  # centre / height
     shape_rates: dict[str, float] = field(default_factory=lambda: _uniform(_SHAPES))
     size_rates: dict[str, float] = field(default_factory=lambda: {"small": 0.5, "large": 0.5})
     # the planted defaults: P(colour | shape)
-    colour_given_shape: dict[str, dict[str, float]] = field(default_factory=lambda: {
-        "square": _skewed(list(_COLOURS), "red", 0.85),        # strong
-        "triangle": _skewed(list(_COLOURS), "blue", 0.60),     # medium
-        "circle": _skewed(list(_COLOURS), "green", 0.40),      # weak
-        "cross": _uniform(list(_COLOURS)),                     # unbiased
-    })
-    bias_strength: dict[str, str] = field(default_factory=lambda: {
-        "square": "strong", "triangle": "medium", "circle": "weak", "cross": "unbiased"})
-    keep: dict[str, float] = field(default_factory=lambda: {"shape": 0.9, "colour": 0.7, "size": 0.7,
-                                                             "position": 0.7})
-    position_jitter: float = 1.5        # px, uniform
-    size_jitter: float = 0.08           # relative, uniform
-    colour_jitter: int = 12             # per channel, uniform
+    colour_given_shape: dict[str, dict[str, float]] = field(
+        default_factory=lambda: {
+            "square": _skewed(list(_COLOURS), "red", 0.85),  # strong
+            "triangle": _skewed(list(_COLOURS), "blue", 0.60),  # medium
+            "circle": _skewed(list(_COLOURS), "green", 0.40),  # weak
+            "cross": _uniform(list(_COLOURS)),  # unbiased
+        }
+    )
+    bias_strength: dict[str, str] = field(
+        default_factory=lambda: {"square": "strong", "triangle": "medium", "circle": "weak", "cross": "unbiased"}
+    )
+    keep: dict[str, float] = field(default_factory=lambda: {"shape": 0.9, "colour": 0.7, "size": 0.7, "position": 0.7})
+    position_jitter: float = 1.5  # px, uniform
+    size_jitter: float = 0.08  # relative, uniform
+    colour_jitter: int = 12  # per channel, uniform
     background: tuple[int, int, int] = (120, 120, 120)
     background_jitter: int = 10
 
@@ -98,15 +101,22 @@ class WorldConfig:
             check_rates(f"colour_given_shape[{shape!r}]", self.colour_given_shape[shape], list(self.colours))
         unknown = set(self.keep) - {"shape", "colour", "size", "position"}
         if unknown:
-            raise WorldConfigError(f"keep: unknown factor(s) {sorted(unknown)}; factors: shape, colour, size, position.")
+            raise WorldConfigError(
+                f"keep: unknown factor(s) {sorted(unknown)}; factors: shape, colour, size, position."
+            )
         for k, v in self.keep.items():
             if not 0.0 <= v <= 1.0:
                 raise WorldConfigError(f"keep[{k!r}] = {v} is not a probability in [0, 1].")
 
     # ---- vocabulary --------------------------------------------------------------------------
     def values(self, factor: str) -> list[str]:
-        return {"shape": self.shapes, "colour": list(self.colours), "size": list(self.sizes),
-                "xpos": list(self.xpos), "ypos": list(self.ypos)}[factor]
+        return {
+            "shape": self.shapes,
+            "colour": list(self.colours),
+            "size": list(self.sizes),
+            "xpos": list(self.xpos),
+            "ypos": list(self.ypos),
+        }[factor]
 
     def vocabulary(self) -> list[str]:
         """Every word a caption can use."""
@@ -148,7 +158,7 @@ class WorldBatch:
     captions: list[str]
     kept: dict[str, np.ndarray]
     config: WorldConfig
-    masks: np.ndarray | None = None      # (N, H, W) float32 object coverage in [0, 1] (where the shape is)
+    masks: np.ndarray | None = None  # (N, H, W) float32 object coverage in [0, 1] (where the shape is)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -166,8 +176,13 @@ def sample_factors(n: int, rng: np.random.Generator, config: WorldConfig) -> dic
     cumulative = np.cumsum(table, axis=1)[shape]
     colour = np.minimum((rng.random(n)[:, None] > cumulative).sum(axis=1), len(colour_names) - 1)
     size = rng.choice(len(config.sizes), size=n, p=[config.size_rates[s] for s in config.sizes])
-    return {"shape": shape, "colour": colour, "size": size,
-            "xpos": rng.integers(0, len(config.xpos), n), "ypos": rng.integers(0, len(config.ypos), n)}
+    return {
+        "shape": shape,
+        "colour": colour,
+        "size": size,
+        "xpos": rng.integers(0, len(config.xpos), n),
+        "ypos": rng.integers(0, len(config.ypos), n),
+    }
 
 
 def caption(config: WorldConfig, factors: dict[str, int], kept: dict[str, bool]) -> str:
@@ -187,8 +202,9 @@ def full_caption(config: WorldConfig, factors: dict[str, int]) -> str:
     return caption(config, factors, {"shape": True, "colour": True, "size": True, "position": True})
 
 
-def sample_world(n: int, seed: int = 0, config: WorldConfig | None = None,
-                 factors: dict[str, np.ndarray] | None = None) -> WorldBatch:
+def sample_world(
+    n: int, seed: int = 0, config: WorldConfig | None = None, factors: dict[str, np.ndarray] | None = None
+) -> WorldBatch:
     """`n` images with factors, captions and keep flags; the same seed gives the same bytes."""
     config = config or WorldConfig()
     rng = np.random.default_rng(seed)
@@ -200,6 +216,7 @@ def sample_world(n: int, seed: int = 0, config: WorldConfig | None = None,
 
 def captions_for(config: WorldConfig, factors: dict[str, np.ndarray], kept: dict[str, np.ndarray]) -> list[str]:
     """Vectorised :func:`caption` for a batch (same words, same order)."""
+
     def words(factor: str) -> np.ndarray:
         return np.array(config.values(factor), dtype=object)[factors[factor]]
 
@@ -216,16 +233,19 @@ def render(factors: dict[str, np.ndarray], rng: np.random.Generator, config: Wor
     return draw(factors, rng, config)[0]
 
 
-def draw(factors: dict[str, np.ndarray], rng: np.random.Generator,
-         config: WorldConfig) -> tuple[np.ndarray, np.ndarray]:
+def draw(
+    factors: dict[str, np.ndarray], rng: np.random.Generator, config: WorldConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """The images (N, H, W, 3) uint8 and each shape's coverage (N, H, W) float32 in [0, 1]: its object mask."""
     n, size = len(factors["shape"]), config.image_size
     xs = np.array(list(config.xpos.values()))[factors["xpos"]] * size
     ys = np.array(list(config.ypos.values()))[factors["ypos"]] * size
     cx = (xs + rng.uniform(-config.position_jitter, config.position_jitter, n))[:, None, None]
     cy = (ys + rng.uniform(-config.position_jitter, config.position_jitter, n))[:, None, None]
-    r = (np.array(list(config.sizes.values()))[factors["size"]]
-         * (1 + rng.uniform(-config.size_jitter, config.size_jitter, n)))[:, None, None]
+    r = (
+        np.array(list(config.sizes.values()))[factors["size"]]
+        * (1 + rng.uniform(-config.size_jitter, config.size_jitter, n))
+    )[:, None, None]
     grid = np.arange(size, dtype=np.float32) + 0.5
     dx = (grid[None, None, :] - cx).astype(np.float32)
     dy = (grid[None, :, None] - cy).astype(np.float32)
@@ -237,8 +257,12 @@ def draw(factors: dict[str, np.ndarray], rng: np.random.Generator,
     np.clip(coverage, 0.0, 1.0, out=coverage)
     colours = np.array(list(config.colours.values()), np.float32)[factors["colour"]]
     colours = np.clip(colours + rng.uniform(-config.colour_jitter, config.colour_jitter, (n, 3)), 0, 255)
-    background = np.clip(np.array(config.background, np.float32) + rng.uniform(
-        -config.background_jitter, config.background_jitter, (n, 1)), 0, 255).astype(np.float32)
+    background = np.clip(
+        np.array(config.background, np.float32)
+        + rng.uniform(-config.background_jitter, config.background_jitter, (n, 1)),
+        0,
+        255,
+    ).astype(np.float32)
     # background + coverage * (colour - background): a convex mix, already inside [0, 255]
     image = coverage[..., None] * (colours - background)[:, None, None, :].astype(np.float32)
     image += background[:, None, None, :] + 0.5
@@ -251,7 +275,7 @@ def _circle(dx, dy, r):
 
 
 def _square(dx, dy, r):
-    return np.maximum(np.abs(dx), np.abs(dy)) - 0.85 * r     # same area feel as the circle
+    return np.maximum(np.abs(dx), np.abs(dy)) - 0.85 * r  # same area feel as the circle
 
 
 def _triangle(dx, dy, r):

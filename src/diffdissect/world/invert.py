@@ -4,6 +4,7 @@ Classifiers and layers: the CNN's `block2` (64 x 8x8 maps) and the ViT's last bl
 8x8 tokens after the CLS token is dropped). Training and evaluation images come from the colour-balanced
 world (every shape in every colour), from seeds no other part of the build uses.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,7 +21,11 @@ from diffdissect.world.generator import FACTORS, WorldBatch, sample_world
 from diffdissect.world.shapes import ShapesWorld
 
 WORLD_LAYERS = {"cnn": "block2", "vit": "blocks.3"}
-WORLD_INVERTERS = (("cnn", "spatial", 3000), ("cnn", "pooled", 2000), ("vit", "spatial", 3000))   # (classifier, mode, steps)
+WORLD_INVERTERS = (
+    ("cnn", "spatial", 3000),
+    ("cnn", "pooled", 2000),
+    ("vit", "spatial", 3000),
+)  # (classifier, mode, steps)
 TRAIN_SEED = 71_000_000
 EVAL_SEED = 72_000_000
 
@@ -51,15 +56,26 @@ def world_attributes(batch: WorldBatch) -> dict[str, Sequence[Any]]:
 
 def palette_and_background(world: ShapesWorld) -> tuple[np.ndarray, np.ndarray, list[str]]:
     config = world.config
-    return (np.array(list(config.colours.values()), np.float32), np.array(config.background, np.float32),
-            list(config.colours))
-
+    return (
+        np.array(list(config.colours.values()), np.float32),
+        np.array(config.background, np.float32),
+        list(config.colours),
+    )
 
 
 # ---- evaluation on the world ------------------------------------------------------------------------
-def evaluate_world(target, world: ShapesWorld, *, n: int = 256, seeds: tuple[int, ...] = (0, 1, 2),
-                   guidance: float = 3.0, steps: int = 20, classifiers: tuple[str, ...] = ("cnn", "vit"),
-                   applications: bool = True, progress: bool = False) -> dict[str, Any]:
+def evaluate_world(
+    target,
+    world: ShapesWorld,
+    *,
+    n: int = 256,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    guidance: float = 3.0,
+    steps: int = 20,
+    classifiers: tuple[str, ...] = ("cnn", "vit"),
+    applications: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Spatial and pooled inverters side by side, then steering, composites and robustness (CNN, spatial)."""
     import torch
     from tqdm.auto import tqdm
@@ -72,9 +88,16 @@ def evaluate_world(target, world: ShapesWorld, *, n: int = 256, seeds: tuple[int
     judge = world.classifier("captioner")
     batch = world_images(world, n, EVAL_SEED)
     pixels = images_to_pixels(batch.images)
-    results: dict[str, Any] = {"n": n, "seeds": list(seeds), "guidance": guidance, "steps": steps,
-                               "reconstruction": {}, "missing": [], "grids": {"originals": batch.images[:8]}}
-    reference = world_images(world, n, EVAL_SEED + 1).images          # an independent real sample
+    results: dict[str, Any] = {
+        "n": n,
+        "seeds": list(seeds),
+        "guidance": guidance,
+        "steps": steps,
+        "reconstruction": {},
+        "missing": [],
+        "grids": {"originals": batch.images[:8]},
+    }
+    reference = world_images(world, n, EVAL_SEED + 1).images  # an independent real sample
     for clf in tqdm(classifiers, desc="inverters", disable=not progress):
         spatial = world_extractor(world, clf, "spatial")
         for mode in [m for c, m, _ in WORLD_INVERTERS if c == clf]:
@@ -86,12 +109,14 @@ def evaluate_world(target, world: ShapesWorld, *, n: int = 256, seeds: tuple[int
             with torch.no_grad():
                 features = world_extractor(world, clf, mode)(pixels)
             recs = invert(target, inverter, features, seeds=seeds, guidance=guidance, steps=steps)
-            metrics = evaluate_reconstructions(batch.images, recs[:, 0], classifier=spatial.model, extractor=spatial,
-                                               judge=judge, reference=reference)
+            metrics = evaluate_reconstructions(
+                batch.images, recs[:, 0], classifier=spatial.model, extractor=spatial, judge=judge, reference=reference
+            )
             reads = [judge.predict(images_to_pixels(recs[:, s])) for s in range(len(seeds))]
             original = judge.predict(pixels)
-            metrics["factors_seed_spread"] = {f: float(np.std([(r[f] == original[f]).mean() for r in reads]))
-                                              for f in FACTORS}
+            metrics["factors_seed_spread"] = {
+                f: float(np.std([(r[f] == original[f]).mean() for r in reads])) for f in FACTORS
+            }
             disagree = np.zeros(n, bool)
             for f in FACTORS:
                 stacked = np.stack([r[f] for r in reads])
@@ -116,8 +141,18 @@ def _training_info(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _steering(target, inverter, extractor, judge, batch, guidance, steps, source: str = "red", goal: str = "blue",
-              alphas: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0)) -> dict[str, Any]:
+def _steering(
+    target,
+    inverter,
+    extractor,
+    judge,
+    batch,
+    guidance,
+    steps,
+    source: str = "red",
+    goal: str = "blue",
+    alphas: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0),
+) -> dict[str, Any]:
     import torch
 
     from diffdissect.invert.applications import concept_direction, steer, steering_outcome
@@ -133,11 +168,23 @@ def _steering(target, inverter, extractor, judge, batch, guidance, steps, source
     if not len(chosen) or not (batch.factors["colour"] == dst).any():
         return {"skipped": f"no {source} or no {goal} images among the {len(batch)} evaluated; use more images."}
     before = {f: batch.factors[f][chosen] for f in FACTORS}
-    out: dict[str, Any] = {"factor": "colour", "from": source, "to": goal, "n": int(len(chosen)), "alphas": {},
-                           "grids": {}}
+    out: dict[str, Any] = {
+        "factor": "colour",
+        "from": source,
+        "to": goal,
+        "n": int(len(chosen)),
+        "alphas": {},
+        "grids": {},
+    }
     for alpha in alphas:
-        recs = invert(target, inverter, steer(features[chosen], direction, alpha), guidance=guidance, steps=steps,
-                      ids=chosen.tolist())[:, 0]
+        recs = invert(
+            target,
+            inverter,
+            steer(features[chosen], direction, alpha),
+            guidance=guidance,
+            steps=steps,
+            ids=chosen.tolist(),
+        )[:, 0]
         after = judge.predict(images_to_pixels(recs))
         out["alphas"][str(alpha)] = steering_outcome(before, after, "colour", dst)
         out["grids"][str(alpha)] = recs[:8]
@@ -159,7 +206,9 @@ def _composites(target, inverter, extractor, batch, guidance, steps, world: Shap
     lefts, rights = np.nonzero(xpos == 0)[0], np.nonzero(xpos == 1)[0]
     pairs = [(i, j) for i, j in zip(lefts, rights) if colour[i] != colour[j]][:64]
     if not pairs:
-        return {"skipped": f"no left/right pair of different colours among the {len(batch)} evaluated; use more images."}
+        return {
+            "skipped": f"no left/right pair of different colours among the {len(batch)} evaluated; use more images."
+        }
     with torch.no_grad():
         features = extractor(images_to_pixels(batch.images))
     left = features[[i for i, _ in pairs]]
@@ -170,11 +219,17 @@ def _composites(target, inverter, extractor, batch, guidance, steps, world: Shap
     got_right = region_colour(recs, palette, background, "right")
     want_left = np.array([colour[i] for i, _ in pairs])
     want_right = np.array([colour[j] for _, j in pairs])
-    return {"pairs": len(pairs), "left_region_matches_left_source": rate(got_left == want_left),
-            "right_region_matches_right_source": rate(got_right == want_right),
-            "both_regions": rate((got_left == want_left) & (got_right == want_right)),
-            "grids": {"left_sources": batch.images[[i for i, _ in pairs[:8]]],
-                      "right_sources": batch.images[[j for _, j in pairs[:8]]], "composites": recs[:8]}}
+    return {
+        "pairs": len(pairs),
+        "left_region_matches_left_source": rate(got_left == want_left),
+        "right_region_matches_right_source": rate(got_right == want_right),
+        "both_regions": rate((got_left == want_left) & (got_right == want_right)),
+        "grids": {
+            "left_sources": batch.images[[i for i, _ in pairs[:8]]],
+            "right_sources": batch.images[[j for _, j in pairs[:8]]],
+            "composites": recs[:8],
+        },
+    }
 
 
 def _robustness(target, inverter, extractor, judge, batch, guidance, steps, n: int = 128) -> dict[str, Any]:
@@ -208,9 +263,17 @@ def _robustness(target, inverter, extractor, judge, batch, guidance, steps, n: i
 # ---- building the committed inverters ---------------------------------------------------------------
 
 
-def build_world_inverters(target, world: ShapesWorld, *, images: int = 16384, batch_size: int = 64,
-                          lr: float = 1e-3, scale: float = 1.0, only: list[str] | None = None,
-                          progress: bool = True) -> dict[str, Any]:
+def build_world_inverters(
+    target,
+    world: ShapesWorld,
+    *,
+    images: int = 16384,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    scale: float = 1.0,
+    only: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train the shapes world's inverters into `<weights directory>/inverters/` (each swapped in only when complete).
 
     Training data (latents + features of `images` balanced-world images) lives in a temporary directory
@@ -233,11 +296,20 @@ def build_world_inverters(target, world: ShapesWorld, *, images: int = 16384, ba
         with tempfile.TemporaryDirectory(prefix="diffdissect-invert-") as tmp:
             staging = Path(tmp) / name
             started = time.perf_counter()
-            config = InvertTrainConfig(steps=max(1, int(steps * scale)), batch_size=batch_size, lr=lr,
-                                       checkpoint_every=500)
-            summary = train_from_images(target, world_extractor(world, clf, mode), clf, batch.images, staging, config,
-                                        attributes=world_attributes(batch), data_dir=Path(tmp) / "data",
-                                        progress=progress)
+            config = InvertTrainConfig(
+                steps=max(1, int(steps * scale)), batch_size=batch_size, lr=lr, checkpoint_every=500
+            )
+            summary = train_from_images(
+                target,
+                world_extractor(world, clf, mode),
+                clf,
+                batch.images,
+                staging,
+                config,
+                attributes=world_attributes(batch),
+                data_dir=Path(tmp) / "data",
+                progress=progress,
+            )
             summary["wall_seconds"] = time.perf_counter() - started
             (staging / "optimizer.safetensors").unlink(missing_ok=True)
             (staging / "training.json").write_text(json.dumps(summary, indent=1))
@@ -252,8 +324,11 @@ def build_world_inverters(target, world: ShapesWorld, *, images: int = 16384, ba
 def strip_images(value: Any) -> Any:
     """The results as JSON: image grids and per-image arrays dropped, numpy scalars made Python."""
     if isinstance(value, dict):
-        return {k: strip_images(v) for k, v in value.items()
-                if k not in ("grids", "originals") and not k.endswith("_per_image")}
+        return {
+            k: strip_images(v)
+            for k, v in value.items()
+            if k not in ("grids", "originals") and not k.endswith("_per_image")
+        }
     if isinstance(value, (list, tuple)):
         return [strip_images(v) for v in value]
     if isinstance(value, np.ndarray):

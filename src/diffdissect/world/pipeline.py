@@ -4,6 +4,7 @@ AutoencoderKL (32 px -> 4x8x8 latents) + UNet2DConditionModel with cross-attenti
 CLIPTokenizer over the world's vocabulary. Saved with `save_pretrained`; loads with stock
 `diffusers.DiffusionPipeline.from_pretrained(path)` and no custom code.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -42,9 +43,9 @@ class PipelineConfig:
     unet_lr: float = 1e-3
     ema_decay: float = 0.999
     cond_dropout: float = 0.1
-    latent_pool: int = 40000           # world images encoded once for UNet training
-    prediction_type: str = "v_prediction"   # as SD 2.x; the output at high noise is the layout (docs/toy-world.md)
-    x0_weight: float = 0.1             # loss per unit x0 error = SNR + x0_weight (0: epsilon's weighting, 1: v's)
+    latent_pool: int = 40000  # world images encoded once for UNet training
+    prediction_type: str = "v_prediction"  # as SD 2.x; the output at high noise is the layout (docs/toy-world.md)
+    x0_weight: float = 0.1  # loss per unit x0 error = SNR + x0_weight (0: epsilon's weighting, 1: v's)
     threads: int | None = None
 
     def scaled(self, factor: float) -> PipelineConfig:
@@ -58,19 +59,29 @@ class PipelineConfig:
 
 def sd_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
     """Stable Diffusion's noise schedule (scaled_linear betas, 1000 training steps) and prediction target."""
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                steps_offset=1, prediction_type=prediction_type)
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
 
 
 def check_caption_length(tokenizer, world: WorldConfig, max_tokens: int) -> None:
     """Refuse a token budget that would truncate the world's longest caption (every factor named)."""
-    longest = {f: np.array([max(range(len(world.values(f))), key=lambda i: len(world.values(f)[i]))])
-               for f in ("shape", "colour", "size", "xpos", "ypos")}
+    longest = {
+        f: np.array([max(range(len(world.values(f))), key=lambda i: len(world.values(f)[i]))])
+        for f in ("shape", "colour", "size", "xpos", "ypos")
+    }
     caption = captions_for(world, longest, {k: np.ones(1, bool) for k in world.keep})[0]
     needed = len(tokenizer(caption).input_ids)
     if needed > max_tokens:
-        raise ValueError(f"max_tokens={max_tokens} truncates the caption {caption!r} ({needed} tokens with "
-                         f"start and end); set the recipe's max_tokens to at least {needed}")
+        raise ValueError(
+            f"max_tokens={max_tokens} truncates the caption {caption!r} ({needed} tokens with "
+            f"start and end); set the recipe's max_tokens to at least {needed}"
+        )
 
 
 def build_untrained(recipe: PipelineConfig, world: WorldConfig) -> diffusers.StableDiffusionPipeline:
@@ -78,21 +89,41 @@ def build_untrained(recipe: PipelineConfig, world: WorldConfig) -> diffusers.Sta
     check_caption_length(tokenizer, world, recipe.max_tokens)
     with seeded(recipe.seed):
         vae = diffusers.AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(recipe.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(recipe.vae_channels), block_out_channels=recipe.vae_channels,
-            layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=world.image_size)
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(recipe.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(recipe.vae_channels),
+            block_out_channels=recipe.vae_channels,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=16,
+            sample_size=world.image_size,
+        )
         text_encoder = build_clip_text_encoder(tokenizer, recipe.text_dim, recipe.text_layers, heads=4)
         latent = world.image_size // 2 ** (len(recipe.vae_channels) - 1)
         unet = diffusers.UNet2DConditionModel(
-            sample_size=latent, in_channels=4, out_channels=4, layers_per_block=1,
+            sample_size=latent,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
             block_out_channels=recipe.unet_channels,
             down_block_types=("CrossAttnDownBlock2D",) * len(recipe.unet_channels),
             up_block_types=("CrossAttnUpBlock2D",) * len(recipe.unet_channels),
-            cross_attention_dim=recipe.text_dim, attention_head_dim=4, norm_num_groups=16)
+            cross_attention_dim=recipe.text_dim,
+            attention_head_dim=4,
+            norm_num_groups=16,
+        )
     scheduler = diffusers.DPMSolverMultistepScheduler(**sd_scheduler_config(recipe.prediction_type))
-    return diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    return diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -127,15 +158,23 @@ def train_vae(vae: diffusers.AutoencoderKL, recipe: PipelineConfig, world: World
 def encode_pool(vae: diffusers.AutoencoderKL, recipe: PipelineConfig, world: WorldConfig):
     """Encode a pool of world images once: latent means, their factors; sets the VAE's scaling_factor."""
     batch = sample_world(recipe.latent_pool, seed=20_000_000 + recipe.seed, config=world)
-    latents = torch.cat([vae.encode(to_pixels(batch.images[i:i + 512])).latent_dist.mean
-                         for i in range(0, len(batch), 512)])
+    latents = torch.cat(
+        [vae.encode(to_pixels(batch.images[i : i + 512])).latent_dist.mean for i in range(0, len(batch), 512)]
+    )
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     return latents * scaling, batch
 
 
-def train_unet(pipe: diffusers.StableDiffusionPipeline, latents: torch.Tensor, factors: dict[str, np.ndarray],
-               recipe: PipelineConfig, world: WorldConfig, *, progress: bool = True):
+def train_unet(
+    pipe: diffusers.StableDiffusionPipeline,
+    latents: torch.Tensor,
+    factors: dict[str, np.ndarray],
+    recipe: PipelineConfig,
+    world: WorldConfig,
+    *,
+    progress: bool = True,
+):
     """The recipe's prediction target (v by default) on SD's schedule, each sample's error weighted so that
     the implied x0 error costs SNR_t + x0_weight (docs/toy-world.md); UNet and text encoder trained
     jointly; EMA weights kept.
@@ -160,8 +199,9 @@ def train_unet(pipe: diffusers.StableDiffusionPipeline, latents: torch.Tensor, f
         kept = {k: rng.random(len(idx)) < p for k, p in world.keep.items()}
         captions = captions_for(world, batch_factors, kept)
         captions = ["" if drop else c for c, drop in zip(captions, rng.random(len(idx)) < recipe.cond_dropout)]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         x0 = latents[torch.from_numpy(idx)]
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(idx),))
@@ -196,7 +236,9 @@ def build_pipeline(recipe: PipelineConfig, world: WorldConfig, *, progress: bool
     unet_log = train_unet(pipe, latents, batch.factors, recipe, world, progress=progress)
     for module in (pipe.vae, pipe.unet, pipe.text_encoder):
         module.eval().requires_grad_(False)
-    log = {"vae_final_rec": float(np.mean([h["rec"] for h in vae_log[-50:]])),
-           "unet_final_loss": float(np.mean([h["loss"] for h in unet_log[-200:]])),
-           "scaling_factor": float(pipe.vae.config.scaling_factor)}
+    log = {
+        "vae_final_rec": float(np.mean([h["rec"] for h in vae_log[-50:]])),
+        "unet_final_loss": float(np.mean([h["loss"] for h in unet_log[-200:]])),
+        "scaling_factor": float(pipe.vae.config.scaling_factor),
+    }
     return pipe, log

@@ -6,6 +6,7 @@ captioner, its committed inverters, held-out image sources and captures of them 
 benchmarks' inputs). Analyses never see this object; they get what it hands out (a module, a captioner,
 a target, a store).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -23,7 +24,7 @@ from diffdissect.world.captioner import WorldCaptioner
 from diffdissect.world.classifiers import load_classifier
 from diffdissect.world.generator import FACTORS, WorldBatch, WorldConfig, sample_world
 
-HELD_OUT_SEED = 123_456_789          # no build step draws from this seed
+HELD_OUT_SEED = 123_456_789  # no build step draws from this seed
 CLASSIFIERS = ("cnn", "vit", "captioner")
 
 
@@ -81,13 +82,25 @@ class ShapesWorld:
         """(ArraySource with every factor as an attribute and the shape as label, the world batch)."""
         batch = self.images(images, seed)
         attributes: dict[str, Sequence[Any]] = {f: batch.labels(f) for f in FACTORS}
-        return ArraySource(batch.images, labels=attributes["shape"], captions=batch.captions,
-                           attributes=attributes), batch
+        return ArraySource(
+            batch.images, labels=attributes["shape"], captions=batch.captions, attributes=attributes
+        ), batch
 
-    def capture(self, out: str | Path, images: int, layers: Sequence[str], timesteps: Sequence[int], *,
-                pooling: Literal["mean", "none"] = "mean", random_init: bool = False, batch_size: int = 128, replace: bool = True,
-                progress: bool = False, target: Target | None = None,
-                source: ArraySource | None = None) -> Manifest:
+    def capture(
+        self,
+        out: str | Path,
+        images: int,
+        layers: Sequence[str],
+        timesteps: Sequence[int],
+        *,
+        pooling: Literal["mean", "none"] = "mean",
+        random_init: bool = False,
+        batch_size: int = 128,
+        replace: bool = True,
+        progress: bool = False,
+        target: Target | None = None,
+        source: ArraySource | None = None,
+    ) -> Manifest:
         """Capture `images` held-out world images (empty prompt, noise seed 0) from the toy pipeline.
 
         `replace=True` removes an earlier store at `out` first (it may come from other weights). Pass
@@ -100,6 +113,12 @@ class ShapesWorld:
         if replace and (out / "manifest.json").is_file():
             shutil.rmtree(out)
         target = target or self.target(random_init=random_init)
-        spec = CaptureConfig(layers=list(layers), timesteps=list(timesteps), seeds=[0], batch_size=batch_size,
-                           pooling=pooling, dtype="float32")
+        spec = CaptureConfig(
+            layers=list(layers),
+            timesteps=list(timesteps),
+            seeds=[0],
+            batch_size=batch_size,
+            pooling=pooling,
+            dtype="float32",
+        )
         return capture(target, source, spec, out, progress=progress)

@@ -1,4 +1,5 @@
 """Small shared training utilities: an EMA of parameters, a progress-bar step loop."""
+
 from __future__ import annotations
 
 import copy
@@ -20,15 +21,16 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))      # warm-up: follow closely at first
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: follow closely at first
         for avg, p in zip(self.shadow.parameters(), module.parameters()):
             avg.lerp_(p.detach(), 1 - decay)
         for avg_buffer, b in zip(self.shadow.buffers(), module.buffers()):
             avg_buffer.copy_(b)
 
 
-def run_steps(steps: int, step_fn: Callable[[int], dict[str, float]], *, desc: str, progress: bool = True,
-              log_every: int = 25) -> list[dict[str, float]]:
+def run_steps(
+    steps: int, step_fn: Callable[[int], dict[str, float]], *, desc: str, progress: bool = True, log_every: int = 25
+) -> list[dict[str, float]]:
     """Call `step_fn(step)` `steps` times with a progress bar showing its latest metrics."""
     history: list[dict[str, float]] = []
     with tqdm(total=steps, desc=desc, disable=not progress, unit="step") as bar:
