@@ -847,3 +847,53 @@ def test_steer_on_the_other_families(family_targets, name, layer, tmp_path: Path
     config.edits = [f"add@{layer}@text=random:0"]
     with pytest.raises(SpecError, match="no text stream"):
         run_steer(target, config, tmp_path / "text")
+
+
+def test_a_steer_rerun_with_fewer_edits_leaves_only_its_own_outputs(sd_target, tmp_path: Path) -> None:
+    c = layer_shapes(sd_target, ["mid_block"])["mid_block"][0]
+    vec = tmp_path / "v.npy"
+    np.save(vec, np.random.default_rng(0).normal(size=c).astype(np.float32))
+    out = tmp_path / "out"
+    edits = [f"add@mid_block=file:{vec}", f"erase@mid_block=file:{vec}"]
+    config = SteerConfig(prompts=["a red cat"], seeds=[0], alphas=[1.0, 2.0], steps=2, guidance=2.0, edits=edits)
+    run_steer(sd_target, config, out)
+    assert (out / "grids" / "e1.png").is_file() and (out / "images" / "e1" / "a-" / "p0-s0.png").is_file()
+    (out / "notes.txt").write_text("mine")  # not steer's: kept
+    (out / "images" / "e1" / "mine.txt").write_text("mine")
+    config = SteerConfig(prompts=["a red cat"], seeds=[0], alphas=[1.0], steps=2, guidance=2.0, edits=edits[:1])
+    run_steer(sd_target, config, out)
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["e0.png"]
+    assert sorted(p.name for p in (out / "images" / "e0").iterdir()) == ["a1"]
+    assert sorted(p.name for p in (out / "images" / "e1").iterdir()) == ["mine.txt"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "images" / "e1" / "mine.txt").read_text() == "mine"
+
+
+def test_the_default_workflow_directions_then_steer_per_t_is_accepted(
+    sd_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A directions run at its default --steps, then steer with its per-t direction and no --steps."""
+    from diffdissect.cli import main
+    from diffdissect.directions.run import DirectionsConfig
+    from diffdissect.intervene import steer
+    from diffdissect.intervene.apply import sampling_schedule
+    from diffdissect.models import load_target
+
+    assert SteerConfig().steps == DirectionsConfig.steps
+    target = load_target(str(sd_dir))
+    c = layer_shapes(target, ["mid_block"])["mid_block"][0]
+    run = tmp_path / "run"
+    (run / "directions").mkdir(parents=True)
+    (run / "directions" / "terms.json").write_text(json.dumps({"terms": ["red"]}))
+    held = sampling_schedule(target, DirectionsConfig.steps)  # every step of a default directions run
+    save_file({f"t={t}": torch.ones(1, c) for t in held}, str(run / "directions" / "mid_block.safetensors"))
+
+    class Reached(Exception):
+        pass
+
+    def sample_all(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr(steer, "_sample_all", sample_all)
+    args = ["steer", "--model", str(sd_dir), "--prompts", "a red cat", "--edits", f"add@mid_block=directions:{run}#red"]
+    with pytest.raises(Reached):
+        main([*args, "--out", str(tmp_path / "o")])

@@ -425,3 +425,16 @@ def test_a_probe_rerun_without_linear_weights_leaves_no_stale_weights(store, tmp
     assert not (out / "probe_weights.json").exists() and not (out / "probe_weights.safetensors").exists()
     with pytest.raises(DiffdissectError, match="holds no probe weights"):
         load_direction(f"probe:{out}#colour=red", "enc", (12,))
+
+
+def test_attentive_head_on_a_pooled_store_is_a_clear_error_before_any_work(store, tmp_path, capsys, monkeypatch):
+    import diffdissect.probe.run as probe_run
+
+    fitted = []
+    monkeypatch.setattr(probe_run, "fit_attentive_head", lambda *a, **k: fitted.append(1))
+    out = tmp_path / "probe"
+    code = main(["probe", str(store), "--labels", "label", "--head", "attentive", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and not fitted and not out.exists()
+    assert err.startswith("diffdissect: error:") and "Traceback" not in err
+    assert "spatial" in err and "--pooling none" in err and "--head linear" in err

@@ -77,7 +77,7 @@ class DirectionsConfig:
     """noise seeds per prompt"""
     layers: list[str] = field(default_factory=lambda: ["mid_block"])
     """layers to record (mid_block: h-space)"""
-    steps: int = 10
+    steps: int = TrajectoryConfig.steps
     """sampler steps"""
     guidance_scale: float = 7.5
     """guidance scale"""

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from diffdissect.atomic import atomic_write_bytes, atomic_write_json
+from diffdissect.capture.spec import TrajectoryConfig
 from diffdissect.capture.trajectory import _condition
 from diffdissect.data.transforms import unit_to_uint8
 from diffdissect.errors import SpecError
@@ -61,8 +62,8 @@ class SteerConfig:
     """sampling seeds per prompt"""
     alphas: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     """edit strengths, in units of the layer's typical per-location norm"""
-    steps: int = 20
-    """sampler steps"""
+    steps: int = TrajectoryConfig.steps
+    """sampler steps (the same default as capture and directions runs)"""
     guidance: float = 7.5
     """classifier-free guidance scale"""
     branch: Literal["both", "cond", "uncond"] = "both"
@@ -406,6 +407,7 @@ def write_outputs(
     from diffdissect.report.figures import image_grid
 
     out.mkdir(parents=True, exist_ok=True)
+    _remove_earlier_outputs(out)
     n_prompts, n_seeds = base.shape[:2]
     names = [f"p{i}-s{s}" for i in range(n_prompts) for s in config.seeds]
     if config.save_images:
@@ -444,6 +446,32 @@ def write_outputs(
     report = Report("diffdissect steer")
     steer_section(report, result, grids)
     report.write(out / "report.html")
+
+
+def _remove_earlier_outputs(out: Path) -> None:
+    """Delete an earlier steer run's own files in `out` (images/base|eK/ALPHA/pN-sS.png, grids/eK.png,
+    readings.json), so that a rerun with fewer edits, seeds or alphas leaves no stale outputs. Only files named
+    as steer writes them are removed, and folders only once empty; anything else in `out` is kept."""
+    image = re.compile(r"p\d+-s-?\d+\.png")
+    images = out / "images"
+    if images.is_dir():
+        for folder in [images / "base", *(p for p in images.glob("e*") if re.fullmatch(r"e\d+", p.name))]:
+            if not folder.is_dir():
+                continue
+            for path in [*folder.glob("*.png"), *folder.glob("*/*.png")]:
+                if path.is_file() and image.fullmatch(path.name):
+                    path.unlink()
+            for sub in sorted((p for p in folder.glob("*") if p.is_dir()), reverse=True):
+                if not any(sub.iterdir()):
+                    sub.rmdir()
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        if not any(images.iterdir()):
+            images.rmdir()
+    for grid in (out / "grids").glob("e*.png"):
+        if re.fullmatch(r"e\d+\.png", grid.name) and grid.is_file():
+            grid.unlink()
+    (out / "readings.json").unlink(missing_ok=True)
 
 
 def _effects_csv(effects: list[Effect]) -> bytes:

@@ -101,6 +101,7 @@ def run_probes(
     start = time.perf_counter()
     reader = open_store(store)
     cells = _cells(reader, config)
+    _check_head(reader, cells, config)
     rows = reader.rows()
     split = (
         split_from_column(reader.column("input_id"), reader.column(config.split_column), config.split_column)
@@ -163,6 +164,20 @@ def _cells(reader: StoreReader, config: ProbeConfig) -> list[tuple[str, int]]:
         for t in timesteps:
             reader.manifest.check_slice(layer, t)  # a missing cell is an error naming what is stored
     return [(layer, int(t)) for layer in layers for t in timesteps]
+
+
+def _check_head(reader: StoreReader, cells: list[tuple[str, int]], config: ProbeConfig) -> None:
+    """The attentive head attends over spatial positions: refuse pooled layers before any work."""
+    if config.head != "attentive":
+        return
+    for layer in dict.fromkeys(layer for layer, _ in cells):
+        shape = tuple(reader.shape(layer))
+        if len(shape) != 3:
+            raise DataError(
+                f"--head attentive needs spatial activations (channels, height, width) per row, but layer "
+                f"{layer!r} of the store is stored with shape {shape} (pooled or tokens, no spatial map). "
+                "Capture it without pooling (--pooling none), or use --head linear."
+            )
 
 
 def _has_cell(reader: StoreReader, layer: str, t: int) -> bool:
