@@ -89,7 +89,8 @@ def capture(
     count = len(source) if spec.limit is None else min(len(source), spec.limit)
     shapes = probe_row_shapes(target, layers, spec, levels[0].t)
     shard_size = spec.shard_size or auto_shard_size(shapes, spec, len(levels))
-    check_store_directory(out)
+    if dist.is_main:  # the other ranks join rank 0's store (StoreWriter.open): checking here would race its writes
+        check_store_directory(out)
     lock = DirectoryLock(out, "capture") if dist.is_main else contextlib.nullcontext()
     with lock:
         identity = target.identity(known=recorded_model(out))
