@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import diffusers
 import torch
@@ -53,8 +54,10 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _tiny_vae(seed: int) -> diffusers.AutoencoderKL:
-    """Three-level AutoencoderKL (8, 16, 16 channels, 4 latent channels): vae_scale_factor 4."""
+def _tiny_vae(seed: int, **config: Any) -> diffusers.AutoencoderKL:
+    """Three-level AutoencoderKL (8, 16, 16 channels, 4 latent channels): vae_scale_factor 4.
+
+    `config`: further AutoencoderKL settings (a family's latent shift and scale, quant convs)."""
     with _seeded(seed):
         return diffusers.AutoencoderKL(
             in_channels=3,
@@ -66,6 +69,7 @@ def _tiny_vae(seed: int) -> diffusers.AutoencoderKL:
             latent_channels=4,
             norm_num_groups=8,
             sample_size=32,
+            **config,
         ).eval()
 
 

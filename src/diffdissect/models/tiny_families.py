@@ -106,22 +106,7 @@ def _gemma_tokenizer(texts: list[str]) -> GemmaTokenizer:
 
 def _shifted_vae(seed: int) -> diffusers.AutoencoderKL:
     """The tiny AutoencoderKL with a latent shift, as SD3's and FLUX's VAEs have."""
-    with _seeded(seed):
-        return diffusers.AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(8, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-            shift_factor=0.1159,
-            scaling_factor=0.3611,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ).eval()
+    return _tiny_vae(seed, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def tiny_sdxl_pipeline(seed: int = 0) -> diffusers.StableDiffusionXLPipeline:
